@@ -1,0 +1,43 @@
+# All set-up on a fresh Debian machine happens here: `make run` and `make test`
+# both depend on `setup`, which creates .venv, installs the package and installs
+# Debian's softhsm2 (the embedded PKCS#11 token) when its module is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export CHARGEPKI_HOME ?= $(CURDIR)/var
+
+.PHONY: setup system-deps run test lint clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@if [ ! -e $(SOFTHSM_MODULE) ] || ! command -v openssl >/dev/null; then \
+	  echo "installing Debian packages: softhsm2 openssl"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 openssl; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python >= 3.11 is required ($(PYTHON) is older)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/chargepki run
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

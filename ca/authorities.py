@@ -1,0 +1,159 @@
+"""Finding CAs in the store and turning one into an ``Issuer`` that signs in the token."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ca.errors import ConfigError, NotFoundError, TokenError
+from ca.keyspec import KeySpec, key_spec
+from ca.models import Authority
+from ca.pkcs11_token import Token
+from ca.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
+
+
+def key_sha1(public_key: PublicKeyTypes) -> bytes:
+    """SHA-1 of the subjectPublicKey BIT STRING: RFC 5280 SKI method 1 and OCSP issuerKeyHash."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest  # type: ignore[arg-type]
+
+
+def public_key_sha256(public_key: PublicKeyTypes) -> str:
+    """A fingerprint of the whole SubjectPublicKeyInfo (anti-cloning: one key, one identity)."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """Everything needed to sign under one CA; ``certificate`` is None only while a root self-signs."""
+
+    name: str
+    subject: x509.Name
+    private_key: TokenECPrivateKey | TokenRSAPrivateKey
+    spec: KeySpec
+    rsa_padding: str | None
+    organization: str
+    country: str | None
+    environment: str
+    ocsp_url: str
+    repository_url: str
+    certificate: x509.Certificate | None = None
+    authority_id: int | None = None
+
+    @property
+    def public_key(self) -> PublicKeyTypes:
+        return self.private_key.public_key()
+
+    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """Sign in the token, then parse the result back and check the signature before anyone sees it."""
+        hash_algorithm = self.spec.signature_hash
+        if self.rsa_padding == "pss":
+            pss = padding.PSS(mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH)
+            signed = builder.sign(self.private_key, hash_algorithm, rsa_padding=pss)
+        else:
+            signed = builder.sign(self.private_key, hash_algorithm)
+        certificate = x509.load_der_x509_certificate(signed.public_bytes(serialization.Encoding.DER))
+        issuer_certificate = self.certificate or certificate
+        try:
+            certificate.verify_directly_issued_by(issuer_certificate)
+        except (InvalidSignature, ValueError, TypeError) as exc:
+            raise TokenError(
+                f"the token produced a signature that does not verify under {self.name}: {type(exc).__name__}"
+            ) from None
+        return certificate
+
+    def crl_url(self) -> str:
+        return f"{self.repository_url.rstrip('/')}/{self.name}.crl"
+
+    def certificate_url(self) -> str:
+        return f"{self.repository_url.rstrip('/')}/{self.name}.crt"
+
+
+def get_authority(session: Session, name: str) -> Authority:
+    authority = session.scalar(select(Authority).where(Authority.name == name))
+    if authority is None:
+        known = ", ".join(session.scalars(select(Authority.name).order_by(Authority.id))) or "none"
+        raise NotFoundError(f"no CA named {name!r} (known: {known})")
+    return authority
+
+
+def list_authorities(session: Session, environment: str | None = None) -> list[Authority]:
+    query = select(Authority).order_by(Authority.environment, Authority.id)
+    if environment:
+        query = query.where(Authority.environment == environment)
+    return list(session.scalars(query))
+
+
+def environments(session: Session) -> list[str]:
+    return sorted(set(session.scalars(select(Authority.environment))))
+
+
+def default_issuing_ca(session: Session, environment: str | None) -> Authority:
+    """The newest active issuing CA of ``environment`` (or of the only environment there is)."""
+    if environment is None:
+        known = environments(session)
+        if not known:
+            raise NotFoundError("no CA hierarchy yet: run `chargepki init --org NAME` first")
+        if len(known) > 1:
+            raise ConfigError(
+                f"several environments exist ({', '.join(known)}): choose one with --environment or --ca"
+            )
+        environment = known[0]
+    authority = session.scalar(
+        select(Authority)
+        .where(
+            Authority.environment == environment, Authority.role == "issuing", Authority.status == "active"
+        )
+        .order_by(Authority.id.desc())
+        .limit(1)
+    )
+    if authority is None:
+        raise NotFoundError(f"no active issuing CA in environment {environment!r}")
+    return authority
+
+
+def chain(session: Session, authority: Authority) -> list[Authority]:
+    """``authority`` and its parents, up to and including the root."""
+    result = [authority]
+    while result[-1].parent_id is not None:
+        result.append(session.get(Authority, result[-1].parent_id))  # type: ignore[arg-type]
+    return result
+
+
+def issuer_for(authority: Authority, token: Token) -> Issuer:
+    """Bind a stored CA to its key in the token, refusing a token key that is not the CA's key."""
+    certificate = x509.load_der_x509_certificate(authority.certificate_der)
+    token_public = token.public_key(authority.key_label)
+    if public_key_sha256(token_public) != public_key_sha256(certificate.public_key()):
+        raise TokenError(
+            f"the key labelled {authority.key_label!r} in token {token.label!r} is not the key "
+            f"of CA {authority.name}"
+        )
+    return Issuer(
+        name=authority.name,
+        subject=certificate.subject,
+        private_key=token_private_key(token, authority.key_label, token_public),
+        spec=key_spec(authority.key_type),
+        rsa_padding=authority.rsa_padding,
+        organization=authority.organization,
+        country=authority.country,
+        environment=authority.environment,
+        ocsp_url=authority.ocsp_url,
+        repository_url=authority.repository_url,
+        certificate=certificate,
+        authority_id=authority.id,
+    )
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,216 @@
+"""Where chargepki keeps its state and how it reaches its database and PKCS#11 token.
+
+Everything lives under one home directory (``--home`` / ``CHARGEPKI_HOME``, default
+``./var``): ``chargepki.toml``, the SQLite database and, for the embedded default, a
+SoftHSM2 token directory with its own ``softhsm2.conf``. Any module, token and SQLAlchemy
+URL can be configured instead. The PIN is read from an environment variable or a file at
+run time; it is never a command-line argument and never stored in the database.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import tomli_w
+
+from ca.errors import ConfigError
+
+CONFIG_NAME = "chargepki.toml"
+DEFAULT_TOKEN_LABEL = "chargepki"
+PIN_ENV = "CHARGEPKI_PKCS11_PIN"
+DEFAULT_OCSP_URL = "http://127.0.0.1:8081/ocsp"
+DEFAULT_REPOSITORY_URL = "http://127.0.0.1:8081/pki"
+
+# Where Debian, Fedora and Homebrew put SoftHSM2's module.
+SOFTHSM_MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+
+
+def find_softhsm_module() -> str:
+    """The first SoftHSM2 module on this machine, or the Debian path (to name in errors)."""
+    for candidate in SOFTHSM_MODULE_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    return SOFTHSM_MODULE_CANDIDATES[0]
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    """How to reach the token; ``embedded`` means this home created it and may create it."""
+
+    module: str
+    token_label: str
+    pin_file: Path | None
+    pin_env: str = PIN_ENV
+    softhsm_conf: Path | None = None
+    embedded: bool = False
+
+    def read_pin(self, environ: Mapping[str, str]) -> str:
+        """The user PIN from the environment variable, else from the PIN file."""
+        pin = environ.get(self.pin_env)
+        if pin:
+            return pin
+        if self.pin_file is not None:
+            try:
+                pin = self.pin_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read PIN file {self.pin_file}: {exc.strerror}") from None
+            if pin:
+                return pin
+            raise ConfigError(f"PIN file {self.pin_file} is empty")
+        raise ConfigError(f"no PKCS#11 PIN: set {self.pin_env} or pkcs11.pin_file in {CONFIG_NAME}")
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    database_url: str
+    pkcs11: Pkcs11Settings
+    ocsp_url: str = DEFAULT_OCSP_URL
+    repository_url: str = DEFAULT_REPOSITORY_URL
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_NAME
+
+
+def resolve_home(home: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path:
+    """``--home`` wins over ``CHARGEPKI_HOME``, which wins over ``./var``."""
+    chosen = home if home is not None else environ.get("CHARGEPKI_HOME") or "var"
+    return Path(chosen).expanduser().absolute()
+
+
+def embedded_defaults(home: Path) -> Config:
+    """SQLite and a SoftHSM2 token, both inside the home."""
+    return Config(
+        home=home,
+        database_url=f"sqlite:///{home / 'chargepki.db'}",
+        pkcs11=Pkcs11Settings(
+            module=find_softhsm_module(),
+            token_label=DEFAULT_TOKEN_LABEL,
+            pin_file=home / "softhsm" / "user.pin",
+            softhsm_conf=home / "softhsm" / "softhsm2.conf",
+            embedded=True,
+        ),
+    )
+
+
+def _path(home: Path, value: object, key: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{CONFIG_NAME}: {key} must be a non-empty string")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else home / path
+
+
+def _string(table: Mapping[str, object], key: str, default: str, where: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{CONFIG_NAME}: {where}.{key} must be a non-empty string")
+    return value
+
+
+def load_config(home: Path, environ: Mapping[str, str]) -> Config:
+    """Read ``chargepki.toml`` (absent: embedded defaults), then apply environment overrides."""
+    config = embedded_defaults(home)
+    path = home / CONFIG_NAME
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        config = _apply_file(config, data)
+    return _apply_environment(config, environ)
+
+
+def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
+    home = config.home
+    database = data.get("database", {})
+    pkcs11 = data.get("pkcs11", {})
+    urls = data.get("urls", {})
+    for name, table in (("database", database), ("pkcs11", pkcs11), ("urls", urls)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{CONFIG_NAME}: [{name}] must be a table")
+    defaults = config.pkcs11
+    embedded = pkcs11.get("embedded", defaults.embedded)
+    if not isinstance(embedded, bool):
+        raise ConfigError(f"{CONFIG_NAME}: pkcs11.embedded must be true or false")
+    settings = Pkcs11Settings(
+        module=_string(pkcs11, "module", defaults.module, "pkcs11"),
+        token_label=_string(pkcs11, "token_label", defaults.token_label, "pkcs11"),
+        pin_env=_string(pkcs11, "pin_env", defaults.pin_env, "pkcs11"),
+        pin_file=_path(
+            home,
+            pkcs11.get("pin_file", str(defaults.pin_file) if defaults.pin_file else None),
+            "pkcs11.pin_file",
+        ),
+        softhsm_conf=_path(
+            home,
+            pkcs11.get("softhsm_conf", str(defaults.softhsm_conf) if defaults.softhsm_conf else None),
+            "pkcs11.softhsm_conf",
+        ),
+        embedded=embedded,
+    )
+    return replace(
+        config,
+        database_url=_string(database, "url", config.database_url, "database"),
+        pkcs11=settings,
+        ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
+        repository_url=_string(urls, "repository", config.repository_url, "urls"),
+    )
+
+
+def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    settings = config.pkcs11
+    if environ.get("CHARGEPKI_PKCS11_MODULE"):
+        settings = replace(
+            settings, module=environ["CHARGEPKI_PKCS11_MODULE"], embedded=False, softhsm_conf=None
+        )
+    if environ.get("CHARGEPKI_TOKEN_LABEL"):
+        settings = replace(settings, token_label=environ["CHARGEPKI_TOKEN_LABEL"])
+    if environ.get("CHARGEPKI_PKCS11_PIN_FILE"):
+        settings = replace(settings, pin_file=Path(environ["CHARGEPKI_PKCS11_PIN_FILE"]))
+    url = environ.get("CHARGEPKI_DATABASE_URL") or config.database_url
+    return replace(config, pkcs11=settings, database_url=url)
+
+
+def write_config(config: Config) -> Path:
+    """Write the settings (never the PIN) so later runs and other processes agree on them."""
+    settings = config.pkcs11
+    pkcs11: dict[str, object] = {
+        "module": settings.module,
+        "token_label": settings.token_label,
+        "pin_env": settings.pin_env,
+        "embedded": settings.embedded,
+    }
+    if settings.pin_file is not None:
+        pkcs11["pin_file"] = str(settings.pin_file)
+    if settings.softhsm_conf is not None:
+        pkcs11["softhsm_conf"] = str(settings.softhsm_conf)
+    document = {
+        "database": {"url": config.database_url},
+        "pkcs11": pkcs11,
+        "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
+    }
+    config.home.mkdir(parents=True, exist_ok=True)
+    path = config.config_path
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        "# chargepki configuration. The PKCS#11 PIN is never stored here: it comes from\n"
+        f"# the environment variable named by pkcs11.pin_env ({settings.pin_env}) or pkcs11.pin_file.\n"
+        + tomli_w.dumps(document),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+    return path

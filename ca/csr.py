@@ -1,0 +1,81 @@
+"""PKCS#10 requests: parse PEM or DER, prove possession, read what the requester asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+from ca.errors import InputError, PolicyError
+
+MAX_CSR_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class CsrRequest:
+    """The parts of a verified CSR that the CA considers; everything else is ignored."""
+
+    public_key: CertificatePublicKeyTypes
+    common_name: str
+    organization: str | None
+    dns_names: tuple[str, ...]
+    csr: x509.CertificateSigningRequest
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Load a PEM or DER CSR; anything else is an ``InputError`` naming what was wrong."""
+    if not data:
+        raise InputError("the CSR is empty")
+    if len(data) > MAX_CSR_BYTES:
+        raise InputError(f"the CSR is larger than {MAX_CSR_BYTES} bytes")
+    stripped = data.strip()
+    try:
+        if stripped.startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(stripped)
+        return x509.load_der_x509_csr(data)
+    except ValueError as exc:
+        kind = "PEM" if stripped.startswith(b"-----BEGIN") else "DER"
+        raise InputError(
+            f"malformed CSR ({kind}): {str(exc).splitlines()[0] if str(exc) else 'unparseable'}"
+        ) from None
+
+
+def _single(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str | None:
+    values = name.get_attributes_for_oid(oid)
+    if len(values) > 1:
+        raise PolicyError(f"the CSR subject has more than one {label}")
+    if not values:
+        return None
+    value = values[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def read_csr(data: bytes) -> CsrRequest:
+    """Parse and verify the CSR's self-signature (proof of possession of the private key)."""
+    csr = load_csr(data)
+    try:
+        public_key = csr.public_key()
+        signature_ok = csr.is_signature_valid
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"malformed CSR: {exc}") from None
+    if not signature_ok:
+        raise PolicyError("the CSR signature is invalid (no proof of possession of the private key)")
+    try:
+        subject = csr.subject
+        common_name = _single(subject, NameOID.COMMON_NAME, "CN")
+        organization = _single(subject, NameOID.ORGANIZATION_NAME, "O")
+    except ValueError as exc:
+        raise InputError(f"malformed CSR subject: {exc}") from None
+    if not common_name:
+        raise PolicyError("the CSR subject has no CN")
+    dns_names: tuple[str, ...] = ()
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    except ValueError as exc:
+        raise InputError(f"malformed CSR extensions: {exc}") from None
+    return CsrRequest(public_key, common_name, organization, dns_names, csr)

@@ -1,0 +1,279 @@
+"""Issuance, shared by the CLI, EST and the CSMS API.
+
+Order matters (DESIGN.md): check → reserve the serial in a committed row → sign in the token
+→ parse back and verify → record the certificate and its audit entry in one commit → return.
+A crash anywhere before that last commit leaves at most a ``pending`` row whose serial is
+burnt and whose certificate nobody received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.authorities import Issuer, public_key_sha256
+from ca.csr import CsrRequest
+from ca.errors import ChargepkiError, PolicyError
+from ca.keyspec import describe_public_key
+from ca.models import Certificate
+from ca.names import check_common_name, check_hostname, subject_name
+from ca.profiles import Profile
+from ca.serials import format_serial, new_serial
+
+Clock = Callable[[], datetime]
+BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Validity:
+    not_before: datetime
+    not_after: datetime
+
+
+def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
+    """The key's type name, or a ``PolicyError`` saying what the profile allows instead."""
+    kind = describe_public_key(public_key)
+    if kind not in profile.key_types:
+        raise PolicyError(
+            f"key type {kind} is not allowed for profile {profile.name} "
+            f"(allowed: {', '.join(profile.key_types)})"
+        )
+    return kind
+
+
+def validity_window(
+    profile: Profile, requested: timedelta | None, now: datetime, issuer_not_after: datetime | None
+) -> Validity:
+    """Profile default or the requested length, capped by the profile; never beyond the issuer."""
+    length = profile.default_validity if requested is None else requested
+    if length <= timedelta(0):
+        raise PolicyError("the validity must be positive")
+    if length > profile.max_validity:
+        raise PolicyError(
+            f"validity of {length.days} days exceeds the maximum of {profile.max_validity.days} "
+            f"days for profile {profile.name}"
+        )
+    not_before = now.astimezone(UTC).replace(microsecond=0) - BACKDATE
+    not_after = not_before + length
+    if issuer_not_after is not None:
+        if issuer_not_after <= now:
+            raise PolicyError("the issuing CA has expired")
+        not_after = min(not_after, issuer_not_after)
+    return Validity(not_before, not_after)
+
+
+def _key_usage(profile: Profile, public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    usage = set(profile.key_usage)
+    if profile.key_agreement_for_ec and isinstance(public_key, ec.EllipticCurvePublicKey):
+        usage.add("key_agreement")
+    if profile.key_encipherment_for_rsa and isinstance(public_key, rsa.RSAPublicKey):
+        usage.add("key_encipherment")
+    fields = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+    )
+    return x509.KeyUsage(
+        **{field: field in usage for field in fields}, encipher_only=False, decipher_only=False
+    )
+
+
+def build_certificate(
+    profile: Profile,
+    issuer: Issuer,
+    subject: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    serial: int,
+    validity: Validity,
+    dns_names: tuple[str, ...] = (),
+) -> x509.CertificateBuilder:
+    """The TBSCertificate exactly as the profile prescribes (RFC 5280 criticality)."""
+    issuer_name = issuer.certificate.subject if issuer.certificate is not None else subject
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(validity.not_before)
+        .not_valid_after(validity.not_after)
+        # RFC 5280 4.2.1.9: critical in CA certificates; we mark it critical for every profile.
+        .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True)
+        .add_extension(_key_usage(profile, public_key), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    if issuer.certificate is not None:  # RFC 5280 4.2.1.1: may be omitted only when self-signed
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    if profile.extended_key_usage:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False
+        )
+    if profile.san_dns:
+        common_name = subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        names = list(dict.fromkeys([str(common_name), *dns_names]))
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False
+        )
+    access = []
+    if profile.aia_ocsp:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(issuer.ocsp_url)
+            )
+        )
+    if profile.aia_ca_issuers and issuer.certificate is not None:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(issuer.certificate_url()),
+            )
+        )
+    if access:
+        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    if profile.crl_distribution_point and issuer.certificate is not None:
+        point = x509.DistributionPoint([x509.UniformResourceIdentifier(issuer.crl_url())], None, None, None)
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    if profile.ocsp_no_check:
+        builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
+    return builder
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """What the CA will certify, after the caller has authenticated the requester."""
+
+    profile: Profile
+    public_key: CertificatePublicKeyTypes
+    common_name: str
+    dns_names: tuple[str, ...] = ()
+    validity: timedelta | None = None
+    device_id: int | None = None
+    key_label: str | None = None  # set when the key is one chargepki holds in its token
+
+
+def request_from_csr(
+    profile: Profile,
+    csr: CsrRequest,
+    issuer: Issuer,
+    validity: timedelta | None = None,
+    device_id: int | None = None,
+) -> IssueRequest:
+    """Apply the profile's subject rules to a verified CSR (O, when present, must be the CA's)."""
+    if not profile.from_csr:
+        raise PolicyError(
+            f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)"
+        )
+    if csr.organization is not None and csr.organization != issuer.organization:
+        raise PolicyError(
+            f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}"
+        )
+    dns_names = tuple(check_hostname(name) for name in csr.dns_names) if profile.san_dns else ()
+    return IssueRequest(profile, csr.public_key, csr.common_name, dns_names, validity, device_id)
+
+
+def issue(
+    session: Session, issuer: Issuer, request: IssueRequest, *, actor: str, now: Clock = utcnow
+) -> Certificate:
+    """Issue and durably record one certificate under ``issuer``; return the committed row."""
+    profile = request.profile
+    key_type = check_key(profile, request.public_key)
+    common_name = check_common_name(profile.common_name, request.common_name)
+    assert issuer.certificate is not None and issuer.authority_id is not None, "roots are made by init"
+    validity = validity_window(profile, request.validity, now(), issuer.certificate.not_valid_after_utc)
+    subject = subject_name(common_name, issuer.organization, issuer.country)
+
+    row = _reserve(session, issuer, request, subject, common_name, validity, now)
+    try:
+        builder = build_certificate(
+            profile, issuer, subject, request.public_key, int(row.serial, 16), validity, request.dns_names
+        )
+        certificate = issuer.sign(builder)
+    except ChargepkiError as exc:
+        _abandon(session, row, str(exc), actor, now)
+        raise
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    row.der = der
+    row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
+    row.status = "valid"
+    audit.record(
+        session,
+        "certificate.issued",
+        actor=actor,
+        subject=row.serial,
+        now=now,
+        details={
+            "profile": profile.name,
+            "ca": issuer.name,
+            "cn": common_name,
+            "key": key_type,
+            "not_after": validity.not_after.isoformat(),
+            "fingerprint": row.fingerprint_sha256,
+        },
+    )
+    session.commit()
+    return row
+
+
+def _reserve(
+    session: Session,
+    issuer: Issuer,
+    request: IssueRequest,
+    subject: x509.Name,
+    common_name: str,
+    validity: Validity,
+    now: Clock,
+) -> Certificate:
+    """Commit a ``pending`` row so the serial is taken before the token signs anything."""
+    for _attempt in range(5):
+        row = Certificate(
+            serial=format_serial(new_serial()),
+            authority_id=issuer.authority_id,
+            profile=request.profile.name,
+            status="pending",
+            subject=subject.rfc4514_string(),
+            common_name=common_name,
+            not_before=validity.not_before,
+            not_after=validity.not_after,
+            public_key_sha256=public_key_sha256(request.public_key),
+            key_label=request.key_label,
+            device_id=request.device_id,
+            created_at=now(),
+        )
+        session.add(row)
+        try:
+            session.commit()
+            return row
+        except IntegrityError:  # serial collision: 2^-159 per pair, but never trust luck with serials
+            session.rollback()
+    raise PolicyError("could not reserve a unique serial number")
+
+
+def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: Clock) -> None:
+    """Mark a reserved serial as never issued, and say why in the audit log."""
+    session.rollback()
+    row.status = "aborted"
+    audit.record(
+        session, "certificate.aborted", actor=actor, subject=row.serial, now=now, details={"reason": reason}
+    )
+    session.commit()

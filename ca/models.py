@@ -1,0 +1,150 @@
+"""Storage only: the tables every process shares. Behaviour lives in the modules that use them.
+
+Datetimes are stored as naive UTC and handed back timezone-aware, so SQLite (which has no
+time zones) and PostgreSQL agree to the microsecond, which the audit hash chain relies on.
+Serial numbers are upper-case hex strings: 20-octet serials do not fit any SQL integer.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Authority(Base):
+    """A CA whose key is in the token: a root or an issuing CA of one environment."""
+
+    __tablename__ = "authorities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # root | issuing
+    environment: Mapped[str] = mapped_column(String(16), index=True)
+    organization: Mapped[str] = mapped_column(String(64))
+    country: Mapped[str | None] = mapped_column(String(2))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("authorities.id"))
+    key_label: Mapped[str] = mapped_column(String(128))
+    key_type: Mapped[str] = mapped_column(String(16))
+    rsa_padding: Mapped[str | None] = mapped_column(String(8))  # pkcs1 | pss, RSA keys only
+    serial: Mapped[str] = mapped_column(String(40))
+    subject: Mapped[str] = mapped_column(String(512))
+    certificate_der: Mapped[bytes] = mapped_column(LargeBinary)
+    # SHA-1 of the subjectPublicKey BIT STRING: the OCSP CertID issuerKeyHash and the SKI.
+    key_sha1: Mapped[str] = mapped_column(String(40), index=True)
+    ocsp_url: Mapped[str] = mapped_column(String(512))
+    repository_url: Mapped[str] = mapped_column(String(512))
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | retired
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    parent: Mapped[Authority | None] = relationship(remote_side=[id])
+
+
+class Device(Base):
+    """A registered charger; enrollment (EST, CSMS API) only serves registered devices."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    model: Mapped[str | None] = mapped_column(String(64))
+    environment: Mapped[str] = mapped_column(String(16))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Certificate(Base):
+    """Every certificate chargepki ever signed or reserved a serial for.
+
+    ``pending`` rows hold a serial whose signature is in progress (or was interrupted):
+    they were never handed out, and their serial is never used again.
+    """
+
+    __tablename__ = "certificates"
+    __table_args__ = (
+        Index("ix_certificates_authority_serial", "authority_id", "serial"),
+        Index("ix_certificates_status_not_after", "status", "not_after"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    serial: Mapped[str] = mapped_column(String(40), unique=True)
+    authority_id: Mapped[int] = mapped_column(ForeignKey("authorities.id"))
+    profile: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # pending | valid | revoked
+    subject: Mapped[str] = mapped_column(String(1024))
+    common_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    der: Mapped[bytes | None] = mapped_column(LargeBinary)
+    fingerprint_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    public_key_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    key_label: Mapped[str | None] = mapped_column(String(128))  # keys chargepki holds (OCSP signers)
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))
+    invalidity_date: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    authority: Mapped[Authority] = relationship()
+
+
+class AuditEvent(Base):
+    """One entry of the hash chain: ``hash = SHA-256(prev_hash ‖ canonical entry)``."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str | None] = mapped_column(String(256))
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The single row naming the chain's last entry.
+
+    Appending updates it first, which serialises writers on SQLite and PostgreSQL alike
+    (no forks), and comparing it with the last entry detects a deleted tail.
+    """
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))

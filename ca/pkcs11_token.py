@@ -1,0 +1,339 @@
+"""The PKCS#11 token that holds every CA key: loading, login, a session pool, key management.
+
+PKCS#11 allows one ``C_Initialize`` per process, so loaded modules are cached per process
+(keyed by path) and re-initialised after a ``fork`` (gunicorn workers) or when the embedded
+SoftHSM2 configuration changes. Everything else is an explicit ``Token`` object passed to
+whoever needs to sign.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+from asn1crypto.core import OctetString
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from ca.errors import TokenError
+from ca.keyspec import KeySpec
+
+# Errors after which a session (and the login it carried) cannot be trusted any more.
+_SESSION_LOST = (
+    p11.SessionHandleInvalid,
+    p11.SessionClosed,
+    p11.DeviceRemoved,
+    p11.TokenNotPresent,
+    p11.DeviceError,
+    p11.UserNotLoggedIn,
+)
+
+
+class _Library:
+    """A loaded module, remembering the process and SoftHSM2 configuration it was initialised in."""
+
+    def __init__(self, path: str, softhsm_conf: str | None) -> None:
+        self.path = path
+        self.softhsm_conf = softhsm_conf
+        self.pid = os.getpid()
+        self.generation = 0
+        self.lib = pkcs11.lib(path)
+
+    def refresh(self, softhsm_conf: str | None) -> None:
+        """Re-initialise after a fork, or when the SoftHSM2 configuration must change."""
+        if self.pid == os.getpid() and self.softhsm_conf == softhsm_conf:
+            return
+        with suppress(p11.PKCS11Error):
+            self.lib.finalize()
+        self.lib.initialize()
+        self.pid = os.getpid()
+        self.softhsm_conf = softhsm_conf
+        self.generation += 1
+
+
+_LIBRARIES: dict[str, _Library] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _library(path: str, softhsm_conf: Path | None) -> _Library:
+    conf = str(softhsm_conf) if softhsm_conf is not None else None
+    if conf is not None:
+        # SoftHSM2 reads its configuration from the environment at C_Initialize only.
+        os.environ["SOFTHSM2_CONF"] = conf
+    with _LIBRARIES_LOCK:
+        loaded = _LIBRARIES.get(path)
+        if loaded is None:
+            if not Path(path).exists():
+                raise TokenError(f"PKCS#11 module not found: {path}")
+            try:
+                loaded = _Library(path, conf)
+            except p11.PKCS11Error as exc:
+                raise TokenError(f"cannot load PKCS#11 module {path}: {_describe(exc)}") from None
+            _LIBRARIES[path] = loaded
+        else:
+            loaded.refresh(conf if conf is not None else loaded.softhsm_conf)
+        return loaded
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class Token:
+    """A logged-in token with a small thread-safe pool of sessions.
+
+    The first session logs in; PKCS#11 login state is per application, so the other
+    sessions of the pool share it. A session that fails with a lost-session error is
+    dropped and the pool logs in again on next use (the token came back).
+    """
+
+    def __init__(
+        self,
+        module: str,
+        label: str,
+        pin: str,
+        *,
+        softhsm_conf: Path | None = None,
+        pool_size: int = 4,
+    ) -> None:
+        self.module = module
+        self.label = label
+        self._pin = pin
+        self._softhsm_conf = softhsm_conf
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._open = 0
+        self._anchor: Any = None
+        self._generation = -1
+        self._pid = -1
+        self._token: Any = None
+        self.mechanisms: frozenset[Mechanism] = frozenset()
+        with self.session():
+            pass  # fail now, with a clear error, rather than at the first signature
+
+    def __repr__(self) -> str:
+        return f"Token(module={self.module!r}, label={self.label!r})"
+
+    # -- sessions ---------------------------------------------------------------------
+    def _connect(self) -> None:
+        """(Re)load the module, find the token and log in. Caller holds ``_lock``."""
+        library = _library(self.module, self._softhsm_conf)
+        try:
+            token = library.lib.get_token(token_label=self.label)
+        except p11.NoSuchToken:
+            raise TokenError(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
+        except p11.MultipleTokensReturned:
+            raise TokenError(f"several tokens are labelled {self.label!r} in {self.module}") from None
+        except p11.PKCS11Error as exc:
+            raise TokenError(f"token {self.label!r} unavailable: {_describe(exc)}") from None
+        try:
+            anchor = token.open(rw=True, user_pin=self._pin)
+        except p11.PinIncorrect:
+            raise TokenError(f"wrong PIN for token {self.label!r}") from None
+        except p11.PinLocked:
+            raise TokenError(f"the PIN of token {self.label!r} is locked") from None
+        except p11.UserAlreadyLoggedIn:
+            # Another Token object of this process logged in already; sessions share it.
+            anchor = token.open(rw=True)
+        except p11.PKCS11Error as exc:
+            raise TokenError(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
+        self._token = token
+        self._anchor = anchor
+        self._idle = queue.LifoQueue()
+        self._idle.put(anchor)
+        self._open = 1
+        self._generation = library.generation
+        self._pid = os.getpid()
+        self.mechanisms = frozenset(token.slot.get_mechanisms())
+
+    def _stale(self) -> bool:
+        library = _LIBRARIES.get(self.module)
+        return (
+            self._anchor is None
+            or self._pid != os.getpid()
+            or library is None
+            or library.generation != self._generation
+            or library.pid != os.getpid()
+        )
+
+    def _reset(self) -> None:
+        """Forget every session; the next use logs in again."""
+        self._anchor = None
+        self._idle = queue.LifoQueue()
+        self._open = 0
+
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        """Borrow a logged-in session; concurrent callers get different sessions."""
+        with self._lock:
+            if self._stale():
+                self._reset()
+                self._connect()
+            pool = self._idle
+            try:
+                session = pool.get_nowait()
+            except queue.Empty:
+                session = None
+                if self._open < self._pool_size:
+                    try:
+                        session = self._token.open(rw=True)
+                    except p11.PKCS11Error as exc:
+                        raise TokenError(
+                            f"cannot open a session on {self.label!r}: {_describe(exc)}"
+                        ) from None
+                    self._open += 1
+        if session is None:
+            session = pool.get()  # all sessions busy: wait for one
+        try:
+            yield session
+        except _SESSION_LOST as exc:
+            with self._lock:
+                if self._idle is pool:
+                    self._reset()
+            raise TokenError(f"token {self.label!r} became unavailable: {_describe(exc)}") from None
+        else:
+            pool.put(session)
+
+    # -- keys ---------------------------------------------------------------------------
+    def generate_key(self, spec: KeySpec, label: str) -> PublicKeyTypes:
+        """Generate a key pair inside the token: sensitive, never extractable, sign-only."""
+        key_id = secrets.token_bytes(16)
+        private_template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+        }
+        public_template = {
+            Attribute.TOKEN: True,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.WRAP: False,
+        }
+        with self.session() as session:
+            if self._find(session, ObjectClass.PRIVATE_KEY, label) is not None:
+                raise TokenError(f"token {self.label!r} already holds a key labelled {label!r}")
+            try:
+                if spec.algorithm == "ec":
+                    params = session.create_domain_parameters(
+                        KeyType.EC,
+                        {Attribute.EC_PARAMS: encode_named_curve_parameters(spec.curve_name)},
+                        local=True,
+                    )
+                    params.generate_keypair(
+                        id=key_id,
+                        label=label,
+                        store=True,
+                        public_template=public_template,
+                        private_template=private_template,
+                    )
+                else:
+                    session.generate_keypair(
+                        KeyType.RSA,
+                        spec.bits,
+                        id=key_id,
+                        label=label,
+                        store=True,
+                        public_template=public_template,
+                        private_template=private_template,
+                    )
+            except _SESSION_LOST:
+                raise
+            except p11.PKCS11Error as exc:
+                raise TokenError(
+                    f"key generation ({spec.name}) failed in {self.label!r}: {_describe(exc)}"
+                ) from None
+            return self._public_key(session, label)
+
+    def public_key(self, label: str) -> PublicKeyTypes:
+        with self.session() as session:
+            return self._public_key(session, label)
+
+    def key_attributes(self, label: str) -> dict[str, bool]:
+        """The protection attributes of a private key, as the token reports them."""
+        names = {
+            "sensitive": Attribute.SENSITIVE,
+            "extractable": Attribute.EXTRACTABLE,
+            "always_sensitive": Attribute.ALWAYS_SENSITIVE,
+            "never_extractable": Attribute.NEVER_EXTRACTABLE,
+            "local": Attribute.LOCAL,
+            "token": Attribute.TOKEN,
+            "private": Attribute.PRIVATE,
+        }
+        with self.session() as session:
+            key = self._require(session, ObjectClass.PRIVATE_KEY, label)
+            return {name: bool(key[attribute]) for name, attribute in names.items()}
+
+    def sign(self, label: str, mechanism: Mechanism, data: bytes, param: Any = None) -> bytes:
+        with self.session() as session:
+            key = self._require(session, ObjectClass.PRIVATE_KEY, label)
+            try:
+                return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+            except _SESSION_LOST:
+                raise
+            except p11.PKCS11Error as exc:
+                raise TokenError(
+                    f"signing with {label!r} failed in {self.label!r}: {_describe(exc)}"
+                ) from None
+
+    def destroy_key(self, label: str) -> None:
+        """Remove both halves of a key pair (used to roll back a failed CA creation)."""
+        with self.session() as session:
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                found = self._find(session, object_class, label)
+                if found is not None:
+                    found.destroy()
+
+    # -- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _find(session: Any, object_class: ObjectClass, label: str) -> Any:
+        matches = list(session.get_objects({Attribute.CLASS: object_class, Attribute.LABEL: label}))
+        if len(matches) > 1:
+            raise TokenError(f"several keys are labelled {label!r}")
+        return matches[0] if matches else None
+
+    def _require(self, session: Any, object_class: ObjectClass, label: str) -> Any:
+        found = self._find(session, object_class, label)
+        if found is None:
+            kind = "private" if object_class == ObjectClass.PRIVATE_KEY else "public"
+            raise TokenError(f"no {kind} key labelled {label!r} in token {self.label!r}")
+        return found
+
+    def _public_key(self, session: Any, label: str) -> PublicKeyTypes:
+        key = self._require(session, ObjectClass.PUBLIC_KEY, label)
+        if key.key_type == KeyType.EC:
+            curve = _curve_from_params(bytes(key[Attribute.EC_PARAMS]))
+            point = OctetString.load(bytes(key[Attribute.EC_POINT])).native
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        if key.key_type == KeyType.RSA:
+            modulus = int.from_bytes(bytes(key[Attribute.MODULUS]), "big")
+            exponent = int.from_bytes(bytes(key[Attribute.PUBLIC_EXPONENT]), "big")
+            return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+        raise TokenError(f"key {label!r} has an unsupported type {key.key_type!r}")
+
+
+def _curve_from_params(params: bytes) -> ec.EllipticCurve:
+    for curve in (ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()):
+        if encode_named_curve_parameters(curve.name) == params:
+            return curve
+    raise TokenError(f"unsupported EC parameters {params.hex()}")
+
+
+def new_key_label(prefix: str) -> str:
+    """A label unique in the token even when a home is re-created over the same token."""
+    return f"{prefix}-{secrets.token_hex(4)}"

@@ -1,0 +1,106 @@
+"""Revoking certificates and releasing holds, with RFC 5280 reason codes."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from cryptography import x509
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.certificates import get_certificate
+from ca.errors import ConflictError, InputError
+from ca.issuance import Clock, utcnow
+from ca.models import Certificate
+
+# RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
+REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}
+_BY_FOLDED = {re.sub(r"[-_]", "", name).lower(): name for name in REASONS}
+
+
+def parse_reason(text: str) -> str:
+    """``keyCompromise``, ``key-compromise`` and ``KEY_COMPROMISE`` all mean the RFC's keyCompromise."""
+    name = _BY_FOLDED.get(re.sub(r"[-_\s]", "", text).lower())
+    if name is None:
+        raise InputError(f"unknown revocation reason {text!r} (RFC 5280 reasons: {', '.join(REASONS)})")
+    return name
+
+
+def revoke(
+    session: Session,
+    serial: str,
+    reason: str,
+    *,
+    actor: str,
+    invalidity_date: datetime | None = None,
+    now: Clock = utcnow,
+) -> Certificate:
+    """Revoke (or put on hold); a held certificate may later be revoked for good."""
+    reason = parse_reason(reason)
+    certificate = get_certificate(session, serial)
+    if certificate.status in ("pending", "aborted"):
+        raise ConflictError(f"certificate {certificate.serial} was never issued ({certificate.status})")
+    if certificate.profile == "root":
+        raise ConflictError("a root certificate cannot be revoked; retire the hierarchy instead")
+    held = certificate.revocation_reason == "certificateHold"
+    if certificate.status == "revoked" and (not held or reason == "certificateHold"):
+        raise ConflictError(
+            f"certificate {certificate.serial} is already revoked ({certificate.revocation_reason})"
+        )
+    at = now()
+    if invalidity_date is not None and invalidity_date > at:
+        raise InputError("the invalidity date cannot be in the future")
+    previous = certificate.revocation_reason
+    certificate.status = "revoked"
+    certificate.revocation_reason = reason
+    # A hold made permanent keeps its original revocation time (RFC 5280 §5.3.2 semantics).
+    certificate.revoked_at = certificate.revoked_at if previous == "certificateHold" else at
+    certificate.invalidity_date = invalidity_date
+    audit.record(
+        session,
+        "certificate.revoked",
+        actor=actor,
+        subject=certificate.serial,
+        now=now,
+        details={
+            "reason": reason,
+            "previous": previous,
+            "cn": certificate.common_name,
+            "profile": certificate.profile,
+            "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
+        },
+    )
+    session.commit()
+    return certificate
+
+
+def unhold(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Certificate:
+    """Release a ``certificateHold``: the certificate is good again."""
+    certificate = get_certificate(session, serial)
+    if certificate.status != "revoked" or certificate.revocation_reason != "certificateHold":
+        raise ConflictError(f"certificate {certificate.serial} is not on hold")
+    certificate.status = "valid"
+    certificate.revocation_reason = None
+    certificate.revoked_at = None
+    certificate.invalidity_date = None
+    audit.record(
+        session,
+        "certificate.released",
+        actor=actor,
+        subject=certificate.serial,
+        now=now,
+        details={"cn": certificate.common_name},
+    )
+    session.commit()
+    return certificate

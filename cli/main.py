@@ -1,0 +1,475 @@
+"""``chargepki``: initialise, issue, list, revoke and audit from a terminal.
+
+Every command opens the home (``--home`` / ``CHARGEPKI_HOME``), calls one core function and
+prints the result. Errors become one line on stderr and a non-zero exit, never a traceback
+(``CHARGEPKI_DEBUG=1`` shows it for developers).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.exc import SQLAlchemyError
+
+from ca import audit
+from ca.authorities import chain, default_issuing_ca, get_authority, issuer_for, list_authorities
+from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
+from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home
+from ca.context import Pki
+from ca.csr import read_csr
+from ca.errors import ChargepkiError, InputError
+from ca.hierarchy import HierarchyRequest, init_hierarchy
+from ca.issuance import issue, request_from_csr
+from ca.keyspec import ALL_KEY_TYPES
+from ca.models import Authority
+from ca.names import ENVIRONMENTS
+from ca.profiles import PROFILES, get_profile
+from ca.revocation import REASONS, revoke, unhold
+from ca.store import _one_line
+from cli.params import DURATION, UTC_DATETIME
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+class ChargepkiGroup(click.Group):
+    """Turns every expected failure into ``Error: <one line>`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ChargepkiError as exc:
+            raise click.ClickException(str(exc)) from None
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"database error: {_one_line(exc)}") from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("CHARGEPKI_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"internal error ({type(exc).__name__}: {exc}); set CHARGEPKI_DEBUG=1 for details"
+            ) from None
+
+
+class State:
+    """Lazily opened installation, shared by the subcommands of one invocation."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._pki: Pki | None = None
+
+    def pki(self, *, create: bool = False) -> Pki:
+        if self._pki is None:
+            self._pki = Pki.open(self.home, os.environ, create=create)
+        return self._pki
+
+    def close(self) -> None:
+        if self._pki is not None:
+            self._pki.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(cls=ChargepkiGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State directory (default: $CHARGEPKI_HOME or ./var).",
+)
+@click.version_option(package_name="chargepki")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """chargepki: a private PKI for fleets of EV chargers."""
+    state = State(resolve_home(home, os.environ))
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fmt_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        click.echo(
+            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> Authority:
+    if ca_name:
+        return get_authority(session, ca_name)
+    return default_issuing_ca(session, environment)
+
+
+def _note(authority: Authority) -> None:
+    """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
+    click.echo(f"[{authority.environment}] CA {authority.name}", err=True)
+
+
+# -- init / run / db ----------------------------------------------------------------------------
+def _init_options(func: Any) -> Any:
+    options = [
+        click.option("--country", help="Two-letter country code for the subject (e.g. DE)."),
+        click.option(
+            "--environment", type=click.Choice(ENVIRONMENTS), default="production", show_default=True
+        ),
+        click.option("--key-type", type=click.Choice(ALL_KEY_TYPES), default="ec-p256", show_default=True),
+        click.option(
+            "--rsa-padding",
+            type=click.Choice(["pkcs1", "pss"]),
+            default="pkcs1",
+            show_default=True,
+            help="Signature padding for RSA CA keys.",
+        ),
+        click.option(
+            "--ocsp-url",
+            default=DEFAULT_OCSP_URL,
+            show_default=True,
+            help="OCSP responder URL written into certificates (AIA).",
+        ),
+        click.option(
+            "--crl-url",
+            default=DEFAULT_REPOSITORY_URL,
+            show_default=True,
+            help="Base URL of the published CRLs (<base>/<ca>.crl) and CA certificates (<base>/<ca>.crt).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _initialise(
+    pki: Pki,
+    org: str,
+    country: str | None,
+    environment: str,
+    key_type: str,
+    rsa_padding: str,
+    ocsp_url: str,
+    crl_url: str,
+) -> None:
+    request = HierarchyRequest(
+        organization=org,
+        environment=environment,
+        country=country,
+        key_type=key_type,
+        rsa_padding=rsa_padding,
+        ocsp_url=ocsp_url,
+        repository_url=crl_url,
+    )
+    with pki.store.session() as session:
+        hierarchy = init_hierarchy(session, pki.token(), request, actor=_actor())
+        click.echo(f"[{environment}] initialised in {pki.config.home}")
+        click.echo(f"  root CA      {hierarchy.root.name}: {hierarchy.root.subject}")
+        click.echo(f"  issuing CA   {hierarchy.issuing.name}: {hierarchy.issuing.subject}")
+        click.echo(f"  OCSP signer  serial {hierarchy.ocsp_signer.serial}: {hierarchy.ocsp_signer.subject}")
+
+
+@cli.command()
+@click.option("--org", required=True, help="Organisation name (subject O of every certificate).")
+@_init_options
+@pass_state
+def init(
+    state: State,
+    org: str,
+    country: str | None,
+    environment: str,
+    key_type: str,
+    rsa_padding: str,
+    ocsp_url: str,
+    crl_url: str,
+) -> None:
+    """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
+    _initialise(state.pki(create=True), org, country, environment, key_type, rsa_padding, ocsp_url, crl_url)
+
+
+@cli.command()
+@click.option(
+    "--org",
+    envvar="CHARGEPKI_ORG",
+    default="chargepki Demo CPO",
+    show_default=True,
+    help="Organisation for the first-run hierarchy ($CHARGEPKI_ORG).",
+)
+@pass_state
+def run(state: State, org: str) -> None:
+    """First-run set-up on the embedded defaults, then report what this home holds (`make run`)."""
+    pki = state.pki(create=True)
+    with pki.store.session() as session:
+        authorities = list_authorities(session)
+    if not authorities:
+        _initialise(
+            pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url
+        )
+    else:
+        click.echo(f"home {pki.config.home} is initialised:")
+        for authority in authorities:
+            click.echo(f"  [{authority.environment}] {authority.name}: {authority.subject}")
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@pass_state
+def db_upgrade(state: State) -> None:
+    """Apply Alembic migrations up to the newest schema."""
+    pki = state.pki(create=False)
+    pki.store.upgrade()
+    click.echo(f"schema at revision {pki.store.current_revision()}")
+
+
+# -- CAs --------------------------------------------------------------------------------------
+@cli.group()
+def ca() -> None:
+    """Certificate authorities."""
+
+
+@ca.command("list")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@pass_state
+def ca_list(state: State, environment: str | None) -> None:
+    """List the CAs, their keys and validity."""
+    with state.pki().store.session() as session:
+        rows = [
+            [a.name, a.role, a.environment, a.key_type, _fmt_time(a.not_after), a.status, a.subject]
+            for a in list_authorities(session, environment)
+        ]
+    _table(["NAME", "ROLE", "ENVIRONMENT", "KEY", "NOT AFTER", "STATUS", "SUBJECT"], rows)
+
+
+@ca.command("chain")
+@click.option("--ca", "ca_name", help="CA name (default: the active issuing CA).")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@pass_state
+def ca_chain(state: State, ca_name: str | None, environment: str | None) -> None:
+    """Print the PEM chain: the CA, then its parents up to the root."""
+    with state.pki().store.session() as session:
+        authority = _pick_issuing(session, ca_name, environment)
+        _note(authority)
+        for member in chain(session, authority):
+            certificate = x509.load_der_x509_certificate(member.certificate_der)
+            click.echo(certificate.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
+
+
+# -- issuance ---------------------------------------------------------------------------------
+@cli.command("issue")
+@click.option("--csr", "csr_file", required=True, type=click.File("rb"), help="PKCS#10 request, PEM or DER.")
+@click.option(
+    "--profile",
+    "profile_name",
+    required=True,
+    help=f"One of: {', '.join(n for n, p in PROFILES.items() if p.from_csr)}.",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM here (else stdout)."
+)
+@click.option("--validity", type=DURATION, help="Validity such as 365d or 12h (default: the profile's).")
+@click.option("--ca", "ca_name", help="Issuing CA (default: the active issuing CA).")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@pass_state
+def issue_command(
+    state: State,
+    csr_file: Any,
+    profile_name: str,
+    out: Path | None,
+    validity: timedelta | None,
+    ca_name: str | None,
+    environment: str | None,
+) -> None:
+    """Issue a certificate for a CSR under the issuing CA, checked against the profile."""
+    profile = get_profile(profile_name)
+    csr = read_csr(csr_file.read())
+    pki = state.pki()
+    with pki.store.session() as session:
+        authority = _pick_issuing(session, ca_name, environment)
+        if authority.role != "issuing":
+            raise InputError(
+                f"CA {authority.name} is a {authority.role} CA; certificates come from issuing CAs"
+            )
+        _note(authority)
+        issuer = issuer_for(authority, pki.token())
+        row = issue(session, issuer, request_from_csr(profile, csr, issuer, validity), actor=_actor())
+        pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM).decode()
+        serial = row.serial
+    if out is not None:
+        out.write_text(pem, encoding="ascii")
+        click.echo(f"issued serial {serial} to {out}", err=True)
+    else:
+        click.echo(pem, nl=False)
+        click.echo(f"issued serial {serial}", err=True)
+
+
+# -- certificates -----------------------------------------------------------------------------
+@cli.group()
+def cert() -> None:
+    """Issued certificates."""
+
+
+@cert.command("list")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option(
+    "--expiring-within",
+    type=click.IntRange(min=0),
+    metavar="DAYS",
+    help="Only valid certificates that expire within DAYS days.",
+)
+@click.option("--profile", type=click.Choice(list(PROFILES)))
+@click.option("--ca", "ca_name", help="Only certificates issued by this CA.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@pass_state
+def cert_list(
+    state: State,
+    status: str | None,
+    expiring_within: int | None,
+    profile: str | None,
+    ca_name: str | None,
+    limit: int | None,
+) -> None:
+    """List certificates, soonest expiring first."""
+    now = _now()
+    with state.pki().store.session() as session:
+        authority = get_authority(session, ca_name) if ca_name else None
+        window = timedelta(days=expiring_within) if expiring_within is not None else None
+        rows = [
+            [c.serial, c.profile, display_status(c, now), _fmt_time(c.not_after), c.subject]
+            for c in list_certificates(
+                session,
+                now,
+                status=status,
+                expiring_within=window,
+                profile=profile,
+                authority=authority,
+                limit=limit,
+            )
+        ]
+    _table(["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "SUBJECT"], rows)
+
+
+@cert.command("show")
+@click.argument("serial")
+@pass_state
+def cert_show(state: State, serial: str) -> None:
+    """Show one certificate (serial in hex) and its PEM."""
+    now = _now()
+    with state.pki().store.session() as session:
+        certificate = get_certificate(session, serial)
+        fields = [
+            ("serial", certificate.serial),
+            ("subject", certificate.subject),
+            ("issuer", f"{certificate.authority.name} ({certificate.authority.environment})"),
+            ("profile", certificate.profile),
+            ("status", display_status(certificate, now)),
+            ("not before", _fmt_time(certificate.not_before)),
+            ("not after", _fmt_time(certificate.not_after)),
+            ("sha256", certificate.fingerprint_sha256 or "-"),
+        ]
+        if certificate.status == "revoked":
+            fields += [
+                ("revoked at", _fmt_time(certificate.revoked_at)),
+                ("reason", certificate.revocation_reason or "-"),
+            ]
+            if certificate.invalidity_date:
+                fields.append(("invalidity date", _fmt_time(certificate.invalidity_date)))
+        for name, value in fields:
+            click.echo(f"{name + ':':<17}{value}")
+        if certificate.der:
+            pem = x509.load_der_x509_certificate(certificate.der).public_bytes(serialization.Encoding.PEM)
+            click.echo(pem.decode(), nl=False)
+
+
+# -- revocation -------------------------------------------------------------------------------
+@cli.command("revoke")
+@click.argument("serial")
+@click.option("--reason", required=True, help=f"RFC 5280 reason: {', '.join(REASONS)}.")
+@click.option(
+    "--invalidity-date",
+    type=UTC_DATETIME,
+    help="When the key is known or suspected to have been compromised (ISO 8601).",
+)
+@pass_state
+def revoke_command(state: State, serial: str, reason: str, invalidity_date: datetime | None) -> None:
+    """Revoke a certificate (certificateHold can be released later with `unhold`)."""
+    with state.pki().store.session() as session:
+        certificate = revoke(session, serial, reason, actor=_actor(), invalidity_date=invalidity_date)
+        _note(certificate.authority)
+        click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
+
+
+@cli.command("unhold")
+@click.argument("serial")
+@pass_state
+def unhold_command(state: State, serial: str) -> None:
+    """Release a certificate from certificateHold."""
+    with state.pki().store.session() as session:
+        certificate = unhold(session, serial, actor=_actor())
+        _note(certificate.authority)
+        click.echo(f"released {certificate.serial} from hold")
+
+
+# -- audit ------------------------------------------------------------------------------------
+@cli.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit log."""
+
+
+@audit_group.command("verify")
+@pass_state
+def audit_verify(state: State) -> None:
+    """Check the hash chain; exit 1 naming the first broken entry."""
+    with state.pki().store.session() as session:
+        result = audit.verify(session)
+    if not result.ok:
+        raise click.ClickException(f"audit log broken: {result.problem}")
+    click.echo(f"audit log intact: {result.entries} entries")
+
+
+@audit_group.command("show")
+@click.option("--action", help="Only this action, e.g. certificate.issued.")
+@click.option("--subject", help="Only entries about this subject (e.g. a serial).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@pass_state
+def audit_show(state: State, action: str | None, subject: str | None, limit: int) -> None:
+    """List the newest audit entries, oldest first."""
+    with state.pki().store.session() as session:
+        rows = [
+            [str(e.seq), _fmt_time(e.at), e.actor, e.action, e.subject or "-", e.details]
+            for e in audit.events(session, action=action, subject=subject, limit=limit)
+        ]
+    _table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
+
+
+def main() -> None:
+    cli.main(prog_name="chargepki")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CRLs (RFC 5280): built in linear time per issuing CA and published atomically."""
