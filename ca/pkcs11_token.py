@@ -9,7 +9,6 @@ whoever needs to sign.
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import threading
 from collections.abc import Iterator
@@ -89,35 +88,37 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class Token:
-    """A logged-in token with a small thread-safe pool of sessions.
+# python-pkcs11 calls C_Initialize(NULL), which tells the module that the application will not
+# call it from several threads at once; SoftHSM2 then runs without its own mutexes and aborts
+# under concurrent calls. So every call into a module goes through this one lock. A process
+# signs at the token's single-thread speed; more throughput comes from more processes.
+_CALL_LOCK = threading.RLock()
 
-    The first session logs in; PKCS#11 login state is per application, so the other
-    sessions of the pool share it. A session that fails with a lost-session error is
-    dropped and the pool logs in again on next use (the token came back).
+
+def _renew_lock_after_fork() -> None:
+    global _CALL_LOCK
+    _CALL_LOCK = threading.RLock()  # a lock held by another thread at fork time is never released
+
+
+os.register_at_fork(after_in_child=_renew_lock_after_fork)
+
+
+class Token:
+    """A logged-in token, safe to share between threads.
+
+    It keeps one logged-in session and serialises calls (see ``_CALL_LOCK``). A session
+    that fails with a lost-session error is dropped and the next call logs in again, so
+    the service resumes by itself when the token comes back.
     """
 
-    def __init__(
-        self,
-        module: str,
-        label: str,
-        pin: str,
-        *,
-        softhsm_conf: Path | None = None,
-        pool_size: int = 4,
-    ) -> None:
+    def __init__(self, module: str, label: str, pin: str, *, softhsm_conf: Path | None = None) -> None:
         self.module = module
         self.label = label
         self._pin = pin
         self._softhsm_conf = softhsm_conf
-        self._pool_size = pool_size
-        self._lock = threading.Lock()
-        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._open = 0
-        self._anchor: Any = None
+        self._session: Any = None
         self._generation = -1
         self._pid = -1
-        self._token: Any = None
         self.mechanisms: frozenset[Mechanism] = frozenset()
         with self.session():
             pass  # fail now, with a clear error, rather than at the first signature
@@ -127,7 +128,7 @@ class Token:
 
     # -- sessions ---------------------------------------------------------------------
     def _connect(self) -> None:
-        """(Re)load the module, find the token and log in. Caller holds ``_lock``."""
+        """(Re)load the module, find the token and log in. Caller holds ``_CALL_LOCK``."""
         library = _library(self.module, self._softhsm_conf)
         try:
             token = library.lib.get_token(token_label=self.label)
@@ -138,21 +139,17 @@ class Token:
         except p11.PKCS11Error as exc:
             raise TokenError(f"token {self.label!r} unavailable: {_describe(exc)}") from None
         try:
-            anchor = token.open(rw=True, user_pin=self._pin)
+            session = token.open(rw=True, user_pin=self._pin)
         except p11.PinIncorrect:
             raise TokenError(f"wrong PIN for token {self.label!r}") from None
         except p11.PinLocked:
             raise TokenError(f"the PIN of token {self.label!r} is locked") from None
         except p11.UserAlreadyLoggedIn:
-            # Another Token object of this process logged in already; sessions share it.
-            anchor = token.open(rw=True)
+            # Another Token object of this process logged in already; login state is per process.
+            session = token.open(rw=True)
         except p11.PKCS11Error as exc:
             raise TokenError(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
-        self._token = token
-        self._anchor = anchor
-        self._idle = queue.LifoQueue()
-        self._idle.put(anchor)
-        self._open = 1
+        self._session = session
         self._generation = library.generation
         self._pid = os.getpid()
         self.mechanisms = frozenset(token.slot.get_mechanisms())
@@ -160,50 +157,25 @@ class Token:
     def _stale(self) -> bool:
         library = _LIBRARIES.get(self.module)
         return (
-            self._anchor is None
+            self._session is None
             or self._pid != os.getpid()
             or library is None
             or library.generation != self._generation
             or library.pid != os.getpid()
         )
 
-    def _reset(self) -> None:
-        """Forget every session; the next use logs in again."""
-        self._anchor = None
-        self._idle = queue.LifoQueue()
-        self._open = 0
-
     @contextmanager
     def session(self) -> Iterator[Any]:
-        """Borrow a logged-in session; concurrent callers get different sessions."""
-        with self._lock:
+        """The logged-in session, held exclusively for the duration of the ``with`` block."""
+        with _CALL_LOCK:
             if self._stale():
-                self._reset()
+                self._session = None
                 self._connect()
-            pool = self._idle
             try:
-                session = pool.get_nowait()
-            except queue.Empty:
-                session = None
-                if self._open < self._pool_size:
-                    try:
-                        session = self._token.open(rw=True)
-                    except p11.PKCS11Error as exc:
-                        raise TokenError(
-                            f"cannot open a session on {self.label!r}: {_describe(exc)}"
-                        ) from None
-                    self._open += 1
-        if session is None:
-            session = pool.get()  # all sessions busy: wait for one
-        try:
-            yield session
-        except _SESSION_LOST as exc:
-            with self._lock:
-                if self._idle is pool:
-                    self._reset()
-            raise TokenError(f"token {self.label!r} became unavailable: {_describe(exc)}") from None
-        else:
-            pool.put(session)
+                yield self._session
+            except _SESSION_LOST as exc:
+                self._session = None
+                raise TokenError(f"token {self.label!r} became unavailable: {_describe(exc)}") from None
 
     # -- keys ---------------------------------------------------------------------------
     def generate_key(self, spec: KeySpec, label: str) -> PublicKeyTypes:

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real SoftHSM2 token per test session, a fresh database per test on
+SQLite and on PostgreSQL, and an initialised CA hierarchy.
+
+PostgreSQL tests skip with a message on a developer machine without PostgreSQL, and fail
+instead when ``CHARGEPKI_REQUIRE_POSTGRES=1`` (set by ``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.orm import Session
+
+from ca.config import Pkcs11Settings, find_softhsm_module, write_config
+from ca.config import Config as PkiConfig
+from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.pkcs11_token import Token
+from ca.softhsm import create_token, write_softhsm_conf
+from ca.store import Store
+
+PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("CHARGEPKI_REQUIRE_POSTGRES") == "1"
+
+
+# -- the token --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def softhsm_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SoftHSM2 token directory for the whole run (C_Initialize happens once per process)."""
+    conf = tmp_path_factory.mktemp("softhsm") / "softhsm2.conf"
+    write_softhsm_conf(conf)
+    return conf
+
+
+def new_token_settings(softhsm_conf: Path, tmp_path: Path) -> tuple[Pkcs11Settings, str]:
+    """A fresh token with random PINs (the django-ca habit): isolation without a new process."""
+    settings = Pkcs11Settings(
+        module=find_softhsm_module(),
+        token_label=f"t-{secrets.token_hex(6)}",
+        pin_file=tmp_path / "user.pin",
+        softhsm_conf=softhsm_conf,
+    )
+    pin = create_token(settings)
+    return settings, pin
+
+
+@pytest.fixture(scope="session")
+def token_settings(softhsm_conf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pkcs11Settings, str]:
+    return new_token_settings(softhsm_conf, tmp_path_factory.mktemp("pins"))
+
+
+@pytest.fixture(scope="session")
+def token(token_settings: tuple[Pkcs11Settings, str]) -> Token:
+    settings, pin = token_settings
+    return Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
+
+
+# -- the database -----------------------------------------------------------------------------
+def _postgres_url(schema: str) -> str:
+    return (
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        f"?options=-csearch_path%3D{schema}"
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database: a SQLite file, or a PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'chargepki.db'}"
+        return
+    schema = f"t_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL unreachable at {PG_ADMIN}: {str(exc).strip().splitlines()[0]}"
+        if REQUIRE_PG:
+            pytest.fail(message + " (CHARGEPKI_REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield _postgres_url(schema)
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    store = Store(db_url)
+    store.upgrade()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def session(store: Store) -> Iterator[Session]:
+    with store.session() as session:
+        yield session
+
+
+@pytest.fixture
+def hierarchy(session: Session, token: Token) -> Hierarchy:
+    request = HierarchyRequest(organization="Acme Charging", country="DE", environment="production")
+    return init_hierarchy(session, token, request, actor="test")
+
+
+# -- a home for CLI tests ---------------------------------------------------------------------
+@pytest.fixture
+def home(tmp_path: Path, db_url: str, token_settings: tuple[Pkcs11Settings, str]) -> Path:
+    """A chargepki home whose config points at the shared test token and the test database."""
+    settings, _pin = token_settings
+    home = tmp_path / "home"
+    write_config(PkiConfig(home=home, database_url=db_url, pkcs11=settings))
+    return home

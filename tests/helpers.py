@@ -1,0 +1,67 @@
+"""Helpers for building requests and asking independent tools (OpenSSL, pkilint) about results."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+
+def make_key(kind: str = "ec-p256") -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    """A requester's key (software: it belongs to the device, not the CA)."""
+    if kind.startswith("ec-p"):
+        curve = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}[kind]
+        return ec.generate_private_key(curve)
+    return rsa.generate_private_key(public_exponent=65537, key_size=int(kind.split("-")[1]))
+
+
+def make_csr(
+    common_name: str = "CP-0001",
+    organization: str | None = "Acme Charging",
+    key: object | None = None,
+    dns_names: tuple[str, ...] = (),
+) -> bytes:
+    key = key or make_key()
+    attributes = []
+    if organization:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    if dns_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
+        )
+    algorithm = None if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+
+
+def pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def openssl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, check=check, timeout=60)
+
+
+def pkilint_findings(certificate: Path, issuer: Path | None = None) -> str:
+    """pkilint's RFC 5280 findings at NOTICE and above (empty means nothing to report)."""
+    from pkilint.bin import lint_pkix_cert, lint_pkix_signer_signee_cert_chain
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if issuer is None:
+            lint_pkix_cert.main(["lint", "-s", "NOTICE", str(certificate)])
+        else:
+            lint_pkix_signer_signee_cert_chain.main(["lint", "-s", "NOTICE", str(issuer), str(certificate)])
+    return out.getvalue().strip()
