@@ -54,8 +54,11 @@ def openssl(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]
     return subprocess.run(["openssl", *args], capture_output=True, text=True, check=check, timeout=60)
 
 
-def pkilint_findings(certificate: Path, issuer: Path | None = None) -> str:
-    """pkilint's RFC 5280 findings at NOTICE and above (empty means nothing to report)."""
+def pkilint_findings(certificate: Path, issuer: Path | None = None, ignore: tuple[str, ...] = ()) -> str:
+    """pkilint's RFC 5280 findings at NOTICE and above (empty means nothing to report).
+
+    ``ignore`` drops named findings that are pkilint's own known limitations (each caller says why).
+    """
     from pkilint.bin import lint_pkix_cert, lint_pkix_signer_signee_cert_chain
 
     out = io.StringIO()
@@ -64,4 +67,8 @@ def pkilint_findings(certificate: Path, issuer: Path | None = None) -> str:
             lint_pkix_cert.main(["lint", "-s", "NOTICE", str(certificate)])
         else:
             lint_pkix_signer_signee_cert_chain.main(["lint", "-s", "NOTICE", str(issuer), str(certificate)])
-    return out.getvalue().strip()
+    lines = out.getvalue().strip().splitlines()
+    kept = [line for line in lines if not any(name in line for name in ignore)]
+    if len(kept) == 1 and "@" in kept[0]:  # only a validator header left, its findings were ignored
+        kept = []
+    return "\n".join(kept)
