@@ -109,9 +109,13 @@ def verify(session: Session, batch: int = 5000) -> VerifyResult:
     head = session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one_or_none()
     if head is None:
         return VerifyResult(False, count, "the audit head row is missing", None)
-    if head.seq != count or head.hash != prev_hash:
+    if head.seq != count:
         return VerifyResult(
-            False, count, f"entries after {count} were removed (head says {head.seq})", count + 1
+            False, count, f"entries after {count} were removed (the head names entry {head.seq})", count + 1
+        )
+    if head.hash != prev_hash:
+        return VerifyResult(
+            False, count, f"entry {count} was rewritten (its hash is not the one the head holds)", count
         )
     return VerifyResult(True, count)
 

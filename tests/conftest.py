@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from sqlalchemy.orm import Session
 
-from ca.config import Pkcs11Settings, find_softhsm_module, write_config
 from ca.config import Config as PkiConfig
+from ca.config import Pkcs11Settings, find_softhsm_module, write_config
 from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.pkcs11_token import Token
 from ca.softhsm import create_token, write_softhsm_conf
@@ -49,7 +49,9 @@ def new_token_settings(softhsm_conf: Path, tmp_path: Path) -> tuple[Pkcs11Settin
 
 
 @pytest.fixture(scope="session")
-def token_settings(softhsm_conf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pkcs11Settings, str]:
+def token_settings(
+    softhsm_conf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Pkcs11Settings, str]:
     return new_token_settings(softhsm_conf, tmp_path_factory.mktemp("pins"))
 
 
@@ -61,10 +63,7 @@ def token(token_settings: tuple[Pkcs11Settings, str]) -> Token:
 
 # -- the database -----------------------------------------------------------------------------
 def _postgres_url(schema: str) -> str:
-    return (
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        f"?options=-csearch_path%3D{schema}"
-    )
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -62,14 +62,21 @@ def issued_by_kind(token: Token, tmp_path_factory: pytest.TempPathFactory):
             store.upgrade()
             with store.session() as session:
                 hierarchy = init_hierarchy(
-                    session, token,
-                    HierarchyRequest(organization="Acme Charging", country="DE", key_type=key_type,
-                                     rsa_padding="pss" if kind.endswith("-pss") else "pkcs1"),
+                    session,
+                    token,
+                    HierarchyRequest(
+                        organization="Acme Charging",
+                        country="DE",
+                        key_type=key_type,
+                        rsa_padding="pss" if kind.endswith("-pss") else "pkcs1",
+                    ),
                     actor="test",
                 )
                 leaf_key = "ec-p256" if key_type.startswith("ec") else "rsa-2048"
-                cache[kind] = {name: write(directory / f"{name}.pem", pem(der))
-                               for name, der in _issue_all(session, token, hierarchy, leaf_key).items()}
+                cache[kind] = {
+                    name: write(directory / f"{name}.pem", pem(der))
+                    for name, der in _issue_all(session, token, hierarchy, leaf_key).items()
+                }
             store.dispose()
         return cache[kind]
 
@@ -93,8 +100,15 @@ def test_openssl_verifies_every_certificate_against_root_and_issuing_ca(issued: 
         elif name == "issuing-ca":
             args = ["verify", "-x509_strict", "-CAfile", str(issued["root"]), str(path)]
         else:
-            args = ["verify", "-x509_strict", "-CAfile", str(issued["root"]), "-untrusted",
-                    str(issued["issuing-ca"]), str(path)]
+            args = [
+                "verify",
+                "-x509_strict",
+                "-CAfile",
+                str(issued["root"]),
+                "-untrusted",
+                str(issued["issuing-ca"]),
+                str(path),
+            ]
             if name in OPENSSL_PURPOSE:
                 args[1:1] = ["-purpose", OPENSSL_PURPOSE[name]]
         result = openssl(*args)
@@ -163,8 +177,12 @@ def test_key_usage_follows_the_key_algorithm(issued: dict[str, Path]) -> None:
 
 def test_no_empty_or_duplicate_extensions_and_criticality_per_rfc(issued: dict[str, Path]) -> None:
     must_be_critical = {ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE}
-    never_critical = {ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
-                      ExtensionOID.AUTHORITY_INFORMATION_ACCESS, ExtensionOID.CRL_DISTRIBUTION_POINTS}
+    never_critical = {
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+        ExtensionOID.CRL_DISTRIBUTION_POINTS,
+    }
     for name, path in issued.items():
         certificate = x509.load_pem_x509_certificate(path.read_bytes())
         oids = [extension.oid for extension in certificate.extensions]
@@ -173,7 +191,9 @@ def test_no_empty_or_duplicate_extensions_and_criticality_per_rfc(issued: dict[s
             # An empty SEQUENCE is the DER of basicConstraints cA=FALSE (DEFAULT omitted); empty anywhere else
             # would be an empty extension.
             if extension.oid != ExtensionOID.BASIC_CONSTRAINTS:
-                assert extension.value.public_bytes() not in (b"", b"\x30\x00"), f"{name}: empty {extension.oid}"
+                assert extension.value.public_bytes() not in (b"", b"\x30\x00"), (
+                    f"{name}: empty {extension.oid}"
+                )
             if extension.oid in must_be_critical:
                 assert extension.critical, f"{name}: {extension.oid} must be critical"
             if extension.oid in never_critical:
@@ -205,7 +225,9 @@ def _time_choice(der: bytes, which: str) -> str:
 def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, token: Token) -> None:
     """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on."""
     with freeze_time(datetime(2040, 6, 1, tzinfo=UTC)):
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
+        hierarchy = init_hierarchy(
+            session, token, HierarchyRequest(organization="Acme Charging"), actor="test"
+        )
     root = hierarchy.root.certificate_der
     assert x509.load_der_x509_certificate(root).not_valid_after_utc.year == 2060
     assert _time_choice(root, "not_before") == "utc_time"

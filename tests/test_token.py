@@ -47,7 +47,9 @@ def test_generated_keys_are_sensitive_and_never_extractable(token: Token, keys: 
 def test_the_token_refuses_to_reveal_the_private_value(token: Token, keys: dict, kind: str) -> None:
     secret = Attribute.VALUE if kind.startswith("ec") else Attribute.PRIVATE_EXPONENT
     with token.session() as session:
-        (key,) = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: keys[kind].token_label})
+        (key,) = session.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: keys[kind].token_label}
+        )
         with pytest.raises(p11.AttributeSensitive):
             key[secret]
 
@@ -56,8 +58,9 @@ def test_the_token_refuses_to_reveal_the_private_value(token: Token, keys: dict,
 def test_key_objects_refuse_export(keys: dict, kind: str) -> None:
     key = keys[kind]
     with pytest.raises(TokenError, match="cannot be exported"):
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     with pytest.raises(TokenError, match="cannot be exported"):
         key.private_numbers()
 
@@ -116,7 +119,7 @@ def test_a_label_is_never_reused(token: Token, keys: dict) -> None:
 
 # -- clear errors -------------------------------------------------------------------------------
 def test_missing_module_is_named(tmp_path: Path) -> None:
-    with pytest.raises(TokenError, match="PKCS#11 module not found: /nonexistent/libpkcs11.so"):
+    with pytest.raises(TokenError, match=r"PKCS#11 module not found: /nonexistent/libpkcs11\.so"):
         Token("/nonexistent/libpkcs11.so", "x", "1234")
 
 

@@ -1,0 +1,223 @@
+"""Issuance: what the CA refuses, and how a certificate reaches the store before anyone sees it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from freezegun import freeze_time
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.authorities import Issuer, issuer_for
+from ca.certificates import display_status, list_certificates
+from ca.csr import read_csr
+from ca.errors import InputError, PolicyError, TokenError
+from ca.hierarchy import Hierarchy
+from ca.issuance import issue, request_from_csr
+from ca.models import AuditEvent, Certificate
+from ca.pkcs11_token import Token
+from ca.profiles import get_profile
+from ca.serials import format_serial, new_serial, parse_serial
+from ca.store import Store
+from tests.helpers import make_csr, make_key
+
+
+@pytest.fixture
+def issuer(hierarchy: Hierarchy, token: Token) -> Issuer:
+    return issuer_for(hierarchy.issuing, token)
+
+
+def _issue(session: Session, issuer: Issuer, csr: bytes, profile: str = "charger", **kwargs) -> Certificate:
+    request = request_from_csr(get_profile(profile), read_csr(csr), issuer, **kwargs)
+    return issue(session, issuer, request, actor="test")
+
+
+# -- refusals --------------------------------------------------------------------------------------
+def test_a_csr_with_a_bad_signature_is_refused() -> None:
+    der = x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER)
+    tampered = der[:-3] + bytes([der[-3] ^ 0x01]) + der[-2:]  # flip a bit inside the signature
+    with pytest.raises(PolicyError, match="CSR signature is invalid"):
+        read_csr(tampered)
+
+
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"", "empty"),
+        (
+            b"-----BEGIN CERTIFICATE REQUEST-----\nnot base64!\n-----END CERTIFICATE REQUEST-----\n",
+            "malformed CSR",
+        ),
+        (b"\x30\x82\x01\x00garbage", "malformed CSR"),
+        (b"hello world", "malformed CSR"),
+        (b"A" * 20000, "larger than"),
+    ],
+)
+def test_malformed_pem_and_der_are_refused_with_a_reason(blob: bytes, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        read_csr(blob)
+
+
+@pytest.mark.parametrize("kind", ["ec-p521", "rsa-1024"])
+def test_forbidden_key_types_and_sizes_are_refused(session: Session, issuer: Issuer, kind: str) -> None:
+    with pytest.raises(PolicyError, match=f"key type {kind} is not allowed for profile charger"):
+        _issue(session, issuer, make_csr(key=make_key(kind)))
+
+
+def test_ed25519_keys_are_refused(session: Session, issuer: Issuer) -> None:
+    with pytest.raises(PolicyError, match="key type ed25519 is not allowed"):
+        _issue(session, issuer, make_csr(key=ed25519.Ed25519PrivateKey.generate()))
+
+
+def test_over_long_validity_is_refused(session: Session, issuer: Issuer) -> None:
+    with pytest.raises(PolicyError, match="exceeds the maximum of 1825 days for profile charger"):
+        _issue(session, issuer, make_csr(), validity=timedelta(days=1826))
+
+
+def test_unknown_profile_is_refused() -> None:
+    with pytest.raises(InputError, match="unknown profile 'webserver'"):
+        get_profile("webserver")
+
+
+@pytest.mark.parametrize("profile", ["root", "issuing-ca"])
+def test_ca_profiles_are_not_issued_from_csrs(session: Session, issuer: Issuer, profile: str) -> None:
+    with pytest.raises(PolicyError, match="not issued from a CSR"):
+        _issue(session, issuer, make_csr(), profile=profile)
+
+
+def test_organisation_must_be_the_cas(session: Session, issuer: Issuer) -> None:
+    with pytest.raises(PolicyError, match="O 'Evil Corp' is not the CA's organisation"):
+        _issue(session, issuer, make_csr(organization="Evil Corp"))
+
+
+@pytest.mark.parametrize("cn", ["https://cp.example.com/ocpp", "10.0.0.7", "CP 0001", "x" * 49])
+def test_charger_cn_must_be_a_station_identity(session: Session, issuer: Issuer, cn: str) -> None:
+    with pytest.raises(PolicyError, match="charging station identity"):
+        _issue(session, issuer, make_csr(common_name=cn))
+
+
+def test_csms_server_names_must_be_hostnames(session: Session, issuer: Issuer) -> None:
+    with pytest.raises(PolicyError, match="not a DNS host name"):
+        _issue(
+            session,
+            issuer,
+            make_csr(common_name="csms.example.com", dns_names=("bad_name!",)),
+            profile="csms-server",
+        )
+
+
+def test_refusals_leave_no_trace_in_the_certificate_table(session: Session, issuer: Issuer) -> None:
+    before = session.scalar(select(func.count()).select_from(Certificate))
+    with pytest.raises(PolicyError):
+        _issue(session, issuer, make_csr(key=make_key("rsa-1024")))
+    assert session.scalar(select(func.count()).select_from(Certificate)) == before
+
+
+# -- serials ---------------------------------------------------------------------------------------
+def test_serials_are_positive_random_and_at_most_20_octets() -> None:
+    serials = {new_serial() for _ in range(2000)}
+    assert len(serials) == 2000
+    assert all(0 < s < 2**159 for s in serials)
+    assert max(s.bit_length() for s in serials) > 150, "the high bits are random too"
+    assert all((s.bit_length() + 8) // 8 <= 20 for s in serials), "DER INTEGER content fits 20 octets"
+
+
+def test_serial_text_is_hex_without_leading_zeros() -> None:
+    assert format_serial(0x0ABC) == "ABC"
+    assert parse_serial("0x00:ab:cd") == "ABCD"
+    with pytest.raises(InputError):
+        parse_serial("not-hex")
+    with pytest.raises(InputError):
+        parse_serial("1" * 41)
+
+
+def test_the_database_refuses_a_reused_serial(session: Session, issuer: Issuer) -> None:
+    row = _issue(session, issuer, make_csr())
+    clone = Certificate(
+        serial=row.serial,
+        authority_id=row.authority_id,
+        profile="charger",
+        status="pending",
+        subject="CN=x",
+        not_before=row.not_before,
+        not_after=row.not_after,
+        public_key_sha256="0" * 64,
+        created_at=datetime.now(UTC),
+    )
+    session.add(clone)
+    with pytest.raises(IntegrityError):
+        session.commit()
+    session.rollback()
+
+
+# -- recording ---------------------------------------------------------------------------------------
+def test_the_certificate_is_committed_and_audited_before_it_is_returned(store: Store, issuer: Issuer) -> None:
+    with store.session() as session:
+        row = _issue(session, issuer, make_csr(common_name="CP-0042"))
+    with store.session() as other:  # a different connection sees it: it was committed
+        stored = other.scalar(select(Certificate).where(Certificate.serial == row.serial))
+        assert stored is not None and stored.status == "valid" and stored.der == row.der
+        issued = x509.load_der_x509_certificate(stored.der)
+        assert format_serial(issued.serial_number) == row.serial
+        event = other.scalar(select(AuditEvent).where(AuditEvent.subject == row.serial))
+        assert event is not None and event.action == "certificate.issued"
+
+
+def test_a_signing_failure_burns_the_serial_and_hands_out_nothing(
+    session: Session, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_sign(*_args, **_kwargs):
+        raise TokenError("token 'x' became unavailable: DeviceRemoved")
+
+    monkeypatch.setattr(type(issuer.private_key), "sign", broken_sign)
+    with pytest.raises(TokenError, match="became unavailable"):
+        _issue(session, issuer, make_csr())
+    aborted = session.scalars(select(Certificate).where(Certificate.status == "aborted")).all()
+    assert len(aborted) == 1 and aborted[0].der is None
+    event = session.scalar(select(AuditEvent).where(AuditEvent.subject == aborted[0].serial))
+    assert event is not None and event.action == "certificate.aborted" and "DeviceRemoved" in event.details
+    assert audit.verify(session).ok
+
+
+def test_validity_never_outlives_the_issuer(session: Session, issuer: Issuer, hierarchy: Hierarchy) -> None:
+    issuing_end = hierarchy.issuing.not_after
+    with freeze_time(issuing_end - timedelta(days=30)):
+        row = _issue(session, issuer, make_csr())
+    assert row.not_after == issuing_end
+
+
+def test_an_expired_issuer_issues_nothing(session: Session, issuer: Issuer, hierarchy: Hierarchy) -> None:
+    with (
+        freeze_time(hierarchy.issuing.not_after + timedelta(days=1)),
+        pytest.raises(PolicyError, match="expired"),
+    ):
+        _issue(session, issuer, make_csr())
+
+
+def test_the_ca_decides_the_subject_and_ignores_csr_extras(session: Session, issuer: Issuer) -> None:
+    row = _issue(session, issuer, make_csr(common_name="CP-7", dns_names=("evil.example.com",)))
+    certificate = x509.load_der_x509_certificate(row.der or b"")
+    assert certificate.subject.rfc4514_string() == "CN=CP-7,O=Acme Charging,C=DE"
+    with pytest.raises(x509.ExtensionNotFound):
+        certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+# -- listings ------------------------------------------------------------------------------------------
+def test_expiry_listing_follows_the_clock(session: Session, issuer: Issuer) -> None:
+    start = datetime(2027, 1, 1, tzinfo=UTC)
+    with freeze_time(start):
+        short = _issue(session, issuer, make_csr(common_name="CP-S"), validity=timedelta(days=20))
+        long = _issue(session, issuer, make_csr(common_name="CP-L"), validity=timedelta(days=400))
+    soon = list_certificates(session, start, expiring_within=timedelta(days=30))
+    assert [c.serial for c in soon] == [short.serial]
+    later = start + timedelta(days=25)
+    assert display_status(short, later) == "expired"
+    assert display_status(long, later) == "valid"
+    assert short.serial in [c.serial for c in list_certificates(session, later, status="expired")]
+    assert short.serial not in [c.serial for c in list_certificates(session, later, status="valid")]
