@@ -203,7 +203,7 @@ def write_config(config: Config) -> Path:
         "pkcs11": pkcs11,
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
     }
-    config.home.mkdir(parents=True, exist_ok=True)
+    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = config.config_path
     tmp = path.with_suffix(".tmp")
     tmp.write_text(
