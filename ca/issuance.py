@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
@@ -193,9 +193,19 @@ def request_from_csr(
 
 
 def issue(
-    session: Session, issuer: Issuer, request: IssueRequest, *, actor: str, now: Clock = utcnow
+    session: Session,
+    issuer: Issuer,
+    request: IssueRequest,
+    *,
+    actor: str,
+    now: Clock = utcnow,
+    before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
-    """Issue and durably record one certificate under ``issuer``; return the committed row."""
+    """Issue and durably record one certificate under ``issuer``; return the committed row.
+
+    ``before_commit`` runs inside the transaction that records the certificate, so what it
+    changes (superseding the previous certificate, closing enrollment) commits atomically with it.
+    """
     profile = request.profile
     key_type = check_key(profile, request.public_key)
     common_name = check_common_name(profile.common_name, request.common_name)
@@ -231,6 +241,8 @@ def issue(
             "fingerprint": row.fingerprint_sha256,
         },
     )
+    if before_commit is not None:
+        before_commit(row)
     session.commit()
     return row
 
@@ -270,10 +282,21 @@ def _reserve(
 
 
 def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: Clock) -> None:
-    """Mark a reserved serial as never issued, and say why in the audit log."""
+    """Mark a reserved serial as never issued, and say why in the audit log.
+
+    If the database is down too, the row stays ``pending``: still burnt, still never handed out.
+    """
     session.rollback()
-    row.status = "aborted"
-    audit.record(
-        session, "certificate.aborted", actor=actor, subject=row.serial, now=now, details={"reason": reason}
-    )
-    session.commit()
+    try:
+        row.status = "aborted"
+        audit.record(
+            session,
+            "certificate.aborted",
+            actor=actor,
+            subject=row.serial,
+            now=now,
+            details={"reason": reason},
+        )
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()

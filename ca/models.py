@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -83,6 +84,22 @@ class Device(Base):
     model: Mapped[str | None] = mapped_column(String(64))
     environment: Mapped[str] = mapped_column(String(16))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # A first-time enrollment is allowed while this is true; it closes on the first certificate
+    # and only `chargepki device reset` re-opens it (anti-cloning).
+    enrollment_open: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EnrollmentSecret(Base):
+    """A one-time enrollment secret; only its SHA-256 is stored (it is 256 random bits)."""
+
+    __tablename__ = "enrollment_secrets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -116,6 +133,8 @@ class Certificate(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revocation_reason: Mapped[str | None] = mapped_column(String(32))
     invalidity_date: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when a re-enrollment superseded this certificate with a grace period: revoked then.
+    revoke_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     authority: Mapped[Authority] = relationship()

@@ -103,6 +103,16 @@ PROFILES: dict[str, Profile] = {
             crl_distribution_point=False,  # nocheck: clients do not check its revocation
         ),
         Profile(
+            name="ra",
+            description="factory registration authority (EST enroll-on-behalf over mTLS)",
+            key_types=ALL_KEY_TYPES,
+            default_validity=365 * DAY,
+            max_validity=3 * 365 * DAY,
+            key_usage=frozenset({"digital_signature"}),
+            extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+            aia_ocsp=True,
+        ),
+        Profile(
             name="firmware-signer",
             description="firmware signing certificate (codeSigning)",
             key_types=ALL_KEY_TYPES,

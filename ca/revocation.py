@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 
 from cryptography import x509
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
@@ -46,9 +47,24 @@ def revoke(
     invalidity_date: datetime | None = None,
     now: Clock = utcnow,
 ) -> Certificate:
-    """Revoke (or put on hold); a held certificate may later be revoked for good."""
-    reason = parse_reason(reason)
+    """Revoke (or put on hold) by serial and commit; a held certificate may later be revoked for good."""
     certificate = get_certificate(session, serial)
+    apply_revocation(session, certificate, reason, actor=actor, invalidity_date=invalidity_date, now=now)
+    session.commit()
+    return certificate
+
+
+def apply_revocation(
+    session: Session,
+    certificate: Certificate,
+    reason: str,
+    *,
+    actor: str,
+    invalidity_date: datetime | None = None,
+    now: Clock = utcnow,
+) -> None:
+    """Revoke inside the caller's transaction (device disable, supersede), with its audit entry."""
+    reason = parse_reason(reason)
     if certificate.status in ("pending", "aborted"):
         raise ConflictError(f"certificate {certificate.serial} was never issued ({certificate.status})")
     if certificate.profile == "root":
@@ -67,6 +83,7 @@ def revoke(
     # A hold made permanent keeps its original revocation time (RFC 5280 §5.3.2 semantics).
     certificate.revoked_at = certificate.revoked_at if previous == "certificateHold" else at
     certificate.invalidity_date = invalidity_date
+    certificate.revoke_after = None
     audit.record(
         session,
         "certificate.revoked",
@@ -81,8 +98,22 @@ def revoke(
             "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
         },
     )
-    session.commit()
-    return certificate
+
+
+def revoke_due(session: Session, *, now: Clock = utcnow) -> int:
+    """Revoke certificates whose re-enrollment grace period has ended (reason superseded)."""
+    due = session.scalars(
+        select(Certificate).where(
+            Certificate.revoke_after.is_not(None),
+            Certificate.revoke_after <= now(),
+            Certificate.status == "valid",
+        )
+    ).all()
+    for certificate in due:
+        apply_revocation(session, certificate, "superseded", actor="system:supersede", now=now)
+    if due:
+        session.commit()
+    return len(due)
 
 
 def unhold(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Certificate:

@@ -30,8 +30,9 @@ LEAF_REQUESTS = {
     "csms-server": {"common_name": "csms.example.com", "dns_names": ("csms.example.com", "ocpp.example.com")},
     "ocsp-signer": {"common_name": "Acme OCSP Signer"},
     "firmware-signer": {"common_name": "Acme Firmware stable"},
+    "ra": {"common_name": "Factory Station Shenzhen 1"},
 }
-OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver"}
+OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver", "ra": "sslclient"}
 
 
 def _issue_all(session: Session, token: Token, hierarchy: Hierarchy, leaf_key: str) -> dict[str, bytes]:
