@@ -39,9 +39,7 @@ def _canonical(seq: int, at: datetime, actor: str, action: str, subject: str | N
 def entry_hash(
     prev_hash: str, seq: int, at: datetime, actor: str, action: str, subject: str | None, details: str
 ) -> str:
-    return hashlib.sha256(
-        prev_hash.encode() + b"\n" + _canonical(seq, at, actor, action, subject, details)
-    ).hexdigest()
+    return hashlib.sha256(prev_hash.encode() + b"\n" + _canonical(seq, at, actor, action, subject, details)).hexdigest()
 
 
 def record(
@@ -93,16 +91,10 @@ def verify(session: Session, batch: int = 5000) -> VerifyResult:
     expected_seq, prev_hash, count = 1, GENESIS, 0
     for event in _stream(session, batch):
         if event.seq != expected_seq:
-            return VerifyResult(
-                False, count, f"entry {expected_seq} is missing (next is {event.seq})", expected_seq
-            )
+            return VerifyResult(False, count, f"entry {expected_seq} is missing (next is {event.seq})", expected_seq)
         if event.prev_hash != prev_hash:
-            return VerifyResult(
-                False, count, f"entry {event.seq} does not follow entry {event.seq - 1}", event.seq
-            )
-        digest = entry_hash(
-            prev_hash, event.seq, event.at, event.actor, event.action, event.subject, event.details
-        )
+            return VerifyResult(False, count, f"entry {event.seq} does not follow entry {event.seq - 1}", event.seq)
+        digest = entry_hash(prev_hash, event.seq, event.at, event.actor, event.action, event.subject, event.details)
         if digest != event.hash:
             return VerifyResult(False, count, f"entry {event.seq} was altered", event.seq)
         prev_hash, expected_seq, count = event.hash, expected_seq + 1, count + 1

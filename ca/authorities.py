@@ -27,9 +27,7 @@ def key_sha1(public_key: PublicKeyTypes) -> bytes:
 
 def public_key_sha256(public_key: PublicKeyTypes) -> str:
     """A fingerprint of the whole SubjectPublicKeyInfo (anti-cloning: one key, one identity)."""
-    spki = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
 
@@ -105,15 +103,11 @@ def default_issuing_ca(session: Session, environment: str | None) -> Authority:
         if not known:
             raise NotFoundError("no CA hierarchy yet: run `chargepki init --org NAME` first")
         if len(known) > 1:
-            raise ConfigError(
-                f"several environments exist ({', '.join(known)}): choose one with --environment or --ca"
-            )
+            raise ConfigError(f"several environments exist ({', '.join(known)}): choose one with --environment or --ca")
         environment = known[0]
     authority = session.scalar(
         select(Authority)
-        .where(
-            Authority.environment == environment, Authority.role == "issuing", Authority.status == "active"
-        )
+        .where(Authority.environment == environment, Authority.role == "issuing", Authority.status == "active")
         .order_by(Authority.id.desc())
         .limit(1)
     )
@@ -136,8 +130,7 @@ def issuer_for(authority: Authority, token: Token) -> Issuer:
     token_public = token.public_key(authority.key_label)
     if public_key_sha256(token_public) != public_key_sha256(certificate.public_key()):
         raise TokenError(
-            f"the key labelled {authority.key_label!r} in token {token.label!r} is not the key "
-            f"of CA {authority.name}"
+            f"the key labelled {authority.key_label!r} in token {token.label!r} is not the key of CA {authority.name}"
         )
     return Issuer(
         name=authority.name,

@@ -51,13 +51,9 @@ def list_certificates(
         elif status == "expired":
             query = query.where(Certificate.status == "valid", Certificate.not_after <= now)
         elif status == "hold":
-            query = query.where(
-                Certificate.status == "revoked", Certificate.revocation_reason == "certificateHold"
-            )
+            query = query.where(Certificate.status == "revoked", Certificate.revocation_reason == "certificateHold")
         elif status == "revoked":
-            query = query.where(
-                Certificate.status == "revoked", Certificate.revocation_reason != "certificateHold"
-            )
+            query = query.where(Certificate.status == "revoked", Certificate.revocation_reason != "certificateHold")
         else:
             query = query.where(Certificate.status == status)
     if expiring_within is not None:

@@ -72,12 +72,31 @@ class Pkcs11Settings:
 
 
 @dataclass(frozen=True)
+class EstSettings:
+    """The EST service (``[est]`` in the config file)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls: bool = True  # false only behind a TLS-terminating proxy on a trusted network
+    workers: int = 2
+    server_names: tuple[str, ...] = ("localhost",)  # DNS names of the service's TLS certificate
+    default_environment: str | None = None  # for /.well-known/est/ without a label
+    supersede_grace_seconds: int = 0  # re-enrollment: revoke the old certificate after this long
+    require_tls_unique: bool = False  # RFC 7030 §3.5 channel binding mandatory
+    # Behind a TLS-terminating proxy (opt-in): the client certificate comes from this header, URL-encoded
+    # PEM as nginx's $ssl_client_escaped_cert, and only from these proxy addresses.
+    client_cert_header: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
     pkcs11: Pkcs11Settings
     ocsp_url: str = DEFAULT_OCSP_URL
     repository_url: str = DEFAULT_REPOSITORY_URL
+    est: EstSettings = EstSettings()
 
     @property
     def config_path(self) -> Path:
@@ -164,6 +183,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
     return replace(
         config,
+        est=_est_settings(data.get("est", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -171,12 +191,40 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
 
 
+def _est_settings(table: object) -> EstSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{CONFIG_NAME}: [est] must be a table")
+    defaults = EstSettings()
+    types: dict[str, type] = {
+        "host": str,
+        "port": int,
+        "tls": bool,
+        "workers": int,
+        "server_names": list,
+        "default_environment": str,
+        "supersede_grace_seconds": int,
+        "require_tls_unique": bool,
+        "client_cert_header": str,
+        "trusted_proxies": list,
+    }
+    values: dict[str, object] = {}
+    for key, value in table.items():
+        if key not in types:
+            raise ConfigError(f"{CONFIG_NAME}: unknown setting est.{key}")
+        if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
+            raise ConfigError(f"{CONFIG_NAME}: est.{key} must be of type {types[key].__name__}")
+        if types[key] is list:
+            if not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"{CONFIG_NAME}: est.{key} must be a list of strings")
+            value = tuple(value)
+        values[key] = value
+    return replace(defaults, **values)
+
+
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     settings = config.pkcs11
     if environ.get("CHARGEPKI_PKCS11_MODULE"):
-        settings = replace(
-            settings, module=environ["CHARGEPKI_PKCS11_MODULE"], embedded=False, softhsm_conf=None
-        )
+        settings = replace(settings, module=environ["CHARGEPKI_PKCS11_MODULE"], embedded=False, softhsm_conf=None)
     if environ.get("CHARGEPKI_TOKEN_LABEL"):
         settings = replace(settings, token_label=environ["CHARGEPKI_TOKEN_LABEL"])
     if environ.get("CHARGEPKI_PKCS11_PIN_FILE"):
@@ -202,6 +250,11 @@ def write_config(config: Config) -> Path:
         "database": {"url": config.database_url},
         "pkcs11": pkcs11,
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
+        "est": {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in config.est.__dict__.items()
+            if value is not None
+        },
     }
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = config.config_path

@@ -37,9 +37,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         return x509.load_der_x509_csr(data)
     except ValueError as exc:
         kind = "PEM" if stripped.startswith(b"-----BEGIN") else "DER"
-        raise InputError(
-            f"malformed CSR ({kind}): {str(exc).splitlines()[0] if str(exc) else 'unparseable'}"
-        ) from None
+        raise InputError(f"malformed CSR ({kind}): {str(exc).splitlines()[0] if str(exc) else 'unparseable'}") from None
 
 
 def _single(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str | None:

@@ -36,3 +36,7 @@ class NotFoundError(ChargepkiError):
 
 class ConflictError(ChargepkiError):
     """An operation that would contradict the current state (init twice, revoke twice)."""
+
+
+class AuthenticationError(ChargepkiError):
+    """Missing or wrong credentials (HTTP 401): the message never says which part was wrong."""

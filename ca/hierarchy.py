@@ -78,9 +78,7 @@ def _authority(
     )
 
 
-def _record_ca_certificate(
-    authority: Authority, issued_by: Authority, profile: str, now: Clock
-) -> Certificate:
+def _record_ca_certificate(authority: Authority, issued_by: Authority, profile: str, now: Clock) -> Certificate:
     """CA certificates are certificates too: listed, revocable (by the parent's CRL), audited."""
     certificate = x509.load_der_x509_certificate(authority.certificate_der)
     return Certificate(
@@ -114,8 +112,7 @@ def init_hierarchy(
     existing = session.scalar(select(Authority.name).where(Authority.environment == environment).limit(1))
     if existing is not None:
         raise ConflictError(
-            f"environment {environment!r} is already initialised (CA {existing}); "
-            "init runs once per environment"
+            f"environment {environment!r} is already initialised (CA {existing}); init runs once per environment"
         )
 
     created_labels: list[str] = []
@@ -124,9 +121,7 @@ def init_hierarchy(
             token, spec, padding, request, organization, country, now, created_labels
         )
         root = _authority(root_issuer, "root", root_label, None, request, now)
-        issuing_issuer, issuing_label = _issuing_ca(
-            token, spec, padding, request, root_issuer, now, created_labels
-        )
+        issuing_issuer, issuing_label = _issuing_ca(token, spec, padding, request, root_issuer, now, created_labels)
         issuing = _authority(issuing_issuer, "issuing", issuing_label, root, request, now)
         session.add_all([root, issuing])
         session.flush()
@@ -183,9 +178,7 @@ def _self_signed_root(
 ) -> tuple[Issuer, str]:
     name = f"{request.environment}-root-1"
     label, public_key = _generate(token, spec, name, created)
-    subject = subject_name(
-        ca_common_name(organization, request.environment, "Root CA"), organization, country
-    )
+    subject = subject_name(ca_common_name(organization, request.environment, "Root CA"), organization, country)
     unsigned = Issuer(
         name=name,
         subject=subject,

@@ -49,8 +49,7 @@ def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
     kind = describe_public_key(public_key)
     if kind not in profile.key_types:
         raise PolicyError(
-            f"key type {kind} is not allowed for profile {profile.name} "
-            f"(allowed: {', '.join(profile.key_types)})"
+            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})"
         )
     return kind
 
@@ -91,9 +90,7 @@ def _key_usage(profile: Profile, public_key: CertificatePublicKeyTypes) -> x509.
         "key_cert_sign",
         "crl_sign",
     )
-    return x509.KeyUsage(
-        **{field: field in usage for field in fields}, encipher_only=False, decipher_only=False
-    )
+    return x509.KeyUsage(**{field: field in usage for field in fields}, encipher_only=False, decipher_only=False)
 
 
 def build_certificate(
@@ -126,9 +123,7 @@ def build_certificate(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
     if profile.extended_key_usage:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False
-        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
     if profile.san_dns:
         common_name = subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         names = list(dict.fromkeys([str(common_name), *dns_names]))
@@ -138,9 +133,7 @@ def build_certificate(
     access = []
     if profile.aia_ocsp:
         access.append(
-            x509.AccessDescription(
-                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(issuer.ocsp_url)
-            )
+            x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(issuer.ocsp_url))
         )
     if profile.aia_ca_issuers and issuer.certificate is not None:
         access.append(
@@ -181,13 +174,9 @@ def request_from_csr(
 ) -> IssueRequest:
     """Apply the profile's subject rules to a verified CSR (O, when present, must be the CA's)."""
     if not profile.from_csr:
-        raise PolicyError(
-            f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)"
-        )
+        raise PolicyError(f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)")
     if csr.organization is not None and csr.organization != issuer.organization:
-        raise PolicyError(
-            f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}"
-        )
+        raise PolicyError(f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}")
     dns_names = tuple(check_hostname(name) for name in csr.dns_names) if profile.san_dns else ()
     return IssueRequest(profile, csr.public_key, csr.common_name, dns_names, validity, device_id)
 

@@ -52,9 +52,7 @@ def check_plain_name(value: str, what: str = "CN") -> str:
 
 
 def check_common_name(kind: str, value: str) -> str:
-    checked = {"charger": check_charger_identity, "hostname": check_hostname}.get(kind, check_plain_name)(
-        value
-    )
+    checked = {"charger": check_charger_identity, "hostname": check_hostname}.get(kind, check_plain_name)(value)
     if len(checked) > UB_COMMON_NAME:
         raise PolicyError(f"CN {value!r} is longer than {UB_COMMON_NAME} characters")
     return checked

@@ -227,9 +227,7 @@ class Token:
             except _SESSION_LOST:
                 raise
             except p11.PKCS11Error as exc:
-                raise TokenError(
-                    f"key generation ({spec.name}) failed in {self.label!r}: {_describe(exc)}"
-                ) from None
+                raise TokenError(f"key generation ({spec.name}) failed in {self.label!r}: {_describe(exc)}") from None
             return self._public_key(session, label)
 
     def public_key(self, label: str) -> PublicKeyTypes:
@@ -259,9 +257,7 @@ class Token:
             except _SESSION_LOST:
                 raise
             except p11.PKCS11Error as exc:
-                raise TokenError(
-                    f"signing with {label!r} failed in {self.label!r}: {_describe(exc)}"
-                ) from None
+                raise TokenError(f"signing with {label!r} failed in {self.label!r}: {_describe(exc)}") from None
 
     def destroy_key(self, label: str) -> None:
         """Remove both halves of a key pair (used to roll back a failed CA creation)."""

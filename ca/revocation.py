@@ -71,9 +71,7 @@ def apply_revocation(
         raise ConflictError("a root certificate cannot be revoked; retire the hierarchy instead")
     held = certificate.revocation_reason == "certificateHold"
     if certificate.status == "revoked" and (not held or reason == "certificateHold"):
-        raise ConflictError(
-            f"certificate {certificate.serial} is already revoked ({certificate.revocation_reason})"
-        )
+        raise ConflictError(f"certificate {certificate.serial} is already revoked ({certificate.revocation_reason})")
     at = now()
     if invalidity_date is not None and invalidity_date > at:
         raise InputError("the invalidity date cannot be in the future")

@@ -56,9 +56,7 @@ class Store:
         try:
             self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite)
         except (ImportError, SQLAlchemyError) as exc:
-            raise StoreError(
-                f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}"
-            ) from None
+            raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
         if self.is_sqlite:
             _sqlite_pragmas(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -176,9 +176,7 @@ class TokenRSAPrivateKey(_TokenKeyMixin, rsa.RSAPrivateKey):
         return hash_mechanism, mgf_id, salt_length
 
 
-def token_private_key(
-    token: Token, label: str, public_key: PublicKeyTypes
-) -> TokenECPrivateKey | TokenRSAPrivateKey:
+def token_private_key(token: Token, label: str, public_key: PublicKeyTypes) -> TokenECPrivateKey | TokenRSAPrivateKey:
     """The signer for ``label``: a ``cryptography`` private key whose ``sign()`` runs in the token."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return TokenECPrivateKey(token, label, public_key)

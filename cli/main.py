@@ -7,10 +7,9 @@ prints the result. Errors become one line on stderr and a non-zero exit, never a
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
 from ca import audit
-from ca.authorities import chain, default_issuing_ca, get_authority, issuer_for, list_authorities
+from ca.authorities import chain, get_authority, issuer_for, list_authorities
 from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home
 from ca.context import Pki
@@ -29,20 +28,13 @@ from ca.errors import ChargepkiError, InputError
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import issue, request_from_csr
 from ca.keyspec import ALL_KEY_TYPES
-from ca.models import Authority
 from ca.names import ENVIRONMENTS
 from ca.profiles import PROFILES, get_profile
 from ca.revocation import REASONS, revoke, unhold
 from ca.store import _one_line
+from cli.common import State, actor, fmt_time, note, pass_state, pick_issuing, table, utc_now
+from cli.enrollment import device, ra, serve, token_group
 from cli.params import DURATION, UTC_DATETIME
-
-
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"cli:{user}"
 
 
 class ChargepkiGroup(click.Group):
@@ -65,26 +57,6 @@ class ChargepkiGroup(click.Group):
             ) from None
 
 
-class State:
-    """Lazily opened installation, shared by the subcommands of one invocation."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self._pki: Pki | None = None
-
-    def pki(self, *, create: bool = False) -> Pki:
-        if self._pki is None:
-            self._pki = Pki.open(self.home, os.environ, create=create)
-        return self._pki
-
-    def close(self) -> None:
-        if self._pki is not None:
-            self._pki.close()
-
-
-pass_state = click.make_pass_decorator(State)
-
-
 @click.group(cls=ChargepkiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
@@ -101,43 +73,11 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     ctx.call_on_close(state.close)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _fmt_time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> None:
-    if not rows:
-        click.echo("(none)")
-        return
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    for row in [headers, *rows]:
-        click.echo(
-            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
-def _pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> Authority:
-    if ca_name:
-        return get_authority(session, ca_name)
-    return default_issuing_ca(session, environment)
-
-
-def _note(authority: Authority) -> None:
-    """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
-    click.echo(f"[{authority.environment}] CA {authority.name}", err=True)
-
-
 # -- init / run / db ----------------------------------------------------------------------------
 def _init_options(func: Any) -> Any:
     options = [
         click.option("--country", help="Two-letter country code for the subject (e.g. DE)."),
-        click.option(
-            "--environment", type=click.Choice(ENVIRONMENTS), default="production", show_default=True
-        ),
+        click.option("--environment", type=click.Choice(ENVIRONMENTS), default="production", show_default=True),
         click.option("--key-type", type=click.Choice(ALL_KEY_TYPES), default="ec-p256", show_default=True),
         click.option(
             "--rsa-padding",
@@ -184,7 +124,7 @@ def _initialise(
         repository_url=crl_url,
     )
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, pki.token(), request, actor=_actor())
+        hierarchy = init_hierarchy(session, pki.token(), request, actor=actor())
         click.echo(f"[{environment}] initialised in {pki.config.home}")
         click.echo(f"  root CA      {hierarchy.root.name}: {hierarchy.root.subject}")
         click.echo(f"  issuing CA   {hierarchy.issuing.name}: {hierarchy.issuing.subject}")
@@ -217,20 +157,29 @@ def init(
     show_default=True,
     help="Organisation for the first-run hierarchy ($CHARGEPKI_ORG).",
 )
+@click.option("--setup-only", is_flag=True, help="Do the first-run set-up and exit without serving.")
 @pass_state
-def run(state: State, org: str) -> None:
-    """First-run set-up on the embedded defaults, then report what this home holds (`make run`)."""
+def run(state: State, org: str, setup_only: bool) -> None:
+    """First-run set-up on the embedded defaults, then serve EST in the foreground (`make run`)."""
     pki = state.pki(create=True)
     with pki.store.session() as session:
         authorities = list_authorities(session)
     if not authorities:
-        _initialise(
-            pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url
-        )
+        _initialise(pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url)
     else:
         click.echo(f"home {pki.config.home} is initialised:")
         for authority in authorities:
             click.echo(f"  [{authority.environment}] {authority.name}: {authority.subject}")
+    if setup_only:
+        return
+    from web.server import serve_est
+
+    settings = pki.config.est
+    click.echo(
+        f"EST: https://{settings.server_names[0]}:{settings.port}/.well-known/est/ (trust anchor: chargepki ca chain)",
+        err=True,
+    )
+    serve_est(pki, host=settings.host, port=settings.port, workers=settings.workers)
 
 
 @cli.group()
@@ -260,10 +209,10 @@ def ca_list(state: State, environment: str | None) -> None:
     """List the CAs, their keys and validity."""
     with state.pki().store.session() as session:
         rows = [
-            [a.name, a.role, a.environment, a.key_type, _fmt_time(a.not_after), a.status, a.subject]
+            [a.name, a.role, a.environment, a.key_type, fmt_time(a.not_after), a.status, a.subject]
             for a in list_authorities(session, environment)
         ]
-    _table(["NAME", "ROLE", "ENVIRONMENT", "KEY", "NOT AFTER", "STATUS", "SUBJECT"], rows)
+    table(["NAME", "ROLE", "ENVIRONMENT", "KEY", "NOT AFTER", "STATUS", "SUBJECT"], rows)
 
 
 @ca.command("chain")
@@ -273,8 +222,8 @@ def ca_list(state: State, environment: str | None) -> None:
 def ca_chain(state: State, ca_name: str | None, environment: str | None) -> None:
     """Print the PEM chain: the CA, then its parents up to the root."""
     with state.pki().store.session() as session:
-        authority = _pick_issuing(session, ca_name, environment)
-        _note(authority)
+        authority = pick_issuing(session, ca_name, environment)
+        note(authority)
         for member in chain(session, authority):
             certificate = x509.load_der_x509_certificate(member.certificate_der)
             click.echo(certificate.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
@@ -289,9 +238,7 @@ def ca_chain(state: State, ca_name: str | None, environment: str | None) -> None
     required=True,
     help=f"One of: {', '.join(n for n, p in PROFILES.items() if p.from_csr)}.",
 )
-@click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM here (else stdout)."
-)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM here (else stdout).")
 @click.option("--validity", type=DURATION, help="Validity such as 365d or 12h (default: the profile's).")
 @click.option("--ca", "ca_name", help="Issuing CA (default: the active issuing CA).")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS))
@@ -310,14 +257,12 @@ def issue_command(
     csr = read_csr(csr_file.read())
     pki = state.pki()
     with pki.store.session() as session:
-        authority = _pick_issuing(session, ca_name, environment)
+        authority = pick_issuing(session, ca_name, environment)
         if authority.role != "issuing":
-            raise InputError(
-                f"CA {authority.name} is a {authority.role} CA; certificates come from issuing CAs"
-            )
-        _note(authority)
+            raise InputError(f"CA {authority.name} is a {authority.role} CA; certificates come from issuing CAs")
+        note(authority)
         issuer = issuer_for(authority, pki.token())
-        row = issue(session, issuer, request_from_csr(profile, csr, issuer, validity), actor=_actor())
+        row = issue(session, issuer, request_from_csr(profile, csr, issuer, validity), actor=actor())
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM).decode()
         serial = row.serial
     if out is not None:
@@ -355,12 +300,12 @@ def cert_list(
     limit: int | None,
 ) -> None:
     """List certificates, soonest expiring first."""
-    now = _now()
+    now = utc_now()
     with state.pki().store.session() as session:
         authority = get_authority(session, ca_name) if ca_name else None
         window = timedelta(days=expiring_within) if expiring_within is not None else None
         rows = [
-            [c.serial, c.profile, display_status(c, now), _fmt_time(c.not_after), c.subject]
+            [c.serial, c.profile, display_status(c, now), fmt_time(c.not_after), c.subject]
             for c in list_certificates(
                 session,
                 now,
@@ -371,7 +316,7 @@ def cert_list(
                 limit=limit,
             )
         ]
-    _table(["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "SUBJECT"], rows)
+    table(["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "SUBJECT"], rows)
 
 
 @cert.command("show")
@@ -379,7 +324,7 @@ def cert_list(
 @pass_state
 def cert_show(state: State, serial: str) -> None:
     """Show one certificate (serial in hex) and its PEM."""
-    now = _now()
+    now = utc_now()
     with state.pki().store.session() as session:
         certificate = get_certificate(session, serial)
         fields = [
@@ -388,17 +333,17 @@ def cert_show(state: State, serial: str) -> None:
             ("issuer", f"{certificate.authority.name} ({certificate.authority.environment})"),
             ("profile", certificate.profile),
             ("status", display_status(certificate, now)),
-            ("not before", _fmt_time(certificate.not_before)),
-            ("not after", _fmt_time(certificate.not_after)),
+            ("not before", fmt_time(certificate.not_before)),
+            ("not after", fmt_time(certificate.not_after)),
             ("sha256", certificate.fingerprint_sha256 or "-"),
         ]
         if certificate.status == "revoked":
             fields += [
-                ("revoked at", _fmt_time(certificate.revoked_at)),
+                ("revoked at", fmt_time(certificate.revoked_at)),
                 ("reason", certificate.revocation_reason or "-"),
             ]
             if certificate.invalidity_date:
-                fields.append(("invalidity date", _fmt_time(certificate.invalidity_date)))
+                fields.append(("invalidity date", fmt_time(certificate.invalidity_date)))
         for name, value in fields:
             click.echo(f"{name + ':':<17}{value}")
         if certificate.der:
@@ -419,8 +364,8 @@ def cert_show(state: State, serial: str) -> None:
 def revoke_command(state: State, serial: str, reason: str, invalidity_date: datetime | None) -> None:
     """Revoke a certificate (certificateHold can be released later with `unhold`)."""
     with state.pki().store.session() as session:
-        certificate = revoke(session, serial, reason, actor=_actor(), invalidity_date=invalidity_date)
-        _note(certificate.authority)
+        certificate = revoke(session, serial, reason, actor=actor(), invalidity_date=invalidity_date)
+        note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
 
 
@@ -430,8 +375,8 @@ def revoke_command(state: State, serial: str, reason: str, invalidity_date: date
 def unhold_command(state: State, serial: str) -> None:
     """Release a certificate from certificateHold."""
     with state.pki().store.session() as session:
-        certificate = unhold(session, serial, actor=_actor())
-        _note(certificate.authority)
+        certificate = unhold(session, serial, actor=actor())
+        note(certificate.authority)
         click.echo(f"released {certificate.serial} from hold")
 
 
@@ -461,10 +406,14 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     """List the newest audit entries, oldest first."""
     with state.pki().store.session() as session:
         rows = [
-            [str(e.seq), _fmt_time(e.at), e.actor, e.action, e.subject or "-", e.details]
+            [str(e.seq), fmt_time(e.at), e.actor, e.action, e.subject or "-", e.details]
             for e in audit.events(session, action=action, subject=subject, limit=limit)
         ]
-    _table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
+    table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
+
+
+for group in (device, token_group, ra, serve):
+    cli.add_command(group)
 
 
 def main() -> None:

@@ -49,9 +49,7 @@ def new_token_settings(softhsm_conf: Path, tmp_path: Path) -> tuple[Pkcs11Settin
 
 
 @pytest.fixture(scope="session")
-def token_settings(
-    softhsm_conf: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Pkcs11Settings, str]:
+def token_settings(softhsm_conf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pkcs11Settings, str]:
     return new_token_settings(softhsm_conf, tmp_path_factory.mktemp("pins"))
 
 

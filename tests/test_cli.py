@@ -85,9 +85,7 @@ def test_ca_chain_is_issuing_ca_then_root(initialised: Path) -> None:
 
 def test_issue_then_openssl_verifies_the_chain(initialised: Path, tmp_path: Path) -> None:
     csr = write(tmp_path / "cp.csr", make_csr("CP-0001"))
-    result = run(
-        initialised, "issue", "--csr", str(csr), "--profile", "charger", "--out", str(tmp_path / "cp.pem")
-    )
+    result = run(initialised, "issue", "--csr", str(csr), "--profile", "charger", "--out", str(tmp_path / "cp.pem"))
     assert result.exit_code == 0 and "issued serial" in result.stderr
     chain = x509.load_pem_x509_certificates(run(initialised, "ca", "chain").stdout.encode())
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -124,9 +122,7 @@ def test_issue_to_stdout_with_a_chosen_validity(initialised: Path, tmp_path: Pat
         (["--profile", "charger", "--validity", "soon"], "not a duration"),
     ],
 )
-def test_issue_refusals_are_one_line(
-    initialised: Path, tmp_path: Path, args: list[str], message: str
-) -> None:
+def test_issue_refusals_are_one_line(initialised: Path, tmp_path: Path, args: list[str], message: str) -> None:
     csr = write(tmp_path / "cp.csr", make_csr())
     assert_one_line_error(run(initialised, "issue", "--csr", str(csr), *args), message)
 
@@ -174,9 +170,7 @@ def test_cert_list_show_revoke_unhold(initialised: Path, tmp_path: Path) -> None
 
 def test_revoke_refusals_are_one_line(initialised: Path) -> None:
     assert_one_line_error(run(initialised, "revoke", "DEADBEEF", "--reason", "superseded"), "no certificate")
-    assert_one_line_error(
-        run(initialised, "revoke", "zz-top", "--reason", "superseded"), "not a certificate serial"
-    )
+    assert_one_line_error(run(initialised, "revoke", "zz-top", "--reason", "superseded"), "not a certificate serial")
     assert_one_line_error(run(initialised, "revoke", "AB", "--reason", "bored"), "unknown revocation reason")
     assert_one_line_error(run(initialised, "cert", "show", "ABCDEF"), "no certificate")
 

@@ -32,7 +32,7 @@ def chargepki(home: Path, *args: str, env: dict[str, str] | None = None) -> subp
 @pytest.fixture(scope="module")
 def fresh_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("first-run") / "var"
-    result = chargepki(home, "run", env={"CHARGEPKI_ORG": "Volt Charging"})
+    result = chargepki(home, "run", "--setup-only", env={"CHARGEPKI_ORG": "Volt Charging"})
     assert result.returncode == 0, result.stderr
     assert "production-root-1" in result.stdout
     return home
@@ -55,12 +55,10 @@ def test_the_config_names_the_pin_source_but_holds_no_pin(fresh_home: Path) -> N
 
 
 def test_the_second_run_reports_instead_of_reinitialising(fresh_home: Path) -> None:
-    result = chargepki(fresh_home, "run")
+    result = chargepki(fresh_home, "run", "--setup-only")
     assert result.returncode == 0 and "is initialised" in result.stdout
     again = chargepki(fresh_home, "init", "--org", "Volt Charging")
-    assert (
-        again.returncode == 1 and again.stderr.startswith("Error: ") and "already initialised" in again.stderr
-    )
+    assert again.returncode == 1 and again.stderr.startswith("Error: ") and "already initialised" in again.stderr
 
 
 def test_a_first_run_home_issues_verifiable_certificates(fresh_home: Path, tmp_path: Path) -> None:
@@ -101,9 +99,7 @@ def test_the_embedded_token_keys_are_not_extractable(fresh_home: Path) -> None:
         "        assert k[Attribute.NEVER_EXTRACTABLE] and k[Attribute.LOCAL], k.label\n"
     )
     env = {**os.environ, "SOFTHSM2_CONF": str(fresh_home / "softhsm" / "softhsm2.conf")}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3", "root, issuing CA and OCSP signer keys"
 

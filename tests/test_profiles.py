@@ -192,9 +192,7 @@ def test_no_empty_or_duplicate_extensions_and_criticality_per_rfc(issued: dict[s
             # An empty SEQUENCE is the DER of basicConstraints cA=FALSE (DEFAULT omitted); empty anywhere else
             # would be an empty extension.
             if extension.oid != ExtensionOID.BASIC_CONSTRAINTS:
-                assert extension.value.public_bytes() not in (b"", b"\x30\x00"), (
-                    f"{name}: empty {extension.oid}"
-                )
+                assert extension.value.public_bytes() not in (b"", b"\x30\x00"), f"{name}: empty {extension.oid}"
             if extension.oid in must_be_critical:
                 assert extension.critical, f"{name}: {extension.oid} must be critical"
             if extension.oid in never_critical:
@@ -226,9 +224,7 @@ def _time_choice(der: bytes, which: str) -> str:
 def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, token: Token) -> None:
     """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on."""
     with freeze_time(datetime(2040, 6, 1, tzinfo=UTC)):
-        hierarchy = init_hierarchy(
-            session, token, HierarchyRequest(organization="Acme Charging"), actor="test"
-        )
+        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
     root = hierarchy.root.certificate_der
     assert x509.load_der_x509_certificate(root).not_valid_after_utc.year == 2060
     assert _time_choice(root, "not_before") == "utc_time"

@@ -23,9 +23,7 @@ from tests.helpers import make_csr
 @pytest.fixture
 def charger(session: Session, hierarchy: Hierarchy, token: Token) -> Certificate:
     issuer = issuer_for(hierarchy.issuing, token)
-    return issue(
-        session, issuer, request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer), actor="test"
-    )
+    return issue(session, issuer, request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer), actor="test")
 
 
 @pytest.mark.parametrize(

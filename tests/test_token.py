@@ -58,9 +58,7 @@ def test_the_token_refuses_to_reveal_the_private_value(token: Token, keys: dict,
 def test_key_objects_refuse_export(keys: dict, kind: str) -> None:
     key = keys[kind]
     with pytest.raises(TokenError, match="cannot be exported"):
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     with pytest.raises(TokenError, match="cannot be exported"):
         key.private_numbers()
 

@@ -130,9 +130,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_certificates_common_name"), ["common_name"], unique=False)
         batch_op.create_index(batch_op.f("ix_certificates_device_id"), ["device_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_certificates_not_after"), ["not_after"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_certificates_public_key_sha256"), ["public_key_sha256"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_certificates_public_key_sha256"), ["public_key_sha256"], unique=False)
         batch_op.create_index("ix_certificates_status_not_after", ["status", "not_after"], unique=False)
 
 

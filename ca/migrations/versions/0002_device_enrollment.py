@@ -40,9 +40,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_certificates_revoke_after"), ["revoke_after"], unique=False)
 
     with op.batch_alter_table("devices", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("enrollment_open", sa.Boolean(), server_default=sa.true(), nullable=False)
-        )
+        batch_op.add_column(sa.Column("enrollment_open", sa.Boolean(), server_default=sa.true(), nullable=False))
 
 
 def downgrade() -> None:

@@ -1,0 +1,329 @@
+"""Enrollment and re-enrollment of chargers, independent of the protocol that carries them.
+
+EST (``web/est.py``) and, later, the CSMS API call these with what the transport
+authenticated: HTTP Basic credentials, a TLS client certificate, the ``tls-unique`` value.
+Every check happens before anything is signed; every refusal is audited with its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.x509.oid import AttributeOID, NameOID
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.authorities import Issuer, public_key_sha256
+from ca.csr import CsrRequest, read_csr
+from ca.devices import current_certificate
+from ca.enrollment_secrets import consume_secret, restore_secret, secret_is_valid
+from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError
+from ca.issuance import Clock, issue, request_from_csr, utcnow
+from ca.models import Authority, Certificate, Device
+from ca.profiles import get_profile
+from ca.revocation import apply_revocation, revoke_due
+
+# Binds a CA to its token key (``lambda a: issuer_for(a, token)``); called only once every check passed,
+# so a refused request never touches the token.
+IssuerFactory = Callable[[Authority], Issuer]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the transport established about the caller."""
+
+    username: str | None = None
+    password: str | None = None
+    client_certificate: bytes | None = None  # DER, verified by TLS or by a trusted proxy
+    address: str | None = None
+    tls_unique: bytes | None = None  # TLS 1.2 channel binding, when available
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    supersede_grace: timedelta = timedelta(0)
+    require_tls_unique: bool = False
+
+
+def _fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def _stored_certificate(session: Session, der: bytes) -> Certificate | None:
+    return session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == _fingerprint(der)))
+
+
+def _check_binding(csr: x509.CertificateSigningRequest, credentials: Credentials, settings: EnrollmentSettings) -> None:
+    """RFC 7030 §3.5: challengePassword = base64(tls-unique) proves the CSR came over this TLS session."""
+    try:
+        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        if settings.require_tls_unique:
+            raise PolicyError("this server requires the tls-unique value in the CSR's challengePassword") from None
+        return
+    if credentials.tls_unique is None:
+        raise PolicyError(
+            "the CSR carries a challengePassword but this connection has no tls-unique value "
+            "(TLS 1.3 or a terminating proxy)"
+        )
+    expected = base64.b64encode(credentials.tls_unique)
+    if bytes(value).strip() != expected:
+        raise PolicyError("the CSR's challengePassword does not match this TLS session's tls-unique value")
+
+
+def _check_device(device: Device, authority: Authority) -> None:
+    if not device.enabled:
+        raise PolicyError(f"device {device.serial} is disabled")
+    if device.environment != authority.environment:
+        raise PolicyError(
+            f"device {device.serial} belongs to environment {device.environment}, not {authority.environment}"
+        )
+
+
+def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> None:
+    """One key, one identity: refuse a key certified for another device, a CA or any other holder."""
+    owners = session.execute(
+        select(Certificate.device_id, Certificate.profile).where(
+            Certificate.public_key_sha256 == public_key_sha256(csr.public_key),
+            Certificate.status != "aborted",
+        )
+    ).all()
+    if any(owner.device_id != device.id for owner in owners):
+        raise ConflictError("this public key is already certified for another identity")
+
+
+def _supersede(
+    session: Session, device: Device, new: Certificate, settings: EnrollmentSettings, actor: str, now: Clock
+) -> None:
+    """At most one current charger certificate per device: the older ones go (after the grace period)."""
+    olders = session.scalars(
+        select(Certificate).where(
+            Certificate.device_id == device.id,
+            Certificate.profile == "charger",
+            Certificate.status == "valid",
+            Certificate.id != new.id,
+        )
+    ).all()
+    for older in olders:
+        if settings.supersede_grace > timedelta(0):
+            older.revoke_after = now() + settings.supersede_grace
+        else:
+            apply_revocation(session, older, "superseded", actor=actor, now=now)
+    device.enrollment_open = False
+
+
+def _refused(
+    session: Session,
+    action: str,
+    exc: ChargepkiError,
+    credentials: Credentials,
+    subject: str | None,
+    authority: Authority,
+    now: Clock,
+) -> None:
+    """Record a refusal in its own transaction (the refused work was rolled back)."""
+    session.rollback()
+    try:
+        audit.record(
+            session,
+            action,
+            actor=_actor(credentials),
+            subject=subject,
+            now=now,
+            details={
+                "reason": str(exc),
+                "error": type(exc).__name__,
+                "address": credentials.address,
+                "ca": authority.name,
+            },
+        )
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+
+
+def _actor(credentials: Credentials) -> str:
+    if credentials.client_certificate is not None:
+        try:
+            cert = x509.load_der_x509_certificate(credentials.client_certificate)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            return f"tls:{names[0].value if names else cert.serial_number}"
+        except ValueError:
+            return "tls:unparseable"
+    if credentials.username:
+        return f"basic:{credentials.username[:64]}"
+    return f"anonymous@{credentials.address or '?'}"
+
+
+def enroll(
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr_data: bytes,
+    credentials: Credentials,
+    *,
+    settings: EnrollmentSettings = EnrollmentSettings(),
+    now: Clock = utcnow,
+) -> Certificate:
+    """First enrollment (EST simpleenroll): a one-time secret, or an RA enrolling on a device's behalf."""
+    subject = credentials.username
+    try:
+        csr = read_csr(csr_data)
+        subject = csr.common_name
+        return _enroll(session, issuers, authority, csr, credentials, settings, now)
+    except ChargepkiError as exc:
+        _refused(session, "enrollment.refused", exc, credentials, subject, authority, now)
+        raise
+
+
+def _enroll(
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr: CsrRequest,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+) -> Certificate:
+    revoke_due(session, now=now)
+    ra = _registration_authority(session, authority, credentials, now)
+    if ra is None:
+        if not credentials.username or credentials.password is None:
+            raise AuthenticationError(
+                "credentials required: HTTP Basic (device serial and one-time secret) or an RA client certificate"
+            )
+        if not secret_is_valid(session, credentials.username, credentials.password, now=now):
+            raise AuthenticationError("unknown device or wrong, used or expired secret")
+        if csr.common_name != credentials.username:
+            raise PolicyError(
+                f"the CSR's CN {csr.common_name!r} is not the authenticated device {credentials.username!r}"
+            )
+    device = session.scalar(select(Device).where(Device.serial == csr.common_name))
+    if device is None:
+        raise PolicyError(f"device {csr.common_name!r} is not registered")
+    _check_device(device, authority)
+    _check_binding(csr.csr, credentials, settings)
+    if not device.enrollment_open and current_certificate(session, device, now) is not None:
+        raise ConflictError(
+            f"device {device.serial} is already enrolled: renew with simplereenroll, or an "
+            "admin re-opens it with `chargepki device reset`"
+        )
+    _check_key_is_fresh(session, csr, device)
+
+    issuer = issuers(authority)
+    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
+    actor = _actor(credentials)
+    secret_spent = False
+    if ra is None:
+        assert credentials.username is not None and credentials.password is not None
+        if not consume_secret(session, credentials.username, credentials.password, now=now):
+            raise AuthenticationError("unknown device or wrong, used or expired secret")
+        secret_spent = True
+    try:
+        return issue(
+            session,
+            issuer,
+            request,
+            actor=actor,
+            now=now,
+            before_commit=lambda row: _supersede(session, device, row, settings, actor, now),
+        )
+    except ChargepkiError:
+        if secret_spent:
+            session.rollback()
+            restore_secret(session, credentials.username or "", credentials.password or "")
+        raise
+
+
+def _registration_authority(
+    session: Session, authority: Authority, credentials: Credentials, now: Clock
+) -> Certificate | None:
+    """The caller's RA certificate, if any; refused unless it is a current RA of this environment."""
+    if credentials.client_certificate is None:
+        return None
+    stored = _stored_certificate(session, credentials.client_certificate)
+    if stored is None or stored.profile != "ra":
+        if credentials.username:
+            return None  # a device certificate plus Basic credentials: the secret decides
+        raise AuthenticationError("this client certificate is not a registration authority certificate")
+    _check_current(stored, authority, now, "RA certificate")
+    return stored
+
+
+def _check_current(certificate: Certificate, authority: Authority, now: Clock, what: str) -> None:
+    if certificate.status != "valid" or (certificate.revoke_after is not None and certificate.revoke_after <= now()):
+        raise AuthenticationError(f"the {what} is revoked")
+    if certificate.not_after <= now():
+        raise AuthenticationError(f"the {what} has expired")
+    if certificate.authority.environment != authority.environment:
+        raise AuthenticationError(
+            f"the {what} belongs to environment {certificate.authority.environment}, not {authority.environment}"
+        )
+
+
+def reenroll(
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr_data: bytes,
+    credentials: Credentials,
+    *,
+    settings: EnrollmentSettings = EnrollmentSettings(),
+    now: Clock = utcnow,
+) -> Certificate:
+    """Renewal or re-key (EST simplereenroll), authenticated by the device's current certificate."""
+    subject = None
+    try:
+        csr = read_csr(csr_data)
+        subject = csr.common_name
+        return _reenroll(session, issuers, authority, csr, credentials, settings, now)
+    except ChargepkiError as exc:
+        _refused(session, "reenrollment.refused", exc, credentials, subject, authority, now)
+        raise
+
+
+def _reenroll(
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr: CsrRequest,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+) -> Certificate:
+    revoke_due(session, now=now)
+    if credentials.client_certificate is None:
+        raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
+    current = _stored_certificate(session, credentials.client_certificate)
+    if current is None or current.profile != "charger" or current.device_id is None:
+        raise AuthenticationError("the client certificate is not a charger certificate issued here")
+    _check_current(current, authority, now, "client certificate")
+    device = session.get(Device, current.device_id)
+    assert device is not None
+    _check_device(device, authority)
+    presented = x509.load_der_x509_certificate(credentials.client_certificate)
+    names = presented.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or csr.common_name != names[0].value:
+        raise PolicyError(f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed")
+    if csr.organization is not None and csr.organization != authority.organization:
+        raise PolicyError(f"the CSR's O {csr.organization!r} does not match the certificate being renewed")
+    _check_binding(csr.csr, credentials, settings)
+    _check_key_is_fresh(session, csr, device)
+    issuer = issuers(authority)
+    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
+    actor = _actor(credentials)
+    return issue(
+        session,
+        issuer,
+        request,
+        actor=actor,
+        now=now,
+        before_commit=lambda row: _supersede(session, device, row, settings, actor, now),
+    )

@@ -1,0 +1,71 @@
+"""What every command module shares: the lazily opened installation, the actor, table output."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ca.authorities import default_issuing_ca, get_authority
+from ca.context import Pki
+from ca.models import Authority
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+class State:
+    """Lazily opened installation, shared by the subcommands of one invocation."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._pki: Pki | None = None
+
+    def pki(self, *, create: bool = False) -> Pki:
+        if self._pki is None:
+            self._pki = Pki.open(self.home, os.environ, create=create)
+        return self._pki
+
+    def close(self) -> None:
+        if self._pki is not None:
+            self._pki.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def fmt_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> Authority:
+    if ca_name:
+        return get_authority(session, ca_name)
+    return default_issuing_ca(session, environment)
+
+
+def note(authority: Authority) -> None:
+    """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
+    click.echo(f"[{authority.environment}] CA {authority.name}", err=True)

@@ -1,0 +1,311 @@
+"""CLI commands for the device registry, one-time secrets, registration authorities and `serve est`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca.authorities import default_issuing_ca, get_authority, issuer_for
+from ca.certificates import display_status
+from ca.csr import read_csr
+from ca.devices import (
+    add_device,
+    device_certificates,
+    disable_device,
+    enable_device,
+    get_device,
+    import_devices,
+    list_devices,
+    reset_device,
+)
+from ca.enrollment_secrets import issue_secret
+from ca.errors import InputError
+from ca.issuance import IssueRequest, issue, request_from_csr
+from ca.names import ENVIRONMENTS
+from ca.profiles import get_profile
+from ca.revocation import REASONS
+from cli.common import State, actor, fmt_time, note, pass_state, table
+from cli.params import DURATION
+
+
+def _write_private(path: Path, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(data)
+
+
+# -- devices ----------------------------------------------------------------------------------------
+@click.group()
+def device() -> None:
+    """The device registry: only registered chargers enroll."""
+
+
+@device.command("add")
+@click.argument("serial")
+@click.option("--model")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS), default="production", show_default=True)
+@pass_state
+def device_add(state: State, serial: str, model: str | None, environment: str) -> None:
+    """Register a charger by its serial (its OCPP identity, the CN of its certificate)."""
+    with state.pki().store.session() as session:
+        registered = add_device(session, serial, model=model, environment=environment, actor=actor())
+        click.echo(f"[{registered.environment}] registered device {registered.serial}")
+
+
+@device.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--environment",
+    type=click.Choice(ENVIRONMENTS),
+    default="production",
+    show_default=True,
+    help="For rows without an environment column.",
+)
+@pass_state
+def device_import(state: State, csv_file: Path, environment: str) -> None:
+    """Register devices from a CSV with a header: serial[,model][,environment]."""
+    with csv_file.open(encoding="utf-8-sig", newline="") as handle:
+        rows = max(sum(1 for _ in handle) - 1, 0)
+    with (
+        state.pki().store.session() as session,
+        csv_file.open(encoding="utf-8-sig", newline="") as handle,
+        click.progressbar(length=rows, label="importing", file=click.get_text_stream("stderr")) as bar,
+    ):
+        result = import_devices(session, handle, default_environment=environment, actor=actor(), progress=bar.update)
+    click.echo(f"accepted {result.accepted}, refused {len(result.refused)}")
+    for line, reason in result.refused:
+        click.echo(f"  line {line}: {reason}")
+    if result.refused and not result.accepted:
+        raise click.exceptions.Exit(1)
+
+
+@device.command("list")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@click.option("--limit", type=click.IntRange(min=1))
+@pass_state
+def device_list(state: State, environment: str | None, limit: int | None) -> None:
+    """List registered devices."""
+    with state.pki().store.session() as session:
+        rows = [
+            [
+                d.serial,
+                d.model or "-",
+                d.environment,
+                "enabled" if d.enabled else "disabled",
+                "open" if d.enrollment_open else "closed",
+            ]
+            for d in list_devices(session, environment=environment, limit=limit)
+        ]
+    table(["SERIAL", "MODEL", "ENVIRONMENT", "STATE", "FIRST ENROLLMENT"], rows)
+
+
+@device.command("show")
+@click.argument("serial")
+@pass_state
+def device_show(state: State, serial: str) -> None:
+    """A device and its certificates with their states."""
+    now = datetime.now(UTC)
+    with state.pki().store.session() as session:
+        found = get_device(session, serial)
+        click.echo(f"serial:           {found.serial}")
+        click.echo(f"model:            {found.model or '-'}")
+        click.echo(f"environment:      {found.environment}")
+        click.echo(f"state:            {'enabled' if found.enabled else 'disabled'}")
+        click.echo(f"first enrollment: {'open' if found.enrollment_open else 'closed (use device reset)'}")
+        click.echo(f"registered:       {fmt_time(found.created_at)}")
+        rows = [
+            [c.serial, c.profile, display_status(c, now), fmt_time(c.not_after), c.revocation_reason or "-"]
+            for c in device_certificates(session, found)
+        ]
+    table(["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "REASON"], rows)
+
+
+@device.command("disable")
+@click.argument("serial")
+@click.option("--revoke", is_flag=True, help="Also revoke every certificate of the device that is still valid.")
+@click.option("--reason", default="cessationOfOperation", show_default=True, help=f"One of {', '.join(REASONS)}.")
+@pass_state
+def device_disable(state: State, serial: str, revoke: bool, reason: str) -> None:
+    """Refuse further enrollment of a device."""
+    with state.pki().store.session() as session:
+        found, revoked = disable_device(session, serial, revoke=revoke, reason=reason, actor=actor())
+        click.echo(f"[{found.environment}] disabled {found.serial}; revoked {len(revoked)} certificate(s)")
+
+
+@device.command("enable")
+@click.argument("serial")
+@pass_state
+def device_enable(state: State, serial: str) -> None:
+    """Allow a disabled device to enroll again."""
+    with state.pki().store.session() as session:
+        found = enable_device(session, serial, actor=actor())
+        click.echo(f"[{found.environment}] enabled {found.serial}")
+
+
+@device.command("reset")
+@click.argument("serial")
+@pass_state
+def device_reset(state: State, serial: str) -> None:
+    """Re-open first-time enrollment for a device that already has a certificate."""
+    with state.pki().store.session() as session:
+        found = reset_device(session, serial, actor=actor())
+        click.echo(f"[{found.environment}] first enrollment re-opened for {found.serial}")
+
+
+# -- one-time secrets ------------------------------------------------------------------------------
+@click.group("token")
+def token_group() -> None:
+    """One-time enrollment secrets (EST HTTP Basic passwords)."""
+
+
+@token_group.command("issue")
+@click.argument("serial")
+@click.option("--ttl", type=DURATION, default="24h", show_default=True)
+@pass_state
+def token_issue(state: State, serial: str, ttl: timedelta) -> None:
+    """Print a new one-time secret for a device (shown once; only its hash is kept)."""
+    with state.pki().store.session() as session:
+        secret = issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor())
+    click.echo(secret)
+
+
+@token_group.command("issue-batch")
+@click.option(
+    "--file",
+    "serial_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="One serial per line, or a CSV with a 'serial' column.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV for the factory: serial,secret,expires_at (written mode 0600).",
+)
+@click.option("--ttl", type=DURATION, default="24h", show_default=True)
+@pass_state
+def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta) -> None:
+    """One secret per device of a batch, written to a CSV for the provisioning station."""
+    serials = _read_serials(serial_file)
+    output = io.StringIO()
+    writer = csv.writer(output)
+    writer.writerow(["serial", "secret", "expires_at"])
+    expires = (datetime.now(UTC) + ttl).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with (
+        state.pki().store.session() as session,
+        click.progressbar(serials, label="issuing", file=click.get_text_stream("stderr")) as bar,
+    ):
+        for serial in bar:
+            writer.writerow(
+                [
+                    serial,
+                    issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor(), commit=False),
+                    expires,
+                ]
+            )
+        session.commit()  # all or nothing: a half-written batch would confuse the factory
+    _write_private(out, output.getvalue())
+    click.echo(f"{len(serials)} secrets written to {out}")
+
+
+def _read_serials(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if lines and "serial" in [cell.strip().lower() for cell in lines[0].split(",")]:
+        reader = csv.DictReader(lines)
+        serials = [(row.get("serial") or "").strip() for row in reader]
+    else:
+        serials = lines
+    if not serials:
+        raise InputError(f"{path} names no devices")
+    return serials
+
+
+# -- registration authorities ----------------------------------------------------------------------
+@click.group()
+def ra() -> None:
+    """Factory registration authorities (enroll on behalf of registered devices over mTLS)."""
+
+
+@ra.command("add")
+@click.argument("name")
+@click.option("--csr", "csr_file", type=click.File("rb"), help="The station's CSR (else a key is generated here).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True)
+@click.option("--validity", type=DURATION)
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@click.option("--ca", "ca_name")
+@pass_state
+def ra_add(
+    state: State,
+    name: str,
+    csr_file: Any,
+    out_dir: Path,
+    validity: timedelta | None,
+    environment: str | None,
+    ca_name: str | None,
+) -> None:
+    """Issue an RA client certificate; writes NAME.pem (and NAME.key when no CSR was given)."""
+    profile = get_profile("ra")
+    pki = state.pki()
+    key = None
+    with pki.store.session() as session:
+        authority = get_authority(session, ca_name) if ca_name else default_issuing_ca(session, environment)
+        note(authority)
+        issuer = issuer_for(authority, pki.token())
+        if csr_file is not None:
+            request = request_from_csr(profile, read_csr(csr_file.read()), issuer, validity)
+            if request.common_name != name:
+                raise InputError(f"the CSR's CN {request.common_name!r} is not the RA name {name!r}")
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            request = IssueRequest(profile, key.public_key(), name, validity=validity)
+        row = issue(session, issuer, request, actor=actor())
+        pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    (out_dir / f"{stem}.pem").write_bytes(pem)
+    if key is not None:
+        _write_private(
+            out_dir / f"{stem}.key",
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode(),
+        )
+    click.echo(
+        f"RA {name}: serial {row.serial}, certificate {out_dir / (stem + '.pem')}"
+        + (f", key {out_dir / (stem + '.key')}" if key is not None else "")
+    )
+
+
+# -- serving ---------------------------------------------------------------------------------------------
+@click.group()
+def serve() -> None:
+    """Run a service in the foreground."""
+
+
+@serve.command("est")
+@click.option("--host", help="Listen address (default: est.host in the config, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Listen port (default: est.port, 8443).")
+@click.option("--workers", type=click.IntRange(min=1), help="gunicorn worker processes (default: est.workers).")
+@pass_state
+def serve_est_command(state: State, host: str | None, port: int | None, workers: int | None) -> None:
+    """EST (RFC 7030) over HTTPS with gunicorn."""
+    from web.server import serve_est
+
+    pki = state.pki()
+    settings = pki.config.est
+    serve_est(
+        pki,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        workers=workers or settings.workers,
+    )

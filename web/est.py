@@ -1,0 +1,210 @@
+"""RFC 7030 EST endpoints under ``/.well-known/est/`` and ``/.well-known/est/<label>/``.
+
+A label names an issuing CA (``production-issuing-1``) or an environment (``staging``,
+meaning its active issuing CA). Requests and responses are base64-encoded DER with the
+content types of RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Callable
+from datetime import timedelta
+from urllib.parse import unquote
+
+from asn1crypto import core
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+from flask import Blueprint, Response, current_app, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ca.authorities import chain, default_issuing_ca, issuer_for
+from ca.config import EstSettings
+from ca.context import Pki
+from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
+from ca.errors import InputError, NotFoundError
+from ca.models import Authority, Certificate
+from ca.names import ENVIRONMENTS
+from web.responses import UnsupportedMediaType
+
+est = Blueprint("est", __name__)
+PREFIXES = ("/.well-known/est", "/.well-known/est/<label>")
+PKCS7_MIME = "application/pkcs7-mime; smime-type=certs-only"
+
+
+def _routes(operation: str, methods: list[str]):  # type: ignore[no-untyped-def]
+    def register(view):  # type: ignore[no-untyped-def]
+        for prefix in PREFIXES:
+            est.add_url_rule(
+                f"{prefix}/{operation}",
+                view_func=view,
+                methods=methods,
+                endpoint=f"{operation}{'_label' if '<' in prefix else ''}",
+            )
+        return view
+
+    return register
+
+
+def _pki() -> Pki:
+    return current_app.extensions["chargepki"]
+
+
+def _settings() -> EstSettings:
+    return current_app.extensions["chargepki.est"]
+
+
+def _authority(session: Session, label: str | None) -> Authority:
+    settings = _settings()
+    if label is None:
+        return default_issuing_ca(session, settings.default_environment)
+    if label in ENVIRONMENTS:
+        return default_issuing_ca(session, label)
+    authority = session.scalar(select(Authority).where(Authority.name == label, Authority.role == "issuing"))
+    if authority is None or authority.status != "active":
+        raise NotFoundError(f"no EST label {label!r}")
+    return authority
+
+
+def _base64_response(der: bytes, content_type: str) -> Response:
+    response = Response(base64.encodebytes(der), status=200, content_type=content_type)
+    response.headers["Content-Transfer-Encoding"] = "base64"
+    return response
+
+
+def _certs_only(certificates: list[x509.Certificate]) -> Response:
+    return _base64_response(pkcs7.serialize_certificates(certificates, serialization.Encoding.DER), PKCS7_MIME)
+
+
+def _read_pkcs10() -> bytes:
+    """The request body as DER: base64 per RFC 7030 (whitespace allowed), or PEM as a courtesy."""
+    if request.mimetype != "application/pkcs10":
+        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {request.mimetype or 'none'}")
+    body = request.get_data(cache=False)
+    if body.lstrip().startswith(b"-----BEGIN"):
+        return body
+    try:
+        return base64.b64decode(b"".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("the body is not base64-encoded DER (RFC 7030 §4.2.1)") from None
+
+
+def _client_certificate() -> tuple[bytes | None, bytes | None]:
+    """(client certificate DER, tls-unique): from the TLS connection, or from a trusted proxy's header."""
+    settings = _settings()
+    if settings.client_cert_header:
+        if _from_trusted_proxy(settings):
+            value = request.headers.get(settings.client_cert_header)
+            if not value:
+                return None, None
+            try:
+                return x509.load_pem_x509_certificate(unquote(value).encode()).public_bytes(
+                    serialization.Encoding.DER
+                ), None
+            except ValueError:
+                raise InputError(f"the {settings.client_cert_header} header holds no PEM certificate") from None
+        return None, None  # never trust the header from anyone else
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or not hasattr(sock, "getpeercert"):
+        return None, None
+    der = sock.getpeercert(binary_form=True)
+    try:
+        binding = sock.get_channel_binding("tls-unique")
+    except (ValueError, OSError):
+        binding = None
+    return der or None, binding
+
+
+def _from_trusted_proxy(settings: EstSettings) -> bool:
+    try:
+        address = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False
+    for trusted in settings.trusted_proxies:
+        try:
+            if address in ipaddress.ip_network(trusted, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _credentials() -> Credentials:
+    der, binding = _client_certificate()
+    auth = request.authorization
+    username = password = None
+    if auth is not None and auth.type == "basic":
+        username, password = auth.username, auth.password
+    return Credentials(
+        username=username,
+        password=password,
+        client_certificate=der,
+        address=request.remote_addr,
+        tls_unique=binding,
+    )
+
+
+def _enrollment_settings() -> EnrollmentSettings:
+    settings = _settings()
+    return EnrollmentSettings(
+        supersede_grace=timedelta(seconds=settings.supersede_grace_seconds),
+        require_tls_unique=settings.require_tls_unique,
+    )
+
+
+@_routes("cacerts", ["GET"])
+def cacerts(label: str | None = None) -> Response:
+    with _pki().store.session() as session:
+        authority = _authority(session, label)
+        certificates = [x509.load_der_x509_certificate(a.certificate_der) for a in chain(session, authority)]
+    return _certs_only(certificates)
+
+
+def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:
+    csr = _read_pkcs10()
+    credentials = _credentials()
+    pki = _pki()
+    with pki.store.session() as session:
+        authority = _authority(session, label)
+        row = operation(
+            session,
+            lambda ca: issuer_for(ca, pki.token()),
+            authority,
+            csr,
+            credentials,
+            settings=_enrollment_settings(),
+        )
+        certificate = x509.load_der_x509_certificate(row.der)
+    return _certs_only([certificate])
+
+
+@_routes("simpleenroll", ["POST"])
+def simpleenroll(label: str | None = None) -> Response:
+    return _enroll(label, enroll)
+
+
+@_routes("simplereenroll", ["POST"])
+def simplereenroll(label: str | None = None) -> Response:
+    return _enroll(label, reenroll)
+
+
+# RFC 7030 §4.5: CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID. We only send OIDs, and a CHOICE
+# encodes as its chosen alternative, so a SEQUENCE OF OBJECT IDENTIFIER has the same DER.
+class _CsrAttrs(core.SequenceOf):
+    _child_spec = core.ObjectIdentifier
+
+
+@_routes("csrattrs", ["GET"])
+def csrattrs(label: str | None = None) -> Response:
+    """What a charger should put in its CSR: an EC P-256 key, ECDSA-SHA256, and (if required) tls-unique."""
+    with _pki().store.session() as session:
+        _authority(session, label)
+    oids = ["1.2.840.10045.2.1", "1.2.840.10045.3.1.7", "1.2.840.10045.4.3.2"]
+    if _settings().require_tls_unique:
+        oids.insert(0, "1.2.840.113549.1.9.7")  # challengePassword
+    der = _CsrAttrs([core.ObjectIdentifier(oid) for oid in oids]).dump()
+    return _base64_response(der, "application/csrattrs")
