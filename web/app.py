@@ -28,11 +28,11 @@ def create_app(pki: Pki, settings: EstSettings) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        headers = {}
-        if exc.code == 405 and exc.get_response().headers.get("Allow"):
-            headers["Allow"] = exc.get_response().headers["Allow"]
-        message = {413: f"request body larger than {MAX_BODY} bytes"}.get(exc.code or 0, exc.description or "")
-        return text(f"{exc.name}: {message}" if exc.code != 413 else message, exc.code or 400, **headers)
+        """Routing and protocol errors (404, 405 with Allow, 413) as one line of plain text."""
+        allow = exc.get_response().headers.get("Allow")
+        if exc.code == 413:
+            return text(f"request body larger than {MAX_BODY} bytes", 413)
+        return text(f"{exc.name}: {exc.description}", exc.code or 400, {"Allow": allow} if allow else None)
 
     @app.errorhandler(Exception)
     def any_error(exc: Exception) -> Response:
