@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def device_import(state: State, csv_file: Path, environment: str) -> None:
     with (
         state.pki().store.session() as session,
         csv_file.open(encoding="utf-8-sig", newline="") as handle,
-        click.progressbar(length=rows, label="importing", file=click.get_text_stream("stderr")) as bar,
+        click.progressbar(length=rows, label="importing", file=sys.stderr) as bar,
     ):
         result = import_devices(session, handle, default_environment=environment, actor=actor(), progress=bar.update)
     click.echo(f"accepted {result.accepted}, refused {len(result.refused)}")
@@ -203,7 +204,7 @@ def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta
     expires = (datetime.now(UTC) + ttl).strftime("%Y-%m-%dT%H:%M:%SZ")
     with (
         state.pki().store.session() as session,
-        click.progressbar(serials, label="issuing", file=click.get_text_stream("stderr")) as bar,
+        click.progressbar(serials, label="issuing", file=sys.stderr) as bar,
     ):
         for serial in bar:
             writer.writerow(
