@@ -48,6 +48,7 @@ def revoke(
     now: Clock = utcnow,
 ) -> Certificate:
     """Revoke (or put on hold) by serial and commit; a held certificate may later be revoked for good."""
+    reason = parse_reason(reason)  # bad input is reported before any lookup
     certificate = get_certificate(session, serial)
     apply_revocation(session, certificate, reason, actor=actor, invalidity_date=invalidity_date, now=now)
     session.commit()
