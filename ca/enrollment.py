@@ -173,13 +173,28 @@ def enroll(
     now: Clock = utcnow,
 ) -> Certificate:
     """First enrollment (EST simpleenroll): a one-time secret, or an RA enrolling on a device's behalf."""
+    return _audited("enrollment.refused", _enroll, session, issuers, authority, csr_data, credentials, settings, now)
+
+
+def _audited(
+    action: str,
+    flow: Callable[..., Certificate],
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr_data: bytes,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+) -> Certificate:
+    """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised."""
     subject = credentials.username
     try:
         csr = read_csr(csr_data)
         subject = csr.common_name
-        return _enroll(session, issuers, authority, csr, credentials, settings, now)
+        return flow(session, issuers, authority, csr, credentials, settings, now)
     except ChargepkiError as exc:
-        _refused(session, "enrollment.refused", exc, credentials, subject, authority, now)
+        _refused(session, action, exc, credentials, subject, authority, now)
         raise
 
 
@@ -279,14 +294,9 @@ def reenroll(
     now: Clock = utcnow,
 ) -> Certificate:
     """Renewal or re-key (EST simplereenroll), authenticated by the device's current certificate."""
-    subject = None
-    try:
-        csr = read_csr(csr_data)
-        subject = csr.common_name
-        return _reenroll(session, issuers, authority, csr, credentials, settings, now)
-    except ChargepkiError as exc:
-        _refused(session, "reenrollment.refused", exc, credentials, subject, authority, now)
-        raise
+    return _audited(
+        "reenrollment.refused", _reenroll, session, issuers, authority, csr_data, credentials, settings, now
+    )
 
 
 def _reenroll(

@@ -27,6 +27,7 @@ from ca.config import EstSettings
 from ca.context import Pki
 from ca.issuance import IssueRequest, issue, utcnow
 from ca.profiles import get_profile
+from web.app import create_app
 
 SERVER_VALIDITY = timedelta(days=90)
 
@@ -107,8 +108,6 @@ class EstServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from web.app import create_app
-
         pki = Pki.open(self.home, self.environ)
         return create_app(pki, pki.config.est)
 
