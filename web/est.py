@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ca.authorities import chain, default_issuing_ca, issuer_for
+from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
@@ -164,6 +164,15 @@ def cacerts(label: str | None = None) -> Response:
     return _certs_only(certificates)
 
 
+def _issuer(authority: Authority) -> Issuer:
+    """The CA bound to its token key, kept per worker: binding costs token lookups and a parse."""
+    cache: dict[tuple[int, str], Issuer] = current_app.extensions.setdefault("chargepki.issuers", {})
+    key = (authority.id, authority.key_label)
+    if key not in cache:
+        cache[key] = issuer_for(authority, _pki().token())
+    return cache[key]
+
+
 def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:
     csr = _read_pkcs10()
     credentials = _credentials()
@@ -172,7 +181,7 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
         authority = _authority(session, label)
         row = operation(
             session,
-            lambda ca: issuer_for(ca, pki.token()),
+            _issuer,
             authority,
             csr,
             credentials,
