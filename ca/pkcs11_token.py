@@ -117,6 +117,7 @@ class Token:
         self._pin = pin
         self._softhsm_conf = softhsm_conf
         self._session: Any = None
+        self._signing_keys: dict[str, Any] = {}
         self._generation = -1
         self._pid = -1
         self.mechanisms: frozenset[Mechanism] = frozenset()
@@ -150,6 +151,7 @@ class Token:
         except p11.PKCS11Error as exc:
             raise TokenError(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
         self._session = session
+        self._signing_keys = {}
         self._generation = library.generation
         self._pid = os.getpid()
         self.mechanisms = frozenset(token.slot.get_mechanisms())
@@ -251,7 +253,10 @@ class Token:
 
     def sign(self, label: str, mechanism: Mechanism, data: bytes, param: Any = None) -> bytes:
         with self.session() as session:
-            key = self._require(session, ObjectClass.PRIVATE_KEY, label)
+            # Object handles live as long as the session; finding the key each time costs more than signing.
+            key = self._signing_keys.get(label)
+            if key is None:
+                key = self._signing_keys[label] = self._require(session, ObjectClass.PRIVATE_KEY, label)
             try:
                 return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
             except _SESSION_LOST:
@@ -262,6 +267,7 @@ class Token:
     def destroy_key(self, label: str) -> None:
         """Remove both halves of a key pair (used to roll back a failed CA creation)."""
         with self.session() as session:
+            self._signing_keys.pop(label, None)
             for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                 found = self._find(session, object_class, label)
                 if found is not None:
