@@ -238,7 +238,7 @@ def _enroll(
     secret_spent = False
     if ra is None:
         assert credentials.username is not None and credentials.password is not None
-        if not consume_secret(session, credentials.username, credentials.password, now=now):
+        if not consume_secret(session, credentials.username, credentials.password, now=now, commit=False):
             raise AuthenticationError("unknown device or wrong, used or expired secret")
         secret_spent = True
     try:

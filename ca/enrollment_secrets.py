@@ -57,8 +57,13 @@ def issue_secret(
     return secret
 
 
-def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = utcnow) -> bool:
-    """Use the secret up if it is valid for this device; commits. False means: do not authenticate."""
+def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = utcnow, commit: bool = True) -> bool:
+    """Use the secret up if it is valid for this device. False means: do not authenticate.
+
+    With ``commit=False`` the consumption rides on the caller's next commit (issuance commits it
+    with the serial reservation, saving a disk sync); until then the row stays locked, so a
+    concurrent request with the same secret waits and then finds it used.
+    """
     device_id = select(Device.id).where(Device.serial == serial).scalar_subquery()
     result = session.execute(
         update(EnrollmentSecret)
@@ -71,7 +76,8 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
         .values(used_at=now())
         .execution_options(synchronize_session=False)
     )
-    session.commit()
+    if commit:
+        session.commit()
     return result.rowcount == 1
 
 

@@ -245,7 +245,10 @@ def _reserve(
     validity: Validity,
     now: Clock,
 ) -> Certificate:
-    """Commit a ``pending`` row so the serial is taken before the token signs anything."""
+    """Commit a ``pending`` row so the serial is taken before the token signs anything.
+
+    The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
+    """
     for _attempt in range(5):
         row = Certificate(
             serial=format_serial(new_serial()),
@@ -261,12 +264,15 @@ def _reserve(
             device_id=request.device_id,
             created_at=now(),
         )
-        session.add(row)
         try:
-            session.commit()
-            return row
+            # A savepoint, so a retry keeps whatever the caller already did in this transaction
+            # (EST consumes the one-time secret here, and both commit together).
+            with session.begin_nested():
+                session.add(row)
         except IntegrityError:  # serial collision: 2^-159 per pair, but never trust luck with serials
-            session.rollback()
+            continue
+        session.commit()
+        return row
     raise PolicyError("could not reserve a unique serial number")
 
 

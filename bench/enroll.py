@@ -1,0 +1,334 @@
+"""Enrollment throughput: chargepki EST next to `cfssl serve` on this machine.
+
+Both sides get the same pre-generated ECDSA P-256 CSRs and the same load generator
+(C client threads, one keep-alive `requests.Session` each), so the ratio is fair even though
+the absolute numbers include the Python client's own cost. Scenarios:
+
+- cfssl /api/v1/cfssl/sign, no database (software CA key in memory)
+- cfssl /api/v1/cfssl/sign with its SQLite certdb recording every certificate
+- chargepki EST simpleenroll over HTTPS: registered device, one-time secret consumed,
+  certificate and audit entry recorded, CA key in SoftHSM2 (SQLite, and PostgreSQL when reachable)
+
+    python bench/enroll.py [--clients 16] [--count 2000] [--workers 2] [--out bench/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
+from ca.context import Pki  # noqa: E402
+from ca.devices import add_device  # noqa: E402
+from ca.enrollment_secrets import issue_secret  # noqa: E402
+from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+
+ORG = "Bench Charging"
+# cfssl 1.2's certdb schema (certdb/sqlite/migrations, 2016): cfssl does not create it itself.
+CFSSL_SCHEMA = """
+CREATE TABLE certificates (serial_number blob NOT NULL, authority_key_identifier blob NOT NULL, ca_label blob,
+  status blob NOT NULL, reason int, expiry timestamp, revoked_at timestamp, pem blob NOT NULL,
+  PRIMARY KEY(serial_number, authority_key_identifier));
+CREATE TABLE ocsp_responses (serial_number blob NOT NULL, authority_key_identifier blob NOT NULL, body blob NOT NULL,
+  expiry timestamp, PRIMARY KEY(serial_number, authority_key_identifier),
+  FOREIGN KEY(serial_number, authority_key_identifier)
+    REFERENCES certificates(serial_number, authority_key_identifier));
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    ok: int
+    total: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-1500:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not start: {log.read_text()[-1500:]}")
+
+
+def csrs(names: list[str]) -> list[x509.CertificateSigningRequest]:
+    result = []
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, name)]
+        )
+        result.append(x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256()))
+    return result
+
+
+def load(name: str, count: int, clients: int, request: Callable[[requests.Session, int], bool]) -> Result:
+    local = threading.local()
+
+    def one(index: int) -> tuple[bool, float]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        started = time.perf_counter()
+        ok = request(session, index)
+        return ok, time.perf_counter() - started
+
+    for index in range(min(clients, count) * 0):  # no warm-up requests: every CSR is used exactly once
+        one(index)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        outcomes = list(pool.map(one, range(count)))
+    elapsed = time.perf_counter() - started
+    return Result(name, sum(1 for ok, _ in outcomes if ok), count, elapsed, [latency for _, latency in outcomes])
+
+
+# -- cfssl -----------------------------------------------------------------------------------------
+def cfssl(work: Path, count: int, clients: int, with_db: bool) -> Result:
+    directory = work / ("cfssl-db" if with_db else "cfssl")
+    directory.mkdir()
+    csr_json = {"CN": "Bench cfssl CA", "key": {"algo": "ecdsa", "size": 256}, "names": [{"O": ORG}]}
+    (directory / "ca-csr.json").write_text(json.dumps(csr_json))
+    generated = subprocess.run(
+        ["cfssl", "genkey", "-initca", "ca-csr.json"], cwd=directory, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["cfssljson", "-bare", "ca"], cwd=directory, input=generated, capture_output=True, check=True)
+    config = {"signing": {"default": {"expiry": "8760h", "usages": ["digital signature", "client auth"]}}}
+    (directory / "config.json").write_text(json.dumps(config))
+    port = free_port()
+    command = [
+        "cfssl",
+        "serve",
+        "-address",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-ca",
+        "ca.pem",
+        "-ca-key",
+        "ca-key.pem",
+        "-config",
+        "config.json",
+        "-loglevel",
+        "5",
+    ]
+    if with_db:
+        with sqlite3.connect(directory / "certs.db") as db:
+            db.executescript(CFSSL_SCHEMA)
+        (directory / "db.json").write_text(json.dumps({"driver": "sqlite3", "data_source": "certs.db"}))
+        command += ["-db-config", "db.json"]
+    log = directory / "serve.log"
+    process = subprocess.Popen(command, cwd=directory, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(port, process, log)
+        bodies = [
+            json.dumps({"certificate_request": c.public_bytes(serialization.Encoding.PEM).decode()})
+            for c in csrs([f"CP-{n:06d}" for n in range(count)])
+        ]
+        url = f"http://127.0.0.1:{port}/api/v1/cfssl/sign"
+
+        def sign(session: requests.Session, index: int) -> bool:
+            response = session.post(url, data=bodies[index], timeout=60)
+            return response.status_code == 200 and response.json().get("success") is True
+
+        result = load(
+            "cfssl serve /sign, SQLite certdb" if with_db else "cfssl serve /sign, no database", count, clients, sign
+        )
+        if with_db:
+            with sqlite3.connect(directory / "certs.db") as db:
+                recorded = db.execute("SELECT count(*) FROM certificates").fetchone()[0]
+            assert recorded == result.ok, f"cfssl recorded {recorded} of {result.ok}"
+        return result
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+# -- chargepki -------------------------------------------------------------------------------------
+def chargepki(work: Path, count: int, clients: int, workers: int, database_url: str | None, label: str) -> Result:
+    home = work / f"chargepki-{label}"
+    defaults = embedded_defaults(home)
+    config = Config(
+        home=home,
+        database_url=database_url or defaults.database_url,
+        pkcs11=defaults.pkcs11,
+        est=EstSettings(default_environment="production"),
+    )
+    write_config(config)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
+    pki = Pki.open(home, environ, create=True)
+    serials = [f"CP-{n:06d}" for n in range(count)]
+    with pki.store.session() as session:
+        hierarchy = init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench")
+        root = home / "root.pem"
+        root.write_bytes(
+            x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)
+        )
+        credentials = []
+        for serial in serials:
+            device = add_device(session, serial, actor="bench")
+            credentials.append((serial, issue_secret(session, device, actor="bench")))
+    pki.close()
+    bodies = [base64.encodebytes(c.public_bytes(serialization.Encoding.DER)) for c in csrs(serials)]
+    port = free_port()
+    log = home / "est.log"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "--home",
+            str(home),
+            "serve",
+            "est",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cwd=ROOT,
+        env=environ,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(port, process, log)
+        url = f"https://localhost:{port}/.well-known/est/simpleenroll"
+
+        def enroll(session: requests.Session, index: int) -> bool:
+            response = session.post(
+                url,
+                data=bodies[index],
+                auth=credentials[index],
+                verify=str(root),
+                timeout=60,
+                headers={"Content-Type": "application/pkcs10"},
+            )
+            return response.status_code == 200
+
+        result = load(f"chargepki EST simpleenroll, {label}, {workers} workers", count, clients, enroll)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    pki = Pki.open(home, environ)
+    with pki.store.session() as session:
+        from sqlalchemy import func, select
+
+        from ca import audit
+        from ca.models import Certificate
+
+        recorded = session.scalar(
+            select(func.count())
+            .select_from(Certificate)
+            .where(Certificate.profile == "charger", Certificate.status == "valid")
+        )
+        assert recorded == result.ok, f"chargepki recorded {recorded} of {result.ok}"
+        assert audit.verify(session).ok
+    pki.close()
+    return result
+
+
+def postgres_url() -> tuple[str, Callable[[], None]] | None:
+    admin_url = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        return None
+    schema = f"bench_{secrets.token_hex(4)}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+
+    def drop() -> None:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}", drop
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
+    args = parser.parse_args()
+    if shutil.which("cfssl") is None:
+        print("cfssl is missing: `make bench` installs Debian's golang-cfssl", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="chargepki-bench-"))
+    results = [
+        cfssl(work, args.count, args.clients, False),
+        cfssl(work, args.count, args.clients, True),
+        chargepki(work, args.count, args.clients, args.workers, None, "SQLite"),
+    ]
+    pg = postgres_url()
+    if pg is not None:
+        try:
+            results.append(chargepki(work, args.count, args.clients, args.workers, pg[0], "PostgreSQL"))
+        finally:
+            pg[1]()
+    baseline_nodb, baseline_db = results[0].rate, results[1].rate
+    lines = [
+        f"Enrollment, {args.count} distinct CSRs (ECDSA P-256), {args.clients} keep-alive clients, "
+        f"{os.cpu_count()} CPUs, same machine and run ({time.strftime('%Y-%m-%d')}).",
+        "",
+        "| scenario | ok | enrollments/s | p50 ms | p99 ms | vs cfssl no-db | vs cfssl SQLite |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.ok}/{r.total} | {r.rate:.0f} | {r.percentile(0.5):.0f} | "
+            f"{r.percentile(0.99):.0f} | {r.rate / baseline_nodb:.2f}× | {r.rate / baseline_db:.2f}× |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    args.out.write_text(table + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
