@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps run test lint clean
+.PHONY: setup system-deps run test lint bench clean
 
 setup: system-deps $(STAMP)
 
@@ -38,6 +38,12 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Benchmarks (not tests): chargepki next to the peers named in the issues, same machine, same run.
+bench: setup
+	@command -v cfssl >/dev/null || { echo "installing Debian package golang-cfssl"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl; }
+	$(BIN)/python bench/enroll.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
