@@ -118,8 +118,6 @@ def load(name: str, count: int, clients: int, request: Callable[[requests.Sessio
         ok = request(session, index)
         return ok, time.perf_counter() - started
 
-    for index in range(min(clients, count) * 0):  # no warm-up requests: every CSR is used exactly once
-        one(index)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         outcomes = list(pool.map(one, range(count)))
@@ -128,8 +126,8 @@ def load(name: str, count: int, clients: int, request: Callable[[requests.Sessio
 
 
 # -- cfssl -----------------------------------------------------------------------------------------
-def cfssl(work: Path, count: int, clients: int, with_db: bool) -> Result:
-    directory = work / ("cfssl-db" if with_db else "cfssl")
+def cfssl(work: Path, count: int, clients: int, with_db: bool, tls: bool = False) -> Result:
+    directory = work / f"cfssl-{'db' if with_db else 'nodb'}-{'tls' if tls else 'http'}"
     directory.mkdir()
     csr_json = {"CN": "Bench cfssl CA", "key": {"algo": "ecdsa", "size": 256}, "names": [{"O": ORG}]}
     (directory / "ca-csr.json").write_text(json.dumps(csr_json))
@@ -161,6 +159,19 @@ def cfssl(work: Path, count: int, clients: int, with_db: bool) -> Result:
             db.executescript(CFSSL_SCHEMA)
         (directory / "db.json").write_text(json.dumps({"driver": "sqlite3", "data_source": "certs.db"}))
         command += ["-db-config", "db.json"]
+    scheme, verify = "http", True
+    if tls:  # HTTPS like EST, with a server certificate from the same CA
+        server_csr = {"CN": "localhost", "hosts": ["localhost"], "key": {"algo": "ecdsa", "size": 256}}
+        (directory / "server-csr.json").write_text(json.dumps(server_csr))
+        issued = subprocess.run(
+            ["cfssl", "gencert", "-ca", "ca.pem", "-ca-key", "ca-key.pem", "server-csr.json"],
+            cwd=directory,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["cfssljson", "-bare", "server"], cwd=directory, input=issued, capture_output=True, check=True)
+        command += ["-tls-cert", "server.pem", "-tls-key", "server-key.pem"]
+        scheme, verify = "https", str(directory / "ca.pem")
     log = directory / "serve.log"
     process = subprocess.Popen(command, cwd=directory, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
@@ -169,15 +180,14 @@ def cfssl(work: Path, count: int, clients: int, with_db: bool) -> Result:
             json.dumps({"certificate_request": c.public_bytes(serialization.Encoding.PEM).decode()})
             for c in csrs([f"CP-{n:06d}" for n in range(count)])
         ]
-        url = f"http://127.0.0.1:{port}/api/v1/cfssl/sign"
+        url = f"{scheme}://localhost:{port}/api/v1/cfssl/sign"
 
         def sign(session: requests.Session, index: int) -> bool:
-            response = session.post(url, data=bodies[index], timeout=60)
+            response = session.post(url, data=bodies[index], timeout=60, verify=verify)
             return response.status_code == 200 and response.json().get("success") is True
 
-        result = load(
-            "cfssl serve /sign, SQLite certdb" if with_db else "cfssl serve /sign, no database", count, clients, sign
-        )
+        name = f"cfssl serve /sign, {'SQLite certdb' if with_db else 'no database'}{', HTTPS' if tls else ''}"
+        result = load(name, count, clients, sign)
         if with_db:
             with sqlite3.connect(directory / "certs.db") as db:
                 recorded = db.execute("SELECT count(*) FROM certificates").fetchone()[0]
@@ -302,6 +312,7 @@ def main() -> int:
     results = [
         cfssl(work, args.count, args.clients, False),
         cfssl(work, args.count, args.clients, True),
+        cfssl(work, args.count, args.clients, True, tls=True),
         chargepki(work, args.count, args.clients, args.workers, None, "SQLite"),
     ]
     pg = postgres_url()
