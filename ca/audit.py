@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from ca.models import AuditEvent, AuditHead
@@ -50,10 +50,10 @@ def record(
     subject: str | None = None,
     details: dict[str, Any] | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> AuditEvent:
+) -> int:
     """Append an entry in the caller's transaction (it commits or rolls back with the work it records).
 
-    Call it last before committing: the head row stays locked until the commit.
+    Call it last before committing: the head row stays locked until the commit. Returns the sequence number.
     """
     session.flush()
     head = session.execute(
@@ -66,20 +66,14 @@ def record(
     at = now().astimezone(UTC)
     text = json.dumps(details or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = entry_hash(prev_hash, seq, at, actor, action, subject, text)
-    event = AuditEvent(
-        seq=seq,
-        at=at,
-        actor=actor,
-        action=action,
-        subject=subject,
-        details=text,
-        prev_hash=prev_hash,
-        hash=digest,
+    # Core INSERT, not an ORM object: this runs on every issuance and the ORM unit of work costs more.
+    session.execute(
+        insert(AuditEvent).values(
+            seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=prev_hash, hash=digest
+        )
     )
-    session.add(event)
     session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=digest))
-    session.flush()
-    return event
+    return seq
 
 
 @dataclass(frozen=True)

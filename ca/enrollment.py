@@ -28,7 +28,7 @@ from ca.errors import AuthenticationError, ChargepkiError, ConflictError, Policy
 from ca.issuance import Clock, issue, request_from_csr, utcnow
 from ca.models import Authority, Certificate, Device
 from ca.profiles import get_profile
-from ca.revocation import apply_revocation, revoke_due
+from ca.revocation import apply_revocation
 
 # Binds a CA to its token key (``lambda a: issuer_for(a, token)``); called only once every check passed,
 # so a refused request never touches the token.
@@ -207,7 +207,6 @@ def _enroll(
     settings: EnrollmentSettings,
     now: Clock,
 ) -> Certificate:
-    revoke_due(session, now=now)
     ra = _registration_authority(session, authority, credentials, now)
     if ra is None:
         if not credentials.username or credentials.password is None:
@@ -308,7 +307,6 @@ def _reenroll(
     settings: EnrollmentSettings,
     now: Clock,
 ) -> Certificate:
-    revoke_due(session, now=now)
     if credentials.client_certificate is None:
         raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
     current = _stored_certificate(session, credentials.client_certificate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import unquote
@@ -29,6 +30,7 @@ from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.errors import InputError, NotFoundError
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
+from ca.revocation import revoke_due
 from web.responses import UnsupportedMediaType
 
 est = Blueprint("est", __name__)
@@ -173,11 +175,26 @@ def _issuer(authority: Authority) -> Issuer:
     return cache[key]
 
 
+SWEEP_INTERVAL = 30.0  # seconds between sweeps of superseded certificates whose grace period ended
+
+
+def _sweep_superseded(session: Session) -> None:
+    """Revoke certificates past their re-enrollment grace, at most every SWEEP_INTERVAL per worker.
+
+    Enrollment already treats such a certificate as revoked; the sweep makes the store say so too.
+    """
+    state = current_app.extensions.setdefault("chargepki.sweep", {"last": 0.0})
+    if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
+        state["last"] = time.monotonic()
+        revoke_due(session)
+
+
 def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:
     csr = _read_pkcs10()
     credentials = _credentials()
     pki = _pki()
     with pki.store.session() as session:
+        _sweep_superseded(session)
         authority = _authority(session, label)
         row = operation(
             session,

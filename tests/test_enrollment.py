@@ -1,0 +1,53 @@
+"""Enrollment in the core (no HTTP): the supersede grace period and its sweep."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy.orm import Session
+
+from ca.authorities import issuer_for
+from ca.devices import add_device
+from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
+from ca.enrollment_secrets import issue_secret
+from ca.hierarchy import Hierarchy
+from ca.pkcs11_token import Token
+from ca.revocation import revoke_due
+from tests.helpers import make_csr, make_key
+
+
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
+    session: Session, hierarchy: Hierarchy, token: Token
+) -> None:
+    issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
+    device = add_device(session, "CP-GRACE", actor="test")
+    secret = issue_secret(session, device, actor="test")
+    key = make_key()
+    first = enroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        _der(make_csr("CP-GRACE", key=key)),
+        Credentials(username="CP-GRACE", password=secret),
+    )
+    settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
+    renewed = reenroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        _der(make_csr("CP-GRACE", key=key)),
+        Credentials(client_certificate=first.der),
+        settings=settings,
+    )
+    assert first.status == "valid" and first.revoke_after is not None and renewed.status == "valid"
+    assert revoke_due(session) == 0, "still inside the grace period"
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert revoke_due(session, now=lambda: later) == 1
+    session.refresh(first)
+    assert (first.status, first.revocation_reason) == ("revoked", "superseded")
