@@ -41,7 +41,8 @@ lint: setup
 
 # Benchmarks (not tests): chargepki next to the peers named in the issues, same machine, same run.
 bench: setup
-	@command -v cfssl >/dev/null || { echo "installing Debian package golang-cfssl"; \
+	@command -v cfssl >/dev/null && command -v cfssljson >/dev/null || { echo "installing Debian package golang-cfssl"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl; }
 	$(BIN)/python bench/enroll.py $(BENCH_ARGS)
 
