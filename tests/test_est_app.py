@@ -86,3 +86,28 @@ def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings)
         assert response.status_code == status, (path, response.get_data(as_text=True))
         assert response.mimetype == "text/plain" and "<html" not in response.get_data(as_text=True).lower()
     pki.close()
+
+
+def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, token: Token, token_settings) -> None:
+    home = tmp_path / "home"
+    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    pki = Pki.open(home, {})
+    with pki.store.session() as session:
+        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
+    client = create_app(pki, EstSettings()).test_client()
+    der = x509.load_pem_x509_csr(make_csr("CP-1")).public_bytes(serialization.Encoding.DER)
+    for header in (
+        "Basic !!!not-base64",
+        "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(),
+        "Bearer abc",
+        "Basic " + base64.b64encode(b"no-colon").decode(),
+        "Digest username=x",
+    ):
+        response = client.post(
+            "/.well-known/est/simpleenroll",
+            data=base64.encodebytes(der),
+            headers={"Content-Type": "application/pkcs10", "Authorization": header},
+        )
+        assert response.status_code == 401, (header, response.get_data(as_text=True))
+        assert response.headers["WWW-Authenticate"].startswith("Basic")
+    pki.close()
