@@ -30,6 +30,12 @@ def _write_secret(path: Path, value: str) -> None:
         handle.write(value + "\n")
 
 
+def _existing(path: Path | None) -> str | None:
+    if path is None or not path.exists():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None
+
+
 def write_softhsm_conf(conf: Path) -> Path:
     """A configuration that keeps this home's tokens in ``<conf dir>/tokens``."""
     tokens = conf.parent / "tokens"
@@ -66,8 +72,13 @@ def create_token(settings: Pkcs11Settings, *, user_pin: str | None = None, so_pi
     ]
     if not free:
         raise TokenError(f"no free slot for a new token in {settings.module}")
-    user_pin = user_pin or secrets.token_urlsafe(24)
-    so_pin = so_pin or secrets.token_urlsafe(24)
+    # PIN files left from an earlier token (its directory was wiped) are reused, so they stay true.
+    user_pin = user_pin or _existing(settings.pin_file) or secrets.token_urlsafe(24)
+    so_pin = (
+        so_pin
+        or _existing(settings.pin_file.with_name("so.pin") if settings.pin_file else None)
+        or secrets.token_urlsafe(24)
+    )
     module = ctypes.CDLL(settings.module)  # same handle python-pkcs11 initialised
     module.C_InitToken.argtypes = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     label = settings.token_label.encode("utf-8")
@@ -83,7 +94,8 @@ def create_token(settings: Pkcs11Settings, *, user_pin: str | None = None, so_pi
             session.init_pin(user_pin)
     except pkcs11.PKCS11Error as exc:
         raise TokenError(f"cannot set the user PIN of {settings.token_label!r}: {exc}") from None
-    if settings.pin_file is not None and not os.path.exists(settings.pin_file):
-        _write_secret(settings.pin_file, user_pin)
-        _write_secret(settings.pin_file.with_name("so.pin"), so_pin)
+    if settings.pin_file is not None:
+        for path, pin in ((settings.pin_file, user_pin), (settings.pin_file.with_name("so.pin"), so_pin)):
+            if not path.exists():
+                _write_secret(path, pin)
     return user_pin

@@ -108,3 +108,17 @@ def _module() -> str:
     from ca.config import find_softhsm_module
 
     return find_softhsm_module()
+
+
+def test_a_wiped_token_directory_is_recreated_with_the_same_pins(tmp_path: Path) -> None:
+    home = tmp_path / "var"
+    assert chargepki(home, "run", "--setup-only").returncode == 0
+    pin = (home / "softhsm" / "user.pin").read_text()
+    for token_dir in (home / "softhsm" / "tokens").iterdir():
+        for item in token_dir.iterdir():
+            item.unlink()
+        token_dir.rmdir()
+    (home / "chargepki.db").unlink()
+    again = chargepki(home, "run", "--setup-only")
+    assert again.returncode == 0, again.stderr
+    assert (home / "softhsm" / "user.pin").read_text() == pin
