@@ -52,23 +52,33 @@ class Issuer:
     def public_key(self) -> PublicKeyTypes:
         return self.private_key.public_key()
 
-    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        """Sign in the token, then parse the result back and check the signature before anyone sees it."""
+    def _sign(self, builder: x509.CertificateBuilder | x509.CertificateRevocationListBuilder) -> bytes:
         hash_algorithm = self.spec.signature_hash
         if self.rsa_padding == "pss":
             pss = padding.PSS(mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH)
-            signed = builder.sign(self.private_key, hash_algorithm, rsa_padding=pss)
-        else:
-            signed = builder.sign(self.private_key, hash_algorithm)
-        certificate = x509.load_der_x509_certificate(signed.public_bytes(serialization.Encoding.DER))
-        issuer_certificate = self.certificate or certificate
+            return builder.sign(self.private_key, hash_algorithm, rsa_padding=pss).public_bytes(
+                serialization.Encoding.DER
+            )
+        return builder.sign(self.private_key, hash_algorithm).public_bytes(serialization.Encoding.DER)
+
+    def _refuse_bad_signature(self, detail: str) -> TokenError:
+        return TokenError(f"the token produced a signature that does not verify under {self.name}: {detail}")
+
+    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """Sign in the token, then parse the result back and check the signature before anyone sees it."""
+        certificate = x509.load_der_x509_certificate(self._sign(builder))
         try:
-            certificate.verify_directly_issued_by(issuer_certificate)
+            certificate.verify_directly_issued_by(self.certificate or certificate)
         except (InvalidSignature, ValueError, TypeError) as exc:
-            raise TokenError(
-                f"the token produced a signature that does not verify under {self.name}: {type(exc).__name__}"
-            ) from None
+            raise self._refuse_bad_signature(type(exc).__name__) from None
         return certificate
+
+    def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> bytes:
+        """Sign a CRL in the token and check it the same way; returns the DER."""
+        der = self._sign(builder)
+        if not x509.load_der_x509_crl(der).is_signature_valid(self.public_key):  # type: ignore[arg-type]
+            raise self._refuse_bad_signature("CRL")
+        return der
 
     def crl_url(self) -> str:
         return f"{self.repository_url.rstrip('/')}/{self.name}.crl"

@@ -1,0 +1,138 @@
+"""Publishing CRLs: a number that never goes back, entries from the store, atomic files.
+
+The number comes from the database (``authorities.crl_number``, raised by one conditional
+UPDATE, at least to the current Unix time so a restored backup cannot make it go back), so two
+publishers racing get different numbers; the file is replaced only by a CRL with a higher
+number, under a lock, through a temporary file and ``rename``, so readers see either the old
+or the new CRL, never half of one, and a failed write leaves the previous CRL in place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from ca.authorities import Issuer, issuer_for, list_authorities
+from ca.errors import ChargepkiError
+from ca.models import Authority, Certificate
+from ca.pkcs11_token import Token
+from crl.builder import RevokedEntry, build_crl
+
+DEFAULT_VALIDITY = timedelta(days=7)
+
+
+class PublishError(ChargepkiError):
+    """The publication directory cannot take the new CRL; the previous one is still there."""
+
+
+@dataclass(frozen=True)
+class Published:
+    authority: str
+    path: Path
+    number: int
+    entries: int
+    replaced: bool  # False when a racing publisher had already written a newer CRL
+
+
+def next_crl_number(session: Session, authority: Authority, now: datetime) -> int:
+    """Raise and commit the CA's CRL number: max(last + 1, now in Unix seconds)."""
+    clock = int(now.timestamp())
+    bumped = case((Authority.crl_number + 1 > clock, Authority.crl_number + 1), else_=clock)
+    number = session.execute(
+        update(Authority).where(Authority.id == authority.id).values(crl_number=bumped).returning(Authority.crl_number)
+    ).scalar_one()
+    session.commit()
+    return int(number)
+
+
+def revoked_entries(session: Session, authority: Authority, now: datetime) -> list[RevokedEntry]:
+    """Revoked and held certificates of this CA that have not expired (expired ones leave the CRL)."""
+    rows = session.execute(
+        select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason, Certificate.invalidity_date)
+        .where(Certificate.authority_id == authority.id, Certificate.status == "revoked", Certificate.not_after > now)
+        .order_by(Certificate.id)
+    )
+    return [
+        RevokedEntry(int(serial, 16), revoked_at, reason, invalidity) for serial, revoked_at, reason, invalidity in rows
+    ]
+
+
+def _crl_number_of(path: Path) -> int:
+    try:
+        crl = x509.load_der_x509_crl(path.read_bytes())
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return -1
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync of the directory: all or nothing, even on power loss."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PublishError(f"cannot write {path}: {exc.strerror or exc}; the previous file is unchanged") from None
+
+
+def publish_crl(
+    session: Session,
+    issuer: Issuer,
+    authority: Authority,
+    directory: Path,
+    *,
+    now: datetime,
+    validity: timedelta = DEFAULT_VALIDITY,
+) -> Published:
+    directory.mkdir(parents=True, exist_ok=True)
+    number = next_crl_number(session, authority, now)
+    entries = revoked_entries(session, authority, now)
+    this_update = now.astimezone(UTC).replace(microsecond=0)
+    der = build_crl(issuer, entries, this_update=this_update, next_update=this_update + validity, number=number)
+    path = directory / f"{authority.name}.crl"
+    try:
+        lock = open(directory / f".{authority.name}.lock", "a")  # noqa: SIM115 - held across the check and the rename
+    except OSError as exc:
+        raise PublishError(f"cannot lock {directory}: {exc.strerror or exc}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _crl_number_of(path) >= number:
+            return Published(authority.name, path, number, len(entries), replaced=False)
+        write_atomically(path, der)
+    certificate_path = directory / f"{authority.name}.crt"
+    if not certificate_path.exists() or certificate_path.read_bytes() != authority.certificate_der:
+        write_atomically(certificate_path, authority.certificate_der)
+    return Published(authority.name, path, number, len(entries), replaced=True)
+
+
+def publish_all(
+    session: Session,
+    token: Token,
+    directory: Path,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    validity: timedelta = DEFAULT_VALIDITY,
+) -> list[Published]:
+    """One CRL per active CA of every environment (roots cover their issuing CAs)."""
+    return [
+        publish_crl(session, issuer_for(authority, token), authority, directory, now=now(), validity=validity)
+        for authority in list_authorities(session)
+        if authority.status == "active"
+    ]
