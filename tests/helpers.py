@@ -72,3 +72,13 @@ def pkilint_findings(certificate: Path, issuer: Path | None = None, ignore: tupl
     if len(kept) == 1 and "@" in kept[0]:  # only a validator header left, its findings were ignored
         kept = []
     return "\n".join(kept)
+
+
+def openssl_verify_against_chain(chain_pem: str, leaf: Path, *purpose: str) -> subprocess.CompletedProcess[str]:
+    """`openssl verify` of ``leaf`` with the root of `chargepki ca chain` as trust anchor and the
+    issuing CA as untrusted intermediate (files written next to ``leaf``)."""
+    issuing, root = x509.load_pem_x509_certificates(chain_pem.encode())
+    issuing_path = write(leaf.parent / "issuing.pem", issuing.public_bytes(serialization.Encoding.PEM))
+    root_path = write(leaf.parent / "root.pem", root.public_bytes(serialization.Encoding.PEM))
+    extra = ["-purpose", purpose[0]] if purpose else []
+    return openssl("verify", "-CAfile", str(root_path), "-untrusted", str(issuing_path), *extra, str(leaf))

@@ -16,7 +16,7 @@ from ca.models import AuditEvent
 from ca.store import Store
 from cli.main import cli
 from tests.conftest import new_token_settings
-from tests.helpers import make_csr, openssl, write
+from tests.helpers import make_csr, openssl_verify_against_chain, write
 
 
 def run(home: Path, *args: str, env: dict[str, str] | None = None) -> Result:
@@ -87,21 +87,7 @@ def test_issue_then_openssl_verifies_the_chain(initialised: Path, tmp_path: Path
     csr = write(tmp_path / "cp.csr", make_csr("CP-0001"))
     result = run(initialised, "issue", "--csr", str(csr), "--profile", "charger", "--out", str(tmp_path / "cp.pem"))
     assert result.exit_code == 0 and "issued serial" in result.stderr
-    chain = x509.load_pem_x509_certificates(run(initialised, "ca", "chain").stdout.encode())
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    write(tmp_path / "issuing.pem", chain[0].public_bytes(Encoding.PEM))
-    write(tmp_path / "root.pem", chain[1].public_bytes(Encoding.PEM))
-    verified = openssl(
-        "verify",
-        "-CAfile",
-        str(tmp_path / "root.pem"),
-        "-untrusted",
-        str(tmp_path / "issuing.pem"),
-        "-purpose",
-        "sslclient",
-        str(tmp_path / "cp.pem"),
-    )
+    verified = openssl_verify_against_chain(run(initialised, "ca", "chain").stdout, tmp_path / "cp.pem", "sslclient")
     assert verified.returncode == 0, verified.stderr
 
 

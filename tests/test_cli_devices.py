@@ -14,7 +14,7 @@ from sqlalchemy import select
 from ca.models import AuditEvent, EnrollmentSecret
 from ca.store import Store
 from cli.main import cli
-from tests.helpers import make_csr, openssl, write
+from tests.helpers import make_csr, openssl_verify_against_chain, write
 
 
 def run(home: Path, *args: str) -> Result:
@@ -110,19 +110,8 @@ def test_ra_add_writes_a_verifiable_client_certificate(initialised: Path, tmp_pa
     certificate = x509.load_pem_x509_certificate((tmp_path / "Station_1.pem").read_bytes())
     assert certificate.subject.rfc4514_string().startswith("CN=Station 1,")
     assert stat.S_IMODE((tmp_path / "Station_1.key").stat().st_mode) == 0o600
-    chain = run(initialised, "ca", "chain").stdout
-    blocks = chain.split("-----END CERTIFICATE-----\n")
-    write(tmp_path / "issuing.pem", (blocks[0] + "-----END CERTIFICATE-----\n").encode())
-    write(tmp_path / "root.pem", (blocks[1] + "-----END CERTIFICATE-----\n").encode())
-    verified = openssl(
-        "verify",
-        "-CAfile",
-        str(tmp_path / "root.pem"),
-        "-untrusted",
-        str(tmp_path / "issuing.pem"),
-        "-purpose",
-        "sslclient",
-        str(tmp_path / "Station_1.pem"),
+    verified = openssl_verify_against_chain(
+        run(initialised, "ca", "chain").stdout, tmp_path / "Station_1.pem", "sslclient"
     )
     assert verified.returncode == 0, verified.stderr
 

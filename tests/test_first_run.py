@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_csr, openssl, write
+from tests.helpers import make_csr, openssl_verify_against_chain, write
 
 CHARGEPKI = [sys.executable, "-c", "from cli.main import main; main()"]
 
@@ -67,18 +67,7 @@ def test_a_first_run_home_issues_verifiable_certificates(fresh_home: Path, tmp_p
         fresh_home, "issue", "--csr", str(csr), "--profile", "charger", "--out", str(tmp_path / "cp.pem")
     )
     assert issued.returncode == 0, issued.stderr
-    chain = chargepki(fresh_home, "ca", "chain").stdout
-    blocks = chain.split("-----END CERTIFICATE-----\n")
-    write(tmp_path / "issuing.pem", (blocks[0] + "-----END CERTIFICATE-----\n").encode())
-    write(tmp_path / "root.pem", (blocks[1] + "-----END CERTIFICATE-----\n").encode())
-    verified = openssl(
-        "verify",
-        "-CAfile",
-        str(tmp_path / "root.pem"),
-        "-untrusted",
-        str(tmp_path / "issuing.pem"),
-        str(tmp_path / "cp.pem"),
-    )
+    verified = openssl_verify_against_chain(chargepki(fresh_home, "ca", "chain").stdout, tmp_path / "cp.pem")
     assert verified.returncode == 0, verified.stderr
     assert chargepki(fresh_home, "audit", "verify").returncode == 0
 
