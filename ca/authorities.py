@@ -54,12 +54,12 @@ class Issuer:
 
     def _sign(self, builder: x509.CertificateBuilder | x509.CertificateRevocationListBuilder) -> bytes:
         hash_algorithm = self.spec.signature_hash
+        options = {}
         if self.rsa_padding == "pss":
-            pss = padding.PSS(mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH)
-            return builder.sign(self.private_key, hash_algorithm, rsa_padding=pss).public_bytes(
-                serialization.Encoding.DER
+            options["rsa_padding"] = padding.PSS(
+                mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH
             )
-        return builder.sign(self.private_key, hash_algorithm).public_bytes(serialization.Encoding.DER)
+        return builder.sign(self.private_key, hash_algorithm, **options).public_bytes(serialization.Encoding.DER)
 
     def _refuse_bad_signature(self, detail: str) -> TokenError:
         return TokenError(f"the token produced a signature that does not verify under {self.name}: {detail}")
@@ -156,7 +156,3 @@ def issuer_for(authority: Authority, token: Token) -> Issuer:
         certificate=certificate,
         authority_id=authority.id,
     )
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

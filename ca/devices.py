@@ -217,17 +217,18 @@ def disable_device(
 
 
 def enable_device(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Device:
-    device = get_device(session, serial)
-    device.enabled = True
-    audit.record(session, "device.enabled", actor=actor, subject=device.serial, now=now)
-    session.commit()
-    return device
+    return _change(session, serial, "device.enabled", actor, now, enabled=True)
 
 
 def reset_device(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Device:
     """Re-open first-time enrollment (a replaced main board, a wiped secure element)."""
+    return _change(session, serial, "device.reset", actor, now, enrollment_open=True)
+
+
+def _change(session: Session, serial: str, action: str, actor: str, now: Clock, **values: bool) -> Device:
     device = get_device(session, serial)
-    device.enrollment_open = True
-    audit.record(session, "device.reset", actor=actor, subject=device.serial, now=now)
+    for name, value in values.items():
+        setattr(device, name, value)
+    audit.record(session, action, actor=actor, subject=device.serial, now=now)
     session.commit()
     return device

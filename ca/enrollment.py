@@ -89,13 +89,13 @@ def _check_device(device: Device, authority: Authority) -> None:
 
 def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> None:
     """One key, one identity: refuse a key certified for another device, a CA or any other holder."""
-    owners = session.execute(
-        select(Certificate.device_id, Certificate.profile).where(
+    owners = session.scalars(
+        select(Certificate.device_id).where(
             Certificate.public_key_sha256 == public_key_sha256(csr.public_key),
             Certificate.status != "aborted",
         )
     ).all()
-    if any(owner.device_id != device.id for owner in owners):
+    if any(owner != device.id for owner in owners):
         raise ConflictError("this public key is already certified for another identity")
 
 
@@ -113,7 +113,9 @@ def _supersede(
     ).all()
     for older in olders:
         if settings.supersede_grace > timedelta(0):
-            older.revoke_after = now() + settings.supersede_grace
+            # A certificate already counting down keeps its deadline: renewing twice buys no time.
+            if older.revoke_after is None:
+                older.revoke_after = now() + settings.supersede_grace
         else:
             apply_revocation(session, older, "superseded", actor=actor, now=now)
     device.enrollment_open = False
@@ -316,12 +318,8 @@ def _reenroll(
     device = session.get(Device, current.device_id)
     assert device is not None
     _check_device(device, authority)
-    presented = x509.load_der_x509_certificate(credentials.client_certificate)
-    names = presented.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names or csr.common_name != names[0].value:
+    if csr.common_name != current.common_name:
         raise PolicyError(f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed")
-    if csr.organization is not None and csr.organization != authority.organization:
-        raise PolicyError(f"the CSR's O {csr.organization!r} does not match the certificate being renewed")
     _check_binding(csr.csr, credentials, settings)
     _check_key_is_fresh(session, csr, device)
     issuer = issuers(authority)

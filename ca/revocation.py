@@ -103,8 +103,7 @@ def revoke_due(session: Session, *, now: Clock = utcnow) -> int:
     """Revoke certificates whose re-enrollment grace period has ended (reason superseded)."""
     due = session.scalars(
         select(Certificate).where(
-            Certificate.revoke_after.is_not(None),
-            Certificate.revoke_after <= now(),
+            Certificate.revoke_after <= now(),  # NULL never compares true
             Certificate.status == "valid",
         )
     ).all()

@@ -55,14 +55,16 @@ def test_import_reports_accepted_and_refused_rows_with_line_numbers(initialised:
         "CP-A,M1,",
         "CP-C,M2,moon",
         "CP-D,M2,staging",
+        "CP-E,M2,production,surplus",
     ]
     source = write(tmp_path / "devices.csv", "\n".join(rows).encode())
     result = run(initialised, "device", "import", str(source))
     assert result.exit_code == 0
-    assert "accepted 3, refused 3" in result.output
+    assert "accepted 3, refused 4" in result.output
     assert "line 4: CN 'bad serial!'" in result.output
     assert "line 5: device CP-A appears twice" in result.output
     assert "line 6: unknown environment 'moon'" in result.output
+    assert "line 8: too many columns" in result.output
     assert "CP-D" in run(initialised, "device", "list", "--environment", "staging").output
 
 

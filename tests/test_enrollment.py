@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
@@ -12,6 +13,7 @@ from ca.authorities import issuer_for
 from ca.devices import add_device
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.enrollment_secrets import issue_secret
+from ca.errors import AuthenticationError
 from ca.hierarchy import Hierarchy
 from ca.pkcs11_token import Token
 from ca.revocation import revoke_due
@@ -51,3 +53,62 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
     assert revoke_due(session, now=lambda: later) == 1
     session.refresh(first)
     assert (first.status, first.revocation_reason) == ("revoked", "superseded")
+
+
+def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
+    session: Session, hierarchy: Hierarchy, token: Token
+) -> None:
+    issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
+    device = add_device(session, "CP-TWICE", actor="test")
+    key = make_key()
+    csr = _der(make_csr("CP-TWICE", key=key))
+    first = enroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        csr,
+        Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
+    )
+    settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
+    start = datetime.now(UTC)
+    second = reenroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        csr,
+        Credentials(client_certificate=first.der),
+        settings=settings,
+        now=lambda: start,
+    )
+    deadline = first.revoke_after
+    reenroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        csr,
+        Credentials(client_certificate=second.der),
+        settings=settings,
+        now=lambda: start + timedelta(minutes=30),
+    )
+    session.refresh(first)
+    assert first.revoke_after == deadline
+
+
+def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
+    session: Session, hierarchy: Hierarchy, token: Token
+) -> None:
+    """Behind a proxy TLS may not check expiry; the core does, whatever the transport."""
+    issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
+    device = add_device(session, "CP-OLD", actor="test")
+    key = make_key()
+    csr = _der(make_csr("CP-OLD", key=key))
+    first = enroll(
+        session,
+        issuers,
+        hierarchy.issuing,
+        csr,
+        Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
+    )
+    later = first.not_after + timedelta(days=1)
+    with pytest.raises(AuthenticationError, match="has expired"):
+        reenroll(session, issuers, hierarchy.issuing, csr, Credentials(client_certificate=first.der), now=lambda: later)
