@@ -118,6 +118,7 @@ class Certificate(Base):
     __table_args__ = (
         Index("ix_certificates_authority_serial", "authority_id", "serial"),
         Index("ix_certificates_status_not_after", "status", "not_after"),
+        Index("ix_certificates_profile_authority", "profile", "authority_id"),  # a CA's OCSP signers
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -123,10 +123,13 @@ class Presigner:
     def store(self, session: Session, certificates: Iterable[Certificate], now: datetime) -> int:
         """Sign and upsert a response per certificate and hash algorithm; returns how many."""
         count = 0
+        signers: dict[int, ResponseSigner | None] = {}
         for certificate in certificates:
             if not answerable(certificate):
                 continue
-            signer = self.signer_for(session, certificate.authority_id, now)
+            if certificate.authority_id not in signers:
+                signers[certificate.authority_id] = self.signer_for(session, certificate.authority_id, now)
+            signer = signers[certificate.authority_id]
             if signer is None:  # no signer yet (init order) or none left: never serve a stale answer
                 drop_responses(session, [certificate])
                 continue
@@ -162,6 +165,7 @@ def upsert_response(
     now: datetime,
     policy: OcspPolicy,
 ) -> None:
+    now = now.replace(microsecond=0)  # as in the DER (GeneralizedTime without fractions)
     values = {
         "authority_id": certificate.authority_id,
         "serial": certificate.serial,
@@ -184,7 +188,7 @@ def upsert_response(
 
 # -- refreshing ----------------------------------------------------------------------------------
 def due_certificates(
-    session: Session, policy: OcspPolicy, now: datetime, signer: ResponseSigner, limit: int
+    session: Session, policy: OcspPolicy, now: datetime, signer: ResponseSigner, limit: int, after_id: int = 0
 ) -> list[Certificate]:
     """Unexpired issued certificates of the signer's CA whose response is due, signed by an older
     signer, or missing."""
@@ -200,6 +204,7 @@ def due_certificates(
         select(Certificate)
         .where(
             Certificate.authority_id == signer.authority_id,
+            Certificate.id > after_id,  # a cursor: each pass visits a certificate once (linear, and it ends)
             Certificate.status.in_(("valid", "revoked")),
             Certificate.profile != "root",
             Certificate.not_after > now,
@@ -223,10 +228,12 @@ def refresh(session: Session, presigner: Presigner, now: datetime, *, batch: int
     total = 0
     for authority_id in list(session.scalars(select(Authority.id).order_by(Authority.id))):
         signer = presigner.signer_for(session, authority_id, now)
+        after_id = 0
         while signer is not None:
-            certificates = due_certificates(session, presigner.policy, now, signer, batch)
+            certificates = due_certificates(session, presigner.policy, now, signer, batch, after_id)
             if not certificates:
                 break
+            after_id = certificates[-1].id
             total += presigner.store(session, certificates, now)
             session.commit()
     session.rollback()

@@ -59,6 +59,13 @@ class ResponseSigner:
     private_key: TokenECPrivateKey | TokenRSAPrivateKey
     rsa_padding: str | None = None  # pkcs1 | pss for RSA keys
 
+    def __post_init__(self) -> None:
+        # Parsed once: re-parsing the certificate for every response cost most of the signing time.
+        object.__setattr__(self, "_asn1_certificate", asn1_x509.Certificate.load(self.certificate_der))
+        object.__setattr__(
+            self, "_key_hash", x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest
+        )  # type: ignore[arg-type]
+
     @property
     def not_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
@@ -113,7 +120,7 @@ class ResponseSigner:
 
     def key_hash(self) -> bytes:
         """ResponderID byKey: SHA-1 of the signer's subjectPublicKey (RFC 6960 §4.2.2.3)."""
-        return x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest  # type: ignore[arg-type]
+        return self._key_hash  # type: ignore[attr-defined, no-any-return]
 
     def sign(self, statuses: Sequence[SingleStatus], *, this_update: datetime, next_update: datetime) -> bytes:
         """A successful OCSPResponse answering every status in one signed BasicOCSPResponse."""
@@ -139,7 +146,7 @@ class ResponseSigner:
                 "tbs_response_data": tbs,
                 "signature_algorithm": self._algorithm(),
                 "signature": signature,
-                "certs": [asn1_x509.Certificate.load(self.certificate_der)],
+                "certs": [self._asn1_certificate],  # type: ignore[attr-defined]
             }
         )
         return asn1_ocsp.OCSPResponse(

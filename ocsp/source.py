@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from cryptography import x509
@@ -21,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca.models import Authority, OcspResponse, StatusFeed
+from ca.models import Authority, StatusFeed
 from ca.serials import format_serial
 from ca.status import NOTIFY_CHANNEL
 from ca.store import Store
@@ -70,6 +71,13 @@ class StoreSource:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._local = threading.local()
+        marker = "?" if store.is_sqlite else "%s"
+        self._lookup = (
+            "SELECT der, this_update, next_update FROM ocsp_responses "
+            f"WHERE authority_id = {marker} AND serial = {marker} AND hash_algorithm = {marker}"
+        )
+        self._dbapi_error: type[Exception] = store.engine.dialect.dbapi.Error  # type: ignore[union-attr]
 
     def issuers(self) -> dict[IssuerKey, int]:
         """Every CA in the store under every CertID hash, to its id (retired CAs still answer)."""
@@ -82,19 +90,41 @@ class StoreSource:
         return served
 
     def response(self, authority_id: int, serial: int, algorithm: str) -> Stored | None:
-        with self.store.engine.connect() as connection:
-            row = connection.execute(
-                select(OcspResponse.der, OcspResponse.this_update, OcspResponse.next_update).where(
-                    OcspResponse.authority_id == authority_id,
-                    OcspResponse.serial == format_serial(serial),
-                    OcspResponse.hash_algorithm == algorithm,
-                )
-            ).first()
-        return None if row is None else stored(row.der, row.this_update, row.next_update)
+        """One indexed lookup on a DBAPI connection kept per thread.
+
+        Written against the DBAPI because SQLAlchemy's statement handling cost ~220 µs per miss
+        against ~8 µs for the query itself (measured by the OCSP benchmark).
+        """
+        connection = getattr(self._local, "connection", None)
+        try:
+            if connection is None:
+                connection = self._local.connection = self.store.engine.raw_connection()
+                if not self.store.is_sqlite:
+                    connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self._lookup, (authority_id, format_serial(serial), algorithm))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        except self._dbapi_error as exc:
+            self._local.connection = None
+            with suppress(Exception):
+                connection.invalidate()  # type: ignore[union-attr]
+            raise SourceUnavailable(str(exc)) from None
+        if row is None:
+            return None
+        return stored(bytes(row[0]), _utc(row[1]), _utc(row[2]))
 
     def counter(self) -> int:
         with self.store.engine.connect() as connection:
             return int(connection.execute(select(StatusFeed.counter).where(StatusFeed.id == 1)).scalar_one())
+
+
+def _utc(value: datetime | str) -> datetime:
+    """Stored naive UTC (SQLite hands back text through the DBAPI) → aware UTC."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC)
 
 
 class CachedSource:

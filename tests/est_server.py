@@ -1,4 +1,4 @@
-"""Runs `chargepki serve est` in a real process on loopback for the end-to-end tests."""
+"""Runs `chargepki serve est` / `serve ocsp` in a real process on loopback for the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -45,8 +45,11 @@ def write_home(home: Path, db_url: str, settings: Pkcs11Settings, est: EstSettin
     return home
 
 
-def start_server(home: Path, port: int, *, workers: int = 2, scheme: str = "https") -> EstServer:
-    log = home / "est.log"
+def start_server(
+    home: Path, port: int, *, workers: int = 2, scheme: str = "https", service: str = "est", extra: tuple[str, ...] = ()
+) -> EstServer:
+    """``chargepki serve <service>`` in its own process, once its port accepts connections."""
+    log = home / f"{service}-{port}.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
     process = subprocess.Popen(
         [
@@ -56,11 +59,12 @@ def start_server(home: Path, port: int, *, workers: int = 2, scheme: str = "http
             "--home",
             str(home),
             "serve",
-            "est",
+            service,
             "--port",
             str(port),
             "--workers",
             str(workers),
+            *extra,
         ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -70,11 +74,11 @@ def start_server(home: Path, port: int, *, workers: int = 2, scheme: str = "http
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"serve est exited: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"serve {service} exited: {log.read_text()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return EstServer(home, port, process, log, scheme)
         except OSError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"serve est did not start: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"serve {service} did not start: {log.read_text()[-2000:]}")

@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("authority_id", "serial", "hash_algorithm", name="uq_ocsp_lookup"),
     )
     op.create_index("ix_ocsp_responses_next_update", "ocsp_responses", ["next_update"])
+    op.create_index("ix_certificates_profile_authority", "certificates", ["profile", "authority_id"])
     feed = op.create_table(
         "status_feed",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -43,6 +44,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_certificates_profile_authority", table_name="certificates")
     op.drop_table("status_feed")
     op.drop_index("ix_ocsp_responses_next_update", table_name="ocsp_responses")
     op.drop_table("ocsp_responses")
