@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -52,14 +52,24 @@ class Issuer:
     def public_key(self) -> PublicKeyTypes:
         return self.private_key.public_key()
 
+    def _pss(self) -> padding.PSS | None:
+        if self.rsa_padding != "pss":
+            return None
+        return padding.PSS(mgf=padding.MGF1(self.spec.signature_hash), salt_length=padding.PSS.DIGEST_LENGTH)
+
     def _sign(self, builder: x509.CertificateBuilder | x509.CertificateRevocationListBuilder) -> bytes:
-        hash_algorithm = self.spec.signature_hash
-        options = {}
-        if self.rsa_padding == "pss":
-            options["rsa_padding"] = padding.PSS(
-                mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH
-            )
-        return builder.sign(self.private_key, hash_algorithm, **options).public_bytes(serialization.Encoding.DER)
+        pss = self._pss()
+        options = {} if pss is None else {"rsa_padding": pss}
+        return builder.sign(self.private_key, self.spec.signature_hash, **options).public_bytes(
+            serialization.Encoding.DER
+        )
+
+    def sign_tbs(self, tbs: bytes) -> bytes:
+        """Sign DER assembled outside the builders (a large CRL's TBSCertList) in the token, with the
+        hash and padding ``_sign`` gives the builders, so the same AlgorithmIdentifier applies."""
+        if isinstance(self.private_key, TokenECPrivateKey):
+            return self.private_key.sign(tbs, ec.ECDSA(self.spec.signature_hash))
+        return self.private_key.sign(tbs, self._pss() or padding.PKCS1v15(), self.spec.signature_hash)
 
     def _refuse_bad_signature(self, detail: str) -> TokenError:
         return TokenError(f"the token produced a signature that does not verify under {self.name}: {detail}")
@@ -75,7 +85,10 @@ class Issuer:
 
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> bytes:
         """Sign a CRL in the token and check it the same way; returns the DER."""
-        der = self._sign(builder)
+        return self.check_crl(self._sign(builder))
+
+    def check_crl(self, der: bytes) -> bytes:
+        """Parse a signed CRL back and check its signature under this CA before anyone sees it."""
         if not x509.load_der_x509_crl(der).is_signature_valid(self.public_key):  # type: ignore[arg-type]
             raise self._refuse_bad_signature("CRL")
         return der
