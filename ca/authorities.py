@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -88,9 +89,23 @@ class Issuer:
         return self.check_crl(self._sign(builder))
 
     def check_crl(self, der: bytes) -> bytes:
-        """Parse a signed CRL back and check its signature under this CA before anyone sees it."""
-        if not x509.load_der_x509_crl(der).is_signature_valid(self.public_key):  # type: ignore[arg-type]
-            raise self._refuse_bad_signature("CRL")
+        """Parse a signed CRL back (``cryptography``'s strict DER parser reads every entry) and check
+        its signature under this CA over the TBSCertList bytes as they will be published.
+
+        ``is_signature_valid`` would re-encode the parsed TBSCertList first: 0.4–1 s for 1M entries.
+        """
+        crl = x509.load_der_x509_crl(der)
+        tbs = asn1_crl.CertificateList.load(der)["tbs_cert_list"].dump()
+        key = self.public_key
+        try:
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(crl.signature, tbs, crl.signature_algorithm_parameters)  # type: ignore[arg-type]
+            elif isinstance(key, rsa.RSAPublicKey) and crl.signature_hash_algorithm is not None:
+                key.verify(crl.signature, tbs, crl.signature_algorithm_parameters, crl.signature_hash_algorithm)  # type: ignore[arg-type]
+            else:
+                raise self._refuse_bad_signature(f"CRL signed with {crl.signature_algorithm_oid.dotted_string}")
+        except InvalidSignature:
+            raise self._refuse_bad_signature("CRL") from None
         return der
 
     def crl_url(self) -> str:

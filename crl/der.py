@@ -35,6 +35,7 @@ _REASON_EXTENSION: dict[str, bytes] = {
 _EXTENSIONS_OF_REASON: dict[str | None, bytes] = {None: b"", "unspecified": b"", **_REASON_EXTENSION}
 _INVALIDITY_PREFIX = bytes.fromhex("30180603551d180411180f")
 _SHORT_LENGTH = [bytes((n,)) for n in range(0x80)]
+_TO_DIGITS = str.maketrans("", "", "-: T")  # "2026-11-24 10:11:12" → "20261124101112"
 
 
 def length(n: int) -> bytes:
@@ -70,9 +71,9 @@ def serial_hex(serial: int) -> str:
     return format(serial, "X")
 
 
-# One entry: serial (int, or upper-case hex as the store keeps it), revocation time (datetime, or
-# UTC ``YYYYMMDDHHMMSS`` text as the store can hand it out), RFC 5280 reason name or None,
-# invalidity date (same two forms) or None.
+# One entry: serial (int, or hex text as the store keeps it), revocation time (datetime, or UTC text
+# "YYYY-MM-DD HH:MM:SS" as the store hands it out, anything after the seconds ignored), RFC 5280
+# reason name or None, invalidity date (same two forms) or None.
 Entry = tuple[int | str, datetime | str, str | None, datetime | str | None]
 
 
@@ -89,6 +90,7 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
     reasons = _EXTENSIONS_OF_REASON
     short = _SHORT_LENGTH
     fromhex = bytes.fromhex
+    digits = _TO_DIGITS
     for serial, revoked_at, reason, invalidity in entries:
         count += 1
         if type(serial) is not str:
@@ -100,10 +102,9 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
         octets = fromhex(serial)
         if len(octets) > 20:
             raise ValueError(f"serial {serial} is longer than 20 octets (RFC 5280 §4.1.2.2)")
-        if type(revoked_at) is not str:
-            revoked_at = utc_digits(revoked_at)  # type: ignore[arg-type]
+        revoked_at = revoked_at[:19].translate(digits) if type(revoked_at) is str else utc_digits(revoked_at)  # type: ignore[union-attr,arg-type]
         if len(revoked_at) != 14:
-            raise ValueError(f"revocation time {revoked_at!r} is not YYYYMMDDHHMMSS")
+            raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
         if "1950" <= revoked_at < "2050":
             when = b"\x17\x0d" + revoked_at[2:].encode() + b"Z"
         else:
@@ -113,10 +114,9 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
         except KeyError:
             raise ValueError(f"unknown revocation reason {reason!r}") from None
         if invalidity is not None:
-            if type(invalidity) is not str:
-                invalidity = utc_digits(invalidity)  # type: ignore[arg-type]
+            invalidity = invalidity[:19].translate(digits) if type(invalidity) is str else utc_digits(invalidity)  # type: ignore[union-attr,arg-type]
             if len(invalidity) != 14:
-                raise ValueError(f"invalidity date {invalidity!r} is not YYYYMMDDHHMMSS")
+                raise ValueError(f"invalidity date {invalidity!r} is not YYYY-MM-DD HH:MM:SS")
             extensions += _INVALIDITY_PREFIX + invalidity.encode() + b"Z"
         body = b"\x02" + short[len(octets)] + octets + when
         if extensions:

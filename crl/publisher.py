@@ -59,53 +59,50 @@ def next_crl_number(session: Session, authority: Authority, now: datetime) -> in
     return int(number)
 
 
-class _UtcDigits(FunctionElement[str]):
-    """A stored (naive UTC) timestamp as ``YYYYMMDDHHMMSS`` text, formatted by the database.
+class _UtcText(FunctionElement[str]):
+    """A stored (naive UTC) timestamp as text starting ``YYYY-MM-DD HH:MM:SS``, for ``crl.der``.
 
-    1M datetime objects cost more than the DER they become (bench/crl.py): SQLite keeps the text
-    SQLAlchemy wrote (``YYYY-MM-DD HH:MM:SS.ffffff``), PostgreSQL formats with ``to_char``; both
-    drop the fraction of a second, as DER times do. Other databases hand over datetimes, which
-    ``crl.der`` formats itself.
+    1M datetime objects cost more than the DER they become (bench/crl.py). SQLite hands over the
+    text SQLAlchemy stored (``YYYY-MM-DD HH:MM:SS.ffffff``) as it is; PostgreSQL formats with
+    ``to_char``. Other databases hand over datetimes, which ``crl.der`` formats itself.
     """
 
     type = String()
     inherit_cache = True
 
 
-@compiles(_UtcDigits)
-def _utc_digits_default(element: _UtcDigits, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(_UtcText)
+def _utc_text(element: _UtcText, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(element.clauses, **kw)
 
 
-@compiles(_UtcDigits, "sqlite")
-def _utc_digits_sqlite(element: _UtcDigits, compiler: SQLCompiler, **kw: Any) -> str:
-    column = compiler.process(element.clauses, **kw)
-    return f"replace(replace(replace(replace(substr({column}, 1, 19), '-', ''), ':', ''), ' ', ''), 'T', '')"
-
-
-@compiles(_UtcDigits, "postgresql")
-def _utc_digits_postgresql(element: _UtcDigits, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYYMMDDHH24MISS')"
+@compiles(_UtcText, "postgresql")
+def _utc_text_postgresql(element: _UtcText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD HH24:MI:SS')"
 
 
 def revoked_rows(session: Session, authority: Authority, now: datetime) -> Iterator[der.Entry]:
     """Revoked and held certificates of this CA that have not expired (expired ones leave the CRL),
-    streamed as plain (hex serial, revocation time, reason, invalidity date) rows for ``crl.der``:
-    no ORM objects, no datetimes, not all rows in memory at once."""
+    streamed as the driver's own (hex serial, revocation time, reason, invalidity date) tuples.
+
+    Measured on 1M rows (SQLite): SQLAlchemy's Row objects cost more than reading the rows, and
+    ORDER BY a temporary B-tree; a CRL's entries need no order. So the Core statement runs
+    through SQLAlchemy (binds, dialects) and the rows come straight from the DBAPI cursor, a
+    batch at a time.
+    """
     table = Certificate.__table__
-    query = (
-        select(
-            table.c.serial,
-            _UtcDigits(table.c.revoked_at),
-            table.c.revocation_reason,
-            _UtcDigits(table.c.invalidity_date),
-        )
-        .where(table.c.authority_id == authority.id, table.c.status == "revoked", table.c.not_after > now)
-        .order_by(table.c.id)
-    )
-    result = session.connection().execution_options(yield_per=_BATCH).execute(query)
-    for batch in result.partitions():
-        yield from batch  # type: ignore[misc]
+    query = select(
+        table.c.serial,
+        _UtcText(table.c.revoked_at),
+        table.c.revocation_reason,
+        _UtcText(table.c.invalidity_date),
+    ).where(table.c.authority_id == authority.id, table.c.status == "revoked", table.c.not_after > now)
+    result = session.connection().execute(query)  # no stream_results: that strategy pre-fetches a row
+    try:
+        while batch := result.cursor.fetchmany(_BATCH):
+            yield from batch
+    finally:
+        result.close()
 
 
 def _crl_number_of(path: Path) -> int:
