@@ -5,8 +5,9 @@ a 1M-entry CRL slower than ``openssl ca -gencrl`` (DESIGN.md). So the builder ma
 entry-less CRL (version, signature algorithm, issuer, dates, AKI, CRL number: everything whose
 exact encoding depends on the key and the library), the entries are written by ``crl.der``,
 spliced into that TBSCertList, and the result is signed again in the token. The first signature
-is the price of letting ``cryptography`` choose the AlgorithmIdentifier and the header encoding;
-one token signature is negligible next to the entries (bench/results-crl.md).
+(never published) is the price of letting ``cryptography`` choose the AlgorithmIdentifier and the
+header encoding: the entry-less CRL took 0.6 ms (EC P-256) to 5.4 ms (RSA-4096) in SoftHSM2 here,
+against seconds for the entries of a large CRL (bench/results-crl.md).
 """
 
 from __future__ import annotations

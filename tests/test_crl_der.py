@@ -209,6 +209,18 @@ def test_a_signature_that_does_not_verify_is_refused(issuer: Issuer) -> None:
         issuer.check_crl(tampered)
 
 
+def test_times_outside_1950_to_2049_are_generalized_time() -> None:
+    """RFC 5280 §5.1.2.6/§4.1.2.5 (cryptography's builder cannot be asked: it panics before 1950)."""
+    for moment, encoded in [
+        (datetime(1949, 12, 31, 23, 59, 59), b"\x18\x0f19491231235959Z"),
+        (datetime(1950, 1, 1), b"\x17\x0d500101000000Z"),
+        (datetime(2049, 12, 31, 23, 59, 59, 999_999), b"\x17\x0d491231235959Z"),
+        (datetime(2050, 1, 1), b"\x18\x0f20500101000000Z"),
+    ]:
+        revoked, count = der.revoked_certificates([(1, moment, None, None)])
+        assert count == 1 and revoked == b"\x30" + bytes([len(encoded) + 5, 0x30, len(encoded) + 3, 2, 1, 1]) + encoded
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
