@@ -71,9 +71,9 @@ def serial_hex(serial: int) -> str:
     return format(serial, "X")
 
 
-# One entry: serial (int, or hex text as the store keeps it), revocation time (datetime, or UTC text
-# "YYYY-MM-DD HH:MM:SS" as the store hands it out, anything after the seconds ignored), RFC 5280
-# reason name or None, invalidity date (same two forms) or None.
+# One entry: serial (int, or hex text without leading zeros as the store keeps it), revocation
+# time (datetime, or UTC text "YYYY-MM-DD HH:MM:SS" as the store hands it out, anything after the
+# seconds ignored), RFC 5280 reason name or None, invalidity date (same two forms) or None.
 Entry = tuple[int | str, datetime | str, str | None, datetime | str | None]
 
 
@@ -93,32 +93,29 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
     digits = _TO_DIGITS
     for serial, revoked_at, reason, invalidity in entries:
         count += 1
-        if type(serial) is not str:
-            serial = serial_hex(serial)  # type: ignore[arg-type]
-        if len(serial) & 1:
-            serial = "0" + serial
-        if serial[0] > "7":  # high bit set: a zero octet keeps the INTEGER positive
-            serial = "00" + serial
-        octets = fromhex(serial)
-        if len(octets) > 20:
-            raise ValueError(f"serial {serial} is longer than 20 octets (RFC 5280 §4.1.2.2)")
-        revoked_at = revoked_at[:19].translate(digits) if type(revoked_at) is str else utc_digits(revoked_at)  # type: ignore[union-attr,arg-type]
-        if len(revoked_at) != 14:
+        text = serial if type(serial) is str else serial_hex(serial)  # type: ignore[arg-type]
+        if len(text) & 1:
+            text = "0" + text
+        if text[0] > "7":  # high bit set: a zero octet keeps the INTEGER positive
+            text = "00" + text
+        octets = fromhex(text)
+        if len(octets) > 20 or octets == b"\x00":
+            raise ValueError(f"serial {serial} is not positive or longer than 20 octets (RFC 5280 §4.1.2.2)")
+        when = revoked_at[:19].translate(digits) if type(revoked_at) is str else utc_digits(revoked_at)  # type: ignore[arg-type]
+        if len(when) != 14:
             raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
-        if "1950" <= revoked_at < "2050":
-            when = b"\x17\x0d" + revoked_at[2:].encode() + b"Z"
-        else:
-            when = b"\x18\x0f" + revoked_at.encode() + b"Z"
+        # RFC 5280 §5.1.2.6: UTCTime for 1950-2049, GeneralizedTime otherwise
+        date = b"\x17\x0d" + when[2:].encode() if "1950" <= when < "2050" else b"\x18\x0f" + when.encode()
         try:
             extensions = reasons[reason]
         except KeyError:
             raise ValueError(f"unknown revocation reason {reason!r}") from None
         if invalidity is not None:
-            invalidity = invalidity[:19].translate(digits) if type(invalidity) is str else utc_digits(invalidity)  # type: ignore[union-attr,arg-type]
-            if len(invalidity) != 14:
+            since = invalidity[:19].translate(digits) if type(invalidity) is str else utc_digits(invalidity)  # type: ignore[arg-type]
+            if len(since) != 14:
                 raise ValueError(f"invalidity date {invalidity!r} is not YYYY-MM-DD HH:MM:SS")
-            extensions += _INVALIDITY_PREFIX + invalidity.encode() + b"Z"
-        body = b"\x02" + short[len(octets)] + octets + when
+            extensions += _INVALIDITY_PREFIX + since.encode() + b"Z"
+        body = b"\x02" + short[len(octets)] + octets + date + b"Z"
         if extensions:
             body += b"\x30" + short[len(extensions)] + extensions
         out += b"\x30" + short[len(body)] + body
