@@ -1,9 +1,10 @@
 """Building a v2 CRL (RFC 5280 §5) for one CA, in time linear in the number of entries.
 
-``cryptography``'s builder is linear when given the whole list, but at ~12 µs per entry it made
-a 1M-entry CRL slower than ``openssl ca -gencrl`` (DESIGN.md). So the builder makes only the
-entry-less CRL (version, signature algorithm, issuer, dates, AKI, CRL number: everything whose
-exact encoding depends on the key and the library), the entries are written by ``crl.der``,
+``cryptography``'s builder is linear when given the whole list, but at 4–12 µs per entry it put
+a 1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, bench/results-crl.md). So
+the builder makes only the entry-less CRL (version, signature algorithm, issuer, dates, AKI, CRL
+number: everything whose exact encoding depends on the key and the library), the entries are
+written by ``crl.der``,
 spliced into that TBSCertList, and the result is signed again in the token. The first signature
 (never published) is the price of letting ``cryptography`` choose the AlgorithmIdentifier and the
 header encoding: the entry-less CRL took 0.6 ms (EC P-256) to 5.4 ms (RSA-4096) in SoftHSM2 here,
@@ -68,6 +69,6 @@ def build_crl(
     """The DER of a full CRL signed in the token by ``issuer`` (verified before it is returned).
 
     ``entries`` are ``RevokedEntry`` or tuples of the same shape, where the serial may also be the
-    store's hex text and the dates UTC ``YYYYMMDDHHMMSS`` text.
+    store's hex text and the dates UTC text ``YYYY-MM-DD HH:MM:SS`` (``crl.der.Entry``).
     """
     return build(issuer, entries, this_update=this_update, next_update=next_update, number=number)[0]

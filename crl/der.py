@@ -1,9 +1,10 @@
 """Hand-written DER for the revokedCertificates of a CRL (RFC 5280 §5.1.2.6, §5.3).
 
 Why by hand: building the entries through ``cryptography`` (one ``RevokedCertificate`` object
-per entry, then the builder) was measured at ~12 µs per entry, so a 1M-entry CRL took longer
-than ``openssl ca -gencrl`` (DESIGN.md, "Performance facts"). Each entry here is a few bytes
-objects joined, written straight into one buffer: linear, and no per-entry object survives.
+per entry, then the builder) was measured at 4–12 µs per entry on this machine, which put a
+1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, "Performance facts";
+bench/results-crl.md). Each entry here is a few bytes objects joined straight into one buffer
+(~1 µs): linear, and no per-entry object survives.
 
 Only the entries are written here. The rest of the TBSCertList (version, signature algorithm,
 issuer, dates, AKI, CRL number) comes from ``cryptography``'s own builder, and the tests check
@@ -31,8 +32,8 @@ REASON_CODES: dict[str, int] = {
 _REASON_EXTENSION: dict[str, bytes] = {
     name: bytes.fromhex("300a0603551d1504030a01") + bytes([code]) for name, code in REASON_CODES.items()
 }
-# Extension ::= SEQUENCE { extnID id-ce-invalidityDate, extnValue OCTET STRING { GeneralizedTime } }
 _EXTENSIONS_OF_REASON: dict[str | None, bytes] = {None: b"", "unspecified": b"", **_REASON_EXTENSION}
+# Extension ::= SEQUENCE { extnID id-ce-invalidityDate, extnValue OCTET STRING { GeneralizedTime } }
 _INVALIDITY_PREFIX = bytes.fromhex("30180603551d180411180f")
 _SHORT_LENGTH = [bytes((n,)) for n in range(0x80)]
 _TO_DIGITS = str.maketrans("", "", "-: T")  # "2026-11-24 10:11:12" → "20261124101112"
