@@ -4,11 +4,10 @@
 a 1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, bench/results-crl.md). So
 the builder makes only the entry-less CRL (version, signature algorithm, issuer, dates, AKI, CRL
 number: everything whose exact encoding depends on the key and the library), the entries are
-written by ``crl.der``,
-spliced into that TBSCertList, and the result is signed again in the token. The first signature
-(never published) is the price of letting ``cryptography`` choose the AlgorithmIdentifier and the
-header encoding: the entry-less CRL took 0.6 ms (EC P-256) to 5.4 ms (RSA-4096) in SoftHSM2 here,
-against seconds for the entries of a large CRL (bench/results-crl.md).
+written by ``crl.der`` and spliced into that TBSCertList, and the result is signed again in the
+token. The first signature (never published) is the price of letting ``cryptography`` choose the
+AlgorithmIdentifier and the header encoding: the entry-less CRL took 0.6 ms (EC P-256) to 5.4 ms
+(RSA-4096) in SoftHSM2 here, against seconds for the entries of a large CRL.
 """
 
 from __future__ import annotations
