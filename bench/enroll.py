@@ -47,6 +47,7 @@ from ca.context import Pki  # noqa: E402
 from ca.devices import add_device  # noqa: E402
 from ca.enrollment_secrets import issue_secret  # noqa: E402
 from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
 # cfssl 1.2's certdb schema (certdb/sqlite/migrations, 2016): cfssl does not create it itself.
@@ -242,7 +243,10 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
     pki = Pki.open(home, environ, create=True)
     serials = [f"CP-{n:06d}" for n in range(count)]
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench")
+        status = Presigner(pki.token(), policy_from(pki.config.ocsp))
+        hierarchy = init_hierarchy(
+            session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status
+        )
         root = home / "root.pem"
         root.write_bytes(
             x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import tomli_w
 
@@ -24,6 +25,7 @@ DEFAULT_TOKEN_LABEL = "chargepki"
 PIN_ENV = "CHARGEPKI_PKCS11_PIN"
 DEFAULT_OCSP_URL = "http://127.0.0.1:8081/ocsp"
 DEFAULT_REPOSITORY_URL = "http://127.0.0.1:8081/pki"
+_T = TypeVar("_T")
 
 # Where Debian, Fedora and Homebrew put SoftHSM2's module.
 SOFTHSM_MODULE_CANDIDATES = (
@@ -90,6 +92,26 @@ class EstSettings:
 
 
 @dataclass(frozen=True)
+class OcspSettings:
+    """The OCSP responder, its on-demand signer and the refresher (``[ocsp]`` in the config file)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    workers: int = 2
+    server: str = "granian"  # granian | gunicorn
+    path: str = "/ocsp"  # must match the path of the OCSP URL in the certificates' AIA
+    repository_path: str = "/pki"  # the publication directory (CRLs, CA certificates) served here too
+    validity_hours: int = 24  # nextUpdate - thisUpdate of every response; re-signed at half-life
+    max_age_seconds: int = 3600  # Cache-Control max-age cap (never beyond nextUpdate)
+    presign_hashes: tuple[str, ...] = ("sha1",)  # CertID hashes signed ahead; others on first request
+    cache_entries: int = 50_000  # per responder worker
+    signer_socket: str | None = None  # default <home>/run/ocsp-signer.sock
+    unknown_per_second: int = 100  # on-demand signing budget of the signer (unknown serials etc.)
+    refresh_interval_seconds: int = 300
+    signer_validity_days: int = 30  # delegated signer certificates, rotated when a third is left
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
@@ -97,6 +119,7 @@ class Config:
     ocsp_url: str = DEFAULT_OCSP_URL
     repository_url: str = DEFAULT_REPOSITORY_URL
     est: EstSettings = EstSettings()
+    ocsp: OcspSettings = OcspSettings()
 
     @property
     def config_path(self) -> Path:
@@ -183,7 +206,8 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
     return replace(
         config,
-        est=_est_settings(data.get("est", {})),
+        est=_table_settings(data.get("est", {}), "est", EstSettings(), _EST_TYPES),
+        ocsp=_ocsp_settings(data.get("ocsp", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -191,34 +215,69 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
 
 
-def _est_settings(table: object) -> EstSettings:
+_EST_TYPES: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "tls": bool,
+    "workers": int,
+    "server_names": list,
+    "default_environment": str,
+    "supersede_grace_seconds": int,
+    "require_tls_unique": bool,
+    "client_cert_header": str,
+    "trusted_proxies": list,
+}
+_OCSP_TYPES: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "workers": int,
+    "server": str,
+    "path": str,
+    "repository_path": str,
+    "validity_hours": int,
+    "max_age_seconds": int,
+    "presign_hashes": list,
+    "cache_entries": int,
+    "signer_socket": str,
+    "unknown_per_second": int,
+    "refresh_interval_seconds": int,
+    "signer_validity_days": int,
+}
+
+
+def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, type]) -> _T:
+    """A settings dataclass from a TOML table, refusing unknown keys and wrong types by name."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{CONFIG_NAME}: [est] must be a table")
-    defaults = EstSettings()
-    types: dict[str, type] = {
-        "host": str,
-        "port": int,
-        "tls": bool,
-        "workers": int,
-        "server_names": list,
-        "default_environment": str,
-        "supersede_grace_seconds": int,
-        "require_tls_unique": bool,
-        "client_cert_header": str,
-        "trusted_proxies": list,
-    }
+        raise ConfigError(f"{CONFIG_NAME}: [{name}] must be a table")
     values: dict[str, object] = {}
     for key, value in table.items():
         if key not in types:
-            raise ConfigError(f"{CONFIG_NAME}: unknown setting est.{key}")
+            raise ConfigError(f"{CONFIG_NAME}: unknown setting {name}.{key}")
         if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
-            raise ConfigError(f"{CONFIG_NAME}: est.{key} must be of type {types[key].__name__}")
+            raise ConfigError(f"{CONFIG_NAME}: {name}.{key} must be of type {types[key].__name__}")
         if types[key] is list:
             if not all(isinstance(item, str) for item in value):
-                raise ConfigError(f"{CONFIG_NAME}: est.{key} must be a list of strings")
+                raise ConfigError(f"{CONFIG_NAME}: {name}.{key} must be a list of strings")
             value = tuple(value)
         values[key] = value
-    return replace(defaults, **values)
+    return replace(defaults, **values)  # type: ignore[type-var]
+
+
+def _ocsp_settings(table: object) -> OcspSettings:
+    settings = _table_settings(table, "ocsp", OcspSettings(), _OCSP_TYPES)
+    unknown = set(settings.presign_hashes) - {"sha1", "sha256", "sha384", "sha512"}
+    if unknown or not settings.presign_hashes:
+        raise ConfigError(f"{CONFIG_NAME}: ocsp.presign_hashes must list some of sha1, sha256, sha384, sha512")
+    if settings.server not in ("granian", "gunicorn"):
+        raise ConfigError(f"{CONFIG_NAME}: ocsp.server must be granian or gunicorn")
+    if not settings.path.startswith("/") or not settings.repository_path.startswith("/"):
+        raise ConfigError(f"{CONFIG_NAME}: ocsp.path and ocsp.repository_path must start with /")
+    for key in ("validity_hours", "max_age_seconds", "cache_entries", "unknown_per_second", "workers"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: ocsp.{key} must be positive")
+    if settings.refresh_interval_seconds >= settings.validity_hours * 3600 / 2:
+        raise ConfigError(f"{CONFIG_NAME}: ocsp.refresh_interval_seconds must be under half of validity_hours")
+    return settings
 
 
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
@@ -231,6 +290,14 @@ def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
         settings = replace(settings, pin_file=Path(environ["CHARGEPKI_PKCS11_PIN_FILE"]))
     url = environ.get("CHARGEPKI_DATABASE_URL") or config.database_url
     return replace(config, pkcs11=settings, database_url=url)
+
+
+def _table(settings: object) -> dict[str, object]:
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in settings.__dict__.items()
+        if value is not None
+    }
 
 
 def write_config(config: Config) -> Path:
@@ -250,11 +317,8 @@ def write_config(config: Config) -> Path:
         "database": {"url": config.database_url},
         "pkcs11": pkcs11,
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
-        "est": {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in config.est.__dict__.items()
-            if value is not None
-        },
+        "est": _table(config.est),
+        "ocsp": _table(config.ocsp),
     }
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = config.config_path

@@ -16,6 +16,7 @@ from ca.issuance import Clock, utcnow
 from ca.models import Certificate, Device
 from ca.names import check_charger_identity, check_environment
 from ca.revocation import apply_revocation
+from ca.status import StatusSigner
 
 MAX_MODEL = 64
 
@@ -193,6 +194,7 @@ def disable_device(
     revoke: bool = False,
     reason: str = "cessationOfOperation",
     actor: str,
+    status: StatusSigner,
     now: Clock = utcnow,
 ) -> tuple[Device, list[Certificate]]:
     """Refuse further enrollment; with ``revoke`` also revoke every certificate still valid."""
@@ -202,7 +204,7 @@ def disable_device(
     if revoke:
         for certificate in device_certificates(session, device):
             if certificate.status == "valid":
-                apply_revocation(session, certificate, reason, actor=actor, now=now)
+                apply_revocation(session, certificate, reason, actor=actor, status=status, now=now)
                 revoked.append(certificate)
     audit.record(
         session,

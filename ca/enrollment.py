@@ -29,6 +29,7 @@ from ca.issuance import Clock, issue, request_from_csr, utcnow
 from ca.models import Authority, Certificate, Device
 from ca.profiles import get_profile
 from ca.revocation import apply_revocation
+from ca.status import StatusSigner
 
 # Binds a CA to its token key (``lambda a: issuer_for(a, token)``); called only once every check passed,
 # so a refused request never touches the token.
@@ -100,7 +101,13 @@ def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> No
 
 
 def _supersede(
-    session: Session, device: Device, new: Certificate, settings: EnrollmentSettings, actor: str, now: Clock
+    session: Session,
+    device: Device,
+    new: Certificate,
+    settings: EnrollmentSettings,
+    actor: str,
+    status: StatusSigner,
+    now: Clock,
 ) -> None:
     """At most one current charger certificate per device: the older ones go (after the grace period)."""
     olders = session.scalars(
@@ -117,7 +124,7 @@ def _supersede(
             if older.revoke_after is None:
                 older.revoke_after = now() + settings.supersede_grace
         else:
-            apply_revocation(session, older, "superseded", actor=actor, now=now)
+            apply_revocation(session, older, "superseded", actor=actor, status=status, now=now)
     device.enrollment_open = False
 
 
@@ -171,11 +178,14 @@ def enroll(
     csr_data: bytes,
     credentials: Credentials,
     *,
+    status: StatusSigner,
     settings: EnrollmentSettings = EnrollmentSettings(),
     now: Clock = utcnow,
 ) -> Certificate:
     """First enrollment (EST simpleenroll): a one-time secret, or an RA enrolling on a device's behalf."""
-    return _audited("enrollment.refused", _enroll, session, issuers, authority, csr_data, credentials, settings, now)
+    return _audited(
+        "enrollment.refused", _enroll, session, issuers, status, authority, csr_data, credentials, settings, now
+    )
 
 
 def _audited(
@@ -183,6 +193,7 @@ def _audited(
     flow: Callable[..., Certificate],
     session: Session,
     issuers: IssuerFactory,
+    status: StatusSigner,
     authority: Authority,
     csr_data: bytes,
     credentials: Credentials,
@@ -194,7 +205,7 @@ def _audited(
     try:
         csr = read_csr(csr_data)
         subject = csr.common_name
-        return flow(session, issuers, authority, csr, credentials, settings, now)
+        return flow(session, issuers, status, authority, csr, credentials, settings, now)
     except ChargepkiError as exc:
         _refused(session, action, exc, credentials, subject, authority, now)
         raise
@@ -203,6 +214,7 @@ def _audited(
 def _enroll(
     session: Session,
     issuers: IssuerFactory,
+    status: StatusSigner,
     authority: Authority,
     csr: CsrRequest,
     credentials: Credentials,
@@ -248,8 +260,9 @@ def _enroll(
             issuer,
             request,
             actor=actor,
+            status=status,
             now=now,
-            before_commit=lambda row: _supersede(session, device, row, settings, actor, now),
+            before_commit=lambda row: _supersede(session, device, row, settings, actor, status, now),
         )
     except ChargepkiError:
         if secret_spent:
@@ -291,18 +304,20 @@ def reenroll(
     csr_data: bytes,
     credentials: Credentials,
     *,
+    status: StatusSigner,
     settings: EnrollmentSettings = EnrollmentSettings(),
     now: Clock = utcnow,
 ) -> Certificate:
     """Renewal or re-key (EST simplereenroll), authenticated by the device's current certificate."""
     return _audited(
-        "reenrollment.refused", _reenroll, session, issuers, authority, csr_data, credentials, settings, now
+        "reenrollment.refused", _reenroll, session, issuers, status, authority, csr_data, credentials, settings, now
     )
 
 
 def _reenroll(
     session: Session,
     issuers: IssuerFactory,
+    status: StatusSigner,
     authority: Authority,
     csr: CsrRequest,
     credentials: Credentials,
@@ -330,6 +345,7 @@ def _reenroll(
         issuer,
         request,
         actor=actor,
+        status=status,
         now=now,
-        before_commit=lambda row: _supersede(session, device, row, settings, actor, now),
+        before_commit=lambda row: _supersede(session, device, row, settings, actor, status, now),
     )

@@ -1,4 +1,4 @@
-"""Creating an environment's CA hierarchy: root → issuing CA (pathLen 0) → delegated OCSP signer.
+"""Creating an environment's CA hierarchy: root → issuing CA (pathLen 0), each with a delegated OCSP signer.
 
 All three keys are generated inside the token. Each environment (production, staging,
 factory-test) gets its own hierarchy, whose names carry the environment.
@@ -27,6 +27,7 @@ from ca.names import ca_common_name, check_country, check_environment, check_org
 from ca.pkcs11_token import Token, new_key_label
 from ca.profiles import PROFILES
 from ca.serials import new_serial
+from ca.status import StatusSigner
 from ca.token_keys import token_private_key
 
 
@@ -47,7 +48,8 @@ class HierarchyRequest:
 class Hierarchy:
     root: Authority
     issuing: Authority
-    ocsp_signer: Certificate
+    ocsp_signer: Certificate  # the issuing CA's
+    root_ocsp_signer: Certificate  # answers for the issuing CA's own certificate
 
 
 def _authority(
@@ -99,7 +101,13 @@ def _record_ca_certificate(authority: Authority, issued_by: Authority, profile: 
 
 
 def init_hierarchy(
-    session: Session, token: Token, request: HierarchyRequest, *, actor: str, now: Clock = utcnow
+    session: Session,
+    token: Token,
+    request: HierarchyRequest,
+    *,
+    actor: str,
+    status: StatusSigner,
+    now: Clock = utcnow,
 ) -> Hierarchy:
     """Create root, issuing CA and OCSP signer for one environment; refuse if it exists already."""
     environment = check_environment(request.environment)
@@ -125,12 +133,8 @@ def init_hierarchy(
         issuing = _authority(issuing_issuer, "issuing", issuing_label, root, request, now)
         session.add_all([root, issuing])
         session.flush()
-        session.add_all(
-            [
-                _record_ca_certificate(root, root, "root", now),
-                _record_ca_certificate(issuing, root, "issuing-ca", now),
-            ]
-        )
+        issuing_certificate = _record_ca_certificate(issuing, root, "issuing-ca", now)
+        session.add_all([_record_ca_certificate(root, root, "root", now), issuing_certificate])
         audit.record(
             session,
             "hierarchy.created",
@@ -155,8 +159,11 @@ def init_hierarchy(
         session.rollback()
         _destroy(token, created_labels)
         raise
-    signer = create_ocsp_signer(session, token, issuing, actor=actor, now=now)
-    return Hierarchy(root, issuing, signer)
+    signer = create_ocsp_signer(session, token, issuing, actor=actor, status=status, now=now)
+    root_signer = create_ocsp_signer(session, token, root, actor=actor, status=status, now=now)
+    status.update(session, [issuing_certificate], now())  # the root's signer exists only now
+    session.commit()
+    return Hierarchy(root, issuing, signer, root_signer)
 
 
 def _generate(token: Token, spec: KeySpec, prefix: str, created: list[str]) -> tuple[str, object]:
@@ -236,20 +243,29 @@ def _issuing_ca(
 
 
 def create_ocsp_signer(
-    session: Session, token: Token, issuing: Authority, *, actor: str, now: Clock = utcnow
+    session: Session,
+    token: Token,
+    authority: Authority,
+    *,
+    actor: str,
+    status: StatusSigner,
+    validity: timedelta | None = None,
+    now: Clock = utcnow,
 ) -> Certificate:
-    """A delegated OCSP signing certificate for ``issuing``, its key generated in the token."""
-    issuer = issuer_for(issuing, token)
+    """A delegated OCSP signing certificate for ``authority`` (root or issuing), key generated in the token."""
+    issuer = issuer_for(authority, token)
     created: list[str] = []
-    label, public_key = _generate(token, issuer.spec, f"{issuing.environment}-ocsp-signer", created)
+    label, public_key = _generate(token, issuer.spec, f"{authority.name}-ocsp", created)
+    kind = "Root OCSP Signer" if authority.role == "root" else "OCSP Signer"
     request = IssueRequest(
         profile=PROFILES["ocsp-signer"],
         public_key=public_key,  # type: ignore[arg-type]
-        common_name=ca_common_name(issuing.organization, issuing.environment, "OCSP Signer"),
+        common_name=ca_common_name(authority.organization, authority.environment, kind),
+        validity=validity,
         key_label=label,
     )
     try:
-        return issue(session, issuer, request, actor=actor, now=now)
+        return issue(session, issuer, request, actor=actor, status=status, now=now)
     except ChargepkiError:
         _destroy(token, created)
         raise

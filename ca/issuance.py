@@ -29,6 +29,7 @@ from ca.models import Certificate
 from ca.names import check_common_name, check_hostname, subject_name
 from ca.profiles import Profile
 from ca.serials import format_serial, new_serial
+from ca.status import StatusSigner
 
 Clock = Callable[[], datetime]
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
@@ -187,11 +188,13 @@ def issue(
     request: IssueRequest,
     *,
     actor: str,
+    status: StatusSigner,
     now: Clock = utcnow,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Issue and durably record one certificate under ``issuer``; return the committed row.
 
+    ``status`` pre-signs the new certificate's OCSP response in the same transaction.
     ``before_commit`` runs inside the transaction that records the certificate, so what it
     changes (superseding the previous certificate, closing enrollment) commits atomically with it.
     """
@@ -230,6 +233,7 @@ def issue(
             "fingerprint": row.fingerprint_sha256,
         },
     )
+    status.update(session, [row], now())
     if before_commit is not None:
         before_commit(row)
     session.commit()

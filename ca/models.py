@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
@@ -141,6 +142,40 @@ class Certificate(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     authority: Mapped[Authority] = relationship()
+
+
+class OcspResponse(Base):
+    """A pre-signed OCSP response for one certificate and one CertID hash algorithm.
+
+    The responder (which holds no key) serves ``der`` as it is; the component holding the
+    token writes it at issuance and revocation and re-signs it before ``next_update``.
+    """
+
+    __tablename__ = "ocsp_responses"
+    __table_args__ = (UniqueConstraint("authority_id", "serial", "hash_algorithm", name="uq_ocsp_lookup"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    authority_id: Mapped[int] = mapped_column(ForeignKey("authorities.id"))
+    serial: Mapped[str] = mapped_column(String(40))
+    hash_algorithm: Mapped[str] = mapped_column(String(8))  # sha1 | sha256 | sha384 | sha512
+    cert_status: Mapped[str] = mapped_column(String(8))  # good | revoked
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    this_update: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_update: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    signer_serial: Mapped[str] = mapped_column(String(40))
+
+
+class StatusFeed(Base):
+    """One row whose counter rises in every transaction that changes a certificate's status.
+
+    OCSP responders poll it (SQLite) or LISTEN for the matching NOTIFY (PostgreSQL) and drop
+    their caches when it moves, which is how a revocation reaches them within a second.
+    """
+
+    __tablename__ = "status_feed"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)
 
 
 class AuditEvent(Base):

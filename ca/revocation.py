@@ -14,6 +14,7 @@ from ca.certificates import get_certificate
 from ca.errors import ConflictError, InputError
 from ca.issuance import Clock, utcnow
 from ca.models import Certificate
+from ca.status import StatusSigner
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
 REASONS: dict[str, x509.ReasonFlags] = {
@@ -44,13 +45,14 @@ def revoke(
     reason: str,
     *,
     actor: str,
+    status: StatusSigner,
     invalidity_date: datetime | None = None,
     now: Clock = utcnow,
 ) -> Certificate:
     """Revoke (or put on hold) by serial and commit; a held certificate may later be revoked for good."""
     reason = parse_reason(reason)  # bad input is reported before any lookup
     certificate = get_certificate(session, serial)
-    apply_revocation(session, certificate, reason, actor=actor, invalidity_date=invalidity_date, now=now)
+    apply_revocation(session, certificate, reason, actor=actor, status=status, invalidity_date=invalidity_date, now=now)
     session.commit()
     return certificate
 
@@ -61,10 +63,12 @@ def apply_revocation(
     reason: str,
     *,
     actor: str,
+    status: StatusSigner,
     invalidity_date: datetime | None = None,
     now: Clock = utcnow,
 ) -> None:
-    """Revoke inside the caller's transaction (device disable, supersede), with its audit entry."""
+    """Revoke inside the caller's transaction (device disable, supersede), with its audit entry
+    and a freshly signed OCSP response, so the status that commits is the status that is served."""
     reason = parse_reason(reason)
     if certificate.status in ("pending", "aborted"):
         raise ConflictError(f"certificate {certificate.serial} was never issued ({certificate.status})")
@@ -97,9 +101,10 @@ def apply_revocation(
             "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
         },
     )
+    status.update(session, [certificate], at)
 
 
-def revoke_due(session: Session, *, now: Clock = utcnow) -> int:
+def revoke_due(session: Session, *, status: StatusSigner, now: Clock = utcnow) -> int:
     """Revoke certificates whose re-enrollment grace period has ended (reason superseded)."""
     due = session.scalars(
         select(Certificate).where(
@@ -108,13 +113,13 @@ def revoke_due(session: Session, *, now: Clock = utcnow) -> int:
         )
     ).all()
     for certificate in due:
-        apply_revocation(session, certificate, "superseded", actor="system:supersede", now=now)
+        apply_revocation(session, certificate, "superseded", actor="system:supersede", status=status, now=now)
     if due:
         session.commit()
     return len(due)
 
 
-def unhold(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Certificate:
+def unhold(session: Session, serial: str, *, actor: str, status: StatusSigner, now: Clock = utcnow) -> Certificate:
     """Release a ``certificateHold``: the certificate is good again."""
     certificate = get_certificate(session, serial)
     if certificate.status != "revoked" or certificate.revocation_reason != "certificateHold":
@@ -131,5 +136,6 @@ def unhold(session: Session, serial: str, *, actor: str, now: Clock = utcnow) ->
         now=now,
         details={"cn": certificate.common_name},
     )
+    status.update(session, [certificate], now())
     session.commit()
     return certificate

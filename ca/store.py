@@ -25,7 +25,7 @@ from ca.errors import StoreError
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, *, immediate: bool) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
@@ -36,15 +36,18 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    if immediate:
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Store:
     """An engine plus a session factory; the one object a process needs to reach the database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        """``read_only`` (OCSP responders) reads in autocommit: no write lock, no transaction held."""
         try:
             parsed = make_url(url)
         except ArgumentError:
@@ -54,11 +57,12 @@ class Store:
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite)
+            options = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
+            self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite, **options)
         except (ImportError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
         if self.is_sqlite:
-            _sqlite_pragmas(self.engine)
+            _sqlite_pragmas(self.engine, immediate=not read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

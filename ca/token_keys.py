@@ -71,6 +71,10 @@ class _TokenKeyMixin:
     def token_label(self) -> str:
         return self._label
 
+    @property
+    def token(self) -> Token:
+        return self._token
+
     def _refuse(self, *_: object, **__: object) -> NoReturn:
         raise TokenError(f"private key {self._label!r} lives in the PKCS#11 token and cannot be exported")
 

@@ -13,6 +13,7 @@ import click
 from ca.authorities import default_issuing_ca, get_authority
 from ca.context import Pki
 from ca.models import Authority
+from ocsp.presign import Presigner, policy_from
 
 
 def actor() -> str:
@@ -29,11 +30,19 @@ class State:
     def __init__(self, home: Path) -> None:
         self.home = home
         self._pki: Pki | None = None
+        self._status: Presigner | None = None
 
     def pki(self, *, create: bool = False) -> Pki:
         if self._pki is None:
             self._pki = Pki.open(self.home, os.environ, create=create)
         return self._pki
+
+    def status(self) -> Presigner:
+        """Pre-signs OCSP responses for every change a command makes (issue, revoke, release)."""
+        if self._status is None:
+            pki = self.pki()
+            self._status = Presigner(pki.token(), policy_from(pki.config.ocsp))
+        return self._status
 
     def close(self) -> None:
         if self._pki is not None:

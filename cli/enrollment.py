@@ -138,7 +138,9 @@ def device_show(state: State, serial: str) -> None:
 def device_disable(state: State, serial: str, revoke: bool, reason: str) -> None:
     """Refuse further enrollment of a device."""
     with state.pki().store.session() as session:
-        found, revoked = disable_device(session, serial, revoke=revoke, reason=reason, actor=actor())
+        found, revoked = disable_device(
+            session, serial, revoke=revoke, reason=reason, actor=actor(), status=state.status()
+        )
         click.echo(f"[{found.environment}] disabled {found.serial}; revoked {len(revoked)} certificate(s)")
 
 
@@ -269,7 +271,7 @@ def ra_add(
         else:
             key = ec.generate_private_key(ec.SECP256R1())
             request = IssueRequest(profile, key.public_key(), name, validity=validity)
-        row = issue(session, issuer, request, actor=actor())
+        row = issue(session, issuer, request, actor=actor(), status=state.status())
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

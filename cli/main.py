@@ -35,6 +35,7 @@ from ca.store import _one_line
 from cli.common import State, actor, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.enrollment import device, ra, serve, token_group
+from cli.ocsp import ocsp
 from cli.params import DURATION, UTC_DATETIME
 
 
@@ -106,6 +107,7 @@ def _init_options(func: Any) -> Any:
 
 
 def _initialise(
+    state: State,
     pki: Pki,
     org: str,
     country: str | None,
@@ -125,11 +127,14 @@ def _initialise(
         repository_url=crl_url,
     )
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, pki.token(), request, actor=actor())
+        hierarchy = init_hierarchy(session, pki.token(), request, actor=actor(), status=state.status())
         click.echo(f"[{environment}] initialised in {pki.config.home}")
         click.echo(f"  root CA      {hierarchy.root.name}: {hierarchy.root.subject}")
         click.echo(f"  issuing CA   {hierarchy.issuing.name}: {hierarchy.issuing.subject}")
-        click.echo(f"  OCSP signer  serial {hierarchy.ocsp_signer.serial}: {hierarchy.ocsp_signer.subject}")
+        click.echo(
+            f"  OCSP signers serial {hierarchy.ocsp_signer.serial} (issuing CA), "
+            f"{hierarchy.root_ocsp_signer.serial} (root)"
+        )
 
 
 @cli.command()
@@ -147,7 +152,7 @@ def init(
     crl_url: str,
 ) -> None:
     """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
-    _initialise(state.pki(create=True), org, country, environment, key_type, rsa_padding, ocsp_url, crl_url)
+    _initialise(state, state.pki(create=True), org, country, environment, key_type, rsa_padding, ocsp_url, crl_url)
 
 
 @cli.command()
@@ -166,7 +171,9 @@ def run(state: State, org: str, setup_only: bool) -> None:
     with pki.store.session() as session:
         authorities = list_authorities(session)
     if not authorities:
-        _initialise(pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url)
+        _initialise(
+            state, pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url
+        )
     else:
         click.echo(f"home {pki.config.home} is initialised:")
         for authority in authorities:
@@ -263,7 +270,9 @@ def issue_command(
             raise InputError(f"CA {authority.name} is a {authority.role} CA; certificates come from issuing CAs")
         note(authority)
         issuer = issuer_for(authority, pki.token())
-        row = issue(session, issuer, request_from_csr(profile, csr, issuer, validity), actor=actor())
+        row = issue(
+            session, issuer, request_from_csr(profile, csr, issuer, validity), actor=actor(), status=state.status()
+        )
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM).decode()
         serial = row.serial
     if out is not None:
@@ -365,7 +374,9 @@ def cert_show(state: State, serial: str) -> None:
 def revoke_command(state: State, serial: str, reason: str, invalidity_date: datetime | None) -> None:
     """Revoke a certificate (certificateHold can be released later with `unhold`)."""
     with state.pki().store.session() as session:
-        certificate = revoke(session, serial, reason, actor=actor(), invalidity_date=invalidity_date)
+        certificate = revoke(
+            session, serial, reason, actor=actor(), status=state.status(), invalidity_date=invalidity_date
+        )
         note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
 
@@ -376,7 +387,7 @@ def revoke_command(state: State, serial: str, reason: str, invalidity_date: date
 def unhold_command(state: State, serial: str) -> None:
     """Release a certificate from certificateHold."""
     with state.pki().store.session() as session:
-        certificate = unhold(session, serial, actor=actor())
+        certificate = unhold(session, serial, actor=actor(), status=state.status())
         note(certificate.authority)
         click.echo(f"released {certificate.serial} from hold")
 
@@ -413,7 +424,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl):
+for group in (device, token_group, ra, serve, crl, ocsp):
     cli.add_command(group)
 
 

@@ -23,6 +23,7 @@ from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.pkcs11_token import Token
 from ca.softhsm import create_token, write_softhsm_conf
 from ca.store import Store
+from ocsp.presign import Presigner
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("CHARGEPKI_REQUIRE_POSTGRES") == "1"
@@ -109,8 +110,9 @@ def session(store: Store) -> Iterator[Session]:
 
 @pytest.fixture
 def hierarchy(session: Session, token: Token) -> Hierarchy:
+    status = Presigner(token)
     request = HierarchyRequest(organization="Acme Charging", country="DE", environment="production")
-    return init_hierarchy(session, token, request, actor="test")
+    return init_hierarchy(session, token, request, actor="test", status=status)
 
 
 # -- a home for CLI tests ---------------------------------------------------------------------
@@ -121,3 +123,9 @@ def home(tmp_path: Path, db_url: str, token_settings: tuple[Pkcs11Settings, str]
     home = tmp_path / "home"
     write_config(PkiConfig(home=home, database_url=db_url, pkcs11=settings))
     return home
+
+
+@pytest.fixture
+def status(token: Token) -> Presigner:
+    """Pre-signs OCSP responses for what a test issues and revokes (per test: ids differ per database)."""
+    return Presigner(token)

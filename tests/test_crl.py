@@ -27,15 +27,17 @@ from ca.revocation import revoke
 from ca.store import Store
 from cli.main import cli
 from crl.publisher import PublishError, publish_all, publish_crl
+from ocsp.presign import Presigner
 from tests.helpers import make_csr, openssl
 
 
 def _charger(
     session: Session, hierarchy: Hierarchy, token: Token, cn: str, validity: timedelta | None = None, now=None
 ) -> Certificate:
+    status = Presigner(token)
     issuer = issuer_for(hierarchy.issuing, token)
     request = request_from_csr(get_profile("charger"), read_csr(make_csr(cn)), issuer, validity)
-    return issue(session, issuer, request, actor="test", **({"now": now} if now else {}))
+    return issue(session, issuer, request, actor="test", **({"now": now} if now else {}), status=status)
 
 
 def _load(path: Path) -> x509.CertificateRevocationList:
@@ -54,6 +56,7 @@ def _pem_bundle(hierarchy: Hierarchy, path: Path) -> Path:
 
 @pytest.fixture
 def revoked(session: Session, hierarchy: Hierarchy, token: Token) -> dict[str, Certificate]:
+    status = Presigner(token)
     rows = {
         name: _charger(session, hierarchy, token, f"CP-{name}")
         for name in ("compromised", "unspecified", "held", "good")
@@ -64,9 +67,10 @@ def revoked(session: Session, hierarchy: Hierarchy, token: Token) -> dict[str, C
         "keyCompromise",
         actor="test",
         invalidity_date=datetime.now(UTC) - timedelta(days=1),
+        status=status,
     )
-    revoke(session, rows["unspecified"].serial, "unspecified", actor="test")
-    revoke(session, rows["held"].serial, "certificateHold", actor="test")
+    revoke(session, rows["unspecified"].serial, "unspecified", actor="test", status=status)
+    revoke(session, rows["held"].serial, "certificateHold", actor="test", status=status)
     return rows
 
 
@@ -111,7 +115,8 @@ def test_openssl_and_pkilint_accept_the_crl(
 def test_the_root_crl_covers_the_issuing_ca(
     session: Session, hierarchy: Hierarchy, token: Token, tmp_path: Path
 ) -> None:
-    revoke(session, hierarchy.issuing.serial, "cACompromise", actor="test")
+    status = Presigner(token)
+    revoke(session, hierarchy.issuing.serial, "cACompromise", actor="test", status=status)
     published = {p.authority: p for p in publish_all(session, token, tmp_path)}
     root_entries = [format(e.serial_number, "X") for e in _load(published[hierarchy.root.name].path)]
     assert root_entries == [hierarchy.issuing.serial]
@@ -120,8 +125,9 @@ def test_the_root_crl_covers_the_issuing_ca(
 def test_expired_certificates_leave_the_crl(
     session: Session, hierarchy: Hierarchy, token: Token, tmp_path: Path
 ) -> None:
+    status = Presigner(token)
     short = _charger(session, hierarchy, token, "CP-SHORT", validity=timedelta(days=2))
-    revoke(session, short.serial, "superseded", actor="test")
+    revoke(session, short.serial, "superseded", actor="test", status=status)
     issuer = issuer_for(hierarchy.issuing, token)
     assert len(list(_load(publish_crl(session, issuer, hierarchy.issuing, tmp_path, now=datetime.now(UTC)).path))) == 1
     later = datetime.now(UTC) + timedelta(days=3)

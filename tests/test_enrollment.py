@@ -17,6 +17,7 @@ from ca.errors import AuthenticationError
 from ca.hierarchy import Hierarchy
 from ca.pkcs11_token import Token
 from ca.revocation import revoke_due
+from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
 
@@ -27,6 +28,7 @@ def _der(pem: bytes) -> bytes:
 def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
     session: Session, hierarchy: Hierarchy, token: Token
 ) -> None:
+    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-GRACE", actor="test")
     secret = issue_secret(session, device, actor="test")
@@ -37,6 +39,7 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
         hierarchy.issuing,
         _der(make_csr("CP-GRACE", key=key)),
         Credentials(username="CP-GRACE", password=secret),
+        status=status,
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
     renewed = reenroll(
@@ -46,11 +49,12 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
         _der(make_csr("CP-GRACE", key=key)),
         Credentials(client_certificate=first.der),
         settings=settings,
+        status=status,
     )
     assert first.status == "valid" and first.revoke_after is not None and renewed.status == "valid"
-    assert revoke_due(session) == 0, "still inside the grace period"
+    assert revoke_due(session, status=status) == 0, "still inside the grace period"
     later = datetime.now(UTC) + timedelta(hours=2)
-    assert revoke_due(session, now=lambda: later) == 1
+    assert revoke_due(session, now=lambda: later, status=status) == 1
     session.refresh(first)
     assert (first.status, first.revocation_reason) == ("revoked", "superseded")
 
@@ -58,6 +62,7 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
 def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
     session: Session, hierarchy: Hierarchy, token: Token
 ) -> None:
+    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-TWICE", actor="test")
     key = make_key()
@@ -68,6 +73,7 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
         hierarchy.issuing,
         csr,
         Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
+        status=status,
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
     start = datetime.now(UTC)
@@ -79,6 +85,7 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
         Credentials(client_certificate=first.der),
         settings=settings,
         now=lambda: start,
+        status=status,
     )
     deadline = first.revoke_after
     reenroll(
@@ -89,6 +96,7 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
         Credentials(client_certificate=second.der),
         settings=settings,
         now=lambda: start + timedelta(minutes=30),
+        status=status,
     )
     session.refresh(first)
     assert first.revoke_after == deadline
@@ -98,6 +106,7 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
     session: Session, hierarchy: Hierarchy, token: Token
 ) -> None:
     """Behind a proxy TLS may not check expiry; the core does, whatever the transport."""
+    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-OLD", actor="test")
     key = make_key()
@@ -108,7 +117,16 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
         hierarchy.issuing,
         csr,
         Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
+        status=status,
     )
     later = first.not_after + timedelta(days=1)
     with pytest.raises(AuthenticationError, match="has expired"):
-        reenroll(session, issuers, hierarchy.issuing, csr, Credentials(client_certificate=first.der), now=lambda: later)
+        reenroll(
+            session,
+            issuers,
+            hierarchy.issuing,
+            csr,
+            Credentials(client_certificate=first.der),
+            now=lambda: later,
+            status=status,
+        )

@@ -31,6 +31,7 @@ from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke
 from ca.store import Store
+from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.helpers import make_csr, make_key
@@ -117,13 +118,18 @@ def certificate_from(response: requests.Response) -> x509.Certificate:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def fleet(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Fleet]:
+    status = Presigner(token)
     tmp = tmp_path_factory.mktemp(f"est-{request.param}")
     with database(request.param, tmp) as url:
         store = Store(url)
         store.upgrade()
         with store.session() as session:
-            hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test")
-            init_hierarchy(session, token, HierarchyRequest(organization=ORG, environment="staging"), actor="test")
+            hierarchy = init_hierarchy(
+                session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status
+            )
+            init_hierarchy(
+                session, token, HierarchyRequest(organization=ORG, environment="staging"), actor="test", status=status
+            )
             root = tmp / "root.pem"
             root.write_bytes(
                 x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)
@@ -263,7 +269,7 @@ def test_csr_and_device_checks(fleet: Fleet, case: str, status: int, reason: str
     )
     if case == "disabled":
         with fleet.store.session() as session:
-            disable_device(session, serial, actor="test")
+            disable_device(session, serial, actor="test", status=status)
     before = fleet.refusals()
     response = fleet.post("simpleenroll", body, auth=(serial, secret))
     assert response.status_code == status and reason in response.text
@@ -368,6 +374,7 @@ def test_reenroll_requires_the_current_certificate(fleet: Fleet) -> None:
 
 
 def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet) -> None:
+    status = Presigner(fleet.token)
     serial, identity, key = _enrolled(fleet, "revoked")
     with fleet.store.session() as session:
         revoke(
@@ -375,12 +382,14 @@ def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet) -> None:
             format(x509.load_pem_x509_certificate(Path(identity[0]).read_bytes()).serial_number, "X"),
             "keyCompromise",
             actor="test",
+            status=status,
         )
     response = fleet.post("simplereenroll", b64csr(serial, key=key), cert=identity)
     assert response.status_code == 401 and "revoked" in response.text
 
 
 def test_reenroll_with_an_expired_certificate_is_refused(fleet: Fleet) -> None:
+    status = Presigner(fleet.token)
     serial, _secret = fleet.register()
     key = make_key()
     with fleet.store.session() as session:
@@ -393,7 +402,7 @@ def test_reenroll_with_an_expired_certificate_is_refused(fleet: Fleet) -> None:
             validity=timedelta(days=1),
             device_id=get_device(session, serial).id,
         )
-        row = issue(session, issuer_for(authority, fleet.token), request, actor="test", now=lambda: past)
+        row = issue(session, issuer_for(authority, fleet.token), request, actor="test", now=lambda: past, status=status)
     identity = fleet.write_identity_from(x509.load_der_x509_certificate(row.der), key, "expired")
     try:
         response = fleet.post("simplereenroll", b64csr(serial, key=key), cert=identity)
@@ -419,6 +428,7 @@ def test_reenroll_subject_must_match(fleet: Fleet) -> None:
 
 # -- registration authorities ----------------------------------------------------------------------------
 def _ra_identity(fleet: Fleet, name: str) -> tuple[tuple[str, str], str]:
+    status = Presigner(fleet.token)
     key = make_key()
     with fleet.store.session() as session:
         authority = default_issuing_ca(session, "production")
@@ -427,11 +437,13 @@ def _ra_identity(fleet: Fleet, name: str) -> tuple[tuple[str, str], str]:
             issuer_for(authority, fleet.token),
             IssueRequest(get_profile("ra"), key.public_key(), name),
             actor="test",
+            status=status,
         )
     return fleet.write_identity_from(x509.load_der_x509_certificate(row.der), key, name), row.serial
 
 
 def test_an_ra_enrolls_registered_devices_without_secrets(fleet: Fleet) -> None:
+    status = Presigner(fleet.token)
     identity, ra_serial = _ra_identity(fleet, "station-1")
     serial, _ = fleet.register()
     certificate = certificate_from(fleet.post("simpleenroll", b64csr(serial), cert=identity))
@@ -439,7 +451,7 @@ def test_an_ra_enrolls_registered_devices_without_secrets(fleet: Fleet) -> None:
     unregistered = fleet.post("simpleenroll", b64csr("CP-NOT-REGISTERED"), cert=identity)
     assert unregistered.status_code == 403 and "not registered" in unregistered.text
     with fleet.store.session() as session:
-        revoke(session, ra_serial, "privilegeWithdrawn", actor="test")
+        revoke(session, ra_serial, "privilegeWithdrawn", actor="test", status=status)
     other, _ = fleet.register()
     revoked = fleet.post("simpleenroll", b64csr(other), cert=identity)
     assert revoked.status_code == 401 and "revoked" in revoked.text

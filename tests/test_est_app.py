@@ -17,6 +17,7 @@ from ca.enrollment_secrets import issue_secret
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.models import AuditEvent
 from ca.pkcs11_token import Token
+from ocsp.presign import Presigner
 from tests.conftest import new_token_settings
 from tests.helpers import make_csr
 from web.app import create_app
@@ -25,13 +26,14 @@ from web.app import create_app
 def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     tmp_path: Path, db_url: str, token: Token, softhsm_conf: Path
 ) -> None:
+    status = Presigner(token)
     # The hierarchy's keys are in the shared test token; the service is pointed at another token.
     other_token, _pin = new_token_settings(softhsm_conf, tmp_path)
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=other_token))
     pki = Pki.open(home, {})
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
+        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
         add_device(session, "CP-503", actor="test")
         secret = issue_secret(session, get_device(session, "CP-503"), actor="test")
     client = create_app(pki, EstSettings()).test_client()
@@ -89,11 +91,12 @@ def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings)
 
 
 def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, token: Token, token_settings) -> None:
+    status = Presigner(token)
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {})
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
+        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
     client = create_app(pki, EstSettings()).test_client()
     der = x509.load_pem_x509_csr(make_csr("CP-1")).public_bytes(serialization.Encoding.DER)
     for header in (

@@ -26,6 +26,7 @@ from ca.issuance import IssueRequest, issue
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.store import Store
+from ocsp.presign import Presigner
 from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.helpers import make_key
 
@@ -34,11 +35,12 @@ ORG = "Acme Charging"
 
 @pytest.fixture(scope="module")
 def installation(tmp_path_factory, token: Token) -> Iterator[tuple[Store, Path, Path]]:
+    status = Presigner(token)
     tmp = tmp_path_factory.mktemp("transport")
     store = Store(f"sqlite:///{tmp / 'db.sqlite'}")
     store.upgrade()
     with store.session() as session:
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test")
+        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
     root = tmp / "root.pem"
     root.write_bytes(
         x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)
@@ -54,6 +56,7 @@ def _server(installation, token_settings: tuple[Pkcs11Settings, str], name: str,
 
 
 def _device_certificate(store: Store, token: Token, serial: str) -> tuple[x509.Certificate, object]:
+    status = Presigner(token)
     key = make_key()
     with store.session() as session:
         add_device(session, serial, actor="test")
@@ -63,6 +66,7 @@ def _device_certificate(store: Store, token: Token, serial: str) -> tuple[x509.C
             issuer_for(authority, token),
             IssueRequest(get_profile("charger"), key.public_key(), serial, device_id=get_device(session, serial).id),
             actor="test",
+            status=status,
         )
     return x509.load_der_x509_certificate(row.der), key
 

@@ -90,7 +90,7 @@ def test_the_embedded_token_keys_are_not_extractable(fresh_home: Path) -> None:
     env = {**os.environ, "SOFTHSM2_CONF": str(fresh_home / "softhsm" / "softhsm2.conf")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "3", "root, issuing CA and OCSP signer keys"
+    assert result.stdout.strip() == "4", "root and issuing CA keys, and an OCSP signer key for each"
 
 
 def _module() -> str:

@@ -25,6 +25,7 @@ from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.serials import format_serial, new_serial, parse_serial
 from ca.store import Store
+from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
 
@@ -34,8 +35,9 @@ def issuer(hierarchy: Hierarchy, token: Token) -> Issuer:
 
 
 def _issue(session: Session, issuer: Issuer, csr: bytes, profile: str = "charger", **kwargs) -> Certificate:
+    status = Presigner(issuer.private_key.token)
     request = request_from_csr(get_profile(profile), read_csr(csr), issuer, **kwargs)
-    return issue(session, issuer, request, actor="test")
+    return issue(session, issuer, request, actor="test", status=status)
 
 
 # -- refusals --------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ def test_hot_lookups_are_indexed(db_url: str) -> None:
     assert ("status", "not_after") in indexed and ("not_after",) in indexed  # expiry listings
     assert ("serial",) in unique and ("fingerprint_sha256",) in unique
     assert ("public_key_sha256",) in indexed  # one key, one identity
+    ocsp_unique = {tuple(c["column_names"]) for c in inspector.get_unique_constraints("ocsp_responses")}
+    assert ("authority_id", "serial", "hash_algorithm") in ocsp_unique  # the responder's one lookup
+    assert ("next_update",) in {tuple(i["column_names"]) for i in inspector.get_indexes("ocsp_responses")}
     store.dispose()
 
 

@@ -23,6 +23,7 @@ from ca.issuance import issue, request_from_csr
 from ca.pkcs11_token import Token
 from ca.profiles import PROFILES, get_profile
 from ca.store import Store
+from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key, openssl, pem, pkilint_findings, write
 
 LEAF_REQUESTS = {
@@ -36,11 +37,14 @@ OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver", "ra": "ss
 
 
 def _issue_all(session: Session, token: Token, hierarchy: Hierarchy, leaf_key: str) -> dict[str, bytes]:
+    status = Presigner(token)
     issuer = issuer_for(hierarchy.issuing, token)
     issued = {"root": hierarchy.root.certificate_der, "issuing-ca": hierarchy.issuing.certificate_der}
     for profile_name, fields in LEAF_REQUESTS.items():
         csr = read_csr(make_csr(key=make_key(leaf_key), **fields))
-        row = issue(session, issuer, request_from_csr(get_profile(profile_name), csr, issuer), actor="test")
+        row = issue(
+            session, issuer, request_from_csr(get_profile(profile_name), csr, issuer), actor="test", status=status
+        )
         assert row.der is not None
         issued[profile_name] = row.der
     return issued
@@ -56,6 +60,7 @@ def issued_by_kind(token: Token, tmp_path_factory: pytest.TempPathFactory):
     cache: dict[str, dict[str, Path]] = {}
 
     def build(kind: str) -> dict[str, Path]:
+        status = Presigner(token)
         if kind not in cache:
             key_type = kind.removesuffix("-pss")
             directory = tmp_path_factory.mktemp(kind)
@@ -72,6 +77,7 @@ def issued_by_kind(token: Token, tmp_path_factory: pytest.TempPathFactory):
                         rsa_padding="pss" if kind.endswith("-pss") else "pkcs1",
                     ),
                     actor="test",
+                    status=status,
                 )
                 leaf_key = "ec-p256" if key_type.startswith("ec") else "rsa-2048"
                 cache[kind] = {
@@ -223,8 +229,11 @@ def _time_choice(der: bytes, which: str) -> str:
 
 def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, token: Token) -> None:
     """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on."""
+    status = Presigner(token)
     with freeze_time(datetime(2040, 6, 1, tzinfo=UTC)):
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test")
+        hierarchy = init_hierarchy(
+            session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status
+        )
     root = hierarchy.root.certificate_der
     assert x509.load_der_x509_certificate(root).not_valid_after_utc.year == 2060
     assert _time_choice(root, "not_before") == "utc_time"

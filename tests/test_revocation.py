@@ -17,13 +17,21 @@ from ca.models import Certificate
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import REASONS, parse_reason, revoke, unhold
+from ocsp.presign import Presigner
 from tests.helpers import make_csr
 
 
 @pytest.fixture
 def charger(session: Session, hierarchy: Hierarchy, token: Token) -> Certificate:
+    status = Presigner(token)
     issuer = issuer_for(hierarchy.issuing, token)
-    return issue(session, issuer, request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer), actor="test")
+    return issue(
+        session,
+        issuer,
+        request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer),
+        actor="test",
+        status=status,
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,11 +55,17 @@ def test_remove_from_crl_is_not_a_revocation_reason() -> None:
         parse_reason("removeFromCRL")
 
 
-def test_revoke_records_reason_time_and_audit(session: Session, charger: Certificate) -> None:
+def test_revoke_records_reason_time_and_audit(session: Session, status: Presigner, charger: Certificate) -> None:
     when = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     compromised = when - timedelta(days=2)
     revoked = revoke(
-        session, charger.serial, "keyCompromise", actor="admin", invalidity_date=compromised, now=lambda: when
+        session,
+        charger.serial,
+        "keyCompromise",
+        actor="admin",
+        invalidity_date=compromised,
+        now=lambda: when,
+        status=status,
     )
     assert (revoked.status, revoked.revocation_reason, revoked.revoked_at) == (
         "revoked",
@@ -64,38 +78,40 @@ def test_revoke_records_reason_time_and_audit(session: Session, charger: Certifi
     assert audit.verify(session).ok
 
 
-def test_revoking_twice_is_refused(session: Session, charger: Certificate) -> None:
-    revoke(session, charger.serial, "superseded", actor="admin")
+def test_revoking_twice_is_refused(session: Session, status: Presigner, charger: Certificate) -> None:
+    revoke(session, charger.serial, "superseded", actor="admin", status=status)
     with pytest.raises(ConflictError, match="already revoked"):
-        revoke(session, charger.serial, "keyCompromise", actor="admin")
+        revoke(session, charger.serial, "keyCompromise", actor="admin", status=status)
 
 
-def test_a_hold_can_be_released(session: Session, charger: Certificate) -> None:
-    revoke(session, charger.serial, "certificateHold", actor="admin")
-    released = unhold(session, charger.serial, actor="admin")
+def test_a_hold_can_be_released(session: Session, status: Presigner, charger: Certificate) -> None:
+    revoke(session, charger.serial, "certificateHold", actor="admin", status=status)
+    released = unhold(session, charger.serial, actor="admin", status=status)
     assert released.status == "valid" and released.revocation_reason is None and released.revoked_at is None
 
 
-def test_a_hold_can_become_permanent_keeping_its_time(session: Session, charger: Certificate) -> None:
+def test_a_hold_can_become_permanent_keeping_its_time(
+    session: Session, status: Presigner, charger: Certificate
+) -> None:
     held_at = datetime(2026, 12, 1, tzinfo=UTC)
-    revoke(session, charger.serial, "certificateHold", actor="admin", now=lambda: held_at)
-    final = revoke(session, charger.serial, "keyCompromise", actor="admin")
+    revoke(session, charger.serial, "certificateHold", actor="admin", now=lambda: held_at, status=status)
+    final = revoke(session, charger.serial, "keyCompromise", actor="admin", status=status)
     assert final.revocation_reason == "keyCompromise" and final.revoked_at == held_at
     with pytest.raises(ConflictError, match="not on hold"):
-        unhold(session, charger.serial, actor="admin")
+        unhold(session, charger.serial, actor="admin", status=status)
 
 
-def test_unknown_serial_is_refused(session: Session, hierarchy: Hierarchy) -> None:
+def test_unknown_serial_is_refused(session: Session, status: Presigner, hierarchy: Hierarchy) -> None:
     with pytest.raises(NotFoundError, match="no certificate with serial DEADBEEF"):
-        revoke(session, "deadbeef", "superseded", actor="admin")
+        revoke(session, "deadbeef", "superseded", actor="admin", status=status)
 
 
-def test_roots_are_not_revoked(session: Session, hierarchy: Hierarchy) -> None:
+def test_roots_are_not_revoked(session: Session, status: Presigner, hierarchy: Hierarchy) -> None:
     with pytest.raises(ConflictError, match="root certificate cannot be revoked"):
-        revoke(session, hierarchy.root.serial, "cACompromise", actor="admin")
+        revoke(session, hierarchy.root.serial, "cACompromise", actor="admin", status=status)
 
 
-def test_a_future_invalidity_date_is_refused(session: Session, charger: Certificate) -> None:
+def test_a_future_invalidity_date_is_refused(session: Session, status: Presigner, charger: Certificate) -> None:
     with pytest.raises(InputError, match="future"):
         revoke(
             session,
@@ -103,4 +119,5 @@ def test_a_future_invalidity_date_is_refused(session: Session, charger: Certific
             "keyCompromise",
             actor="admin",
             invalidity_date=datetime.now(UTC) + timedelta(days=1),
+            status=status,
         )

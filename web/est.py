@@ -31,6 +31,7 @@ from ca.errors import InputError, NotFoundError
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
+from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
 est = Blueprint("est", __name__)
@@ -166,6 +167,15 @@ def cacerts(label: str | None = None) -> Response:
     return _certs_only(certificates)
 
 
+def _status() -> Presigner:
+    """Pre-signs the OCSP responses of what this worker issues and revokes (one per worker)."""
+    presigner = current_app.extensions.get("chargepki.status")
+    if presigner is None:
+        pki = _pki()
+        presigner = current_app.extensions["chargepki.status"] = Presigner(pki.token(), policy_from(pki.config.ocsp))
+    return presigner
+
+
 def _issuer(authority: Authority) -> Issuer:
     """The CA bound to its token key, kept per worker: binding costs token lookups and a parse."""
     cache: dict[tuple[int, str], Issuer] = current_app.extensions.setdefault("chargepki.issuers", {})
@@ -186,7 +196,7 @@ def _sweep_superseded(session: Session) -> None:
     state = current_app.extensions.setdefault("chargepki.sweep", {"last": 0.0})
     if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
         state["last"] = time.monotonic()
-        revoke_due(session)
+        revoke_due(session, status=_status())
 
 
 def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:
@@ -202,6 +212,7 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
             authority,
             csr,
             credentials,
+            status=_status(),
             settings=_enrollment_settings(),
         )
         certificate = x509.load_der_x509_certificate(row.der)

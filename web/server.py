@@ -27,6 +27,7 @@ from ca.config import EstSettings
 from ca.context import Pki
 from ca.issuance import IssueRequest, issue, utcnow
 from ca.profiles import get_profile
+from ocsp.presign import Presigner, policy_from
 from web.app import create_app
 
 SERVER_VALIDITY = timedelta(days=90)
@@ -72,7 +73,8 @@ def prepare_tls(pki: Pki, settings: EstSettings) -> dict[str, str]:
                 dns_names=settings.server_names,
                 validity=SERVER_VALIDITY,
             )
-            row = issue(session, issuer, request, actor="system:est")
+            status = Presigner(pki.token(), policy_from(pki.config.ocsp))
+            row = issue(session, issuer, request, actor="system:est", status=status)
             chain_pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
             chain_pem += x509.load_der_x509_certificate(authority.certificate_der).public_bytes(
                 serialization.Encoding.PEM

@@ -1,0 +1,268 @@
+"""Pre-signing: the token side of OCSP. Responses are signed here, stored, and served elsewhere.
+
+``Presigner`` is the ``ca.status.StatusSigner`` that issuance and every revocation path call
+inside their transaction; ``refresh`` re-signs what is due before its nextUpdate; ``sign_request``
+answers what no stored response covers (unknown serials, several CertIDs, another hash).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from sqlalchemy import delete, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from ca.config import OcspSettings
+from ca.errors import ChargepkiError
+from ca.hierarchy import create_ocsp_signer
+from ca.models import Authority, Certificate, OcspResponse
+from ca.pkcs11_token import Token
+from ca.status import signal_change
+from ca.token_keys import token_private_key
+from ocsp.certid import CertId, IssuerHashes, issuer_hashes
+from ocsp.signing import ResponseSigner, SingleStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VALIDITY = timedelta(hours=24)
+DEFAULT_HASHES = ("sha1",)  # what OpenSSL, Go, Java and nginx send; others are signed on first use
+
+
+@dataclass(frozen=True)
+class OcspPolicy:
+    """How long responses live and which CertID hashes are signed ahead of any request."""
+
+    validity: timedelta = DEFAULT_VALIDITY
+    hashes: tuple[str, ...] = DEFAULT_HASHES
+
+    @property
+    def refresh_before(self) -> timedelta:
+        """Re-sign once half the validity has passed, so a stalled refresher has half a life to recover."""
+        return self.validity / 2
+
+
+def certificate_status(certificate: Certificate, cert_id: CertId) -> SingleStatus:
+    if certificate.status == "revoked":
+        return SingleStatus(cert_id, "revoked", certificate.revoked_at, certificate.revocation_reason)
+    if certificate.status == "valid":
+        return SingleStatus(cert_id, "good")
+    return SingleStatus(cert_id, "unknown")  # pending or aborted: never handed out
+
+
+def answerable(certificate: Certificate) -> bool:
+    """Issued certificates other than roots (a root's status is not any CA's to answer)."""
+    return certificate.status in ("valid", "revoked") and certificate.profile != "root"
+
+
+class Presigner:
+    """Signs and stores OCSP responses with each CA's current delegated signer (keys in the token)."""
+
+    def __init__(self, token: Token, policy: OcspPolicy | None = None) -> None:
+        self.token = token
+        self.policy = policy or OcspPolicy()
+        self._signers: dict[str, ResponseSigner] = {}  # by signer serial
+        self._issuers: dict[int, dict[str, IssuerHashes]] = {}
+
+    # -- who signs for a CA ----------------------------------------------------------------------
+    def signer_for(self, session: Session, authority_id: int, now: datetime) -> ResponseSigner | None:
+        """The CA's newest valid delegated signer whose key chargepki holds, or None."""
+        row = session.execute(
+            select(Certificate.serial, Certificate.der, Certificate.key_label, Authority.rsa_padding)
+            .join(Authority, Authority.id == Certificate.authority_id)
+            .where(
+                Certificate.authority_id == authority_id,
+                Certificate.profile == "ocsp-signer",
+                Certificate.status == "valid",
+                Certificate.key_label.is_not(None),
+                Certificate.not_before <= now,
+                Certificate.not_after > now,
+            )
+            .order_by(Certificate.not_after.desc(), Certificate.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        signer = self._signers.get(row.serial)
+        if signer is None:
+            certificate = x509.load_der_x509_certificate(row.der)
+            key = token_private_key(self.token, row.key_label, certificate.public_key())
+            signer = ResponseSigner(authority_id, row.serial, certificate, row.der, key, row.rsa_padding)
+            self._signers[row.serial] = signer
+        return signer
+
+    def issuer_hashes(self, session: Session, authority_id: int) -> dict[str, IssuerHashes]:
+        hashes = self._issuers.get(authority_id)
+        if hashes is None:
+            der = session.scalar(select(Authority.certificate_der).where(Authority.id == authority_id))
+            if der is None:
+                raise ChargepkiError(f"no CA with id {authority_id}")
+            hashes = {h.hash_algorithm: h for h in issuer_hashes(x509.load_der_x509_certificate(der))}
+            self._issuers[authority_id] = hashes
+        return hashes
+
+    def cert_id(self, session: Session, certificate: Certificate, algorithm: str) -> CertId:
+        issuer = self.issuer_hashes(session, certificate.authority_id)[algorithm]
+        return CertId(algorithm, issuer.name_hash, issuer.key_hash, int(certificate.serial, 16))
+
+    # -- the StatusSigner seam -------------------------------------------------------------------
+    def update(self, session: Session, certificates: Sequence[Certificate], now: datetime) -> None:
+        """Re-sign the stored responses of ``certificates``; if the token fails, drop them instead."""
+        try:
+            self.store(session, certificates, now)
+        except ChargepkiError as exc:
+            log.warning("OCSP pre-signing failed, dropping stored responses instead: %s", exc)
+            drop_responses(session, certificates)
+        signal_change(session)
+
+    def store(self, session: Session, certificates: Iterable[Certificate], now: datetime) -> int:
+        """Sign and upsert a response per certificate and hash algorithm; returns how many."""
+        count = 0
+        for certificate in certificates:
+            if not answerable(certificate):
+                continue
+            signer = self.signer_for(session, certificate.authority_id, now)
+            if signer is None:  # no signer yet (init order) or none left: never serve a stale answer
+                drop_responses(session, [certificate])
+                continue
+            stored = session.scalars(
+                select(OcspResponse.hash_algorithm).where(
+                    OcspResponse.authority_id == certificate.authority_id, OcspResponse.serial == certificate.serial
+                )
+            ).all()
+            for algorithm in dict.fromkeys([*self.policy.hashes, *stored]):
+                status = certificate_status(certificate, self.cert_id(session, certificate, algorithm))
+                der = signer.sign([status], this_update=now, next_update=now + self.policy.validity)
+                upsert_response(session, certificate, algorithm, status.status, der, signer, now, self.policy)
+                count += 1
+        return count
+
+
+def drop_responses(session: Session, certificates: Iterable[Certificate]) -> None:
+    keys = [(c.authority_id, c.serial) for c in certificates]
+    if keys:
+        session.execute(delete(OcspResponse).where(tuple_(OcspResponse.authority_id, OcspResponse.serial).in_(keys)))
+
+
+_REPLACED = ("cert_status", "der", "this_update", "next_update", "signer_serial")
+
+
+def upsert_response(
+    session: Session,
+    certificate: Certificate,
+    algorithm: str,
+    status: str,
+    der: bytes,
+    signer: ResponseSigner,
+    now: datetime,
+    policy: OcspPolicy,
+) -> None:
+    values = {
+        "authority_id": certificate.authority_id,
+        "serial": certificate.serial,
+        "hash_algorithm": algorithm,
+        "cert_status": status,
+        "der": der,
+        "this_update": now,
+        "next_update": min(now + policy.validity, signer.not_after),
+        "signer_serial": signer.serial,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(OcspResponse).values(**values)
+    statement = statement.on_conflict_do_update(
+        index_elements=["authority_id", "serial", "hash_algorithm"],
+        set_={key: statement.excluded[key] for key in _REPLACED},
+    )
+    session.execute(statement)
+
+
+# -- refreshing ----------------------------------------------------------------------------------
+def due_certificates(
+    session: Session, policy: OcspPolicy, now: datetime, signer: ResponseSigner, limit: int
+) -> list[Certificate]:
+    """Unexpired issued certificates of the signer's CA whose response is due, signed by an older
+    signer, or missing."""
+    same_certificate = (OcspResponse.authority_id == Certificate.authority_id) & (
+        OcspResponse.serial == Certificate.serial
+    )
+    outdated = select(OcspResponse.id).where(
+        same_certificate,
+        or_(OcspResponse.next_update <= now + policy.refresh_before, OcspResponse.signer_serial != signer.serial),
+    )
+    missing = ~select(OcspResponse.id).where(same_certificate).exists()
+    query = (
+        select(Certificate)
+        .where(
+            Certificate.authority_id == signer.authority_id,
+            Certificate.status.in_(("valid", "revoked")),
+            Certificate.profile != "root",
+            Certificate.not_after > now,
+            or_(outdated.exists(), missing),
+        )
+        .order_by(Certificate.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # Lock the rows: a revocation committing meanwhile waits, so its response is always written last.
+        query = query.with_for_update(of=Certificate, skip_locked=True)
+    return list(session.scalars(query))
+
+
+def refresh(session: Session, presigner: Presigner, now: datetime, *, batch: int = 200) -> int:
+    """Re-sign every due response, a committed batch at a time; returns how many were signed.
+
+    CAs without a current signer are left out (``rotate_signers`` makes one); their certificates
+    are answered by the on-demand signer meanwhile, or not at all, never from a stale response.
+    """
+    total = 0
+    for authority_id in list(session.scalars(select(Authority.id).order_by(Authority.id))):
+        signer = presigner.signer_for(session, authority_id, now)
+        while signer is not None:
+            certificates = due_certificates(session, presigner.policy, now, signer, batch)
+            if not certificates:
+                break
+            total += presigner.store(session, certificates, now)
+            session.commit()
+    session.rollback()
+    return total
+
+
+def rotate_signers(
+    session: Session,
+    presigner: Presigner,
+    *,
+    actor: str,
+    now: datetime,
+    validity: timedelta,
+    force: bool = False,
+    authority_names: Sequence[str] = (),
+) -> list[tuple[Authority, Certificate]]:
+    """A new delegated signer for every unexpired CA whose signer is missing or has a third of its life left.
+
+    ``refresh`` then re-signs that CA's responses with it; the old signer's responses stay valid
+    meanwhile, since none outlives its signer.
+    """
+    rotated = []
+    for authority in session.scalars(select(Authority).where(Authority.not_after > now).order_by(Authority.id)):
+        if authority_names and authority.name not in authority_names:
+            continue
+        signer = presigner.signer_for(session, authority.id, now)
+        if signer is not None and not force:
+            lifetime = signer.not_after - signer.certificate.not_valid_before_utc
+            if signer.not_after - now > lifetime / 3:
+                continue
+        row = create_ocsp_signer(
+            session, presigner.token, authority, actor=actor, status=presigner, validity=validity, now=lambda: now
+        )
+        rotated.append((authority, row))
+    return rotated
+
+
+def policy_from(settings: OcspSettings) -> OcspPolicy:
+    return OcspPolicy(validity=timedelta(hours=settings.validity_hours), hashes=settings.presign_hashes)

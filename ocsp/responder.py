@@ -1,0 +1,77 @@
+"""The keyless OCSP responder: request bytes in, response bytes and caching facts out.
+
+It holds no key and no token. Answers come from the pre-signed store (through the cache);
+what the store cannot answer (unknown serials, several CertIDs, a hash not signed ahead, a
+response past its nextUpdate) goes to the on-demand signer over a local socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC
+
+from cryptography.x509 import ocsp
+
+from ocsp.requests import MalformedRequest, parse_request
+from ocsp.signer_service import SignerClient, SignerUnavailable
+from ocsp.signing import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
+from ocsp.source import CachedSource, SourceUnavailable, Stored, stored
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: bytes
+    cache: Stored | None = None  # None: an error status, not to be cached
+
+
+MALFORMED = Answer(MALFORMED_REQUEST)
+UNAUTHORIZED_ANSWER = Answer(UNAUTHORIZED)
+TRY_LATER_ANSWER = Answer(TRY_LATER)
+
+
+class Responder:
+    def __init__(self, source: CachedSource, signer: SignerClient | None) -> None:
+        self.source = source
+        self.signer = signer
+
+    def answer(self, der: bytes) -> Answer:
+        try:
+            cert_ids = parse_request(der)
+        except MalformedRequest:
+            return MALFORMED
+        try:
+            authorities = [self.source.authority_for(cert_id) for cert_id in cert_ids]
+            if None in authorities:
+                return UNAUTHORIZED_ANSWER  # RFC 6960 §2.3: not a CA this responder serves
+            if len(cert_ids) == 1:
+                found = self.source.response(authorities[0], cert_ids[0])  # type: ignore[arg-type]
+                if found is not None:
+                    return Answer(found.der, found)
+        except SourceUnavailable:
+            return TRY_LATER_ANSWER
+        return self._on_demand(der)
+
+    def _on_demand(self, der: bytes) -> Answer:
+        if self.signer is None:
+            return UNAUTHORIZED_ANSWER  # RFC 5019 §2.2.3: what a responder without a signer may say
+        try:
+            body = self.signer.sign(der)
+        except SignerUnavailable:
+            return TRY_LATER_ANSWER
+        return Answer(body, _cache_facts(body))
+
+
+def _cache_facts(body: bytes) -> Stored | None:
+    """Caching headers for an on-demand response: its thisUpdate and earliest nextUpdate."""
+    try:
+        response = ocsp.load_der_ocsp_response(body)
+        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            return None
+        singles = list(response.responses)
+        this_update = min(single.this_update_utc for single in singles)
+        next_updates = [single.next_update_utc for single in singles if single.next_update_utc is not None]
+    except ValueError:
+        return None
+    if not next_updates:
+        return None
+    return stored(body, this_update.astimezone(UTC), min(next_updates))

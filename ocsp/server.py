@@ -1,0 +1,124 @@
+"""Running OCSP: the on-demand signer + refresher (holds the token) and the keyless responder.
+
+``chargepki serve ocsp`` starts the signer as a separate process (``chargepki ocsp signer``)
+so that the responder process, and every worker it forks, never opens the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ca.config import Config
+from ca.context import Pki
+from ca.errors import ChargepkiError
+from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
+from ocsp.signer_service import OnDemandSigner, SignerServer
+from ocsp.wsgi import signer_socket_path
+
+log = logging.getLogger(__name__)
+
+
+def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
+    """One refresher pass: rotate signers that are due, then re-sign what is due. (rotated, signed)."""
+    now = now or datetime.now(UTC)
+    settings = pki.config.ocsp
+    with pki.store.session() as session:
+        rotated = rotate_signers(
+            session, presigner, actor=actor, now=now, validity=timedelta(days=settings.signer_validity_days)
+        )
+        signed = refresh(session, presigner, now)
+    return len(rotated), signed
+
+
+def signer_alive(path: Path) -> bool:
+    """Whether an on-demand signer already listens on ``path`` (several responders share one)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def run_signer(pki: Pki, *, stop: threading.Event | None = None) -> None:
+    """Serve on-demand signatures on the socket and refresh stored responses until ``stop``."""
+    stop = stop or threading.Event()
+    settings = pki.config.ocsp
+    presigner = Presigner(pki.token(), policy_from(settings))
+    path = signer_socket_path(pki.config)
+    server = SignerServer(path, OnDemandSigner(pki.store, presigner, rate=settings.unknown_per_second))
+    threading.Thread(target=server.serve_forever, name="ocsp-signer", daemon=True).start()
+    log.info("on-demand OCSP signer listening on %s", path)
+    try:
+        while not stop.is_set():
+            try:
+                rotated, signed = maintain(pki, presigner, actor="system:ocsp-refresher")
+                if rotated or signed:
+                    log.info("OCSP refresher: %d signer(s) rotated, %d response(s) re-signed", rotated, signed)
+            except (ChargepkiError, SQLAlchemyError) as exc:
+                log.warning(
+                    "OCSP refresher: %s; retrying in %ss", str(exc).splitlines()[0], settings.refresh_interval_seconds
+                )
+            stop.wait(settings.refresh_interval_seconds)
+    finally:
+        server.shutdown()
+        server.server_close()
+        path.unlink(missing_ok=True)
+
+
+def wait_for_signer(path: Path, process_alive: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if signer_alive(path):
+            return True
+        if not process_alive():
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def serve_responder(config: Config, *, host: str, port: int, workers: int, server: str, signer: bool) -> None:
+    """Serve the keyless responder in the foreground (granian by default, gunicorn on request)."""
+    os.environ["CHARGEPKI_HOME"] = str(config.home)
+    os.environ["CHARGEPKI_OCSP_NO_SIGNER"] = "0" if signer else "1"
+    if server == "gunicorn":
+        arguments = [
+            sys.executable, "-m", "gunicorn",
+            "--bind", f"{host}:{port}",
+            "--workers", str(workers),
+            "--worker-class", "gthread",
+            "--threads", "8",
+            "--keep-alive", "30",
+            "--limit-request-line", "8190",
+            "ocsp.wsgi:create_app()",
+        ]  # fmt: skip
+        os.execv(sys.executable, arguments)
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    Granian(
+        "ocsp.wsgi:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        websockets=False,
+        blocking_threads=4,  # the handler is short and mostly CPU: more threads only contend for the GIL
+        backpressure=256,
+        log_access=False,
+        respawn_failed_workers=True,
+    ).serve()

@@ -1,0 +1,176 @@
+"""The responder's HTTP face: a plain WSGI callable (no framework on this hot path; see DESIGN.md).
+
+RFC 5019 over HTTP: ``POST <path>`` with ``application/ocsp-request``, or ``GET <path>/<base64>``,
+answered with ``application/ocsp-response`` and caching headers that never reach past
+nextUpdate. It also serves the publication directory (CRLs, CA certificates) at the
+repository URL the certificates name. Errors are OCSP error statuses or short 4xx texts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from ca.config import Config, OcspSettings, load_config, resolve_home
+from ca.store import Store
+from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
+from ocsp.responder import MALFORMED, Answer, Responder
+from ocsp.signer_service import SignerClient
+from ocsp.signing import INTERNAL_ERROR
+from ocsp.source import CachedSource, StoreSource
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+OCSP_RESPONSE = "application/ocsp-response"
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(crl|crt|pem)$")
+_FILE_TYPES = {"crl": "application/pkix-crl", "crt": "application/pkix-cert", "pem": "application/x-pem-file"}
+
+
+def _text(
+    start_response: StartResponse, status: str, message: str, extra: Sequence[tuple[str, str]] = ()
+) -> list[bytes]:
+    body = (message + "\n").encode()
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *extra],
+    )
+    return [body]
+
+
+class OcspApp:
+    def __init__(
+        self,
+        responder: Responder,
+        *,
+        path: str = "/ocsp",
+        repository_path: str = "/pki",
+        repository_dir: Path | None = None,
+        max_age: int = 3600,
+    ) -> None:
+        self.responder = responder
+        self.path = path.rstrip("/")
+        self.prefix = self.path + "/"
+        self.repository_prefix = repository_path.rstrip("/") + "/"
+        self.repository_dir = repository_dir
+        self.max_age = max_age
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path == self.path or path.startswith(self.prefix):
+                return self._ocsp(environ, start_response, method, path)
+            if path.startswith(self.repository_prefix):
+                return self._file(environ, start_response, method, path[len(self.repository_prefix) :])
+            if path == "/healthz":
+                return _text(start_response, "200 OK", "ok")
+            return _text(start_response, "404 Not Found", f"nothing here; OCSP is at {self.path}")
+        except Exception:
+            log.exception("OCSP responder failed on %s %s", method, path[:200])
+            return self._send(start_response, Answer(INTERNAL_ERROR), method)
+
+    # -- OCSP ------------------------------------------------------------------------------------
+    def _ocsp(self, environ: dict[str, Any], start_response: StartResponse, method: str, path: str) -> list[bytes]:
+        if method == "POST":
+            content_type = (environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+            if content_type != "application/ocsp-request":
+                return _text(
+                    start_response, "415 Unsupported Media Type", "POST needs Content-Type application/ocsp-request"
+                )
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or "")
+            except ValueError:
+                return _text(start_response, "411 Length Required", "Content-Length required")
+            if length < 0 or length > MAX_REQUEST_BYTES:
+                return _text(
+                    start_response, "413 Content Too Large", f"OCSP requests are at most {MAX_REQUEST_BYTES} bytes"
+                )
+            body = environ["wsgi.input"].read(length)
+            return self._send(start_response, self.responder.answer(body), method)
+        if method in ("GET", "HEAD"):
+            encoded = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
+            try:
+                der = decode_get_path(encoded)
+            except MalformedRequest:
+                return self._send(start_response, MALFORMED, method)
+            answer = self.responder.answer(der)
+            if answer.cache is not None and environ.get("HTTP_IF_NONE_MATCH") == answer.cache.etag:
+                start_response("304 Not Modified", self._cache_headers(answer))
+                return []
+            return self._send(start_response, answer, method)
+        return _text(start_response, "405 Method Not Allowed", "use GET or POST", [("Allow", "GET, HEAD, POST")])
+
+    def _cache_headers(self, answer: Answer) -> list[tuple[str, str]]:
+        facts = answer.cache
+        if facts is None:
+            return [("Cache-Control", "no-cache")]
+        remaining = int(facts.next_update - time.time())
+        max_age = max(0, min(self.max_age, remaining))  # RFC 5019 §6.2: never beyond nextUpdate
+        return [
+            ("Cache-Control", f"max-age={max_age}, public, no-transform, must-revalidate"),
+            ("Last-Modified", facts.last_modified),
+            ("Expires", facts.expires),
+            ("ETag", facts.etag),
+        ]
+
+    def _send(self, start_response: StartResponse, answer: Answer, method: str) -> list[bytes]:
+        headers = [("Content-Type", OCSP_RESPONSE), ("Content-Length", str(len(answer.body)))]
+        start_response("200 OK", headers + self._cache_headers(answer))
+        return [] if method == "HEAD" else [answer.body]
+
+    # -- the publication directory ---------------------------------------------------------------
+    def _file(self, environ: dict[str, Any], start_response: StartResponse, method: str, name: str) -> list[bytes]:
+        if method not in ("GET", "HEAD"):
+            return _text(start_response, "405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
+        match = _FILE.match(name)
+        if self.repository_dir is None or match is None:
+            return _text(start_response, "404 Not Found", "no such file")
+        try:
+            data = (self.repository_dir / name).read_bytes()
+            modified = (self.repository_dir / name).stat().st_mtime
+        except OSError:
+            return _text(start_response, "404 Not Found", "no such file")
+        headers = [
+            ("Content-Type", _FILE_TYPES[match.group(1)]),
+            ("Content-Length", str(len(data))),
+            ("Last-Modified", formatdate(modified, usegmt=True)),
+            ("Cache-Control", "max-age=300, public, no-transform"),
+        ]
+        start_response("200 OK", headers)
+        return [] if method == "HEAD" else [data]
+
+
+def build_app(config: Config, *, signer_socket: Path | None) -> OcspApp:
+    """The responder for one installation: a read-only store, its cache and the signer's socket."""
+    settings: OcspSettings = config.ocsp
+    source = CachedSource(StoreSource(Store(config.database_url, read_only=True)), max_entries=settings.cache_entries)
+    responder = Responder(source, SignerClient(signer_socket) if signer_socket is not None else None)
+    return OcspApp(
+        responder,
+        path=settings.path,
+        repository_path=settings.repository_path,
+        repository_dir=config.home / "pki",
+        max_age=settings.max_age_seconds,
+    )
+
+
+def signer_socket_path(config: Config) -> Path:
+    configured = config.ocsp.signer_socket
+    return Path(configured) if configured else config.home / "run" / "ocsp-signer.sock"
+
+
+def create_app() -> OcspApp:
+    """Factory for granian/gunicorn workers: the installation comes from ``CHARGEPKI_HOME``.
+
+    ``CHARGEPKI_OCSP_NO_SIGNER=1`` runs a responder that answers only from the store.
+    """
+    config = load_config(resolve_home(None, os.environ), os.environ)
+    no_signer = os.environ.get("CHARGEPKI_OCSP_NO_SIGNER") == "1"
+    return build_app(config, signer_socket=None if no_signer else signer_socket_path(config))
