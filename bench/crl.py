@@ -47,6 +47,7 @@ from ca.context import Pki  # noqa: E402
 from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.models import Certificate  # noqa: E402
 from ca.serials import new_serial  # noqa: E402
+from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
 CA_NAME = "production-issuing-1"
@@ -71,7 +72,8 @@ def make_home(work: Path) -> Path:
     write_config(embedded_defaults(home))
     pki = Pki.open(home, environ(), create=True)
     with pki.store.session() as session:
-        init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench")
+        status = Presigner(pki.token(), policy_from(pki.config.ocsp))
+        init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status)
     pki.close()
     return home
 

@@ -29,6 +29,7 @@ from ca.store import Store
 from crl import der
 from crl.builder import RevokedEntry, build_crl
 from crl.publisher import publish_crl, revoked_rows
+from ocsp.presign import Presigner
 from tests.helpers import openssl
 
 THIS_UPDATE = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -145,6 +146,7 @@ def issuer(request: pytest.FixtureRequest, token: Token, tmp_path_factory: pytes
             token,
             HierarchyRequest(organization="Acme Charging", key_type=key_type, rsa_padding=padding),
             actor="test",
+            status=Presigner(token),
         )
         yield issuer_for(hierarchy.issuing, token)
     store.dispose()
