@@ -162,9 +162,10 @@ def publish_crl(
         if _crl_number_of(path) >= number:
             return Published(authority.name, path, number, entries, replaced=False)
         write_atomically(path, crl)
-    certificate_path = directory / f"{authority.name}.crt"
-    if not certificate_path.exists() or certificate_path.read_bytes() != authority.certificate_der:
-        write_atomically(certificate_path, authority.certificate_der)
+        # Under the lock too: racing threads share a PID, hence write_atomically's temporary name.
+        certificate_path = directory / f"{authority.name}.crt"
+        if not certificate_path.exists() or certificate_path.read_bytes() != authority.certificate_der:
+            write_atomically(certificate_path, authority.certificate_der)
     return Published(authority.name, path, number, entries, replaced=True)
 
 
