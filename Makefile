@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps run test lint bench clean
+.PHONY: setup system-deps run test lint bench bench-crl clean
 
 setup: system-deps $(STAMP)
 
@@ -45,6 +45,11 @@ bench: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl; }
 	$(BIN)/python bench/enroll.py $(BENCH_ARGS)
+	$(MAKE) bench-crl
+
+# CRL of 100k and 1M entries against openssl ca -gencrl (bench/results-crl.md).
+bench-crl: setup
+	$(BIN)/python bench/crl.py $(BENCH_CRL_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

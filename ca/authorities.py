@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -52,14 +53,24 @@ class Issuer:
     def public_key(self) -> PublicKeyTypes:
         return self.private_key.public_key()
 
+    def _pss(self) -> padding.PSS | None:
+        if self.rsa_padding != "pss":
+            return None
+        return padding.PSS(mgf=padding.MGF1(self.spec.signature_hash), salt_length=padding.PSS.DIGEST_LENGTH)
+
     def _sign(self, builder: x509.CertificateBuilder | x509.CertificateRevocationListBuilder) -> bytes:
-        hash_algorithm = self.spec.signature_hash
-        options = {}
-        if self.rsa_padding == "pss":
-            options["rsa_padding"] = padding.PSS(
-                mgf=padding.MGF1(hash_algorithm), salt_length=padding.PSS.DIGEST_LENGTH
-            )
-        return builder.sign(self.private_key, hash_algorithm, **options).public_bytes(serialization.Encoding.DER)
+        pss = self._pss()
+        options = {} if pss is None else {"rsa_padding": pss}
+        return builder.sign(self.private_key, self.spec.signature_hash, **options).public_bytes(
+            serialization.Encoding.DER
+        )
+
+    def sign_tbs(self, tbs: bytes) -> bytes:
+        """Sign DER assembled outside the builders (a large CRL's TBSCertList) in the token, with the
+        hash and padding ``_sign`` gives the builders, so the same AlgorithmIdentifier applies."""
+        if isinstance(self.private_key, TokenECPrivateKey):
+            return self.private_key.sign(tbs, ec.ECDSA(self.spec.signature_hash))
+        return self.private_key.sign(tbs, self._pss() or padding.PKCS1v15(), self.spec.signature_hash)
 
     def _refuse_bad_signature(self, detail: str) -> TokenError:
         return TokenError(f"the token produced a signature that does not verify under {self.name}: {detail}")
@@ -75,9 +86,26 @@ class Issuer:
 
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> bytes:
         """Sign a CRL in the token and check it the same way; returns the DER."""
-        der = self._sign(builder)
-        if not x509.load_der_x509_crl(der).is_signature_valid(self.public_key):  # type: ignore[arg-type]
-            raise self._refuse_bad_signature("CRL")
+        return self.check_crl(self._sign(builder))
+
+    def check_crl(self, der: bytes) -> bytes:
+        """Parse a signed CRL back (``cryptography``'s strict DER parser reads every entry) and check
+        its signature under this CA over the TBSCertList bytes as they will be published.
+
+        ``is_signature_valid`` would re-encode the parsed TBSCertList first: 0.4–1 s for 1M entries.
+        """
+        crl = x509.load_der_x509_crl(der)
+        tbs = asn1_crl.CertificateList.load(der)["tbs_cert_list"].dump()
+        key = self.public_key
+        try:
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(crl.signature, tbs, crl.signature_algorithm_parameters)  # type: ignore[arg-type]
+            elif isinstance(key, rsa.RSAPublicKey) and crl.signature_hash_algorithm is not None:
+                key.verify(crl.signature, tbs, crl.signature_algorithm_parameters, crl.signature_hash_algorithm)  # type: ignore[arg-type]
+            else:
+                raise self._refuse_bad_signature(f"CRL signed with {crl.signature_algorithm_oid.dotted_string}")
+        except InvalidSignature:
+            raise self._refuse_bad_signature("CRL") from None
         return der
 
     def crl_url(self) -> str:

@@ -1,0 +1,174 @@
+"""Hand-written DER for the revokedCertificates of a CRL (RFC 5280 §5.1.2.6, §5.3).
+
+Why by hand: building the entries through ``cryptography`` (one ``RevokedCertificate`` object
+per entry, then the builder) was measured at 4–12 µs per entry on this machine, which put a
+1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, "Performance facts";
+bench/results-crl.md). Each entry here is a few bytes objects joined straight into one buffer
+(~1 µs): linear, and no per-entry object survives.
+
+Only the entries are written here. The rest of the TBSCertList (version, signature algorithm,
+issuer, dates, AKI, CRL number) comes from ``cryptography``'s own builder, and the tests check
+that the result is the same CRL as ``cryptography`` builds for the same entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+# CRLReason codes (RFC 5280 §5.3.1); "unspecified" is never written (§5.3.1: SHOULD be absent).
+REASON_CODES: dict[str, int] = {
+    "keyCompromise": 1,
+    "cACompromise": 2,
+    "affiliationChanged": 3,
+    "superseded": 4,
+    "cessationOfOperation": 5,
+    "certificateHold": 6,
+    "removeFromCRL": 8,
+    "privilegeWithdrawn": 9,
+    "aACompromise": 10,
+}
+# Extension ::= SEQUENCE { extnID id-ce-cRLReasons, extnValue OCTET STRING { ENUMERATED } } (non-critical)
+_REASON_EXTENSION: dict[str, bytes] = {
+    name: bytes.fromhex("300a0603551d1504030a01") + bytes([code]) for name, code in REASON_CODES.items()
+}
+_EXTENSIONS_OF_REASON: dict[str | None, bytes] = {None: b"", "unspecified": b"", **_REASON_EXTENSION}
+# Extension ::= SEQUENCE { extnID id-ce-invalidityDate, extnValue OCTET STRING { GeneralizedTime } }
+_INVALIDITY_PREFIX = bytes.fromhex("30180603551d180411180f")
+_SHORT_LENGTH = [bytes((n,)) for n in range(0x80)]
+_TO_DIGITS = str.maketrans("", "", "-: T")  # "2026-11-24 10:11:12" → "20261124101112"
+
+
+def length(n: int) -> bytes:
+    """DER length octets (short form below 128, else long form)."""
+    if n < 0x80:
+        return bytes((n,))
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(body),)) + body
+
+
+def tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + length(len(content)) + content
+
+
+def utc_digits(moment: datetime) -> str:
+    """``YYYYMMDDHHMMSS`` in UTC (naive means UTC); fractions of a second are dropped, as
+    ``cryptography`` drops them."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return "%04d%02d%02d%02d%02d%02d" % (  # noqa: UP031 - measured faster than strftime or f-strings
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+    )
+
+
+def serial_hex(serial: int) -> str:
+    if serial <= 0 or serial.bit_length() > 159:
+        raise ValueError(f"a certificate serial number is positive and at most 20 octets (RFC 5280), not {serial}")
+    return format(serial, "X")
+
+
+# One entry: serial (int, or hex text without leading zeros as the store keeps it), revocation
+# time (datetime, or UTC text "YYYY-MM-DD HH:MM:SS" as the store hands it out, anything after the
+# seconds ignored), RFC 5280 reason name or None, invalidity date (same two forms) or None.
+Entry = tuple[int | str, datetime | str, str | None, datetime | str | None]
+
+
+def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
+    """The DER of ``revokedCertificates`` and the number of entries (empty bytes for no entries:
+    the field is then omitted, RFC 5280 §5.1.2.6).
+
+    revokedCertificates ::= SEQUENCE OF SEQUENCE { userCertificate CertificateSerialNumber,
+    revocationDate Time, crlEntryExtensions Extensions OPTIONAL }. Every length here is below 128
+    (serial ≤ 20 octets, time ≤ 17, extensions ≤ 40), so each is one octet.
+    """
+    out = bytearray()
+    count = 0
+    reasons = _EXTENSIONS_OF_REASON
+    short = _SHORT_LENGTH
+    fromhex = bytes.fromhex
+    digits = _TO_DIGITS
+    for serial, revoked_at, reason, invalidity in entries:
+        count += 1
+        text = serial if type(serial) is str else serial_hex(serial)  # type: ignore[arg-type]
+        if len(text) & 1:
+            text = "0" + text
+        if text[0] > "7":  # high bit set: a zero octet keeps the INTEGER positive
+            text = "00" + text
+        octets = fromhex(text)
+        if len(octets) > 20 or octets == b"\x00":
+            raise ValueError(f"serial {serial} is not positive or longer than 20 octets (RFC 5280 §4.1.2.2)")
+        when = revoked_at[:19].translate(digits) if type(revoked_at) is str else utc_digits(revoked_at)  # type: ignore[arg-type]
+        if len(when) != 14:
+            raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
+        # RFC 5280 §5.1.2.6: UTCTime for 1950-2049, GeneralizedTime otherwise
+        date = b"\x17\x0d" + when[2:].encode() if "1950" <= when < "2050" else b"\x18\x0f" + when.encode()
+        try:
+            extensions = reasons[reason]
+        except KeyError:
+            raise ValueError(f"unknown revocation reason {reason!r}") from None
+        if invalidity is not None:
+            since = invalidity[:19].translate(digits) if type(invalidity) is str else utc_digits(invalidity)  # type: ignore[arg-type]
+            if len(since) != 14:
+                raise ValueError(f"invalidity date {invalidity!r} is not YYYY-MM-DD HH:MM:SS")
+            extensions += _INVALIDITY_PREFIX + since.encode() + b"Z"
+        body = b"\x02" + short[len(octets)] + octets + date + b"Z"
+        if extensions:
+            body += b"\x30" + short[len(extensions)] + extensions
+        out += b"\x30" + short[len(body)] + body
+    if not count:
+        return b"", 0
+    return b"".join((b"\x30", length(len(out)), out)), count
+
+
+def read_tlv(data: bytes | memoryview, offset: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the element at ``offset`` (single-octet tags only)."""
+    tag = data[offset]
+    first = data[offset + 1]
+    if first < 0x80:
+        return tag, offset + 2, offset + 2 + first
+    octets = first & 0x7F
+    size = int.from_bytes(data[offset + 2 : offset + 2 + octets], "big")
+    start = offset + 2 + octets
+    return tag, start, start + size
+
+
+def splice_entries(tbs: bytes, revoked: bytes) -> bytes:
+    """Put ``revoked`` into an entry-less TBSCertList, right before its crlExtensions ([0]).
+
+    TBSCertList ::= SEQUENCE { version, signature, issuer, thisUpdate, nextUpdate OPTIONAL,
+    revokedCertificates OPTIONAL, crlExtensions [0] EXPLICIT OPTIONAL }: with version, nextUpdate
+    and no entries, the element after the fifth is the [0].
+    """
+    tag, start, end = read_tlv(tbs, 0)
+    if tag != 0x30 or end != len(tbs):
+        raise ValueError("not a DER TBSCertList")
+    position = start
+    for _ in range(5):
+        position = read_tlv(tbs, position)[2]
+    if position != end and tbs[position] != 0xA0:
+        raise ValueError("the TBSCertList template is not a v2 CRL without entries")
+    body = (tbs[start:position], revoked, tbs[position:end])
+    return b"".join((b"\x30", length(sum(map(len, body))), *body))
+
+
+def certificate_list(tbs: bytes, signature_algorithm: bytes, signature: bytes) -> bytes:
+    """CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue BIT STRING }."""
+    bit_string = tlv(0x03, b"\x00" + signature)
+    return b"".join(
+        (b"\x30", length(len(tbs) + len(signature_algorithm) + len(bit_string)), tbs, signature_algorithm, bit_string)
+    )
+
+
+def split_certificate_list(der: bytes) -> tuple[bytes, bytes]:
+    """(tbsCertList, signatureAlgorithm) of a DER CertificateList, both as their full DER."""
+    tag, start, end = read_tlv(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a DER CertificateList")
+    tbs_end = read_tlv(der, start)[2]
+    algorithm_end = read_tlv(der, tbs_end)[2]
+    return der[start:tbs_end], der[tbs_end:algorithm_end]
