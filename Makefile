@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps run test lint bench bench-crl clean
+.PHONY: setup system-deps run test lint bench bench-crl bench-ocsp clean
 
 setup: system-deps $(STAMP)
 
@@ -46,10 +46,18 @@ bench: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl; }
 	$(BIN)/python bench/enroll.py $(BENCH_ARGS)
 	$(MAKE) bench-crl
+	$(MAKE) bench-ocsp
 
 # CRL of 100k and 1M entries against openssl ca -gencrl (bench/results-crl.md).
 bench-crl: setup
 	$(BIN)/python bench/crl.py $(BENCH_CRL_ARGS)
+
+# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk (issue 4).
+bench-ocsp: setup
+	@command -v cfssl >/dev/null && command -v wrk >/dev/null || { echo "installing Debian packages golang-cfssl wrk"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl wrk; }
+	$(BIN)/python bench/ocsp.py $(BENCH_OCSP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
