@@ -261,13 +261,17 @@ _ABORT = (
 )
 
 
+_INSERT_PENDING = {
+    "sqlite": sqlite_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+    "postgresql": postgresql_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+}
+
+
 def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
     """INSERT the reserved row; None when the serial is taken (the caller's transaction stays usable)."""
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-        statement = insert(_CERTIFICATES).values(values).on_conflict_do_nothing().returning(_CERTIFICATES.c.id)
-        return session.execute(statement).scalar()
+    statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
+    if statement is not None:
+        return session.execute(statement, values).scalar()
     try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
         with session.begin_nested():
             return session.execute(sa_insert(_CERTIFICATES).values(values)).inserted_primary_key[0]
