@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ca.models import AuditEvent, AuditHead
@@ -42,6 +42,12 @@ def entry_hash(
     return hashlib.sha256(prev_hash.encode() + b"\n" + _canonical(seq, at, actor, action, subject, details)).hexdigest()
 
 
+_HEAD = AuditHead.__table__
+_ADVANCE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1).returning(_HEAD.c.seq, _HEAD.c.hash)
+_SET_HEAD_HASH = update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("hash"))
+_INSERT_EVENT = insert(AuditEvent.__table__)
+
+
 def record(
     session: Session,
     action: str,
@@ -56,23 +62,26 @@ def record(
     Call it last before committing: the head row stays locked until the commit. Returns the sequence number.
     """
     session.flush()
-    head = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq + 1)
-        .returning(AuditHead.seq, AuditHead.hash)
-    ).one()
+    head = session.execute(_ADVANCE_HEAD).one()
     seq, prev_hash = head.seq, head.hash
     at = now().astimezone(UTC)
     text = json.dumps(details or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = entry_hash(prev_hash, seq, at, actor, action, subject, text)
-    # Core INSERT, not an ORM object: this runs on every issuance and the ORM unit of work costs more.
+    # Prepared Core statements, not ORM objects: this runs on every issuance and the ORM costs more.
     session.execute(
-        insert(AuditEvent).values(
-            seq=seq, at=at, actor=actor, action=action, subject=subject, details=text, prev_hash=prev_hash, hash=digest
-        )
+        _INSERT_EVENT,
+        {
+            "seq": seq,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "details": text,
+            "prev_hash": prev_hash,
+            "hash": digest,
+        },
     )
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=digest))
+    session.execute(_SET_HEAD_HASH, {"hash": digest})
     return seq
 
 

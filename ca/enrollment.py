@@ -15,9 +15,10 @@ from datetime import timedelta
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit
 from ca.authorities import Issuer, public_key_sha256
@@ -88,14 +89,28 @@ def _check_device(device: Device, authority: Authority) -> None:
         )
 
 
+# Prepared once: these run on every enrollment, and building a statement costs more than running it.
+_CERTIFICATES = Certificate.__table__
+_KEY_HOLDERS = select(_CERTIFICATES.c.device_id).where(
+    _CERTIFICATES.c.public_key_sha256 == bindparam("key_sha256"), _CERTIFICATES.c.status != "aborted"
+)
+_OLDER_CHARGER_CERTIFICATES = select(_CERTIFICATES.c.id).where(
+    _CERTIFICATES.c.device_id == bindparam("device_id"),
+    _CERTIFICATES.c.profile == "charger",
+    _CERTIFICATES.c.status == "valid",
+    _CERTIFICATES.c.id != bindparam("new_id"),
+)
+_DEVICES = Device.__table__
+_CLOSE_ENROLLMENT = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("device_id"), _DEVICES.c.enrollment_open)
+    .values(enrollment_open=False)
+)
+
+
 def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> None:
     """One key, one identity: refuse a key certified for another device, a CA or any other holder."""
-    owners = session.scalars(
-        select(Certificate.device_id).where(
-            Certificate.public_key_sha256 == public_key_sha256(csr.public_key),
-            Certificate.status != "aborted",
-        )
-    ).all()
+    owners = session.execute(_KEY_HOLDERS, {"key_sha256": public_key_sha256(csr.public_key)}).scalars()
     if any(owner != device.id for owner in owners):
         raise ConflictError("this public key is already certified for another identity")
 
@@ -110,14 +125,8 @@ def _supersede(
     now: Clock,
 ) -> None:
     """At most one current charger certificate per device: the older ones go (after the grace period)."""
-    olders = session.scalars(
-        select(Certificate).where(
-            Certificate.device_id == device.id,
-            Certificate.profile == "charger",
-            Certificate.status == "valid",
-            Certificate.id != new.id,
-        )
-    ).all()
+    older_ids = session.execute(_OLDER_CHARGER_CERTIFICATES, {"device_id": device.id, "new_id": new.id}).scalars().all()
+    olders = session.scalars(select(Certificate).where(Certificate.id.in_(older_ids))).all() if older_ids else []
     for older in olders:
         if settings.supersede_grace > timedelta(0):
             # A certificate already counting down keeps its deadline: renewing twice buys no time.
@@ -125,7 +134,9 @@ def _supersede(
                 older.revoke_after = now() + settings.supersede_grace
         else:
             apply_revocation(session, older, "superseded", actor=actor, status=status, now=now)
-    device.enrollment_open = False
+    if device.enrollment_open:  # a statement, not the ORM's flush of the loaded device
+        session.execute(_CLOSE_ENROLLMENT, {"device_id": device.id})
+        set_committed_value(device, "enrollment_open", False)
 
 
 def _refused(

@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ca import audit
@@ -57,6 +57,32 @@ def issue_secret(
     return secret
 
 
+# Prepared once: these run on every enrollment, and building a statement costs more than running it.
+_SECRETS = EnrollmentSecret.__table__
+_DEVICES = Device.__table__
+_DEVICE_ID = select(_DEVICES.c.id).where(_DEVICES.c.serial == bindparam("serial")).scalar_subquery()
+_USABLE = (
+    _SECRETS.c.secret_hash == bindparam("digest"),
+    _SECRETS.c.used_at.is_(None),
+    _SECRETS.c.expires_at > bindparam("now", type_=_SECRETS.c.expires_at.type),
+)
+_CONSUME = (
+    update(_SECRETS)
+    .where(_SECRETS.c.device_id == _DEVICE_ID, *_USABLE)
+    .values(used_at=bindparam("now", type_=_SECRETS.c.used_at.type))
+)
+_IS_VALID = (
+    select(_SECRETS.c.id)
+    .join(_DEVICES, _DEVICES.c.id == _SECRETS.c.device_id)
+    .where(_DEVICES.c.serial == bindparam("serial"), *_USABLE)
+)
+_RESTORE = (
+    update(_SECRETS)
+    .where(_SECRETS.c.secret_hash == bindparam("digest"), _SECRETS.c.device_id == _DEVICE_ID)
+    .values(used_at=None)
+)
+
+
 def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = utcnow, commit: bool = True) -> bool:
     """Use the secret up if it is valid for this device. False means: do not authenticate.
 
@@ -64,18 +90,7 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
     with the serial reservation, saving a disk sync); until then the row stays locked, so a
     concurrent request with the same secret waits and then finds it used.
     """
-    device_id = select(Device.id).where(Device.serial == serial).scalar_subquery()
-    result = session.execute(
-        update(EnrollmentSecret)
-        .where(
-            EnrollmentSecret.secret_hash == _hash(secret),
-            EnrollmentSecret.device_id == device_id,
-            EnrollmentSecret.used_at.is_(None),
-            EnrollmentSecret.expires_at > now(),
-        )
-        .values(used_at=now())
-        .execution_options(synchronize_session=False)
-    )
+    result = session.execute(_CONSUME, {"serial": serial, "digest": _hash(secret), "now": now()})
     if commit:
         session.commit()
     return result.rowcount == 1
@@ -83,28 +98,11 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
 
 def secret_is_valid(session: Session, serial: str, secret: str, *, now: Clock = utcnow) -> bool:
     """Check without consuming (to refuse a bad request before the secret is spent)."""
-    return (
-        session.scalar(
-            select(EnrollmentSecret.id)
-            .join(Device, Device.id == EnrollmentSecret.device_id)
-            .where(
-                EnrollmentSecret.secret_hash == _hash(secret),
-                Device.serial == serial,
-                EnrollmentSecret.used_at.is_(None),
-                EnrollmentSecret.expires_at > now(),
-            )
-        )
-        is not None
-    )
+    found = session.execute(_IS_VALID, {"serial": serial, "digest": _hash(secret), "now": now()}).first()
+    return found is not None
 
 
 def restore_secret(session: Session, serial: str, secret: str) -> None:
     """Give a consumed secret back when the CA failed to sign (the device did nothing wrong)."""
-    device_id = select(Device.id).where(Device.serial == serial).scalar_subquery()
-    session.execute(
-        update(EnrollmentSecret)
-        .where(EnrollmentSecret.secret_hash == _hash(secret), EnrollmentSecret.device_id == device_id)
-        .values(used_at=None)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_RESTORE, {"serial": serial, "digest": _hash(secret)})
     session.commit()

@@ -11,19 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from sqlalchemy import bindparam, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ca import audit
 from ca.authorities import Issuer, public_key_sha256
 from ca.csr import CsrRequest
-from ca.errors import ChargepkiError, PolicyError
+from ca.errors import ChargepkiError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
 from ca.models import Certificate
 from ca.names import check_common_name, check_hostname, subject_name
@@ -197,6 +202,8 @@ def issue(
     ``status`` pre-signs the new certificate's OCSP response in the same transaction.
     ``before_commit`` runs inside the transaction that records the certificate, so what it
     changes (superseding the previous certificate, closing enrollment) commits atomically with it.
+    The row it receives joins the session only after that commit: change the store through
+    statements, not by setting attributes on it.
     """
     profile = request.profile
     key_type = check_key(profile, request.public_key)
@@ -214,10 +221,13 @@ def issue(
     except ChargepkiError as exc:
         _abandon(session, row, str(exc), actor, now)
         raise
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    row.der = der
+    # The ORM unit of work costs more than the rest of issuance: one UPDATE by primary key instead.
+    row.der = certificate.public_bytes(serialization.Encoding.DER)
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
+    recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
+    if recorded.rowcount != 1:
+        raise StoreError(f"the reserved row of serial {row.serial} is no longer pending")
     audit.record(
         session,
         "certificate.issued",
@@ -237,7 +247,40 @@ def issue(
     if before_commit is not None:
         before_commit(row)
     session.commit()
+    make_transient_to_detached(row)  # every column is set: it joins the session as loaded, without a query
+    session.add(row)
     return row
+
+
+_CERTIFICATES = Certificate.__table__
+_RECORD = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
+    .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status="valid")
+)
+_ABORT = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
+    .values(status="aborted")
+)
+
+
+_INSERT_PENDING = {
+    "sqlite": sqlite_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+    "postgresql": postgresql_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+}
+
+
+def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
+    """INSERT the reserved row; None when the serial is taken (the caller's transaction stays usable)."""
+    statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
+    if statement is not None:
+        return session.execute(statement, values).scalar()
+    try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
+        with session.begin_nested():
+            return session.execute(sa_insert(_CERTIFICATES).values(values)).inserted_primary_key[0]
+    except IntegrityError:
+        return None
 
 
 def _reserve(
@@ -252,31 +295,34 @@ def _reserve(
     """Commit a ``pending`` row so the serial is taken before the token signs anything.
 
     The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
+    The returned row is not in the session yet (``issue`` adds it once it is recorded).
     """
+    values: dict[str, Any] = {
+        "authority_id": issuer.authority_id,
+        "profile": request.profile.name,
+        "status": "pending",
+        "subject": subject.rfc4514_string(),
+        "common_name": common_name,
+        "not_before": validity.not_before,
+        "not_after": validity.not_after,
+        "der": None,
+        "fingerprint_sha256": None,
+        "public_key_sha256": public_key_sha256(request.public_key),
+        "key_label": request.key_label,
+        "device_id": request.device_id,
+        "revoked_at": None,
+        "revocation_reason": None,
+        "invalidity_date": None,
+        "revoke_after": None,
+        "created_at": now(),
+    }
     for _attempt in range(5):
-        row = Certificate(
-            serial=format_serial(new_serial()),
-            authority_id=issuer.authority_id,
-            profile=request.profile.name,
-            status="pending",
-            subject=subject.rfc4514_string(),
-            common_name=common_name,
-            not_before=validity.not_before,
-            not_after=validity.not_after,
-            public_key_sha256=public_key_sha256(request.public_key),
-            key_label=request.key_label,
-            device_id=request.device_id,
-            created_at=now(),
-        )
-        try:
-            # A savepoint, so a retry keeps whatever the caller already did in this transaction
-            # (EST consumes the one-time secret here, and both commit together).
-            with session.begin_nested():
-                session.add(row)
-        except IntegrityError:  # serial collision: 2^-159 per pair, but never trust luck with serials
+        values["serial"] = format_serial(new_serial())
+        row_id = _insert_pending(session, values)
+        if row_id is None:  # serial collision: 2^-159 per pair, but never trust luck with serials
             continue
         session.commit()
-        return row
+        return Certificate(id=row_id, **values)
     raise PolicyError("could not reserve a unique serial number")
 
 
@@ -287,6 +333,7 @@ def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: C
     """
     session.rollback()
     try:
+        session.execute(_ABORT, {"row_id": row.id})
         row.status = "aborted"
         audit.record(
             session,

@@ -8,6 +8,13 @@ lets readers go on meanwhile, and ``synchronous=FULL`` makes a commit survive po
 
 from __future__ import annotations
 
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +30,127 @@ from sqlalchemy.orm import Session, sessionmaker
 from ca.errors import StoreError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_MS = 30000
 
 
-def _sqlite_pragmas(engine: Engine, *, immediate: bool) -> None:
+class _WriterGate:
+    """Queues this installation's SQLite writers so the next one starts as soon as the last commits.
+
+    Every transaction is a write transaction (``BEGIN IMMEDIATE``), and SQLite's own busy handler
+    makes a waiting writer sleep in growing steps up to 100 ms, so under load the lock sat idle
+    while writers slept. Threads of a process queue on a lock; the process that holds it takes an
+    ``flock`` on ``<database>-writer.lock`` that other processes wait for. Both waits are bounded
+    by the busy timeout, after which SQLite's own locking still decides (it alone guarantees safety).
+    """
+
+    def __init__(self, database: Path, timeout: float) -> None:
+        self.path = database.with_name(database.name + "-writer.lock")
+        self.timeout = timeout
+        self._threads = threading.Lock()
+        self._file: int | None = None
+        self._pid = -1
+        gate = weakref.ref(self)  # the fork hook must not keep every Store's gate (and descriptor) alive
+        os.register_at_fork(after_in_child=lambda: (g := gate()) is not None and g._after_fork())
+
+    def _after_fork(self) -> None:
+        self._threads = threading.Lock()
+        self._file, self._pid = None, -1  # the inherited descriptor shares the parent's lock: never use it
+
+    def __del__(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            os.close(self._file)
+
+    def acquire(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        if not self._threads.acquire(timeout=self.timeout):
+            return False
+        try:
+            if self._pid != os.getpid():
+                self._file, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), os.getpid()
+            while True:
+                try:
+                    fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.0005)
+        except OSError:
+            pass
+        self._threads.release()
+        return False
+
+    def release(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+        with suppress(RuntimeError):  # taken before a fork, released in the child: its lock is a new one
+            self._threads.release()
+
+
+class _GatedConnection(sqlite3.Connection):
+    """A sqlite3 connection that leaves the writer gate when its transaction ends, however it ends."""
+
+    gate: _WriterGate | None = None
+    holds_gate = False
+
+    def enter_gate(self) -> None:
+        if self.gate is not None and not self.holds_gate:
+            self.holds_gate = self.gate.acquire()
+
+    def leave_gate(self) -> None:
+        if self.holds_gate:
+            self.holds_gate = False
+            assert self.gate is not None
+            self.gate.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            if not self.in_transaction:
+                self.leave_gate()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            if not self.in_transaction:
+                self.leave_gate()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.leave_gate()
+
+
+def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        if isinstance(dbapi_connection, _GatedConnection):
+            dbapi_connection.gate = gate
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
 
-    if immediate:
+    if not immediate:
+        return  # read-only (OCSP responders): autocommit reads, no write lock, no gate
 
-        @event.listens_for(engine, "begin")
-        def _begin(connection: Any) -> None:
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        dbapi_connection = connection.connection.dbapi_connection
+        if isinstance(dbapi_connection, _GatedConnection):
+            dbapi_connection.enter_gate()
+        try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if isinstance(dbapi_connection, _GatedConnection):
+                dbapi_connection.leave_gate()
+            raise
 
 
 class Store:
@@ -57,12 +167,15 @@ class Store:
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         try:
-            options = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
-            self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite, **options)
+            options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
+            gated = self.is_sqlite and not read_only and parsed.database not in (None, "", ":memory:")
+            connect_args = {"factory": _GatedConnection} if gated else {}
+            self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite, connect_args=connect_args, **options)
         except (ImportError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
         if self.is_sqlite:
-            _sqlite_pragmas(self.engine, immediate=not read_only)
+            gate = _WriterGate(Path(parsed.database), BUSY_TIMEOUT_MS / 1000) if gated else None
+            _sqlite_pragmas(self.engine, gate, immediate=not read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

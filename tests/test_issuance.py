@@ -158,6 +158,20 @@ def test_the_database_refuses_a_reused_serial(session: Session, issuer: Issuer) 
     session.rollback()
 
 
+def test_a_serial_collision_draws_again_and_keeps_the_callers_work(
+    session: Session, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = _issue(session, issuer, make_csr())
+    draws = iter([int(taken.serial, 16), 0x1234ABCD])
+    monkeypatch.setattr("ca.issuance.new_serial", lambda: next(draws))
+    audit.record(session, "test.pending", actor="test")  # the caller's uncommitted work (as a consumed secret)
+    row = _issue(session, issuer, make_csr())
+    assert row.serial == "1234ABCD"
+    assert session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "test.pending")) == 1
+    assert session.scalar(select(func.count()).where(Certificate.serial == taken.serial)) == 1
+    assert audit.verify(session).ok
+
+
 # -- recording ---------------------------------------------------------------------------------------
 def test_the_certificate_is_committed_and_audited_before_it_is_returned(store: Store, issuer: Issuer) -> None:
     with store.session() as session:

@@ -61,7 +61,21 @@ def _settings() -> EstSettings:
     return current_app.extensions["chargepki.est"]
 
 
+AUTHORITY_TTL = 10.0  # seconds a worker keeps a label's CA: a CA added or retired is seen within this time
+
+
 def _authority(session: Session, label: str | None) -> Authority:
+    """The issuing CA a label names, remembered per worker for AUTHORITY_TTL (unknown labels are not)."""
+    cache: dict[str | None, tuple[float, Authority]] = current_app.extensions.setdefault("chargepki.authorities", {})
+    cached = cache.get(label)
+    if cached is not None and time.monotonic() - cached[0] < AUTHORITY_TTL:
+        return cached[1]
+    authority = _find_authority(session, label)
+    cache[label] = (time.monotonic(), authority)  # loaded columns stay readable once the session closes
+    return authority
+
+
+def _find_authority(session: Session, label: str | None) -> Authority:
     settings = _settings()
     if label is None:
         return default_issuing_ca(session, settings.default_environment)
