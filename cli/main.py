@@ -8,6 +8,7 @@ prints the result. Errors become one line on stderr and a non-zero exit, never a
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -166,7 +167,7 @@ def init(
 @click.option("--setup-only", is_flag=True, help="Do the first-run set-up and exit without serving.")
 @pass_state
 def run(state: State, org: str, setup_only: bool) -> None:
-    """First-run set-up on the embedded defaults, then serve EST in the foreground (`make run`)."""
+    """First-run set-up on the embedded defaults, then serve EST, OCSP and CRLs in the foreground (`make run`)."""
     pki = state.pki(create=True)
     with pki.store.session() as session:
         authorities = list_authorities(session)
@@ -183,11 +184,26 @@ def run(state: State, org: str, setup_only: bool) -> None:
     from web.server import serve_est
 
     settings = pki.config.est
+    home = str(pki.config.home)
+    # OCSP (with its signer and refresher) and the CRL publisher run beside EST, stopped with it.
+    children = [
+        subprocess.Popen([sys.executable, "-m", "cli.main", "--home", home, "serve", "ocsp"]),
+        subprocess.Popen([sys.executable, "-m", "cli.main", "--home", home, "crl", "publish", "--watch"]),
+    ]
     click.echo(
         f"EST: https://{settings.server_names[0]}:{settings.port}/.well-known/est/ (trust anchor: chargepki ca chain)",
         err=True,
     )
-    serve_est(pki, host=settings.host, port=settings.port, workers=settings.workers)
+    try:
+        serve_est(pki, host=settings.host, port=settings.port, workers=settings.workers)
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 @cli.group()

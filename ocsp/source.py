@@ -140,6 +140,7 @@ class CachedSource:
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
+        self._stop = threading.Event()
         self.last_change = 0.0
 
     # -- lookups (request threads) ---------------------------------------------------------------
@@ -196,21 +197,25 @@ class CachedSource:
             self._watcher = threading.Thread(target=self._watch, name="ocsp-status-watcher", daemon=True)
             self._watcher.start()
 
+    def close(self) -> None:
+        """Stop the watcher (at its next poll or NOTIFY timeout); the cache is not used afterwards."""
+        self._stop.set()
+
     def _watch(self) -> None:
         store = self.source.store
         last: int | None = None
-        while True:
+        while not self._stop.is_set():
             try:
                 if store.is_sqlite:
                     last = self._poll(last)
-                    time.sleep(POLL_INTERVAL)
+                    self._stop.wait(POLL_INTERVAL)
                 else:
                     last = self._listen(store.engine, last)
             except Exception as exc:
                 log.warning("status watcher: %s; retrying", str(exc).splitlines()[0] if str(exc) else exc)
                 self.invalidate()  # changes may have been missed while the store was away
                 last = None
-                time.sleep(1.0)
+                self._stop.wait(1.0)
 
     def _poll(self, last: int | None) -> int:
         counter = self.source.counter()
@@ -225,12 +230,13 @@ class CachedSource:
             connection.autocommit = True  # type: ignore[union-attr]
             connection.execute(f"LISTEN {NOTIFY_CHANNEL}")  # type: ignore[union-attr]
             last = self._poll(last)
-            while True:
+            while not self._stop.is_set():
                 notified = False
                 for _ in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):  # type: ignore[union-attr]
                     notified = True
                 if notified:
                     self.invalidate()
                 last = self._poll(last)
+            return last
         finally:
             raw.invalidate()  # never hand a LISTENing connection back to the pool

@@ -203,7 +203,9 @@ def responder(store: Store, hierarchy: Hierarchy, token: Token, tmp_path: Path) 
     server = SignerServer(socket_path, OnDemandSigner(store, Presigner(token), rate=1000))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
-    yield Responder(CachedSource(StoreSource(reader)), SignerClient(socket_path))
+    source = CachedSource(StoreSource(reader))
+    yield Responder(source, SignerClient(socket_path))
+    source.close()
     server.shutdown()
     server.server_close()
     reader.dispose()
@@ -314,7 +316,8 @@ def test_a_response_past_next_update_is_never_served(
 
 def test_without_its_store_the_responder_says_try_later(tmp_path: Path) -> None:
     unreachable = Store("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1", read_only=True)
-    responder = Responder(CachedSource(StoreSource(unreachable)), None)
+    source = CachedSource(StoreSource(unreachable))
+    responder = Responder(source, None)
     der = (
         ocsp.OCSPRequestBuilder()
         .add_certificate_by_hash(b"\x01" * 20, b"\x02" * 20, 7, hashes.SHA1())
@@ -322,6 +325,7 @@ def test_without_its_store_the_responder_says_try_later(tmp_path: Path) -> None:
         .public_bytes(serialization.Encoding.DER)
     )
     assert responder.answer(der).body == TRY_LATER
+    source.close()
 
 
 def test_without_its_signer_the_responder_says_try_later(
@@ -329,10 +333,12 @@ def test_without_its_signer_the_responder_says_try_later(
 ) -> None:
     leaf, issuer = _certificates(hierarchy, _issue(session, hierarchy, token, status))
     reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
-    responder = Responder(CachedSource(StoreSource(reader)), SignerClient(tmp_path / "nobody.sock"))
+    source = CachedSource(StoreSource(reader))
+    responder = Responder(source, SignerClient(tmp_path / "nobody.sock"))
     assert responder.answer(_request(leaf, issuer, hashes.SHA256())).body == TRY_LATER
     assert (
         _verified(responder.answer(_request(leaf, issuer)).body, hierarchy).certificate_status
         == ocsp.OCSPCertStatus.GOOD
     )
+    source.close()
     reader.dispose()
