@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import String, case, select, update
+from sqlalchemy import String, case, func, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -26,7 +26,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ca.authorities import Issuer, issuer_for, list_authorities
 from ca.errors import ChargepkiError
-from ca.models import Authority, Certificate
+from ca.models import Authority, Certificate, StatusFeed
 from ca.pkcs11_token import Token
 from crl import der
 from crl.builder import build
@@ -183,3 +183,27 @@ def publish_all(
         for authority in list_authorities(session)
         if authority.status == "active"
     ]
+
+
+def status_counter(session: Session) -> int:
+    """The change counter every status-changing transaction raises (one row: cheap to poll)."""
+    return int(session.execute(select(StatusFeed.counter).where(StatusFeed.id == 1)).scalar_one())
+
+
+def revocation_summary(session: Session) -> tuple[int, int, str | None]:
+    """What a CRL lists, summarised: revoked count, holds, latest revocation time.
+
+    ``crl publish --watch`` asks only after the status counter moved (issuance moves it too),
+    and republishes only when this summary changed, so a burst of enrollments costs one
+    indexed count a second and never a CRL rebuild. A hold released, a hold made permanent and
+    a new revocation each change it.
+    """
+    table = Certificate.__table__
+    count, holds, latest = session.execute(
+        select(
+            func.count(),
+            func.count(case((table.c.revocation_reason == "certificateHold", 1))),
+            func.max(_UtcText(table.c.revoked_at)),
+        ).where(table.c.status == "revoked")
+    ).one()
+    return int(count), int(holds), None if latest is None else str(latest)

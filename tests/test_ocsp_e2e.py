@@ -5,6 +5,8 @@ plain HTTP, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -240,3 +242,47 @@ def test_crls_are_served_at_the_repository_url_and_checked_by_openssl(responders
     assert (
         requests.get(f"http://127.0.0.1:{responders.first.port}/pki/../chargepki.toml", timeout=10).status_code == 404
     )
+
+
+def _crl_at(path: Path) -> x509.CertificateRevocationList | None:
+    try:
+        return x509.load_der_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_crl_watch_republishes_on_revocation_but_not_on_issuance(responders: Responders, tmp_path: Path) -> None:
+    published = tmp_path / "pki"
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "--home", str(responders.home), "crl", "publish", "--watch",
+         "--interval", "1h", "--dir", str(published)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    crl_file = published / "production-issuing-1.crl"
+    try:
+        deadline = time.monotonic() + 20
+        while (first := _crl_at(crl_file)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first is not None, "no CRL published at start"
+        _leaf, serial = _issue(responders, "CP-WATCH")
+        time.sleep(1.5)  # three polls: issuance alone moves the counter but changes nothing a CRL lists
+        unchanged = _crl_at(crl_file)
+        assert unchanged is not None and _crl_number(unchanged) == _crl_number(first)
+        _cli(responders.home, "revoke", serial, "--reason", "keyCompromise")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            crl = _crl_at(crl_file)
+            if crl is not None and crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the revocation did not reach the published CRL within 5 s")
+        assert _crl_number(crl) > _crl_number(first)
+    finally:
+        watcher.terminate()
+        output = watcher.communicate(timeout=10)[0].decode(errors="replace")
+    assert "Traceback" not in output, output
