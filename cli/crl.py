@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import click
+from sqlalchemy.exc import OperationalError
 
+from ca.errors import ChargepkiError
 from ca.store import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter
 
 _POLL_SECONDS = 0.5  # a revocation reaches the published CRL within about a second
+_RETRY_SECONDS = 5.0
 
 
 @click.group()
@@ -42,8 +47,15 @@ def crl() -> None:
     help="Keep running: republish within a second of any revocation, and every --interval.",
 )
 @click.option("--interval", type=DURATION, default="5m", show_default=True)
+@click.option(
+    "--on-change",
+    metavar="COMMAND",
+    help="Run COMMAND (no shell) after new CRLs were written, e.g. 'nginx -s reload' for ssl_crl.",
+)
 @pass_state
-def crl_publish(state: State, directory: Path | None, validity: timedelta, watch: bool, interval: timedelta) -> None:
+def crl_publish(
+    state: State, directory: Path | None, validity: timedelta, watch: bool, interval: timedelta, on_change: str | None
+) -> None:
     """Build and atomically publish a full CRL for every active CA."""
     if watch and interval >= validity:
         raise click.BadParameter("--interval must be shorter than --next-update", param_hint="--interval")
@@ -58,15 +70,32 @@ def crl_publish(state: State, directory: Path | None, validity: timedelta, watch
     try:
         while True:
             if watcher is not None:
-                with watcher.session() as reader:
-                    if (latest := status_counter(reader)) != counter:
-                        counter, summary = latest, revocation_summary(reader)
+                try:
+                    with watcher.session() as reader:
+                        if (latest := status_counter(reader)) != counter:
+                            counter, summary = latest, revocation_summary(reader)
+                except OperationalError as exc:
+                    click.echo(f"cannot read the database, retrying: {str(exc.orig).strip()[:200]}", err=True)
+                    time.sleep(_RETRY_SECONDS)
+                    continue
             if watcher is None or summary != published_summary or time.monotonic() >= due:
-                with pki.store.session() as session:
-                    for published in publish_all(session, pki.token(), target, validity=validity):
-                        outcome = "published" if published.replaced else "kept newer"
-                        number, entries = published.number, published.entries
-                        click.echo(f"{outcome} {published.path} (CRL number {number}, {entries} entries)")
+                try:
+                    with pki.store.session() as session:
+                        results = publish_all(session, pki.token(), target, validity=validity)
+                except (ChargepkiError, OperationalError) as exc:
+                    if watcher is None:
+                        raise
+                    # A watching publisher outlives a full disk, an absent token or a database
+                    # restart: the previous CRLs stay in place and it tries again shortly.
+                    click.echo(f"publication failed, retrying in {_RETRY_SECONDS:g} s: {exc}", err=True)
+                    time.sleep(_RETRY_SECONDS)
+                    continue
+                for published in results:
+                    outcome = "published" if published.replaced else "kept newer"
+                    number, entries = published.number, published.entries
+                    click.echo(f"{outcome} {published.path} (CRL number {number}, {entries} entries)")
+                if on_change and any(published.replaced for published in results):
+                    _run_hook(on_change)
                 published_summary, due = summary, time.monotonic() + interval.total_seconds()
             if watcher is None:
                 return
@@ -74,3 +103,15 @@ def crl_publish(state: State, directory: Path | None, validity: timedelta, watch
     finally:
         if watcher is not None:
             watcher.dispose()
+
+
+def _run_hook(command: str) -> None:
+    """Run the operator's hook; a failing hook is reported and never stops the publisher."""
+    try:
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        click.echo(f"--on-change command failed: {exc}", err=True)
+        return
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        click.echo(f"--on-change command exited {done.returncode}: {last[0]}", err=True)

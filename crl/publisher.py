@@ -9,6 +9,7 @@ or the new CRL, never half of one, and a failed write leaves the previous CRL in
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 from collections.abc import Callable, Iterator
@@ -141,7 +142,10 @@ def publish_crl(
     now: datetime,
     validity: timedelta = DEFAULT_VALIDITY,
 ) -> Published:
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"cannot create {directory}: {exc.strerror or exc}") from None
     number = next_crl_number(session, authority, now)
     this_update = now.astimezone(UTC).replace(microsecond=0)
     crl, entries = build(
@@ -162,6 +166,8 @@ def publish_crl(
         if _crl_number_of(path) >= number:
             return Published(authority.name, path, number, entries, replaced=False)
         write_atomically(path, crl)
+        # PEM beside the DER: what nginx's ssl_crl and most TLS stacks load from a file.
+        write_atomically(path.with_name(f"{path.name}.pem"), _pem_crl(crl))
         # Under the lock too: racing threads share a PID, hence write_atomically's temporary name.
         certificate_path = directory / f"{authority.name}.crt"
         if not certificate_path.exists() or certificate_path.read_bytes() != authority.certificate_der:
@@ -177,12 +183,43 @@ def publish_all(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     validity: timedelta = DEFAULT_VALIDITY,
 ) -> list[Published]:
-    """One CRL per active CA of every environment (roots cover their issuing CAs)."""
-    return [
+    """One CRL per active CA of every environment (roots cover their issuing CAs), then each
+    environment's bundle ``<environment>-crls.pem``: every CRL of its chains in one file, which
+    TLS servers that check the whole chain (nginx ``ssl_crl``) need."""
+    active = [authority for authority in list_authorities(session) if authority.status == "active"]
+    published = [
         publish_crl(session, issuer_for(authority, token), authority, directory, now=now(), validity=validity)
-        for authority in list_authorities(session)
-        if authority.status == "active"
+        for authority in active
     ]
+    for environment in sorted({authority.environment for authority in active}):
+        names = [authority.name for authority in active if authority.environment == environment]
+        write_bundle(directory, f"{environment}-crls.pem", names)
+    return published
+
+
+def write_bundle(directory: Path, bundle: str, names: list[str]) -> None:
+    """Concatenate the published PEM CRLs of ``names`` (the highest-numbered on disk, under the
+    directory's bundle lock, so racing publishers never leave an older CRL in the bundle)."""
+    try:
+        lock = open(directory / ".bundle.lock", "a")  # noqa: SIM115 - held across read and rename
+    except OSError as exc:
+        raise PublishError(f"cannot lock {directory}: {exc.strerror or exc}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        parts = []
+        for name in names:
+            try:
+                parts.append(_pem_crl((directory / f"{name}.crl").read_bytes()))
+            except OSError as exc:
+                raise PublishError(f"cannot read {name}.crl for the bundle: {exc.strerror or exc}") from None
+        write_atomically(directory / bundle, b"".join(parts))
+
+
+def _pem_crl(der_crl: bytes) -> bytes:
+    """RFC 7468 PEM of a CRL already verified as DER (re-parsing 1M entries would only cost time)."""
+    body = base64.b64encode(der_crl)
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN X509 CRL-----\n" + lines + b"\n-----END X509 CRL-----\n"
 
 
 def status_counter(session: Session) -> int:

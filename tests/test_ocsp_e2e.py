@@ -286,3 +286,39 @@ def test_crl_watch_republishes_on_revocation_but_not_on_issuance(responders: Res
         watcher.terminate()
         output = watcher.communicate(timeout=10)[0].decode(errors="replace")
     assert "Traceback" not in output, output
+
+
+def test_crl_watch_survives_a_failing_directory_and_runs_the_hook(responders: Responders, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")  # publication fails until an operator fixes it
+    published = blocker / "pki"
+    marker = tmp_path / "reloaded"
+    hook = f"{sys.executable} -c \"import pathlib; pathlib.Path('{marker}').touch()\""
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "--home", str(responders.home), "crl", "publish", "--watch",
+         "--interval", "1h", "--dir", str(published), "--on-change", hook],
+        stdout=(log := tmp_path / "publisher.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while "publication failed, retrying" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        blocker.unlink()
+        deadline = time.monotonic() + 15
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=10)
+        output = log.read_text(errors="replace")
+    assert marker.exists(), f"the --on-change hook did not run: {output}"
+    assert "publication failed, retrying" in output and "Traceback" not in output, output
+    bundle = (published / "production-crls.pem").read_bytes()
+    crls = [x509.load_pem_x509_crl(b"-----BEGIN" + part) for part in bundle.split(b"-----BEGIN")[1:]]
+    issuers = {crl.issuer.rfc4514_string() for crl in crls}
+    assert len(crls) == 2 and any("Root" in name for name in issuers), issuers
+    single = published / "production-issuing-1.crl.pem"
+    assert (
+        x509.load_pem_x509_crl(single.read_bytes()).tbs_certlist_bytes
+        == x509.load_der_x509_crl((published / "production-issuing-1.crl").read_bytes()).tbs_certlist_bytes
+    )
