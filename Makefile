@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps run test lint bench bench-crl bench-ocsp clean
+.PHONY: setup system-deps test-deps run test lint bench bench-crl bench-ocsp clean
 
 setup: system-deps $(STAMP)
 
@@ -32,7 +32,15 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/chargepki run
 
-test: setup
+# The examples' tests drive real peers: Debian's nginx (examples/nginx) and curl.
+test-deps:
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v curl >/dev/null; then \
+	  echo "installing Debian packages for the tests: nginx-light curl"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; \
+	fi
+
+test: setup test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup
