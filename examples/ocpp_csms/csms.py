@@ -1,0 +1,178 @@
+"""A small OCPP 2.0.1 CSMS on security profile 3 (TLS with client certificates) that uses
+chargepki as its CA, built on the `ocpp` library (mobilityhouse) and `websockets`.
+
+What it shows, in the order a charger meets it:
+1. TLS: the charger must present a certificate that chains to chargepki's root.
+2. Identity binding, before the WebSocket upgrade: the CSMS asks chargepki's
+   `POST /api/v1/identity-check` whether that certificate may speak for the station id in the
+   URL (`/ocpp/<stationId>`). A valid certificate of station A used as station B, a revoked
+   certificate, a disabled device, another environment: refused with HTTP 403 and the reason.
+   OCPP requires this check of the CSMS; accepting a station by its id alone is the classic bug.
+3. `SignCertificate`: answered `Accepted` at once (OCPP makes the CSMS answer before the CA has
+   decided), then the CSR goes to `POST /api/v1/sign`, and the chain (leaf first, root left out)
+   is pushed to the charger with `CertificateSigned`. A refusal is logged with chargepki's reason.
+
+Run (see README "Plugging chargepki into a CSMS"):
+    python examples/ocpp_csms/csms.py --port 9000 --cert csms.pem --key csms.key \
+        --client-ca chain.pem --api https://localhost:8443 --api-token TOKEN --api-ca root.pem
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import requests
+from ocpp.routing import on
+from ocpp.v201 import ChargePoint, call, call_result
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+log = logging.getLogger("csms")
+
+
+class Refused(Exception):
+    """chargepki refused a request; ``reason`` is its machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass
+class ChargepkiApi:
+    """The two calls a CSMS needs, authenticated with a per-CSMS API token."""
+
+    base: str
+    token: str
+    ca_file: str
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = requests.post(
+            f"{self.base}/api/v1/{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            verify=self.ca_file,
+            timeout=30,
+        )
+        document: dict[str, Any] = response.json()
+        if response.status_code >= 400:
+            raise Refused(document.get("reason", str(response.status_code)), document.get("error", ""))
+        return document
+
+    def identity_check(self, station_id: str, certificate_pem: str) -> tuple[bool, str]:
+        answer = self._post("identity-check", {"chargingStationId": station_id, "clientCertificate": certificate_pem})
+        return bool(answer["allowed"]), str(answer.get("reason", ""))
+
+    def sign(self, station_id: str, csr_pem: str, certificate_type: str) -> str:
+        body = {"chargingStationId": station_id, "certificateType": certificate_type, "csr": csr_pem}
+        return str(self._post("sign", body)["certificateChain"])
+
+
+class Station(ChargePoint):
+    """One connected charging station."""
+
+    def __init__(self, station_id: str, connection: ServerConnection, api: ChargepkiApi) -> None:
+        super().__init__(station_id, connection)
+        self.api = api
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @on("BootNotification")
+    def on_boot_notification(self, charging_station: dict[str, Any], reason: str, **_: Any) -> Any:
+        log.info("boot %s (%s, %s)", self.id, charging_station.get("model"), reason)
+        return call_result.BootNotification(current_time=datetime.now(UTC).isoformat(), interval=300, status="Accepted")
+
+    @on("Heartbeat")
+    def on_heartbeat(self, **_: Any) -> Any:
+        return call_result.Heartbeat(current_time=datetime.now(UTC).isoformat())
+
+    @on("SignCertificate")
+    def on_sign_certificate(self, csr: str, certificate_type: str | None = None, **_: Any) -> Any:
+        kind = certificate_type or "ChargingStationCertificate"
+        task = asyncio.get_running_loop().create_task(self._sign_and_push(csr, kind))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return call_result.SignCertificate(status="Accepted")
+
+    async def _sign_and_push(self, csr: str, kind: str) -> None:
+        try:
+            chain = await asyncio.to_thread(self.api.sign, self.id, csr, kind)
+        except (Refused, requests.RequestException, ValueError) as exc:
+            log.warning("SignCertificate from %s refused by the CA: %s", self.id, exc)
+            return
+        result = await self.call(call.CertificateSigned(certificate_chain=chain, certificate_type=kind))
+        log.info("CertificateSigned to %s: %s", self.id, result.status)
+
+
+def station_id_of(path: str) -> str:
+    return path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def make_server_tls(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED  # security profile 3: no client certificate, no connection
+    context.load_verify_locations(client_ca)
+    return context
+
+
+async def main(args: argparse.Namespace) -> None:
+    api = ChargepkiApi(args.api, args.api_token, args.api_ca)
+
+    async def check_identity(connection: ServerConnection, request: Request) -> Response | None:
+        """Before the upgrade: may this TLS client certificate speak for the station in the URL?"""
+        station_id = station_id_of(request.path)
+        ssl_object = connection.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            return connection.respond(HTTPStatus.FORBIDDEN, "client certificate required\n")
+        try:
+            allowed, reason = await asyncio.to_thread(api.identity_check, station_id, ssl.DER_cert_to_PEM_cert(der))
+        except (Refused, requests.RequestException, ValueError) as exc:
+            log.warning("identity check for %s failed: %s", station_id, exc)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "identity check unavailable\n")
+        if not allowed:
+            log.warning("refused %s: %s", station_id, reason)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"refused: {reason}\n")
+        return None
+
+    async def handler(connection: ServerConnection) -> None:
+        station = Station(station_id_of(connection.request.path if connection.request else ""), connection, api)
+        log.info("connected %s", station.id)
+        try:
+            await station.start()
+        except ConnectionClosed as exc:
+            log.info("disconnected %s (%s)", station.id, exc.rcvd.code if exc.rcvd else "no close frame")
+
+    tls = make_server_tls(args.cert, args.key, args.client_ca)
+    async with serve(
+        handler, args.host, args.port, ssl=tls, subprotocols=["ocpp2.0.1"], process_request=check_identity
+    ) as server:
+        log.info("CSMS listening on wss://%s:%d/ocpp/<stationId>", args.host, args.port)
+        await server.serve_forever()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--cert", required=True, help="the CSMS's TLS certificate chain (PEM, leaf first)")
+    parser.add_argument("--key", required=True, help="its private key (PEM)")
+    parser.add_argument("--client-ca", required=True, help="chargepki's issuing CA + root (PEM)")
+    parser.add_argument("--api", required=True, help="chargepki's EST/API base URL, e.g. https://localhost:8443")
+    parser.add_argument("--api-token", required=True, help="this CSMS's API token (`chargepki csms token`)")
+    parser.add_argument("--api-ca", required=True, help="root that verifies chargepki's API server (PEM)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main(parse_args()))
