@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from flask import Flask
 from openapi_spec_validator import validate as validate_openapi
@@ -27,11 +27,11 @@ from sqlalchemy import select, update
 from ca.authorities import default_issuing_ca, issuer_for
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.csms import add_client, get_client, issue_token, set_enabled
+from ca.csms import add_client, caller_for, get_client, issue_token, set_enabled
 from ca.csms import sign as csms_sign
 from ca.csms_jobs import claim_next, enqueue, process
 from ca.csr import read_csr
-from ca.devices import add_device, disable_device
+from ca.devices import add_device, disable_device, get_device
 from ca.errors import PolicyError
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue, request_from_csr
@@ -229,8 +229,6 @@ def test_a_chain_over_the_limit_is_refused_and_the_certificate_abandoned(api: Ap
 
 
 def _caller(session: Any, name: str) -> Any:
-    from ca.csms import caller_for
-
     return caller_for(session, get_client(session, name).id)
 
 
@@ -382,8 +380,6 @@ def test_lookups_by_fingerprint_and_hash_report_status_device_validity_and_chain
 
 def _issue_direct(api: Api, station: str, environment: str = "production", **kwargs: Any) -> Certificate:
     """A charger certificate issued in the core (for states the API cannot produce on its own)."""
-    from ca.devices import get_device
-
     with api.pki.store.session() as session:
         authority = default_issuing_ca(session, environment)
         issuer = issuer_for(authority, api.pki.token())
@@ -456,8 +452,6 @@ def test_identity_check_allows_only_the_station_s_own_current_certificate(api: A
         .not_valid_before(datetime.now(UTC) - timedelta(days=1))
         .not_valid_after(datetime.now(UTC) + timedelta(days=1))
     )
-    from cryptography.hazmat.primitives import hashes
-
     self_signed = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
     assert check(station, self_signed)["reason"] == "unknown_issuer"
     with api.pki.store.session() as session:
@@ -626,7 +620,7 @@ def test_the_openapi_document_is_valid_served_and_documents_every_route(api: Api
     assert routes == documented
 
 
-def test_the_answers_seen_cover_every_documented_success(api: Api) -> None:
+def test_the_answers_seen_cover_every_documented_success() -> None:
     """Runs last in this module: the answers validated above include every operation's success."""
     successes = {(path, method) for path, method, status in CHECKED if status in (200, 202)}
     documented = {(path, method) for path, item in DOCUMENT["paths"].items() for method in item}
