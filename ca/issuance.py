@@ -55,7 +55,8 @@ def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
     kind = describe_public_key(public_key)
     if kind not in profile.key_types:
         raise PolicyError(
-            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})"
+            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})",
+            code="key_not_allowed",
         )
     return kind
 
@@ -182,7 +183,10 @@ def request_from_csr(
     if not profile.from_csr:
         raise PolicyError(f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)")
     if csr.organization is not None and csr.organization != issuer.organization:
-        raise PolicyError(f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}")
+        raise PolicyError(
+            f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}",
+            code="wrong_organization",
+        )
     dns_names = tuple(check_hostname(name) for name in csr.dns_names) if profile.san_dns else ()
     return IssueRequest(profile, csr.public_key, csr.common_name, dns_names, validity, device_id)
 
@@ -201,7 +205,8 @@ def issue(
 
     ``status`` pre-signs the new certificate's OCSP response in the same transaction.
     ``before_commit`` runs inside the transaction that records the certificate, so what it
-    changes (superseding the previous certificate, closing enrollment) commits atomically with it.
+    changes (superseding the previous certificate, closing enrollment) commits atomically with it;
+    a ``ChargepkiError`` it raises abandons the certificate (``aborted``) instead.
     The row it receives joins the session only after that commit: change the store through
     statements, not by setting attributes on it.
     """
@@ -245,7 +250,11 @@ def issue(
     )
     status.update(session, [row], now())
     if before_commit is not None:
-        before_commit(row)
+        try:
+            before_commit(row)
+        except ChargepkiError as exc:  # a last check refused it: nobody receives this certificate
+            _abandon(session, row, str(exc), actor, now)
+            raise
     session.commit()
     make_transient_to_detached(row)  # every column is set: it joins the session as loaded, without a query
     session.add(row)

@@ -24,13 +24,14 @@ ENVIRONMENTS = ("production", "staging", "factory-test")
 def check_charger_identity(value: str) -> str:
     if not _CHARGER_IDENTITY.match(value):
         raise PolicyError(
-            f"CN {value!r} is not a charging station identity (1-48 characters: letters, digits, ._~*=:+|@-)"
+            f"CN {value!r} is not a charging station identity (1-48 characters: letters, digits, ._~*=:+|@-)",
+            code="bad_identity",
         )
     try:
         ipaddress.ip_address(value)
     except ValueError:
         return value
-    raise PolicyError(f"CN {value!r} is an IP address, not a charging station identity")
+    raise PolicyError(f"CN {value!r} is an IP address, not a charging station identity", code="bad_identity")
 
 
 def check_hostname(value: str) -> str:
@@ -54,7 +55,7 @@ def check_plain_name(value: str, what: str = "CN") -> str:
 def check_common_name(kind: str, value: str) -> str:
     checked = {"charger": check_charger_identity, "hostname": check_hostname}.get(kind, check_plain_name)(value)
     if len(checked) > UB_COMMON_NAME:
-        raise PolicyError(f"CN {value!r} is longer than {UB_COMMON_NAME} characters")
+        raise PolicyError(f"CN {value!r} is longer than {UB_COMMON_NAME} characters", code="bad_subject")
     return checked
 
 

@@ -113,6 +113,16 @@ PROFILES: dict[str, Profile] = {
             aia_ocsp=True,
         ),
         Profile(
+            name="csms-client",
+            description="CSMS client certificate for the CSMS API (mTLS; CN = the CSMS name)",
+            key_types=ALL_KEY_TYPES,
+            default_validity=365 * DAY,
+            max_validity=3 * 365 * DAY,
+            key_usage=frozenset({"digital_signature"}),
+            extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+            aia_ocsp=True,
+        ),
+        Profile(
             name="firmware-signer",
             description="firmware signing certificate (codeSigning)",
             key_types=ALL_KEY_TYPES,

@@ -35,6 +35,7 @@ from ca.revocation import REASONS, revoke, unhold
 from ca.store import _one_line
 from cli.common import State, actor, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
+from cli.csms import csms
 from cli.enrollment import device, ra, serve, token_group
 from cli.ocsp import ocsp
 from cli.params import DURATION, UTC_DATETIME
@@ -440,7 +441,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl, ocsp):
+for group in (device, token_group, ra, serve, crl, ocsp, csms):
     cli.add_command(group)
 
 

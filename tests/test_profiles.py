@@ -32,8 +32,9 @@ LEAF_REQUESTS = {
     "ocsp-signer": {"common_name": "Acme OCSP Signer"},
     "firmware-signer": {"common_name": "Acme Firmware stable"},
     "ra": {"common_name": "Factory Station Shenzhen 1"},
+    "csms-client": {"common_name": "Acme CSMS eu-west"},
 }
-OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver", "ra": "sslclient"}
+OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver", "ra": "sslclient", "csms-client": "sslclient"}
 
 
 def _issue_all(session: Session, token: Token, hierarchy: Hierarchy, leaf_key: str) -> dict[str, bytes]:

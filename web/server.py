@@ -111,7 +111,7 @@ class EstServer(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         pki = Pki.open(self.home, self.environ)
-        return create_app(pki, pki.config.est)
+        return create_app(pki, pki.config.est, run_jobs=True)
 
 
 def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
