@@ -145,6 +145,7 @@ class CachedSource:
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
         self._stop = threading.Event()
+        self._lost = False  # the watcher lost the store: empty the cache when it is back
         self.last_change = 0.0
 
     # -- lookups (request threads) ---------------------------------------------------------------
@@ -219,15 +220,16 @@ class CachedSource:
                     last = self._listen(store.engine, last)
             except Exception as exc:
                 log.warning("status watcher: %s; retrying", str(exc).splitlines()[0] if str(exc) else exc)
-                # Keep the cache (served until nextUpdate while the store is away); ``last = None``
-                # empties it at the first successful read, since changes may have been missed.
-                last = None
+                # Keep the cache (served until nextUpdate while the store is away) and empty it at
+                # the first successful read instead, since changes may have been missed meanwhile.
+                self._lost = True
                 self._stop.wait(1.0)
 
     def _poll(self, last: int | None) -> int:
         counter = self.source.counter()
-        if last is None or counter != last:
-            self.invalidate()  # a change, or the first read (at start or after losing the store)
+        if (last is not None and counter != last) or self._lost:
+            self._lost = False
+            self.invalidate()
         return counter
 
     def _listen(self, engine: Engine, last: int | None) -> int | None:

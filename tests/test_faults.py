@@ -5,30 +5,44 @@ Each service is a real `chargepki serve` process; the assertions read the databa
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import sqlite3
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
 import tomli_w
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from ca.config import find_softhsm_module
-from ca.models import AuditEvent
+from ca import audit
+from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
+from ca.hierarchy import HierarchyRequest, init_hierarchy
+from ca.issuance import abandon_stale_pending
+from ca.models import AuditEvent, Certificate
+from ca.pkcs11_token import Token
 from ca.store import Store
+from ocsp.presign import Presigner
 from tests.conftest import database
-from tests.est_server import EstServer, free_port, start_server
+from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.fault_helpers import (
+    TcpProxy,
     certificate_of,
     chargepki,
+    children,
     csr_body,
     embedded_home,
     enroll,
+    fingerprint,
     issuing_certificate,
     ocsp_answer,
     register,
@@ -209,3 +223,206 @@ def _with_serial(certificate: x509.Certificate, serial: int) -> x509.Certificate
         .not_valid_after(certificate.not_valid_after_utc)
         .sign(key, hashes.SHA256())
     )
+
+
+# -- the database ---------------------------------------------------------------------------------
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_postgresql_unreachable_503_cached_ocsp_one_line_cli_and_recovery_without_restart(tmp_path: Path) -> None:
+    with database("postgresql", tmp_path) as url:
+        proxy = TcpProxy()
+        store = Store(url)
+        est = ocsp_server = None
+        try:
+            home = embedded_home(tmp_path / "home", proxy.url(url))
+            root = root_pem(store, tmp_path / "root.pem")
+            issuer = issuing_certificate(store)
+            secrets = register(store, ["CP-DB-0", "CP-DB-1", "CP-DB-2"])
+            est = start_server(home, free_port(), workers=1)
+            ocsp_server = start_server(home, free_port(), workers=1, service="ocsp")
+            cached = certificate_of(enroll(est.port, "CP-DB-0", secrets["CP-DB-0"], root))
+            uncached = certificate_of(enroll(est.port, "CP-DB-1", secrets["CP-DB-1"], root))
+            time.sleep(1)  # let the responder's watcher see that enrollment's change signal first
+            assert ocsp_answer(ocsp_server.port, cached, issuer) == "GOOD"  # now in the responder's cache
+
+            proxy.cut()
+            body = csr_body("CP-DB-2")
+            refused = enroll(est.port, "CP-DB-2", secrets["CP-DB-2"], root, body=body)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "30", refused.text
+            assert "database" in refused.text
+            assert ocsp_answer(ocsp_server.port, cached, issuer) == "GOOD"
+            assert ocsp_answer(ocsp_server.port, uncached, issuer) == "TRY_LATER"
+            _one_line_error(chargepki(home, "cert", "list"), "database unavailable")
+            _one_line_error(chargepki(home, "audit", "verify"), "database unavailable")
+            # A worker that (re)starts while the database is away still boots: gunicorn would
+            # otherwise stop the whole service when a worker fails to boot.
+            (worker,) = children(est.process.pid)
+            os.kill(worker, signal.SIGKILL)
+            _until(lambda: len(children(est.process.pid)) == 1 and worker not in children(est.process.pid), "respawn")
+            assert enroll(est.port, "CP-DB-2", secrets["CP-DB-2"], root, body=body).status_code == 503
+
+            proxy.restore()
+            _until(
+                lambda: enroll(est.port, "CP-DB-2", secrets["CP-DB-2"], root, body=body).status_code == 200,
+                "enrollment after the database came back",
+            )
+            _until(lambda: ocsp_answer(ocsp_server.port, uncached, issuer) == "GOOD", "OCSP after the database")
+            assert chargepki(home, "cert", "list").returncode == 0
+            assert est.process.poll() is None and ocsp_server.process.poll() is None
+            _audit_ok(home)
+        finally:
+            _stop(est, ocsp_server)
+            proxy.close()
+            store.dispose()
+        _clean_log(est)
+
+
+def test_sqlite_locked_beyond_its_timeout_or_moved(tmp_path: Path) -> None:
+    """A file database the service holds open cannot become unreachable the way a server can
+    (moving or chmod-ing it changes nothing for open descriptors, and root ignores modes); what
+    happens is a lock held too long (a backup, a stuck writer) or a file that is not there."""
+    db = tmp_path / "chargepki.db"
+    url = f"sqlite:///{db}?timeout=1"  # how long a writer waits for the lock
+    home = embedded_home(tmp_path / "home", url)
+    store = Store(url)
+    root = root_pem(store, tmp_path / "root.pem")
+    issuer = issuing_certificate(store)
+    secrets = register(store, ["CP-LK-0", "CP-LK-1"])
+    est = ocsp_server = None
+    try:
+        est = start_server(home, free_port(), workers=1)
+        ocsp_server = start_server(home, free_port(), workers=1, service="ocsp")
+        issued = certificate_of(enroll(est.port, "CP-LK-0", secrets["CP-LK-0"], root))
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            body = csr_body("CP-LK-1")
+            refused = enroll(est.port, "CP-LK-1", secrets["CP-LK-1"], root, body=body)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "30", refused.text
+            assert ocsp_answer(ocsp_server.port, issued, issuer) == "GOOD"  # WAL: readers are not blocked
+            _one_line_error(chargepki(home, "cert", "list"), "database unavailable", "locked")
+        finally:
+            locker.rollback()
+            locker.close()
+        assert enroll(est.port, "CP-LK-1", secrets["CP-LK-1"], root, body=body).status_code == 200
+    finally:
+        _stop(est, ocsp_server)
+        store.dispose()
+    _clean_log(est)
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("chargepki.db")]
+    for path in files:
+        path.rename(moved / path.name)
+    _one_line_error(chargepki(home, "audit", "verify"), "does not exist")
+    _one_line_error(chargepki(home, "cert", "list"), "does not exist")
+    assert not db.exists(), "no empty database was created in its place"
+    for path in files:
+        (moved / path.name).rename(path)
+    _audit_ok(home)
+
+
+# -- kill -9 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_kill_9_of_the_est_service_during_a_load_run(
+    kind: str, tmp_path: Path, token: Token, token_settings: tuple[Pkcs11Settings, str]
+) -> None:
+    with database(kind, tmp_path) as url:
+        store = Store(url)
+        store.upgrade()
+        with store.session() as session:
+            request = HierarchyRequest(organization="Acme Charging", country="DE")
+            init_hierarchy(session, token, request, actor="test", status=Presigner(token))
+        home = write_home(tmp_path / "home", url, token_settings[0], EstSettings(default_environment="production"))
+        root = root_pem(store, tmp_path / "root.pem")
+        secrets = register(store, [f"CP-K9-{n:04d}" for n in range(400)])
+        queue = iter(sorted(secrets))
+        received: dict[str, x509.Certificate] = {}
+        lock, stop = threading.Lock(), threading.Event()
+        server = start_server(home, free_port(), workers=2, process_group=True)
+
+        def client() -> None:
+            with requests.Session() as http:
+                while not stop.is_set():
+                    with lock:
+                        serial = next(queue, None)
+                    if serial is None:
+                        return
+                    try:
+                        response = http.post(
+                            f"https://localhost:{server.port}/.well-known/est/simpleenroll",
+                            data=csr_body(serial),
+                            auth=(serial, secrets[serial]),
+                            headers={"Content-Type": "application/pkcs10"},
+                            verify=str(root),
+                            timeout=30,
+                        )
+                    except requests.RequestException:
+                        continue  # the service is gone
+                    if response.status_code == 200:
+                        with lock:
+                            received[serial] = certificate_of(response)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            _until(lambda: len(received) >= 60, "60 enrollments before the kill", deadline=60)
+            os.killpg(server.process.pid, signal.SIGKILL)  # the master and every worker, mid-request
+            server.process.wait()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        restarted = start_server(home, free_port(), workers=2, process_group=True)
+        try:
+            later = [s for s in sorted(secrets) if s not in received][-3:]  # never reached before the kill
+            for serial in later:
+                received[serial] = certificate_of(enroll(restarted.port, serial, secrets[serial], root))
+        finally:
+            restarted.stop()
+
+        with store.session() as session:
+            rows = {r.serial: r for r in session.scalars(select(Certificate).where(Certificate.profile == "charger"))}
+            issued_events = session.scalars(select(AuditEvent).where(AuditEvent.action == "certificate.issued"))
+            issued = {event.subject: event for event in issued_events}
+            total, distinct = session.execute(
+                select(func.count(Certificate.id), func.count(func.distinct(Certificate.serial)))
+            ).one()
+            session.commit()
+        assert total == distinct, "no serial is ever reused"
+        for serial, certificate in received.items():
+            row = rows.get(format(certificate.serial_number, "X"))
+            assert row is not None and row.status == "valid", f"{serial}: a certificate handed out is recorded"
+            assert row.der == certificate.public_bytes(serialization.Encoding.DER)
+            assert row.common_name == serial
+            assert fingerprint(certificate) in issued[row.serial].details, "and audited"
+        pending = [r.serial for r in rows.values() if r.status == "pending"]
+        handed_out = {format(c.serial_number, "X") for c in received.values()}
+        assert not handed_out & set(pending)
+        _audit_ok(home)
+        print(f"{kind}: {len(received)} received, {len(pending)} reservations left pending by the kill")
+
+        # The sweep marks what the crash left (once it is old enough to belong to no live process).
+        with store.session() as session:
+            assert abandon_stale_pending(session, actor="test") == []  # too recent yet
+            later_now = datetime.now(UTC) + timedelta(hours=1)
+            swept = abandon_stale_pending(session, actor="test", now=lambda: later_now)
+            assert sorted(swept) == sorted(pending)
+            statuses = {s: session.scalar(select(Certificate.status).where(Certificate.serial == s)) for s in swept}
+            session.commit()
+        assert set(statuses.values()) <= {"aborted"}
+        aborted = {e.subject for e in _events(store, "certificate.aborted")}
+        assert set(swept) <= aborted
+        with store.session() as session:
+            assert audit.verify(session).ok
+            session.commit()
+        store.dispose()
