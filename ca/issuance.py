@@ -229,8 +229,9 @@ def issue(
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
     recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
-    if recorded.rowcount != 1:
-        raise StoreError(f"the reserved row of serial {row.serial} is no longer pending")
+    if recorded.rowcount != 1:  # swept as abandoned meanwhile (``abandon_stale_pending``): hand out nothing
+        session.rollback()
+        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
     audit.record(
         session,
         "certificate.issued",

@@ -22,16 +22,23 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 from sqlalchemy import func, select
 
 from ca import audit
+from ca.authorities import issuer_for
 from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
+from ca.csr import read_csr
 from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import abandon_stale_pending
+from ca.issuance import abandon_stale_pending, issue, request_from_csr
 from ca.models import AuditEvent, Certificate
 from ca.pkcs11_token import Token
+from ca.profiles import get_profile
 from ca.store import Store
 from ocsp.presign import Presigner
+from ocsp.responder import Responder
+from ocsp.signing import TRY_LATER
+from ocsp.source import CachedSource, StoreSource
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.fault_helpers import (
@@ -49,6 +56,7 @@ from tests.fault_helpers import (
     root_pem,
     token_directory,
 )
+from tests.helpers import make_csr
 
 DEADLINE = 20.0  # seconds to wait for a service to recover (it normally takes one or two)
 
@@ -426,3 +434,41 @@ def test_kill_9_of_the_est_service_during_a_load_run(
             assert audit.verify(session).ok
             session.commit()
         store.dispose()
+
+
+def test_the_responder_serves_its_cached_responses_until_next_update_while_the_store_is_away(
+    tmp_path: Path, token: Token
+) -> None:
+    """Stale-if-error: past the cache's TTL, with the store unreachable, a cached response is still
+    served until its own nextUpdate (the signed bytes a client may itself cache that long)."""
+    with database("postgresql", tmp_path) as url:
+        direct = Store(url)
+        direct.upgrade()
+        status = Presigner(token)
+        with direct.session() as session:
+            request = HierarchyRequest(organization="Acme Charging")
+            hierarchy = init_hierarchy(session, token, request, actor="t", status=status)
+            issuer = issuer_for(hierarchy.issuing, token)
+            wanted = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-STALE")), issuer)
+            row = issue(session, issuer, wanted, actor="t", status=status)
+        leaf = x509.load_der_x509_certificate(row.der)
+        request = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(leaf, issuer.certificate, hashes.SHA1())
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )
+        proxy = TcpProxy()
+        source = CachedSource(StoreSource(Store(proxy.url(url), read_only=True)), ttl=0.0)
+        try:
+            served = Responder(source, None).answer(request)
+            assert ocsp.load_der_ocsp_response(served.body).certificate_status == ocsp.OCSPCertStatus.GOOD
+            proxy.cut()
+            assert Responder(source, None).answer(request).body == served.body
+            other = _with_serial(leaf, 4242)  # never cached: nothing to fall back on
+            unknown = ocsp.OCSPRequestBuilder().add_certificate(other, issuer.certificate, hashes.SHA1()).build()
+            assert Responder(source, None).answer(unknown.public_bytes(serialization.Encoding.DER)).body == TRY_LATER
+        finally:
+            source.close()
+            proxy.close()
+            direct.dispose()
