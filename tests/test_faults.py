@@ -5,10 +5,12 @@ Each service is a real `chargepki serve` process; the assertions read the databa
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import tomllib
@@ -24,17 +26,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities import issuer_for
 from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
 from ca.csr import read_csr
-from ca.hierarchy import HierarchyRequest, init_hierarchy
+from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.issuance import abandon_stale_pending, issue, request_from_csr
 from ca.models import AuditEvent, Certificate
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.store import Store
+from crl.publisher import PublishError, publish_crl
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signing import TRY_LATER
@@ -472,3 +476,48 @@ def test_the_responder_serves_its_cached_responses_until_next_update_while_the_s
             source.close()
             proxy.close()
             direct.dispose()
+
+
+# -- the publication directory ----------------------------------------------------------------------
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: really full, or really read-only (root writes through any mode bits)."""
+    mountpoint = tmp_path / "pki"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_a_full_or_read_only_publication_directory_keeps_the_previous_crl(
+    session: Session, hierarchy: Hierarchy, token: Token, small_filesystem: Path
+) -> None:
+    issuer = issuer_for(hierarchy.issuing, token)
+    first = publish_crl(session, issuer, hierarchy.issuing, small_filesystem, now=datetime.now(UTC))
+    before = first.path.read_bytes()
+
+    with open(small_filesystem / "filler", "wb", buffering=0) as filler:  # until the disk is full
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with pytest.raises(PublishError, match="No space left on device"):
+        publish_crl(session, issuer, hierarchy.issuing, small_filesystem, now=datetime.now(UTC))
+    assert first.path.read_bytes() == before
+    assert not [p for p in small_filesystem.iterdir() if p.name.endswith(".tmp")]
+
+    (small_filesystem / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    with pytest.raises(PublishError, match="Read-only file system"):
+        publish_crl(session, issuer, hierarchy.issuing, small_filesystem, now=datetime.now(UTC))
+    assert first.path.read_bytes() == before
+    subprocess.run(["mount", "-o", "remount,rw", str(small_filesystem)], check=True)
+    again = publish_crl(session, issuer, hierarchy.issuing, small_filesystem, now=datetime.now(UTC))
+    assert again.replaced and again.number > first.number
