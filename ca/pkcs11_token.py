@@ -329,9 +329,9 @@ class Token:
         """The logged-in session, held exclusively for the duration of the ``with`` block."""
         with _CALL_LOCK:
             if self._stale():
-                if self._pid != os.getpid():
-                    self._session = None  # the parent's session: never close it from a child
-                self._drop_session()
+                # Forget, never close: after a fork or a re-initialisation the handle may already
+                # number another Token's new session.
+                self._session, self._signing_keys = None, {}
                 self._reconnect()
             try:
                 yield self._session
