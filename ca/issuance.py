@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -38,6 +38,9 @@ from ca.status import StatusSigner
 
 Clock = Callable[[], datetime]
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
+# A reservation older than this belongs to a process that died (kill -9, power loss): an issuance
+# takes milliseconds, a stuck token call at most the service's 30 s request timeout.
+PENDING_TIMEOUT = timedelta(minutes=10)
 
 
 def utcnow() -> datetime:
@@ -231,8 +234,9 @@ def issue(
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
     recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
-    if recorded.rowcount != 1:
-        raise StoreError(f"the reserved row of serial {row.serial} is no longer pending")
+    if recorded.rowcount != 1:  # swept as abandoned meanwhile (``abandon_stale_pending``): hand out nothing
+        session.rollback()
+        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
     audit.record(
         session,
         "certificate.issued",
@@ -355,3 +359,44 @@ def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: C
         session.commit()
     except SQLAlchemyError:
         session.rollback()
+
+
+def abandon_stale_pending(
+    session: Session,
+    *,
+    actor: str,
+    now: Clock = utcnow,
+    older_than: timedelta = PENDING_TIMEOUT,
+    limit: int = 1000,
+) -> list[str]:
+    """Mark reservations left ``pending`` longer than ``older_than`` as ``aborted``, each audited; commit.
+
+    A process killed between reserving a serial and recording the certificate leaves its row
+    ``pending`` for ever. Nobody received that certificate (``issue`` returns only after the
+    record commits), so the row says ``aborted`` from then on and the serial stays burnt. Should
+    the issuance still be running after all, it cannot record any more (``_RECORD`` only takes a
+    pending row) and fails instead of handing out a certificate the store does not show.
+    Returns the serials marked.
+    """
+    cutoff = now() - older_than
+    stale = session.execute(
+        select(_CERTIFICATES.c.id, _CERTIFICATES.c.serial)
+        .where(_CERTIFICATES.c.status == "pending", _CERTIFICATES.c.created_at < cutoff)
+        .order_by(_CERTIFICATES.c.id)
+        .limit(limit)
+    ).all()
+    marked = []
+    for row_id, serial in stale:
+        if session.execute(_ABORT, {"row_id": row_id}).rowcount != 1:
+            continue  # recorded or swept by someone else meanwhile
+        audit.record(
+            session,
+            "certificate.aborted",
+            actor=actor,
+            subject=serial,
+            now=now,
+            details={"reason": f"still pending after {older_than}: the issuing process stopped before recording it"},
+        )
+        marked.append(serial)
+    session.commit()
+    return marked

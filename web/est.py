@@ -28,6 +28,7 @@ from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.errors import InputError, NotFoundError
+from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
@@ -199,17 +200,17 @@ def _issuer(authority: Authority) -> Issuer:
     return cache[key]
 
 
-SWEEP_INTERVAL = 30.0  # seconds between sweeps of superseded certificates whose grace period ended
+SWEEP_INTERVAL = 30.0  # seconds between a worker's sweeps (superseded certificates, stale reservations)
 
 
-def _sweep_superseded(session: Session) -> None:
-    """Revoke certificates past their re-enrollment grace, at most every SWEEP_INTERVAL per worker.
-
-    Enrollment already treats such a certificate as revoked; the sweep makes the store say so too.
-    """
+def _sweep(session: Session) -> None:
+    """At most every SWEEP_INTERVAL per worker: revoke certificates past their re-enrollment grace
+    (enrollment already treats them as revoked; the store then says so too), and mark serials
+    reserved by a process that died as aborted."""
     state = current_app.extensions.setdefault("chargepki.sweep", {"last": 0.0})
     if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
         state["last"] = time.monotonic()
+        abandon_stale_pending(session, actor="system:est")
         revoke_due(session, status=_status())
 
 
@@ -217,19 +218,22 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
     csr = _read_pkcs10()
     credentials = _credentials()
     pki = _pki()
-    with pki.store.session() as session:
-        _sweep_superseded(session)
-        authority = _authority(session, label)
-        row = operation(
-            session,
-            _issuer,
-            authority,
-            csr,
-            credentials,
-            status=_status(),
-            settings=_enrollment_settings(),
-        )
-        certificate = x509.load_der_x509_certificate(row.der)
+    try:
+        with pki.store.session() as session:
+            _sweep(session)
+            authority = _authority(session, label)
+            row = operation(
+                session,
+                _issuer,
+                authority,
+                csr,
+                credentials,
+                status=_status(),
+                settings=_enrollment_settings(),
+            )
+            certificate = x509.load_der_x509_certificate(row.der)
+    finally:
+        pki.audit_token_health("system:est")  # token lost or back: one audit entry per change
     return _certs_only([certificate])
 
 
