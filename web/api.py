@@ -35,7 +35,7 @@ from ca.identity import check_identity
 from ca.models import Certificate, CsmsSignJob, Device
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
-from web.est import _client_certificate, _enrollment_settings, _issuer, _status, _sweep_superseded
+from web.est import _client_certificate, _enrollment_settings, _issuer, _status, _sweep
 from web.openapi import DOCUMENT, check, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
 
@@ -157,7 +157,7 @@ def sign(session: Session, caller: Caller) -> Response:
         if runner is not None:
             runner.wake()
         return _job_response(session, job)
-    _sweep_superseded(session)
+    _sweep(session)
     certificate = csms.sign(
         session,
         _issuer,
