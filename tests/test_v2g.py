@@ -380,6 +380,7 @@ def test_an_external_root_signs_sub_ca_1_and_the_rest_is_ours(
     now = datetime.now(UTC)
     rotated = rotate_signers(session, status, actor="test", now=now, validity=timedelta(days=30), force=True)
     assert {authority.name for authority, _ in rotated} == {hierarchy.sub_ca_1.name, hierarchy.sub_ca_2.name}
+    assert all(row.not_after - row.not_before == timedelta(days=42) for _, row in rotated)  # not the 30 asked
     session.commit()
     served = set(StoreSource(Store(str(session.get_bind().url))).issuers().values())
     assert hierarchy.root.id not in served and hierarchy.sub_ca_1.id in served
