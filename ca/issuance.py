@@ -32,7 +32,7 @@ from ca.errors import ChargepkiError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
 from ca.models import Certificate
 from ca.names import check_common_name, check_hostname, subject_name
-from ca.profiles import Profile
+from ca.profiles import Profile, check_issuer_role
 from ca.serials import format_serial, new_serial
 from ca.status import StatusSigner
 
@@ -173,6 +173,7 @@ class IssueRequest:
     validity: timedelta | None = None
     device_id: int | None = None
     key_label: str | None = None  # set when the key is one chargepki holds in its token
+    organizational_unit: str | None = None  # e.g. a firmware signer's release channel
 
 
 def request_from_csr(
@@ -217,8 +218,12 @@ def issue(
     key_type = check_key(profile, request.public_key)
     common_name = check_common_name(profile.common_name, request.common_name)
     assert issuer.certificate is not None and issuer.authority_id is not None, "roots are made by init"
+    if issuer.role is not None:
+        check_issuer_role(profile, issuer.role, issuer.name)
     validity = validity_window(profile, request.validity, now(), issuer.certificate.not_valid_after_utc)
-    subject = subject_name(common_name, issuer.organization, issuer.country)
+    subject = subject_name(
+        common_name, issuer.organization, issuer.country, profile.domain_component, request.organizational_unit
+    )
 
     row = _reserve(session, issuer, request, subject, common_name, validity, now)
     try:

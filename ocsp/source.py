@@ -84,9 +84,11 @@ class StoreSource:
         self._dbapi_error: type[Exception] = store.engine.dialect.dbapi.Error  # type: ignore[union-attr]
 
     def issuers(self) -> dict[IssuerKey, int]:
-        """Every CA in the store under every CertID hash, to its id (retired CAs still answer)."""
+        """Every CA in the store under every CertID hash, to its id (retired CAs still answer;
+        external ones, an imported V2G root, are answered by their own operator: unauthorized)."""
+        query = select(Authority.id, Authority.certificate_der).where(Authority.status != "external")
         with self.store.engine.connect() as connection:
-            rows = connection.execute(select(Authority.id, Authority.certificate_der)).all()
+            rows = connection.execute(query).all()
         served: dict[IssuerKey, int] = {}
         for authority_id, der in rows:
             for hashes in issuer_hashes(x509.load_der_x509_certificate(der)):

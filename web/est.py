@@ -1,8 +1,10 @@
 """RFC 7030 EST endpoints under ``/.well-known/est/`` and ``/.well-known/est/<label>/``.
 
 A label names an issuing CA (``production-issuing-1``) or an environment (``staging``,
-meaning its active issuing CA). Requests and responses are base64-encoded DER with the
-content types of RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment``.
+meaning its active issuing CA). A CPO Sub-CA 2's name (``production-cpo-sub-ca2-1``), or
+``v2g`` for the default environment's, enrolls ISO 15118 SECC certificates instead.
+Requests and responses are base64-encoded DER with the content types of RFC 7030 §4; the
+enrollment logic itself lives in ``ca.enrollment`` (chargers) and ``ca.secc`` (SECCs).
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
+from ca.secc import enroll_secc
+from ca.v2g import current_sub_ca_2
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
 est = Blueprint("est", __name__)
 PREFIXES = ("/.well-known/est", "/.well-known/est/<label>")
 PKCS7_MIME = "application/pkcs7-mime; smime-type=certs-only"
+V2G_LABEL = "v2g"
 
 
 def _routes(operation: str, methods: list[str]):  # type: ignore[no-untyped-def]
@@ -82,7 +87,11 @@ def _find_authority(session: Session, label: str | None) -> Authority:
         return default_issuing_ca(session, settings.default_environment)
     if label in ENVIRONMENTS:
         return default_issuing_ca(session, label)
-    authority = session.scalar(select(Authority).where(Authority.name == label, Authority.role == "issuing"))
+    if label == V2G_LABEL:
+        return current_sub_ca_2(session, settings.default_environment)
+    authority = session.scalar(
+        select(Authority).where(Authority.name == label, Authority.role.in_(("issuing", "v2g-sub-ca-2")))
+    )
     if authority is None or authority.status != "active":
         raise NotFoundError(f"no EST label {label!r}")
     return authority
@@ -222,6 +231,8 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
         with pki.store.session() as session:
             _sweep(session)
             authority = _authority(session, label)
+            if authority.role == "v2g-sub-ca-2":  # SECC certificates: enroll and renew are one flow
+                operation = enroll_secc
             row = operation(
                 session,
                 _issuer,
