@@ -20,14 +20,17 @@ from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities import default_issuing_ca
-from ca.certificates import standing
+from ca.certificates import intermediates_pem, pem_certificate, standing
+from ca.csr import read_csr
 from ca.enrollment import OCPP_CHAIN_LIMIT, Credentials, EnrollmentSettings, IssuerFactory, sign_relayed
-from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
+from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, PolicyError
 from ca.issuance import Clock, utcnow
 from ca.models import Certificate, CsmsClient, CsmsToken
 from ca.names import check_environment
 from ca.revocation import apply_revocation
+from ca.secc import issue_secc
 from ca.status import StatusSigner
+from ca.v2g import current_sub_ca_2, v2g_environments
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
 TOKEN_PREFIX = "cpk_"  # lets secret scanners and operators recognise a chargepki API token
@@ -209,14 +212,17 @@ def caller_for(session: Session, client_id: int) -> Caller:
     return Caller(client.id, client.name, client.environment, "stored")
 
 
-def check_certificate_type(certificate_type: str) -> None:
+def check_certificate_type(session: Session, caller: Caller, certificate_type: str) -> None:
+    """Refuse at once what no later attempt could sign: an unknown type, or V2G without a V2G hierarchy.
+
+    Without one, the answer is a state the operator can fix, not a server failure, hence a
+    conflict (409) rather than a 5xx that would make CSMSs retry.
+    """
     if certificate_type not in CERTIFICATE_TYPES:
         raise InputError(f"certificateType must be one of {', '.join(CERTIFICATE_TYPES)}", code="bad_certificate_type")
-    if certificate_type == "V2GCertificate":
-        # The ISO 15118 (V2G) hierarchy is a separate PKI (issue 7); until one is configured the answer
-        # is a state conflict the operator can resolve, not a server failure (so not 5xx).
+    if certificate_type == "V2GCertificate" and caller.environment not in v2g_environments(session):
         raise ConflictError(
-            "no V2G (ISO 15118) hierarchy is configured on this CA: only ChargingStationCertificate can be signed",
+            f"no V2G (ISO 15118) hierarchy in environment {caller.environment!r}: run `chargepki v2g init` first",
             code="v2g_not_configured",
         )
 
@@ -235,8 +241,14 @@ def sign(
     max_chain_chars: int = OCPP_CHAIN_LIMIT,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
-    """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply)."""
-    check_certificate_type(certificate_type)
+    """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
+    or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID) under its CPO Sub-CA 2."""
+    check_certificate_type(session, caller, certificate_type)
+    if certificate_type == "V2GCertificate":
+        return _sign_secc(
+            session, issuers, caller, charging_station_id, csr, status=status, settings=settings, now=now,
+            max_chain_chars=max_chain_chars, before_commit=before_commit,
+        )  # fmt: skip
     authority = default_issuing_ca(session, caller.environment)
     credentials = Credentials(principal=caller.actor, address=caller.address)
     return sign_relayed(
@@ -252,6 +264,44 @@ def sign(
         max_chain_chars=max_chain_chars,
         before_commit=before_commit,
     )
+
+
+def _sign_secc(
+    session: Session,
+    issuers: IssuerFactory,
+    caller: Caller,
+    charging_station_id: str,
+    csr: bytes,
+    *,
+    status: StatusSigner,
+    settings: EnrollmentSettings,
+    now: Clock,
+    max_chain_chars: int,
+    before_commit: Callable[[Certificate], None] | None,
+) -> Certificate:
+    """OCPP ``SignCertificate(V2GCertificate)``: the station asks for its ISO 15118 SECC certificate.
+
+    The SECC ID is the CSR's CN (checked by ``issue_secc`` against ISO 15118 syntax and against the
+    station owning it).
+    """
+    secc_id = read_csr(csr).common_name or ""
+    sub_ca_2 = current_sub_ca_2(session, caller.environment)
+    sub_cas = len(intermediates_pem(session, sub_ca_2))
+
+    def last_checks(row: Certificate) -> None:
+        length = len(pem_certificate(row.der or b"")) + sub_cas
+        if length > max_chain_chars:
+            raise PolicyError(
+                f"the certificate chain would be {length} characters, more than OCPP's {max_chain_chars}",
+                code="chain_too_long",
+            )
+        if before_commit is not None:
+            before_commit(row)
+
+    return issue_secc(
+        session, issuers, caller.environment, csr, secc_id, actor=caller.actor, status=status,
+        device_serial=charging_station_id, settings=settings, now=now, before_commit=last_checks,
+    )  # fmt: skip
 
 
 def record_call(

@@ -37,7 +37,7 @@ def enqueue(
     session: Session, caller: Caller, charging_station_id: str, certificate_type: str, csr: str, *, now: Clock = utcnow
 ) -> CsmsSignJob:
     """Store a request to be signed; what can be refused at once (type, an unreadable CSR) is refused now."""
-    check_certificate_type(certificate_type)
+    check_certificate_type(session, caller, certificate_type)
     load_csr(csr.encode("utf-8"))
     job = CsmsSignJob(
         public_id=secrets.token_hex(16),

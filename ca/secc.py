@@ -9,6 +9,7 @@ refusal is rolled back and audited (``v2g.refused``) with its reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -54,6 +55,7 @@ def issue_secc(
     validity: timedelta | None = None,
     settings: EnrollmentSettings = DEFAULTS,
     now: Clock = utcnow,
+    before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Issue a ``v2g-secc`` certificate for ``secc_id`` under ``environment``'s CPO Sub-CA 2.
 
@@ -71,7 +73,9 @@ def issue_secc(
             device = session.scalar(select(Device).where(Device.serial == device_serial))
             if device is None:
                 raise PolicyError(f"device {device_serial!r} is not registered")
-        return _issue(session, issuers, status, authority, csr, secc_id, device, actor, validity, settings, now)
+        return _issue(
+            session, issuers, status, authority, csr, secc_id, device, actor, validity, settings, now, before_commit
+        )
     except ChargepkiError as exc:
         _refused(session, exc, actor, secc_id, authority, now)
         raise
@@ -127,6 +131,7 @@ def _issue(
     validity: timedelta | None,
     settings: EnrollmentSettings,
     now: Clock,
+    before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     secc_id = check_secc_id(secc_id)
     if csr.common_name != secc_id:
@@ -141,6 +146,12 @@ def _issue(
     request = request_from_csr(
         get_profile("v2g-secc"), csr, issuer, validity, device_id=device.id if device is not None else None
     )
+
+    def last_checks(row: Certificate) -> None:
+        _supersede(session, authority, row, settings, actor, status, now)
+        if before_commit is not None:
+            before_commit(row)
+
     return issue(
         session,
         issuer,
@@ -148,7 +159,7 @@ def _issue(
         actor=actor,
         status=status,
         now=now,
-        before_commit=lambda row: _supersede(session, authority, row, settings, actor, status, now),
+        before_commit=last_checks,
     )
 
 

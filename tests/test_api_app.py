@@ -20,6 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
 from flask import Flask
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
@@ -39,6 +40,7 @@ from ca.models import AuditEvent, Certificate, CsmsSignJob
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke
+from ca.v2g import V2gRequest, init_v2g
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient
 from tests.helpers import make_csr, make_key, openssl
@@ -92,7 +94,7 @@ class Api:
 def api(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Api]:
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     status = Presigner(token)
     with pki.store.session() as session:
         for environment in ("production", "staging"):
@@ -203,6 +205,31 @@ def test_sign_refusals_carry_a_machine_readable_reason_and_are_audited(api: Api)
     assert len(refused) == 9 and all(e.actor == "csms:csms-1" for e in refused)  # V2G is refused before
     calls = [json.loads(e.details) for e in api.audit("csms.api.sign")]
     assert [c["reason"] for c in calls[-len(cases) :]] == [reason for _, _, reason in cases]
+
+
+def test_a_v2g_certificate_is_signed_under_the_cpo_sub_ca_2_once_v2g_exists(api: Api, token: Token) -> None:
+    station = api.register()
+    with api.pki.store.session() as session:
+        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=api.status)
+    secc_id = "DE*ACM*E7001*1"
+    response = api.sign(station, make_csr(secc_id), certificateType="V2GCertificate")
+    assert response.status_code == 200, response.get_json()
+    leaf, sub_ca_2, sub_ca_1 = _pems(response.get_json()["certificateChain"])  # leaf first, the V2G root left out
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == secc_id
+    assert leaf.subject.get_attributes_for_oid(NameOID.DOMAIN_COMPONENT)[0].value == "CPO"
+    leaf.verify_directly_issued_by(sub_ca_2)
+    sub_ca_2.verify_directly_issued_by(sub_ca_1)
+    assert sub_ca_1.issuer != sub_ca_1.subject
+    # The same checks as the CLI and EST: the SECC ID now belongs to this station.
+    other = api.register()
+    taken = api.sign(other, make_csr(secc_id), certificateType="V2GCertificate")
+    assert taken.status_code == 409, taken.get_json()
+    # And the asynchronous form goes through the same path.
+    queued = api.sign(station, make_csr("DE*ACM*E7002*1"), query="?async=1", certificateType="V2GCertificate")
+    assert queued.status_code == 202
+    assert api.runner().run_once() == "signed"
+    answer = api.client.get(queued.headers["Location"]).get_json()
+    assert answer["status"] == "signed" and len(_pems(answer["certificateChain"])) == 3
 
 
 def test_a_chain_over_the_limit_is_refused_and_the_certificate_abandoned(api: Api) -> None:

@@ -393,7 +393,7 @@ def est_client(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[
     home = tmp_path / "home"
     settings = EstSettings(client_cert_header="X-SSL-Client-Cert", trusted_proxies=("127.0.0.1",))
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         ocpp = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
         staging = init_hierarchy(
