@@ -98,16 +98,28 @@ def _certs_only(certificates: list[x509.Certificate]) -> Response:
 
 
 def _read_pkcs10() -> bytes:
+    return decode_pkcs10(request.mimetype, request.get_data(cache=False))
+
+
+def decode_pkcs10(mimetype: str, body: bytes) -> bytes:
     """The request body as DER: base64 per RFC 7030 (whitespace allowed), or PEM as a courtesy."""
-    if request.mimetype != "application/pkcs10":
-        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {request.mimetype or 'none'}")
-    body = request.get_data(cache=False)
+    if mimetype != "application/pkcs10":
+        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {mimetype[:64] or 'none'!r}")
     if body.lstrip().startswith(b"-----BEGIN"):
         return body
     try:
         return base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError("the body is not base64-encoded DER (RFC 7030 §4.2.1)") from None
+
+
+def decode_client_cert_header(value: str, header: str) -> bytes:
+    """A trusted proxy's client certificate header (URL-encoded PEM) as DER."""
+    try:
+        certificate = x509.load_pem_x509_certificate(unquote(value).encode("utf-8", "surrogateescape"))
+        return certificate.public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise InputError(f"the {header} header holds no PEM certificate") from None
 
 
 def _client_certificate() -> tuple[bytes | None, bytes | None]:
@@ -118,12 +130,7 @@ def _client_certificate() -> tuple[bytes | None, bytes | None]:
             value = request.headers.get(settings.client_cert_header)
             if not value:
                 return None, None
-            try:
-                return x509.load_pem_x509_certificate(unquote(value).encode()).public_bytes(
-                    serialization.Encoding.DER
-                ), None
-            except ValueError:
-                raise InputError(f"the {settings.client_cert_header} header holds no PEM certificate") from None
+            return decode_client_cert_header(value, settings.client_cert_header), None
         return None, None  # never trust the header from anyone else
     sock = request.environ.get("gunicorn.socket")
     if sock is None or not hasattr(sock, "getpeercert"):
