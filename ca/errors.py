@@ -40,3 +40,11 @@ class ConflictError(ChargepkiError):
 
 class AuthenticationError(ChargepkiError):
     """Missing or wrong credentials (HTTP 401): the message never says which part was wrong."""
+
+
+class RateLimitedError(ChargepkiError):
+    """Too many failed authentications from this device or address (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

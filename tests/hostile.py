@@ -20,6 +20,7 @@ import base64
 import contextlib
 import io
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +96,19 @@ def make_seeds(common_name: str = DEVICE) -> Seeds:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                ]
+            )
         )
         .sign(key, hashes.SHA256())
     )
-    csv_text = "serial,model,environment\nCP-A-1,Wallbox 22,production\nCP-A-2,,staging\n\"CP-A-3\",\"M, 3\",\n"
-    return Seeds(key, csr.public_bytes(serialization.Encoding.DER), csr.public_bytes(serialization.Encoding.PEM), csv_text)
+    csv_text = 'serial,model,environment\nCP-A-1,Wallbox 22,production\nCP-A-2,,staging\n"CP-A-3","M, 3",\n'
+    return Seeds(
+        key, csr.public_bytes(serialization.Encoding.DER), csr.public_bytes(serialization.Encoding.PEM), csv_text
+    )
 
 
 # -- mutators (pure functions of a random source, so hypothesis and atheris share them) ----------------
@@ -195,7 +203,9 @@ def est_body(seeds: Seeds, source: Source) -> bytes:
     if framing == 1:
         return base64.b64encode(der)
     if framing == 2:
-        return b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE REQUEST-----\n"
+        return (
+            b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE REQUEST-----\n"
+        )
     return der  # raw DER where base64 is expected
 
 
@@ -295,7 +305,7 @@ def check_est_answer(response: Any, what: str) -> None:
     """EST's contract: < 500, and every error a one-line text/plain body."""
     if response.status_code >= 500:
         raise Finding(f"{what}: HTTP {response.status_code}: {response.get_data(as_text=True)[:200]!r}")
-    if response.status_code >= 400:
+    if response.status_code >= 400 and response.request.method != "HEAD":  # HEAD: headers only
         if response.mimetype != "text/plain":
             raise Finding(f"{what}: HTTP {response.status_code} as {response.mimetype}")
         one_line_error(response.get_data(as_text=True), what)
@@ -343,11 +353,12 @@ def ocsp_seed_requests(world: World) -> list[bytes]:
     seeds = []
     for algorithm in (hashes.SHA1(), hashes.SHA256()):
         seeds.append(
-            ocsp.OCSPRequestBuilder().add_certificate(leaf, ca_cert, algorithm).build().public_bytes(serialization.Encoding.DER)
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(leaf, ca_cert, algorithm)
+            .build()
+            .public_bytes(serialization.Encoding.DER)
         )
-    unknown = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
-        *_hashes(ca_cert, hashes.SHA1()), 12345, hashes.SHA1()
-    )
+    unknown = ocsp.OCSPRequestBuilder().add_certificate_by_hash(*_hashes(ca_cert, hashes.SHA1()), 12345, hashes.SHA1())
     seeds.append(unknown.build().public_bytes(serialization.Encoding.DER))
     single = asn1_ocsp.OCSPRequest.load(seeds[0])
     request = single["tbs_request"]["request_list"][0]
@@ -372,17 +383,26 @@ def call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[int, dict[str, str], b
         captured["status"], captured["headers"] = status, headers
         return lambda _data: None
 
-    iterable = validator(app)(environ, start_response)
+    length = environ.get("CONTENT_LENGTH", "")
+    # The validator also judges the server's side: it refuses an environ no server would build
+    # (CONTENT_LENGTH "-1" or "abc"); the app must still cope, so those go in unvalidated.
+    checked = validator(app) if length == "" or (length.isdigit() and length.isascii()) else app
+    iterable = checked(environ, start_response)
     try:
         body = b"".join(iterable)
     finally:
-        iterable.close()
+        if hasattr(iterable, "close"):
+            iterable.close()
     return int(captured["status"].split()[0]), dict(captured["headers"]), body
 
 
-def ocsp_environ(method: str, path: str, body: bytes = b"", content_type: str | None = None, length: str | None = None) -> dict[str, Any]:
+def ocsp_environ(
+    method: str, path: str, body: bytes = b"", content_type: str | None = None, length: str | None = None
+) -> dict[str, Any]:
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
         "PATH_INFO": path,
         "wsgi.input": io.BytesIO(body),
     }
@@ -410,3 +430,93 @@ def check_ocsp_answer(status: int, headers: dict[str, str], body: bytes, what: s
     if status >= 400:
         one_line_error(body.decode("utf-8", "replace"), what)
     return None
+
+
+# -- structure-aware CSRs: well-signed, with hostile contents ------------------------------------------------
+_KEYS: dict[str, Any] = {}
+
+
+def _key(kind: str) -> Any:
+    """Requesters' keys of every kind a charger might send, generated once per process."""
+    if kind not in _KEYS:
+        from cryptography.hazmat.primitives.asymmetric import dsa, ed448, ed25519, rsa
+
+        makers: dict[str, Callable[[], Any]] = {
+            "ec-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+            "ec-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+            "ec-p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+            "ec-k256": lambda: ec.generate_private_key(ec.SECP256K1()),
+            "ed25519": ed25519.Ed25519PrivateKey.generate,
+            "ed448": ed448.Ed448PrivateKey.generate,
+            "rsa-1024": lambda: rsa.generate_private_key(65537, 1024),
+            "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
+            "dsa-2048": lambda: dsa.generate_private_key(2048),
+        }
+        _KEYS[kind] = makers[kind]()
+    return _KEYS[kind]
+
+
+KEY_KINDS = (
+    "ec-p256",
+    "ec-p256",
+    "ec-p384",
+    "ec-p521",
+    "ec-k256",
+    "ed25519",
+    "ed448",
+    "rsa-1024",
+    "rsa-2048",
+    "dsa-2048",
+)
+_NAME_OIDS = (NameOID.COMMON_NAME, NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.SERIAL_NUMBER,
+              NameOID.COUNTRY_NAME, x509.ObjectIdentifier("1.2.3.4.5"), NameOID.EMAIL_ADDRESS)  # fmt: skip
+
+
+def _text(source: Source, max_size: int = 80) -> str:
+    options = (DEVICE, ORG, "", " ", "CP-\x00-1", "a" * 300, "ÄÖÜ-ß", "127.0.0.1", "http://x/", "*", "CP-1\n")
+    if source.integer(0, 1):
+        return source.choice(options)
+    return source.raw(max_size).decode("utf-8", "replace")
+
+
+def generated_csr(source: Source) -> bytes:
+    """A correctly signed CSR with drawn key type, subject attributes, SAN entries and attributes."""
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
+    key = _key(source.choice(KEY_KINDS))
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, DEVICE), x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG)]
+    for _ in range(source.integer(0, 3)):
+        attributes.insert(
+            source.integer(0, len(attributes)),
+            x509.NameAttribute(source.choice(_NAME_OIDS), _text(source), _validate=False),
+        )
+    if source.integer(0, 3) == 0:
+        attributes = attributes[source.integer(0, len(attributes)) :]
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    if source.integer(0, 2) == 0:
+        names: list[x509.GeneralName] = []
+        for _ in range(source.integer(0, 3)):
+            value = _text(source, 40)
+            kind = source.integer(0, 3)
+            if kind == 0:
+                names.append(x509.DNSName(value))
+            elif kind == 1:
+                names.append(x509.RFC822Name(value))
+            elif kind == 2:
+                names.append(x509.UniformResourceIdentifier(value))
+            else:
+                names.append(x509.OtherName(x509.ObjectIdentifier("1.2.3"), b"\x04\x00"))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=bool(source.integer(0, 1)))
+    if source.integer(0, 2) == 0:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), source.raw(32)),
+            critical=bool(source.integer(0, 1)),
+        )
+    if source.integer(0, 2) == 0:
+        builder = builder.add_attribute(
+            x509.oid.AttributeOID.CHALLENGE_PASSWORD, _text(source, 40).encode("utf-8", "replace")
+        )
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else hashes.SHA256()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # out-of-range attribute lengths are the point here
+        return builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)

@@ -166,9 +166,9 @@ def test_mutated_ocsp_requests_parse_or_are_malformed(data: st.DataObject) -> No
 def _get_paths() -> st.SearchStrategy[str]:
     """GET paths as a server hands them over: base64 (either alphabet), damaged, percent-encoded or not."""
     encoded = st.builds(
-        lambda seed, urlsafe, strip: (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(seed)
-        .decode()
-        .rstrip("=" if strip else ""),
+        lambda seed, urlsafe, strip: (
+            (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(seed).decode().rstrip("=" if strip else "")
+        ),
         st.sampled_from(OCSP_SEEDS),
         st.booleans(),
         st.booleans(),

@@ -15,6 +15,7 @@ from ca.errors import (
     InputError,
     NotFoundError,
     PolicyError,
+    RateLimitedError,
     StoreError,
     TokenError,
 )
@@ -35,6 +36,9 @@ def text(body: str, status: int, headers: dict[str, str] | None = None) -> Respo
 
 
 def error_response(exc: Exception) -> Response:
+    if isinstance(exc, RateLimitedError):
+        # RFC 6585 §4: 429 Too Many Requests, with Retry-After for honest clients.
+        return text(str(exc), 429, {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, AuthenticationError):
         return text(str(exc), 401, {"WWW-Authenticate": REALM})
     if isinstance(exc, UnsupportedMediaType):
