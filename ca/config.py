@@ -354,14 +354,28 @@ def write_config(config: Config) -> Path:
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
     }
-    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_home(config.home)
     path = config.config_path
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
+    text = (
         "# chargepki configuration. The PKCS#11 PIN is never stored here: it comes from\n"
         f"# the environment variable named by pkcs11.pin_env ({settings.pin_env}) or pkcs11.pin_file.\n"
-        + tomli_w.dumps(document),
-        encoding="utf-8",
+        + tomli_w.dumps(document)
     )
+    tmp.unlink(missing_ok=True)  # a leftover could have other permissions: the file is created 0600 below
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(tmp, path)
     return path
+
+
+def ensure_home(home: Path) -> None:
+    """The home directory, mode 0700: it holds the database, the token and the PIN files.
+
+    ``mkdir(mode=)`` is subject to the umask and leaves an existing directory alone, so a home
+    that exists when the configuration is first written (nothing of ours in it yet) is tightened.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (home / CONFIG_NAME).exists() and home.stat().st_uid == os.getuid():
+        home.chmod(0o700)

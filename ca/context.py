@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ca.config import Config, load_config, write_config
+from ca.config import Config, ensure_home, load_config, write_config
 from ca.errors import ConfigError
 from ca.pkcs11_token import Token
 from ca.softhsm import create_token, token_exists, write_softhsm_conf
@@ -35,6 +35,8 @@ class Pki:
             raise ConfigError(
                 f"{home} is not a chargepki home yet: run `chargepki init --org NAME` (or `make run`) first"
             )
+        if create:
+            ensure_home(home)  # 0700 before anything (the SQLite file, the token) is created inside
         pki = cls(config, environ)
         if create:
             pki.prepare()

@@ -165,7 +165,10 @@ class Store:
         self.url = parsed
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            database = Path(parsed.database)
+            database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with suppress(OSError):  # a new database file is the owner's only (WAL/SHM follow it)
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
             gated = self.is_sqlite and not read_only and parsed.database not in (None, "", ":memory:")
