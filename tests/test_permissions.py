@@ -23,7 +23,7 @@ def _first_run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env=environment,
         timeout=120,
         cwd=Path(__file__).parent.parent,
-        preexec_fn=lambda: os.umask(0),  # noqa: PLW1509 - the point: nothing may rely on the umask
+        preexec_fn=lambda: os.umask(0),  # the point: nothing may rely on the umask
     )
 
 
