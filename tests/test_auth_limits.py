@@ -7,6 +7,7 @@ tests/test_est_limits.py.
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -174,3 +175,37 @@ def test_a_limit_of_zero_switches_it_off(session: Session, hierarchy: Hierarchy,
     secret = station.device("CP-OFF")
     station.fail("CP-OFF", 10)
     assert station.attempt("CP-OFF", secret).status == "valid"
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(tmp_path, db_url: str, token_settings) -> None:
+    """One proxy must not be one address for everybody; from anyone else the header is ignored."""
+    from ca.config import EstSettings
+    from tests.hostile import basic, build_world, est_client
+
+    settings = EstSettings(trusted_proxies=("10.0.0.5",), auth_max_failures_per_address=2)
+    world = build_world(tmp_path / "home", db_url, token_settings[0], settings)
+    try:
+        client = est_client(world)
+        body = x509.load_pem_x509_csr(make_csr("CP-FUZZ-1")).public_bytes(serialization.Encoding.DER)
+
+        def post(peer: str, forwarded: str) -> int:
+            return client.post(
+                "/.well-known/est/simpleenroll",
+                data=base64.encodebytes(body),
+                headers={
+                    "Content-Type": "application/pkcs10",
+                    "Authorization": basic("CP-GUESS", "wrong"),
+                    "X-Forwarded-For": forwarded,
+                },
+                environ_base={"REMOTE_ADDR": peer},
+            ).status_code
+
+        assert [post("10.0.0.5", "203.0.113.1, 198.51.100.9") for _ in range(3)] == [401, 401, 429]
+        assert post("10.0.0.5", "198.51.100.10") == 401, "another client behind the same proxy"
+        assert post("192.0.2.77", "198.51.100.10") == 401, "an untrusted peer's header is not believed"
+        with world.pki.store.session() as session:
+            keys = set(session.scalars(select(AuthFailure.key).where(AuthFailure.kind == "address")))
+            session.commit()
+        assert keys == {"198.51.100.9", "198.51.100.10", "192.0.2.77"}
+    finally:
+        world.close()
