@@ -421,9 +421,9 @@ def check_ocsp_answer(status: int, headers: dict[str, str], body: bytes, what: s
         try:
             parsed = ocsp.load_der_ocsp_response(body)
         except ValueError:
-            if body:  # HEAD answers carry no body
+            if body:
                 raise Finding(f"{what}: an unparseable OCSP response") from None
-            return None
+            return "HEAD"  # a HEAD answer carries no body: its status is unknown here
         if parsed.response_status == ocsp.OCSPResponseStatus.INTERNAL_ERROR:
             raise Finding(f"{what}: the responder answered internalError")
         return parsed.response_status.name
