@@ -68,6 +68,7 @@ class AuthenticationError(ChargepkiError):
 
     code = "unauthenticated"
 
+
 class RateLimitedError(ChargepkiError):
     """Too many failed authentications from this device or address (HTTP 429 with Retry-After)."""
 

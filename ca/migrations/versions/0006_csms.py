@@ -1,7 +1,7 @@
 """The CSMS API: CSMS clients, their API tokens, and durable asynchronous signing jobs.
 
 Revision ID: 0006
-Revises: 0005 (to be re-pointed onto 0005 when both are merged)
+Revises: 0005
 Create Date: 2026-11-25 10:00:00
 """
 
