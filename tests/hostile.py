@@ -269,7 +269,7 @@ class World:
 def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: EstSettings | None = None) -> World:
     """Hierarchy, device ``CP-FUZZ-1`` with a secret, and an issued certificate (for OCSP seeds)."""
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings, est=est or EstSettings()))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     token = pki.token()
     status = Presigner(token)
     seeds = make_seeds()
