@@ -122,6 +122,16 @@ PROFILES: dict[str, Profile] = {
             extended_key_usage=(ExtendedKeyUsageOID.CODE_SIGNING,),
             aia_ocsp=True,
         ),
+        Profile(
+            name="root-link",
+            description="root rollover link: one root's name and key certified by the other root (ca/rotation.py)",
+            key_types=ALL_KEY_TYPES,
+            default_validity=20 * 365 * DAY,
+            max_validity=30 * 365 * DAY,
+            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
+            ca=True,
+            from_csr=False,
+        ),
     )
 }
 

@@ -250,13 +250,15 @@ def rotate_signers(
     force: bool = False,
     authority_names: Sequence[str] = (),
 ) -> list[tuple[Authority, Certificate]]:
-    """A new delegated signer for every unexpired CA whose signer is missing or has a third of its life left.
+    """A new delegated signer for every unexpired active CA whose signer is missing or has a third of its life left.
 
     ``refresh`` then re-signs that CA's responses with it; the old signer's responses stay valid
-    meanwhile, since none outlives its signer.
+    meanwhile, since none outlives its signer. A CA made by a rotation is covered from its first
+    pass; a retired CA (``ca.rotation``) has nothing left to answer for and gets no new signer.
     """
     rotated = []
-    for authority in session.scalars(select(Authority).where(Authority.not_after > now).order_by(Authority.id)):
+    active = select(Authority).where(Authority.not_after > now, Authority.status == "active").order_by(Authority.id)
+    for authority in session.scalars(active):
         if authority_names and authority.name not in authority_names:
             continue
         signer = presigner.signer_for(session, authority.id, now)

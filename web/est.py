@@ -1,7 +1,8 @@
 """RFC 7030 EST endpoints under ``/.well-known/est/`` and ``/.well-known/est/<label>/``.
 
-A label names an issuing CA (``production-issuing-1``) or an environment (``staging``,
-meaning its active issuing CA). Requests and responses are base64-encoded DER with the
+A label names an issuing CA (``production-issuing-1``) or an environment (``staging``); either
+way enrollment uses the environment's newest issuing CA, so a device configured with a CA's name
+follows its rotations (``ca/rotation.py``). Requests and responses are base64-encoded DER with the
 content types of RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment``.
 """
 
@@ -23,7 +24,7 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
+from ca.authorities import Issuer, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
@@ -31,6 +32,7 @@ from ca.errors import InputError, NotFoundError
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
+from ca.rotation import environment_certificates
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
@@ -82,9 +84,9 @@ def _find_authority(session: Session, label: str | None) -> Authority:
     if label in ENVIRONMENTS:
         return default_issuing_ca(session, label)
     authority = session.scalar(select(Authority).where(Authority.name == label, Authority.role == "issuing"))
-    if authority is None or authority.status != "active":
+    if authority is None:
         raise NotFoundError(f"no EST label {label!r}")
-    return authority
+    return default_issuing_ca(session, authority.environment)
 
 
 def _base64_response(der: bytes, content_type: str) -> Response:
@@ -175,10 +177,13 @@ def _enrollment_settings() -> EnrollmentSettings:
 
 @_routes("cacerts", ["GET"])
 def cacerts(label: str | None = None) -> Response:
+    """The newest issuing CA and its root first, then every other CA of the environment that still
+    answers for certificates, and the root link certificates (RFC 7030 §4.1.3), so a client can
+    build the chain of an old certificate and of a new one alike."""
     with _pki().store.session() as session:
         authority = _authority(session, label)
-        certificates = [x509.load_der_x509_certificate(a.certificate_der) for a in chain(session, authority)]
-    return _certs_only(certificates)
+        ders = environment_certificates(session, authority.environment)
+    return _certs_only([x509.load_der_x509_certificate(der) for der in ders])
 
 
 def _status() -> Presigner:
