@@ -74,10 +74,11 @@ def _enlist(session: Session, campaign: Campaign, now: datetime) -> int:
         )
         .group_by(_CERTIFICATES.c.device_id)
     )
-    result = session.execute(
-        insert(_MEMBERS).from_select(["campaign_id", "device_id", "certificate_id", "joined_at"], current)
-    )
-    return max(result.rowcount or 0, 0)
+    members = select(func.count()).select_from(_MEMBERS).where(_MEMBERS.c.campaign_id == campaign.id)
+    before = session.execute(members).scalar_one()
+    # (counted, not taken from rowcount: psycopg reports none for INSERT … SELECT here)
+    session.execute(insert(_MEMBERS).from_select(["campaign_id", "device_id", "certificate_id", "joined_at"], current))
+    return int(session.execute(members).scalar_one() - before)
 
 
 def start_campaign(session: Session, from_ca: str, *, actor: str, now: Clock = utcnow) -> tuple[Campaign, int]:

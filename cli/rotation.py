@@ -178,15 +178,18 @@ def campaign_status(
             f"started {fmt_time(selected.started_at)}"
         )
         result = progress(session, selected)
-        with click.progressbar(length=max(result.total, 1), label="re-enrolled", show_pos=True, file=sys.stderr) as bar:
-            done = result.count("reenrolled")
-            bar.update(done)
-            while watch and result.count("pending"):
-                time.sleep(interval.total_seconds())
-                result = progress(session, selected)
-                bar.length = max(result.total, 1)
-                bar.update(result.count("reenrolled") - done)
+        if not result.total:
+            click.echo(f"no device held a current certificate from {selected.from_authority.name}")
+        else:
+            with click.progressbar(length=result.total, label="re-enrolled", show_pos=True, file=sys.stderr) as bar:
                 done = result.count("reenrolled")
+                bar.update(done)
+                while watch and result.count("pending"):
+                    time.sleep(interval.total_seconds())
+                    result = progress(session, selected)
+                    bar.length = result.total  # late joiners (see ca/campaigns.py)
+                    bar.update(result.count("reenrolled") - done)
+                    done = result.count("reenrolled")
         _show_counts(result)
         if show:
             table(
