@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, func, insert, literal, select
+from sqlalchemy import case, exists, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -172,38 +172,39 @@ def progress(session: Session, campaign: Campaign, now: Clock = utcnow) -> Progr
     moment = now()
     _enlist(session, campaign, moment)
     session.commit()
-    # The newest certificate each device got from the old CA (an EST worker that had not seen the
-    # rotation yet may have renewed it there once more).
-    latest = (
-        select(Certificate.device_id, func.max(Certificate.id).label("certificate_id"))
-        .where(
-            Certificate.authority_id == campaign.from_authority_id,
-            Certificate.profile == "charger",
-            Certificate.status.in_(("valid", "revoked")),
+    # Per device: the newest charger certificate from the old CA (an EST worker that had not seen
+    # the rotation yet may have renewed it there once more) and the newest from any other CA.
+    # Aggregates and primary-key joins only, so no plan goes quadratic on a large fleet, even
+    # before PostgreSQL has statistics for freshly loaded tables.
+    from_ca = campaign.from_authority_id
+    newest = (
+        select(
+            Certificate.device_id,
+            func.max(case((Certificate.authority_id == from_ca, Certificate.id))).label("old_id"),
+            func.max(case((Certificate.authority_id != from_ca, Certificate.id))).label("other_id"),
         )
+        .join(
+            CampaignDevice,
+            (CampaignDevice.device_id == Certificate.device_id) & (CampaignDevice.campaign_id == campaign.id),
+        )
+        .where(Certificate.profile == "charger", Certificate.status.in_(("valid", "revoked")))
         .group_by(Certificate.device_id)
         .subquery()
     )
-    newer = aliased(Certificate)
     old = aliased(Certificate)
-    moved = (
-        exists()
-        .where(
-            newer.device_id == CampaignDevice.device_id,
-            newer.profile == "charger",
-            newer.authority_id != campaign.from_authority_id,
-            newer.status.in_(("valid", "revoked")),
-            newer.id > latest.c.certificate_id,
-        )
-        .label("moved")
-    )
     rows = session.execute(
-        select(Device.serial, Device.enabled, moved, old.status, old.not_after, old.revoke_after, old.revocation_reason)
-        .select_from(CampaignDevice)
-        .join(Device, Device.id == CampaignDevice.device_id)
-        .join(latest, latest.c.device_id == CampaignDevice.device_id)
-        .join(old, old.id == latest.c.certificate_id)
-        .where(CampaignDevice.campaign_id == campaign.id)
+        select(
+            Device.serial,
+            Device.enabled,
+            func.coalesce(newest.c.other_id > newest.c.old_id, False),
+            old.status,
+            old.not_after,
+            old.revoke_after,
+            old.revocation_reason,
+        )
+        .select_from(newest)
+        .join(Device, Device.id == newest.c.device_id)
+        .join(old, old.id == newest.c.old_id)
         .order_by(Device.serial)
     ).all()
     refusals = _refusals(session, campaign.started_at)
