@@ -48,6 +48,7 @@ class Issuer:
     repository_url: str
     certificate: x509.Certificate | None = None
     authority_id: int | None = None
+    role: str | None = None  # the stored CA's role; issuance checks it against the profile's issuer_roles
 
     @property
     def public_key(self) -> PublicKeyTypes:
@@ -183,4 +184,5 @@ def issuer_for(authority: Authority, token: Token) -> Issuer:
         repository_url=authority.repository_url,
         certificate=certificate,
         authority_id=authority.id,
+        role=authority.role,
     )

@@ -25,9 +25,10 @@ from ca.issuance import Clock, utcnow
 from ca.models import AuditEvent, Campaign, CampaignDevice, Certificate, Device
 
 STATES = ("reenrolled", "pending", "failed")
-# Audit actions of refused renewals; ca.enrollment records the client certificate's CN as "tls:<CN>",
-# and a charger's CN is its device serial.
-REFUSAL_ACTIONS = ("reenrollment.refused",)
+# Audit actions of refused renewals, and where each names the station (a charger's CN is its device
+# serial): EST simplereenroll records the client certificate's CN as actor "tls:<CN>"; the CSMS API's
+# sign (OCPP SignCertificate) records the CSR's CN as subject, the CSMS being the actor.
+REFUSAL_ACTIONS = {"reenrollment.refused": "actor", "csms.sign.refused": "subject"}
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,19 @@ def _refusals(session: Session, since: datetime) -> dict[str, str]:
     """The latest refused renewal's reason per client identity since ``since``."""
     reasons: dict[str, str] = {}
     rows = session.execute(
-        select(AuditEvent.actor, AuditEvent.details)
-        .where(AuditEvent.action.in_(REFUSAL_ACTIONS), AuditEvent.at >= since)
+        select(AuditEvent.action, AuditEvent.actor, AuditEvent.subject, AuditEvent.details)
+        .where(AuditEvent.action.in_(list(REFUSAL_ACTIONS)), AuditEvent.at >= since)
         .order_by(AuditEvent.seq)
     )
-    for actor, details in rows:
-        if actor.startswith("tls:"):
-            reasons[actor[4:]] = str(json.loads(details).get("reason", "refused"))
+    for action, actor, subject, details in rows:
+        if REFUSAL_ACTIONS[action] == "subject":
+            station = subject
+        elif actor.startswith("tls:"):
+            station = actor[4:]
+        else:
+            continue  # no client certificate: nothing says which station it was
+        if station:
+            reasons[station] = str(json.loads(details).get("reason", "refused"))
     return reasons
 
 

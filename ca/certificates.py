@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from ca.authorities import chain
 from ca.errors import InputError, NotFoundError
 from ca.models import Authority, Certificate
 from ca.serials import parse_serial
@@ -72,3 +76,41 @@ def list_certificates(
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a relying party (a CSMS) needs to know: good, revoked (why, since when) or expired."""
+
+    status: str  # good | revoked | expired
+    reason: str | None = None
+    revoked_at: datetime | None = None
+
+
+def standing(certificate: Certificate, now: datetime) -> Standing:
+    """Revocation first (a revoked certificate stays revoked after expiry), then expiry.
+
+    A certificate superseded with a grace period counts as revoked once the grace has ended, as
+    enrollment already treats it, even before the sweep has written the revocation.
+    """
+    if certificate.status == "revoked":
+        return Standing("revoked", certificate.revocation_reason, certificate.revoked_at)
+    if certificate.revoke_after is not None and certificate.revoke_after <= now:
+        return Standing("revoked", "superseded", certificate.revoke_after)
+    if certificate.not_after <= now:
+        return Standing("expired")
+    return Standing("good")
+
+
+def pem_certificate(der: bytes) -> str:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def intermediates_pem(session: Session, authority: Authority) -> str:
+    """The issuing CA and any sub-CAs above it, without the root: what follows a leaf in OCPP's chain."""
+    return "".join(pem_certificate(a.certificate_der) for a in chain(session, authority) if a.parent_id is not None)
+
+
+def ocpp_chain_pem(session: Session, certificate: Certificate) -> str:
+    """OCPP's ``certificateChain``: the leaf first, the sub-CAs after, the root left out."""
+    return pem_certificate(certificate.der or b"") + intermediates_pem(session, certificate.authority)

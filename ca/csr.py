@@ -27,9 +27,9 @@ class CsrRequest:
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """Load a PEM or DER CSR; anything else is an ``InputError`` naming what was wrong."""
     if not data:
-        raise InputError("the CSR is empty")
+        raise InputError("the CSR is empty", code="bad_csr")
     if len(data) > MAX_CSR_BYTES:
-        raise InputError(f"the CSR is larger than {MAX_CSR_BYTES} bytes")
+        raise InputError(f"the CSR is larger than {MAX_CSR_BYTES} bytes", code="bad_csr")
     stripped = data.strip()
     try:
         if stripped.startswith(b"-----BEGIN"):
@@ -37,13 +37,14 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         return x509.load_der_x509_csr(data)
     except ValueError as exc:
         kind = "PEM" if stripped.startswith(b"-----BEGIN") else "DER"
-        raise InputError(f"malformed CSR ({kind}): {str(exc).splitlines()[0] if str(exc) else 'unparseable'}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else "unparseable"
+        raise InputError(f"malformed CSR ({kind}): {detail}", code="bad_csr") from None
 
 
 def _single(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str | None:
     values = name.get_attributes_for_oid(oid)
     if len(values) > 1:
-        raise PolicyError(f"the CSR subject has more than one {label}")
+        raise PolicyError(f"the CSR subject has more than one {label}", code="bad_subject")
     if not values:
         return None
     value = values[0].value
@@ -57,17 +58,19 @@ def read_csr(data: bytes) -> CsrRequest:
         public_key = csr.public_key()
         signature_ok = csr.is_signature_valid
     except (ValueError, TypeError) as exc:
-        raise InputError(f"malformed CSR: {exc}") from None
+        raise InputError(f"malformed CSR: {exc}", code="bad_csr") from None
     if not signature_ok:
-        raise PolicyError("the CSR signature is invalid (no proof of possession of the private key)")
+        raise PolicyError(
+            "the CSR signature is invalid (no proof of possession of the private key)", code="bad_csr_signature"
+        )
     try:
         subject = csr.subject
         common_name = _single(subject, NameOID.COMMON_NAME, "CN")
         organization = _single(subject, NameOID.ORGANIZATION_NAME, "O")
     except ValueError as exc:
-        raise InputError(f"malformed CSR subject: {exc}") from None
+        raise InputError(f"malformed CSR subject: {exc}", code="bad_csr") from None
     if not common_name:
-        raise PolicyError("the CSR subject has no CN")
+        raise PolicyError("the CSR subject has no CN", code="bad_subject")
     dns_names: tuple[str, ...] = ()
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -75,5 +78,5 @@ def read_csr(data: bytes) -> CsrRequest:
     except x509.ExtensionNotFound:
         pass
     except ValueError as exc:
-        raise InputError(f"malformed CSR extensions: {exc}") from None
+        raise InputError(f"malformed CSR extensions: {exc}", code="bad_csr") from None
     return CsrRequest(public_key, common_name, organization, dns_names, csr)

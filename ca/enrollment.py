@@ -1,7 +1,8 @@
 """Enrollment and re-enrollment of chargers, independent of the protocol that carries them.
 
-EST (``web/est.py``) and, later, the CSMS API call these with what the transport
-authenticated: HTTP Basic credentials, a TLS client certificate, the ``tls-unique`` value.
+EST (``web/est.py``) and the CSMS API (``web/api.py``) call these with what the transport
+authenticated: HTTP Basic credentials, a TLS client certificate, the ``tls-unique`` value, or
+(CSMS API) the CSMS that relays a charger's CSR.
 Every check happens before anything is signed; every refusal is audited with its reason.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
@@ -22,6 +24,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit
 from ca.authorities import Issuer, public_key_sha256
+from ca.certificates import intermediates_pem, pem_certificate
 from ca.csr import CsrRequest, read_csr
 from ca.devices import current_certificate
 from ca.enrollment_secrets import consume_secret, restore_secret, secret_is_valid
@@ -46,6 +49,7 @@ class Credentials:
     client_certificate: bytes | None = None  # DER, verified by TLS or by a trusted proxy
     address: str | None = None
     tls_unique: bytes | None = None  # TLS 1.2 channel binding, when available
+    principal: str | None = None  # who the interface authenticated, when it is not one of the above (csms:NAME)
 
 
 @dataclass(frozen=True)
@@ -68,24 +72,30 @@ def _check_binding(csr: x509.CertificateSigningRequest, credentials: Credentials
         value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
     except x509.AttributeNotFound:
         if settings.require_tls_unique:
-            raise PolicyError("this server requires the tls-unique value in the CSR's challengePassword") from None
+            raise PolicyError(
+                "this server requires the tls-unique value in the CSR's challengePassword", code="binding_mismatch"
+            ) from None
         return
     if credentials.tls_unique is None:
         raise PolicyError(
             "the CSR carries a challengePassword but this connection has no tls-unique value "
-            "(TLS 1.3 or a terminating proxy)"
+            "(TLS 1.3 or a terminating proxy)",
+            code="binding_mismatch",
         )
     expected = base64.b64encode(credentials.tls_unique)
     if bytes(value).strip() != expected:
-        raise PolicyError("the CSR's challengePassword does not match this TLS session's tls-unique value")
+        raise PolicyError(
+            "the CSR's challengePassword does not match this TLS session's tls-unique value", code="binding_mismatch"
+        )
 
 
 def _check_device(device: Device, authority: Authority) -> None:
     if not device.enabled:
-        raise PolicyError(f"device {device.serial} is disabled")
+        raise PolicyError(f"device {device.serial} is disabled", code="device_disabled")
     if device.environment != authority.environment:
         raise PolicyError(
-            f"device {device.serial} belongs to environment {device.environment}, not {authority.environment}"
+            f"device {device.serial} belongs to environment {device.environment}, not {authority.environment}",
+            code="other_environment",
         )
 
 
@@ -112,7 +122,7 @@ def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> No
     """One key, one identity: refuse a key certified for another device, a CA or any other holder."""
     owners = session.execute(_KEY_HOLDERS, {"key_sha256": public_key_sha256(csr.public_key)}).scalars()
     if any(owner != device.id for owner in owners):
-        raise ConflictError("this public key is already certified for another identity")
+        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
 
 
 def _supersede(
@@ -170,6 +180,8 @@ def _refused(
 
 
 def _actor(credentials: Credentials) -> str:
+    if credentials.principal is not None:
+        return credentials.principal
     if credentials.client_certificate is not None:
         try:
             cert = x509.load_der_x509_certificate(credentials.client_certificate)
@@ -242,17 +254,17 @@ def _enroll(
             raise AuthenticationError("unknown device or wrong, used or expired secret")
         if csr.common_name != credentials.username:
             raise PolicyError(
-                f"the CSR's CN {csr.common_name!r} is not the authenticated device {credentials.username!r}"
+                f"the CSR's CN {csr.common_name!r} is not the authenticated device {credentials.username!r}",
+                code="cn_mismatch",
             )
-    device = session.scalar(select(Device).where(Device.serial == csr.common_name))
-    if device is None:
-        raise PolicyError(f"device {csr.common_name!r} is not registered")
+    device = _registered_device(session, csr.common_name)
     _check_device(device, authority)
     _check_binding(csr.csr, credentials, settings)
     if not device.enrollment_open and current_certificate(session, device, now) is not None:
         raise ConflictError(
             f"device {device.serial} is already enrolled: renew with simplereenroll, or an "
-            "admin re-opens it with `chargepki device reset`"
+            "admin re-opens it with `chargepki device reset`",
+            code="already_enrolled",
         )
     _check_key_is_fresh(session, csr, device)
 
@@ -280,6 +292,13 @@ def _enroll(
             session.rollback()
             restore_secret(session, credentials.username or "", credentials.password or "")
         raise
+
+
+def _registered_device(session: Session, serial: str) -> Device:
+    device = session.scalar(select(Device).where(Device.serial == serial))
+    if device is None:
+        raise PolicyError(f"device {serial!r} is not registered", code="device_not_registered")
+    return device
 
 
 def _registration_authority(
@@ -345,7 +364,9 @@ def _reenroll(
     assert device is not None
     _check_device(device, authority)
     if csr.common_name != current.common_name:
-        raise PolicyError(f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed")
+        raise PolicyError(
+            f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed", code="cn_mismatch"
+        )
     _check_binding(csr.csr, credentials, settings)
     _check_key_is_fresh(session, csr, device)
     issuer = issuers(authority)
@@ -360,3 +381,83 @@ def _reenroll(
         now=now,
         before_commit=lambda row: _supersede(session, device, row, settings, actor, status, now),
     )
+
+
+# OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
+OCPP_CHAIN_LIMIT = 10000
+
+
+def sign_relayed(
+    session: Session,
+    issuers: IssuerFactory,
+    authority: Authority,
+    csr_data: bytes,
+    charging_station_id: str,
+    credentials: Credentials,
+    *,
+    status: StatusSigner,
+    settings: EnrollmentSettings = EnrollmentSettings(),
+    now: Clock = utcnow,
+    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    before_commit: Callable[[Certificate], None] | None = None,
+) -> Certificate:
+    """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.
+
+    The CSMS stands where an RA stands in EST: it authenticated the station (security profile 2 or
+    3), so it may ask for a first certificate or a renewal. The checks are the enrollment ones:
+    registered and enabled device of this environment, CN = the station identity, O = the CA's,
+    the profile's key policy, one key one identity; the new certificate supersedes the old one.
+    The certificate must also fit, with its sub-CAs, in OCPP's chain limit: checked on the signed
+    bytes before the commit (``chain_too_long``; the certificate is then abandoned, never handed out).
+    ``before_commit`` runs last in the issuing transaction (an asynchronous job marks itself done there).
+    """
+    flow = partial(
+        _sign_relayed,
+        charging_station_id=charging_station_id,
+        max_chain_chars=max_chain_chars,
+        before_commit=before_commit,
+    )
+    return _audited(
+        "csms.sign.refused", flow, session, issuers, status, authority, csr_data, credentials, settings, now
+    )
+
+
+def _sign_relayed(
+    session: Session,
+    issuers: IssuerFactory,
+    status: StatusSigner,
+    authority: Authority,
+    csr: CsrRequest,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+    *,
+    charging_station_id: str,
+    max_chain_chars: int,
+    before_commit: Callable[[Certificate], None] | None,
+) -> Certificate:
+    if csr.common_name != charging_station_id:
+        raise PolicyError(
+            f"the CSR's CN {csr.common_name!r} is not the charging station {charging_station_id!r}",
+            code="cn_mismatch",
+        )
+    device = _registered_device(session, charging_station_id)
+    _check_device(device, authority)
+    _check_key_is_fresh(session, csr, device)
+    issuer = issuers(authority)
+    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
+    actor = _actor(credentials)
+    sub_cas = len(intermediates_pem(session, authority))
+
+    def last_checks(row: Certificate) -> None:
+        length = len(pem_certificate(row.der or b"")) + sub_cas
+        if length > max_chain_chars:
+            raise PolicyError(
+                f"the certificate chain would be {length} characters, more than OCPP's {max_chain_chars}",
+                code="chain_too_long",
+            )
+        _supersede(session, device, row, settings, actor, status, now)
+        if before_commit is not None:
+            before_commit(row)
+
+    return issue(session, issuer, request, actor=actor, status=status, now=now, before_commit=last_checks)

@@ -25,10 +25,20 @@ from ca.keyspec import KeySpec, key_spec
 from ca.models import Authority, Certificate
 from ca.names import ca_common_name, check_country, check_environment, check_organization, subject_name
 from ca.pkcs11_token import Token, new_key_label
-from ca.profiles import PROFILES
+from ca.profiles import PROFILES, Profile, ca_profile
 from ca.serials import new_serial
 from ca.status import StatusSigner
 from ca.token_keys import token_private_key
+
+OCPP_ROLES = ("root", "issuing")  # the V2G and manufacturer hierarchies live beside it (ca/v2g.py, ca/manufacturer.py)
+# What the delegated OCSP signer of each CA role is called (CN suffix after organisation and environment).
+_SIGNER_NAMES = {
+    "root": "Root OCSP Signer",
+    "manufacturer": "Manufacturer OCSP Signer",
+    "v2g-root": "V2G Root OCSP",
+    "v2g-sub-ca-1": "CPO Sub-CA 1 OCSP",
+    "v2g-sub-ca-2": "CPO Sub-CA 2 OCSP",
+}
 
 
 @dataclass(frozen=True)
@@ -52,17 +62,16 @@ class Hierarchy:
     root_ocsp_signer: Certificate  # answers for the issuing CA's own certificate
 
 
-def _authority(
-    issuer: Issuer, role: str, key_label: str, parent: Authority | None, request: HierarchyRequest, now: Clock
-) -> Authority:
+def authority_row(issuer: Issuer, role: str, key_label: str, parent: Authority | None, now: Clock) -> Authority:
+    """The stored form of a CA whose certificate ``issuer`` holds (roles: see ``profiles.CA_ROLE_PROFILES``)."""
     certificate = issuer.certificate
     assert certificate is not None
     return Authority(
         name=issuer.name,
         role=role,
-        environment=request.environment,
-        organization=request.organization,
-        country=request.country,
+        environment=issuer.environment,
+        organization=issuer.organization,
+        country=issuer.country,
         parent=parent,
         key_label=key_label,
         key_type=issuer.spec.name,
@@ -71,8 +80,8 @@ def _authority(
         subject=certificate.subject.rfc4514_string(),
         certificate_der=certificate.public_bytes(serialization.Encoding.DER),
         key_sha1=key_sha1(certificate.public_key()).hex(),
-        ocsp_url=request.ocsp_url,
-        repository_url=request.repository_url,
+        ocsp_url=issuer.ocsp_url,
+        repository_url=issuer.repository_url,
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
         status="active",
@@ -80,7 +89,7 @@ def _authority(
     )
 
 
-def _record_ca_certificate(authority: Authority, issued_by: Authority, profile: str, now: Clock) -> Certificate:
+def record_ca_certificate(authority: Authority, issued_by: Authority, profile: str, now: Clock) -> Certificate:
     """CA certificates are certificates too: listed, revocable (by the parent's CRL), audited."""
     certificate = x509.load_der_x509_certificate(authority.certificate_der)
     return Certificate(
@@ -117,7 +126,9 @@ def init_hierarchy(
     if request.rsa_padding not in ("pkcs1", "pss"):
         raise PolicyError(f"unknown RSA padding {request.rsa_padding!r} (pkcs1 or pss)")
     padding = request.rsa_padding if spec.algorithm == "rsa" else None
-    existing = session.scalar(select(Authority.name).where(Authority.environment == environment).limit(1))
+    existing = session.scalar(
+        select(Authority.name).where(Authority.environment == environment, Authority.role.in_(OCPP_ROLES)).limit(1)
+    )
     if existing is not None:
         raise ConflictError(
             f"environment {environment!r} is already initialised (CA {existing}); init runs once per environment"
@@ -128,13 +139,13 @@ def init_hierarchy(
         root_issuer, root_label = _self_signed_root(
             token, spec, padding, request, organization, country, now, created_labels
         )
-        root = _authority(root_issuer, "root", root_label, None, request, now)
+        root = authority_row(root_issuer, "root", root_label, None, now)
         issuing_issuer, issuing_label = _issuing_ca(token, spec, padding, request, root_issuer, now, created_labels)
-        issuing = _authority(issuing_issuer, "issuing", issuing_label, root, request, now)
+        issuing = authority_row(issuing_issuer, "issuing", issuing_label, root, now)
         session.add_all([root, issuing])
         session.flush()
-        issuing_certificate = _record_ca_certificate(issuing, root, "issuing-ca", now)
-        session.add_all([_record_ca_certificate(root, root, "root", now), issuing_certificate])
+        issuing_certificate = record_ca_certificate(issuing, root, "issuing-ca", now)
+        session.add_all([record_ca_certificate(root, root, "root", now), issuing_certificate])
         audit.record(
             session,
             "hierarchy.created",
@@ -153,11 +164,11 @@ def init_hierarchy(
         session.commit()
     except IntegrityError:
         session.rollback()
-        _destroy(token, created_labels)
+        destroy_keys(token, created_labels)
         raise ConflictError(f"environment {environment!r} was initialised concurrently") from None
     except BaseException:
         session.rollback()
-        _destroy(token, created_labels)
+        destroy_keys(token, created_labels)
         raise
     signer = create_ocsp_signer(session, token, issuing, actor=actor, status=status, now=now)
     root_signer = create_ocsp_signer(session, token, root, actor=actor, status=status, now=now)
@@ -166,11 +177,76 @@ def init_hierarchy(
     return Hierarchy(root, issuing, signer, root_signer)
 
 
-def _generate(token: Token, spec: KeySpec, prefix: str, created: list[str]) -> tuple[str, object]:
+def generate_ca_key(token: Token, spec: KeySpec, prefix: str, created: list[str]) -> tuple[str, object]:
+    """A new key pair in the token under a fresh label; the label is appended to ``created`` for rollback."""
     label = new_key_label(prefix)
     public_key = token.generate_key(spec, label)
     created.append(label)
     return label, public_key
+
+
+def self_signed_ca(
+    token: Token,
+    spec: KeySpec,
+    padding: str | None,
+    *,
+    name: str,
+    subject: x509.Name,
+    profile: Profile,
+    validity: timedelta | None,
+    environment: str,
+    organization: str,
+    country: str | None,
+    ocsp_url: str,
+    repository_url: str,
+    now: Clock,
+    created: list[str],
+) -> tuple[Issuer, str]:
+    """A root: key generated in the token, certificate signed by itself under ``profile``."""
+    label, public_key = generate_ca_key(token, spec, name, created)
+    unsigned = Issuer(
+        name=name,
+        subject=subject,
+        private_key=token_private_key(token, label, public_key),
+        spec=spec,
+        rsa_padding=padding,
+        organization=organization,
+        country=country,
+        environment=environment,
+        ocsp_url=ocsp_url,
+        repository_url=repository_url,
+    )
+    window = validity_window(profile, validity, now(), None)
+    builder = build_certificate(profile, unsigned, subject, public_key, new_serial(), window)  # type: ignore[arg-type]
+    return replace(unsigned, certificate=unsigned.sign(builder)), label
+
+
+def subordinate_ca(
+    token: Token,
+    parent: Issuer,
+    *,
+    name: str,
+    subject: x509.Name,
+    profile: Profile,
+    validity: timedelta | None,
+    now: Clock,
+    created: list[str],
+) -> tuple[Issuer, str]:
+    """A CA under ``parent``: key generated in the token (same type), certificate signed by the parent."""
+    label, public_key = generate_ca_key(token, parent.spec, name, created)
+    assert parent.certificate is not None
+    window = validity_window(profile, validity, now(), parent.certificate.not_valid_after_utc)
+    builder = build_certificate(profile, parent, subject, public_key, new_serial(), window)  # type: ignore[arg-type]
+    issuer = replace(
+        parent,
+        name=name,
+        subject=subject,
+        private_key=token_private_key(token, label, public_key),
+        certificate=parent.sign(builder),
+        authority_id=None,
+        role=None,
+    )
+    return issuer, label
 
 
 def _self_signed_root(
@@ -183,26 +259,22 @@ def _self_signed_root(
     now: Clock,
     created: list[str],
 ) -> tuple[Issuer, str]:
-    name = f"{request.environment}-root-1"
-    label, public_key = _generate(token, spec, name, created)
-    subject = subject_name(ca_common_name(organization, request.environment, "Root CA"), organization, country)
-    unsigned = Issuer(
-        name=name,
-        subject=subject,
-        private_key=token_private_key(token, label, public_key),
-        spec=spec,
-        rsa_padding=padding,
+    return self_signed_ca(
+        token,
+        spec,
+        padding,
+        name=f"{request.environment}-root-1",
+        subject=subject_name(ca_common_name(organization, request.environment, "Root CA"), organization, country),
+        profile=PROFILES["root"],
+        validity=request.root_validity,
+        environment=request.environment,
         organization=organization,
         country=country,
-        environment=request.environment,
         ocsp_url=request.ocsp_url,
         repository_url=request.repository_url,
+        now=now,
+        created=created,
     )
-    profile = PROFILES["root"]
-    validity = validity_window(profile, request.root_validity, now(), None)
-    builder = build_certificate(profile, unsigned, subject, public_key, new_serial(), validity)  # type: ignore[arg-type]
-    certificate = unsigned.sign(builder)
-    return replace(unsigned, certificate=certificate), label
 
 
 def _issuing_ca(
@@ -214,32 +286,19 @@ def _issuing_ca(
     now: Clock,
     created: list[str],
 ) -> tuple[Issuer, str]:
-    name = f"{request.environment}-issuing-1"
-    label, public_key = _generate(token, spec, name, created)
     subject = subject_name(
-        ca_common_name(root.organization, request.environment, "Issuing CA 1"),
-        root.organization,
-        root.country,
+        ca_common_name(root.organization, request.environment, "Issuing CA 1"), root.organization, root.country
     )
-    profile = PROFILES["issuing-ca"]
-    assert root.certificate is not None
-    validity = validity_window(profile, request.issuing_validity, now(), root.certificate.not_valid_after_utc)
-    builder = build_certificate(profile, root, subject, public_key, new_serial(), validity)  # type: ignore[arg-type]
-    certificate = root.sign(builder)
-    issuer = Issuer(
-        name=name,
+    return subordinate_ca(
+        token,
+        root,
+        name=f"{request.environment}-issuing-1",
         subject=subject,
-        private_key=token_private_key(token, label, public_key),
-        spec=spec,
-        rsa_padding=padding,
-        organization=root.organization,
-        country=root.country,
-        environment=request.environment,
-        ocsp_url=request.ocsp_url,
-        repository_url=request.repository_url,
-        certificate=certificate,
+        profile=PROFILES["issuing-ca"],
+        validity=request.issuing_validity,
+        now=now,
+        created=created,
     )
-    return issuer, label
 
 
 def create_ocsp_signer(
@@ -255,23 +314,37 @@ def create_ocsp_signer(
     """A delegated OCSP signing certificate for ``authority`` (root or issuing), key generated in the token."""
     issuer = issuer_for(authority, token)
     created: list[str] = []
-    label, public_key = _generate(token, issuer.spec, f"{authority.name}-ocsp", created)
-    kind = "Root OCSP Signer" if authority.role == "root" else "OCSP Signer"
+    label, public_key = generate_ca_key(token, issuer.spec, f"{authority.name}-ocsp", created)
+    kind = _SIGNER_NAMES.get(authority.role, "OCSP Signer")
     request = IssueRequest(
         profile=PROFILES["ocsp-signer"],
         public_key=public_key,  # type: ignore[arg-type]
         common_name=ca_common_name(authority.organization, authority.environment, kind),
-        validity=validity,
+        validity=signer_validity(authority.role, validity),
         key_label=label,
     )
     try:
         return issue(session, issuer, request, actor=actor, status=status, now=now)
     except ChargepkiError:
-        _destroy(token, created)
+        destroy_keys(token, created)
         raise
 
 
-def _destroy(token: Token, labels: list[str]) -> None:
+def signer_validity(role: str, requested: timedelta | None) -> timedelta | None:
+    """At least three response lifetimes for CAs whose OCSP responses live long (V2G: 14 days).
+
+    Signers are rotated when a third of their life is left and no response outlives its signer,
+    so this keeps every response at its full length.
+    """
+    profile = ca_profile(role)
+    if profile is None or profile.ocsp_validity is None:
+        return requested
+    floor = 3 * profile.ocsp_validity
+    return max(requested or PROFILES["ocsp-signer"].default_validity, floor)
+
+
+def destroy_keys(token: Token, labels: list[str]) -> None:
+    """Remove the keys made for CAs whose creation failed."""
     for label in labels:
         # If the token is gone too, an orphan key under a random label harms nothing.
         with suppress(ChargepkiError):

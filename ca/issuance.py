@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -32,12 +32,15 @@ from ca.errors import ChargepkiError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
 from ca.models import Certificate
 from ca.names import check_common_name, check_hostname, subject_name
-from ca.profiles import Profile
+from ca.profiles import Profile, check_issuer_role
 from ca.serials import format_serial, new_serial
 from ca.status import StatusSigner
 
 Clock = Callable[[], datetime]
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
+# A reservation older than this belongs to a process that died (kill -9, power loss): an issuance
+# takes milliseconds, a stuck token call at most the service's 30 s request timeout.
+PENDING_TIMEOUT = timedelta(minutes=10)
 
 
 def utcnow() -> datetime:
@@ -55,7 +58,8 @@ def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
     kind = describe_public_key(public_key)
     if kind not in profile.key_types:
         raise PolicyError(
-            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})"
+            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})",
+            code="key_not_allowed",
         )
     return kind
 
@@ -169,6 +173,7 @@ class IssueRequest:
     validity: timedelta | None = None
     device_id: int | None = None
     key_label: str | None = None  # set when the key is one chargepki holds in its token
+    organizational_unit: str | None = None  # e.g. a firmware signer's release channel
 
 
 def request_from_csr(
@@ -182,7 +187,10 @@ def request_from_csr(
     if not profile.from_csr:
         raise PolicyError(f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)")
     if csr.organization is not None and csr.organization != issuer.organization:
-        raise PolicyError(f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}")
+        raise PolicyError(
+            f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}",
+            code="wrong_organization",
+        )
     dns_names = tuple(check_hostname(name) for name in csr.dns_names) if profile.san_dns else ()
     return IssueRequest(profile, csr.public_key, csr.common_name, dns_names, validity, device_id)
 
@@ -201,7 +209,8 @@ def issue(
 
     ``status`` pre-signs the new certificate's OCSP response in the same transaction.
     ``before_commit`` runs inside the transaction that records the certificate, so what it
-    changes (superseding the previous certificate, closing enrollment) commits atomically with it.
+    changes (superseding the previous certificate, closing enrollment) commits atomically with it;
+    a ``ChargepkiError`` it raises abandons the certificate (``aborted``) instead.
     The row it receives joins the session only after that commit: change the store through
     statements, not by setting attributes on it.
     """
@@ -209,8 +218,12 @@ def issue(
     key_type = check_key(profile, request.public_key)
     common_name = check_common_name(profile.common_name, request.common_name)
     assert issuer.certificate is not None and issuer.authority_id is not None, "roots are made by init"
+    if issuer.role is not None:
+        check_issuer_role(profile, issuer.role, issuer.name)
     validity = validity_window(profile, request.validity, now(), issuer.certificate.not_valid_after_utc)
-    subject = subject_name(common_name, issuer.organization, issuer.country)
+    subject = subject_name(
+        common_name, issuer.organization, issuer.country, profile.domain_component, request.organizational_unit
+    )
 
     row = _reserve(session, issuer, request, subject, common_name, validity, now)
     try:
@@ -226,8 +239,9 @@ def issue(
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
     recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
-    if recorded.rowcount != 1:
-        raise StoreError(f"the reserved row of serial {row.serial} is no longer pending")
+    if recorded.rowcount != 1:  # swept as abandoned meanwhile (``abandon_stale_pending``): hand out nothing
+        session.rollback()
+        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
     audit.record(
         session,
         "certificate.issued",
@@ -245,7 +259,11 @@ def issue(
     )
     status.update(session, [row], now())
     if before_commit is not None:
-        before_commit(row)
+        try:
+            before_commit(row)
+        except ChargepkiError as exc:  # a last check refused it: nobody receives this certificate
+            _abandon(session, row, str(exc), actor, now)
+            raise
     session.commit()
     make_transient_to_detached(row)  # every column is set: it joins the session as loaded, without a query
     session.add(row)
@@ -346,3 +364,44 @@ def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: C
         session.commit()
     except SQLAlchemyError:
         session.rollback()
+
+
+def abandon_stale_pending(
+    session: Session,
+    *,
+    actor: str,
+    now: Clock = utcnow,
+    older_than: timedelta = PENDING_TIMEOUT,
+    limit: int = 1000,
+) -> list[str]:
+    """Mark reservations left ``pending`` longer than ``older_than`` as ``aborted``, each audited; commit.
+
+    A process killed between reserving a serial and recording the certificate leaves its row
+    ``pending`` for ever. Nobody received that certificate (``issue`` returns only after the
+    record commits), so the row says ``aborted`` from then on and the serial stays burnt. Should
+    the issuance still be running after all, it cannot record any more (``_RECORD`` only takes a
+    pending row) and fails instead of handing out a certificate the store does not show.
+    Returns the serials marked.
+    """
+    cutoff = now() - older_than
+    stale = session.execute(
+        select(_CERTIFICATES.c.id, _CERTIFICATES.c.serial)
+        .where(_CERTIFICATES.c.status == "pending", _CERTIFICATES.c.created_at < cutoff)
+        .order_by(_CERTIFICATES.c.id)
+        .limit(limit)
+    ).all()
+    marked = []
+    for row_id, serial in stale:
+        if session.execute(_ABORT, {"row_id": row_id}).rowcount != 1:
+            continue  # recorded or swept by someone else meanwhile
+        audit.record(
+            session,
+            "certificate.aborted",
+            actor=actor,
+            subject=serial,
+            now=now,
+            details={"reason": f"still pending after {older_than}: the issuing process stopped before recording it"},
+        )
+        marked.append(serial)
+    session.commit()
+    return marked

@@ -208,6 +208,61 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class CsmsClient(Base):
+    """A CSMS allowed to call the CSMS API (``chargepki csms add``), bound to one environment.
+
+    It authenticates with a ``csms-client`` certificate whose CN is its name, or an API token.
+    """
+
+    __tablename__ = "csms_clients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class CsmsToken(Base):
+    """An API token of a CSMS; only its SHA-256 is stored (it is 256 random bits)."""
+
+    __tablename__ = "csms_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("csms_clients.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class CsmsSignJob(Base):
+    """A signing request a CSMS made with ``?async=1``, kept until it is decided and after.
+
+    ``claim`` names the worker that took it (``UPDATE … WHERE state = 'queued'``, or a claim
+    older than the lease after a crash); only the holder of the claim may complete it, in the
+    transaction that records the certificate, so a job is signed at most once.
+    """
+
+    __tablename__ = "csms_sign_jobs"
+    __table_args__ = (Index("ix_csms_sign_jobs_state_claimed", "state", "claimed_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("csms_clients.id"), index=True)
+    charging_station_id: Mapped[str] = mapped_column(String(64))
+    certificate_type: Mapped[str] = mapped_column(String(32))
+    csr: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # queued | running | signed | refused
+    claim: Mapped[str | None] = mapped_column(String(32))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    certificate_id: Mapped[int | None] = mapped_column(ForeignKey("certificates.id"))
+    reason: Mapped[str | None] = mapped_column(String(64))  # machine-readable refusal code
+    error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class Campaign(Base):
     """A fleet re-enrollment campaign: move the devices of a superseded issuing CA onto its successor.
 

@@ -17,6 +17,9 @@ UB_ORGANIZATION = 64
 # the ones OCPP 1.6-security allows ("*-_=:+|@."). Never a URL or an IP address.
 _CHARGER_IDENTITY = re.compile(r"^[A-Za-z0-9._~*=:+|@-]{1,48}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# ISO 15118-2 Annex H EVSE ID (DE*ABC*E1234*1) and the ISO 15118-20 SECC ID (DE-ABC-S-…): country
+# code, operator ID, ID type (E or S), then the station's own part; "*" or "-" separators optional.
+_SECC_ID = re.compile(r"^[A-Za-z]{2}[*-]?[A-Za-z0-9]{3}[*-]?[EeSs][*-]?[A-Za-z0-9][A-Za-z0-9*-]*$")
 
 ENVIRONMENTS = ("production", "staging", "factory-test")
 
@@ -24,13 +27,24 @@ ENVIRONMENTS = ("production", "staging", "factory-test")
 def check_charger_identity(value: str) -> str:
     if not _CHARGER_IDENTITY.match(value):
         raise PolicyError(
-            f"CN {value!r} is not a charging station identity (1-48 characters: letters, digits, ._~*=:+|@-)"
+            f"CN {value!r} is not a charging station identity (1-48 characters: letters, digits, ._~*=:+|@-)",
+            code="bad_identity",
         )
     try:
         ipaddress.ip_address(value)
     except ValueError:
         return value
-    raise PolicyError(f"CN {value!r} is an IP address, not a charging station identity")
+    raise PolicyError(f"CN {value!r} is an IP address, not a charging station identity", code="bad_identity")
+
+
+def check_secc_id(value: str) -> str:
+    """The CN of an SECC certificate: an EVSE ID / SECC ID, at most 64 characters."""
+    if len(value) > UB_COMMON_NAME or not _SECC_ID.match(value):
+        raise PolicyError(
+            f"{value!r} is not an SECC ID (ISO 15118 EVSE ID such as DE*ABC*E1234*1: country, operator, "
+            "E or S, then letters and digits; at most 64 characters)"
+        )
+    return value
 
 
 def check_hostname(value: str) -> str:
@@ -52,9 +66,10 @@ def check_plain_name(value: str, what: str = "CN") -> str:
 
 
 def check_common_name(kind: str, value: str) -> str:
-    checked = {"charger": check_charger_identity, "hostname": check_hostname}.get(kind, check_plain_name)(value)
+    checks = {"charger": check_charger_identity, "hostname": check_hostname, "secc": check_secc_id}
+    checked = checks.get(kind, check_plain_name)(value)
     if len(checked) > UB_COMMON_NAME:
-        raise PolicyError(f"CN {value!r} is longer than {UB_COMMON_NAME} characters")
+        raise PolicyError(f"CN {value!r} is longer than {UB_COMMON_NAME} characters", code="bad_subject")
     return checked
 
 
@@ -79,12 +94,22 @@ def check_environment(value: str) -> str:
     return value
 
 
-def subject_name(common_name: str, organization: str, country: str | None) -> x509.Name:
+def subject_name(
+    common_name: str,
+    organization: str,
+    country: str | None,
+    domain_component: str | None = None,
+    organizational_unit: str | None = None,
+) -> x509.Name:
     attributes = []
     if country:
         attributes.append(x509.NameAttribute(NameOID.COUNTRY_NAME, country))
     attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    if organizational_unit:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit))
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    if domain_component:  # ISO 15118-2 Annex F: DC=V2G for the CAs, DC=CPO for SECC certificates
+        attributes.append(x509.NameAttribute(NameOID.DOMAIN_COMPONENT, domain_component))
     return x509.Name(attributes)
 
 

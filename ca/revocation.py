@@ -14,6 +14,7 @@ from ca.certificates import get_certificate
 from ca.errors import ConflictError, InputError
 from ca.issuance import Clock, utcnow
 from ca.models import Certificate
+from ca.profiles import ROOT_PROFILES
 from ca.status import StatusSigner
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
@@ -72,7 +73,7 @@ def apply_revocation(
     reason = parse_reason(reason)
     if certificate.status in ("pending", "aborted"):
         raise ConflictError(f"certificate {certificate.serial} was never issued ({certificate.status})")
-    if certificate.profile == "root":
+    if certificate.profile in ROOT_PROFILES:
         raise ConflictError("a root certificate cannot be revoked; retire the hierarchy instead")
     held = certificate.revocation_reason == "certificateHold"
     if certificate.status == "revoked" and (not held or reason == "certificateHold"):

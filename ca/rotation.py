@@ -38,9 +38,15 @@ from ca.authorities import (
     public_key_sha256,
 )
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
-
-# The hierarchy's building blocks; rotation makes the same objects init does.
-from ca.hierarchy import HierarchyRequest, _authority, _destroy, _generate, _record_ca_certificate, create_ocsp_signer
+from ca.hierarchy import (
+    HierarchyRequest,
+    authority_row,
+    create_ocsp_signer,
+    destroy_keys,
+    record_ca_certificate,
+    self_signed_ca,
+    subordinate_ca,
+)
 from ca.issuance import BACKDATE, Clock, build_certificate, utcnow, validity_window
 from ca.keyspec import key_spec
 from ca.models import Authority, Certificate
@@ -49,7 +55,6 @@ from ca.pkcs11_token import Token
 from ca.profiles import PROFILES
 from ca.serials import format_serial, new_serial
 from ca.status import StatusSigner
-from ca.token_keys import token_private_key
 
 ROTATABLE_ROLES = ("root", "issuing")  # the charger PKI; other hierarchies have their own lifecycles
 # A superseded CA retires no sooner than this after its successor appeared: EST workers keep a
@@ -179,31 +184,24 @@ def _new_issuing(
     now: Clock,
     created: list[str],
 ) -> Authority:
-    """Key in the token, certificate signed by ``root``; the Authority row is not added yet."""
+    """Key in the token (the root's key type), certificate signed by ``root``; the row is not added yet."""
     name, number = _next_name(session, template.environment, "issuing")
-    spec = key_spec(template.key_type)
-    label, public_key = _generate(token, spec, name, created)
     subject = subject_name(
         ca_common_name(root.organization, template.environment, f"Issuing CA {number}"), root.organization, root.country
     )
-    profile = PROFILES["issuing-ca"]
-    assert root.certificate is not None
-    window = validity_window(profile, validity, now(), root.certificate.not_valid_after_utc)
-    certificate = root.sign(build_certificate(profile, root, subject, public_key, new_serial(), window))  # type: ignore[arg-type]
-    issuer = Issuer(
+    issuer, label = subordinate_ca(
+        token,
+        root,
         name=name,
         subject=subject,
-        private_key=token_private_key(token, label, public_key),
-        spec=spec,
-        rsa_padding=template.rsa_padding if spec.algorithm == "rsa" else None,
-        organization=root.organization,
-        country=root.country,
-        environment=template.environment,
-        ocsp_url=template.ocsp_url,
-        repository_url=template.repository_url,
-        certificate=certificate,
+        profile=PROFILES["issuing-ca"],
+        validity=validity,
+        now=now,
+        created=created,
     )
-    return _authority(issuer, "issuing", label, root_authority, template, now)
+    # What it signs points at the URLs its predecessor's certificates use.
+    issuer = replace(issuer, ocsp_url=template.ocsp_url, repository_url=template.repository_url)
+    return authority_row(issuer, "issuing", label, root_authority, now)
 
 
 def _raced(what: str) -> ConflictError:
@@ -251,7 +249,7 @@ def rotate_issuing_ca(
         issuing = _new_issuing(session, token, root, root_authority, _template(previous), validity, now, created)
         session.add(issuing)
         session.flush()
-        issuing_row = _record_ca_certificate(issuing, root_authority, "issuing-ca", now)
+        issuing_row = record_ca_certificate(issuing, root_authority, "issuing-ca", now)
         session.add(issuing_row)
         session.flush()
         status.update(session, [issuing_row], now())  # the root's signer answers for it
@@ -272,11 +270,11 @@ def rotate_issuing_ca(
         session.commit()
     except IntegrityError:
         session.rollback()
-        _destroy(token, created)
+        destroy_keys(token, created)
         raise _raced("the rotation") from None
     except BaseException:
         session.rollback()
-        _destroy(token, created)
+        destroy_keys(token, created)
         raise
     signer = create_ocsp_signer(session, token, issuing, actor=actor, status=status, now=now)
     return Rotation(previous, issuing, signer)
@@ -332,30 +330,29 @@ def rollover_root(
     created: list[str] = []
     try:
         name, number = _next_name(session, environment, "root")
-        label, public_key = _generate(token, spec, name, created)
-        subject = subject_name(
-            ca_common_name(old_root.organization, environment, f"Root CA {number}"),
-            old_root.organization,
-            old_root.country,
-        )
-        unsigned = Issuer(
+        new_root, label = self_signed_ca(
+            token,
+            spec,
+            padding,
             name=name,
-            subject=subject,
-            private_key=token_private_key(token, label, public_key),
-            spec=spec,
-            rsa_padding=padding,
+            subject=subject_name(
+                ca_common_name(old_root.organization, environment, f"Root CA {number}"),
+                old_root.organization,
+                old_root.country,
+            ),
+            profile=PROFILES["root"],
+            validity=root_validity,
+            environment=environment,
             organization=old_root.organization,
             country=old_root.country,
-            environment=environment,
             ocsp_url=template.ocsp_url,
             repository_url=template.repository_url,
+            now=now,
+            created=created,
         )
-        window = validity_window(PROFILES["root"], root_validity, now(), None)
-        certificate = unsigned.sign(
-            build_certificate(PROFILES["root"], unsigned, subject, public_key, new_serial(), window)  # type: ignore[arg-type]
-        )
-        new_root = replace(unsigned, certificate=certificate)
-        new_root_authority = _authority(new_root, "root", label, None, template, now)
+        certificate = new_root.certificate
+        assert certificate is not None
+        new_root_authority = authority_row(new_root, "root", label, None, now)
         session.add(new_root_authority)
         session.flush()
         new_root = replace(new_root, authority_id=new_root_authority.id)
@@ -381,10 +378,10 @@ def rollover_root(
             "root-link",
             now,
         )
-        issuing_row = _record_ca_certificate(issuing, new_root_authority, "issuing-ca", now)
+        issuing_row = record_ca_certificate(issuing, new_root_authority, "issuing-ca", now)
         session.add_all(
             [
-                _record_ca_certificate(new_root_authority, new_root_authority, "root", now),
+                record_ca_certificate(new_root_authority, new_root_authority, "root", now),
                 issuing_row,
                 new_with_old,
                 old_with_new,
@@ -412,11 +409,11 @@ def rollover_root(
         session.commit()
     except IntegrityError:
         session.rollback()
-        _destroy(token, created)
+        destroy_keys(token, created)
         raise _raced("the root rollover") from None
     except BaseException:
         session.rollback()
-        _destroy(token, created)
+        destroy_keys(token, created)
         raise
     for authority in (new_root_authority, issuing):
         create_ocsp_signer(session, token, authority, actor=actor, status=status, now=now)

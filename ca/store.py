@@ -3,7 +3,13 @@
 On SQLite every transaction starts with ``BEGIN IMMEDIATE`` so that a read-then-write
 transaction never fails half way with ``SQLITE_BUSY`` when another process writes; WAL
 lets readers go on meanwhile, and ``synchronous=FULL`` makes a commit survive power loss
-(a certificate is only handed out after its row is durably committed).
+(a certificate is only handed out after its row is durably committed). ``?timeout=S`` in an
+SQLite URL sets how long a writer waits for the lock (default 30 s) before the request fails.
+
+Only first-run set-up may create an SQLite file: anywhere else a missing file is an error
+(``mode=rw``), never a new empty database that makes every certificate look unknown and the
+audit log look intact. PostgreSQL connections give up after ``connect_timeout`` (default 5 s)
+so an unreachable server fails a request instead of hanging it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import weakref
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -31,6 +38,7 @@ from ca.errors import StoreError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30000
+PG_CONNECT_TIMEOUT = "5"  # seconds, unless the URL says otherwise
 
 
 class _WriterGate:
@@ -124,7 +132,7 @@ class _GatedConnection(sqlite3.Connection):
             self.leave_gate()
 
 
-def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool) -> None:
+def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool, busy_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
@@ -134,7 +142,7 @@ def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.close()
 
     if not immediate:
@@ -156,26 +164,46 @@ def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool
 class Store:
     """An engine plus a session factory; the one object a process needs to reach the database."""
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
-        """``read_only`` (OCSP responders) reads in autocommit: no write lock, no transaction held."""
+    def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
+        """``read_only`` (OCSP responders) reads in autocommit: no write lock, no transaction held.
+        ``create=False`` refuses to create a missing SQLite file (read-only stores never create one)."""
         try:
             parsed = make_url(url)
         except ArgumentError:
             raise StoreError(f"invalid database URL {url!r}") from None
         self.url = parsed
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        if self.is_sqlite and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        file_db = self.is_sqlite and parsed.database not in (None, "", ":memory:")
+        engine_url = parsed
+        self.must_exist: Path | None = None  # an SQLite file this store refuses to create
+        busy_ms = BUSY_TIMEOUT_MS
+        if self.is_sqlite:
+            try:
+                busy_ms = int(float(parsed.query.get("timeout", BUSY_TIMEOUT_MS / 1000)) * 1000)  # type: ignore[arg-type]
+            except ValueError:
+                raise StoreError(f"invalid timeout in database URL {url!r}") from None
+        if file_db and not parsed.database.startswith("file:"):  # type: ignore[union-attr]
+            if create and not read_only:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+            else:
+                self.must_exist = Path(str(parsed.database))
+                engine_url = parsed.set(database=f"file:{quote(str(parsed.database))}").update_query_dict(
+                    {"mode": "rw", "uri": "true"}
+                )
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            engine_url = engine_url.update_query_dict({"connect_timeout": PG_CONNECT_TIMEOUT})
         try:
             options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
-            gated = self.is_sqlite and not read_only and parsed.database not in (None, "", ":memory:")
+            gated = file_db and not read_only
             connect_args = {"factory": _GatedConnection} if gated else {}
-            self.engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite, connect_args=connect_args, **options)
+            self.engine = create_engine(
+                engine_url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args, **options
+            )
         except (ImportError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
         if self.is_sqlite:
-            gate = _WriterGate(Path(parsed.database), BUSY_TIMEOUT_MS / 1000) if gated else None
-            _sqlite_pragmas(self.engine, gate, immediate=not read_only)
+            gate = _WriterGate(Path(str(parsed.database)), busy_ms / 1000) if gated else None
+            _sqlite_pragmas(self.engine, gate, immediate=not read_only, busy_ms=busy_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -206,7 +234,13 @@ class Store:
             if self.current_revision() != self.head_revision():
                 self.upgrade()
         except SQLAlchemyError as exc:
-            raise StoreError(f"database unavailable: {_one_line(exc)}") from None
+            if self.must_exist is not None and not self.must_exist.exists():
+                raise StoreError(
+                    f"the SQLite database {self.must_exist} does not exist (moved, or not set up yet: "
+                    "`chargepki init`); refusing to start an empty one"
+                ) from None
+            where = self.url.render_as_string(hide_password=True)
+            raise StoreError(f"database unavailable ({where}): {_one_line(exc)}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()

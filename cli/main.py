@@ -25,21 +25,27 @@ from ca.certificates import STATUSES, display_status, get_certificate, list_cert
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home
 from ca.context import Pki
 from ca.csr import read_csr
-from ca.errors import ChargepkiError, InputError
+from ca.errors import ChargepkiError
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import issue, request_from_csr
 from ca.keyspec import ALL_KEY_TYPES
+from ca.manufacturer import manufacturer_root
+from ca.models import Authority
 from ca.names import ENVIRONMENTS
-from ca.profiles import PROFILES, get_profile
+from ca.profiles import PROFILES, Profile, check_issuer_role, get_profile
 from ca.revocation import REASONS, revoke, unhold
 from ca.rotation import check_can_issue, environment_certificates
 from ca.store import _one_line
+from ca.v2g import current_sub_ca_2
 from cli.common import State, actor, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
+from cli.csms import csms
 from cli.enrollment import device, ra, serve, token_group
+from cli.firmware import firmware, manufacturer
 from cli.ocsp import ocsp
 from cli.params import DURATION, UTC_DATETIME
 from cli.rotation import ca_rollover_root, ca_rotate, campaign
+from cli.v2g import v2g
 
 
 class ChargepkiGroup(click.Group):
@@ -293,9 +299,8 @@ def issue_command(
     csr = read_csr(csr_file.read())
     pki = state.pki()
     with pki.store.session() as session:
-        authority = pick_issuing(session, ca_name, environment)
-        if authority.role != "issuing":
-            raise InputError(f"CA {authority.name} is a {authority.role} CA; certificates come from issuing CAs")
+        authority = _issuer_of(session, profile, ca_name, environment)
+        check_issuer_role(profile, authority.role, authority.name)
         note(authority)
         check_can_issue(session, authority)
         issuer = issuer_for(authority, pki.token())
@@ -310,6 +315,15 @@ def issue_command(
     else:
         click.echo(pem, nl=False)
         click.echo(f"issued serial {serial}", err=True)
+
+
+def _issuer_of(session: Any, profile: Profile, ca_name: str | None, environment: str | None) -> Authority:
+    """--ca, else the CA of the environment that issues this profile (OCPP issuing CA, CPO Sub-CA 2…)."""
+    if ca_name or "issuing" in profile.issuer_roles:
+        return pick_issuing(session, ca_name, environment)
+    if "v2g-sub-ca-2" in profile.issuer_roles:
+        return current_sub_ca_2(session, environment)
+    return manufacturer_root(session, environment)
 
 
 # -- certificates -----------------------------------------------------------------------------
@@ -453,7 +467,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl, ocsp, campaign):
+for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign):
     cli.add_command(group)
 ca.add_command(ca_rotate)
 ca.add_command(ca_rollover_root)

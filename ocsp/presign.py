@@ -23,6 +23,7 @@ from ca.errors import ChargepkiError
 from ca.hierarchy import create_ocsp_signer
 from ca.models import Authority, Certificate, OcspResponse
 from ca.pkcs11_token import Token
+from ca.profiles import ROOT_PROFILES, ca_profile
 from ca.status import signal_change
 from ca.token_keys import token_private_key
 from ocsp.certid import CertId, IssuerHashes, issuer_hashes
@@ -57,7 +58,7 @@ def certificate_status(certificate: Certificate, cert_id: CertId) -> SingleStatu
 
 def answerable(certificate: Certificate) -> bool:
     """Issued certificates other than roots (a root's status is not any CA's to answer)."""
-    return certificate.status in ("valid", "revoked") and certificate.profile != "root"
+    return certificate.status in ("valid", "revoked") and certificate.profile not in ROOT_PROFILES
 
 
 class Presigner:
@@ -68,6 +69,19 @@ class Presigner:
         self.policy = policy or OcspPolicy()
         self._signers: dict[str, ResponseSigner] = {}  # by signer serial
         self._issuers: dict[int, dict[str, IssuerHashes]] = {}
+        self._validities: dict[int, timedelta] = {}
+
+    def validity_for(self, session: Session, authority_id: int) -> timedelta:
+        """How long responses about this CA's certificates live: the policy's validity, or longer
+        where the CA's profile asks for it (ISO 15118 CAs: stapled, refreshed about weekly)."""
+        validity = self._validities.get(authority_id)
+        if validity is None:
+            role = session.scalar(select(Authority.role).where(Authority.id == authority_id))
+            profile = ca_profile(role) if role is not None else None
+            floor = profile.ocsp_validity if profile is not None else None
+            validity = max(self.policy.validity, floor) if floor is not None else self.policy.validity
+            self._validities[authority_id] = validity
+        return validity
 
     # -- who signs for a CA ----------------------------------------------------------------------
     def signer_for(self, session: Session, authority_id: int, now: datetime) -> ResponseSigner | None:
@@ -138,10 +152,13 @@ class Presigner:
                     OcspResponse.authority_id == certificate.authority_id, OcspResponse.serial == certificate.serial
                 )
             ).all()
+            validity = self.validity_for(session, certificate.authority_id)
             for algorithm in dict.fromkeys([*self.policy.hashes, *stored]):
                 status = certificate_status(certificate, self.cert_id(session, certificate, algorithm))
-                der = signer.sign([status], this_update=now, next_update=now + self.policy.validity)
-                upsert_response(session, certificate, algorithm, status.status, der, signer, now, self.policy)
+                der = signer.sign([status], this_update=now, next_update=now + validity)
+                upsert_response(
+                    session, certificate, algorithm, status.status, der, signer, now, self.policy, validity=validity
+                )
                 count += 1
         return count
 
@@ -164,7 +181,10 @@ def upsert_response(
     signer: ResponseSigner,
     now: datetime,
     policy: OcspPolicy,
+    *,
+    validity: timedelta | None = None,
 ) -> None:
+    """Store a signed response; ``validity`` is the CA's own when it differs from the policy's."""
     now = now.replace(microsecond=0)  # as in the DER (GeneralizedTime without fractions)
     values = {
         "authority_id": certificate.authority_id,
@@ -173,7 +193,7 @@ def upsert_response(
         "cert_status": status,
         "der": der,
         "this_update": now,
-        "next_update": min(now + policy.validity, signer.not_after),
+        "next_update": min(now + (validity or policy.validity), signer.not_after),
         "signer_serial": signer.serial,
     }
     dialect = session.get_bind().dialect.name
@@ -188,16 +208,26 @@ def upsert_response(
 
 # -- refreshing ----------------------------------------------------------------------------------
 def due_certificates(
-    session: Session, policy: OcspPolicy, now: datetime, signer: ResponseSigner, limit: int, after_id: int = 0
+    session: Session,
+    policy: OcspPolicy,
+    now: datetime,
+    signer: ResponseSigner,
+    limit: int,
+    after_id: int = 0,
+    *,
+    refresh_before: timedelta | None = None,
 ) -> list[Certificate]:
     """Unexpired issued certificates of the signer's CA whose response is due, signed by an older
-    signer, or missing."""
+    signer, or missing (``refresh_before``: the CA's own half-life when its responses live longer)."""
     same_certificate = (OcspResponse.authority_id == Certificate.authority_id) & (
         OcspResponse.serial == Certificate.serial
     )
     outdated = select(OcspResponse.id).where(
         same_certificate,
-        or_(OcspResponse.next_update <= now + policy.refresh_before, OcspResponse.signer_serial != signer.serial),
+        or_(
+            OcspResponse.next_update <= now + (refresh_before or policy.refresh_before),
+            OcspResponse.signer_serial != signer.serial,
+        ),
     )
     missing = ~select(OcspResponse.id).where(same_certificate).exists()
     query = (
@@ -206,7 +236,7 @@ def due_certificates(
             Certificate.authority_id == signer.authority_id,
             Certificate.id > after_id,  # a cursor: each pass visits a certificate once (linear, and it ends)
             Certificate.status.in_(("valid", "revoked")),
-            Certificate.profile != "root",
+            Certificate.profile.not_in(ROOT_PROFILES),
             Certificate.not_after > now,
             or_(outdated.exists(), missing),
         )
@@ -228,9 +258,12 @@ def refresh(session: Session, presigner: Presigner, now: datetime, *, batch: int
     total = 0
     for authority_id in list(session.scalars(select(Authority.id).order_by(Authority.id))):
         signer = presigner.signer_for(session, authority_id, now)
+        half_life = presigner.validity_for(session, authority_id) / 2
         after_id = 0
         while signer is not None:
-            certificates = due_certificates(session, presigner.policy, now, signer, batch, after_id)
+            certificates = due_certificates(
+                session, presigner.policy, now, signer, batch, after_id, refresh_before=half_life
+            )
             if not certificates:
                 break
             after_id = certificates[-1].id
@@ -257,8 +290,10 @@ def rotate_signers(
     pass; a retired CA (``ca.rotation``) has nothing left to answer for and gets no new signer.
     """
     rotated = []
-    active = select(Authority).where(Authority.not_after > now, Authority.status == "active").order_by(Authority.id)
-    for authority in session.scalars(active):
+    # External CAs (an imported V2G root) have no key here: their own operator answers for them;
+    # a retired CA (ca/rotation.py) has nothing left to answer for.
+    candidates = select(Authority).where(Authority.not_after > now, Authority.status == "active")
+    for authority in session.scalars(candidates.order_by(Authority.id)):
         if authority_names and authority.name not in authority_names:
             continue
         signer = presigner.signer_for(session, authority.id, now)

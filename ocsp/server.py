@@ -76,6 +76,7 @@ def run_signer(pki: Pki, *, stop: threading.Event | None = None) -> None:
                 log.warning(
                     "OCSP refresher: %s; retrying in %ss", str(exc).splitlines()[0], settings.refresh_interval_seconds
                 )
+            pki.audit_token_health("system:ocsp-signer")  # the refresher's and the on-demand signer's token
             stop.wait(settings.refresh_interval_seconds)
     finally:
         server.shutdown()

@@ -96,7 +96,7 @@ class OnDemandSigner:
         now = self.now()
         with self.store.session() as session:
             served = {}
-            for authority_id in session.scalars(select(Authority.id)):
+            for authority_id in session.scalars(select(Authority.id).where(Authority.status != "external")):
                 for algorithm, hashes in self.presigner.issuer_hashes(session, authority_id).items():
                     served[(algorithm, hashes.name_hash, hashes.key_hash)] = authority_id
             authorities = {served.get((c.hash_algorithm, c.issuer_name_hash, c.issuer_key_hash)) for c in cert_ids}
@@ -122,7 +122,7 @@ class OnDemandSigner:
                 else:
                     statuses.append(SingleStatus(cert_id, "unknown"))
             known = all(status.status != "unknown" for status in statuses)
-            validity = self.presigner.policy.validity if known else UNKNOWN_VALIDITY
+            validity = self.presigner.validity_for(session, authority_id) if known else UNKNOWN_VALIDITY
             der = signer.sign(statuses, this_update=now, next_update=now + validity)
             if known and len(cert_ids) == 1:
                 certificate = by_serial[cert_ids[0].serial_number]
@@ -135,6 +135,7 @@ class OnDemandSigner:
                     signer,
                     now,
                     self.presigner.policy,
+                    validity=validity,
                 )
             session.commit()
             return der

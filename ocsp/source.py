@@ -4,6 +4,10 @@ The cache never outlives a response's nextUpdate, holds an entry at most ``TTL``
 (so a refreshed response is picked up), and is emptied whenever the status feed moves: a
 watcher thread polls the one-row counter (SQLite) or LISTENs for the NOTIFY sent at commit
 (PostgreSQL), so a revocation reaches every responder process within a second.
+
+While the store is unreachable, an entry past its TTL is still served until its nextUpdate
+(stale-if-error: the same signed bytes a client may itself cache that long, better than
+``tryLater``); the cache is emptied once the store is back, since changes may have been missed.
 """
 
 from __future__ import annotations
@@ -80,9 +84,11 @@ class StoreSource:
         self._dbapi_error: type[Exception] = store.engine.dialect.dbapi.Error  # type: ignore[union-attr]
 
     def issuers(self) -> dict[IssuerKey, int]:
-        """Every CA in the store under every CertID hash, to its id (retired CAs still answer)."""
+        """Every CA in the store under every CertID hash, to its id (retired CAs still answer;
+        external ones, an imported V2G root, are answered by their own operator: unauthorized)."""
+        query = select(Authority.id, Authority.certificate_der).where(Authority.status != "external")
         with self.store.engine.connect() as connection:
-            rows = connection.execute(select(Authority.id, Authority.certificate_der)).all()
+            rows = connection.execute(query).all()
         served: dict[IssuerKey, int] = {}
         for authority_id, der in rows:
             for hashes in issuer_hashes(x509.load_der_x509_certificate(der)):
@@ -141,6 +147,7 @@ class CachedSource:
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
         self._stop = threading.Event()
+        self._lost = False  # the watcher lost the store: empty the cache when it is back
         self.last_change = 0.0
 
     # -- lookups (request threads) ---------------------------------------------------------------
@@ -166,7 +173,9 @@ class CachedSource:
         generation = self._generation
         try:
             found = self.source.response(*key)
-        except SQLAlchemyError as exc:
+        except (SourceUnavailable, SQLAlchemyError) as exc:
+            if hit is not None and now < hit[0].next_update:
+                return hit[0]  # stale-if-error: still within its own validity
             raise SourceUnavailable(str(exc)) from None
         if found is None or found.next_update <= now:
             return None  # past nextUpdate is never served: the on-demand signer answers instead
@@ -213,13 +222,15 @@ class CachedSource:
                     last = self._listen(store.engine, last)
             except Exception as exc:
                 log.warning("status watcher: %s; retrying", str(exc).splitlines()[0] if str(exc) else exc)
-                self.invalidate()  # changes may have been missed while the store was away
-                last = None
+                # Keep the cache (served until nextUpdate while the store is away) and empty it at
+                # the first successful read instead, since changes may have been missed meanwhile.
+                self._lost = True
                 self._stop.wait(1.0)
 
     def _poll(self, last: int | None) -> int:
         counter = self.source.counter()
-        if last is not None and counter != last:
+        if (last is not None and counter != last) or self._lost:
+            self._lost = False
             self.invalidate()
         return counter
 

@@ -46,10 +46,22 @@ def write_home(home: Path, db_url: str, settings: Pkcs11Settings, est: EstSettin
 
 
 def start_server(
-    home: Path, port: int, *, workers: int = 2, scheme: str = "https", service: str = "est", extra: tuple[str, ...] = ()
+    home: Path,
+    port: int,
+    *,
+    workers: int = 2,
+    scheme: str = "https",
+    service: str = "est",
+    extra: tuple[str, ...] = (),
+    process_group: bool = False,
 ) -> EstServer:
-    """``chargepki serve <service>`` in its own process, once its port accepts connections."""
+    """``chargepki serve <service>`` in its own process, once its port accepts connections.
+
+    ``process_group``: in a new session, so a test can kill the service with all its workers.
+    """
     log = home / f"{service}-{port}.log"
+    if log.exists():  # a restart on the same port keeps the earlier run's log
+        log.rename(log.with_suffix(f".{time.monotonic_ns()}.log"))
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
     process = subprocess.Popen(
         [
@@ -70,6 +82,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         env=environment,
         cwd=Path(__file__).parent.parent,
+        start_new_session=process_group,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

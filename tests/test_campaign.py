@@ -1,6 +1,6 @@
 """A fleet re-enrollment campaign after `ca rotate`, moved by chargers renewing over the real EST
-server (`serve est` in its own process, HTTPS on loopback), counted by `chargepki campaign status`.
-Runs on SQLite and PostgreSQL.
+server and by a CSMS relaying SignCertificate to the CSMS API (`serve est` in its own process,
+HTTPS on loopback), counted by `chargepki campaign status`. Runs on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from ca.authorities import get_authority, issuer_for
 from ca.config import EstSettings, Pkcs11Settings
+from ca.csms import add_client, issue_token
 from ca.devices import add_device, disable_device, get_device
 from ca.enrollment import Credentials, enroll
 from ca.enrollment_secrets import issue_secret
@@ -51,6 +52,7 @@ class Site:
         self.store, self.token, self.home, self.tmp = store, token, home, tmp
         self.status = Presigner(token)
         self.server: EstServer | None = None
+        self.csms_token = ""
 
     def enroll_directly(self, serial: str, environment: str = "production", ca: str | None = None) -> Charger:
         """First enrollment through the core (the fleet that exists before the rotation)."""
@@ -96,6 +98,22 @@ class Site:
             (charger.certificate,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
         return response
 
+    def sign(self, station: str, key: object) -> requests.Response:
+        """The CSMS API's sign, as a CSMS relays a station's SignCertificate (bearer token)."""
+        assert self.server is not None
+        body = {
+            "chargingStationId": station,
+            "certificateType": "ChargingStationCertificate",
+            "csr": make_csr(station, organization=ORG, key=key).decode(),
+        }
+        return requests.post(
+            f"https://localhost:{self.server.port}/api/v1/sign",
+            json=body,
+            headers={"Authorization": f"Bearer {self.csms_token}"},
+            verify=str(self.tmp / "roots.pem"),
+            timeout=30,
+        )
+
     def cacerts(self, label: str = "") -> list[str]:
         assert self.server is not None
         url = f"{self.server.url}/{label + '/' if label else ''}cacerts"
@@ -128,6 +146,9 @@ def site(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Se
                 init_hierarchy(session, token, request_, actor="test", status=status)
         home = write_home(tmp / "home", url, token_settings[0], EstSettings(default_environment="production"))
         installation = Site(store, token, home, tmp)
+        with store.session() as session:
+            client = add_client(session, "csms-1", environment="production", actor="test")
+            installation.csms_token = issue_token(session, client, actor="test")
         try:
             yield installation
         finally:
@@ -143,7 +164,7 @@ def _issuer_cn(certificate: x509.Certificate) -> str:
 
 
 def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
-    fleet = [site.enroll_directly(f"CP-{n}") for n in range(1, 6)]
+    fleet = [site.enroll_directly(f"CP-{n}") for n in range(1, 7)]
     outsider = site.enroll_directly("CP-STAGING", environment="staging")
     assert {_issuer_cn(c.certificate) for c in fleet} == {"Acme Charging Production Issuing CA 1"}
 
@@ -151,9 +172,9 @@ def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
     assert rotated.exit_code == 0 and "[production] CA production-issuing-2" in rotated.stderr
     started = site.run("campaign", "start", "--from-ca", "production-issuing-1")
     assert started.exit_code == 0, started.output
-    assert "campaign 1: 5 device(s) to move from production-issuing-1 to production-issuing-2" in started.stdout
+    assert "campaign 1: 6 device(s) to move from production-issuing-1 to production-issuing-2" in started.stdout
     assert "[production] CA production-issuing-1" in started.stderr
-    assert site.counts() == {"re-enrolled": 0, "pending": 5, "failed": 0}
+    assert site.counts() == {"re-enrolled": 0, "pending": 6, "failed": 0}
 
     site.server = start_server(site.home, free_port())
     with site.store.session() as session:
@@ -175,24 +196,39 @@ def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
         response = site.reenroll(charger)
         assert response.status_code == 200, response.text
         assert _issuer_cn(charger.certificate) == "Acme Charging Production Issuing CA 2"
-    assert site.counts() == {"re-enrolled": 2, "pending": 3, "failed": 0}
+    assert site.counts() == {"re-enrolled": 2, "pending": 4, "failed": 0}
 
     # A disabled device and a refused renewal count as failed, with the reason.
     with site.store.session() as session:
         disable_device(session, "CP-3", actor="test", status=site.status)
     refused = site.reenroll(fleet[3], cn="CP-SOMEONE-ELSE")
     assert refused.status_code == 403
-    assert site.counts() == {"re-enrolled": 2, "pending": 1, "failed": 2}
+    assert site.counts() == {"re-enrolled": 2, "pending": 2, "failed": 2}
     failed = site.run("campaign", "status", "--show", "failed").stdout
     assert re.search(r"CP-3\s+failed\s+device disabled", failed)
     assert re.search(r"CP-4\s+failed\s+re-enrollment refused: the CSR's CN", failed)
 
     # Renewing properly afterwards wins over the earlier refusal.
     assert site.reenroll(fleet[3]).status_code == 200
-    assert site.counts() == {"re-enrolled": 3, "pending": 1, "failed": 1}
+    assert site.counts() == {"re-enrolled": 3, "pending": 2, "failed": 1}
     # Renewing again with the new CA's certificate changes nothing in the counts.
     assert site.reenroll(fleet[0]).status_code == 200
-    assert site.counts() == {"re-enrolled": 3, "pending": 1, "failed": 1}
+    assert site.counts() == {"re-enrolled": 3, "pending": 2, "failed": 1}
+
+    # The CSMS API's sign moves the campaign the same way: a refusal, then a renewal.
+    reused = site.sign("CP-6", fleet[0].key)
+    assert reused.status_code == 409, reused.text
+    assert site.counts() == {"re-enrolled": 3, "pending": 1, "failed": 2}
+    failed = site.run("campaign", "status", "--show", "failed").stdout
+    assert re.search(r"CP-6\s+failed\s+re-enrollment refused: this public key is already certified", failed)
+    signed = site.sign("CP-6", fleet[5].key)
+    assert signed.status_code == 200, signed.text
+    chain = x509.load_pem_x509_certificates(signed.json()["certificateChain"].encode())
+    assert [_issuer_cn(c) for c in chain] == [
+        "Acme Charging Production Issuing CA 2",
+        "Acme Charging Production Root CA",
+    ]
+    assert site.counts() == {"re-enrolled": 4, "pending": 1, "failed": 1}
 
     # Environments stay apart: a staging certificate never renews under production.
     across = site.reenroll(outsider, label="production")
@@ -205,9 +241,9 @@ def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
     assert re.search(r"CP-5\s+pending", pending)
     assert site.reenroll(fleet[4], label="production-issuing-1").status_code == 200
     assert _issuer_cn(fleet[4].certificate) == "Acme Charging Production Issuing CA 2"
-    assert site.counts("--from-ca", "production-issuing-1") == {"re-enrolled": 4, "pending": 0, "failed": 1}
+    assert site.counts("--from-ca", "production-issuing-1") == {"re-enrolled": 5, "pending": 0, "failed": 1}
     assert site.counts("--watch", "--interval", "1m") == {
-        "re-enrolled": 4,
+        "re-enrolled": 5,
         "pending": 0,
         "failed": 1,
     }  # returns: none pending
@@ -216,9 +252,9 @@ def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
     with site.store.session() as session:
         campaign = session.scalar(select(Campaign))
         assert campaign is not None and campaign.to_authority.name == "production-issuing-2"
-        assert len(session.scalars(select(CampaignDevice)).all()) == 5
+        assert len(session.scalars(select(CampaignDevice)).all()) == 6
     listing = site.run("campaign", "list").stdout
-    assert re.search(r"1\s+production\s+production-issuing-1\s+production-issuing-2\s+.*\s5$", listing, re.MULTILINE)
+    assert re.search(r"1\s+production\s+production-issuing-1\s+production-issuing-2\s+.*\s6$", listing, re.MULTILINE)
 
 
 def test_campaign_refusals_are_one_line_errors(site: Site) -> None:

@@ -31,7 +31,7 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     other_token, _pin = new_token_settings(softhsm_conf, tmp_path)
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=other_token))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
         add_device(session, "CP-503", actor="test")
@@ -48,7 +48,7 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     assert "no public key labelled" in response.get_data(as_text=True)
     with pki.store.session() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.action == "enrollment.refused")).all()
-        assert events and "TokenError" in events[-1].details
+        assert events and "KeyMissing" in events[-1].details  # a TokenError: the key is not in that token
     # The same secret still works once the service has the right token.
     pki.close()
     write_config(
@@ -77,7 +77,7 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
 def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings) -> None:
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     client = create_app(pki, EstSettings()).test_client()
     for method, path, status in (
         ("GET", "/", 404),
@@ -94,7 +94,7 @@ def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, to
     status = Presigner(token)
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
-    pki = Pki.open(home, {})
+    pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
     client = create_app(pki, EstSettings()).test_client()

@@ -17,9 +17,9 @@ from ca import audit
 from ca.authorities import Issuer, issuer_for
 from ca.certificates import display_status, list_certificates
 from ca.csr import read_csr
-from ca.errors import InputError, PolicyError, TokenError
+from ca.errors import InputError, PolicyError, StoreError, TokenError
 from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
+from ca.issuance import abandon_stale_pending, issue, request_from_csr
 from ca.models import AuditEvent, Certificate
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
@@ -237,3 +237,31 @@ def test_expiry_listing_follows_the_clock(session: Session, issuer: Issuer) -> N
     assert display_status(long, later) == "valid"
     assert short.serial in [c.serial for c in list_certificates(session, later, status="expired")]
     assert short.serial not in [c.serial for c in list_certificates(session, later, status="valid")]
+
+
+def test_stale_reservations_are_swept_and_a_swept_one_is_never_recorded(
+    store: Store, session: Session, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed between reserving and recording leaves a ``pending`` row; the sweep marks it
+    ``aborted`` once it is older than any live issuance. Were that issuance alive after all, it
+    could not record its certificate afterwards: it fails and hands out nothing."""
+    later = datetime.now(UTC) + timedelta(hours=1)
+    original = type(issuer.private_key).sign
+    swept: list[str] = []
+
+    def slow_sign(key, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with store.session() as other:
+            assert abandon_stale_pending(other, actor="system:test") == []  # too recent to be abandoned
+            swept.extend(abandon_stale_pending(other, actor="system:test", now=lambda: later))
+        return original(key, *args, **kwargs)
+
+    monkeypatch.setattr(type(issuer.private_key), "sign", slow_sign)
+    with pytest.raises(StoreError, match="abandoned before it could be recorded"):
+        _issue(session, issuer, make_csr())
+    monkeypatch.undo()
+    (row,) = session.scalars(select(Certificate).where(Certificate.profile == "charger")).all()
+    assert swept == [row.serial] and row.status == "aborted" and row.der is None
+    event = session.scalar(select(AuditEvent).where(AuditEvent.subject == row.serial))
+    assert event is not None and event.action == "certificate.aborted" and "still pending" in event.details
+    assert audit.verify(session).ok
+    session.commit()

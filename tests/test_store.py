@@ -1,4 +1,5 @@
-"""The SQLite writer gate: writers queue on it, and every way a transaction ends lets the next one in."""
+"""The store: SQLite's writer gate (writers queue on it, every way a transaction ends lets the next one in),
+which files a store may create, and how long it waits for a lock or a server."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from ca.errors import StoreError
 from ca.store import Store
 
 
@@ -62,3 +64,32 @@ def test_concurrent_writers_all_commit(store: Store) -> None:
         values = session.execute(text("SELECT n FROM t ORDER BY n")).scalars().all()
     assert values == list(range(160)), "each writer saw every earlier commit (writers never overlapped)"
     assert not _gate_taken(store)
+
+
+def test_only_first_run_set_up_creates_an_sqlite_file(tmp_path: Path) -> None:
+    """Elsewhere a missing file is an error: a new empty database would make every certificate
+    look unknown and an empty audit log look intact."""
+    path = tmp_path / "gone" / "chargepki.db"
+    for store in (Store(f"sqlite:///{path}", create=False), Store(f"sqlite:///{path}", read_only=True)):
+        with pytest.raises(StoreError, match="does not exist"):
+            store.ensure_schema()
+        store.dispose()
+    assert not path.exists()
+    created = Store(f"sqlite:///{path}?timeout=2")
+    created.ensure_schema()
+    assert path.exists()
+    with created.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2000  # ?timeout= is the lock wait
+    created.dispose()
+    reopened = Store(f"sqlite:///{path}", create=False)
+    reopened.ensure_schema()
+    reopened.dispose()
+
+
+def test_postgresql_connections_give_up_after_a_timeout() -> None:
+    store = Store("postgresql+psycopg://nobody@127.0.0.1:9/none")
+    assert store.engine.url.query["connect_timeout"] == "5"
+    assert (
+        Store("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1").engine.url.query["connect_timeout"]
+        == "1"
+    )

@@ -1,41 +1,50 @@
-"""The Flask application of ``chargepki serve est``: EST today, the CSMS API later.
+"""The Flask application of ``chargepki serve est``: EST and the CSMS API.
 
 ``create_app`` follows the Flask factory pattern; everything it needs (the opened
 installation and the EST settings) is passed in, so tests build apps the same way.
-Every failure becomes a plain-text 4xx (or 503 with ``Retry-After`` while the token or
-the database is unavailable), never an HTML page or a traceback.
+Every failure becomes a 4xx (or 503 with ``Retry-After`` while the token or the database is
+unavailable), never an HTML page or a traceback: plain text for EST, whose clients show it
+to people, and JSON ``{"error", "reason"}`` under ``/api/``, whose callers are programs.
 """
 
 from __future__ import annotations
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from ca.config import EstSettings
 from ca.context import Pki
+from web.api import JobRunner, api
 from web.est import est
-from web.responses import error_response, text
-
-MAX_BODY = 32 * 1024  # a 16 KiB DER CSR in base64, plus headroom
+from web.responses import MAX_BODY, classify, error_response, json_error, text
 
 
-def create_app(pki: Pki, settings: EstSettings) -> Flask:
+def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> Flask:
+    """``run_jobs`` starts the thread that signs the CSMS API's asynchronous requests (serving processes)."""
     app = Flask("chargepki")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["chargepki"] = pki
     app.extensions["chargepki.est"] = settings
     app.register_blueprint(est)
+    app.register_blueprint(api)
+    if run_jobs:
+        runner = app.extensions["chargepki.jobs"] = JobRunner(app)
+        runner.start()
+
+    def is_api() -> bool:
+        return request.path.startswith("/api/")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        """Routing and protocol errors (404, 405 with Allow, 413) as one line of plain text."""
-        allow = exc.get_response().headers.get("Allow")
-        if exc.code == 413:
-            return text(f"request body larger than {MAX_BODY} bytes", 413)
-        return text(f"{exc.name}: {exc.description}", exc.code or 400, {"Allow": allow} if allow else None)
+        """Routing and protocol errors (404, 405 with Allow, 413)."""
+        if is_api():
+            return json_error(exc)
+        status, message, _reason, headers = classify(exc)
+        return text(message, status, headers)
 
     @app.errorhandler(Exception)
     def any_error(exc: Exception) -> Response:
-        return error_response(exc)
+        return json_error(exc) if is_api() else error_response(exc)
 
     return app

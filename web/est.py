@@ -1,9 +1,11 @@
 """RFC 7030 EST endpoints under ``/.well-known/est/`` and ``/.well-known/est/<label>/``.
 
 A label names an issuing CA (``production-issuing-1``) or an environment (``staging``); either
-way enrollment uses the environment's newest issuing CA, so a device configured with a CA's name
-follows its rotations (``ca/rotation.py``). Requests and responses are base64-encoded DER with the
-content types of RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment``.
+way charger enrollment uses the environment's newest issuing CA, so a device configured with a
+CA's name follows its rotations (``ca/rotation.py``). A CPO Sub-CA 2's name
+(``production-cpo-sub-ca2-1``), or ``v2g`` for the default environment's, enrolls ISO 15118 SECC
+certificates instead. Requests and responses are base64-encoded DER with the content types of
+RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment`` (chargers) and ``ca.secc`` (SECCs).
 """
 
 from __future__ import annotations
@@ -24,21 +26,25 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ca.authorities import Issuer, default_issuing_ca, issuer_for
+from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.errors import InputError, NotFoundError
+from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
 from ca.rotation import environment_certificates
+from ca.secc import enroll_secc
+from ca.v2g import current_sub_ca_2
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
 est = Blueprint("est", __name__)
 PREFIXES = ("/.well-known/est", "/.well-known/est/<label>")
 PKCS7_MIME = "application/pkcs7-mime; smime-type=certs-only"
+V2G_LABEL = "v2g"
 
 
 def _routes(operation: str, methods: list[str]):  # type: ignore[no-untyped-def]
@@ -83,8 +89,14 @@ def _find_authority(session: Session, label: str | None) -> Authority:
         return default_issuing_ca(session, settings.default_environment)
     if label in ENVIRONMENTS:
         return default_issuing_ca(session, label)
-    authority = session.scalar(select(Authority).where(Authority.name == label, Authority.role == "issuing"))
-    if authority is None:
+    if label == V2G_LABEL:
+        return current_sub_ca_2(session, settings.default_environment)
+    authority = session.scalar(
+        select(Authority).where(Authority.name == label, Authority.role.in_(("issuing", "v2g-sub-ca-2")))
+    )
+    if authority is not None and authority.role == "issuing":
+        return default_issuing_ca(session, authority.environment)  # the lineage, across rotations
+    if authority is None or authority.status != "active":
         raise NotFoundError(f"no EST label {label!r}")
     return default_issuing_ca(session, authority.environment)
 
@@ -177,12 +189,15 @@ def _enrollment_settings() -> EnrollmentSettings:
 
 @_routes("cacerts", ["GET"])
 def cacerts(label: str | None = None) -> Response:
-    """The newest issuing CA and its root first, then every other CA of the environment that still
-    answers for certificates, and the root link certificates (RFC 7030 §4.1.3), so a client can
-    build the chain of an old certificate and of a new one alike."""
+    """Chargers: the newest issuing CA and its root first, then every other CA of the environment that
+    still answers for certificates, and the root link certificates (RFC 7030 §4.1.3), so a client can
+    build the chain of an old certificate and of a new one alike. SECCs: the CPO Sub-CA 2's chain."""
     with _pki().store.session() as session:
         authority = _authority(session, label)
-        ders = environment_certificates(session, authority.environment)
+        if authority.role == "issuing":
+            ders = environment_certificates(session, authority.environment)
+        else:
+            ders = [member.certificate_der for member in chain(session, authority)]
     return _certs_only([x509.load_der_x509_certificate(der) for der in ders])
 
 
@@ -204,17 +219,17 @@ def _issuer(authority: Authority) -> Issuer:
     return cache[key]
 
 
-SWEEP_INTERVAL = 30.0  # seconds between sweeps of superseded certificates whose grace period ended
+SWEEP_INTERVAL = 30.0  # seconds between a worker's sweeps (superseded certificates, stale reservations)
 
 
-def _sweep_superseded(session: Session) -> None:
-    """Revoke certificates past their re-enrollment grace, at most every SWEEP_INTERVAL per worker.
-
-    Enrollment already treats such a certificate as revoked; the sweep makes the store say so too.
-    """
+def _sweep(session: Session) -> None:
+    """At most every SWEEP_INTERVAL per worker: revoke certificates past their re-enrollment grace
+    (enrollment already treats them as revoked; the store then says so too), and mark serials
+    reserved by a process that died as aborted."""
     state = current_app.extensions.setdefault("chargepki.sweep", {"last": 0.0})
     if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
         state["last"] = time.monotonic()
+        abandon_stale_pending(session, actor="system:est")
         revoke_due(session, status=_status())
 
 
@@ -222,19 +237,24 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
     csr = _read_pkcs10()
     credentials = _credentials()
     pki = _pki()
-    with pki.store.session() as session:
-        _sweep_superseded(session)
-        authority = _authority(session, label)
-        row = operation(
-            session,
-            _issuer,
-            authority,
-            csr,
-            credentials,
-            status=_status(),
-            settings=_enrollment_settings(),
-        )
-        certificate = x509.load_der_x509_certificate(row.der)
+    try:
+        with pki.store.session() as session:
+            _sweep(session)
+            authority = _authority(session, label)
+            if authority.role == "v2g-sub-ca-2":  # SECC certificates: enroll and renew are one flow
+                operation = enroll_secc
+            row = operation(
+                session,
+                _issuer,
+                authority,
+                csr,
+                credentials,
+                status=_status(),
+                settings=_enrollment_settings(),
+            )
+            certificate = x509.load_der_x509_certificate(row.der)
+    finally:
+        pki.audit_token_health("system:est")  # token lost or back: one audit entry per change
     return _certs_only([certificate])
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from ca.authorities import default_issuing_ca, issuer_for, list_authorities
 from ca.config import EstSettings
 from ca.context import Pki
-from ca.issuance import IssueRequest, issue, utcnow
+from ca.issuance import IssueRequest, abandon_stale_pending, issue, utcnow
 from ca.profiles import get_profile
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
@@ -124,8 +124,10 @@ class EstServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        pki = Pki.open(self.home, self.environ)
-        return create_app(pki, pki.config.est)
+        # The master checked the schema; a worker (re)started while the database is away must
+        # still boot (and answer 503) rather than fail, which would make gunicorn stop the service.
+        pki = Pki.open(self.home, self.environ, check_schema=False)
+        return create_app(pki, pki.config.est, run_jobs=True)
 
 
 def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
@@ -151,6 +153,8 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
             ca_certs=tls["ca_certs"],
             cert_reqs=ssl.CERT_OPTIONAL,
         )
+    with pki.store.session() as session:
+        abandon_stale_pending(session, actor="system:est")  # what a crash left behind (workers sweep too)
     home = pki.config.home
     pki.close()  # the workers open their own connections and token sessions after the fork
     EstServer(home, pki.environ, options).run()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call
 from ocpp.v201 import call_result as result
 from websockets.asyncio.client import connect
@@ -92,6 +92,7 @@ class Station(ChargePoint):
     def __init__(self, station_id: str, connection: Any, pending_key: ec.EllipticCurvePrivateKey | None) -> None:
         super().__init__(station_id, connection)
         self.pending_key = pending_key
+        self.accepted: list[x509.Certificate] | None = None
         self.signed: asyncio.Future[list[x509.Certificate]] = asyncio.get_running_loop().create_future()
 
     @on("CertificateSigned")
@@ -100,10 +101,15 @@ class Station(ChargePoint):
         ours = self.pending_key is not None and chain[0].public_key() == self.pending_key.public_key()
         if ours and len(chain) > 1:
             chain[0].verify_directly_issued_by(chain[1])  # raises: a chain we cannot use is rejected
-            if not self.signed.done():
-                self.signed.set_result(chain)
+            self.accepted = chain
             return result.CertificateSigned(status="Accepted")
         return result.CertificateSigned(status="Rejected")
+
+    @after("CertificateSigned")
+    def installed(self, **_: Any) -> None:
+        """Runs once the answer has gone out: only then may the station switch certificates."""
+        if self.accepted and not self.signed.done():
+            self.signed.set_result(self.accepted)
 
 
 def client_tls(root: str, directory: Path) -> ssl.SSLContext:

@@ -1,7 +1,7 @@
 """Fleet re-enrollment campaigns (CA rotation).
 
 Revision ID: 0005d_rotation
-Revises: 0004
+Revises: 0006
 Create Date: 2026-12-01 09:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005d_rotation"
-down_revision: str | None = "0004"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

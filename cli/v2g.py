@@ -1,0 +1,178 @@
+"""`chargepki v2g …`: the ISO 15118 Plug & Charge hierarchy and SECC certificates."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca.authorities import issuer_for
+from ca.errors import InputError
+from ca.names import ENVIRONMENTS
+from ca.secc import issue_secc
+from ca.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
+from cli.common import State, actor, note, pass_state
+from cli.params import DURATION
+
+
+@click.group()
+def v2g() -> None:
+    """ISO 15118 Plug & Charge: V2G root, CPO Sub-CA 1 and 2, SECC certificates."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _report(hierarchy: V2gHierarchy) -> None:
+    click.echo(f"[{hierarchy.sub_ca_2.environment}] V2G hierarchy")
+    root = hierarchy.root
+    held = " (external: its key is not here)" if root.status == "external" else ""
+    click.echo(f"  V2G root      {root.name}: {root.subject}{held}")
+    click.echo(f"  CPO Sub-CA 1  {hierarchy.sub_ca_1.name}: {hierarchy.sub_ca_1.subject}")
+    click.echo(f"  CPO Sub-CA 2  {hierarchy.sub_ca_2.name}: {hierarchy.sub_ca_2.subject}")
+    click.echo(f"  OCSP signers  {', '.join(signer.serial for signer in hierarchy.ocsp_signers)}")
+    click.echo(f"  SECC certificates: EST label {hierarchy.sub_ca_2.name} (or v2g), or `chargepki v2g issue`")
+
+
+@v2g.command("init")
+@click.option("--org", help="The CPO's organisation name (subject O).")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS), default="production", show_default=True)
+@click.option("--country", help="Two-letter country code (subject C), e.g. DE.")
+@click.option("--ocsp-url", help="OCSP URL written into the sub-CA and SECC certificates (default: urls.ocsp).")
+@click.option("--crl-url", help="Base URL of published CRLs and CA certificates (default: urls.repository).")
+@click.option("--root-validity", type=DURATION, help="V2G root validity (default 20 years, at most 40).")
+@click.option("--sub-ca-1-validity", type=DURATION, help="CPO Sub-CA 1 validity (default and maximum 4 years).")
+@click.option("--sub-ca-2-validity", type=DURATION, help="CPO Sub-CA 2 validity (default 1 year, at most 2).")
+@click.option(
+    "--external-root-csr",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Generate the CPO Sub-CA 1 key in the token and write its CSR here for an external V2G root.",
+)
+@click.option(
+    "--import-subca1",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The Sub-CA 1 certificate the external V2G root returned (PEM; the root may follow it).",
+)
+@click.option(
+    "--v2g-root",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The external V2G root certificate, when not in the --import-subca1 file.",
+)
+@pass_state
+def v2g_init(
+    state: State,
+    org: str | None,
+    environment: str,
+    country: str | None,
+    ocsp_url: str | None,
+    crl_url: str | None,
+    root_validity: timedelta | None,
+    sub_ca_1_validity: timedelta | None,
+    sub_ca_2_validity: timedelta | None,
+    external_root_csr: Path | None,
+    import_subca1: Path | None,
+    v2g_root: Path | None,
+) -> None:
+    """Create the V2G hierarchy of one environment, keys in the token, each CA with its OCSP signer.
+
+    \b
+    Own root:       chargepki v2g init --org CPO
+    External root:  chargepki v2g init --org CPO --external-root-csr sub-ca-1.csr
+                    (have the V2G root sign it, then)
+                    chargepki v2g init --import-subca1 sub-ca-1.pem [--v2g-root root.pem]
+    """
+    if external_root_csr is not None and import_subca1 is not None:
+        raise InputError("--external-root-csr and --import-subca1 are two separate steps; give one")
+    if v2g_root is not None and import_subca1 is None:
+        raise InputError("--v2g-root goes with --import-subca1")
+    if org is None and import_subca1 is None:
+        raise InputError("--org is required (the CPO's organisation name)")
+    if root_validity is not None and (external_root_csr is not None or import_subca1 is not None):
+        raise InputError("--root-validity does not apply to an external V2G root")
+    pki = state.pki(create=True)
+    request = V2gRequest(
+        organization=org or "",
+        environment=environment,
+        country=country,
+        ocsp_url=ocsp_url or pki.config.ocsp_url,
+        repository_url=crl_url or pki.config.repository_url,
+        root_validity=root_validity,
+        sub_ca_1_validity=sub_ca_1_validity,
+        sub_ca_2_validity=sub_ca_2_validity,
+    )
+    with pki.store.session() as session:
+        if external_root_csr is not None:
+            csr = request_sub_ca_1(session, pki.token(), request, actor=actor())
+            try:
+                external_root_csr.write_bytes(csr)
+            except OSError as exc:
+                raise InputError(f"cannot write {external_root_csr}: {exc.strerror or exc}") from None
+            click.echo(f"[{environment}] CPO Sub-CA 1 key generated in the token; CSR written to {external_root_csr}")
+            click.echo(f"  next: chargepki v2g init --environment {environment} --import-subca1 CERT [--v2g-root ROOT]")
+            return
+        if import_subca1 is not None:
+            certificate = _read(import_subca1, "the Sub-CA 1 certificate")
+            root = _read(v2g_root, "the V2G root certificate") if v2g_root is not None else None
+            hierarchy = import_sub_ca_1(
+                session, pki.token(), request, certificate, root, actor=actor(), status=state.status()
+            )
+        else:
+            hierarchy = init_v2g(session, pki.token(), request, actor=actor(), status=state.status())
+        _report(hierarchy)
+
+
+@v2g.command("issue")
+@click.option("--csr", "csr_file", required=True, type=click.File("rb"), help="The SECC's PKCS#10 request.")
+@click.option("--secc-id", required=True, help="The SECC ID (EVSE ID), which must be the CSR's CN.")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@click.option("--device", "device_serial", help="The charging station (registered serial) the SECC belongs to.")
+@click.option("--validity", type=DURATION, help="Validity (default 60 days, at most 90).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM chain here (else stdout).")
+@pass_state
+def v2g_issue(
+    state: State,
+    csr_file: Any,
+    secc_id: str,
+    environment: str | None,
+    device_serial: str | None,
+    validity: timedelta | None,
+    out: Path | None,
+) -> None:
+    """Issue an SECC certificate under the CPO Sub-CA 2; prints it followed by the two sub-CAs."""
+    pki = state.pki()
+    token = pki.token()
+    with pki.store.session() as session:
+        authority = current_sub_ca_2(session, environment)
+        note(authority)
+        row = issue_secc(
+            session,
+            lambda ca: issuer_for(ca, token),
+            authority.environment,
+            csr_file.read(),
+            secc_id,
+            actor=actor(),
+            status=state.status(),
+            device_serial=device_serial,
+            validity=validity,
+        )
+        members = [row.der or b"", authority.certificate_der]
+        if authority.parent is not None:
+            members.append(authority.parent.certificate_der)  # Sub-CA 1; the root is the EV's trust anchor
+        pem = "".join(
+            x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode() for der in members
+        )
+        serial = row.serial
+    if out is not None:
+        out.write_text(pem, encoding="ascii")
+        click.echo(f"issued SECC certificate {serial} for {secc_id} to {out}", err=True)
+    else:
+        click.echo(pem, nl=False)
+        click.echo(f"issued SECC certificate {serial} for {secc_id}", err=True)

@@ -1,0 +1,656 @@
+"""The CSMS API in-process (`create_app` + Flask's test client) on SQLite and PostgreSQL: signing and
+its refusals, asynchronous jobs (claimed once, taken over after a crash), lookups, OCSP, the identity
+check, authentication, bad input, and the OpenAPI document. Every answer is validated against the
+document's schemas (tests/api_helpers.py)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+from flask import Flask
+from openapi_spec_validator import validate as validate_openapi
+from sqlalchemy import select, update
+
+from ca.authorities import default_issuing_ca, issuer_for
+from ca.config import Config, EstSettings, Pkcs11Settings, write_config
+from ca.context import Pki
+from ca.csms import add_client, caller_for, get_client, issue_token, set_enabled
+from ca.csms import sign as csms_sign
+from ca.csms_jobs import claim_next, enqueue, process
+from ca.csr import read_csr
+from ca.devices import add_device, disable_device, get_device
+from ca.errors import PolicyError
+from ca.hierarchy import HierarchyRequest, init_hierarchy
+from ca.issuance import IssueRequest, issue, request_from_csr
+from ca.models import AuditEvent, Certificate, CsmsSignJob
+from ca.pkcs11_token import Token
+from ca.profiles import get_profile
+from ca.revocation import revoke
+from ca.v2g import V2gRequest, init_v2g
+from ocsp.presign import Presigner
+from tests.api_helpers import CHECKED, CheckedClient
+from tests.helpers import make_csr, make_key, openssl
+from web.api import JobRunner
+from web.app import create_app
+from web.openapi import DOCUMENT
+
+ORG = "Acme Charging"
+JSON = "application/json"
+
+
+@dataclass
+class Api:
+    pki: Pki
+    app: Flask
+    client: CheckedClient  # authenticated with the API token of csms-1 (production)
+    anonymous: CheckedClient
+    token: str
+    tmp: Path
+    status: Presigner
+    counter: int = 0
+
+    def register(self, serial: str | None = None, environment: str = "production") -> str:
+        self.counter += 1
+        serial = serial or f"CP-{self.counter:04d}"
+        with self.pki.store.session() as session:
+            add_device(session, serial, environment=environment, actor="test")
+        return serial
+
+    def sign(self, station: str, csr: bytes | str, query: str = "", **fields: Any) -> Any:
+        body = {"chargingStationId": station, "csr": csr.decode() if isinstance(csr, bytes) else csr, **fields}
+        return self.client.post(f"/api/v1/sign{query}", json=body)
+
+    def signed(self, station: str, key: Any = None) -> tuple[dict[str, Any], Any]:
+        key = key or make_key()
+        response = self.sign(station, make_csr(station, key=key))
+        assert response.status_code == 200, response.get_json()
+        return response.get_json(), key
+
+    def runner(self) -> JobRunner:
+        return JobRunner(self.app)
+
+    def audit(self, action: str) -> list[AuditEvent]:
+        with self.pki.store.session() as session:
+            events = list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
+            session.commit()
+            return events
+
+
+@pytest.fixture
+def api(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Api]:
+    home = tmp_path / "home"
+    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    pki = Pki.open(home, {}, create=True)
+    status = Presigner(token)
+    with pki.store.session() as session:
+        for environment in ("production", "staging"):
+            request = HierarchyRequest(organization=ORG, country="DE", environment=environment)
+            init_hierarchy(session, token, request, actor="test", status=status)
+        client = add_client(session, "csms-1", environment="production", actor="test")
+        secret = issue_token(session, client, actor="test")
+    settings = EstSettings(
+        default_environment="production", client_cert_header="X-SSL-Client-Cert", trusted_proxies=("127.0.0.1",)
+    )
+    app = create_app(pki, settings)
+    test_client = app.test_client()
+    yield Api(
+        pki,
+        app,
+        CheckedClient(test_client, {"Authorization": f"Bearer {secret}"}),
+        CheckedClient(test_client),
+        secret,
+        tmp_path,
+        status,
+    )
+    pki.close()
+
+
+def _pems(chain: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(chain.encode())
+
+
+def _verify_chain(api: Api, chain: str, environment: str = "production") -> str:
+    """`openssl verify` of the leaf with the environment's root as the only trust anchor."""
+    leaf, *intermediates = _pems(chain)
+    with api.pki.store.session() as session:
+        root = default_issuing_ca(session, environment).parent
+        assert root is not None
+        root_pem = x509.load_der_x509_certificate(root.certificate_der).public_bytes(serialization.Encoding.PEM)
+        session.commit()
+    (api.tmp / "root.pem").write_bytes(root_pem)
+    (api.tmp / "untrusted.pem").write_text(
+        "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in intermediates)
+    )
+    (api.tmp / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    result = openssl(
+        "verify",
+        "-x509_strict",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        str(api.tmp / "root.pem"),
+        "-untrusted",
+        str(api.tmp / "untrusted.pem"),
+        str(api.tmp / "leaf.pem"),
+    )
+    return result.stdout + result.stderr
+
+
+# -- signing -------------------------------------------------------------------------------------------
+def test_sign_returns_the_chain_leaf_first_without_the_root_and_audits_the_caller(api: Api) -> None:
+    station = api.register()
+    result, key = api.signed(station)
+    leaf, issuing = _pems(result["certificateChain"])
+    assert leaf.subject.rfc4514_string() == f"CN={station},O={ORG},C=DE"
+    assert leaf.issuer == issuing.subject and issuing.issuer != issuing.subject  # the root is left out
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    assert result["serialNumber"] == format(leaf.serial_number, "X")
+    assert len(result["certificateChain"]) < 10000
+    assert ": OK" in _verify_chain(api, result["certificateChain"])
+    issued = [e for e in api.audit("certificate.issued") if e.subject == result["serialNumber"]]
+    assert issued and issued[0].actor == "csms:csms-1"
+    calls = api.audit("csms.api.sign")
+    assert calls[-1].actor == "csms:csms-1" and calls[-1].subject == station
+    assert json.loads(calls[-1].details)["status"] == 200
+    # A renewal through the CSMS supersedes the first certificate (one current certificate per device).
+    renewed, _ = api.signed(station)
+    with api.pki.store.session() as session:
+        first = session.scalar(select(Certificate).where(Certificate.serial == result["serialNumber"]))
+        assert first is not None and first.status == "revoked" and first.revocation_reason == "superseded"
+        session.commit()
+    assert renewed["serialNumber"] != result["serialNumber"]
+
+
+def test_sign_refusals_carry_a_machine_readable_reason_and_are_audited(api: Api) -> None:
+    station = api.register()
+    staging = api.register(environment="staging")
+    disabled = api.register()
+    with api.pki.store.session() as session:
+        disable_device(session, disabled, actor="test", status=api.status)
+    _taken, taken_key = api.signed(api.register())
+    cases = [
+        (api.sign("CP-NOT-REGISTERED", make_csr("CP-NOT-REGISTERED")), 403, "device_not_registered"),
+        (api.sign(station, make_csr("CP-OTHER")), 403, "cn_mismatch"),
+        (api.sign(station, make_csr(station, organization="Evil Corp")), 403, "wrong_organization"),
+        (api.sign(station, make_csr(station, key=make_key("rsa-1024"))), 403, "key_not_allowed"),
+        (api.sign(disabled, make_csr(disabled)), 403, "device_disabled"),
+        (api.sign(staging, make_csr(staging)), 403, "other_environment"),
+        (api.sign(station, make_csr(station, key=taken_key)), 409, "key_reuse"),
+        (api.sign(station, make_csr(station), certificateType="V2GCertificate"), 409, "v2g_not_configured"),
+        (
+            api.sign(station, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"),
+            400,
+            "bad_csr",
+        ),
+        (api.sign("http://x", make_csr("http://x")), 403, "device_not_registered"),
+    ]
+    for response, status, reason in cases:
+        assert (response.status_code, response.get_json()["reason"]) == (status, reason), response.get_json()
+        assert response.get_json()["error"]
+    refused = api.audit("csms.sign.refused")
+    assert len(refused) == 9 and all(e.actor == "csms:csms-1" for e in refused)  # V2G is refused before
+    calls = [json.loads(e.details) for e in api.audit("csms.api.sign")]
+    assert [c["reason"] for c in calls[-len(cases) :]] == [reason for _, _, reason in cases]
+
+
+def test_a_v2g_certificate_is_signed_under_the_cpo_sub_ca_2_once_v2g_exists(api: Api, token: Token) -> None:
+    station = api.register()
+    with api.pki.store.session() as session:
+        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=api.status)
+    secc_id = "DE*ACM*E7001*1"
+    response = api.sign(station, make_csr(secc_id), certificateType="V2GCertificate")
+    assert response.status_code == 200, response.get_json()
+    leaf, sub_ca_2, sub_ca_1 = _pems(response.get_json()["certificateChain"])  # leaf first, the V2G root left out
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == secc_id
+    assert leaf.subject.get_attributes_for_oid(NameOID.DOMAIN_COMPONENT)[0].value == "CPO"
+    leaf.verify_directly_issued_by(sub_ca_2)
+    sub_ca_2.verify_directly_issued_by(sub_ca_1)
+    assert sub_ca_1.issuer != sub_ca_1.subject
+    # The same checks as the CLI and EST: the SECC ID now belongs to this station.
+    other = api.register()
+    taken = api.sign(other, make_csr(secc_id), certificateType="V2GCertificate")
+    assert taken.status_code == 409, taken.get_json()
+    # And the asynchronous form goes through the same path.
+    queued = api.sign(station, make_csr("DE*ACM*E7002*1"), query="?async=1", certificateType="V2GCertificate")
+    assert queued.status_code == 202
+    assert api.runner().run_once() == "signed"
+    answer = api.client.get(queued.headers["Location"]).get_json()
+    assert answer["status"] == "signed" and len(_pems(answer["certificateChain"])) == 3
+
+
+def test_a_chain_over_the_limit_is_refused_and_the_certificate_abandoned(api: Api) -> None:
+    station = api.register()
+    with api.pki.store.session() as session:
+        caller = _caller(session, "csms-1")
+        with pytest.raises(PolicyError) as refused:
+            csms_sign(
+                session,
+                lambda authority: issuer_for(authority, api.pki.token()),
+                caller,
+                station,
+                "ChargingStationCertificate",
+                make_csr(station),
+                status=api.status,
+                max_chain_chars=1000,
+            )
+        assert refused.value.code == "chain_too_long"
+        states = session.scalars(select(Certificate.status).where(Certificate.common_name == station)).all()
+        session.commit()
+    assert states == ["aborted"]  # signed, but never recorded as valid nor handed out
+    # The real limit is OCPP's 10000 characters, which a P-256 chain is far below.
+    assert api.signed(station)[0]["certificateChain"]
+
+
+def _caller(session: Any, name: str) -> Any:
+    return caller_for(session, get_client(session, name).id)
+
+
+# -- asynchronous signing ------------------------------------------------------------------------------
+def test_async_sign_answers_202_then_the_job_is_signed_once(api: Api) -> None:
+    station = api.register()
+    accepted = api.sign(station, make_csr(station), query="?async=1")
+    assert accepted.status_code == 202
+    location = accepted.headers["Location"]
+    assert accepted.get_json() == {"jobId": location.rsplit("/", 1)[1], "location": location, "status": "pending"}
+    pending = api.client.get(location)
+    assert pending.status_code == 202 and pending.headers["Retry-After"] == "1"
+    assert api.runner().run_once() == "signed"
+    assert api.runner().run_once() is None  # nothing left to claim
+    done = api.client.get(location)
+    assert done.status_code == 200 and done.get_json()["status"] == "signed"
+    assert ": OK" in _verify_chain(api, done.get_json()["certificateChain"])
+    # Another CSMS cannot see the job.
+    with api.pki.store.session() as session:
+        other = issue_token(session, add_client(session, "csms-2", environment="production", actor="test"), actor="t")
+    assert api.anonymous.get(location, headers={"Authorization": f"Bearer {other}"}).status_code == 404
+    # A refusal is reported with its reason when polled.
+    refused = api.sign("CP-UNKNOWN", make_csr("CP-UNKNOWN"), query="?async=1")
+    assert api.runner().run_once() == "refused"
+    answer = api.client.get(refused.headers["Location"]).get_json()
+    assert (answer["status"], answer["reason"]) == ("refused", "device_not_registered")
+    # What can be refused at once is refused at once.
+    assert api.sign(station, "not a csr", query="?async=1").get_json()["reason"] == "bad_csr"
+    v2g = api.sign(station, make_csr(station), query="?async=true", certificateType="V2GCertificate")
+    assert (v2g.status_code, v2g.get_json()["reason"]) == (409, "v2g_not_configured")
+    assert api.client.get("/api/v1/sign/" + "0" * 32).status_code == 404
+    assert api.client.get("/api/v1/sign/not-a-job").status_code == 404
+
+
+def test_racing_workers_claim_each_job_exactly_once(api: Api) -> None:
+    with api.pki.store.session() as session:
+        caller = _caller(session, "csms-1")
+        for number in range(6):
+            enqueue(session, caller, f"CP-R{number}", "ChargingStationCertificate", make_csr(f"CP-R{number}").decode())
+    claimed: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        while True:
+            with api.pki.store.session() as session:
+                job = claim_next(session)
+                if job is None:
+                    return
+                with lock:
+                    claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 6 and len(set(claimed)) == 6
+
+
+def test_a_job_left_by_a_dead_worker_is_taken_over_and_signed_once(api: Api) -> None:
+    station = api.register()
+    now = datetime.now(UTC)
+    issuers = lambda authority: issuer_for(authority, api.pki.token())  # noqa: E731
+    with api.pki.store.session() as a, api.pki.store.session() as b:  # two workers
+        job = enqueue(a, _caller(a, "csms-1"), station, "ChargingStationCertificate", make_csr(station).decode())
+        first = claim_next(a)  # worker A takes it …
+        assert first is not None and first.id == job.id
+        assert claim_next(b) is None  # … and nobody else may while its lease runs
+        # … then A stalls past its lease: worker B takes the job over and signs it.
+        later = claim_next(b, now=lambda: now + timedelta(minutes=3))
+        assert later is not None and later.claim != first.claim and later.attempts == 2
+        assert process(b, later, issuers, status=api.status) == "signed"
+        # A wakes up and completes: its claim is gone, so its certificate is abandoned, B's stays current.
+        assert process(a, first, issuers, status=api.status) == "lost"
+        rows = a.execute(select(Certificate.status).where(Certificate.common_name == station)).scalars().all()
+        signed = a.scalar(select(CsmsSignJob.state).where(CsmsSignJob.id == job.id))
+        a.commit()
+    assert sorted(rows) == ["aborted", "valid"]
+    assert signed == "signed"
+    # A job a crashed process left running is picked up by the serving process's runner.
+    station2 = api.register()
+    with api.pki.store.session() as session:
+        orphan = enqueue(
+            session, _caller(session, "csms-1"), station2, "ChargingStationCertificate", make_csr(station2).decode()
+        )
+        session.execute(
+            update(CsmsSignJob)
+            .where(CsmsSignJob.id == orphan.id)
+            .values(state="running", claim="dead-worker", claimed_at=now - timedelta(minutes=5), attempts=1)
+        )
+        session.commit()
+    assert api.runner().run_once() == "signed"
+
+
+def test_the_runner_thread_signs_queued_jobs(api: Api) -> None:
+    station = api.register()
+    runner = JobRunner(api.app, poll=0.05)
+    api.app.extensions["chargepki.jobs"] = runner
+    runner.start()
+    try:
+        location = api.sign(station, make_csr(station), query="?async=1").headers["Location"]
+        for _ in range(400):  # bounded: at most ~20 s, normally a few polls
+            answer = api.client.get(location)
+            if answer.status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert answer.get_json()["status"] == "signed"
+    finally:
+        runner.close()
+
+
+# -- lookups and OCSP ----------------------------------------------------------------------------------
+def test_lookups_by_fingerprint_and_hash_report_status_device_validity_and_chain(api: Api) -> None:
+    station = api.register()
+    signed, _ = api.signed(station)
+    fingerprint = signed["fingerprintSha256"]
+    info = api.client.get(f"/api/v1/certificates/{fingerprint}").get_json()
+    assert info["status"] == "good" and info["device"] == {
+        "chargingStationId": station,
+        "enabled": True,
+        "environment": "production",
+    }
+    assert info["certificateChain"] == signed["certificateChain"] and info["profile"] == "charger"
+    colons = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+    assert api.client.get(f"/api/v1/certificates/{colons}").get_json()["serialNumber"] == signed["serialNumber"]
+    assert {h["hashAlgorithm"] for h in info["certificateHashData"]} == {"SHA256", "SHA384", "SHA512"}
+    for hash_data in info["certificateHashData"]:
+        for serial in (hash_data["serialNumber"], hash_data["serialNumber"].lower()):
+            query = "&".join(f"{k}={quote(v if k != 'serialNumber' else serial)}" for k, v in hash_data.items())
+            found = api.client.get(f"/api/v1/certificates/by-hash?{query}")
+            assert found.status_code == 200 and found.get_json()["fingerprintSha256"] == fingerprint
+    with api.pki.store.session() as session:
+        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+    revoked = api.client.get(f"/api/v1/certificates/{fingerprint}").get_json()
+    assert (revoked["status"], revoked["revocationReason"]) == ("revoked", "keyCompromise")
+    assert datetime.fromisoformat(revoked["revocationTime"]) <= datetime.now(UTC)
+    # Expired (issued with a validity that ended in the backdating window).
+    expired = _issue_direct(api, api.register(), validity=timedelta(seconds=1))
+    assert api.client.get(f"/api/v1/certificates/{expired.fingerprint_sha256}").get_json()["status"] == "expired"
+    # Unknown, and another environment's: not found.
+    hash_data = dict(info["certificateHashData"][0], serialNumber="0001234")  # leading zeros are read as hex
+    unknown = api.client.get("/api/v1/certificates/by-hash?" + "&".join(f"{k}={v}" for k, v in hash_data.items()))
+    assert (unknown.status_code, unknown.get_json()["reason"]) == (404, "unknown_certificate")
+    staging = _issue_direct(api, api.register(environment="staging"), environment="staging")
+    assert api.client.get(f"/api/v1/certificates/{staging.fingerprint_sha256}").status_code == 404
+
+
+def _issue_direct(api: Api, station: str, environment: str = "production", **kwargs: Any) -> Certificate:
+    """A charger certificate issued in the core (for states the API cannot produce on its own)."""
+    with api.pki.store.session() as session:
+        authority = default_issuing_ca(session, environment)
+        issuer = issuer_for(authority, api.pki.token())
+        if "organization" in kwargs:
+            issuer = dataclasses.replace(issuer, organization=kwargs.pop("organization"))
+        device = get_device(session, station)
+        request = request_from_csr(get_profile("charger"), read_csr(make_csr(station, organization=None)), issuer)
+        request = IssueRequest(request.profile, request.public_key, station, device_id=device.id, **kwargs)
+        row = issue(session, issuer, request, actor="test", status=api.status)
+        session.commit()
+        return row
+
+
+def test_ocsp_answers_from_the_store_or_signs_on_demand(api: Api) -> None:
+    station = api.register()
+    signed, _ = api.signed(station)
+    info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
+    for hash_data in info["certificateHashData"]:  # SHA-2 CertIDs are not pre-signed: signed now, then stored
+        answer = api.client.post(
+            "/api/v1/ocsp", json={"ocspRequestData": {**hash_data, "responderURL": "http://x/ocsp"}}
+        )
+        assert answer.status_code == 200 and answer.get_json()["certificateStatus"] == "good"
+        response = ocsp.load_der_ocsp_response(base64.b64decode(answer.get_json()["ocspResult"]))
+        assert response.serial_number == int(signed["serialNumber"], 16)
+        assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    with api.pki.store.session() as session:
+        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+    data = {**info["certificateHashData"][0], "responderURL": "http://x/ocsp"}
+    answer = api.client.post("/api/v1/ocsp", json={"ocspRequestData": data}).get_json()
+    response = ocsp.load_der_ocsp_response(base64.b64decode(answer["ocspResult"]))
+    assert answer["certificateStatus"] == "revoked" and response.revocation_reason == x509.ReasonFlags.key_compromise
+    unknown = api.client.post("/api/v1/ocsp", json={"ocspRequestData": {**data, "serialNumber": "ABC"}})
+    assert unknown.status_code == 200 and unknown.get_json()["certificateStatus"] == "unknown"
+    foreign = api.client.post("/api/v1/ocsp", json={"ocspRequestData": {**data, "issuerKeyHash": "00" * 32}})
+    assert (foreign.status_code, foreign.get_json()["reason"]) == (404, "unknown_issuer")
+
+
+# -- identity check ------------------------------------------------------------------------------------
+def _pem(der: bytes | None) -> str:
+    return x509.load_der_x509_certificate(der or b"").public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_identity_check_allows_only_the_station_s_own_current_certificate(api: Api) -> None:
+    station, other = api.register(), api.register()
+    signed, _ = api.signed(station)
+    chain = signed["certificateChain"]
+
+    def check(station_id: str, pem: str) -> dict[str, Any]:
+        response = api.client.post(
+            "/api/v1/identity-check", json={"chargingStationId": station_id, "clientCertificate": pem}
+        )
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    assert check(station, chain) == {"allowed": True, "serialNumber": signed["serialNumber"]}
+    assert check(other, chain)["reason"] == "cn_mismatch"  # a valid certificate of A connecting as B
+    staging = _issue_direct(api, api.register(environment="staging"), environment="staging")
+    assert check(staging.common_name or "", _pem(staging.der))["reason"] == "other_environment"
+    expired = _issue_direct(api, api.register(), validity=timedelta(seconds=1))
+    assert check(expired.common_name or "", _pem(expired.der))["reason"] == "expired"
+    renamed = _issue_direct(api, api.register(), organization="Other CPO")
+    assert check(renamed.common_name or "", _pem(renamed.der))["reason"] == "wrong_organization"
+    key = make_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, station)]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, station)]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.now(UTC) - timedelta(days=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+    )
+    self_signed = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+    assert check(station, self_signed)["reason"] == "unknown_issuer"
+    with api.pki.store.session() as session:
+        csms_cert = _csms_certificate(api, session)
+    assert check("csms-1", csms_cert[0])["reason"] == "not_a_charger_certificate"
+    with api.pki.store.session() as session:
+        disable_device(session, station, actor="test", status=api.status)
+    assert check(station, chain)["reason"] == "device_disabled"
+    with api.pki.store.session() as session:
+        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+    verdict = check(station, chain)
+    assert verdict["allowed"] is False and verdict["reason"] == "revoked" and "keyCompromise" in verdict["detail"]
+    audited = [json.loads(e.details) for e in api.audit("csms.api.identity-check")]
+    assert [a["reason"] for a in audited][:2] == [None, "cn_mismatch"]
+
+
+def _csms_certificate(api: Api, session: Any, name: str = "csms-1") -> tuple[str, str]:
+    """A csms-client certificate for ``name`` (PEM) and its key (PEM), as `chargepki csms add` makes them."""
+    key = make_key()
+    authority = default_issuing_ca(session, "production")
+    issuer = issuer_for(authority, api.pki.token())
+    row = issue(
+        session, issuer, IssueRequest(get_profile("csms-client"), key.public_key(), name), actor="t", status=api.status
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return _pem(row.der), key_pem.decode()
+
+
+# -- authentication ------------------------------------------------------------------------------------
+def test_every_endpoint_needs_credentials_and_says_so_in_json(api: Api) -> None:
+    station = api.register()
+    calls = [
+        ("POST", "/api/v1/sign", {"chargingStationId": station, "csr": make_csr(station).decode()}),
+        ("GET", "/api/v1/sign/" + "a" * 32, None),
+        ("GET", "/api/v1/certificates/" + "a" * 64, None),
+        ("GET", "/api/v1/certificates/by-hash?hashAlgorithm=SHA256", None),
+        ("POST", "/api/v1/ocsp", {}),
+        ("POST", "/api/v1/identity-check", {}),
+    ]
+    for method, path, body in calls:
+        for headers in (
+            {},
+            {"Authorization": "Bearer cpk_wrong"},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Basic eDp5"},
+        ):
+            response = api.anonymous.open(method, path, json=body, headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert response.get_json()["reason"] == "unauthenticated"
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    unauthenticated = api.audit("csms.api.sign")
+    assert unauthenticated and unauthenticated[-1].actor.startswith("anonymous@")
+    # X-API-Key carries the same token; a replaced token and a disabled CSMS stop working at once.
+    assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers={"X-API-Key": api.token}).status_code == 404
+    with api.pki.store.session() as session:
+        newer = issue_token(session, get_client(session, "csms-1"), replace=True, actor="test")
+    assert api.client.get("/api/v1/certificates/" + "a" * 64).status_code == 401
+    fresh = CheckedClient(api.client.client, {"Authorization": f"Bearer {newer}"})
+    assert fresh.get("/api/v1/certificates/" + "a" * 64).status_code == 404
+    with api.pki.store.session() as session:
+        set_enabled(session, "csms-1", False, actor="test")
+    assert fresh.get("/api/v1/certificates/" + "a" * 64).status_code == 401
+
+
+def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> None:
+    """Through the trusted proxy header here (the TLS socket is exercised in tests/test_api.py)."""
+    with api.pki.store.session() as session:
+        certificate, _key = _csms_certificate(api, session)
+        unregistered, _ = _csms_certificate(api, session, name="csms-unknown")
+    header = {"X-SSL-Client-Cert": quote(certificate)}
+    assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 404
+    assert api.audit("csms.api.lookup")[-1].actor == "csms:csms-1"
+    assert json.loads(api.audit("csms.api.lookup")[-1].details)["auth"] == "certificate"
+    station = api.register()
+    signed, _ = api.signed(station)
+    charger = {"X-SSL-Client-Cert": quote(signed["certificateChain"])}
+    for refused in (charger, {"X-SSL-Client-Cert": quote(unregistered)}):
+        assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=refused).status_code == 401
+    with api.pki.store.session() as session:
+        serial = x509.load_pem_x509_certificate(certificate.encode()).serial_number
+        revoke(session, format(serial, "X"), "keyCompromise", actor="test", status=api.status)
+    assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 401
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+def test_bad_input_is_a_json_4xx_never_a_500(api: Api) -> None:
+    station = api.register()
+    csr = make_csr(station).decode()
+    good = {"chargingStationId": station, "csr": csr}
+    post = api.client.post
+    cases = [
+        (post("/api/v1/sign", data="{not json", content_type=JSON), 400, "malformed_json"),
+        (post("/api/v1/sign", data=b"\xff\xfe\x00", content_type=JSON), 400, "malformed_json"),
+        (post("/api/v1/sign", data=json.dumps(good), content_type="text/plain"), 415, "unsupported_media_type"),
+        (post("/api/v1/sign", data=json.dumps(good)), 415, "unsupported_media_type"),
+        (post("/api/v1/sign", data="x" * 40000, content_type=JSON), 413, "body_too_large"),
+        (post("/api/v1/sign", json={**good, "extra": 1}), 400, "unknown_field"),
+        (post("/api/v1/sign", json={"csr": csr}), 400, "missing_field"),
+        (post("/api/v1/sign", json={**good, "chargingStationId": 7}), 400, "bad_value"),
+        (post("/api/v1/sign", json={**good, "certificateType": "Other"}), 400, "bad_value"),
+        (post("/api/v1/sign", json={**good, "csr": "x" * 5501}), 400, "bad_value"),
+        (post("/api/v1/sign", json=[good]), 400, "bad_value"),
+        (post("/api/v1/sign", json=None, data="null", content_type=JSON), 400, "bad_value"),
+        (post("/api/v1/sign?async=maybe", json=good), 400, "bad_value"),
+        (post("/api/v1/sign?verbose=1", json=good), 400, "unknown_field"),
+        (post("/api/v1/sign?async=1&async=1", json=good), 400, "bad_value"),
+        (post("/api/v1/sign", json={**good, "csr": "-----BEGIN CERTIFICATE REQUEST-----\n!!\n"}), 400, "bad_csr"),
+        (
+            post("/api/v1/identity-check", json={"chargingStationId": station, "clientCertificate": "junk"}),
+            400,
+            "bad_certificate",
+        ),
+        (post("/api/v1/identity-check", json={"chargingStationId": station}), 400, "missing_field"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": {"hashAlgorithm": "SHA1"}}), 400, "missing_field"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": _hash("SHA1")}), 400, "bad_value"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": _hash("SHA256", name="zz" * 32)}), 400, "bad_value"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": _hash("SHA256", name="ab")}), 400, "bad_hash"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": _hash("SHA256", serial="0")}), 400, "bad_serial"),
+        (post("/api/v1/ocsp", json={"ocspRequestData": {**_hash("SHA256"), "more": 1}}), 400, "unknown_field"),
+        (api.client.get("/api/v1/certificates/xyz"), 400, "bad_fingerprint"),
+        (api.client.get("/api/v1/certificates/by-hash?hashAlgorithm=SHA256"), 400, "missing_field"),
+        (api.client.get("/api/v1/certificates/by-hash?" + _query(_hash("MD5"))), 400, "bad_value"),
+        (api.client.get("/api/v1/certificates/by-hash?" + _query(_hash("SHA256", serial="1" * 41))), 400, "bad_value"),
+        (api.client.get("/api/v1/certificates/" + "a" * 64 + "?x=1"), 400, "unknown_field"),
+        (api.client.get("/api/v1/nothing-here"), 404, "not_found"),
+        (api.client.open("DELETE", "/api/v1/sign"), 405, "method_not_allowed"),
+        (api.client.get("/api/v1/sign"), 405, "method_not_allowed"),
+    ]
+    for number, (response, status, reason) in enumerate(cases):
+        assert response.status_code == status, (number, response.get_json())
+        assert response.get_json()["reason"] == reason, (number, response.get_json())
+    assert "POST" in api.client.get("/api/v1/sign").headers["Allow"]
+
+
+def _hash(algorithm: str, *, name: str | None = None, serial: str = "1A") -> dict[str, str]:
+    size = {"SHA256": 64, "SHA384": 96, "SHA512": 128}.get(algorithm, 40)
+    return {
+        "hashAlgorithm": algorithm,
+        "issuerNameHash": name or "ab" * (size // 2),
+        "issuerKeyHash": "cd" * (size // 2),
+        "serialNumber": serial,
+        "responderURL": "http://127.0.0.1:8081/ocsp",
+    }
+
+
+def _query(data: dict[str, str]) -> str:
+    return "&".join(f"{k}={v}" for k, v in data.items() if k != "responderURL")
+
+
+# -- the OpenAPI document ------------------------------------------------------------------------------
+def test_the_openapi_document_is_valid_served_and_documents_every_route(api: Api) -> None:
+    validate_openapi(DOCUMENT)
+    served = api.anonymous.get("/api/v1/openapi.json")
+    assert served.status_code == 200 and served.get_json() == json.loads(json.dumps(DOCUMENT))
+    routes = set()
+    for rule in api.app.url_map.iter_rules():
+        if rule.endpoint.startswith("api."):
+            path = rule.rule
+            for argument in rule.arguments:
+                path = path.replace(f"<{argument}>", "{" + {"job_id": "jobId"}.get(argument, argument) + "}")
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                routes.add((path, method.lower()))
+    documented = {(path, method) for path, item in DOCUMENT["paths"].items() for method in item}
+    assert routes == documented
+
+
+def test_the_answers_seen_cover_every_documented_success() -> None:
+    """Runs last in this module: the answers validated above include every operation's success."""
+    successes = {(path, method) for path, method, status in CHECKED if status in (200, 202)}
+    documented = {(path, method) for path, item in DOCUMENT["paths"].items() for method in item}
+    if not CHECKED:
+        pytest.skip("run with the rest of the module")
+    assert documented <= successes, documented - successes

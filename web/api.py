@@ -1,0 +1,371 @@
+"""The CSMS API under ``/api/v1/``: JSON over the HTTPS of ``chargepki serve est``.
+
+Each view parses and validates its input (against the OpenAPI document's own schemas), calls one
+core function and formats the answer. Every call is authenticated (a ``csms-client`` certificate
+from the TLS socket or the trusted proxy header, or an API token) and audited with its caller and
+outcome; every failure is ``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any
+
+from cryptography import x509
+from flask import Blueprint, Flask, Response, current_app, g, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ca import csms
+from ca.certificates import ocpp_chain_pem, standing
+from ca.context import Pki
+from ca.csms import Caller, authenticate, record_call
+from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
+from ca.errors import InputError, NotFoundError, StoreError
+from ca.identity import check_identity
+from ca.models import Certificate, CsmsSignJob, Device
+from ocsp.certid import issuer_hashes
+from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
+from web.est import _client_certificate, _enrollment_settings, _issuer, _status, _sweep
+from web.openapi import DOCUMENT, check, query_validator, validator
+from web.responses import UnsupportedMediaType, json_body, json_error
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+log = logging.getLogger("chargepki.api")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+POLL_AFTER = "1"  # seconds a CSMS should wait before polling a pending job again
+
+View = Callable[..., Response]
+
+
+def _pki() -> Pki:
+    return current_app.extensions["chargepki"]
+
+
+def _presented_token() -> str | None:
+    """``Authorization: Bearer TOKEN`` or ``X-API-Key: TOKEN`` (MaEVe-style clients send both)."""
+    authorization = request.authorization
+    if authorization is not None and authorization.type == "bearer" and authorization.token:
+        return authorization.token
+    return request.headers.get("X-API-Key") or None
+
+
+def _endpoint(operation: str) -> Callable[[View], View]:
+    """Authenticate, run the view with (session, caller), turn any failure into JSON, audit the call."""
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        def wrapper(**kwargs: Any) -> Response:
+            g.api_subject, g.api_outcome = None, {}
+            caller: Caller | None = None
+            with _pki().store.session() as session:
+                try:
+                    certificate_der, _binding = _client_certificate()
+                    caller = authenticate(
+                        session,
+                        token=_presented_token(),
+                        certificate_der=certificate_der,
+                        address=request.remote_addr,
+                    )
+                    session.commit()  # end the read: other sessions (the OCSP signer) may write next
+                    response = view(session, caller, **kwargs)
+                except Exception as exc:
+                    session.rollback()
+                    response = json_error(exc)
+                    g.api_outcome = {**g.api_outcome, "reason": (response.get_json(silent=True) or {}).get("reason")}
+                _audit(session, caller, operation, response)
+            return response
+
+        return wrapper
+
+    return decorate
+
+
+def _audit(session: Session, caller: Caller | None, operation: str, response: Response) -> None:
+    try:
+        record_call(
+            session,
+            caller,
+            operation,
+            address=request.remote_addr,
+            subject=g.api_subject,
+            outcome={"status": response.status_code, **g.api_outcome},
+        )
+    except SQLAlchemyError as exc:  # the answer stands; the database is already reported as 503 if it was the cause
+        session.rollback()
+        log.warning("could not audit a CSMS API call: %s", type(exc).__name__)
+
+
+def _json_request(schema: str) -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {request.mimetype or 'none'}")
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the body is not valid JSON", code="malformed_json") from None
+    check(validator(schema), body)
+    return body
+
+
+def _query(path: str, method: str) -> dict[str, str]:
+    repeated = [name for name in request.args if len(request.args.getlist(name)) > 1]
+    if repeated:
+        raise InputError(f"query parameter {repeated[0]!r} given more than once", code="bad_value")
+    query = request.args.to_dict()
+    check(query_validator(path, method), query)
+    return query
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat()
+
+
+def _signed(session: Session, certificate: Certificate) -> dict[str, Any]:
+    return {
+        "certificateType": "ChargingStationCertificate",
+        "certificateChain": ocpp_chain_pem(session, certificate),
+        "serialNumber": certificate.serial,
+        "fingerprintSha256": certificate.fingerprint_sha256,
+        "notAfter": _iso(certificate.not_after),
+    }
+
+
+# -- signing -------------------------------------------------------------------------------------------
+@api.post("/sign")
+@_endpoint("sign")
+def sign(session: Session, caller: Caller) -> Response:
+    query = _query("/api/v1/sign", "post")
+    body = _json_request("SignRequest")
+    station = body["chargingStationId"]
+    certificate_type = body.get("certificateType", "ChargingStationCertificate")
+    g.api_subject = station
+    if query.get("async") in ("1", "true"):
+        job = enqueue(session, caller, station, certificate_type, body["csr"])
+        g.api_outcome = {"job": job.public_id}
+        runner: JobRunner | None = current_app.extensions.get("chargepki.jobs")
+        if runner is not None:
+            runner.wake()
+        return _job_response(session, job)
+    _sweep(session)
+    certificate = csms.sign(
+        session,
+        _issuer,
+        caller,
+        station,
+        certificate_type,
+        body["csr"].encode("utf-8"),
+        status=_status(),
+        settings=_enrollment_settings(),
+    )
+    g.api_outcome = {"serial": certificate.serial}
+    return json_body(_signed(session, certificate))
+
+
+@api.get("/sign/<job_id>")
+@_endpoint("sign-job")
+def sign_job(session: Session, caller: Caller, job_id: str) -> Response:
+    _query("/api/v1/sign/{jobId}", "get")
+    if not _JOB_ID.match(job_id):
+        raise NotFoundError("no such signing job", code="unknown_job")
+    g.api_subject = job_id
+    return _job_response(session, get_job(session, caller, job_id))
+
+
+def _job_response(session: Session, job: CsmsSignJob) -> Response:
+    location = url_for("api.sign_job", job_id=job.public_id)
+    body: dict[str, Any] = {"jobId": job.public_id, "location": location}
+    if job.state == "signed":
+        return json_body({**body, "status": "signed", **_signed(session, job_certificate(session, job))})
+    if job.state == "refused":
+        return json_body({**body, "status": "refused", "error": job.error or "", "reason": job.reason or "refused"})
+    return json_body({**body, "status": "pending"}, 202, {"Location": location, "Retry-After": POLL_AFTER})
+
+
+# -- lookups -------------------------------------------------------------------------------------------
+@api.get("/certificates/by-hash")
+@_endpoint("lookup")
+def certificate_by_hash(session: Session, caller: Caller) -> Response:
+    query = _query("/api/v1/certificates/by-hash", "get")
+    cert_id = parse_hash_data(
+        query["hashAlgorithm"], query["issuerNameHash"], query["issuerKeyHash"], query["serialNumber"]
+    )
+    g.api_subject = query["serialNumber"].upper()
+    return json_body(_certificate_info(session, caller, find_by_hash(session, cert_id)))
+
+
+@api.get("/certificates/<fingerprint>")
+@_endpoint("lookup")
+def certificate_by_fingerprint(session: Session, caller: Caller, fingerprint: str) -> Response:
+    _query("/api/v1/certificates/{fingerprint}", "get")
+    normalised = fingerprint.replace(":", "").lower()
+    if not _FINGERPRINT.match(normalised):
+        raise InputError("the fingerprint must be 64 hex digits (SHA-256), colons allowed", code="bad_fingerprint")
+    g.api_subject = normalised
+    found = session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == normalised))
+    return json_body(_certificate_info(session, caller, found))
+
+
+def _certificate_info(session: Session, caller: Caller, certificate: Certificate | None) -> dict[str, Any]:
+    """Status, device, validity and chain of one of the caller's environment's certificates."""
+    if (
+        certificate is None
+        or certificate.status not in ("valid", "revoked")
+        or certificate.authority.environment != caller.environment
+    ):
+        raise NotFoundError("no such certificate in this CSMS's environment", code="unknown_certificate")
+    state = standing(certificate, datetime.now(UTC))
+    authority = certificate.authority
+    device = session.get(Device, certificate.device_id) if certificate.device_id is not None else None
+    info: dict[str, Any] = {
+        "serialNumber": certificate.serial,
+        "fingerprintSha256": certificate.fingerprint_sha256,
+        "status": state.status,
+        "profile": certificate.profile,
+        "subject": certificate.subject,
+        "issuer": authority.name,
+        "environment": authority.environment,
+        "notBefore": _iso(certificate.not_before),
+        "notAfter": _iso(certificate.not_after),
+        "device": None
+        if device is None
+        else {"chargingStationId": device.serial, "enabled": device.enabled, "environment": device.environment},
+        "certificateChain": ocpp_chain_pem(session, certificate),
+        "certificateHashData": [
+            {
+                "hashAlgorithm": hashed.hash_algorithm.upper(),
+                "issuerNameHash": hashed.name_hash.hex(),
+                "issuerKeyHash": hashed.key_hash.hex(),
+                "serialNumber": certificate.serial,
+            }
+            for hashed in issuer_hashes(x509.load_der_x509_certificate(authority.certificate_der))
+            if hashed.hash_algorithm != "sha1"  # OCPP 2.0.1 knows SHA256/384/512 only
+        ],
+    }
+    if state.status == "revoked":
+        info["revocationReason"] = state.reason
+        if state.revoked_at is not None:
+            info["revocationTime"] = _iso(state.revoked_at)
+    g.api_outcome = {"serial": certificate.serial, "status": state.status}
+    return info
+
+
+# -- OCSP ----------------------------------------------------------------------------------------------
+def _ocpp_ocsp() -> OcppOcsp:
+    ocsp = current_app.extensions.get("chargepki.ocpp_ocsp")
+    if ocsp is None:
+        pki = _pki()
+        ocsp = OcppOcsp(pki.store, _status(), rate=pki.config.ocsp.unknown_per_second)
+        current_app.extensions["chargepki.ocpp_ocsp"] = ocsp
+    return ocsp
+
+
+@api.post("/ocsp")
+@_endpoint("ocsp")
+def ocsp_status(session: Session, caller: Caller) -> Response:
+    data = _json_request("OcspRequest")["ocspRequestData"]
+    cert_id = parse_hash_data(
+        data["hashAlgorithm"], data["issuerNameHash"], data["issuerKeyHash"], data["serialNumber"]
+    )
+    g.api_subject = data["serialNumber"].upper()
+    answer = _ocpp_ocsp().answer(cert_id)
+    g.api_outcome = {"response_status": answer.response_status, "certificate_status": answer.certificate_status}
+    if answer.response_status == "unauthorized":
+        raise NotFoundError("no CA of this installation has these issuer hashes", code="unknown_issuer")
+    if answer.response_status != "successful":
+        raise StoreError(f"the OCSP signer answered {answer.response_status}", code="try_later")
+    return json_body(
+        {
+            "ocspResult": base64.b64encode(answer.der).decode("ascii"),
+            "responseStatus": "successful",
+            "certificateStatus": answer.certificate_status,
+        }
+    )
+
+
+# -- identity check ------------------------------------------------------------------------------------
+@api.post("/identity-check")
+@_endpoint("identity-check")
+def identity_check(session: Session, caller: Caller) -> Response:
+    body = _json_request("IdentityCheckRequest")
+    g.api_subject = body["chargingStationId"]
+    verdict = check_identity(
+        session, body["chargingStationId"], body["clientCertificate"], environment=caller.environment
+    )
+    result: dict[str, Any] = {"allowed": verdict.allowed}
+    if not verdict.allowed:
+        result.update(reason=verdict.reason, detail=verdict.detail)
+    if verdict.certificate is not None:
+        result["serialNumber"] = verdict.certificate.serial
+    g.api_outcome = {"allowed": verdict.allowed, "reason": verdict.reason}
+    return json_body(result)
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    """Public: the document says nothing a client could not learn by calling the API."""
+    return json_body(DOCUMENT)
+
+
+# -- the asynchronous signer ---------------------------------------------------------------------------
+class JobRunner:
+    """Signs queued jobs in a thread of the serving process (one per gunicorn worker).
+
+    Jobs are claimed in the database, so any number of runners in any number of processes share
+    the queue; a job whose runner died is taken over once its lease has run out (``ca.csms_jobs``).
+    """
+
+    def __init__(self, app: Flask, *, poll: float = 1.0) -> None:
+        self.app = app
+        self.poll = poll
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def start(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="csms-sign-jobs", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=10)
+
+    def run_once(self) -> str | None:
+        """Claim and decide one job; None when there was none to claim."""
+        with self.app.app_context(), _pki().store.session() as session:
+            job = claim_next(session)
+            if job is None:
+                return None
+            outcome = process(session, job, _issuer, status=_status(), settings=_enrollment_settings())
+            log.info("signing job %s: %s", job.public_id, outcome)
+            return outcome
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                outcome = self.run_once()
+            except Exception:
+                log.exception("signing job runner")
+                outcome = None
+            if outcome is None:
+                self._wake.wait(self.poll)
+                self._wake.clear()

@@ -1,0 +1,354 @@
+"""The CSMS API's OpenAPI 3.1 document, written by hand, and request validation from its own schemas.
+
+Requests are validated against the very schemas published here (JSON Schema 2020-12, which
+OpenAPI 3.1 uses), so the document cannot claim a field the API refuses or miss one it accepts;
+a test checks that every route is documented and that the API's answers match their schemas.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from ca.errors import InputError
+
+_HEX = "^[0-9A-Fa-f]+$"
+_STRING = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    meaning = {
+        400: "malformed JSON, unknown or missing field, bad value, unreadable CSR or certificate",
+        401: "no or wrong CSMS credentials (`WWW-Authenticate: Bearer`)",
+        403: "refused by policy (the reason says which rule)",
+        404: "not found",
+        409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured` …)",
+        413: "body larger than 32 KiB",
+        415: "Content-Type is not application/json",
+        503: "token or database unavailable (`Retry-After`)",
+    }
+    return {str(status): _json("Error", meaning[status]) for status in statuses}
+
+
+_HASH_DATA = {
+    "type": "object",
+    "description": "OCPP CertificateHashDataType (the OCSP CertID in text)",
+    "additionalProperties": False,
+    "required": ["hashAlgorithm", "issuerNameHash", "issuerKeyHash", "serialNumber"],
+    "properties": {
+        "hashAlgorithm": {"enum": ["SHA256", "SHA384", "SHA512"]},
+        "issuerNameHash": {"type": "string", "maxLength": 128, "pattern": _HEX},
+        "issuerKeyHash": {"type": "string", "maxLength": 128, "pattern": _HEX},
+        "serialNumber": {"type": "string", "minLength": 1, "maxLength": 40, "pattern": _HEX},
+    },
+}
+
+_SIGNED_FIELDS = {
+    "certificateChain": {"type": "string", "description": "PEM, leaf first, sub-CAs after, root omitted"},
+    "serialNumber": {"type": "string", "description": "upper-case hex without leading zeros"},
+    "fingerprintSha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "notAfter": _TIME,
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["error", "reason"],
+        "properties": {
+            "error": {"type": "string", "description": "one line for people"},
+            "reason": {"type": "string", "description": "machine-readable code, e.g. cn_mismatch"},
+        },
+    },
+    "SignRequest": {
+        "type": "object",
+        "description": "OCPP SignCertificateRequest as the CSMS relays it, plus the station it came from",
+        "additionalProperties": False,
+        "required": ["chargingStationId", "csr"],
+        "properties": {
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "certificateType": {
+                "enum": ["ChargingStationCertificate", "V2GCertificate"],
+                "default": "ChargingStationCertificate",
+            },
+            "csr": {"type": "string", "minLength": 1, "maxLength": 5500, "description": "PEM PKCS#10"},
+        },
+    },
+    "SignResult": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["certificateType", *_SIGNED_FIELDS],
+        "properties": {"certificateType": {"const": "ChargingStationCertificate"}, **_SIGNED_FIELDS},
+    },
+    "SignJob": {
+        "type": "object",
+        "description": "an asynchronous signing request: pending, then signed or refused",
+        "additionalProperties": False,
+        "required": ["jobId", "status", "location"],
+        "properties": {
+            "jobId": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "status": {"enum": ["pending", "signed", "refused"]},
+            "location": {"type": "string", "description": "where to poll"},
+            "certificateType": {"const": "ChargingStationCertificate"},
+            **_SIGNED_FIELDS,
+            "error": _STRING,
+            "reason": _STRING,
+        },
+    },
+    "CertificateHashData": _HASH_DATA,
+    "CertificateInfo": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "serialNumber",
+            "fingerprintSha256",
+            "status",
+            "profile",
+            "subject",
+            "issuer",
+            "environment",
+            "notBefore",
+            "notAfter",
+            "device",
+            "certificateChain",
+            "certificateHashData",
+        ],
+        "properties": {
+            "serialNumber": _STRING,
+            "fingerprintSha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "status": {"enum": ["good", "revoked", "expired"]},
+            "revocationReason": {"type": "string", "description": "RFC 5280 reason name, when revoked"},
+            "revocationTime": _TIME,
+            "profile": _STRING,
+            "subject": {"type": "string", "description": "RFC 4514"},
+            "issuer": {"type": "string", "description": "the CA's name, e.g. production-issuing-1"},
+            "environment": _STRING,
+            "notBefore": _TIME,
+            "notAfter": _TIME,
+            "device": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["chargingStationId", "enabled", "environment"],
+                        "properties": {
+                            "chargingStationId": _STRING,
+                            "enabled": {"type": "boolean"},
+                            "environment": _STRING,
+                        },
+                    },
+                ]
+            },
+            "certificateChain": {"type": "string", "description": "PEM, leaf first, sub-CAs after, root omitted"},
+            "certificateHashData": {"type": "array", "items": _ref("CertificateHashData")},
+        },
+    },
+    "OcspRequest": {
+        "type": "object",
+        "description": "OCPP GetCertificateStatusRequest",
+        "additionalProperties": False,
+        "required": ["ocspRequestData"],
+        "properties": {
+            "ocspRequestData": {
+                "type": "object",
+                "description": "OCPP OCSPRequestDataType",
+                "additionalProperties": False,
+                "required": [*_HASH_DATA["required"], "responderURL"],
+                "properties": {**_HASH_DATA["properties"], "responderURL": {"type": "string", "maxLength": 512}},
+            }
+        },
+    },
+    "OcspResult": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["ocspResult", "responseStatus"],
+        "properties": {
+            "ocspResult": {"type": "string", "description": "base64 DER OCSPResponse (OCPP ocspResult)"},
+            "responseStatus": {"enum": ["successful"]},
+            "certificateStatus": {"enum": ["good", "revoked", "unknown"]},
+        },
+    },
+    "IdentityCheckRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["chargingStationId", "clientCertificate"],
+        "properties": {
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "clientCertificate": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 10000,
+                "description": "PEM of the certificate the charger presented in TLS (a chain may follow)",
+            },
+        },
+    },
+    "IdentityCheckResult": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["allowed"],
+        "properties": {
+            "allowed": {"type": "boolean"},
+            "reason": {
+                "type": "string",
+                "description": "when refused: unknown_issuer, other_environment, unknown_certificate, "
+                "not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, wrong_organization, "
+                "unknown_device, device_disabled",
+            },
+            "detail": _STRING,
+            "serialNumber": _STRING,
+        },
+    },
+}
+
+_AUTH = [{"mutualTLS": []}, {"bearer": []}, {"apiKey": []}]
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "chargepki CSMS API",
+        "version": "1",
+        "description": "What a CSMS (OCPP 2.0.1 / 1.6-security) asks its CA: signing relayed CSRs, "
+        "certificate lookups by OCPP hash data or fingerprint, OCSP responses for GetCertificateStatus, "
+        "and the identity check every charger connection needs. Errors are JSON {error, reason}.",
+    },
+    "components": {
+        "securitySchemes": {
+            "mutualTLS": {"type": "mutualTLS", "description": "a csms-client certificate (`chargepki csms add`)"},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "an API token (`chargepki csms token`)"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same token"},
+        },
+        "schemas": SCHEMAS,
+    },
+    "security": _AUTH,
+    "paths": {
+        "/api/v1/sign": {
+            "post": {
+                "summary": "Sign a charger's CSR (OCPP SignCertificate) with the same checks as EST",
+                "parameters": [
+                    {
+                        "name": "async",
+                        "in": "query",
+                        "required": False,
+                        "description": "1: answer 202 at once and decide later (poll the job)",
+                        "schema": {"enum": ["0", "1", "true", "false"]},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SignRequest")}}},
+                "responses": {
+                    "200": _json("SignResult", "signed"),
+                    "202": _json("SignJob", "accepted for signing; poll `location` (also the Location header)"),
+                    **_errors(400, 401, 403, 409, 413, 415, 503),
+                },
+            }
+        },
+        "/api/v1/sign/{jobId}": {
+            "get": {
+                "summary": "An asynchronous signing job: 202 while pending, 200 once signed or refused",
+                "parameters": [{"name": "jobId", "in": "path", "required": True, "schema": _STRING}],
+                "responses": {
+                    "200": _json("SignJob", "decided: signed (with the chain) or refused (with the reason)"),
+                    "202": _json("SignJob", "still pending (`Retry-After`)"),
+                    **_errors(401, 404, 503),
+                },
+            }
+        },
+        "/api/v1/certificates/by-hash": {
+            "get": {
+                "summary": "A certificate by OCPP CertificateHashData: status, device, validity, chain",
+                "parameters": [
+                    {"name": name, "in": "query", "required": True, "schema": schema}
+                    for name, schema in _HASH_DATA["properties"].items()
+                ],
+                "responses": {"200": _json("CertificateInfo", "found"), **_errors(400, 401, 404, 503)},
+            }
+        },
+        "/api/v1/certificates/{fingerprint}": {
+            "get": {
+                "summary": "A certificate by its SHA-256 fingerprint (hex, colons allowed)",
+                "parameters": [{"name": "fingerprint", "in": "path", "required": True, "schema": _STRING}],
+                "responses": {"200": _json("CertificateInfo", "found"), **_errors(400, 401, 404, 503)},
+            }
+        },
+        "/api/v1/ocsp": {
+            "post": {
+                "summary": "OCPP GetCertificateStatus: the DER OCSP response for a CertID, base64",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("OcspRequest")}}},
+                "responses": {
+                    "200": _json("OcspResult", "a signed OCSP response"),
+                    **_errors(400, 401, 404, 413, 415, 503),
+                },
+            }
+        },
+        "/api/v1/identity-check": {
+            "post": {
+                "summary": "Is this TLS client certificate the current one of this charging station?",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("IdentityCheckRequest")}},
+                },
+                "responses": {
+                    "200": _json("IdentityCheckResult", "the verdict"),
+                    **_errors(400, 401, 413, 415, 503),
+                },
+            }
+        },
+        "/api/v1/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+            }
+        },
+    },
+}
+
+
+@cache
+def validator(schema: str) -> Draft202012Validator:
+    """A validator for one named schema, resolving references within this document."""
+    return Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": DOCUMENT["components"]})
+
+
+@cache
+def query_validator(path: str, method: str) -> Draft202012Validator:
+    """The operation's query parameters as one object schema (unknown parameters refused)."""
+    parameters = [p for p in DOCUMENT["paths"][path][method].get("parameters", []) if p["in"] == "query"]
+    return Draft202012Validator(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [p["name"] for p in parameters if p.get("required")],
+            "properties": {p["name"]: p["schema"] for p in parameters},
+        }
+    )
+
+
+def check(validator_: Draft202012Validator, instance: object) -> None:
+    """Raise an ``InputError`` naming the first problem: unknown_field, missing_field or bad_value."""
+    error = best_match(validator_.iter_errors(instance))
+    if error is None:
+        return
+    raise InputError(_describe(error), code=_reason(error))
+
+
+def _reason(error: ValidationError) -> str:
+    return {"additionalProperties": "unknown_field", "required": "missing_field"}.get(str(error.validator), "bad_value")
+
+
+def _describe(error: ValidationError) -> str:
+    where = ".".join(str(part) for part in error.absolute_path)
+    message = error.message if len(error.message) <= 200 else error.message[:200] + "…"
+    return f"{where}: {message}" if where else message
