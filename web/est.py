@@ -98,7 +98,7 @@ def _find_authority(session: Session, label: str | None) -> Authority:
         return default_issuing_ca(session, authority.environment)  # the lineage, across rotations
     if authority is None or authority.status != "active":
         raise NotFoundError(f"no EST label {label!r}")
-    return default_issuing_ca(session, authority.environment)
+    return authority
 
 
 def _base64_response(der: bytes, content_type: str) -> Response:
