@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps run test lint bench bench-crl bench-ocsp clean
+.PHONY: setup system-deps test-deps run test lint fuzz fuzz-props bench bench-crl bench-ocsp clean
 
 setup: system-deps $(STAMP)
 
@@ -46,6 +46,20 @@ test: setup test-deps
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Hostile input (issue 5): a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in
+# all (default 5 minutes, plus ~10 s set-up per target); exits 1 when it found something.
+FUZZ_SECONDS ?= 300
+fuzz: setup $(VENV)/.fuzz-installed
+	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# The property tests of tests/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
+fuzz-props: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/test_hostile_http.py tests/test_hostile_cli.py
+
+$(VENV)/.fuzz-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,fuzz]'
+	touch $@
 
 # Benchmarks (not tests): chargepki next to the peers named in the issues, same machine, same run.
 bench: setup

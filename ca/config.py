@@ -89,6 +89,15 @@ class EstSettings:
     # PEM as nginx's $ssl_client_escaped_cert, and only from these proxy addresses.
     client_cert_header: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    # Failed authentications (wrong secret, refused client certificate) counted in the database, so
+    # every worker and process shares them: this many within the window lock the device (username or
+    # certificate CN) or the client address out for auth_lockout_seconds (HTTP 429). 0 switches one off.
+    auth_max_failures_per_device: int = 5
+    auth_max_failures_per_address: int = 50
+    auth_failure_window_seconds: int = 900
+    auth_lockout_seconds: int = 900
+    # A connection silent (or not reading) this long in the middle of a request is closed (slowloris).
+    request_timeout_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,7 @@ class OcspSettings:
     unknown_per_second: int = 100  # on-demand signing budget of the signer (unknown serials etc.)
     refresh_interval_seconds: int = 300
     signer_validity_days: int = 30  # delegated signer certificates, rotated when a third is left
+    request_timeout_seconds: int = 10  # to read a request's headers (granian), or per read/write (gunicorn)
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
     return replace(
         config,
-        est=_table_settings(data.get("est", {}), "est", EstSettings(), _EST_TYPES),
+        est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
@@ -226,6 +236,11 @@ _EST_TYPES: dict[str, type] = {
     "require_tls_unique": bool,
     "client_cert_header": str,
     "trusted_proxies": list,
+    "auth_max_failures_per_device": int,
+    "auth_max_failures_per_address": int,
+    "auth_failure_window_seconds": int,
+    "auth_lockout_seconds": int,
+    "request_timeout_seconds": int,
 }
 _OCSP_TYPES: dict[str, type] = {
     "host": str,
@@ -242,6 +257,7 @@ _OCSP_TYPES: dict[str, type] = {
     "unknown_per_second": int,
     "refresh_interval_seconds": int,
     "signer_validity_days": int,
+    "request_timeout_seconds": int,
 }
 
 
@@ -263,6 +279,17 @@ def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, 
     return replace(defaults, **values)  # type: ignore[type-var]
 
 
+def _est_settings(table: object) -> EstSettings:
+    settings = _table_settings(table, "est", EstSettings(), _EST_TYPES)
+    for key in ("auth_max_failures_per_device", "auth_max_failures_per_address"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{CONFIG_NAME}: est.{key} must be 0 (off) or positive")
+    for key in ("auth_failure_window_seconds", "auth_lockout_seconds", "workers", "request_timeout_seconds"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: est.{key} must be positive")
+    return settings
+
+
 def _ocsp_settings(table: object) -> OcspSettings:
     settings = _table_settings(table, "ocsp", OcspSettings(), _OCSP_TYPES)
     unknown = set(settings.presign_hashes) - {"sha1", "sha256", "sha384", "sha512"}
@@ -272,7 +299,14 @@ def _ocsp_settings(table: object) -> OcspSettings:
         raise ConfigError(f"{CONFIG_NAME}: ocsp.server must be granian or gunicorn")
     if not settings.path.startswith("/") or not settings.repository_path.startswith("/"):
         raise ConfigError(f"{CONFIG_NAME}: ocsp.path and ocsp.repository_path must start with /")
-    for key in ("validity_hours", "max_age_seconds", "cache_entries", "unknown_per_second", "workers"):
+    for key in (
+        "validity_hours",
+        "max_age_seconds",
+        "cache_entries",
+        "unknown_per_second",
+        "workers",
+        "request_timeout_seconds",
+    ):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{CONFIG_NAME}: ocsp.{key} must be positive")
     if settings.refresh_interval_seconds >= settings.validity_hours * 3600 / 2:
@@ -320,14 +354,28 @@ def write_config(config: Config) -> Path:
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
     }
-    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_home(config.home)
     path = config.config_path
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
+    text = (
         "# chargepki configuration. The PKCS#11 PIN is never stored here: it comes from\n"
         f"# the environment variable named by pkcs11.pin_env ({settings.pin_env}) or pkcs11.pin_file.\n"
-        + tomli_w.dumps(document),
-        encoding="utf-8",
+        + tomli_w.dumps(document)
     )
+    tmp.unlink(missing_ok=True)  # a leftover could have other permissions: the file is created 0600 below
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(tmp, path)
     return path
+
+
+def ensure_home(home: Path) -> None:
+    """The home directory, mode 0700: it holds the database, the token and the PIN files.
+
+    ``mkdir(mode=)`` is subject to the umask and leaves an existing directory alone, so a home
+    that exists when the configuration is first written (nothing of ours in it yet) is tightened.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not (home / CONFIG_NAME).exists() and home.stat().st_uid == os.getuid():
+        home.chmod(0o700)

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from ca import audit
-from ca.config import Config, load_config, write_config
+from ca.config import Config, ensure_home, load_config, write_config
 from ca.errors import ConfigError, TokenError
 from ca.pkcs11_token import RECONNECT_INTERVAL, Token, TokenHealth
 from ca.softhsm import create_token, token_exists, write_softhsm_conf
@@ -49,6 +49,8 @@ class Pki:
             raise ConfigError(
                 f"{home} is not a chargepki home yet: run `chargepki init --org NAME` (or `make run`) first"
             )
+        if create:
+            ensure_home(home)  # 0700 before anything (the SQLite file, the token) is created inside
         pki = cls(config, environ, create=create)
         if create:
             pki.prepare()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
@@ -35,10 +36,9 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if stripped.startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(stripped)
         return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError (found by fuzzing)
         kind = "PEM" if stripped.startswith(b"-----BEGIN") else "DER"
-        detail = str(exc).splitlines()[0] if str(exc) else "unparseable"
-        raise InputError(f"malformed CSR ({kind}): {detail}", code="bad_csr") from None
+        raise InputError(f"malformed CSR ({kind}): {_first_line(exc)}", code="bad_csr") from None
 
 
 def _single(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str | None:
@@ -51,14 +51,36 @@ def _single(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str | No
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+# What cryptography raises for malformed or unsupported parts of a parsed CSR; several are no
+# ValueError (found by fuzzing: each became an HTTP 500 before).
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
 def read_csr(data: bytes) -> CsrRequest:
-    """Parse and verify the CSR's self-signature (proof of possession of the private key)."""
+    """Parse and verify the CSR's self-signature (proof of possession of the private key).
+
+    Every part later code reads (key, subject, attributes, extensions) is parsed here, so
+    malformed input is refused by this function and nowhere later.
+    """
     csr = load_csr(data)
     try:
         public_key = csr.public_key()
+    except UnsupportedAlgorithm:
+        raise PolicyError("the CSR's public key type is not supported", code="key_not_allowed") from None
+    except _MALFORMED as exc:
+        raise InputError(f"malformed CSR public key: {_first_line(exc)}") from None
+    try:
         signature_ok = csr.is_signature_valid
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"malformed CSR: {exc}", code="bad_csr") from None
+    except UnsupportedAlgorithm:
+        raise PolicyError("the CSR's signature algorithm is not supported", code="key_not_allowed") from None
+    except _MALFORMED as exc:
+        raise InputError(f"malformed CSR signature: {_first_line(exc)}", code="bad_csr") from None
     if not signature_ok:
         raise PolicyError(
             "the CSR signature is invalid (no proof of possession of the private key)", code="bad_csr_signature"
@@ -67,8 +89,12 @@ def read_csr(data: bytes) -> CsrRequest:
         subject = csr.subject
         common_name = _single(subject, NameOID.COMMON_NAME, "CN")
         organization = _single(subject, NameOID.ORGANIZATION_NAME, "O")
-    except ValueError as exc:
-        raise InputError(f"malformed CSR subject: {exc}", code="bad_csr") from None
+    except _MALFORMED as exc:
+        raise InputError(f"malformed CSR subject: {_first_line(exc)}", code="bad_csr") from None
+    try:
+        list(csr.attributes)  # read later for challengePassword (tls-unique)
+    except _MALFORMED as exc:
+        raise InputError(f"malformed CSR attributes: {_first_line(exc)}", code="bad_csr") from None
     if not common_name:
         raise PolicyError("the CSR subject has no CN", code="bad_subject")
     dns_names: tuple[str, ...] = ()
@@ -77,6 +103,11 @@ def read_csr(data: bytes) -> CsrRequest:
         dns_names = tuple(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         pass
-    except ValueError as exc:
-        raise InputError(f"malformed CSR extensions: {exc}", code="bad_csr") from None
+    except _MALFORMED as exc:
+        raise InputError(f"malformed CSR extensions: {_first_line(exc)}", code="bad_csr") from None
     return CsrRequest(public_key, common_name, organization, dns_names, csr)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
@@ -22,15 +22,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from ca import audit
+from ca import audit, auth_limits
+from ca.auth_limits import AuthLimits
 from ca.authorities import Issuer, public_key_sha256
 from ca.certificates import intermediates_pem, pem_certificate
 from ca.csr import CsrRequest, read_csr
 from ca.devices import current_certificate
 from ca.enrollment_secrets import consume_secret, restore_secret, secret_is_valid
-from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError
+from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError, RateLimitedError
 from ca.issuance import Clock, issue, request_from_csr, utcnow
 from ca.models import Authority, Certificate, Device
+from ca.names import check_charger_identity
 from ca.profiles import get_profile
 from ca.revocation import apply_revocation
 from ca.status import StatusSigner
@@ -56,6 +58,7 @@ class Credentials:
 class EnrollmentSettings:
     supersede_grace: timedelta = timedelta(0)
     require_tls_unique: bool = False
+    limits: AuthLimits = field(default_factory=AuthLimits)
 
 
 def _fingerprint(der: bytes) -> str:
@@ -157,15 +160,31 @@ def _refused(
     subject: str | None,
     authority: Authority,
     now: Clock,
+    *,
+    failed: tuple[str | None, AuthLimits] | None = None,
 ) -> None:
-    """Record a refusal in its own transaction (the refused work was rolled back)."""
+    """Record a refusal in its own transaction (the refused work was rolled back).
+
+    ``failed`` = (device key, limits): the refusal was a failed authentication, counted against
+    that device and the caller's address in the same transaction (which may start a lockout).
+    """
     session.rollback()
     try:
+        if failed is not None:
+            auth_limits.record_failure(
+                session,
+                failed[1],
+                failed[0],
+                credentials.address,
+                actor=_actor(credentials),
+                now=now(),
+                shown_device=_printable(_claimed_device(credentials), 64),
+            )
         audit.record(
             session,
             action,
             actor=_actor(credentials),
-            subject=subject,
+            subject=_printable(subject, 256),
             now=now,
             details={
                 "reason": str(exc),
@@ -179,6 +198,23 @@ def _refused(
         session.rollback()
 
 
+def _plausible_serial(username: str) -> bool:
+    """Whether a Basic user name can be a device serial at all (others never reach a query)."""
+    try:
+        check_charger_identity(username)
+    except PolicyError:
+        return False
+    return True
+
+
+def _printable(value: str | None, limit: int) -> str | None:
+    """A caller-supplied string made safe for an audit column: no control characters, bounded length."""
+    if value is None:
+        return None
+    cleaned = "".join(ch if ch.isprintable() else "\ufffd" for ch in value)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
 def _actor(credentials: Credentials) -> str:
     if credentials.principal is not None:
         return credentials.principal
@@ -186,11 +222,11 @@ def _actor(credentials: Credentials) -> str:
         try:
             cert = x509.load_der_x509_certificate(credentials.client_certificate)
             names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            return f"tls:{names[0].value if names else cert.serial_number}"
+            return f"tls:{_printable(str(names[0].value), 64) if names else cert.serial_number}"
         except ValueError:
             return "tls:unparseable"
     if credentials.username:
-        return f"basic:{credentials.username[:64]}"
+        return f"basic:{_printable(credentials.username, 64)}"
     return f"anonymous@{credentials.address or '?'}"
 
 
@@ -223,15 +259,64 @@ def _audited(
     settings: EnrollmentSettings,
     now: Clock,
 ) -> Certificate:
-    """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised."""
+    """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
+
+    A device or address locked out for failed authentications is refused first (429), before
+    any other work; a failed authentication is counted with the refusal's audit entry.
+    """
+    device = auth_limits.device_key(_claimed_device(credentials))
+    at = now()
+    standing = auth_limits.standing(session, settings.limits, device, credentials.address, at)
+    if standing.retry_after is not None:
+        session.rollback()
+        raise RateLimitedError(
+            f"too many failed authentications from this device or address: retry in {standing.retry_after} s",
+            standing.retry_after,
+        )
     subject = credentials.username
     try:
         csr = read_csr(csr_data)
         subject = csr.common_name
-        return flow(session, issuers, status, authority, csr, credentials, settings, now)
+        certificate = flow(session, issuers, status, authority, csr, credentials, settings, now)
     except ChargepkiError as exc:
-        _refused(session, action, exc, credentials, subject, authority, now)
+        failed = isinstance(exc, AuthenticationError) and _presented(credentials)
+        _refused(
+            session,
+            action,
+            exc,
+            credentials,
+            subject,
+            authority,
+            now,
+            failed=(device, settings.limits) if failed else None,
+        )
         raise
+    if standing.device_has_failures and device is not None:
+        try:
+            auth_limits.forget_device(session, device)
+            session.commit()
+        except SQLAlchemyError:
+            session.rollback()  # the certificate is committed; a stale count only costs the device a retry
+    return certificate
+
+
+def _claimed_device(credentials: Credentials) -> str | None:
+    """Who the caller says it is: the Basic user name, else the client certificate's CN."""
+    if credentials.username:
+        return credentials.username
+    if credentials.client_certificate is not None:
+        try:
+            names = x509.load_der_x509_certificate(credentials.client_certificate).subject.get_attributes_for_oid(
+                NameOID.COMMON_NAME
+            )
+            return str(names[0].value) if names else None
+        except ValueError:
+            return None
+    return None
+
+
+def _presented(credentials: Credentials) -> bool:
+    return bool(credentials.username) or credentials.password is not None or credentials.client_certificate is not None
 
 
 def _enroll(
@@ -250,13 +335,16 @@ def _enroll(
             raise AuthenticationError(
                 "credentials required: HTTP Basic (device serial and one-time secret) or an RA client certificate"
             )
-        if not secret_is_valid(session, credentials.username, credentials.password, now=now):
+        if not _plausible_serial(credentials.username) or not secret_is_valid(
+            session, credentials.username, credentials.password, now=now
+        ):
             raise AuthenticationError("unknown device or wrong, used or expired secret")
         if csr.common_name != credentials.username:
             raise PolicyError(
                 f"the CSR's CN {csr.common_name!r} is not the authenticated device {credentials.username!r}",
                 code="cn_mismatch",
             )
+    check_charger_identity(csr.common_name)  # before it reaches a query (a NUL fails on PostgreSQL)
     device = _registered_device(session, csr.common_name)
     _check_device(device, authority)
     _check_binding(csr.csr, credentials, settings)

@@ -67,3 +67,11 @@ class AuthenticationError(ChargepkiError):
     """Missing or wrong credentials (HTTP 401): the message never says which part was wrong."""
 
     code = "unauthenticated"
+
+
+class RateLimitedError(ChargepkiError):
+    """Too many failed authentications from this device or address (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -179,6 +179,22 @@ class StatusFeed(Base):
     counter: Mapped[int] = mapped_column(BigInteger)
 
 
+class AuthFailure(Base):
+    """Failed authentications of one device (``kind = "device"``) or client address (``"address"``).
+
+    Kept in the database, not in a worker's memory, so the limit holds across gunicorn workers
+    and processes; ``locked_until`` set means locked out until then (ca/auth_limits.py).
+    """
+
+    __tablename__ = "auth_failures"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class AuditEvent(Base):
     """One entry of the hash chain: ``hash = SHA-256(prev_hash ‖ canonical entry)``."""
 

@@ -24,7 +24,7 @@ _CKR_OK = 0
 
 
 def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(value + "\n")
@@ -39,13 +39,15 @@ def _existing(path: Path | None) -> str | None:
 def write_softhsm_conf(conf: Path) -> Path:
     """A configuration that keeps this home's tokens in ``<conf dir>/tokens``."""
     tokens = conf.parent / "tokens"
-    tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conf.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the token directory and its PIN files
+    tokens.mkdir(exist_ok=True, mode=0o700)
     if not conf.exists():
-        conf.write_text(
-            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n",
-            encoding="utf-8",
-        )
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(
+                f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+                "slots.removable = false\n"
+            )
     return conf
 
 

@@ -184,7 +184,10 @@ class Store:
                 raise StoreError(f"invalid timeout in database URL {url!r}") from None
         if file_db and not parsed.database.startswith("file:"):  # type: ignore[union-attr]
             if create and not read_only:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+                database = Path(str(parsed.database))
+                database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with suppress(OSError):  # a new database file is the owner's only (WAL/SHM follow it)
+                    os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             else:
                 self.must_exist = Path(str(parsed.database))
                 engine_url = parsed.set(database=f"file:{quote(str(parsed.database))}").update_query_dict(

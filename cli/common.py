@@ -12,6 +12,7 @@ import click
 
 from ca.authorities import default_issuing_ca, get_authority
 from ca.context import Pki
+from ca.errors import InputError
 from ca.models import Authority
 from ocsp.presign import Presigner, policy_from
 
@@ -78,3 +79,16 @@ def pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> 
 def note(authority: Authority) -> None:
     """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
     click.echo(f"[{authority.environment}] CA {authority.name}", err=True)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written, before a command changes anything."""
+    if path.is_dir():
+        raise InputError(f"{path} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent} is not a directory")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{path} is not writable")
+    if len(path.name.encode("utf-8", "surrogateescape")) > 255:
+        raise InputError(f"the file name {path.name[:40]}… is too long")

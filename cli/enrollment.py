@@ -34,7 +34,7 @@ from ca.issuance import IssueRequest, issue, request_from_csr
 from ca.names import ENVIRONMENTS
 from ca.profiles import get_profile
 from ca.revocation import REASONS
-from cli.common import State, actor, fmt_time, note, pass_state, table
+from cli.common import State, actor, check_writable, fmt_time, note, pass_state, table
 from cli.params import DURATION
 
 
@@ -200,6 +200,7 @@ def token_issue(state: State, serial: str, ttl: timedelta) -> None:
 def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta) -> None:
     """One secret per device of a batch, written to a CSV for the provisioning station."""
     serials = _read_serials(serial_file)
+    check_writable(out)  # before any secret is issued: secrets that never reach the file are lost
     output = io.StringIO()
     writer = csv.writer(output)
     writer.writerow(["serial", "secret", "expires_at"])
@@ -258,6 +259,10 @@ def ra_add(
 ) -> None:
     """Issue an RA client certificate; writes NAME.pem (and NAME.key when no CSR was given)."""
     profile = get_profile("ra")
+    out_dir.mkdir(parents=True, exist_ok=True)  # before anything is issued
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    for suffix in (".pem", ".key"):
+        check_writable(out_dir / f"{stem}{suffix}")
     pki = state.pki()
     key = None
     with pki.store.session() as session:
@@ -273,8 +278,6 @@ def ra_add(
             request = IssueRequest(profile, key.public_key(), name, validity=validity)
         row = issue(session, issuer, request, actor=actor(), status=state.status())
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     (out_dir / f"{stem}.pem").write_bytes(pem)
     if key is not None:
         _write_private(

@@ -37,7 +37,7 @@ from ca.revocation import REASONS, revoke, unhold
 from ca.rotation import check_can_issue, environment_certificates
 from ca.store import _one_line
 from ca.v2g import current_sub_ca_2
-from cli.common import State, actor, fmt_time, note, pass_state, pick_issuing, table, utc_now
+from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.csms import csms
 from cli.enrollment import device, ra, serve, token_group
@@ -60,6 +60,11 @@ class ChargepkiGroup(click.Group):
             raise click.ClickException(f"database error: {_one_line(exc)}") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except UnicodeError as exc:  # an argument or file that is not UTF-8 (found by fuzzing)
+            raise click.ClickException(f"not valid UTF-8 text ({exc.reason} at position {exc.start})") from None
+        except OSError as exc:  # a path that cannot be read or written: the operator's to fix, not a crash
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
         except Exception as exc:
             if os.environ.get("CHARGEPKI_DEBUG"):
                 raise
@@ -297,6 +302,8 @@ def issue_command(
     """Issue a certificate for a CSR under the issuing CA, checked against the profile."""
     profile = get_profile(profile_name)
     csr = read_csr(csr_file.read())
+    if out is not None:
+        check_writable(out)  # before anything is issued: a failing command changes nothing
     pki = state.pki()
     with pki.store.session() as session:
         authority = _issuer_of(session, profile, ca_name, environment)

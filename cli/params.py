@@ -10,6 +10,8 @@ import click
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([dhm]?)\s*$")
 _UNITS = {"d": "days", "": "days", "h": "hours", "m": "minutes"}
+_PER_DAY = {"d": 1, "": 1, "h": 24, "m": 24 * 60}
+MAX_DURATION_DAYS = 36500
 
 
 class Duration(click.ParamType):
@@ -23,7 +25,11 @@ class Duration(click.ParamType):
         match = _DURATION.match(str(value))
         if not match:
             self.fail(f"{value!r} is not a duration such as 90d, 23h or 30m", param, ctx)
-        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        amount = int(match.group(1))
+        # Nothing chargepki schedules lasts a century; larger numbers would overflow timedelta (found by fuzzing).
+        if amount > MAX_DURATION_DAYS * _PER_DAY[match.group(2)]:
+            self.fail(f"{value!r} is longer than {MAX_DURATION_DAYS} days", param, ctx)
+        return timedelta(**{_UNITS[match.group(2)]: amount})
 
 
 class UtcDateTime(click.ParamType):
@@ -36,9 +42,9 @@ class UtcDateTime(click.ParamType):
             return value
         try:
             parsed = datetime.fromisoformat(str(value))
-        except ValueError:
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved across a zone (found by fuzzing)
             self.fail(f"{value!r} is not an ISO 8601 date such as 2026-11-24T10:00:00Z", param, ctx)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 DURATION = Duration()

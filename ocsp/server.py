@@ -99,20 +99,26 @@ def serve_responder(config: Config, *, host: str, port: int, workers: int, serve
     """Serve the keyless responder in the foreground (granian by default, gunicorn on request)."""
     os.environ["CHARGEPKI_HOME"] = str(config.home)
     os.environ["CHARGEPKI_OCSP_NO_SIGNER"] = "0" if signer else "1"
+    timeout = config.ocsp.request_timeout_seconds
+    # Size limits: bodies 16 KiB (ocsp/wsgi.py), request heads 64 KiB; time limits: see below.
     if server == "gunicorn":
+        os.environ["CHARGEPKI_REQUEST_TIMEOUT"] = str(timeout)  # read by web.workers (per read/write)
         arguments = [
             sys.executable, "-m", "gunicorn",
             "--bind", f"{host}:{port}",
             "--workers", str(workers),
-            "--worker-class", "gthread",
+            "--worker-class", "web.workers.TimedThreadWorker",  # gthread + socket timeouts (by name: no import)
             "--threads", "8",
             "--keep-alive", "30",
             "--limit-request-line", "8190",
+            "--limit-request-fields", "50",
+            "--limit-request-field_size", "8190",
             "ocsp.wsgi:create_app()",
         ]  # fmt: skip
         os.execv(sys.executable, arguments)
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
 
     Granian(
         "ocsp.wsgi:create_app",
@@ -126,4 +132,6 @@ def serve_responder(config: Config, *, host: str, port: int, workers: int, serve
         backpressure=256,
         log_access=False,
         respawn_failed_workers=True,
+        # A client gets request_timeout_seconds to send its request head, which may not exceed 64 KiB.
+        http1_settings=HTTP1Settings(header_read_timeout=timeout * 1000, max_buffer_size=64 * 1024),
     ).serve()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy.orm import Session
 
 from ca.config import Config as PkiConfig
@@ -27,6 +29,17 @@ from ocsp.presign import Presigner
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("CHARGEPKI_REQUIRE_POSTGRES") == "1"
+
+# Property tests: "ci" keeps `make test` fast (a few seconds per property), "fuzz" is the long run
+# (HYPOTHESIS_PROFILE=fuzz). The deadline catches slow inputs; tests.hostile.bounded catches hangs.
+_HYPOTHESIS_COMMON = {
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+# The deadline flags slow inputs; it is generous because CI machines are shared (hangs are caught anyway).
+hypothesis_settings.register_profile("ci", max_examples=40, deadline=10000, **_HYPOTHESIS_COMMON)
+hypothesis_settings.register_profile("fuzz", max_examples=5000, deadline=10000, **_HYPOTHESIS_COMMON)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # -- the token --------------------------------------------------------------------------------

@@ -216,7 +216,9 @@ def test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate(fleet
             pool.map(lambda body: fleet.post("simpleenroll", body, auth=(serial, secret)).status_code, bodies)
         )
     assert statuses.count(200) == 1, statuses
-    assert set(statuses) <= {200, 401, 409}
+    # The losers' spent secret counts as failed authentications: past est.auth_max_failures_per_device
+    # the rest are turned away with 429 before they reach the secret.
+    assert set(statuses) <= {200, 401, 409, 429}
     with fleet.store.session() as session:
         device = get_device(session, serial)
         issued = session.scalar(select(func.count()).select_from(Certificate).where(Certificate.device_id == device.id))

@@ -30,9 +30,10 @@ from ca.certificates import ocpp_chain_pem, standing
 from ca.context import Pki
 from ca.csms import Caller, authenticate, record_call
 from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
-from ca.errors import InputError, NotFoundError, StoreError
+from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError
 from ca.identity import check_identity
 from ca.models import Certificate, CsmsSignJob, Device
+from ca.store import _one_line
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
 from web.est import _client_certificate, _enrollment_settings, _issuer, _status, _sweep
@@ -363,7 +364,11 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 outcome = self.run_once()
-            except Exception:
+            except (SQLAlchemyError, ChargepkiError) as exc:
+                # The database or the token is away: one line, and the jobs wait in the database.
+                log.warning("signing job runner: %s", _one_line(exc))
+                outcome = None
+            except Exception:  # anything else is a bug worth its traceback in the log
                 log.exception("signing job runner")
                 outcome = None
             if outcome is None:

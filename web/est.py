@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,12 +26,14 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
+from ca.auth_limits import AuthLimits
 from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
-from ca.errors import InputError, NotFoundError
+from ca.errors import AuthenticationError, InputError, NotFoundError
 from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
@@ -69,6 +72,7 @@ def _settings() -> EstSettings:
     return current_app.extensions["chargepki.est"]
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # CA names (ca.hierarchy) fit this
 AUTHORITY_TTL = 10.0  # seconds a worker keeps a label's CA: a CA added or retired is seen within this time
 
 
@@ -89,6 +93,8 @@ def _find_authority(session: Session, label: str | None) -> Authority:
         return default_issuing_ca(session, settings.default_environment)
     if label in ENVIRONMENTS:
         return default_issuing_ca(session, label)
+    if not _LABEL.match(label):  # never send a NUL or a novel to the database (PostgreSQL refuses NULs)
+        raise NotFoundError(f"no EST label {label[:64]!r}")
     if label == V2G_LABEL:
         return current_sub_ca_2(session, settings.default_environment)
     authority = session.scalar(
@@ -112,16 +118,49 @@ def _certs_only(certificates: list[x509.Certificate]) -> Response:
 
 
 def _read_pkcs10() -> bytes:
-    """The request body as DER: base64 per RFC 7030 (whitespace allowed), or PEM as a courtesy."""
     if request.mimetype != "application/pkcs10":
-        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {request.mimetype or 'none'}")
-    body = request.get_data(cache=False)
+        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {request.mimetype[:64] or 'none'!r}")
+    return decode_pkcs10(request.mimetype, _request_body())
+
+
+def _request_body() -> bytes:
+    """The body, refused with 413 from MAX_CONTENT_LENGTH bytes on, chunked or not.
+
+    werkzeug checks Content-Length against the limit, but a chunked body it silently cuts at the
+    limit and hands over the first part as if it were all (found by the limits test).
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    try:
+        body = request.stream.read(limit)
+    except (ClientDisconnected, TimeoutError):  # the client stopped sending (web/workers.py) or went away
+        raise RequestTimeout("the request body did not arrive in time") from None
+    if len(body) >= limit:
+        raise RequestEntityTooLarge()
+    if request.content_length is not None and len(body) < request.content_length:
+        # The stream ended early (a stalled client is cut off as end of stream): never parse half a body.
+        raise RequestTimeout("the request body did not arrive in time")
+    return body
+
+
+def decode_pkcs10(mimetype: str, body: bytes) -> bytes:
+    """The request body as DER: base64 per RFC 7030 (whitespace allowed), or PEM as a courtesy."""
+    if mimetype != "application/pkcs10":
+        raise UnsupportedMediaType(f"Content-Type must be application/pkcs10, not {mimetype[:64] or 'none'!r}")
     if body.lstrip().startswith(b"-----BEGIN"):
         return body
     try:
         return base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError("the body is not base64-encoded DER (RFC 7030 §4.2.1)") from None
+
+
+def decode_client_cert_header(value: str, header: str) -> bytes:
+    """A trusted proxy's client certificate header (URL-encoded PEM) as DER."""
+    try:
+        certificate = x509.load_pem_x509_certificate(unquote(value).encode("utf-8", "surrogateescape"))
+        return certificate.public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise InputError(f"the {header} header holds no PEM certificate") from None
 
 
 def _client_certificate() -> tuple[bytes | None, bytes | None]:
@@ -132,12 +171,7 @@ def _client_certificate() -> tuple[bytes | None, bytes | None]:
             value = request.headers.get(settings.client_cert_header)
             if not value:
                 return None, None
-            try:
-                return x509.load_pem_x509_certificate(unquote(value).encode()).public_bytes(
-                    serialization.Encoding.DER
-                ), None
-            except ValueError:
-                raise InputError(f"the {settings.client_cert_header} header holds no PEM certificate") from None
+            return decode_client_cert_header(value, settings.client_cert_header), None
         return None, None  # never trust the header from anyone else
     sock = request.environ.get("gunicorn.socket")
     if sock is None or not hasattr(sock, "getpeercert"):
@@ -166,7 +200,10 @@ def _from_trusted_proxy(settings: EstSettings) -> bool:
 
 def _credentials() -> Credentials:
     der, binding = _client_certificate()
-    auth = request.authorization
+    try:
+        auth = request.authorization
+    except ValueError:  # werkzeug raises on a Basic token with non-ASCII characters (found by fuzzing)
+        raise AuthenticationError("malformed Authorization header") from None
     username = password = None
     if auth is not None and auth.type == "basic":
         username, password = auth.username, auth.password
@@ -174,9 +211,26 @@ def _credentials() -> Credentials:
         username=username,
         password=password,
         client_certificate=der,
-        address=request.remote_addr,
+        address=_client_address(),
         tls_unique=binding,
     )
+
+
+def _client_address() -> str | None:
+    """The caller's address: the peer, or behind a trusted proxy the last X-Forwarded-For entry it added.
+
+    Rate limits and audit entries are per client address; behind a proxy every peer address is
+    the proxy's own, so the address that proxy appended is the one to count (and only from it).
+    """
+    settings = _settings()
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and settings.trusted_proxies and _from_trusted_proxy(settings):
+        candidate = forwarded.split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            pass
+    return request.remote_addr
 
 
 def _enrollment_settings() -> EnrollmentSettings:
@@ -184,6 +238,12 @@ def _enrollment_settings() -> EnrollmentSettings:
     return EnrollmentSettings(
         supersede_grace=timedelta(seconds=settings.supersede_grace_seconds),
         require_tls_unique=settings.require_tls_unique,
+        limits=AuthLimits(
+            max_failures_per_device=settings.auth_max_failures_per_device,
+            max_failures_per_address=settings.auth_max_failures_per_address,
+            window=timedelta(seconds=settings.auth_failure_window_seconds),
+            lockout=timedelta(seconds=settings.auth_lockout_seconds),
+        ),
     )
 
 

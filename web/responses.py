@@ -17,6 +17,7 @@ from ca.errors import (
     InputError,
     NotFoundError,
     PolicyError,
+    RateLimitedError,
     StoreError,
     TokenError,
 )
@@ -55,6 +56,9 @@ def classify(exc: Exception) -> tuple[int, str, str, dict[str, str]]:
         allow = exc.get_response().headers.get("Allow")
         message = f"request body larger than {MAX_BODY} bytes" if status == 413 else f"{exc.name}: {exc.description}"
         return status, message, _HTTP_REASONS.get(status, "bad_request"), {"Allow": allow} if allow else {}
+    if isinstance(exc, RateLimitedError):
+        # RFC 6585 §4: 429 Too Many Requests, with Retry-After for honest clients.
+        return 429, str(exc), exc.code, {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, AuthenticationError):
         return 401, str(exc), exc.code, {}
     if isinstance(exc, UnsupportedMediaType):

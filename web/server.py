@@ -30,6 +30,7 @@ from ca.issuance import IssueRequest, abandon_stale_pending, issue, utcnow
 from ca.profiles import get_profile
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
+from web.workers import TIMEOUT_ENV, ssl_context
 
 SERVER_VALIDITY = timedelta(days=90)
 
@@ -132,16 +133,21 @@ class EstServer(BaseApplication):  # type: ignore[misc]
 
 def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
     settings = pki.config.est
+    # Size and time limits: request line 4 KiB, 50 header fields of at most 8 KiB each, bodies
+    # 32 KiB (web/app.py), and a connection that stalls mid-request for request_timeout_seconds
+    # is closed (web/workers.py); idle keep-alive connections close after 30 s.
+    os.environ[TIMEOUT_ENV] = str(settings.request_timeout_seconds)
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": "web.workers.TimedThreadWorker",
         "threads": 4,
         "timeout": 30,
         "graceful_timeout": 10,
         "keepalive": 30,
         "limit_request_line": 4096,
         "limit_request_fields": 50,
+        "limit_request_field_size": 8190,
         "accesslog": "-",
         "errorlog": "-",
     }
@@ -152,6 +158,7 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
             keyfile=tls["keyfile"],
             ca_certs=tls["ca_certs"],
             cert_reqs=ssl.CERT_OPTIONAL,
+            ssl_context=ssl_context,  # TLS sockets with the request time limit (web/workers.py)
         )
     with pki.store.session() as session:
         abandon_stale_pending(session, actor="system:est")  # what a crash left behind (workers sweep too)

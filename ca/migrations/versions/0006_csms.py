@@ -1,7 +1,7 @@
 """The CSMS API: CSMS clients, their API tokens, and durable asynchronous signing jobs.
 
 Revision ID: 0006
-Revises: 0004 (to be re-pointed onto 0005 when both are merged)
+Revises: 0005
 Create Date: 2026-11-25 10:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
