@@ -277,3 +277,35 @@ class CsmsSignJob(Base):
     error: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Campaign(Base):
+    """A fleet re-enrollment campaign: move the devices of a superseded issuing CA onto its successor.
+
+    Progress is not counted here: it is read from the certificates the devices hold, so every
+    issuance path (EST simplereenroll, the CSMS API) moves it without knowing campaigns exist.
+    """
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    # One campaign per superseded CA: a second one would only count the same devices again.
+    from_authority_id: Mapped[int] = mapped_column(ForeignKey("authorities.id"), unique=True)
+    to_authority_id: Mapped[int] = mapped_column(ForeignKey("authorities.id"))
+    actor: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    from_authority: Mapped[Authority] = relationship(foreign_keys=[from_authority_id])
+    to_authority: Mapped[Authority] = relationship(foreign_keys=[to_authority_id])
+
+
+class CampaignDevice(Base):
+    """A device in a campaign, with the certificate from the old CA it held when it joined."""
+
+    __tablename__ = "campaign_devices"
+
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"))
+    joined_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -223,6 +223,17 @@ PROFILES: dict[str, Profile] = {
             issuer_roles=("v2g-sub-ca-2",),
             domain_component="CPO",
         ),
+        Profile(
+            name="root-link",
+            description="root rollover link: one root's name and key certified by the other root (ca/rotation.py)",
+            key_types=ALL_KEY_TYPES,
+            default_validity=20 * 365 * DAY,
+            max_validity=30 * 365 * DAY,
+            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
+            ca=True,
+            from_csr=False,
+            issuer_roles=("root",),
+        ),
     )
 }
 

@@ -34,6 +34,7 @@ from ca.models import Authority
 from ca.names import ENVIRONMENTS
 from ca.profiles import PROFILES, Profile, check_issuer_role, get_profile
 from ca.revocation import REASONS, revoke, unhold
+from ca.rotation import check_can_issue, environment_certificates
 from ca.store import _one_line
 from ca.v2g import current_sub_ca_2
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
@@ -43,6 +44,7 @@ from cli.enrollment import device, ra, serve, token_group
 from cli.firmware import firmware, manufacturer
 from cli.ocsp import ocsp
 from cli.params import DURATION, UTC_DATETIME
+from cli.rotation import ca_rollover_root, ca_rotate, campaign
 from cli.v2g import v2g
 
 
@@ -253,14 +255,24 @@ def ca_list(state: State, environment: str | None) -> None:
 @ca.command("chain")
 @click.option("--ca", "ca_name", help="CA name (default: the active issuing CA).")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Every CA of the environment still in service and the root link certificates (what EST cacerts serves).",
+)
 @pass_state
-def ca_chain(state: State, ca_name: str | None, environment: str | None) -> None:
+def ca_chain(state: State, ca_name: str | None, environment: str | None, everything: bool) -> None:
     """Print the PEM chain: the CA, then its parents up to the root."""
     with state.pki().store.session() as session:
         authority = pick_issuing(session, ca_name, environment)
         note(authority)
-        for member in chain(session, authority):
-            certificate = x509.load_der_x509_certificate(member.certificate_der)
+        if everything:
+            ders = environment_certificates(session, authority.environment)
+        else:
+            ders = [member.certificate_der for member in chain(session, authority)]
+        for der in ders:
+            certificate = x509.load_der_x509_certificate(der)
             click.echo(certificate.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
 
 
@@ -297,6 +309,7 @@ def issue_command(
         authority = _issuer_of(session, profile, ca_name, environment)
         check_issuer_role(profile, authority.role, authority.name)
         note(authority)
+        check_can_issue(session, authority)
         issuer = issuer_for(authority, pki.token())
         row = issue(
             session, issuer, request_from_csr(profile, csr, issuer, validity), actor=actor(), status=state.status()
@@ -461,8 +474,10 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware):
+for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign):
     cli.add_command(group)
+ca.add_command(ca_rotate)
+ca.add_command(ca_rollover_root)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from ca.authorities import Issuer, issuer_for, list_authorities
 from ca.errors import ChargepkiError
 from ca.models import Authority, Certificate, StatusFeed
 from ca.pkcs11_token import Token
+from ca.rotation import finished_authorities, retire
 from crl import der
 from crl.builder import build
 
@@ -182,10 +183,16 @@ def publish_all(
     *,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     validity: timedelta = DEFAULT_VALIDITY,
+    actor: str = "system:crl-publisher",
 ) -> list[Published]:
     """One CRL per active CA of every environment (roots cover their issuing CAs), then each
     environment's bundle ``<environment>-crls.pem``: every CRL of its chains in one file, which
-    TLS servers that check the whole chain (nginx ``ssl_crl``) need."""
+    TLS servers that check the whole chain (nginx ``ssl_crl``) need.
+
+    A superseded CA whose last certificate has expired gets this final CRL and is then retired
+    (``ca.rotation``); later passes leave it out.
+    """
+    finished = finished_authorities(session, now())
     active = [authority for authority in list_authorities(session) if authority.status == "active"]
     published = [
         publish_crl(session, issuer_for(authority, token), authority, directory, now=now(), validity=validity)
@@ -194,6 +201,8 @@ def publish_all(
     for environment in sorted({authority.environment for authority in active}):
         names = [authority.name for authority in active if authority.environment == environment]
         write_bundle(directory, f"{environment}-crls.pem", names)
+    if finished:
+        retire(session, finished, actor=actor, now=now())
     return published
 
 

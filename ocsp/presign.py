@@ -283,14 +283,16 @@ def rotate_signers(
     force: bool = False,
     authority_names: Sequence[str] = (),
 ) -> list[tuple[Authority, Certificate]]:
-    """A new delegated signer for every unexpired CA whose signer is missing or has a third of its life left.
+    """A new delegated signer for every unexpired active CA whose signer is missing or has a third of its life left.
 
     ``refresh`` then re-signs that CA's responses with it; the old signer's responses stay valid
-    meanwhile, since none outlives its signer.
+    meanwhile, since none outlives its signer. A CA made by a rotation is covered from its first
+    pass; a retired CA (``ca.rotation``) has nothing left to answer for and gets no new signer.
     """
     rotated = []
-    # External CAs (an imported V2G root) have no key here: their own operator answers for them.
-    candidates = select(Authority).where(Authority.not_after > now, Authority.status != "external")
+    # External CAs (an imported V2G root) have no key here: their own operator answers for them;
+    # a retired CA (ca/rotation.py) has nothing left to answer for.
+    candidates = select(Authority).where(Authority.not_after > now, Authority.status == "active")
     for authority in session.scalars(candidates.order_by(Authority.id)):
         if authority_names and authority.name not in authority_names:
             continue

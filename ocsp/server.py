@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ca.config import Config
 from ca.context import Pki
 from ca.errors import ChargepkiError
+from ca.rotation import retire_finished
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.signer_service import OnDemandSigner, SignerServer
 from ocsp.wsgi import signer_socket_path
@@ -29,10 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
-    """One refresher pass: rotate signers that are due, then re-sign what is due. (rotated, signed)."""
+    """One refresher pass: retire superseded CAs whose last certificate expired, rotate signers that
+    are due, then re-sign what is due. (rotated, signed)."""
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
+        for authority in retire_finished(session, actor=actor, now=now):
+            log.info("[%s] CA %s retired: its last certificate has expired", authority.environment, authority.name)
         rotated = rotate_signers(
             session, presigner, actor=actor, now=now, validity=timedelta(days=settings.signer_validity_days)
         )

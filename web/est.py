@@ -1,10 +1,11 @@
 """RFC 7030 EST endpoints under ``/.well-known/est/`` and ``/.well-known/est/<label>/``.
 
-A label names an issuing CA (``production-issuing-1``) or an environment (``staging``,
-meaning its active issuing CA). A CPO Sub-CA 2's name (``production-cpo-sub-ca2-1``), or
-``v2g`` for the default environment's, enrolls ISO 15118 SECC certificates instead.
-Requests and responses are base64-encoded DER with the content types of RFC 7030 §4; the
-enrollment logic itself lives in ``ca.enrollment`` (chargers) and ``ca.secc`` (SECCs).
+A label names an issuing CA (``production-issuing-1``) or an environment (``staging``); either
+way charger enrollment uses the environment's newest issuing CA, so a device configured with a
+CA's name follows its rotations (``ca/rotation.py``). A CPO Sub-CA 2's name
+(``production-cpo-sub-ca2-1``), or ``v2g`` for the default environment's, enrolls ISO 15118 SECC
+certificates instead. Requests and responses are base64-encoded DER with the content types of
+RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment`` (chargers) and ``ca.secc`` (SECCs).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
 from ca.revocation import revoke_due
+from ca.rotation import environment_certificates
 from ca.secc import enroll_secc
 from ca.v2g import current_sub_ca_2
 from ocsp.presign import Presigner, policy_from
@@ -98,6 +100,8 @@ def _find_authority(session: Session, label: str | None) -> Authority:
     authority = session.scalar(
         select(Authority).where(Authority.name == label, Authority.role.in_(("issuing", "v2g-sub-ca-2")))
     )
+    if authority is not None and authority.role == "issuing":
+        return default_issuing_ca(session, authority.environment)  # the lineage, across rotations
     if authority is None or authority.status != "active":
         raise NotFoundError(f"no EST label {label!r}")
     return authority
@@ -245,10 +249,16 @@ def _enrollment_settings() -> EnrollmentSettings:
 
 @_routes("cacerts", ["GET"])
 def cacerts(label: str | None = None) -> Response:
+    """Chargers: the newest issuing CA and its root first, then every other CA of the environment that
+    still answers for certificates, and the root link certificates (RFC 7030 §4.1.3), so a client can
+    build the chain of an old certificate and of a new one alike. SECCs: the CPO Sub-CA 2's chain."""
     with _pki().store.session() as session:
         authority = _authority(session, label)
-        certificates = [x509.load_der_x509_certificate(a.certificate_der) for a in chain(session, authority)]
-    return _certs_only(certificates)
+        if authority.role == "issuing":
+            ders = environment_certificates(session, authority.environment)
+        else:
+            ders = [member.certificate_der for member in chain(session, authority)]
+    return _certs_only([x509.load_der_x509_certificate(der) for der in ders])
 
 
 def _status() -> Presigner:

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication
+from sqlalchemy.orm import Session
 
 from ca.authorities import default_issuing_ca, issuer_for, list_authorities
 from ca.config import EstSettings
@@ -35,7 +36,7 @@ SERVER_VALIDITY = timedelta(days=90)
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
@@ -89,12 +90,25 @@ def prepare_tls(pki: Pki, settings: EstSettings) -> dict[str, str]:
                 ),
             )
             _write_private(certificate_file, chain_pem)
-        bundle = b"".join(
-            x509.load_der_x509_certificate(a.certificate_der).public_bytes(serialization.Encoding.PEM)
-            for a in list_authorities(session)
-        )
-    _write_private(clients_file, bundle)
+        write_client_ca_bundle(session, clients_file)
     return {"certfile": str(certificate_file), "keyfile": str(key_file), "ca_certs": str(clients_file)}
+
+
+def client_ca_bundle_path(pki: Pki) -> Path:
+    return pki.config.home / "est" / "client-ca.pem"
+
+
+def write_client_ca_bundle(session: Session, path: Path) -> None:
+    """Every CA's certificate, the TLS layer's trust for client certificates.
+
+    gunicorn's gthread worker reads this file for every new connection, so rewriting it (as
+    ``ca rotate`` and ``ca rollover-root`` do) makes a new CA's devices welcome without a restart.
+    """
+    bundle = b"".join(
+        x509.load_der_x509_certificate(a.certificate_der).public_bytes(serialization.Encoding.PEM)
+        for a in list_authorities(session)
+    )
+    _write_private(path, bundle)
 
 
 class EstServer(BaseApplication):  # type: ignore[misc]
