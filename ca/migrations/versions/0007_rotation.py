@@ -1,6 +1,6 @@
 """Fleet re-enrollment campaigns (CA rotation).
 
-Revision ID: 0005d_rotation
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-01 09:00:00
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005d_rotation"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
