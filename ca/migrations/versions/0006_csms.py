@@ -2,7 +2,7 @@
 
 Revision ID: 0006
 Revises: 0005
-Create Date: 2026-11-25 10:00:00
+Create Date: 2026-11-24 21:00:00
 """
 
 from collections.abc import Sequence
