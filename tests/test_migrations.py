@@ -10,22 +10,30 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from cryptography import x509
-from sqlalchemy import Connection, func, inspect, select, text
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from sqlalchemy import Connection, event, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities import default_issuing_ca, issuer_for
-from ca.devices import add_device
-from ca.hierarchy import HierarchyRequest, init_hierarchy
+from ca.certificates import get_certificate, list_certificates
+from ca.devices import add_device, get_device
+from ca.enrollment import Credentials, enroll, reenroll
+from ca.enrollment_secrets import issue_secret
+from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue
-from ca.models import AuditHead, Base, Certificate, OcspResponse
+from ca.models import AuditHead, Base, Certificate, Device, EnrollmentSecret, OcspResponse
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
-from ca.revocation import revoke
+from ca.revocation import revoke, revoke_due
 from ca.store import Store
-from crl.publisher import publish_crl
+from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
-from tests.helpers import make_key
+from ocsp.signer_service import OnDemandSigner
+from ocsp.source import StoreSource
+from tests.helpers import make_csr, make_key
 
 
 def test_upgrade_from_empty_matches_the_models(db_url: str) -> None:
@@ -233,3 +241,184 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
         assert result.ok and result.entries > len(before["audit_events"]), result.problem
         session.commit()
     store.dispose()
+
+
+# -- every statement on a hot path uses an index ----------------------------------------------
+# Tables that grow with the fleet; the others (authorities, audit_head, status_feed) hold a few rows.
+GROWING = {"certificates", "devices", "enrollment_secrets", "ocsp_responses", "audit_events"}
+FLEET = 20_000  # certificates: enough for the planners to prefer a full scan wherever no index fits
+
+
+@pytest.fixture
+def fleet(store: Store, session: Session, hierarchy: Hierarchy, status: Presigner) -> Store:
+    """A fleet's worth of rows (chargers, devices, secrets, responses), then ANALYZE, so both planners
+    choose as they would in production: an equality lookup without an index becomes a full scan."""
+    now = datetime.now(UTC)
+    signer = status.signer_for(session, hierarchy.issuing.id, now)
+    assert signer is not None
+    devices = [
+        {"serial": f"CP-F{n:06d}", "environment": "production", "enabled": True, "enrollment_open": n % 4 == 0,
+         "created_at": now}
+        for n in range(FLEET // 4)
+    ]  # fmt: skip
+    session.execute(insert(Device), devices)
+    first_device = session.scalar(select(func.min(Device.id)).where(Device.serial.like("CP-F%")))
+    assert first_device is not None
+    certificates, responses, secrets = [], [], []
+    for n in range(FLEET):
+        serial = f"{0x4000 + n:X}F00D"
+        revoked = n % 100 == 0
+        certificates.append(
+            {"serial": serial, "authority_id": hierarchy.issuing.id, "profile": "charger",
+             "status": "revoked" if revoked else "valid", "subject": f"CN=CP-F{n // 4:06d}",
+             "common_name": f"CP-F{n // 4:06d}", "not_before": now - timedelta(days=n % 700),
+             "not_after": now + timedelta(days=1 + n % 730, seconds=n), "der": b"\x30\x00",
+             "fingerprint_sha256": f"{n:064x}", "public_key_sha256": f"{n:064X}", "device_id": first_device + n // 4,
+             "revoked_at": now if revoked else None, "revocation_reason": "keyCompromise" if revoked else None,
+             "created_at": now}
+        )  # fmt: skip
+        responses.append(
+            {"authority_id": hierarchy.issuing.id, "serial": serial, "hash_algorithm": "sha1",
+             "cert_status": "revoked" if revoked else "good", "der": b"\x30\x00", "this_update": now,
+             "next_update": now + timedelta(days=3650), "signer_serial": signer.serial}
+        )  # the refresher finds nothing due among them  # fmt: skip
+        if n % 4 == 0:
+            secrets.append(
+                {"device_id": first_device + n // 4, "secret_hash": f"{n:064x}", "expires_at": now + timedelta(days=1),
+                 "created_at": now}
+            )  # fmt: skip
+    for table, rows in ((Certificate, certificates), (OcspResponse, responses), (EnrollmentSecret, secrets)):
+        for offset in range(0, len(rows), 5000):
+            session.execute(insert(table), rows[offset : offset + 5000])
+    session.commit()
+    with store.engine.begin() as connection:
+        for table in sorted(GROWING):
+            connection.exec_driver_sql(f"ANALYZE {table}")
+    return store
+
+
+def _unindexed(store: Store, statement: str, parameters: object) -> list[str]:
+    """Where the planner would read a growing table without an index condition, in its own words.
+
+    SQLite: ``EXPLAIN QUERY PLAN`` says SCAN (a walk of the whole table or index) rather than SEARCH.
+    PostgreSQL: ``EXPLAIN`` shows a Seq Scan, or an index scan without an Index Cond (a full walk).
+    """
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if store.is_sqlite:
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            details = [row[3] for row in cursor.fetchall()]
+            return [d for d in details if d.startswith("SCAN ") and d.split()[1] in GROWING]
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+        plan = cursor.fetchone()[0]
+        problems, nodes = [], [plan[0]["Plan"]]
+        while nodes:
+            node = nodes.pop()
+            nodes.extend(node.get("Plans", []))
+            if node.get("Relation Name") not in GROWING:
+                continue
+            kind = node["Node Type"]
+            if kind == "Seq Scan" or (kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node):
+                problems.append(f"{kind} on {node['Relation Name']}")
+        return problems
+    finally:
+        raw.rollback()
+        raw.close()
+
+
+def test_the_plan_check_sees_a_full_scan(fleet: Store) -> None:
+    """The check below can fail: a lookup by a column without an index is reported, one with an index is not."""
+    marker = "?" if fleet.is_sqlite else "%(value)s"
+    for column, value, indexed in (("subject", "CN=CP-F000001", False), ("serial", "4001F00D", True)):
+        parameters = (value,) if fleet.is_sqlite else {"value": value}
+        problems = _unindexed(fleet, f"SELECT id FROM certificates WHERE {column} = {marker}", parameters)
+        assert (problems == []) is indexed, (column, problems)
+
+
+def test_every_hot_path_statement_uses_an_index(
+    fleet: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
+) -> None:
+    """Run the hot paths for real, record every statement they send, and ask the planner about each.
+
+    EST enrollment and re-enrollment (secret, device, key, fingerprint, supersede), revocation by
+    serial, the OCSP responder's lookup, the on-demand signer, the refresher, CRL publication and
+    the --watch poll, expiring certificates, the superseded sweep, device and certificate by serial.
+    """
+    issuing = hierarchy.issuing
+    issuer = issuer_for(issuing, token)
+    for n in range(3):
+        add_device(session, f"CP-{n}", actor="test")
+    secret = issue_secret(session, get_device(session, "CP-0"), actor="test")
+    key = make_key()
+    csr = x509.load_pem_x509_csr(make_csr("CP-0", key=key)).public_bytes(serialization.Encoding.DER)
+    now = datetime.now(UTC)
+
+    recorded: list[tuple[str, str, object]] = []
+    current = ["set-up"]
+
+    def record(_conn, _cursor, statement: str, parameters: object, _context, executemany: bool) -> None:
+        if not executemany:
+            recorded.append((current[0], statement, parameters))
+
+    store = fleet
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        current[0] = "EST simpleenroll"
+        first = enroll(session, lambda _a: issuer, issuing, csr, Credentials("CP-0", secret), status=status)
+        current[0] = "EST simplereenroll"
+        second = reenroll(
+            session, lambda _a: issuer, issuing, csr, Credentials(client_certificate=first.der), status=status
+        )
+        current[0] = "revoke by serial"
+        revoke(session, second.serial, "keyCompromise", actor="test", status=status)
+        current[0] = "OCSP on-demand signer"
+        request = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(x509.load_der_x509_certificate(first.der), issuer.certificate, hashes.SHA256())
+            .build()
+        )
+        assert OnDemandSigner(store, status).respond(request.public_bytes(serialization.Encoding.DER)) != b""
+        current[0] = "OCSP refresh"
+        refresh(session, status, now)
+        current[0] = "CRL publication"
+        publish_all(session, token, tmp_path / "pki")
+        current[0] = "CRL --watch poll"
+        status_counter(session)
+        revocation_summary(session)
+        current[0] = "expiring certificates"
+        list_certificates(session, now, expiring_within=timedelta(days=30), limit=100)
+        current[0] = "superseded sweep"
+        revoke_due(session, status=status)
+        current[0] = "device by serial"
+        get_device(session, "CP-1")
+        current[0] = "certificate by serial"
+        get_certificate(session, first.serial)
+        session.commit()
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+
+    # The responder reads through the DBAPI (no engine events): its one statement, as it sends it.
+    source = StoreSource(Store(store.url.render_as_string(hide_password=False), read_only=True))
+    recorded.append(("OCSP responder", source._lookup, (issuing.id, first.serial, "sha1")))
+    assert source.response(issuing.id, int(first.serial, 16), "sha1") is not None
+    source.store.dispose()
+
+    checked: dict[str, int] = {}
+    problems = []
+    for operation, statement, parameters in recorded:
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if operation == "set-up" or verb not in ("SELECT", "UPDATE", "DELETE"):
+            continue  # INSERTs find no rows; BEGIN, PRAGMA and the like plan nothing
+        if not any(table in statement for table in GROWING):
+            continue
+        checked[operation] = checked.get(operation, 0) + 1
+        for problem in _unindexed(store, statement, parameters):
+            problems.append(f"{operation}: {problem} in {' '.join(statement.split())[:300]}")
+    assert problems == []
+    expected = {
+        "EST simpleenroll", "EST simplereenroll", "revoke by serial", "OCSP on-demand signer", "OCSP refresh",
+        "CRL publication", "CRL --watch poll", "expiring certificates", "superseded sweep", "device by serial",
+        "certificate by serial", "OCSP responder",
+    }  # fmt: skip
+    assert set(checked) == expected, checked  # every path sent statements that were checked
