@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -103,6 +104,17 @@ def _renew_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_renew_lock_after_fork)
 
 
+# SoftHSM2 keeps a token in files, and every login rewrites the token's own file (its flags); a process
+# reading it at that moment gets CKR_GENERAL_ERROR ("Token integrity check failed", SoftHSMv2 issue
+# #757). `make soak` met it when EST workers, the OCSP signer and CLI processes logged in together, so
+# finding the token and logging in are retried a few times, briefly, on that error only.
+_CONNECT_ATTEMPTS = 5
+
+
+class _Transient(TokenError):
+    """CKR_GENERAL_ERROR while finding the token or logging in."""
+
+
 class Token:
     """A logged-in token, safe to share between threads.
 
@@ -131,12 +143,29 @@ class Token:
     def _connect(self) -> None:
         """(Re)load the module, find the token and log in. Caller holds ``_CALL_LOCK``."""
         library = _library(self.module, self._softhsm_conf)
+        for attempt in range(_CONNECT_ATTEMPTS):
+            try:
+                token, session = self._login(library)
+                break
+            except _Transient:
+                if attempt == _CONNECT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+        self._session = session
+        self._signing_keys = {}
+        self._generation = library.generation
+        self._pid = os.getpid()
+        self.mechanisms = frozenset(token.slot.get_mechanisms())
+
+    def _login(self, library: _Library) -> tuple[Any, Any]:
         try:
             token = library.lib.get_token(token_label=self.label)
         except p11.NoSuchToken:
             raise TokenError(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
         except p11.MultipleTokensReturned:
             raise TokenError(f"several tokens are labelled {self.label!r} in {self.module}") from None
+        except p11.GeneralError as exc:
+            raise _Transient(f"token {self.label!r} unavailable: {_describe(exc)}") from None
         except p11.PKCS11Error as exc:
             raise TokenError(f"token {self.label!r} unavailable: {_describe(exc)}") from None
         try:
@@ -148,13 +177,11 @@ class Token:
         except p11.UserAlreadyLoggedIn:
             # Another Token object of this process logged in already; login state is per process.
             session = token.open(rw=True)
+        except p11.GeneralError as exc:
+            raise _Transient(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
         except p11.PKCS11Error as exc:
             raise TokenError(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
-        self._session = session
-        self._signing_keys = {}
-        self._generation = library.generation
-        self._pid = os.getpid()
-        self.mechanisms = frozenset(token.slot.get_mechanisms())
+        return token, session
 
     def _stale(self) -> bool:
         library = _LIBRARIES.get(self.module)

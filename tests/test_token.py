@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 
+from ca import pkcs11_token
 from ca.config import Pkcs11Settings
 from ca.errors import TokenError
 from ca.keyspec import key_spec
@@ -145,3 +146,40 @@ def test_missing_key_label_is_named(token: Token) -> None:
         token.public_key("absent")
     with pytest.raises(TokenError, match="no private key labelled 'absent'"):
         token.key_attributes("absent")
+
+
+class _FlakyModule:
+    """The loaded module, except that finding a token fails with CKR_GENERAL_ERROR ``failures`` times
+    (what SoftHSM2 answers while another process rewrites the token's file at login)."""
+
+    def __init__(self, lib: object, failures: int) -> None:
+        self.lib, self.failures = lib, failures
+
+    def get_token(self, **kwargs: object) -> object:
+        if self.failures:
+            self.failures -= 1
+            raise p11.GeneralError()
+        return self.lib.get_token(**kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.lib, name)
+
+
+@pytest.mark.parametrize(("failures", "connects"), [(2, True), (5, False)])
+def test_a_general_error_at_login_is_retried_briefly(
+    token: Token,
+    token_settings: tuple[Pkcs11Settings, str],
+    monkeypatch: pytest.MonkeyPatch,
+    failures: int,
+    connects: bool,
+) -> None:
+    settings, pin = token_settings
+    library = pkcs11_token._LIBRARIES[settings.module]
+    flaky = _FlakyModule(library.lib, failures)
+    monkeypatch.setattr(library, "lib", flaky)
+    if connects:
+        fresh = Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
+        assert fresh.mechanisms and flaky.failures == 0
+    else:
+        with pytest.raises(TokenError, match="unavailable: GeneralError"):
+            Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
