@@ -754,10 +754,12 @@ def memory_rows(watch: MemoryWatch, warm_at: float, names: dict[int, str]) -> tu
         first = samples[0][1]
         warm = next((value for at, value in samples if at >= warm_at), samples[-1][1])
         end = samples[-1][1]
+        middle_at = (warm_at + samples[-1][0]) / 2
+        middle = next((value for at, value in samples if at >= middle_at), end)
         peak = max(value for _, value in samples)
         growth = end - warm
         rows.append(
-            f"| {name} | {pid} | {first:.0f} | {warm:.0f} | {end:.0f} | {peak:.0f} | {growth:+.1f} MB "
+            f"| {name} | {pid} | {first:.0f} | {warm:.0f} | {middle:.0f} | {end:.0f} | {peak:.0f} | {growth:+.1f} MB "
             f"({growth / warm * 100:+.1f}%) |"
         )
         if growth > max(watch_limit(warm), 0):
@@ -813,11 +815,11 @@ def report(
         lines += ["", "Errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.error_counts.items()))]
     lines += [
         "",
-        "RSS per process (MB): at the start of the load, after warm-up, at the end, peak; growth after warm-up "
-        f"(fails beyond {MAX_GROWTH_MB:.0f} MB or 15%).",
+        "RSS per process (MB): at the start of the load, after warm-up, half way from there, at the end, peak; "
+        f"growth after warm-up (fails beyond {MAX_GROWTH_MB:.0f} MB or 15%).",
         "",
-        "| process | pid | start | after warm-up | end | peak | growth after warm-up |",
-        "|---|---|---|---|---|---|---|",
+        "| process | pid | start | after warm-up | half way | end | peak | growth after warm-up |",
+        "|---|---|---|---|---|---|---|---|",
         *memory,
         "",
         "Afterwards:",

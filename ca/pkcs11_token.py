@@ -49,9 +49,9 @@ class _Library:
         self.generation = 0
         self.lib = pkcs11.lib(path)
 
-    def refresh(self, softhsm_conf: str | None) -> None:
-        """Re-initialise after a fork, or when the SoftHSM2 configuration must change."""
-        if self.pid == os.getpid() and self.softhsm_conf == softhsm_conf:
+    def refresh(self, softhsm_conf: str | None, *, force: bool = False) -> None:
+        """Re-initialise after a fork, when the SoftHSM2 configuration must change, or on demand."""
+        if self.pid == os.getpid() and self.softhsm_conf == softhsm_conf and not force:
             return
         with suppress(p11.PKCS11Error):
             self.lib.finalize()
@@ -65,7 +65,7 @@ _LIBRARIES: dict[str, _Library] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
-def _library(path: str, softhsm_conf: Path | None) -> _Library:
+def _library(path: str, softhsm_conf: Path | None, *, reload: bool = False) -> _Library:
     conf = str(softhsm_conf) if softhsm_conf is not None else None
     if conf is not None:
         # SoftHSM2 reads its configuration from the environment at C_Initialize only.
@@ -81,7 +81,7 @@ def _library(path: str, softhsm_conf: Path | None) -> _Library:
                 raise TokenError(f"cannot load PKCS#11 module {path}: {_describe(exc)}") from None
             _LIBRARIES[path] = loaded
         else:
-            loaded.refresh(conf if conf is not None else loaded.softhsm_conf)
+            loaded.refresh(conf if conf is not None else loaded.softhsm_conf, force=reload)
         return loaded
 
 
@@ -106,13 +106,14 @@ os.register_at_fork(after_in_child=_renew_lock_after_fork)
 
 # SoftHSM2 keeps a token in files, and every login rewrites the token's own file (its flags); a process
 # reading it at that moment gets CKR_GENERAL_ERROR ("Token integrity check failed", SoftHSMv2 issue
-# #757). `make soak` met it when EST workers, the OCSP signer and CLI processes logged in together, so
-# finding the token and logging in are retried a few times, briefly, on that error only.
+# #757), or, inside C_Initialize, leaves the token out of its slot list. `make soak` met both when EST
+# workers, the OCSP signer and CLI processes logged in together. So on those two errors only, finding
+# the token and logging in are retried a few times, briefly, with the module initialised again.
 _CONNECT_ATTEMPTS = 5
 
 
 class _Transient(TokenError):
-    """CKR_GENERAL_ERROR while finding the token or logging in."""
+    """CKR_GENERAL_ERROR or no such token while finding the token or logging in: maybe a concurrent login."""
 
 
 class Token:
@@ -151,6 +152,9 @@ class Token:
                 if attempt == _CONNECT_ATTEMPTS - 1:
                     raise
                 time.sleep(0.02 * (attempt + 1))
+                # SoftHSM2 reads its token files at C_Initialize: a token it could not read then stays
+                # missing from the process until the module is initialised again.
+                library = _library(self.module, self._softhsm_conf, reload=True)
         self._session = session
         self._signing_keys = {}
         self._generation = library.generation
@@ -161,7 +165,7 @@ class Token:
         try:
             token = library.lib.get_token(token_label=self.label)
         except p11.NoSuchToken:
-            raise TokenError(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
+            raise _Transient(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
         except p11.MultipleTokensReturned:
             raise TokenError(f"several tokens are labelled {self.label!r} in {self.module}") from None
         except p11.GeneralError as exc:
