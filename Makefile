@@ -10,7 +10,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps run test lint fuzz fuzz-props bench bench-crl bench-ocsp clean
+.PHONY: setup system-deps test-deps run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups soak clean
 
 setup: system-deps $(STAMP)
 
@@ -69,6 +69,7 @@ bench: setup
 	$(BIN)/python bench/enroll.py $(BENCH_ARGS)
 	$(MAKE) bench-crl
 	$(MAKE) bench-ocsp
+	$(MAKE) bench-lookups
 
 # CRL of 100k and 1M entries against openssl ca -gencrl (bench/results-crl.md).
 bench-crl: setup
@@ -80,6 +81,15 @@ bench-ocsp: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl wrk; }
 	$(BIN)/python bench/ocsp.py $(BENCH_OCSP_ARGS)
+
+# Hot-path lookups on 1,000,000 certificate rows, SQLite and PostgreSQL (bench/results-lookups.md).
+bench-lookups: setup
+	$(BIN)/python bench/lookups.py $(BENCH_LOOKUPS_ARGS)
+
+# Mixed load on loopback against `chargepki run`'s processes, bounded (SOAK_SECONDS, default 600).
+SOAK_SECONDS ?= 600
+soak: setup
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

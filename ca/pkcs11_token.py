@@ -110,9 +110,9 @@ class _Library:
         self.generation = 0
         self.lib = pkcs11.lib(path)
 
-    def refresh(self, softhsm_conf: str | None) -> None:
-        """Re-initialise after a fork, or when the SoftHSM2 configuration must change."""
-        if self.pid == os.getpid() and self.softhsm_conf == softhsm_conf:
+    def refresh(self, softhsm_conf: str | None, *, force: bool = False) -> None:
+        """Re-initialise after a fork, when the SoftHSM2 configuration must change, or on demand."""
+        if self.pid == os.getpid() and self.softhsm_conf == softhsm_conf and not force:
             return
         self.restart(softhsm_conf)
 
@@ -135,7 +135,7 @@ _LIBRARIES: dict[str, _Library] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
-def _library(path: str, softhsm_conf: Path | None) -> _Library:
+def _library(path: str, softhsm_conf: Path | None, *, reload: bool = False) -> _Library:
     conf = str(softhsm_conf) if softhsm_conf is not None else None
     if conf is not None:
         # SoftHSM2 reads its configuration from the environment at C_Initialize only.
@@ -151,7 +151,7 @@ def _library(path: str, softhsm_conf: Path | None) -> _Library:
                 raise TokenError(f"cannot load PKCS#11 module {path}: {_describe(exc)}") from None
             _LIBRARIES[path] = loaded
         else:
-            loaded.refresh(conf if conf is not None else loaded.softhsm_conf)
+            loaded.refresh(conf if conf is not None else loaded.softhsm_conf, force=reload)
         return loaded
 
 
@@ -192,6 +192,18 @@ def _renew_lock_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_lock_after_fork)
+
+
+# SoftHSM2 keeps a token in files, and every login rewrites the token's own file (its flags); a process
+# reading it at that moment gets CKR_GENERAL_ERROR ("Token integrity check failed", SoftHSMv2 issue
+# #757), or, inside C_Initialize, leaves the token out of its slot list. `make soak` met both when EST
+# workers, the OCSP signer and CLI processes logged in together. So on those two errors only, finding
+# the token and logging in are retried a few times, briefly, with the module initialised again.
+_CONNECT_ATTEMPTS = 5
+
+
+class _Transient(TokenError):
+    """CKR_GENERAL_ERROR or no such token while finding the token or logging in: maybe a concurrent login."""
 
 
 class Token:
@@ -240,12 +252,32 @@ class Token:
     def _connect(self) -> None:
         """(Re)load the module, find the token and log in. Caller holds ``_CALL_LOCK``."""
         library = _library(self.module, self._softhsm_conf)
+        for attempt in range(_CONNECT_ATTEMPTS):
+            try:
+                token, session = self._login(library)
+                break
+            except _Transient:
+                if attempt == _CONNECT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+                # SoftHSM2 reads its token files at C_Initialize: a token it could not read then stays
+                # missing from the process until the module is initialised again.
+                library = _library(self.module, self._softhsm_conf, reload=True)
+        self._session = session
+        self._signing_keys = {}
+        self._generation = library.generation
+        self._pid = os.getpid()
+        self.mechanisms = frozenset(token.slot.get_mechanisms())
+
+    def _login(self, library: _Library) -> tuple[Any, Any]:
         try:
             token = library.lib.get_token(token_label=self.label)
         except p11.NoSuchToken:
-            raise TokenError(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
+            raise _Transient(f"no token labelled {self.label!r} in PKCS#11 module {self.module}") from None
         except p11.MultipleTokensReturned:
             raise TokenError(f"several tokens are labelled {self.label!r} in {self.module}") from None
+        except p11.GeneralError as exc:
+            raise _Transient(f"token {self.label!r} unavailable: {_describe(exc)}") from None
         except p11.PKCS11Error as exc:
             raise TokenError(f"token {self.label!r} unavailable: {_describe(exc)}") from None
         pin = self._read_pin()
@@ -266,14 +298,12 @@ class Token:
                 session = token.open(rw=True)
             except p11.PKCS11Error as exc:
                 raise TokenError(f"cannot open a session with token {self.label!r}: {_describe(exc)}") from None
+        except p11.GeneralError as exc:
+            raise _Transient(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
         except p11.PKCS11Error as exc:
             raise TokenError(f"cannot log in to token {self.label!r}: {_describe(exc)}") from None
         _REFUSED_PINS.pop(key, None)
-        self._session = session
-        self._signing_keys = {}
-        self._generation = library.generation
-        self._pid = os.getpid()
-        self.mechanisms = frozenset(token.slot.get_mechanisms())
+        return token, session
 
     def _reconnect(self) -> None:
         """Connect, or fail fast with the last error while a recent attempt failed.

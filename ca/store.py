@@ -225,11 +225,27 @@ class Store:
         return ScriptDirectory.from_config(self._alembic()).get_current_head()
 
     def upgrade(self, revision: str = "head") -> None:
-        """Apply Alembic migrations up to ``revision`` (idempotent)."""
+        """Apply Alembic migrations up to ``revision`` (idempotent), in one transaction.
+
+        On SQLite, batch migrations rebuild a table (copy, drop, rename), and dropping a table
+        other rows reference fails while foreign keys are enforced; so, as Alembic's documentation
+        advises, enforcement is off for the migration and ``PRAGMA foreign_key_check`` must find
+        nothing before the commit. (The pragma is a no-op inside a transaction: it goes first.)
+        """
         config = self._alembic()
-        with self.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+        with self.engine.connect() as connection:
+            if self.is_sqlite:
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+            try:
+                with connection.begin():
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, revision)
+                    if self.is_sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").first()):
+                        raise StoreError(f"migration left a dangling reference in table {broken[0]}; rolled back")
+            finally:
+                if self.is_sqlite:
+                    with suppress(sqlite3.Error):  # a broken connection is discarded by the pool anyway
+                        connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
 
     def ensure_schema(self) -> None:
         """Upgrade when the schema is behind this code, as every first run needs."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from sqlalchemy import delete, or_, select, tuple_
+from sqlalchemy import case, delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -219,17 +219,18 @@ def due_certificates(
 ) -> list[Certificate]:
     """Unexpired issued certificates of the signer's CA whose response is due, signed by an older
     signer, or missing (``refresh_before``: the CA's own half-life when its responses live longer)."""
-    same_certificate = (OcspResponse.authority_id == Certificate.authority_id) & (
-        OcspResponse.serial == Certificate.serial
+    outdated = or_(
+        OcspResponse.next_update <= now + (refresh_before or policy.refresh_before),
+        OcspResponse.signer_serial != signer.serial,
     )
-    outdated = select(OcspResponse.id).where(
-        same_certificate,
-        or_(
-            OcspResponse.next_update <= now + (refresh_before or policy.refresh_before),
-            OcspResponse.signer_serial != signer.serial,
-        ),
+    # 0 if a response of this certificate is outdated, 1 if all are current, NULL if it has none. One
+    # correlated probe of uq_ocsp_lookup per certificate: written as EXISTS(outdated) OR NOT EXISTS(any),
+    # PostgreSQL hashed the whole ocsp_responses table for every batch (a full scan per 200 certificates).
+    freshness = (
+        select(func.min(case((outdated, 0), else_=1)))
+        .where(OcspResponse.authority_id == Certificate.authority_id, OcspResponse.serial == Certificate.serial)
+        .scalar_subquery()
     )
-    missing = ~select(OcspResponse.id).where(same_certificate).exists()
     query = (
         select(Certificate)
         .where(
@@ -238,7 +239,7 @@ def due_certificates(
             Certificate.status.in_(("valid", "revoked")),
             Certificate.profile.not_in(ROOT_PROFILES),
             Certificate.not_after > now,
-            or_(outdated.exists(), missing),
+            func.coalesce(freshness, 0) == 0,
         )
         .order_by(Certificate.id)
         .limit(limit)

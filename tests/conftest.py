@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from ca.config import Config as PkiConfig
@@ -29,6 +30,9 @@ from ocsp.presign import Presigner
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("CHARGEPKI_REQUIRE_POSTGRES") == "1"
+# Why PostgreSQL could not be reached, once known: the rest of the run skips (or fails) at once
+# instead of waiting for a connection timeout per test.
+_pg_unreachable: list[str] = []
 
 # Property tests: "ci" keeps `make test` fast (a few seconds per property), "fuzz" is the long run
 # (HYPOTHESIS_PROFILE=fuzz). The deadline catches slow inputs; tests.hostile.bounded catches hangs.
@@ -76,7 +80,27 @@ def token(token_settings: tuple[Pkcs11Settings, str]) -> Token:
 
 # -- the database -----------------------------------------------------------------------------
 def _postgres_url(schema: str) -> str:
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    """The SQLAlchemy URL of one schema in the database ``CHARGEPKI_TEST_PG`` names."""
+    url = make_url(PG_ADMIN).set(drivername="postgresql+psycopg")
+    url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+def postgres_admin() -> psycopg.Connection:
+    """An autocommit connection to the test server, or the test skips (fails under ``CHARGEPKI_REQUIRE_POSTGRES=1``).
+
+    Every fixture that needs PostgreSQL goes through here, so the rule holds for all of them.
+    """
+    if not _pg_unreachable:
+        try:
+            return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _pg_unreachable.append(f"PostgreSQL unreachable at {PG_ADMIN} ({detail})")
+    message = _pg_unreachable[0]
+    if REQUIRE_PG:
+        pytest.fail(f"{message}; CHARGEPKI_REQUIRE_POSTGRES=1 makes that a failure", pytrace=False)
+    pytest.skip(f"{message}; set CHARGEPKI_TEST_PG to a reachable server to run the PostgreSQL half")
 
 
 @contextmanager
@@ -86,19 +110,17 @@ def database(kind: str, directory: Path) -> Iterator[str]:
         yield f"sqlite:///{directory / 'chargepki.db'}"
         return
     schema = f"t_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        message = f"PostgreSQL unreachable at {PG_ADMIN}: {str(exc).strip().splitlines()[0]}"
-        if REQUIRE_PG:
-            pytest.fail(message + " (CHARGEPKI_REQUIRE_POSTGRES=1)")
-        pytest.skip(message)
-    with admin:
+    with postgres_admin() as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
         try:
             yield _postgres_url(schema)
         finally:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mode = "required (CHARGEPKI_REQUIRE_POSTGRES=1)" if REQUIRE_PG else "optional (skipped when unreachable)"
+    return f"chargepki: PostgreSQL tests against {PG_ADMIN}, {mode}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -137,6 +137,8 @@ KEY_TYPES = [("ec-p256", "pkcs1"), ("ec-p384", "pkcs1"), ("rsa-2048", "pkcs1"), 
 
 @pytest.fixture(scope="module", params=KEY_TYPES, ids=[f"{k}-{p}" if k.startswith("rsa") else k for k, p in KEY_TYPES])
 def issuer(request: pytest.FixtureRequest, token: Token, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Issuer]:
+    """A CA of each key type. The CRL bytes under test do not depend on the database, which only
+    holds the hierarchy here, so SQLite suffices (the last test here reads rows from both databases)."""
     key_type, padding = request.param
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('crl-der') / 'chargepki.db'}")
     store.upgrade()

@@ -27,26 +27,28 @@ from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.store import Store
 from ocsp.presign import Presigner
+from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.helpers import make_key
 
 ORG = "Acme Charging"
 
 
-@pytest.fixture(scope="module")
-def installation(tmp_path_factory, token: Token) -> Iterator[tuple[Store, Path, Path]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def installation(request, tmp_path_factory, token: Token) -> Iterator[tuple[Store, Path, Path]]:
     status = Presigner(token)
-    tmp = tmp_path_factory.mktemp("transport")
-    store = Store(f"sqlite:///{tmp / 'db.sqlite'}")
-    store.upgrade()
-    with store.session() as session:
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
-    root = tmp / "root.pem"
-    root.write_bytes(
-        x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)
-    )
-    yield store, root, tmp
-    store.dispose()
+    tmp = tmp_path_factory.mktemp(f"transport-{request.param}")
+    with database(request.param, tmp) as url:
+        store = Store(url)
+        store.upgrade()
+        with store.session() as session:
+            hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
+        root = tmp / "root.pem"
+        root.write_bytes(
+            x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)
+        )
+        yield store, root, tmp
+        store.dispose()
 
 
 def _server(installation, token_settings: tuple[Pkcs11Settings, str], name: str, est: EstSettings) -> EstServer:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ca.config import EstSettings, Pkcs11Settings
 from cli.main import cli
+from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -24,18 +25,19 @@ def chargepki(home: Path, *args: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[tuple[EstServer, Path]]:
-    tmp = tmp_path_factory.mktemp("examples")
-    home = write_home(
-        tmp / "home", f"sqlite:///{tmp / 'db.sqlite'}", token_settings[0], EstSettings(default_environment="production")
-    )
-    chargepki(home, "init", "--org", "Acme Charging")
-    root = tmp / "root.pem"
-    root.write_text(chargepki(home, "ca", "chain", "--ca", "production-root-1"))
-    server = start_server(home, free_port())
-    yield server, root
-    server.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(
+    request, tmp_path_factory, token, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[tuple[EstServer, Path]]:
+    tmp = tmp_path_factory.mktemp(f"examples-{request.param}")
+    with database(request.param, tmp) as url:
+        home = write_home(tmp / "home", url, token_settings[0], EstSettings(default_environment="production"))
+        chargepki(home, "init", "--org", "Acme Charging")
+        root = tmp / "root.pem"
+        root.write_text(chargepki(home, "ca", "chain", "--ca", "production-root-1"))
+        server = start_server(home, free_port())
+        yield server, root
+        server.stop()
 
 
 def test_est_curl_sh(served, tmp_path: Path) -> None:

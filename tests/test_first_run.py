@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import database
 from tests.helpers import make_csr, openssl_verify_against_chain, write
 
 CHARGEPKI = [sys.executable, "-c", "from cli.main import main; main()"]
@@ -70,6 +71,24 @@ def test_a_first_run_home_issues_verifiable_certificates(fresh_home: Path, tmp_p
     verified = openssl_verify_against_chain(chargepki(fresh_home, "ca", "chain").stdout, tmp_path / "cp.pem")
     assert verified.returncode == 0, verified.stderr
     assert chargepki(fresh_home, "audit", "verify").returncode == 0
+
+
+def test_a_first_run_on_postgresql_keeps_everything_there(tmp_path: Path) -> None:
+    """`make run` with CHARGEPKI_DATABASE_URL: the home remembers PostgreSQL and never creates a SQLite file."""
+    home = tmp_path / "var"
+    with database("postgresql", tmp_path) as url:
+        first = chargepki(home, "run", "--setup-only", env={"CHARGEPKI_DATABASE_URL": url})
+        assert first.returncode == 0, first.stderr
+        assert "postgresql+psycopg://" in (home / "chargepki.toml").read_text()
+        csr = write(tmp_path / "cp.csr", make_csr("CP-PG-1", organization="chargepki Demo CPO"))
+        issued = chargepki(home, "issue", "--csr", str(csr), "--profile", "charger", "--out", str(tmp_path / "cp.pem"))
+        assert issued.returncode == 0, issued.stderr
+        verified = openssl_verify_against_chain(chargepki(home, "ca", "chain").stdout, tmp_path / "cp.pem")
+        assert verified.returncode == 0, verified.stderr
+        again = chargepki(home, "run", "--setup-only")
+        assert again.returncode == 0 and "is initialised" in again.stdout
+        assert chargepki(home, "audit", "verify").returncode == 0
+    assert not (home / "chargepki.db").exists()
 
 
 def test_the_embedded_token_keys_are_not_extractable(fresh_home: Path) -> None:

@@ -11,9 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
+from ca import pkcs11_token
 from ca.config import Pkcs11Settings
 from ca.errors import TokenError
 from ca.keyspec import key_spec
@@ -145,3 +146,55 @@ def test_missing_key_label_is_named(token: Token) -> None:
         token.public_key("absent")
     with pytest.raises(TokenError, match="no private key labelled 'absent'"):
         token.key_attributes("absent")
+
+
+class _FlakyModule:
+    """The loaded module, except that finding the token fails ``failures`` times with ``error``: what
+    SoftHSM2 answers while another process rewrites the token's file at login (CKR_GENERAL_ERROR,
+    or, at C_Initialize, a slot list without the token)."""
+
+    def __init__(self, lib: object, error: type[Exception], failures: int) -> None:
+        self.lib, self.error, self.failures = lib, error, failures
+        self.initialised = 0
+
+    def get_token(self, **kwargs: object) -> object:
+        if self.failures:
+            self.failures -= 1
+            raise self.error()
+        return self.lib.get_token(**kwargs)  # type: ignore[attr-defined]
+
+    def initialize(self) -> None:
+        self.initialised += 1
+        self.lib.initialize()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.lib, name)
+
+
+@pytest.mark.parametrize("error", [p11.GeneralError, p11.NoSuchToken])
+@pytest.mark.parametrize(("failures", "connects"), [(2, True), (5, False)])
+def test_a_token_missed_during_another_login_is_retried_briefly(
+    token: Token,
+    token_settings: tuple[Pkcs11Settings, str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+    failures: int,
+    connects: bool,
+) -> None:
+    settings, pin = token_settings
+    library = pkcs11_token._LIBRARIES[settings.module]
+    flaky = _FlakyModule(library.lib, error, failures)
+    monkeypatch.setattr(library, "lib", flaky)
+    if connects:
+        fresh = Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
+        assert fresh.mechanisms and flaky.failures == 0
+        assert flaky.initialised == failures  # the module was initialised again before each retry
+    else:
+        message = "unavailable: GeneralError" if error is p11.GeneralError else "no token labelled"
+        with pytest.raises(TokenError, match=message):
+            Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
+    monkeypatch.undo()
+    label = f"after-retry-{secrets.token_hex(4)}"  # the session-wide token signs on after the re-initialisations
+    token.generate_key(key_spec("ec-p256"), label)
+    assert len(token.sign(label, Mechanism.ECDSA, bytes(32))) == 64
+    token.destroy_key(label)
