@@ -186,6 +186,8 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []  # indexes, constraints
         new_columns = "SELECT count(*) FROM devices WHERE enrollment_open IS NOT NULL"
         assert connection.execute(text(new_columns)).scalar_one() == len(before["devices"])
+        # Every device of the release already had its certificate: none is open for a first enrollment.
+        assert connection.execute(text("SELECT count(*) FROM devices WHERE enrollment_open")).scalar_one() == 0
         assert connection.execute(text("SELECT crl_number FROM authorities")).scalars().all() == [0, 0]
         assert connection.execute(text("SELECT count(*) FROM status_feed")).scalar_one() == 1
     with store.session() as session:

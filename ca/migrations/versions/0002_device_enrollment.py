@@ -42,6 +42,17 @@ def upgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.add_column(sa.Column("enrollment_open", sa.Boolean(), server_default=sa.true(), nullable=False))
 
+    # A device that already holds a certificate has had its first enrollment: the upgrade must not
+    # re-open it (anti-cloning; `chargepki device reset` re-opens it on purpose).
+    devices = sa.table("devices", sa.column("id", sa.Integer), sa.column("enrollment_open", sa.Boolean))
+    certificates = sa.table("certificates", sa.column("device_id", sa.Integer), sa.column("status", sa.String))
+    enrolled = (
+        sa.select(sa.literal(1))
+        .where(certificates.c.device_id == devices.c.id, certificates.c.status.in_(("valid", "revoked")))
+        .exists()
+    )
+    op.execute(devices.update().where(enrolled).values(enrollment_open=False))
+
 
 def downgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
