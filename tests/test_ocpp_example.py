@@ -53,7 +53,7 @@ class Story:
         directory = self.tmp / station_id
         done = self.charger(
             "enroll", "--est", f"https://localhost:{self.est.port}/.well-known/est", "--id", station_id,
-            "--secret", secret, "--dir", str(directory),
+            f"--secret={secret}", "--dir", str(directory),  # a secret may start with "-"
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         return directory

@@ -3,7 +3,7 @@ connects to the CSMS with its own certificate (OCPP 2.0.1, security profile 3) a
 that certificate through `SignCertificate` / `CertificateSigned`, as OCPP A02 describes.
 
     python examples/ocpp_csms/charger.py enroll --est https://localhost:8443/.well-known/est \
-        --root root.pem --id CP-0001 --secret SECRET --org "Acme Charging" --dir cp1
+        --root root.pem --id CP-0001 --secret=SECRET --org "Acme Charging" --dir cp1
     python examples/ocpp_csms/charger.py connect --csms wss://localhost:9000/ocpp \
         --root root.pem --id CP-0001 --dir cp1 [--renew] [--as OTHER-ID]
 
