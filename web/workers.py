@@ -47,37 +47,37 @@ def _stalled(sock: Any, what: str) -> None:
     log.info("closing a connection from %s: %s stalled for %ss", peer, what, request_timeout())
 
 
-class _TimedSocket(socket.socket):
+class _TimedIO:
+    """The time limit, for plain and TLS sockets alike (mixed in before the socket class)."""
+
     __slots__ = ()
 
     def setblocking(self, flag: bool) -> None:
         if flag:
-            self.settimeout(request_timeout())
+            self.settimeout(request_timeout())  # type: ignore[attr-defined]
         else:
-            super().setblocking(False)
+            super().setblocking(False)  # type: ignore[misc]
 
     def recv(self, *args: Any) -> bytes:
         try:
-            return super().recv(*args)
+            return super().recv(*args)  # type: ignore[misc,no-any-return]
         except TimeoutError:
             _stalled(self, "the request")
             return b""
 
     def sendall(self, *args: Any) -> None:
         try:
-            super().sendall(*args)
+            super().sendall(*args)  # type: ignore[misc]
         except TimeoutError:
             _stalled(self, "reading the response")
             raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None
 
 
-class _TimedSSLSocket(ssl.SSLSocket):
-    def setblocking(self, flag: bool) -> None:
-        if flag:
-            self.settimeout(request_timeout())
-        else:
-            super().setblocking(False)
+class _TimedSocket(_TimedIO, socket.socket):
+    __slots__ = ()
 
+
+class _TimedSSLSocket(_TimedIO, ssl.SSLSocket):
     def do_handshake(self, *args: Any) -> None:
         if self.gettimeout() is None:
             self.settimeout(request_timeout())
@@ -86,20 +86,6 @@ class _TimedSSLSocket(ssl.SSLSocket):
         except TimeoutError:
             _stalled(self, "the TLS handshake")
             raise ConnectionResetError(errno.ECONNRESET, "the TLS handshake stalled") from None
-
-    def recv(self, *args: Any) -> bytes:
-        try:
-            return super().recv(*args)
-        except TimeoutError:
-            _stalled(self, "the request")
-            return b""
-
-    def sendall(self, *args: Any) -> None:
-        try:
-            super().sendall(*args)
-        except TimeoutError:
-            _stalled(self, "reading the response")
-            raise BrokenPipeError(errno.EPIPE, "the client stopped reading") from None
 
 
 def ssl_context(_config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
