@@ -20,10 +20,17 @@ from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities import default_issuing_ca
-from ca.certificates import intermediates_pem, pem_certificate, standing
+from ca.certificates import standing
 from ca.csr import read_csr
-from ca.enrollment import OCPP_CHAIN_LIMIT, Credentials, EnrollmentSettings, IssuerFactory, sign_relayed
-from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, PolicyError
+from ca.enrollment import (
+    OCPP_CHAIN_LIMIT,
+    Credentials,
+    EnrollmentSettings,
+    IssuerFactory,
+    ocpp_chain_check,
+    sign_relayed,
+)
+from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
 from ca.issuance import Clock, utcnow
 from ca.models import Certificate, CsmsClient, CsmsToken
 from ca.names import check_environment
@@ -286,15 +293,10 @@ def _sign_secc(
     """
     secc_id = read_csr(csr).common_name or ""
     sub_ca_2 = current_sub_ca_2(session, caller.environment)
-    sub_cas = len(intermediates_pem(session, sub_ca_2))
+    fits_ocpp_chain = ocpp_chain_check(session, sub_ca_2, max_chain_chars)
 
     def last_checks(row: Certificate) -> None:
-        length = len(pem_certificate(row.der or b"")) + sub_cas
-        if length > max_chain_chars:
-            raise PolicyError(
-                f"the certificate chain would be {length} characters, more than OCPP's {max_chain_chars}",
-                code="chain_too_long",
-            )
+        fits_ocpp_chain(row)
         if before_commit is not None:
             before_commit(row)
 

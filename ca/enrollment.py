@@ -510,6 +510,22 @@ def sign_relayed(
     )
 
 
+def ocpp_chain_check(session: Session, authority: Authority, max_chars: int) -> Callable[[Certificate], None]:
+    """A check of the signed leaf against OCPP's chain limit (leaf + ``authority``'s sub-CAs, root
+    left out), for ``before_commit``: a chain too long refuses, and the certificate is abandoned."""
+    sub_cas = len(intermediates_pem(session, authority))
+
+    def check(row: Certificate) -> None:
+        length = len(pem_certificate(row.der or b"")) + sub_cas
+        if length > max_chars:
+            raise PolicyError(
+                f"the certificate chain would be {length} characters, more than OCPP's {max_chars}",
+                code="chain_too_long",
+            )
+
+    return check
+
+
 def _sign_relayed(
     session: Session,
     issuers: IssuerFactory,
@@ -535,15 +551,10 @@ def _sign_relayed(
     issuer = issuers(authority)
     request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
     actor = _actor(credentials)
-    sub_cas = len(intermediates_pem(session, authority))
+    fits_ocpp_chain = ocpp_chain_check(session, authority, max_chain_chars)
 
     def last_checks(row: Certificate) -> None:
-        length = len(pem_certificate(row.der or b"")) + sub_cas
-        if length > max_chain_chars:
-            raise PolicyError(
-                f"the certificate chain would be {length} characters, more than OCPP's {max_chain_chars}",
-                code="chain_too_long",
-            )
+        fits_ocpp_chain(row)
         _supersede(session, device, row, settings, actor, status, now)
         if before_commit is not None:
             before_commit(row)
