@@ -114,3 +114,35 @@ def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, to
         assert response.status_code == 401, (header, response.get_data(as_text=True))
         assert response.headers["WWW-Authenticate"].startswith("Basic")
     pki.close()
+
+
+def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enrollments(
+    tmp_path: Path, db_url: str, token: Token, token_settings
+) -> None:
+    """The worker caches the label's CA; a refused request (rolled back) that loaded it first must
+    not leave an expired object there (every later request answered 503 before the fix)."""
+    status = Presigner(token)
+    home = tmp_path / "home"
+    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    pki = Pki.open(home, {}, create=True)
+    secrets = {}
+    with pki.store.session() as session:
+        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        for serial in ("CP-LOCKED", "CP-GOOD"):
+            add_device(session, serial, actor="test")
+            secrets[serial] = issue_secret(session, get_device(session, serial), actor="test")
+    app = create_app(pki, EstSettings())
+    client = app.test_client()
+
+    def enroll(serial: str, password: str) -> int:
+        der = x509.load_pem_x509_csr(make_csr(serial)).public_bytes(serialization.Encoding.DER)
+        auth = {"Authorization": "Basic " + base64.b64encode(f"{serial}:{password}".encode()).decode()}
+        headers = {"Content-Type": "application/pkcs10", **auth}
+        return client.post("/.well-known/est/simpleenroll", data=base64.encodebytes(der), headers=headers).status_code
+
+    while enroll("CP-LOCKED", "wrong") != 429:  # lock the device out
+        pass
+    app.extensions["chargepki.authorities"].clear()  # as when the cache's 10 s have passed
+    assert enroll("CP-LOCKED", "wrong") == 429  # loads the CA into the cache, then rolls back
+    assert enroll("CP-GOOD", secrets["CP-GOOD"]) == 200
+    pki.close()

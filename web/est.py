@@ -83,7 +83,11 @@ def _authority(session: Session, label: str | None) -> Authority:
     if cached is not None and time.monotonic() - cached[0] < AUTHORITY_TTL:
         return cached[1]
     authority = _find_authority(session, label)
-    cache[label] = (time.monotonic(), authority)  # loaded columns stay readable once the session closes
+    # Out of the session at once, with its loaded columns: a rollback of this request (a refusal)
+    # would otherwise expire the cached object, and every later request of the worker would fail
+    # reading it (DetachedInstanceError, seen as 503s after a burst of refused enrollments).
+    session.expunge(authority)
+    cache[label] = (time.monotonic(), authority)
     return authority
 
 
