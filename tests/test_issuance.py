@@ -225,12 +225,18 @@ def test_the_ca_decides_the_subject_and_ignores_csr_extras(session: Session, iss
 
 
 # -- listings ------------------------------------------------------------------------------------------
-def test_expiry_listing_follows_the_clock(session: Session, issuer: Issuer) -> None:
-    start = datetime(2027, 1, 1, tzinfo=UTC)
+def test_expiry_listing_follows_the_clock(session: Session, issuer: Issuer, hierarchy: Hierarchy) -> None:
+    """A 20-day charger certificate is listed as expiring within 30 days, a 400-day one is not, and
+    "expired" follows the clock. The moment is taken from the issuing CA (a week into its life), not
+    from the calendar: the fixture's CAs and OCSP signers are made at the real date, so a fixed date
+    would drift in and out of their validity as the years pass."""
+    start = hierarchy.issuing.not_before + timedelta(days=7)
     with freeze_time(start):
         short = _issue(session, issuer, make_csr(common_name="CP-S"), validity=timedelta(days=20))
         long = _issue(session, issuer, make_csr(common_name="CP-L"), validity=timedelta(days=400))
-    soon = list_certificates(session, start, expiring_within=timedelta(days=30))
+    # The fixture's delegated OCSP signers (30-day certificates) expire in this window too; the
+    # statement is about the charger certificates issued here.
+    soon = list_certificates(session, start, expiring_within=timedelta(days=30), profile="charger")
     assert [c.serial for c in soon] == [short.serial]
     later = start + timedelta(days=25)
     assert display_status(short, later) == "expired"
