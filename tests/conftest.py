@@ -118,9 +118,12 @@ def database(kind: str, directory: Path) -> Iterator[str]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     mode = "required (CHARGEPKI_REQUIRE_POSTGRES=1)" if REQUIRE_PG else "optional (skipped when unreachable)"
-    return f"chargepki: PostgreSQL tests against {PG_ADMIN}, {mode}"
+    lines = [f"chargepki: PostgreSQL tests against {PG_ADMIN}, {mode}"]
+    if offset := os.environ.get("CHARGEPKI_CLOCK_OFFSET"):
+        lines.append(f"chargepki: system clock moved {offset} by libfaketime (make test-clock)")
+    return lines
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
