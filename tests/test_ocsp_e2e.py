@@ -23,6 +23,7 @@ from cryptography.x509 import ocsp
 from ca.config import Pkcs11Settings
 from ca.store import Store
 from cli.main import cli
+from ocsp.source import TTL
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
 from tests.helpers import make_csr, openssl, write
@@ -137,7 +138,11 @@ def test_get_with_and_without_percent_encoding_and_caching_headers(responders: R
     assert again.status_code == 304
 
 
-def test_a_revocation_reaches_both_responder_processes_within_a_second(responders: Responders) -> None:
+def test_a_revocation_reaches_both_responder_processes_by_the_change_signal(responders: Responders) -> None:
+    """Both processes have cached ``good``; after the revocation both answer ``revoked`` long before
+    that cache entry could have aged out (``ocsp.source.TTL``): only the change signal explains it.
+    How fast (the 1 s target) is measured by ``make bench-ocsp``, not asserted here: a timed
+    assertion fails on a loaded machine, and a moved clock (``make test-clock``) found exactly that."""
     leaf, serial = _issue(responders, "CP-PROPAGATE")
     for server in (responders.first, responders.second):  # both have answered (and cached) good
         assert f"{leaf}: good" in _openssl_ocsp(responders, "-cert", str(leaf), url=responders.url(server))
@@ -152,7 +157,8 @@ def test_a_revocation_reaches_both_responder_processes_within_a_second(responder
         .build()
         .public_bytes(serialization.Encoding.DER)
     )
-    while pending and time.monotonic() - revoked_at < 5:
+    deadline = TTL / 4  # seconds: far inside the cache lifetime, far beyond the signal's usual delay
+    while pending and time.monotonic() - revoked_at < deadline:
         for port in list(pending):
             answers = [
                 requests.post(
@@ -166,8 +172,7 @@ def test_a_revocation_reaches_both_responder_processes_within_a_second(responder
                 pending.discard(port)
         time.sleep(0.05)
     elapsed = time.monotonic() - revoked_at
-    assert not pending, f"still not revoked after {elapsed:.2f} s"
-    assert elapsed < 1.0, f"revocation took {elapsed:.2f} s to reach every responder"
+    assert not pending, f"still not revoked after {elapsed:.2f} s (cache lifetime {TTL:.0f} s)"
 
 
 @pytest.mark.parametrize(
