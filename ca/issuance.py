@@ -26,11 +26,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ca import audit
-from ca.authorities import Issuer, public_key_sha256
+from ca.authorities import Issuer, public_key_sha256, still_signs
 from ca.csr import CsrRequest
 from ca.errors import ChargepkiError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
-from ca.models import Certificate
+from ca.models import Authority, Certificate
 from ca.names import check_common_name, check_hostname, subject_name
 from ca.profiles import Profile, check_issuer_role
 from ca.serials import format_serial, new_serial
@@ -238,8 +238,22 @@ def issue(
     row.der = certificate.public_bytes(serialization.Encoding.DER)
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
-    recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
-    if recorded.rowcount != 1:  # swept as abandoned meanwhile (``abandon_stale_pending``): hand out nothing
+    recorded = session.execute(
+        _RECORD,
+        {
+            "row_id": row.id,
+            "der": row.der,
+            "fingerprint": row.fingerprint_sha256,
+            "signing_ca": issuer.authority_id,
+        },
+    )
+    if recorded.rowcount != 1:
+        # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
+        # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
+        refusal = _ca_refusal(session, issuer)
+        if refusal is not None:
+            _abandon(session, row, str(refusal), actor, now)
+            raise refusal
         session.rollback()
         raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
     audit.record(
@@ -271,9 +285,11 @@ def issue(
 
 
 _CERTIFICATES = Certificate.__table__
+# Both the reservation and the record require the CA to be active in that very transaction
+# (``still_signs``): an ``Issuer`` a worker bound before a revocation can never record under it.
 _RECORD = (
     update(_CERTIFICATES)
-    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending", still_signs())
     .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status="valid")
 )
 _ABORT = (
@@ -283,22 +299,65 @@ _ABORT = (
 )
 
 
+_PENDING_COLUMNS = (
+    "authority_id",
+    "profile",
+    "status",
+    "subject",
+    "common_name",
+    "not_before",
+    "not_after",
+    "der",
+    "fingerprint_sha256",
+    "public_key_sha256",
+    "key_label",
+    "device_id",
+    "revoked_at",
+    "revocation_reason",
+    "invalidity_date",
+    "revoke_after",
+    "created_at",
+    "serial",
+)
+# INSERT … SELECT <values> WHERE <the CA still signs>: the check costs no extra round trip.
+_PENDING_SOURCE = select(*(bindparam(name, type_=_CERTIFICATES.c[name].type) for name in _PENDING_COLUMNS)).where(
+    still_signs()
+)
 _INSERT_PENDING = {
-    "sqlite": sqlite_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
-    "postgresql": postgresql_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+    "sqlite": sqlite_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
+    "postgresql": postgresql_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
 }
 
 
 def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
-    """INSERT the reserved row; None when the serial is taken (the caller's transaction stays usable)."""
+    """INSERT the reserved row if the CA still signs; None when it does not or the serial is taken
+    (the caller's transaction stays usable)."""
     statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
     if statement is not None:
         return session.execute(statement, values).scalar()
     try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
         with session.begin_nested():
-            return session.execute(sa_insert(_CERTIFICATES).values(values)).inserted_primary_key[0]
+            inserted = session.execute(
+                sa_insert(_CERTIFICATES).from_select(_PENDING_COLUMNS, _PENDING_SOURCE).returning(_CERTIFICATES.c.id),
+                values,
+            )
+            return inserted.scalar()
     except IntegrityError:
         return None
+
+
+def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
+    """Why ``issuer``'s CA may not sign any more (read after a guarded statement matched nothing)."""
+    status = session.scalar(select(Authority.status).where(Authority.id == issuer.authority_id))
+    if status == "active":
+        return None
+    return PolicyError(f"CA {issuer.name} is {status}: it signs nothing any more", code="ca_not_active")
 
 
 def _reserve(
@@ -336,8 +395,11 @@ def _reserve(
     }
     for _attempt in range(5):
         values["serial"] = format_serial(new_serial())
-        row_id = _insert_pending(session, values)
-        if row_id is None:  # serial collision: 2^-159 per pair, but never trust luck with serials
+        row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
+        if row_id is None:  # the CA stopped signing, or a serial collision (2^-159 per pair: never trust luck)
+            refusal = _ca_refusal(session, issuer)
+            if refusal is not None:
+                raise refusal
             continue
         session.commit()
         return Certificate(id=row_id, **values)

@@ -33,7 +33,7 @@ from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
-from ca.errors import AuthenticationError, InputError, NotFoundError
+from ca.errors import AuthenticationError, InputError, NotFoundError, PolicyError
 from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
@@ -317,6 +317,10 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
                 settings=_enrollment_settings(),
             )
             certificate = x509.load_der_x509_certificate(row.der)
+    except PolicyError as exc:
+        if exc.code == "ca_not_active":  # revoked or retired since this worker cached it: look again next time
+            current_app.extensions.get("chargepki.authorities", {}).clear()
+        raise
     finally:
         pki.audit_token_health("system:est")  # token lost or back: one audit entry per change
     return _certs_only([certificate])
