@@ -28,9 +28,9 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from ca import audit
 from ca.authorities import Issuer, public_key_sha256, still_signs
 from ca.csr import CsrRequest
-from ca.errors import ChargepkiError, PolicyError, StoreError
+from ca.errors import ChargepkiError, ConflictError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
-from ca.models import Authority, Certificate
+from ca.models import Authority, Certificate, KeyOwner
 from ca.names import check_common_name, check_hostname, subject_name
 from ca.profiles import Profile, check_issuer_role
 from ca.serials import format_serial, new_serial
@@ -160,6 +160,17 @@ def build_certificate(
     if profile.ocsp_no_check:
         builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
     return builder
+
+
+def key_identity(profile: str, common_name: str | None, device_id: int | None) -> str:
+    """Who a certified key belongs to (one key, one identity): a registered device, whatever it asks
+    for as a charger; an SECC by its SECC ID, whoever asks; anything else by profile and CN.
+    Migration 0008 computes the same for the certificates issued before it."""
+    if profile == "v2g-secc":
+        return f"secc:{common_name or ''}"
+    if device_id is not None:
+        return f"device:{device_id}"
+    return f"{profile}:{common_name or ''}"
 
 
 @dataclass(frozen=True)
@@ -352,6 +363,39 @@ def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
         return None
 
 
+_KEY_OWNERS = KeyOwner.__table__
+_CLAIM_VALUES = {
+    "public_key_sha256": bindparam("claim_key", type_=_KEY_OWNERS.c.public_key_sha256.type),
+    "identity": bindparam("claim_identity", type_=_KEY_OWNERS.c.identity.type),
+    "created_at": bindparam("claim_at", type_=_KEY_OWNERS.c.created_at.type),
+}
+# Insert the claim or read the owner in one statement. The no-op update makes the database
+# return the stored row; on PostgreSQL it also waits for a racing transaction that inserted
+# the same key and then reads its committed owner, so exactly one identity wins.
+_CLAIM_KEY = {
+    name: dialect_insert(_KEY_OWNERS)
+    .values(_CLAIM_VALUES)
+    .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
+    .returning(_KEY_OWNERS.c.identity)
+    for name, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
+
+
+def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> None:
+    """One key, one identity, held by the database: refuse (``key_reuse``) a key whose owner differs."""
+    parameters = {"claim_key": key_sha256, "claim_identity": identity, "claim_at": now()}
+    statement = _CLAIM_KEY.get(session.get_bind().dialect.name)
+    if statement is not None:
+        owner = session.execute(statement, parameters).scalar_one()
+    else:  # other databases: the primary key still refuses a second owner at commit
+        owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
+        if owner is None:
+            session.execute(sa_insert(_KEY_OWNERS).values(_CLAIM_VALUES), parameters)
+            owner = identity
+    if owner != identity:
+        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+
+
 def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
     """Why ``issuer``'s CA may not sign any more (read after a guarded statement matched nothing)."""
     status = session.scalar(select(Authority.status).where(Authority.id == issuer.authority_id))
@@ -369,7 +413,8 @@ def _reserve(
     validity: Validity,
     now: Clock,
 ) -> Certificate:
-    """Commit a ``pending`` row so the serial is taken before the token signs anything.
+    """Claim the key for the request's identity and commit a ``pending`` row, so the serial is
+    taken before the token signs anything.
 
     The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
     The returned row is not in the session yet (``issue`` adds it once it is recorded).
@@ -393,6 +438,9 @@ def _reserve(
         "revoke_after": None,
         "created_at": now(),
     }
+    _claim_key(
+        session, values["public_key_sha256"], key_identity(request.profile.name, common_name, request.device_id), now
+    )
     for _attempt in range(5):
         values["serial"] = format_serial(new_serial())
         row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
