@@ -16,7 +16,7 @@ from ca.certificates import get_certificate
 from ca.errors import ConflictError, InputError
 from ca.issuance import Clock, utcnow
 from ca.models import Authority, Certificate
-from ca.profiles import ROOT_PROFILES
+from ca.profiles import PROFILES, ROOT_PROFILES
 from ca.status import StatusSigner
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
@@ -56,6 +56,8 @@ class CaImpact:
 
 def ca_impact(session: Session, certificate: Certificate, now: datetime) -> CaImpact | None:
     """None unless ``certificate`` is the certificate of one of our CAs (not a root link certificate)."""
+    if certificate.profile not in PROFILES or not PROFILES[certificate.profile].ca:
+        return None  # a leaf (every revocation on the enrollment path): no query
     authority = session.scalar(
         select(Authority).where(Authority.serial == certificate.serial, Authority.parent_id == certificate.authority_id)
     )
@@ -80,8 +82,8 @@ def _stop_authorities(
 ) -> None:
     """A revoked CA certificate stops its CA, and the CAs under it, for good, in the revocation's
     transaction: ``issuance.issue`` re-reads the status in every issuing transaction, and on
-    PostgreSQL the row lock makes issuances in flight finish first and later ones see ``revoked``."""
-    lock_for_status_change(session, [a.id for a in impact.authorities])
+    PostgreSQL the row lock (taken by ``apply_revocation``) makes issuances in flight finish first
+    and later ones see ``revoked``."""
     for authority in impact.authorities:
         changed = session.execute(
             update(Authority)
@@ -154,6 +156,8 @@ def apply_revocation(
         raise ConflictError(
             f"certificate {certificate.serial} is CA {impact.authorities[0].name}'s: a CA is revoked for good, not held"
         )
+    if impact is not None:  # before the audit head: issuances lock the CA row first, then the head
+        lock_for_status_change(session, [a.id for a in impact.authorities])
     previous = certificate.revocation_reason
     certificate.status = "revoked"
     certificate.revocation_reason = reason
