@@ -31,6 +31,7 @@ from ca.devices import current_certificate
 from ca.enrollment_secrets import consume_secret, restore_secret, secret_is_valid
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError, RateLimitedError
 from ca.issuance import Clock, issue, request_from_csr, utcnow
+from ca.keyspec import KeySpec, key_spec
 from ca.models import Authority, Certificate, Device
 from ca.names import check_charger_identity
 from ca.profiles import get_profile
@@ -59,6 +60,15 @@ class EnrollmentSettings:
     supersede_grace: timedelta = timedelta(0)
     require_tls_unique: bool = False
     limits: AuthLimits = field(default_factory=AuthLimits)
+
+
+def requested_key(authority: Authority) -> KeySpec:
+    """The EC key type to ask clients of ``authority`` for (EST ``csrattrs``): the CA's own curve
+    when its leaves may use it, else the first EC type the leaf profile allows."""
+    profile = get_profile("v2g-secc" if authority.role == "v2g-sub-ca-2" else "charger")
+    if authority.key_type in profile.key_types and key_spec(authority.key_type).curve_name is not None:
+        return key_spec(authority.key_type)
+    return key_spec(next(name for name in profile.key_types if key_spec(name).curve_name is not None))
 
 
 def _fingerprint(der: bytes) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ca import audit
 from ca.authorities import chain, get_authority, issuer_for, list_authorities
 from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
-from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home
+from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
 from ca.context import Pki
 from ca.csr import read_csr
 from ca.errors import ChargepkiError
@@ -104,15 +104,13 @@ def _init_options(func: Any) -> Any:
         ),
         click.option(
             "--ocsp-url",
-            default=DEFAULT_OCSP_URL,
-            show_default=True,
-            help="OCSP responder URL written into certificates (AIA).",
+            help=f"OCSP responder URL written into certificates (AIA); saved in the home's config for later "
+            f"hierarchies (default: the config's, else {DEFAULT_OCSP_URL}).",
         ),
         click.option(
             "--crl-url",
-            default=DEFAULT_REPOSITORY_URL,
-            show_default=True,
-            help="Base URL of the published CRLs (<base>/<ca>.crl) and CA certificates (<base>/<ca>.crt).",
+            help="Base URL of the published CRLs (<base>/<ca>.crl) and CA certificates (<base>/<ca>.crt); saved "
+            f"like --ocsp-url (default: the config's, else {DEFAULT_REPOSITORY_URL}).",
         ),
     ]
     for option in reversed(options):
@@ -162,11 +160,16 @@ def init(
     environment: str,
     key_type: str,
     rsa_padding: str,
-    ocsp_url: str,
-    crl_url: str,
+    ocsp_url: str | None,
+    crl_url: str | None,
 ) -> None:
     """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
-    _initialise(state, state.pki(create=True), org, country, environment, key_type, rsa_padding, ocsp_url, crl_url)
+    pki = state.pki(create=True)
+    urls = (ocsp_url or pki.config.ocsp_url, crl_url or pki.config.repository_url)
+    _initialise(state, pki, org, country, environment, key_type, rsa_padding, *urls)
+    if (ocsp_url or crl_url) and urls != (pki.config.ocsp_url, pki.config.repository_url):
+        save_urls(pki.config, *urls)  # `v2g init`, `manufacturer init` and `run` use them from now on
+        click.echo(f"  URLs saved in {pki.config.config_path}: OCSP {urls[0]}, repository {urls[1]}")
 
 
 @cli.command()
