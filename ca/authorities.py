@@ -178,21 +178,14 @@ def still_signs(authority_id: str = "signing_ca") -> Exists:
     """``EXISTS`` the CA (bound parameter ``signing_ca``) is still active, for a statement that signs or
     records under it, so an ``Issuer`` bound earlier (a worker's cache) cannot outlive a revocation.
 
-    On PostgreSQL it takes ``FOR KEY SHARE`` on the CA's row until the commit: a status change
-    (``lock_for_status_change``: ``FOR UPDATE``) waits for issuances in flight, and issuances after
-    it see the new status. CRL numbers (a plain ``UPDATE``) do not conflict with it.
+    ``issuance.issue`` evaluates it after taking the audit head's row lock, which every CA status
+    change (audited) takes too: that one lock orders them, fairly, on SQLite and PostgreSQL.
     """
     return exists(
-        select(_AUTHORITIES.c.id)
-        .where(_AUTHORITIES.c.id == bindparam(authority_id), _AUTHORITIES.c.status == SIGNING_STATUS)
-        .with_for_update(read=True, key_share=True)
+        select(_AUTHORITIES.c.id).where(
+            _AUTHORITIES.c.id == bindparam(authority_id), _AUTHORITIES.c.status == SIGNING_STATUS
+        )
     )
-
-
-def lock_for_status_change(session: Session, authority_ids: list[int]) -> None:
-    """Lock CA rows before their status changes (PostgreSQL; SQLite serialises writers anyway)."""
-    if authority_ids:
-        session.execute(select(_AUTHORITIES.c.id).where(_AUTHORITIES.c.id.in_(authority_ids)).with_for_update())
 
 
 def issuer_for(authority: Authority, token: Token) -> Issuer:

@@ -249,6 +249,24 @@ def issue(
     row.der = certificate.public_bytes(serialization.Encoding.DER)
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
+    # The audit entry first: it takes the audit head's row lock, which every status change of a CA
+    # (revocation, retirement: they are audited) also takes. Checked after it, the CA's status is
+    # final until this commit, so no certificate commits under a CA after its revocation.
+    audit.record(
+        session,
+        "certificate.issued",
+        actor=actor,
+        subject=row.serial,
+        now=now,
+        details={
+            "profile": profile.name,
+            "ca": issuer.name,
+            "cn": common_name,
+            "key": key_type,
+            "not_after": validity.not_after.isoformat(),
+            "fingerprint": row.fingerprint_sha256,
+        },
+    )
     recorded = session.execute(
         _RECORD,
         {
@@ -267,21 +285,6 @@ def issue(
             raise refusal
         session.rollback()
         raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
-    audit.record(
-        session,
-        "certificate.issued",
-        actor=actor,
-        subject=row.serial,
-        now=now,
-        details={
-            "profile": profile.name,
-            "ca": issuer.name,
-            "cn": common_name,
-            "key": key_type,
-            "not_after": validity.not_after.isoformat(),
-            "fingerprint": row.fingerprint_sha256,
-        },
-    )
     status.update(session, [row], now())
     if before_commit is not None:
         try:
@@ -298,6 +301,7 @@ def issue(
 _CERTIFICATES = Certificate.__table__
 # Both the reservation and the record require the CA to be active in that very transaction
 # (``still_signs``): an ``Issuer`` a worker bound before a revocation can never record under it.
+# The reservation's check spares the token a signature; the record's is the rule.
 _RECORD = (
     update(_CERTIFICATES)
     .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending", still_signs())

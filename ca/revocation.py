@@ -11,7 +11,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import lock_for_status_change
 from ca.certificates import get_certificate
 from ca.errors import ConflictError, InputError
 from ca.issuance import Clock, utcnow
@@ -81,9 +80,8 @@ def _stop_authorities(
     session: Session, impact: CaImpact, certificate: Certificate, reason: str, actor: str, now: Clock
 ) -> None:
     """A revoked CA certificate stops its CA, and the CAs under it, for good, in the revocation's
-    transaction: ``issuance.issue`` re-reads the status in every issuing transaction, and on
-    PostgreSQL the row lock (taken by ``apply_revocation``) makes issuances in flight finish first
-    and later ones see ``revoked``."""
+    transaction, after its audit entry took the audit head's lock: ``issuance.issue`` re-reads the
+    status under that same lock, so issuances in flight commit first and later ones see ``revoked``."""
     for authority in impact.authorities:
         changed = session.execute(
             update(Authority)
@@ -156,8 +154,6 @@ def apply_revocation(
         raise ConflictError(
             f"certificate {certificate.serial} is CA {impact.authorities[0].name}'s: a CA is revoked for good, not held"
         )
-    if impact is not None:  # before the audit head: issuances lock the CA row first, then the head
-        lock_for_status_change(session, [a.id for a in impact.authorities])
     previous = certificate.revocation_reason
     certificate.status = "revoked"
     certificate.revocation_reason = reason

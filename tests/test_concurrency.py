@@ -381,3 +381,69 @@ def test_two_devices_racing_with_one_key_get_one_certificate(
     assert result.returncode == 0, result.stdout + result.stderr
     log = server.log.read_text()
     assert "Traceback" not in log and '" 500 ' not in log
+
+
+# -- a CA revoked while enrollments race into it --------------------------------------------------------
+def test_no_certificate_is_recorded_under_a_ca_after_its_revocation_commits(
+    store: Store, hierarchy: Hierarchy, token: Token, est_home: Path, tmp_path: Path
+) -> None:
+    """80 enrollments race into a 4-worker service (each worker caching the CA and its Issuer) while
+    the CA is revoked from another process's connection. The audit chain orders commits (its head
+    row is locked by every writer), so every certificate the CA issued must come before
+    ``ca.revoked``; whatever came later was refused, and nothing is left pending."""
+    root = root_pem(store, tmp_path / "root.pem")
+    secrets = register(store, [f"CP-REV-{n:03d}" for n in range(80)])
+    bodies = {serial: csr_body(serial) for serial in secrets}
+    server = start_server(est_home, free_port(), workers=4)
+    start = threading.Barrier(len(secrets) + 1)
+
+    def enroll(serial: str) -> requests.Response:
+        start.wait()
+        return requests.post(
+            f"https://localhost:{server.port}/.well-known/est/simpleenroll",
+            data=bodies[serial],
+            auth=(serial, secrets[serial]),
+            headers={"Content-Type": "application/pkcs10"},
+            verify=str(root),
+            timeout=120,
+        )
+
+    def revoke_when_some_are_issued() -> None:
+        start.wait()
+        with store.session() as session:
+            issued = select(func.count()).where(Certificate.common_name.like("CP-REV-%"), Certificate.status == "valid")
+            while session.scalar(issued) < 1:  # as soon as the first one is recorded
+                session.commit()
+            session.commit()
+            revoke(session, hierarchy.issuing.serial, "keyCompromise", actor="test:revoker", status=Presigner(token))
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(secrets) + 1) as pool:
+            revoking = pool.submit(revoke_when_some_are_issued)
+            responses = list(pool.map(enroll, secrets))
+            revoking.result()
+    finally:
+        server.stop()
+    assert {r.status_code for r in responses} <= {200, 403, 404}, {r.status_code: r.text for r in responses}
+    with store.session() as session:
+        revoked_at = session.scalar(select(AuditEvent.seq).where(AuditEvent.action == "ca.revoked"))
+        issued = session.execute(
+            select(AuditEvent.seq, AuditEvent.subject).where(
+                AuditEvent.action == "certificate.issued", AuditEvent.details.like('%"cn":"CP-REV-%')
+            )
+        ).all()
+        rows = {
+            row.serial: row.status
+            for row in session.scalars(select(Certificate).where(Certificate.common_name.like("CP-REV-%")))
+        }
+        session.commit()
+    assert revoked_at is not None and issued
+    assert all(seq < revoked_at for seq, _ in issued), "nothing was issued under the CA after its revocation"
+    received = {format(certificate_of(r).serial_number, "X") for r in responses if r.status_code == 200}
+    assert received == {serial for _, serial in issued} == {s for s, state in rows.items() if state == "valid"}
+    assert "pending" not in rows.values()
+    for response in responses:
+        if response.status_code == 403:
+            assert "signs nothing any more" in response.text
+    log = server.log.read_text()
+    assert "Traceback" not in log and '" 500 ' not in log
