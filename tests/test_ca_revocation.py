@@ -81,6 +81,8 @@ def test_revoking_an_issuing_ca_from_the_cli_stops_it_and_openssl_agrees(home: P
         assert result.exit_code == 1 and "Error: " in result.stderr, result.output
     chain = run(home, "ca", "chain")
     assert chain.exit_code == 1 and "no active issuing CA" in chain.stderr
+    named = run(home, "ca", "chain", "--ca", "production-issuing-1")
+    assert named.exit_code == 0 and "[production] CA production-issuing-1 (revoked)" in named.stderr
     assert run(home, "crl", "publish").exit_code == 0
     with store.session() as session:
         assert session.scalar(select(func.count()).where(Certificate.authority_id == old.id)) == 2, (
