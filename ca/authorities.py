@@ -11,10 +11,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from sqlalchemy import select
+from sqlalchemy import Exists, bindparam, exists, select
 from sqlalchemy.orm import Session
 
-from ca.errors import ConfigError, NotFoundError, TokenError
+from ca.errors import ConfigError, NotFoundError, PolicyError, TokenError
 from ca.keyspec import KeySpec, key_spec
 from ca.models import Authority
 from ca.pkcs11_token import Token
@@ -163,8 +163,35 @@ def chain(session: Session, authority: Authority) -> list[Authority]:
     return result
 
 
+# The one status in which a CA signs anything (certificates, CRLs): ``retired`` and ``revoked`` CAs never do.
+SIGNING_STATUS = "active"
+_AUTHORITIES = Authority.__table__
+
+
+def check_can_sign(authority: Authority) -> None:
+    """Refuse to bind a CA that is retired, revoked or external: it signs nothing any more."""
+    if authority.status != SIGNING_STATUS:
+        raise PolicyError(f"CA {authority.name} is {authority.status}: it signs nothing any more", code="ca_not_active")
+
+
+def still_signs(authority_id: str = "signing_ca") -> Exists:
+    """``EXISTS`` the CA (bound parameter ``signing_ca``) is still active, for a statement that signs or
+    records under it, so an ``Issuer`` bound earlier (a worker's cache) cannot outlive a revocation.
+
+    ``issuance.issue`` evaluates it after taking the audit head's row lock, which every CA status
+    change (audited) takes too: that one lock orders them, fairly, on SQLite and PostgreSQL.
+    """
+    return exists(
+        select(_AUTHORITIES.c.id).where(
+            _AUTHORITIES.c.id == bindparam(authority_id), _AUTHORITIES.c.status == SIGNING_STATUS
+        )
+    )
+
+
 def issuer_for(authority: Authority, token: Token) -> Issuer:
-    """Bind a stored CA to its key in the token, refusing a token key that is not the CA's key."""
+    """Bind a stored CA to its token key, refusing a CA that no longer signs and a token key that
+    is not the CA's key. ``issuance.issue`` checks the status again in the issuing transaction."""
+    check_can_sign(authority)
     certificate = x509.load_der_x509_certificate(authority.certificate_der)
     token_public = token.public_key(authority.key_label)
     if public_key_sha256(token_public) != public_key_sha256(certificate.public_key()):

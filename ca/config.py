@@ -355,11 +355,30 @@ def write_config(config: Config) -> Path:
         "ocsp": _table(config.ocsp),
     }
     ensure_home(config.home)
+    _write_document(config.config_path, document, settings.pin_env)
+    return config.config_path
+
+
+def save_urls(config: Config, ocsp_url: str, repository_url: str) -> None:
+    """Remember the URLs ``init`` was given in the file's ``[urls]``, so later hierarchies (``v2g
+    init``, ``manufacturer init``) and rotations put the same ones in AIA/CDP. Only that table
+    changes: settings that came from the environment are not written into the file."""
     path = config.config_path
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot update {path}: {exc}") from None
+    document["urls"] = {"ocsp": ocsp_url, "repository": repository_url}
+    pkcs11 = document.get("pkcs11", {})
+    _write_document(path, document, pkcs11.get("pin_env", config.pkcs11.pin_env) if isinstance(pkcs11, dict) else "")
+
+
+def _write_document(path: Path, document: dict[str, object], pin_env: str) -> None:
+    """Replace the configuration file atomically, mode 0600 from its creation."""
     tmp = path.with_suffix(".tmp")
     text = (
         "# chargepki configuration. The PKCS#11 PIN is never stored here: it comes from\n"
-        f"# the environment variable named by pkcs11.pin_env ({settings.pin_env}) or pkcs11.pin_file.\n"
+        f"# the environment variable named by pkcs11.pin_env ({pin_env}) or pkcs11.pin_file.\n"
         + tomli_w.dumps(document)
     )
     tmp.unlink(missing_ok=True)  # a leftover could have other permissions: the file is created 0600 below
@@ -367,7 +386,6 @@ def write_config(config: Config) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
-    return path
 
 
 def ensure_home(home: Path) -> None:

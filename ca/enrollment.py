@@ -24,13 +24,14 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit, auth_limits
 from ca.auth_limits import AuthLimits
-from ca.authorities import Issuer, public_key_sha256
+from ca.authorities import Issuer
 from ca.certificates import intermediates_pem, pem_certificate
 from ca.csr import CsrRequest, read_csr
 from ca.devices import current_certificate
 from ca.enrollment_secrets import consume_secret, restore_secret, secret_is_valid
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError, RateLimitedError
 from ca.issuance import Clock, issue, request_from_csr, utcnow
+from ca.keyspec import KeySpec, key_spec
 from ca.models import Authority, Certificate, Device
 from ca.names import check_charger_identity
 from ca.profiles import get_profile
@@ -59,6 +60,15 @@ class EnrollmentSettings:
     supersede_grace: timedelta = timedelta(0)
     require_tls_unique: bool = False
     limits: AuthLimits = field(default_factory=AuthLimits)
+
+
+def requested_key(authority: Authority) -> KeySpec:
+    """The EC key type to ask clients of ``authority`` for (EST ``csrattrs``): the CA's own curve
+    when its leaves may use it, else the first EC type the leaf profile allows."""
+    profile = get_profile("v2g-secc" if authority.role == "v2g-sub-ca-2" else "charger")
+    if authority.key_type in profile.key_types and key_spec(authority.key_type).curve_name is not None:
+        return key_spec(authority.key_type)
+    return key_spec(next(name for name in profile.key_types if key_spec(name).curve_name is not None))
 
 
 def _fingerprint(der: bytes) -> str:
@@ -104,9 +114,6 @@ def _check_device(device: Device, authority: Authority) -> None:
 
 # Prepared once: these run on every enrollment, and building a statement costs more than running it.
 _CERTIFICATES = Certificate.__table__
-_KEY_HOLDERS = select(_CERTIFICATES.c.device_id).where(
-    _CERTIFICATES.c.public_key_sha256 == bindparam("key_sha256"), _CERTIFICATES.c.status != "aborted"
-)
 _OLDER_CHARGER_CERTIFICATES = select(_CERTIFICATES.c.id).where(
     _CERTIFICATES.c.device_id == bindparam("device_id"),
     _CERTIFICATES.c.profile == "charger",
@@ -119,13 +126,6 @@ _CLOSE_ENROLLMENT = (
     .where(_DEVICES.c.id == bindparam("device_id"), _DEVICES.c.enrollment_open)
     .values(enrollment_open=False)
 )
-
-
-def _check_key_is_fresh(session: Session, csr: CsrRequest, device: Device) -> None:
-    """One key, one identity: refuse a key certified for another device, a CA or any other holder."""
-    owners = session.execute(_KEY_HOLDERS, {"key_sha256": public_key_sha256(csr.public_key)}).scalars()
-    if any(owner != device.id for owner in owners):
-        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
 
 
 def _supersede(
@@ -189,6 +189,7 @@ def _refused(
             details={
                 "reason": str(exc),
                 "error": type(exc).__name__,
+                "code": exc.code,
                 "address": credentials.address,
                 "ca": authority.name,
             },
@@ -354,7 +355,6 @@ def _enroll(
             "admin re-opens it with `chargepki device reset`",
             code="already_enrolled",
         )
-    _check_key_is_fresh(session, csr, device)
 
     issuer = issuers(authority)
     request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
@@ -456,7 +456,6 @@ def _reenroll(
             f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed", code="cn_mismatch"
         )
     _check_binding(csr.csr, credentials, settings)
-    _check_key_is_fresh(session, csr, device)
     issuer = issuers(authority)
     request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
     actor = _actor(credentials)
@@ -547,7 +546,6 @@ def _sign_relayed(
         )
     device = _registered_device(session, charging_station_id)
     _check_device(device, authority)
-    _check_key_is_fresh(session, csr, device)
     issuer = issuers(authority)
     request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
     actor = _actor(credentials)

@@ -35,12 +35,19 @@ def issue_secret(
     actor: str,
     now: Clock = utcnow,
     commit: bool = True,
+    keep_older: bool = False,
 ) -> str:
-    """A new secret for ``device``; returned once, never stored or logged in clear."""
+    """A new secret for ``device``; returned once, never stored or logged in clear.
+
+    The device's older unspent secrets are withdrawn (audited) unless ``keep_older``: a device
+    needs one, and a secret printed on an older sheet or CSV should not stay usable for months.
+    """
     if ttl <= timedelta(0) or ttl > MAX_TTL:
         raise PolicyError(f"the secret's lifetime must be between 1 minute and {MAX_TTL.days} days")
     if not device.enabled:
         raise PolicyError(f"device {device.serial} is disabled")
+    if not keep_older:
+        withdraw_secrets(session, device, actor=actor, reason="a new secret was issued", now=now, commit=False)
     secret = secrets.token_urlsafe(24)
     at = now()
     session.add(EnrollmentSecret(device_id=device.id, secret_hash=_hash(secret), expires_at=at + ttl, created_at=at))
@@ -106,3 +113,40 @@ def restore_secret(session: Session, serial: str, secret: str) -> None:
     """Give a consumed secret back when the CA failed to sign (the device did nothing wrong)."""
     session.execute(_RESTORE, {"serial": serial, "digest": _hash(secret)})
     session.commit()
+
+
+def withdraw_secrets(
+    session: Session,
+    device: Device,
+    *,
+    actor: str,
+    reason: str,
+    secret: str | None = None,
+    now: Clock = utcnow,
+    commit: bool = True,
+) -> int:
+    """Withdraw ``device``'s unexpired secrets (only ``secret`` when given): they expire now.
+
+    Returns how many were still unspent (those are what a leak exposed), and audits them as
+    ``secret.withdrawn``. Spent ones expire too, so a secret given back after a signing failure
+    (``restore_secret``) cannot come back to life after its withdrawal.
+    """
+    at = now()
+    conditions = [_SECRETS.c.device_id == device.id, _SECRETS.c.expires_at > at]
+    if secret is not None:
+        conditions.append(_SECRETS.c.secret_hash == _hash(secret))
+    withdraw = update(_SECRETS).values(expires_at=at).execution_options(synchronize_session=False)
+    unspent = session.execute(withdraw.where(*conditions, _SECRETS.c.used_at.is_(None))).rowcount
+    session.execute(withdraw.where(*conditions, _SECRETS.c.used_at.is_not(None)))
+    if unspent:
+        audit.record(
+            session,
+            "secret.withdrawn",
+            actor=actor,
+            subject=device.serial,
+            now=now,
+            details={"count": unspent, "reason": reason, "one": secret is not None},
+        )
+    if commit:
+        session.commit()
+    return unspent

@@ -26,11 +26,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from ca import audit
-from ca.authorities import Issuer, public_key_sha256
+from ca.authorities import Issuer, public_key_sha256, still_signs
 from ca.csr import CsrRequest
-from ca.errors import ChargepkiError, PolicyError, StoreError
+from ca.errors import ChargepkiError, ConflictError, PolicyError, StoreError
 from ca.keyspec import describe_public_key
-from ca.models import Certificate
+from ca.models import Authority, Certificate, KeyOwner
 from ca.names import check_common_name, check_hostname, subject_name
 from ca.profiles import Profile, check_issuer_role
 from ca.serials import format_serial, new_serial
@@ -162,6 +162,17 @@ def build_certificate(
     return builder
 
 
+def key_identity(profile: str, common_name: str | None, device_id: int | None) -> str:
+    """Who a certified key belongs to (one key, one identity): a registered device, whatever it asks
+    for as a charger; an SECC by its SECC ID, whoever asks; anything else by profile and CN.
+    Migration 0008 computes the same for the certificates issued before it."""
+    if profile == "v2g-secc":
+        return f"secc:{common_name or ''}"
+    if device_id is not None:
+        return f"device:{device_id}"
+    return f"{profile}:{common_name or ''}"
+
+
 @dataclass(frozen=True)
 class IssueRequest:
     """What the CA will certify, after the caller has authenticated the requester."""
@@ -238,10 +249,9 @@ def issue(
     row.der = certificate.public_bytes(serialization.Encoding.DER)
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
-    recorded = session.execute(_RECORD, {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256})
-    if recorded.rowcount != 1:  # swept as abandoned meanwhile (``abandon_stale_pending``): hand out nothing
-        session.rollback()
-        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
+    # The audit entry first: it takes the audit head's row lock, which every status change of a CA
+    # (revocation, retirement: they are audited) also takes. Checked after it, the CA's status is
+    # final until this commit, so no certificate commits under a CA after its revocation.
     audit.record(
         session,
         "certificate.issued",
@@ -257,6 +267,24 @@ def issue(
             "fingerprint": row.fingerprint_sha256,
         },
     )
+    recorded = session.execute(
+        _RECORD,
+        {
+            "row_id": row.id,
+            "der": row.der,
+            "fingerprint": row.fingerprint_sha256,
+            "signing_ca": issuer.authority_id,
+        },
+    )
+    if recorded.rowcount != 1:
+        # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
+        # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
+        refusal = _ca_refusal(session, issuer)
+        if refusal is not None:
+            _abandon(session, row, str(refusal), actor, now)
+            raise refusal
+        session.rollback()
+        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
     status.update(session, [row], now())
     if before_commit is not None:
         try:
@@ -271,9 +299,12 @@ def issue(
 
 
 _CERTIFICATES = Certificate.__table__
+# Both the reservation and the record require the CA to be active in that very transaction
+# (``still_signs``): an ``Issuer`` a worker bound before a revocation can never record under it.
+# The reservation's check spares the token a signature; the record's is the rule.
 _RECORD = (
     update(_CERTIFICATES)
-    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending", still_signs())
     .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status="valid")
 )
 _ABORT = (
@@ -283,22 +314,98 @@ _ABORT = (
 )
 
 
+_PENDING_COLUMNS = (
+    "authority_id",
+    "profile",
+    "status",
+    "subject",
+    "common_name",
+    "not_before",
+    "not_after",
+    "der",
+    "fingerprint_sha256",
+    "public_key_sha256",
+    "key_label",
+    "device_id",
+    "revoked_at",
+    "revocation_reason",
+    "invalidity_date",
+    "revoke_after",
+    "created_at",
+    "serial",
+)
+# INSERT … SELECT <values> WHERE <the CA still signs>: the check costs no extra round trip.
+_PENDING_SOURCE = select(*(bindparam(name, type_=_CERTIFICATES.c[name].type) for name in _PENDING_COLUMNS)).where(
+    still_signs()
+)
 _INSERT_PENDING = {
-    "sqlite": sqlite_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
-    "postgresql": postgresql_insert(_CERTIFICATES).on_conflict_do_nothing().returning(_CERTIFICATES.c.id),
+    "sqlite": sqlite_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
+    "postgresql": postgresql_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
 }
 
 
 def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
-    """INSERT the reserved row; None when the serial is taken (the caller's transaction stays usable)."""
+    """INSERT the reserved row if the CA still signs; None when it does not or the serial is taken
+    (the caller's transaction stays usable)."""
     statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
     if statement is not None:
         return session.execute(statement, values).scalar()
     try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
         with session.begin_nested():
-            return session.execute(sa_insert(_CERTIFICATES).values(values)).inserted_primary_key[0]
+            inserted = session.execute(
+                sa_insert(_CERTIFICATES).from_select(_PENDING_COLUMNS, _PENDING_SOURCE).returning(_CERTIFICATES.c.id),
+                values,
+            )
+            return inserted.scalar()
     except IntegrityError:
         return None
+
+
+_KEY_OWNERS = KeyOwner.__table__
+_CLAIM_VALUES = {
+    "public_key_sha256": bindparam("claim_key", type_=_KEY_OWNERS.c.public_key_sha256.type),
+    "identity": bindparam("claim_identity", type_=_KEY_OWNERS.c.identity.type),
+    "created_at": bindparam("claim_at", type_=_KEY_OWNERS.c.created_at.type),
+}
+# Insert the claim or read the owner in one statement. The no-op update makes the database
+# return the stored row; on PostgreSQL it also waits for a racing transaction that inserted
+# the same key and then reads its committed owner, so exactly one identity wins.
+_CLAIM_KEY = {
+    name: dialect_insert(_KEY_OWNERS)
+    .values(_CLAIM_VALUES)
+    .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
+    .returning(_KEY_OWNERS.c.identity)
+    for name, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
+
+
+def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> None:
+    """One key, one identity, held by the database: refuse (``key_reuse``) a key whose owner differs."""
+    parameters = {"claim_key": key_sha256, "claim_identity": identity, "claim_at": now()}
+    statement = _CLAIM_KEY.get(session.get_bind().dialect.name)
+    if statement is not None:
+        owner = session.execute(statement, parameters).scalar_one()
+    else:  # other databases: the primary key still refuses a second owner at commit
+        owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
+        if owner is None:
+            session.execute(sa_insert(_KEY_OWNERS).values(_CLAIM_VALUES), parameters)
+            owner = identity
+    if owner != identity:
+        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+
+
+def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
+    """Why ``issuer``'s CA may not sign any more (read after a guarded statement matched nothing)."""
+    status = session.scalar(select(Authority.status).where(Authority.id == issuer.authority_id))
+    if status == "active":
+        return None
+    return PolicyError(f"CA {issuer.name} is {status}: it signs nothing any more", code="ca_not_active")
 
 
 def _reserve(
@@ -310,7 +417,8 @@ def _reserve(
     validity: Validity,
     now: Clock,
 ) -> Certificate:
-    """Commit a ``pending`` row so the serial is taken before the token signs anything.
+    """Claim the key for the request's identity and commit a ``pending`` row, so the serial is
+    taken before the token signs anything.
 
     The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
     The returned row is not in the session yet (``issue`` adds it once it is recorded).
@@ -334,10 +442,16 @@ def _reserve(
         "revoke_after": None,
         "created_at": now(),
     }
+    _claim_key(
+        session, values["public_key_sha256"], key_identity(request.profile.name, common_name, request.device_id), now
+    )
     for _attempt in range(5):
         values["serial"] = format_serial(new_serial())
-        row_id = _insert_pending(session, values)
-        if row_id is None:  # serial collision: 2^-159 per pair, but never trust luck with serials
+        row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
+        if row_id is None:  # the CA stopped signing, or a serial collision (2^-159 per pair: never trust luck)
+            refusal = _ca_refusal(session, issuer)
+            if refusal is not None:
+                raise refusal
             continue
         session.commit()
         return Certificate(id=row_id, **values)

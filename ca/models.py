@@ -70,7 +70,7 @@ class Authority(Base):
     repository_url: Mapped[str] = mapped_column(String(512))
     not_before: Mapped[datetime] = mapped_column(UTCDateTime())
     not_after: Mapped[datetime] = mapped_column(UTCDateTime())
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | retired
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | retired | revoked | external
     # The last CRL number this CA used; raised atomically by every publisher (never goes back).
     crl_number: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -143,6 +143,22 @@ class Certificate(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     authority: Mapped[Authority] = relationship()
+
+
+class KeyOwner(Base):
+    """One key, one identity: the identity that first had ``public_key_sha256`` certified.
+
+    ``issuance.issue`` claims the key in the transaction that reserves the serial (an upsert on
+    this primary key), so two identities racing with one key cannot both get a certificate on
+    any database; the identity is ``issuance.key_identity`` (``device:<id>``, ``secc:<SECC ID>``,
+    else ``<profile>:<CN>``). A claim is never released: a key stays its first identity's.
+    """
+
+    __tablename__ = "key_owners"
+
+    public_key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    identity: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class OcspResponse(Base):

@@ -72,6 +72,7 @@ PROFILES: dict[str, Profile] = {
             key_usage=frozenset({"key_cert_sign", "crl_sign"}),
             ca=True,
             path_length=0,
+            aia_ocsp=True,  # the root's signer answers for it: TLS stacks checking the chain need the URL
             from_csr=False,
         ),
         Profile(

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.certificates import get_certificate
 from ca.errors import ConflictError, InputError
 from ca.issuance import Clock, utcnow
-from ca.models import Certificate
-from ca.profiles import ROOT_PROFILES
+from ca.models import Authority, Certificate
+from ca.profiles import PROFILES, ROOT_PROFILES
 from ca.status import StatusSigner
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
@@ -38,6 +39,73 @@ def parse_reason(text: str) -> str:
     if name is None:
         raise InputError(f"unknown revocation reason {text!r} (RFC 5280 reasons: {', '.join(REASONS)})")
     return name
+
+
+# Certificates a CA signs for its own operation: revoking the CA does not strand a device with them.
+_OWN_PROFILES = ("ocsp-signer",)
+
+
+@dataclass(frozen=True)
+class CaImpact:
+    """What revoking a CA's certificate stops: that CA and every CA under it never sign again."""
+
+    authorities: list[Authority]  # the CA first, then its descendants
+    stranded: int  # unexpired valid certificates they issued (their OCSP signers aside)
+
+
+def ca_impact(session: Session, certificate: Certificate, now: datetime) -> CaImpact | None:
+    """None unless ``certificate`` is the certificate of one of our CAs (not a root link certificate)."""
+    if certificate.profile not in PROFILES or not PROFILES[certificate.profile].ca:
+        return None  # a leaf (every revocation on the enrollment path): no query
+    authority = session.scalar(
+        select(Authority).where(Authority.serial == certificate.serial, Authority.parent_id == certificate.authority_id)
+    )
+    if authority is None:
+        return None
+    authorities = [authority]
+    for parent in authorities:  # grows while it is walked: breadth first down the hierarchy
+        authorities.extend(session.scalars(select(Authority).where(Authority.parent_id == parent.id)))
+    stranded = session.scalar(
+        select(func.count(Certificate.id)).where(
+            Certificate.authority_id.in_([a.id for a in authorities]),
+            Certificate.status == "valid",
+            Certificate.not_after > now,
+            Certificate.profile.not_in(_OWN_PROFILES),
+        )
+    )
+    return CaImpact(authorities, int(stranded or 0))
+
+
+def _stop_authorities(
+    session: Session, impact: CaImpact, certificate: Certificate, reason: str, actor: str, now: Clock
+) -> None:
+    """A revoked CA certificate stops its CA, and the CAs under it, for good, in the revocation's
+    transaction, after its audit entry took the audit head's lock: ``issuance.issue`` re-reads the
+    status under that same lock, so issuances in flight commit first and later ones see ``revoked``."""
+    for authority in impact.authorities:
+        changed = session.execute(
+            update(Authority)
+            .where(Authority.id == authority.id, Authority.status.in_(("active", "retired")))
+            .values(status="revoked")
+            .execution_options(synchronize_session=False)
+        )
+        if changed.rowcount != 1:
+            continue
+        audit.record(
+            session,
+            "ca.revoked",
+            actor=actor,
+            subject=authority.name,
+            now=now,
+            details={
+                "certificate": certificate.serial,
+                "reason": reason,
+                "under": None if authority is impact.authorities[0] else impact.authorities[0].name,
+                "stranded": impact.stranded if authority is impact.authorities[0] else None,
+            },
+        )
+    for authority in impact.authorities:
+        session.refresh(authority, ["status"])
 
 
 def revoke(
@@ -81,6 +149,11 @@ def apply_revocation(
     at = now()
     if invalidity_date is not None and invalidity_date > at:
         raise InputError("the invalidity date cannot be in the future")
+    impact = ca_impact(session, certificate, at)
+    if impact is not None and reason == "certificateHold":
+        raise ConflictError(
+            f"certificate {certificate.serial} is CA {impact.authorities[0].name}'s: a CA is revoked for good, not held"
+        )
     previous = certificate.revocation_reason
     certificate.status = "revoked"
     certificate.revocation_reason = reason
@@ -102,6 +175,8 @@ def apply_revocation(
             "invalidity_date": invalidity_date.isoformat() if invalidity_date else None,
         },
     )
+    if impact is not None:
+        _stop_authorities(session, impact, certificate, reason, actor, now)
     status.update(session, [certificate], at)
 
 

@@ -229,15 +229,16 @@ def rotate_issuing_ca(
 ) -> Rotation:
     """A new issuing CA under the environment's current root, with its own OCSP signer.
 
-    The previous CA is left active: it answers for its certificates until they expire.
+    The previous CA is left active: it answers for its certificates until they expire. A revoked
+    one (the newest of its lineage) may be rotated too: that is how a compromised CA is replaced.
     """
     previous = _resolve(session, ca_name, environment)
-    if previous.status != "active":
+    if previous.status not in ("active", "revoked"):  # a revoked CA is replaced at once (`revoke --rotate`)
         raise PolicyError(
             f"CA {previous.name} is retired; rotate {default_issuing_ca(session, previous.environment).name}"
         )
-    newest = default_issuing_ca(session, previous.environment)
-    if newest.id != previous.id:
+    newest = successor(session, previous)
+    if newest is not None:
         raise ConflictError(
             f"CA {previous.name} was already rotated: {newest.name} is the newest issuing CA of "
             f"{previous.environment} (rotate that one)"

@@ -17,7 +17,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import public_key_sha256
 from ca.csr import CsrRequest, read_csr
 from ca.enrollment import (  # the checks enrollment makes, shared so both flows refuse alike
     Credentials,
@@ -141,7 +140,6 @@ def _issue(
     if device is not None:
         _check_device(device, authority)
     _check_secc_id_owner(session, authority, secc_id, device)
-    _check_key(session, csr, secc_id)
     issuer = issuers(authority)
     request = request_from_csr(
         get_profile("v2g-secc"), csr, issuer, validity, device_id=device.id if device is not None else None
@@ -192,17 +190,6 @@ def _check_secc_id_owner(session: Session, authority: Authority, secc_id: str, d
     for current in _current_secc(session, authority, secc_id):
         if current.device_id is not None and current.device_id != device.id:
             raise ConflictError(f"SECC ID {secc_id!r} is certified for another charging station")
-
-
-def _check_key(session: Session, csr: CsrRequest, secc_id: str) -> None:
-    """One key, one identity: the key may only have been certified before for this same SECC ID."""
-    holders = session.execute(
-        select(Certificate.profile, Certificate.common_name).where(
-            Certificate.public_key_sha256 == public_key_sha256(csr.public_key), Certificate.status != "aborted"
-        )
-    ).all()
-    if any(profile != "v2g-secc" or common_name != secc_id for profile, common_name in holders):
-        raise ConflictError("this public key is already certified for another identity")
 
 
 def _supersede(

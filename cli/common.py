@@ -78,7 +78,8 @@ def pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> 
 
 def note(authority: Authority) -> None:
     """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
-    click.echo(f"[{authority.environment}] CA {authority.name}", err=True)
+    state = "" if authority.status == "active" else f" ({authority.status})"  # e.g. `ca chain --ca` of a revoked CA
+    click.echo(f"[{authority.environment}] CA {authority.name}{state}", err=True)
 
 
 def check_writable(path: Path) -> None:

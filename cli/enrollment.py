@@ -28,7 +28,7 @@ from ca.devices import (
     list_devices,
     reset_device,
 )
-from ca.enrollment_secrets import issue_secret
+from ca.enrollment_secrets import issue_secret, withdraw_secrets
 from ca.errors import InputError
 from ca.issuance import IssueRequest, issue, request_from_csr
 from ca.names import ENVIRONMENTS
@@ -170,15 +170,59 @@ def token_group() -> None:
     """One-time enrollment secrets (EST HTTP Basic passwords)."""
 
 
+_KEEP_OLDER = click.option(
+    "--keep-older", is_flag=True, help="Leave the device's older unspent secrets valid (default: withdraw them)."
+)
+
+
 @token_group.command("issue")
 @click.argument("serial")
 @click.option("--ttl", type=DURATION, default="24h", show_default=True)
+@_KEEP_OLDER
 @pass_state
-def token_issue(state: State, serial: str, ttl: timedelta) -> None:
+def token_issue(state: State, serial: str, ttl: timedelta, keep_older: bool) -> None:
     """Print a new one-time secret for a device (shown once; only its hash is kept)."""
     with state.pki().store.session() as session:
-        secret = issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor())
+        secret = issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor(), keep_older=keep_older)
     click.echo(secret)
+
+
+@token_group.command("revoke")
+@click.argument("serial", required=False)
+@click.option(
+    "--file",
+    "secrets_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A secrets CSV (serial,secret,… as `issue-batch` writes): withdraw exactly those secrets; "
+    "or one serial per line: withdraw every unspent secret of those devices.",
+)
+@pass_state
+def token_revoke(state: State, serial: str | None, secrets_file: Path | None) -> None:
+    """Withdraw one-time secrets (a leaked sheet or CSV): they are refused from now on, audited."""
+    if (serial is None) == (secrets_file is None):
+        raise click.UsageError("give a device SERIAL or --file, not both")
+    entries = _read_secrets(secrets_file) if secrets_file is not None else [(serial or "", None)]
+    withdrawn = 0
+    with state.pki().store.session() as session:
+        for device_serial, secret in entries:
+            device = get_device(session, device_serial)
+            reason = "withdrawn by an operator"
+            withdrawn += withdraw_secrets(session, device, actor=actor(), reason=reason, secret=secret, commit=False)
+        session.commit()  # all or nothing, like issue-batch
+    devices = len({device_serial for device_serial, _ in entries})
+    click.echo(f"withdrew {withdrawn} unspent secret(s) of {devices} device(s)")
+
+
+def _read_secrets(path: Path) -> list[tuple[str, str | None]]:
+    """(serial, secret) from a secrets CSV, or (serial, None) from a list of serials."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    header = [cell.strip().lower() for cell in lines[0].split(",")] if lines else []
+    if "secret" not in header:
+        return [(serial, None) for serial in _read_serials(path)]
+    rows = [((row.get("serial") or "").strip(), (row.get("secret") or "").strip()) for row in csv.DictReader(lines)]
+    if not rows or any(not serial or not secret for serial, secret in rows):
+        raise InputError(f"{path}: every row needs a serial and a secret")
+    return [(serial, secret) for serial, secret in rows]
 
 
 @token_group.command("issue-batch")
@@ -196,8 +240,9 @@ def token_issue(state: State, serial: str, ttl: timedelta) -> None:
     help="CSV for the factory: serial,secret,expires_at (written mode 0600).",
 )
 @click.option("--ttl", type=DURATION, default="24h", show_default=True)
+@_KEEP_OLDER
 @pass_state
-def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta) -> None:
+def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta, keep_older: bool) -> None:
     """One secret per device of a batch, written to a CSV for the provisioning station."""
     serials = _read_serials(serial_file)
     check_writable(out)  # before any secret is issued: secrets that never reach the file are lost
@@ -213,7 +258,14 @@ def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta
             writer.writerow(
                 [
                     serial,
-                    issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor(), commit=False),
+                    issue_secret(
+                        session,
+                        get_device(session, serial),
+                        ttl=ttl,
+                        actor=actor(),
+                        commit=False,
+                        keep_older=keep_older,
+                    ),
                     expires,
                 ]
             )

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ca import audit
 from ca.authorities import chain, get_authority, issuer_for, list_authorities
 from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
-from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home
+from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
 from ca.context import Pki
 from ca.csr import read_csr
 from ca.errors import ChargepkiError
@@ -33,8 +33,8 @@ from ca.manufacturer import manufacturer_root
 from ca.models import Authority
 from ca.names import ENVIRONMENTS
 from ca.profiles import PROFILES, Profile, check_issuer_role, get_profile
-from ca.revocation import REASONS, revoke, unhold
-from ca.rotation import check_can_issue, environment_certificates
+from ca.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
+from ca.rotation import check_can_issue, environment_certificates, rotate_issuing_ca
 from ca.store import _one_line
 from ca.v2g import current_sub_ca_2
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
@@ -104,15 +104,13 @@ def _init_options(func: Any) -> Any:
         ),
         click.option(
             "--ocsp-url",
-            default=DEFAULT_OCSP_URL,
-            show_default=True,
-            help="OCSP responder URL written into certificates (AIA).",
+            help=f"OCSP responder URL written into certificates (AIA); saved in the home's config for later "
+            f"hierarchies (default: the config's, else {DEFAULT_OCSP_URL}).",
         ),
         click.option(
             "--crl-url",
-            default=DEFAULT_REPOSITORY_URL,
-            show_default=True,
-            help="Base URL of the published CRLs (<base>/<ca>.crl) and CA certificates (<base>/<ca>.crt).",
+            help="Base URL of the published CRLs (<base>/<ca>.crl) and CA certificates (<base>/<ca>.crt); saved "
+            f"like --ocsp-url (default: the config's, else {DEFAULT_REPOSITORY_URL}).",
         ),
     ]
     for option in reversed(options):
@@ -162,11 +160,16 @@ def init(
     environment: str,
     key_type: str,
     rsa_padding: str,
-    ocsp_url: str,
-    crl_url: str,
+    ocsp_url: str | None,
+    crl_url: str | None,
 ) -> None:
     """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
-    _initialise(state, state.pki(create=True), org, country, environment, key_type, rsa_padding, ocsp_url, crl_url)
+    pki = state.pki(create=True)
+    urls = (ocsp_url or pki.config.ocsp_url, crl_url or pki.config.repository_url)
+    _initialise(state, pki, org, country, environment, key_type, rsa_padding, *urls)
+    if (ocsp_url or crl_url) and urls != (pki.config.ocsp_url, pki.config.repository_url):
+        save_urls(pki.config, *urls)  # `v2g init`, `manufacturer init` and `run` use them from now on
+        click.echo(f"  URLs saved in {pki.config.config_path}: OCSP {urls[0]}, repository {urls[1]}")
 
 
 @cli.command()
@@ -420,15 +423,45 @@ def cert_show(state: State, serial: str) -> None:
     type=UTC_DATETIME,
     help="When the key is known or suspected to have been compromised (ISO 8601).",
 )
+@click.option("--yes", is_flag=True, help="Revoke a CA's certificate without asking.")
+@click.option("--rotate", is_flag=True, help="Revoking an issuing CA: create its successor at once (`ca rotate`).")
 @pass_state
-def revoke_command(state: State, serial: str, reason: str, invalidity_date: datetime | None) -> None:
-    """Revoke a certificate (certificateHold can be released later with `unhold`)."""
-    with state.pki().store.session() as session:
+def revoke_command(
+    state: State, serial: str, reason: str, invalidity_date: datetime | None, yes: bool, rotate: bool
+) -> None:
+    """Revoke a certificate (certificateHold can be released later with `unhold`).
+
+    A CA's certificate stops that CA, and every CA under it, from signing anything again: the
+    command says how many live certificates that strands and asks first (--yes does not).
+    """
+    reason = parse_reason(reason)
+    pki = state.pki()
+    with pki.store.session() as session:
+        impact = ca_impact(session, get_certificate(session, serial), utc_now())
+        if impact is None and rotate:
+            raise click.UsageError("--rotate applies to the certificate of an issuing CA")
+        if impact is not None:
+            authority = impact.authorities[0]
+            if rotate and authority.role != "issuing":
+                raise click.UsageError(f"--rotate rotates issuing CAs; {authority.name} is a {authority.role} CA")
+            names = ", ".join(a.name for a in impact.authorities)
+            click.echo(
+                f"{serial} is the certificate of CA {authority.name}: {names} will never sign again, "
+                f"stranding {impact.stranded} live certificate(s) issued under it.",
+                err=True,
+            )
+            if not yes:
+                click.confirm("Revoke it?", abort=True, err=True)
         certificate = revoke(
             session, serial, reason, actor=actor(), status=state.status(), invalidity_date=invalidity_date
         )
         note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
+        if impact is not None and rotate:
+            rotation = rotate_issuing_ca(
+                session, pki.token(), ca_name=impact.authorities[0].name, actor=actor(), status=state.status()
+            )
+            click.echo(f"rotated: new certificates come from {rotation.issuing.name} ({rotation.issuing.subject})")
 
 
 @cli.command("unhold")

@@ -11,6 +11,7 @@ from click.testing import CliRunner, Result
 from cryptography import x509
 from sqlalchemy import select
 
+from ca.enrollment_secrets import secret_is_valid
 from ca.models import AuditEvent, EnrollmentSecret
 from ca.store import Store
 from cli.main import cli
@@ -123,3 +124,61 @@ def test_ra_add_with_a_csr_checks_the_name(initialised: Path, tmp_path: Path) ->
     assert run(initialised, "ra", "add", "Station 2", "--csr", str(csr), "--out-dir", str(tmp_path)).exit_code == 0
     wrong = run(initialised, "ra", "add", "Station 3", "--csr", str(csr), "--out-dir", str(tmp_path))
     assert wrong.exit_code == 1 and "is not the RA name" in wrong.stderr
+
+
+def _secret_usable(store: Store, serial: str, secret: str) -> bool:
+    with store.session() as session:
+        usable = secret_is_valid(session, serial, secret)
+        session.commit()
+    return usable
+
+
+def test_secrets_can_be_withdrawn_and_a_new_one_withdraws_the_older(
+    initialised: Path, db_url: str, tmp_path: Path
+) -> None:
+    for serial in ("CP-W1", "CP-W2", "CP-W3"):
+        assert run(initialised, "device", "add", serial).exit_code == 0
+    store = Store(db_url)
+    first = run(initialised, "token", "issue", "CP-W1").stdout.strip()
+    kept = run(initialised, "token", "issue", "CP-W1", "--keep-older").stdout.strip()
+    assert _secret_usable(store, "CP-W1", first) and _secret_usable(store, "CP-W1", kept)
+    newest = run(initialised, "token", "issue", "CP-W1").stdout.strip()
+    assert not _secret_usable(store, "CP-W1", first) and not _secret_usable(store, "CP-W1", kept)
+    assert _secret_usable(store, "CP-W1", newest), "only the newest secret works"
+
+    revoked = run(initialised, "token", "revoke", "CP-W1")
+    assert revoked.exit_code == 0 and "withdrew 1 unspent secret(s) of 1 device(s)" in revoked.stdout
+    assert not _secret_usable(store, "CP-W1", newest)
+    assert "withdrew 0" in run(initialised, "token", "revoke", "CP-W1").stdout
+
+    # A leaked batch CSV: withdraw exactly the secrets it holds, all or nothing.
+    write(tmp_path / "serials.txt", b"CP-W2\nCP-W3\n")
+    batch = run(
+        initialised, "token", "issue-batch", "--file", str(tmp_path / "serials.txt"), "--out", str(tmp_path / "s.csv")
+    )
+    assert batch.exit_code == 0, batch.output
+    leaked = {row["serial"]: row["secret"] for row in csv.DictReader((tmp_path / "s.csv").open())}
+    later = run(initialised, "token", "issue", "CP-W3", "--keep-older").stdout.strip()
+    bad = write(tmp_path / "bad.csv", f"serial,secret\nCP-W2,{leaked['CP-W2']}\nCP-404,x\n".encode())
+    refused = run(initialised, "token", "revoke", "--file", str(bad))
+    assert refused.exit_code == 1 and "not registered" in refused.stderr
+    assert _secret_usable(store, "CP-W2", leaked["CP-W2"]), "a refused batch withdraws nothing"
+    result = run(initialised, "token", "revoke", "--file", str(tmp_path / "s.csv"))
+    assert result.exit_code == 0 and "withdrew 2 unspent secret(s) of 2 device(s)" in result.stdout
+    assert not any(_secret_usable(store, serial, secret) for serial, secret in leaked.items())
+    assert _secret_usable(store, "CP-W3", later), "a secret not in the file stays valid"
+    usage = run(initialised, "token", "revoke")
+    assert usage.exit_code == 2
+
+    with store.session() as session:
+        withdrawn = session.scalars(select(AuditEvent).where(AuditEvent.action == "secret.withdrawn")).all()
+        session.commit()
+    assert [(e.subject, e.actor.startswith("cli:")) for e in withdrawn] == [
+        ("CP-W1", True),  # the new secret withdrew the two older ones
+        ("CP-W1", True),  # token revoke
+        ("CP-W2", True),
+        ("CP-W3", True),
+    ]
+    assert '"count":2' in withdrawn[0].details and "a new secret was issued" in withdrawn[0].details
+    assert "withdrawn by an operator" in withdrawn[1].details
+    store.dispose()

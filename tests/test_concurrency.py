@@ -1,11 +1,13 @@
 """Concurrency across processes, on SQLite and on PostgreSQL: 200 enrollments racing into a
-4-worker EST service, two CRL publishers in separate processes, revocations racing the OCSP
-refresher, and audit writers in several processes. (20 clients racing for one one-time secret
-against the real server: tests/test_est.py::test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate,
+4-worker EST service, 42 pairs of devices racing with one key each, two CRL publishers in
+separate processes, revocations racing the OCSP refresher, and audit writers in several
+processes. (20 clients racing for one one-time secret against the real server:
+tests/test_est.py::test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate,
 on both databases.)"""
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import issuer_for
+from ca.authorities import issuer_for, public_key_sha256
 from ca.config import EstSettings, Pkcs11Settings
+from ca.csms import add_client, issue_token
 from ca.csr import read_csr
 from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
+from ca.issuance import IssueRequest, issue, request_from_csr
 from ca.models import AuditEvent, AuditHead, Certificate, OcspResponse
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
@@ -35,7 +38,7 @@ from ocsp.presign import Presigner, refresh
 from tests import concurrency_workers as workers
 from tests.est_server import free_port, start_server, write_home
 from tests.fault_helpers import certificate_of, chargepki, csr_body, fingerprint, register, root_pem
-from tests.helpers import make_csr
+from tests.helpers import make_csr, make_key, pem, write
 
 
 def _token_args(token_settings: tuple[Pkcs11Settings, str]) -> workers.TokenArgs:
@@ -273,3 +276,174 @@ def test_audit_writers_in_four_processes_keep_the_chain_linear(store: Store) -> 
         session.commit()
     assert result.ok and result.entries == 200, result.problem
     assert subjects == {f"writer-{n}-{i}" for n in range(4) for i in range(50)}
+
+
+# -- one key, one identity: simultaneous enrollments of two devices with one key --------------------
+# Each pair's two requests go through these routes: EST with a one-time secret, EST by an RA, the
+# CSMS API's /sign; every combination appears.
+_ROUTE_PAIRS = [
+    ("secret", "secret"),
+    ("ra", "ra"),
+    ("api", "api"),
+    ("secret", "ra"),
+    ("ra", "api"),
+    ("api", "secret"),
+]
+KEY_PAIRS = 42
+
+
+def test_two_devices_racing_with_one_key_get_one_certificate(
+    store: Store, hierarchy: Hierarchy, token: Token, est_home: Path, tmp_path: Path
+) -> None:
+    """42 pairs of simultaneous first enrollments, each pair two registered devices presenting the
+    same public key, through EST secrets, an RA and the CSMS API, into a 4-worker service: exactly
+    one certificate per key, the other refused (409 ``key_reuse``) and audited with that code."""
+    root = root_pem(store, tmp_path / "root.pem")
+    ra_key = make_key()
+    with store.session() as session:
+        ra = issue(
+            session,
+            issuer_for(hierarchy.issuing, token),
+            IssueRequest(get_profile("ra"), ra_key.public_key(), "station-ra"),
+            actor="test",
+            status=Presigner(token),
+        )
+        api_token = issue_token(
+            session, add_client(session, "csms-race", environment="production", actor="t"), actor="t"
+        )
+    ra_cert = write(tmp_path / "ra.pem", pem(ra.der or b""))
+    ra_key_file = write(
+        tmp_path / "ra.key",
+        ra_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    keys = [make_key() for _ in range(KEY_PAIRS)]
+    jobs = [
+        (n, side, route, f"CP-KEY-{n:02d}-{side}")
+        for n in range(KEY_PAIRS)
+        for side, route in zip("ab", _ROUTE_PAIRS[n % len(_ROUTE_PAIRS)], strict=True)
+    ]
+    secrets = register(store, [serial for *_, serial in jobs])
+    bodies = {serial: make_csr(serial, key=keys[n]) for n, _, _, serial in jobs}
+    server = start_server(est_home, free_port(), workers=4)
+    start = threading.Barrier(len(jobs))
+
+    def send(job: tuple[int, str, str, str]) -> requests.Response:
+        _n, _side, route, serial = job
+        csr = bodies[serial]
+        start.wait()
+        if route == "api":
+            return requests.post(
+                f"https://localhost:{server.port}/api/v1/sign",
+                json={"chargingStationId": serial, "csr": csr.decode()},
+                headers={"Authorization": f"Bearer {api_token}"},
+                verify=str(root),
+                timeout=120,
+            )
+        der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+        return requests.post(
+            f"https://localhost:{server.port}/.well-known/est/simpleenroll",
+            data=base64.encodebytes(der),
+            headers={"Content-Type": "application/pkcs10"},
+            verify=str(root),
+            timeout=120,
+            **(
+                {"auth": (serial, secrets[serial])} if route == "secret" else {"cert": (str(ra_cert), str(ra_key_file))}
+            ),
+        )
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            responses = list(pool.map(send, jobs))
+    finally:
+        server.stop()
+    outcomes: dict[int, list[int]] = {}
+    for (n, *_), response in zip(jobs, responses, strict=True):
+        outcomes.setdefault(n, []).append(response.status_code)
+        if response.status_code != 200:
+            assert response.status_code == 409 and "already certified for another identity" in response.text
+            if "json" in response.headers.get("Content-Type", ""):
+                assert response.json()["reason"] == "key_reuse"
+    assert all(sorted(codes) == [200, 409] for codes in outcomes.values()), outcomes
+    with store.session() as session:
+        for key in keys:
+            holders = session.scalars(
+                select(Certificate.status).where(Certificate.public_key_sha256 == public_key_sha256(key.public_key()))
+            ).all()
+            assert holders == ["valid"], holders
+        refusals = session.scalars(
+            select(AuditEvent.details).where(AuditEvent.action.in_(("enrollment.refused", "csms.sign.refused")))
+        ).all()
+        session.commit()
+    assert sum('"code":"key_reuse"' in details for details in refusals) == KEY_PAIRS
+    result = chargepki(est_home, "audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = server.log.read_text()
+    assert "Traceback" not in log and '" 500 ' not in log
+
+
+# -- a CA revoked while enrollments race into it --------------------------------------------------------
+def test_no_certificate_is_recorded_under_a_ca_after_its_revocation_commits(
+    store: Store, hierarchy: Hierarchy, token: Token, est_home: Path, tmp_path: Path
+) -> None:
+    """80 enrollments race into a 4-worker service (each worker caching the CA and its Issuer) while
+    the CA is revoked from another process's connection. The audit chain orders commits (its head
+    row is locked by every writer), so every certificate the CA issued must come before
+    ``ca.revoked``; whatever came later was refused, and nothing is left pending."""
+    root = root_pem(store, tmp_path / "root.pem")
+    secrets = register(store, [f"CP-REV-{n:03d}" for n in range(80)])
+    bodies = {serial: csr_body(serial) for serial in secrets}
+    server = start_server(est_home, free_port(), workers=4)
+    start = threading.Barrier(len(secrets) + 1)
+
+    def enroll(serial: str) -> requests.Response:
+        start.wait()
+        return requests.post(
+            f"https://localhost:{server.port}/.well-known/est/simpleenroll",
+            data=bodies[serial],
+            auth=(serial, secrets[serial]),
+            headers={"Content-Type": "application/pkcs10"},
+            verify=str(root),
+            timeout=120,
+        )
+
+    def revoke_when_some_are_issued() -> None:
+        start.wait()
+        with store.session() as session:
+            issued = select(func.count()).where(Certificate.common_name.like("CP-REV-%"), Certificate.status == "valid")
+            while session.scalar(issued) < 1:  # as soon as the first one is recorded
+                session.commit()
+            session.commit()
+            revoke(session, hierarchy.issuing.serial, "keyCompromise", actor="test:revoker", status=Presigner(token))
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(secrets) + 1) as pool:
+            revoking = pool.submit(revoke_when_some_are_issued)
+            responses = list(pool.map(enroll, secrets))
+            revoking.result()
+    finally:
+        server.stop()
+    assert {r.status_code for r in responses} <= {200, 403, 404}, {r.status_code: r.text for r in responses}
+    with store.session() as session:
+        revoked_at = session.scalar(select(AuditEvent.seq).where(AuditEvent.action == "ca.revoked"))
+        issued = session.execute(
+            select(AuditEvent.seq, AuditEvent.subject).where(
+                AuditEvent.action == "certificate.issued", AuditEvent.details.like('%"cn":"CP-REV-%')
+            )
+        ).all()
+        rows = {
+            row.serial: row.status
+            for row in session.scalars(select(Certificate).where(Certificate.common_name.like("CP-REV-%")))
+        }
+        session.commit()
+    assert revoked_at is not None and issued
+    assert all(seq < revoked_at for seq, _ in issued), "nothing was issued under the CA after its revocation"
+    received = {format(certificate_of(r).serial_number, "X") for r in responses if r.status_code == 200}
+    assert received == {serial for _, serial in issued} == {s for s, state in rows.items() if state == "valid"}
+    assert "pending" not in rows.values()
+    for response in responses:
+        if response.status_code == 403:
+            assert "signs nothing any more" in response.text
+    log = server.log.read_text()
+    assert "Traceback" not in log and '" 500 ' not in log

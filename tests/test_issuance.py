@@ -17,9 +17,10 @@ from ca import audit
 from ca.authorities import Issuer, issuer_for
 from ca.certificates import display_status, list_certificates
 from ca.csr import read_csr
-from ca.errors import InputError, PolicyError, StoreError, TokenError
+from ca.devices import add_device
+from ca.errors import ConflictError, InputError, PolicyError, StoreError, TokenError
 from ca.hierarchy import Hierarchy
-from ca.issuance import abandon_stale_pending, issue, request_from_csr
+from ca.issuance import IssueRequest, abandon_stale_pending, issue, request_from_csr
 from ca.models import AuditEvent, Certificate
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
@@ -271,3 +272,26 @@ def test_stale_reservations_are_swept_and_a_swept_one_is_never_recorded(
     assert event is not None and event.action == "certificate.aborted" and "still pending" in event.details
     assert audit.verify(session).ok
     session.commit()
+
+
+def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, token: Token) -> None:
+    """One key, one identity (``key_owners``): the same device may certify its key again; another
+    device, an SECC ID or a certificate issued from the CLI for another name may not."""
+    status = Presigner(token)
+    first, second = (add_device(session, serial, actor="test") for serial in ("CP-K1", "CP-K2"))
+    key = make_key().public_key()
+    charger = get_profile("charger")
+    for _ in range(2):  # a renewal with the same key
+        issue(session, issuer, IssueRequest(charger, key, "CP-K1", device_id=first.id), actor="t", status=status)
+    refused = [
+        IssueRequest(charger, key, "CP-K2", device_id=second.id),
+        IssueRequest(get_profile("ra"), key, "station-1"),
+        IssueRequest(charger, key, "CP-K1"),  # the CLI, without the device: another identity
+    ]
+    for request in refused:
+        with pytest.raises(ConflictError, match="already certified for another identity") as caught:
+            issue(session, issuer, request, actor="t", status=status)
+        assert caught.value.code == "key_reuse"
+        session.rollback()
+    rows = session.scalars(select(Certificate.common_name).where(Certificate.status != "valid")).all()
+    assert rows == [], "a refused claim reserves no serial"

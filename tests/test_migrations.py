@@ -22,9 +22,10 @@ from ca.certificates import get_certificate, list_certificates
 from ca.devices import add_device, get_device
 from ca.enrollment import Credentials, enroll, reenroll
 from ca.enrollment_secrets import issue_secret
+from ca.errors import PolicyError
 from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue
-from ca.models import AuditHead, Base, Certificate, Device, EnrollmentSecret, OcspResponse
+from ca.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke, revoke_due
@@ -241,6 +242,37 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
         } | {row.serial}
         result = audit.verify(session)
         assert result.ok and result.entries > len(before["audit_events"]), result.problem
+        session.commit()
+    store.dispose()
+
+
+def test_the_key_registry_and_ca_status_are_filled_from_a_first_release_database(
+    db_url: str, token: Token, tmp_path: Path
+) -> None:
+    """0008: every key certified before goes to the identity of its first certificate (so one key,
+    one identity holds for the fleet as it was), and a CA whose own certificate had been revoked
+    (before CA status existed) is marked revoked with every CA under it."""
+    store = Store(db_url)
+    before = _populate_first_release(store, token, tmp_path)
+    issuing = next(row for row in before["authorities"] if row[2] == "issuing")
+    with store.engine.begin() as connection:  # the release let an issuing CA's certificate be revoked
+        connection.execute(
+            text("UPDATE certificates SET status = 'revoked', revocation_reason = 'keyCompromise' WHERE serial = :s"),
+            {"s": issuing[10]},
+        )
+    store.upgrade()
+    with store.engine.connect() as connection:
+        owners = dict(connection.execute(text("SELECT public_key_sha256, identity FROM key_owners")).all())
+        statuses = dict(connection.execute(text("SELECT role, status FROM authorities")).all())
+    kept = [row for row in before["certificates"] if row[4] != "aborted"]
+    assert set(owners) == {row[11] for row in kept}
+    chargers = {row[6]: row for row in kept if row[3] == "charger" and row[13] is not None}
+    assert {owners[row[11]] for row in chargers.values()} == {f"device:{row[13]}" for row in chargers.values()}
+    assert owners["ab" * 32] == "charger:CP-9999", "a reservation without a device: profile and CN"
+    assert statuses == {"root": "active", "issuing": "revoked"}
+    with store.session() as session:
+        with pytest.raises(PolicyError, match="revoked: it signs nothing"):
+            issuer_for(session.get(Authority, issuing[0]), token)  # type: ignore[arg-type]
         session.commit()
     store.dispose()
 

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import ClassVar
 from urllib.parse import unquote
 
 from asn1crypto import core
@@ -32,8 +33,8 @@ from ca.auth_limits import AuthLimits
 from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
 from ca.config import EstSettings
 from ca.context import Pki
-from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
-from ca.errors import AuthenticationError, InputError, NotFoundError
+from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll, requested_key
+from ca.errors import AuthenticationError, InputError, NotFoundError, PolicyError
 from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
@@ -317,6 +318,10 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
                 settings=_enrollment_settings(),
             )
             certificate = x509.load_der_x509_certificate(row.der)
+    except PolicyError as exc:
+        if exc.code == "ca_not_active":  # revoked or retired since this worker cached it: look again next time
+            current_app.extensions.get("chargepki.authorities", {}).clear()
+        raise
     finally:
         pki.audit_token_health("system:est")  # token lost or back: one audit entry per change
     return _certs_only([certificate])
@@ -332,19 +337,44 @@ def simplereenroll(label: str | None = None) -> Response:
     return _enroll(label, reenroll)
 
 
-# RFC 7030 §4.5: CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID. We only send OIDs, and a CHOICE
-# encodes as its chosen alternative, so a SEQUENCE OF OBJECT IDENTIFIER has the same DER.
-class _CsrAttrs(core.SequenceOf):
+# RFC 7030 §4.5 / RFC 9908: CsrAttrs ::= SEQUENCE OF AttrOrOID, AttrOrOID ::= CHOICE { oid, attribute }.
+# The key is asked for as Attribute { id-ecPublicKey, SET { curve } } (RFC 9908 §3.3, RFC 7030 §4.5.2's example).
+class _AttributeValues(core.SetOf):
     _child_spec = core.ObjectIdentifier
+
+
+class _Attribute(core.Sequence):
+    _fields: ClassVar = [("type", core.ObjectIdentifier), ("values", _AttributeValues)]
+
+
+class _AttrOrOID(core.Choice):
+    _alternatives: ClassVar = [("oid", core.ObjectIdentifier), ("attribute", _Attribute)]
+
+
+class _CsrAttrs(core.SequenceOf):
+    _child_spec = _AttrOrOID
+
+
+_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+_CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
+_ECDSA_OIDS = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3"}
 
 
 @_routes("csrattrs", ["GET"])
 def csrattrs(label: str | None = None) -> Response:
-    """What a charger should put in its CSR: an EC P-256 key, ECDSA-SHA256, and (if required) tls-unique."""
+    """What a client should put in its CSR: an EC key on the label's CA curve (when its profile allows
+    it), ECDSA with the matching hash, and (if required) tls-unique as challengePassword."""
     with _pki().store.session() as session:
-        _authority(session, label)
-    oids = ["1.2.840.10045.2.1", "1.2.840.10045.3.1.7", "1.2.840.10045.4.3.2"]
+        spec = requested_key(_authority(session, label))
+    assert spec.curve_name is not None
+    attributes = [
+        _AttrOrOID(
+            name="attribute",
+            value=_Attribute({"type": _EC_PUBLIC_KEY, "values": [_CURVE_OIDS[spec.curve_name]]}),
+        ),
+        _AttrOrOID(name="oid", value=core.ObjectIdentifier(_ECDSA_OIDS[spec.signature_hash.name])),
+    ]
     if _settings().require_tls_unique:
-        oids.insert(0, "1.2.840.113549.1.9.7")  # challengePassword
-    der = _CsrAttrs([core.ObjectIdentifier(oid) for oid in oids]).dump()
+        attributes.insert(0, _AttrOrOID(name="oid", value=core.ObjectIdentifier("1.2.840.113549.1.9.7")))
+    der = _CsrAttrs(attributes).dump()
     return _base64_response(der, "application/csrattrs")
