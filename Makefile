@@ -40,14 +40,17 @@ test-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; \
 	fi
 
-test: setup test-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+# One pytest worker per core; a test file stays on one worker, so its module-scoped servers start once.
+TEST_WORKERS ?= $(shell nproc)
+XDIST = -n $(TEST_WORKERS) --dist loadfile
+test: setup test-deps clock-deps
+	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 # The suite again with the system clock moved (Debian's libfaketime): a year ahead, and nine years
 # ahead, where new CAs' validity reaches past 2038 and 2050. CLOCK_OFFSETS and PYTEST_ARGS narrow it.
 CLOCK_OFFSETS ?= +400d +9y
 test-clock: setup test-deps clock-deps
-	CLOCK_OFFSETS="$(CLOCK_OFFSETS)" tests/clock_shift/run.sh $(PYTEST_ARGS)
+	CLOCK_OFFSETS="$(CLOCK_OFFSETS)" tests/clock_shift/run.sh $(XDIST) $(PYTEST_ARGS)
 
 clock-deps:
 	@if ! dpkg -s libfaketime >/dev/null 2>&1 || ! command -v cc >/dev/null; then \
