@@ -210,6 +210,18 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def spawn(command: list[str], environ: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A supervised child in its own process group (so :func:`stop_child` reaches its workers too, and a
+    Ctrl-C reaches only the supervisor, which stops the children in order), SIGTERMed if the supervisor dies."""
+    return subprocess.Popen(
+        command,
+        env=dict(environ) if environ is not None else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+
+
 def wait_until_listening(address: str | tuple[str, int], alive: Callable[[], bool], timeout: float = 30.0) -> bool:
     """Whether something accepts connections on a Unix socket path or (host, port) before ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -268,12 +280,7 @@ class Nginx:
         check = subprocess.run(self._command("-t", "-q"), capture_output=True, env=self.environ, check=False)
         if check.returncode != 0:
             raise ConfigError(f"nginx refused its configuration {self.conf}: {self._errors(check.stderr)}")
-        self.process = subprocess.Popen(
-            self._command("-g", "daemon off;"),
-            env=self.environ,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
+        self.process = spawn(self._command("-g", "daemon off;"), self.environ)
         if not wait_until_listening((self.site.host, self.site.port), self.alive):
             self.stop()
             raise ConfigError(f"nginx did not start on {self.site.host}:{self.site.port}: {self._errors(b'')}")
@@ -288,26 +295,21 @@ class Nginx:
             self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, signal.SIGQUIT)  # graceful: finish what is in flight
 
 
-def stop_child(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if process is None or process.poll() is not None:
+def stop_child(process: subprocess.Popen[bytes] | None, first: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Stop a child made by :func:`spawn` and its process group: ``first``, then SIGKILL after ``timeout``."""
+    if process is None:
         return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, first)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left (workers of a stuck server)
+    process.wait()
 
 
 def supervise(
@@ -315,13 +317,17 @@ def supervise(
 ) -> str:
     """Block until one child has stopped (returns its name); ``tick`` runs every ``interval`` seconds.
 
-    SIGTERM and SIGINT end the wait with SystemExit, so the caller's ``finally`` stops the rest.
+    SIGTERM and SIGINT end the wait with SystemExit, so the caller's ``finally`` stops the rest; a
+    second signal is ignored so it cannot interrupt that clean-up.
     """
 
     def _exit(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
     while True:
         for name, alive in children.items():
             if not alive():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from ca.frontdoor import (
     Nginx,
     Site,
     child_environment,
-    die_with_parent,
+    spawn,
     stop_child,
     supervise,
     upstream_socket,
@@ -193,11 +192,7 @@ def serve_responder_front_door(
     command += ["--unix-socket", str(sock), "--workers", str(workers), "--server", server]
     if not signer:
         command.append("--no-signer")
-    responder = subprocess.Popen(
-        command,
-        env=child_environment(environ, config.pkcs11.pin_env),
-        preexec_fn=die_with_parent,
-    )
+    responder = spawn(command, child_environment(environ, config.pkcs11.pin_env))
     try:
         if not wait_until_listening(str(sock), lambda: responder.poll() is None, timeout=60):
             raise ConfigError(f"the OCSP responder did not start on {sock}")

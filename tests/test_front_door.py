@@ -33,6 +33,7 @@ from ca.store import Store
 from cli.main import cli
 from tests.est_server import EstServer, free_port, start_server
 from tests.helpers import make_key
+from tests.test_first_run import chargepki
 
 ORG = "Acme Charging"
 DOOR = FrontDoorSettings(
@@ -366,17 +367,17 @@ def test_two_installations_on_one_host_stay_independent(door: Door, tmp_path: Pa
     user_home = tmp_path / "user"
     user_home.mkdir()
     environ = {"HOME": str(user_home), "CHARGEPKI_ORG": "Other Charging"}
-    result = CliRunner().invoke(cli, ["--home", str(other), "run", "--setup-only"], env=environ)
-    assert result.exit_code == 0, result.output
+    # in a process of its own, as `make run` does: its embedded token is not this process's
+    result = chargepki(other, "run", "--setup-only", env=environ)
+    assert result.returncode == 0, result.stdout + result.stderr
     second = start_server(other, free_port(), workers=1, direct=False, environ=environ)
     try:
         for home in (door.home, other):
             assert (home / "run" / "gunicorn-est.ctl").exists() and (home / "run" / "est.sock").exists()
         assert not (user_home / ".gunicorn").exists()
         second_root = other / "root.pem"
-        second_root.write_text(
-            _cli(other, "ca", "chain").split("-----END CERTIFICATE-----\n")[1] + "-----END CERTIFICATE-----\n"
-        )
+        chain = chargepki(other, "ca", "chain", env=environ).stdout
+        second_root.write_text(chain.split("-----END CERTIFICATE-----\n")[1] + "-----END CERTIFICATE-----\n")
         mine = requests.get(f"{door.est_url}/cacerts", verify=str(door.root), timeout=10).content
         theirs = requests.get(
             f"https://localhost:{second.port}/.well-known/est/cacerts", verify=str(second_root), timeout=10

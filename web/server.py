@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
@@ -38,7 +37,7 @@ from ca.frontdoor import (
     Nginx,
     Site,
     Tls,
-    die_with_parent,
+    spawn,
     stop_child,
     supervise,
     upstream_socket,
@@ -197,7 +196,7 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
     nginx = Nginx(config, site, pki.environ)  # finds nginx (clear error) before anything starts
     command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "serve", "est", "--direct"]
     command += ["--unix-socket", str(sock), "--workers", str(workers)]
-    app = subprocess.Popen(command, preexec_fn=die_with_parent)
+    app = spawn(command)  # with this process's environment: gunicorn signs, so it needs the PIN
     try:
         if not wait_until_listening(str(sock), lambda: app.poll() is None, timeout=60):
             raise ConfigError(f"the EST application server did not start on {sock}")
