@@ -11,7 +11,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups soak clean
+.PHONY: setup system-deps test-deps run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse soak clean
 
 setup: system-deps $(STAMP)
 
@@ -84,6 +84,14 @@ bench-ocsp: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl wrk; }
 	$(BIN)/python bench/ocsp.py $(BENCH_OCSP_ARGS)
+
+# Legitimate enrollments and OCSP requests while idle and slow clients hold EST and OCSP, with the
+# front door (nginx) and in the direct mode (bench/results-abuse.md).
+bench-abuse: setup
+	@command -v wrk >/dev/null || { echo "installing Debian package wrk"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(BIN)/python bench/abuse.py $(BENCH_ABUSE_ARGS)
 
 # Hot-path lookups on 1,000,000 certificate rows, SQLite and PostgreSQL (bench/results-lookups.md).
 bench-lookups: setup

@@ -135,8 +135,12 @@ class FrontDoorSettings:
     nginx: str = "nginx"  # the binary: a path, or a name looked up in PATH, /usr/sbin and /sbin
     worker_processes: int = 2
     worker_connections: int = 4096  # per nginx worker: idle connections cost nginx memory, not threads
-    connections_per_address: int = 64  # concurrent connections from one client address (429 beyond)
-    requests_per_second: int = 200  # per client address, with a burst of the same size (429 beyond)
+    connections_per_address: int = 64  # EST/API: concurrent connections from one client address (429 beyond)
+    requests_per_second: int = 200  # EST/API: per client address, with a burst of the same size (429 beyond)
+    # OCSP's relying parties (a CSMS's TLS terminator checking every charger handshake) ask from one
+    # address at line rate, and every answer is pre-signed: a wide connection limit, no rate limit (0).
+    ocsp_connections_per_address: int = 1024
+    ocsp_requests_per_second: int = 0
     header_timeout_seconds: int = 10  # to send the request head
     body_timeout_seconds: int = 10  # between two reads of the body
     send_timeout_seconds: int = 10  # between two writes of the response
@@ -293,6 +297,8 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
     "worker_connections": int,
     "connections_per_address": int,
     "requests_per_second": int,
+    "ocsp_connections_per_address": int,
+    "ocsp_requests_per_second": int,
     "header_timeout_seconds": int,
     "body_timeout_seconds": int,
     "send_timeout_seconds": int,
@@ -359,6 +365,8 @@ def _front_door_settings(table: object) -> FrontDoorSettings:
     if settings.mode not in ("nginx", "direct"):
         raise ConfigError(f"{CONFIG_NAME}: front_door.mode must be nginx or direct")
     for key, value in settings.__dict__.items():
+        if key == "ocsp_requests_per_second" and value == 0:
+            continue  # off
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{CONFIG_NAME}: front_door.{key} must be positive")
     return settings

@@ -108,6 +108,16 @@ def render(settings: FrontDoorSettings, site: Site, workdir: Path) -> str:
             client_cert = "$chargepki_client_cert"
     # The header is always set: empty (so not sent) unless nginx verified a client certificate,
     # and a header of that name sent by a client is never passed on.
+    if site.service == "ocsp":
+        connections, rate = settings.ocsp_connections_per_address, settings.ocsp_requests_per_second
+    else:
+        connections, rate = settings.connections_per_address, settings.requests_per_second
+    rate_lines = (
+        f"    limit_req_zone $binary_remote_addr zone=rate:10m rate={rate}r/s;\n"
+        f"    limit_req zone=rate burst={rate} nodelay;\n"
+        if rate
+        else ""
+    )
     return f"""# Written by chargepki for the {site.service} front door; rewritten at every start.
 {user}worker_processes {settings.worker_processes};
 worker_rlimit_nofile {settings.worker_connections * 2 + 64};
@@ -127,10 +137,8 @@ http {{
 
     # Per client address: concurrent connections and a request rate (429 beyond either).
     limit_conn_zone $binary_remote_addr zone=per_address:10m;
-    limit_req_zone $binary_remote_addr zone=rate:10m rate={settings.requests_per_second}r/s;
-    limit_conn per_address {settings.connections_per_address};
-    limit_req zone=rate burst={settings.requests_per_second} nodelay;
-    limit_conn_status 429;
+    limit_conn per_address {connections};
+{rate_lines}    limit_conn_status 429;
     limit_req_status 429;
 
     # Time: the TLS handshake and the request head, each body read, each response write, idle keep-alive.
