@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,16 +99,17 @@ class Attack:
         self.bodies: list[socket.socket] = []
         self.failed = 0
         self._count = 0
+        self._lock = threading.Lock()
 
     def _source(self) -> str:
         self._count += 1
         n = self._count
         return f"127.{self.first_octet}.{(n // 250) % 250 + 1}.{n % 250 + 1}"
 
-    def _connect(self, handshake: bool) -> socket.socket | None:
+    def _connect(self, handshake: bool, source: str | None = None) -> socket.socket | None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind((self._source(), 0))
+            sock.bind((source or self._source(), 0))
             sock.settimeout(5)
             sock.connect(("127.0.0.1", self.port))
             if handshake and self.tls is not None:
@@ -115,17 +117,22 @@ class Attack:
             sock.settimeout(0.5)
             return sock
         except OSError:
-            self.failed += 1
             sock.close()
+            with self._lock:
+                self.failed += 1
             return None
 
     def open(self, idle: int, slow_headers: int, slow_bodies: int) -> None:
+        """Open the attack connections, 100 at a time (a server that is already held makes each
+        TLS handshake wait for its timeout, which must not make the set-up take hours)."""
         for _ in range(idle):
             sock = self._connect(handshake=False)
             if sock is not None:
                 self.sockets.append(sock)
-        for index in range(slow_headers + slow_bodies):
-            sock = self._connect(handshake=True)
+        sources = [self._source() for _ in range(slow_headers + slow_bodies)]
+        with ThreadPoolExecutor(100) as pool:
+            opened = list(pool.map(lambda source: self._connect(handshake=True, source=source), sources))
+        for index, sock in enumerate(opened):
             if sock is None:
                 continue
             try:
@@ -177,7 +184,8 @@ class Installation:
 def install(work: Path, mode: str, devices: int) -> Installation:
     home = work / f"home-{mode}"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("CHARGEPKI_", "SOFTHSM2"))}
-    subprocess.run(chargepki(home, "run", "--setup-only"), check=True, capture_output=True, env=environ, cwd=ROOT)
+    setup_env = {**environ, "CHARGEPKI_ORG": ORG}
+    subprocess.run(chargepki(home, "run", "--setup-only"), check=True, capture_output=True, env=setup_env, cwd=ROOT)
     config = load_config(home, environ)
     est_port, ocsp_port = free_port(), free_port()
     write_config(replace(config, est=replace(config.est, port=est_port), ocsp=replace(config.ocsp, port=ocsp_port)))
