@@ -430,3 +430,28 @@ def test_the_proxy_trusts_a_new_ca_after_a_rotation(door: Door) -> None:
             break
         time.sleep(0.5)  # 400: nginx refused the certificate (its CA not loaded yet)
     assert response.status_code == 200, response.text
+
+
+def test_front_door_settings_are_checked_and_rendered(tmp_path: Path) -> None:
+    """No process: the [front_door] table is validated, and nginx's configuration never caches and always
+    sets the client-certificate header itself (empty unless nginx verified a certificate)."""
+    from ca.config import load_config
+    from ca.errors import ConfigError
+    from ca.frontdoor import Site, Tls, render
+
+    for table, message in (
+        ('[front_door]\nmode = "haproxy"\n', "front_door.mode must be nginx or direct"),
+        ("[front_door]\nconnections_per_address = 0\n", "front_door.connections_per_address must be positive"),
+        ("[front_door]\nrate = 1\n", "unknown setting front_door.rate"),
+    ):
+        (tmp_path / "chargepki.toml").write_text(table)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path, {})
+    tls = Tls(tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
+    est = render(DOOR, Site("est", "127.0.0.1", 1, tmp_path / "est.sock", 32768, tls), tmp_path)
+    ocsp_conf = render(DOOR, Site("ocsp", "::1", 2, tmp_path / "ocsp.sock", 16384), tmp_path)
+    for conf in (est, ocsp_conf):
+        assert "proxy_cache" not in conf and f'proxy_set_header {CLIENT_CERT_HEADER} "' in conf
+    assert f'proxy_set_header {CLIENT_CERT_HEADER} "$chargepki_client_cert";' in est
+    assert "ssl_verify_client optional;" in est and "limit_req zone=rate" in est
+    assert "listen [::1]:2;" in ocsp_conf and "limit_req " not in ocsp_conf  # OCSP: no rate limit by default
