@@ -372,6 +372,9 @@ def test_two_installations_on_one_host_stay_independent(door: Door, tmp_path: Pa
     assert result.returncode == 0, result.stdout + result.stderr
     second = start_server(other, free_port(), workers=1, direct=False, environ=environ)
     try:
+        deadline = time.monotonic() + 15  # gunicorn opens its control socket once its workers have booted
+        while not (other / "run" / "gunicorn-est.ctl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         for home in (door.home, other):
             assert (home / "run" / "gunicorn-est.ctl").exists() and (home / "run" / "est.sock").exists()
         assert not (user_home / ".gunicorn").exists()
@@ -455,3 +458,27 @@ def test_front_door_settings_are_checked_and_rendered(tmp_path: Path) -> None:
     assert f'proxy_set_header {CLIENT_CERT_HEADER} "$chargepki_client_cert";' in est
     assert "ssl_verify_client optional;" in est and "limit_req zone=rate" in est
     assert "listen [::1]:2;" in ocsp_conf and "limit_req " not in ocsp_conf  # OCSP: no rate limit by default
+
+
+def test_too_many_connections_from_one_address_get_429_from_the_proxy(door: Door) -> None:
+    """connections_per_address (64) requests in progress from 127.0.0.7: the next one from that address
+    gets 429, while another address is served."""
+    context = ssl.create_default_context(cafile=str(door.root))
+    held = []
+    try:
+        for _ in range(DOOR.connections_per_address):
+            sock = socket.create_connection(("127.0.0.1", door.est.port), timeout=5, source_address=("127.0.0.7", 0))
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+            sock.sendall(
+                b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nA"
+            )
+            held.append(sock)
+        sock = socket.create_connection(("127.0.0.1", door.est.port), timeout=5, source_address=("127.0.0.7", 0))
+        with context.wrap_socket(sock, server_hostname="localhost") as extra:
+            extra.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = extra.recv(200)
+        assert answer.startswith(b"HTTP/1.1 429"), answer
+        assert requests.get(f"{door.est_url}/cacerts", verify=str(door.root), timeout=10).status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
