@@ -1,6 +1,7 @@
 # All set-up on a fresh Debian machine happens here: `make run` and `make test`
 # both depend on `setup`, which creates .venv, installs the package and installs
-# Debian's softhsm2 (the embedded PKCS#11 token) when its module is missing.
+# Debian's softhsm2 (the embedded PKCS#11 token) and nginx-light (the front door in
+# front of EST, the CSMS API and OCSP) when they are missing.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,15 +11,17 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups soak clean
+.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse soak clean
 
 setup: system-deps $(STAMP)
 
+NGINX_FOUND = command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]
+
 system-deps:
-	@if [ ! -e $(SOFTHSM_MODULE) ] || ! command -v openssl >/dev/null; then \
-	  echo "installing Debian packages: softhsm2 openssl"; \
+	@if [ ! -e $(SOFTHSM_MODULE) ] || ! command -v openssl >/dev/null || ! { $(NGINX_FOUND); }; then \
+	  echo "installing Debian packages: softhsm2 openssl nginx-light"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 openssl; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 openssl nginx-light; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -34,7 +37,7 @@ run: setup
 
 # The examples' tests drive real peers: Debian's nginx (examples/nginx) and curl.
 test-deps:
-	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v curl >/dev/null; then \
+	@if ! { $(NGINX_FOUND); } || ! command -v curl >/dev/null; then \
 	  echo "installing Debian packages for the tests: nginx-light curl"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; \
@@ -97,6 +100,14 @@ bench-ocsp: setup
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-cfssl wrk; }
 	$(BIN)/python bench/ocsp.py $(BENCH_OCSP_ARGS)
+
+# Legitimate enrollments and OCSP requests while idle and slow clients hold EST and OCSP, with the
+# front door (nginx) and in the direct mode (bench/results-abuse.md).
+bench-abuse: setup
+	@command -v wrk >/dev/null || { echo "installing Debian package wrk"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(BIN)/python bench/abuse.py $(BENCH_ABUSE_ARGS)
 
 # Hot-path lookups on 1,000,000 certificate rows, SQLite and PostgreSQL (bench/results-lookups.md).
 bench-lookups: setup

@@ -569,12 +569,15 @@ def post_status(connection: http.client.HTTPConnection, url_path: str, der: byte
     return parsed.certificate_status.name.lower()
 
 
+SERVE_EXTRA: list[str] = []  # ["--direct"]: without the front door (nginx)
+
+
 def start_chargepki(
     processes: Processes, data: DataSet, work: Path, port: int, server: str, tag: str, workers: int = 2
 ) -> subprocess.Popen[bytes]:
     log = work / f"serve-{tag}.log"
     command = chargepki_command(
-        data.home, "serve", "ocsp", "--port", str(port), "--workers", str(workers), "--server", server
+        data.home, "serve", "ocsp", "--port", str(port), "--workers", str(workers), "--server", server, *SERVE_EXTRA
     )
     process = processes.start(command, log, env=data.environ)
     wait_for(port, process, log)
@@ -792,8 +795,11 @@ def main() -> int:
     )
     parser.add_argument("--database-url", help="SQLAlchemy URL instead of the home's SQLite (e.g. PostgreSQL)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-ocsp.md")
+    parser.add_argument("--direct", action="store_true", help="serve ocsp --direct (no nginx in front)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
     args = parser.parse_args()
+    if args.direct:
+        SERVE_EXTRA.append("--direct")
     for tool, package in (("wrk", "wrk"), ("cfssl", "golang-cfssl"), ("openssl", "openssl")):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: `make bench-ocsp` installs Debian's {package}", file=sys.stderr)

@@ -122,6 +122,33 @@ class OcspSettings:
 
 
 @dataclass(frozen=True)
+class FrontDoorSettings:
+    """The reverse proxy (Debian's nginx) in front of EST, the CSMS API and OCSP (``[front_door]``).
+
+    ``mode = "nginx"`` (the default): nginx listens on ``est.host:est.port`` and
+    ``ocsp.host:ocsp.port``, buffers whole requests and responses, enforces the limits below and
+    forwards to the application servers over Unix sockets in ``<home>/run``. ``"direct"``: the
+    application servers listen themselves (needed for RFC 7030 tls-unique, which no proxy carries).
+    """
+
+    mode: str = "nginx"  # nginx | direct
+    nginx: str = "nginx"  # the binary: a path, or a name looked up in PATH, /usr/sbin and /sbin
+    worker_processes: int = 2
+    worker_connections: int = 4096  # per nginx worker: idle connections cost nginx memory, not threads
+    connections_per_address: int = 64  # EST/API: concurrent connections from one client address (429 beyond)
+    requests_per_second: int = 200  # EST/API: per client address, with a burst of the same size (429 beyond)
+    # OCSP's relying parties (a CSMS's TLS terminator checking every charger handshake) ask from one
+    # address at line rate, and every answer is pre-signed: a wide connection limit, no rate limit (0).
+    ocsp_connections_per_address: int = 1024
+    ocsp_requests_per_second: int = 0
+    header_timeout_seconds: int = 10  # to send the request head
+    body_timeout_seconds: int = 10  # between two reads of the body
+    send_timeout_seconds: int = 10  # between two writes of the response
+    keepalive_timeout_seconds: int = 15  # an idle keep-alive connection is closed after this
+    verify_client_certificates: bool = True  # EST/API: ask for (optional) client certificates
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
@@ -130,6 +157,7 @@ class Config:
     repository_url: str = DEFAULT_REPOSITORY_URL
     est: EstSettings = EstSettings()
     ocsp: OcspSettings = OcspSettings()
+    front_door: FrontDoorSettings = FrontDoorSettings()
 
     @property
     def config_path(self) -> Path:
@@ -218,6 +246,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
         config,
         est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
+        front_door=_front_door_settings(data.get("front_door", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -258,6 +287,23 @@ _OCSP_TYPES: dict[str, type] = {
     "refresh_interval_seconds": int,
     "signer_validity_days": int,
     "request_timeout_seconds": int,
+}
+
+
+_FRONT_DOOR_TYPES: dict[str, type] = {
+    "mode": str,
+    "nginx": str,
+    "worker_processes": int,
+    "worker_connections": int,
+    "connections_per_address": int,
+    "requests_per_second": int,
+    "ocsp_connections_per_address": int,
+    "ocsp_requests_per_second": int,
+    "header_timeout_seconds": int,
+    "body_timeout_seconds": int,
+    "send_timeout_seconds": int,
+    "keepalive_timeout_seconds": int,
+    "verify_client_certificates": bool,
 }
 
 
@@ -314,6 +360,18 @@ def _ocsp_settings(table: object) -> OcspSettings:
     return settings
 
 
+def _front_door_settings(table: object) -> FrontDoorSettings:
+    settings = _table_settings(table, "front_door", FrontDoorSettings(), _FRONT_DOOR_TYPES)
+    if settings.mode not in ("nginx", "direct"):
+        raise ConfigError(f"{CONFIG_NAME}: front_door.mode must be nginx or direct")
+    for key, value in settings.__dict__.items():
+        if key == "ocsp_requests_per_second" and value == 0:
+            continue  # off
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: front_door.{key} must be positive")
+    return settings
+
+
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     settings = config.pkcs11
     if environ.get("CHARGEPKI_PKCS11_MODULE"):
@@ -353,6 +411,7 @@ def write_config(config: Config) -> Path:
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
+        "front_door": _table(config.front_door),
     }
     ensure_home(config.home)
     _write_document(config.config_path, document, settings.pin_env)

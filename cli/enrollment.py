@@ -350,20 +350,35 @@ def serve() -> None:
     """Run a service in the foreground."""
 
 
+DIRECT_HELP = "Serve without the front door (nginx): the application server listens itself (tls-unique)."
+
+
+def front_door_enabled(pki: Any, direct: bool) -> bool:
+    """Whether this run puts nginx in front (``front_door.mode``, unless ``--direct``)."""
+    return not direct and pki.config.front_door.mode == "nginx"
+
+
 @serve.command("est")
 @click.option("--host", help="Listen address (default: est.host in the config, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Listen port (default: est.port, 8443).")
 @click.option("--workers", type=click.IntRange(min=1), help="gunicorn worker processes (default: est.workers).")
+@click.option("--direct", is_flag=True, help=DIRECT_HELP)
+@click.option("--unix-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 @pass_state
-def serve_est_command(state: State, host: str | None, port: int | None, workers: int | None) -> None:
-    """EST (RFC 7030) over HTTPS with gunicorn."""
-    from web.server import serve_est
+def serve_est_command(
+    state: State, host: str | None, port: int | None, workers: int | None, direct: bool, unix_socket: Path | None
+) -> None:
+    """EST (RFC 7030) and the CSMS API over HTTPS: nginx in front of gunicorn (or gunicorn alone with --direct)."""
+    from web.server import serve_est, serve_est_front_door
 
     pki = state.pki()
     settings = pki.config.est
-    serve_est(
-        pki,
-        host=host or settings.host,
-        port=port if port is not None else settings.port,
-        workers=workers or settings.workers,
-    )
+    host = host or settings.host
+    port = port if port is not None else settings.port
+    workers = workers or settings.workers
+    if unix_socket is not None:  # the application server behind the front door (started by it)
+        serve_est(pki, host=host, port=port, workers=workers, unix_socket=unix_socket)
+    elif front_door_enabled(pki, direct):
+        serve_est_front_door(pki, host=host, port=port, workers=workers)
+    else:
+        serve_est(pki, host=host, port=port, workers=workers)

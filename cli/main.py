@@ -197,7 +197,8 @@ def run(state: State, org: str, setup_only: bool) -> None:
             click.echo(f"  [{authority.environment}] {authority.name}: {authority.subject}")
     if setup_only:
         return
-    from web.server import serve_est
+    from cli.enrollment import front_door_enabled
+    from web.server import serve_est, serve_est_front_door
 
     settings = pki.config.est
     home = str(pki.config.home)
@@ -211,7 +212,8 @@ def run(state: State, org: str, setup_only: bool) -> None:
         err=True,
     )
     try:
-        serve_est(pki, host=settings.host, port=settings.port, workers=settings.workers)
+        serve = serve_est_front_door if front_door_enabled(pki, direct=False) else serve_est
+        serve(pki, host=settings.host, port=settings.port, workers=settings.workers)
     finally:
         for child in children:
             child.terminate()

@@ -7,14 +7,23 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import click
 
+from ca.frontdoor import die_with_parent
 from cli.common import State, actor, pass_state
-from cli.enrollment import serve
+from cli.enrollment import DIRECT_HELP, front_door_enabled, serve
 from cli.params import DURATION
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
-from ocsp.server import maintain, run_signer, serve_responder, signer_alive, wait_for_signer
+from ocsp.server import (
+    maintain,
+    run_signer,
+    serve_responder,
+    serve_responder_front_door,
+    signer_alive,
+    wait_for_signer,
+)
 from ocsp.wsgi import signer_socket_path
 
 
@@ -81,34 +90,65 @@ def ocsp_signer(state: State) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: ocsp.workers).")
 @click.option("--server", type=click.Choice(["granian", "gunicorn"]), help="HTTP server (default: ocsp.server).")
 @click.option("--no-signer", is_flag=True, help="Answer from stored responses only; never start the signer.")
+@click.option("--direct", is_flag=True, help=DIRECT_HELP)
+@click.option("--unix-socket", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 @pass_state
 def serve_ocsp(
-    state: State, host: str | None, port: int | None, workers: int | None, server: str | None, no_signer: bool
+    state: State,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    server: str | None,
+    no_signer: bool,
+    direct: bool,
+    unix_socket: Path | None,
 ) -> None:
-    """The keyless OCSP responder over HTTP, plus the on-demand signer process unless one is running."""
+    """The keyless OCSP responder over HTTP (behind nginx unless --direct), plus the on-demand signer
+    process unless one is running."""
     pki = state.pki()
     config = pki.config
     settings = config.ocsp
+    host = host or settings.host
+    port = port if port is not None else settings.port
+    workers = workers or settings.workers
+    server = server or settings.server
+    proxied = unix_socket is None and front_door_enabled(pki, direct)
     signer = None
     socket_path = signer_socket_path(config)
     if not no_signer and not signer_alive(socket_path):
         command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "ocsp", "signer"]
-        signer = subprocess.Popen(command)
+        signer = subprocess.Popen(command, preexec_fn=die_with_parent)
         if not wait_for_signer(socket_path, lambda: signer.poll() is None):
             signer.terminate()
             raise click.ClickException(f"the on-demand OCSP signer did not start (socket {socket_path})")
     pki.close()
-    bound = f"http://{host or settings.host}:{port if port is not None else settings.port}{settings.path}"
-    click.echo(f"OCSP: {bound} (repository {settings.repository_path}/)", err=True)
+    if unix_socket is None:
+        bound = f"http://{host}:{port}{settings.path}"
+        front = " behind nginx" if proxied else ""
+        click.echo(f"OCSP: {bound}{front} (repository {settings.repository_path}/)", err=True)
     try:
-        serve_responder(
-            config,
-            host=host or settings.host,
-            port=port if port is not None else settings.port,
-            workers=workers or settings.workers,
-            server=server or settings.server,
-            signer=not no_signer,
-        )
+        if proxied:
+            watched = {"signer": lambda: signer.poll() is None} if signer is not None else {}
+            serve_responder_front_door(
+                config,
+                dict(pki.environ),
+                host=host,
+                port=port,
+                workers=workers,
+                server=server,
+                signer=not no_signer,
+                alive=watched,
+            )
+        else:
+            serve_responder(
+                config,
+                host=host,
+                port=port,
+                workers=workers,
+                server=server,
+                signer=not no_signer,
+                unix_socket=unix_socket,
+            )
     finally:
         if signer is not None:
             signer.terminate()

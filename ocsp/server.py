@@ -15,14 +15,26 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca.config import Config
+from ca.config import PIN_ENV, Config
 from ca.context import Pki
-from ca.errors import ChargepkiError
+from ca.errors import ChargepkiError, ConfigError
+from ca.frontdoor import (
+    Nginx,
+    Site,
+    child_environment,
+    spawn,
+    stop_child,
+    supervise,
+    upstream_socket,
+    wait_until_listening,
+)
 from ca.rotation import retire_finished
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
+from ocsp.requests import MAX_REQUEST_BYTES
 from ocsp.signer_service import OnDemandSigner, SignerServer
 from ocsp.wsgi import signer_socket_path
 
@@ -95,17 +107,34 @@ def wait_for_signer(path: Path, process_alive: Callable[[], bool], timeout: floa
     return False
 
 
-def serve_responder(config: Config, *, host: str, port: int, workers: int, server: str, signer: bool) -> None:
-    """Serve the keyless responder in the foreground (granian by default, gunicorn on request)."""
+def serve_responder(
+    config: Config,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    server: str,
+    signer: bool,
+    unix_socket: Path | None = None,
+) -> None:
+    """Serve the keyless responder in the foreground (granian by default, gunicorn on request), on
+    host:port or, behind the front door, on a Unix socket (0600)."""
+    # The responder holds no key: neither it nor any worker it forks carries the PIN.
+    for name in {config.pkcs11.pin_env, PIN_ENV}:
+        os.environ.pop(name, None)
     os.environ["CHARGEPKI_HOME"] = str(config.home)
     os.environ["CHARGEPKI_OCSP_NO_SIGNER"] = "0" if signer else "1"
     timeout = config.ocsp.request_timeout_seconds
+    if unix_socket is not None:
+        unix_socket.unlink(missing_ok=True)  # left by a killed run
     # Size limits: bodies 16 KiB (ocsp/wsgi.py), request heads 64 KiB; time limits: see below.
     if server == "gunicorn":
         os.environ["CHARGEPKI_REQUEST_TIMEOUT"] = str(timeout)  # read by web.workers (per read/write)
         arguments = [
             sys.executable, "-m", "gunicorn",
-            "--bind", f"{host}:{port}",
+            "--bind", f"unix:{unix_socket}" if unix_socket is not None else f"{host}:{port}",
+            "--umask", "0o077",
+            "--no-control-socket",  # EST's is the installation's one (web/server.py)
             "--workers", str(workers),
             "--worker-class", "web.workers.TimedThreadWorker",  # gthread + socket timeouts (by name: no import)
             "--threads", "8",
@@ -120,11 +149,13 @@ def serve_responder(config: Config, *, host: str, port: int, workers: int, serve
     from granian.constants import Interfaces
     from granian.http import HTTP1Settings
 
+    where: dict[str, Any] = (
+        {"uds": unix_socket, "uds_permissions": 0o600} if unix_socket is not None else {"address": host, "port": port}
+    )
     Granian(
         "ocsp.wsgi:create_app",
         factory=True,
-        address=host,
-        port=port,
+        **where,
         interface=Interfaces.WSGI,
         workers=workers,
         websockets=False,
@@ -135,3 +166,40 @@ def serve_responder(config: Config, *, host: str, port: int, workers: int, serve
         # A client gets request_timeout_seconds to send its request head, which may not exceed 64 KiB.
         http1_settings=HTTP1Settings(header_read_timeout=timeout * 1000, max_buffer_size=64 * 1024),
     ).serve()
+
+
+def serve_responder_front_door(
+    config: Config,
+    environ: dict[str, str],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    server: str,
+    signer: bool,
+    alive: dict[str, Callable[[], bool]],
+) -> None:
+    """nginx on host:port (plain HTTP) → the responder on ``<home>/run/ocsp.sock``, until one stops.
+
+    The responder runs as a child (``serve ocsp --direct --unix-socket``) without the PIN; nginx
+    reads each request whole (16 KiB at most, within the body timeout) before the responder sees
+    it, and caches nothing: every answer comes from the responder, so a revocation reaches clients
+    as fast as it reaches the responder. ``alive``: other children to watch (the signer).
+    """
+    sock = upstream_socket(config, "ocsp")
+    nginx = Nginx(config, Site("ocsp", host, port, sock, MAX_REQUEST_BYTES), environ)
+    command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "serve", "ocsp", "--direct"]
+    command += ["--unix-socket", str(sock), "--workers", str(workers), "--server", server]
+    if not signer:
+        command.append("--no-signer")
+    responder = spawn(command, child_environment(environ, config.pkcs11.pin_env))
+    try:
+        if not wait_until_listening(str(sock), lambda: responder.poll() is None, timeout=60):
+            raise ConfigError(f"the OCSP responder did not start on {sock}")
+        nginx.start()
+        log.info("OCSP front door: nginx on %s:%s -> responder on %s", host, port, sock)
+        stopped = supervise({"responder": lambda: responder.poll() is None, "nginx": nginx.alive, **alive})
+        raise ChargepkiError(f"the OCSP front door stopped: {stopped} exited")
+    finally:
+        nginx.stop()
+        stop_child(responder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
@@ -132,11 +133,10 @@ class OcspApp:
         match = _FILE.match(name)
         if self.repository_dir is None or match is None:
             return _text(start_response, "404 Not Found", "no such file")
-        try:
-            data = (self.repository_dir / name).read_bytes()
-            modified = (self.repository_dir / name).stat().st_mtime
-        except OSError:
+        found = read_published(self.repository_dir, name)
+        if found is None:
             return _text(start_response, "404 Not Found", "no such file")
+        data, modified = found
         headers = [
             ("Content-Type", _FILE_TYPES[match.group(1)]),
             ("Content-Length", str(len(data))),
@@ -145,6 +145,32 @@ class OcspApp:
         ]
         start_response("200 OK", headers)
         return [] if method == "HEAD" else [data]
+
+
+_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_published(directory: Path, name: str) -> tuple[bytes, float] | None:
+    """(bytes, mtime) of a regular file directly in the publication directory, or None.
+
+    Never through a symlink (the directory itself or the file: ``O_NOFOLLOW``), and nothing but a
+    regular file (no FIFO to block on, no device): a link placed there cannot publish the PIN files.
+    """
+    try:
+        folder = os.open(directory, _NO_FOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        descriptor = os.open(name, _NO_FOLLOW, dir_fd=folder)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
+    with os.fdopen(descriptor, "rb") as handle:
+        facts = os.fstat(handle.fileno())
+        if not stat.S_ISREG(facts.st_mode):
+            return None
+        return handle.read(), facts.st_mtime
 
 
 def build_app(config: Config, *, signer_socket: Path | None) -> OcspApp:

@@ -54,15 +54,19 @@ def start_server(
     service: str = "est",
     extra: tuple[str, ...] = (),
     process_group: bool = False,
+    direct: bool = True,
+    environ: dict[str, str] | None = None,
 ) -> EstServer:
     """``chargepki serve <service>`` in its own process, once its port accepts connections.
 
     ``process_group``: in a new session, so a test can kill the service with all its workers.
+    ``direct``: without the front door (nginx), the application server itself on the port; the
+    front door's own tests (tests/test_front_door.py) pass False. ``environ``: extra variables.
     """
     log = home / f"{service}-{port}.log"
     if log.exists():  # a restart on the same port keeps the earlier run's log
         log.rename(log.with_suffix(f".{time.monotonic_ns()}.log"))
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")} | (environ or {})
     process = subprocess.Popen(
         [
             sys.executable,
@@ -76,6 +80,7 @@ def start_server(
             str(port),
             "--workers",
             str(workers),
+            *(("--direct",) if direct else ()),
             *extra,
         ],
         stdout=log.open("wb"),

@@ -29,7 +29,7 @@ def test_date_sensitive_tests_pass_with_the_clock_nine_years_ahead(tmp_path: Pat
     run = subprocess.run(
         [
             str(ROOT / "tests/clock_shift/run.sh"),
-                        "-p",
+            "-p",
             "no:cacheprovider",
             f"--basetemp={tmp_path}",
             *DATE_SENSITIVE,

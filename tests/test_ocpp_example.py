@@ -41,10 +41,10 @@ class Story:
     csms_log: Path
     root: Path
 
-    def charger(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def charger(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(EXAMPLE / "charger.py"), *args, "--root", str(self.root)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
         )  # fmt: skip
 
     def enroll(self, station_id: str) -> Path:
@@ -53,7 +53,7 @@ class Story:
         directory = self.tmp / station_id
         done = self.charger(
             "enroll", "--est", f"https://localhost:{self.est.port}/.well-known/est", "--id", station_id,
-            f"--secret={secret}", "--dir", str(directory),  # a secret may start with "-"
+            "--dir", str(directory), env={"CHARGEPKI_SECRET": secret},  # never on the command line
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         return directory
@@ -103,7 +103,7 @@ def story(
         csms = subprocess.Popen(
             [sys.executable, str(EXAMPLE / "csms.py"), "--port", str(csms_port), "--cert", str(server_chain),
              "--key", str(key_file), "--client-ca", str(client_ca), "--api", f"https://localhost:{est.port}",
-             "--api-token", api_token, "--api-ca", str(root)],
+             "--api-token-file", str(write(tmp / "token.txt", api_token.encode())), "--api-ca", str(root)],
             stdout=csms_log.open("wb"), stderr=subprocess.STDOUT, env=environment,
         )  # fmt: skip
         try:

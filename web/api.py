@@ -36,7 +36,7 @@ from ca.models import Certificate, CsmsSignJob, Device
 from ca.store import _one_line
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
-from web.est import _client_certificate, _enrollment_settings, _issuer, _status, _sweep
+from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
 from web.openapi import DOCUMENT, check, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
 
@@ -76,7 +76,7 @@ def _endpoint(operation: str) -> Callable[[View], View]:
                         session,
                         token=_presented_token(),
                         certificate_der=certificate_der,
-                        address=request.remote_addr,
+                        address=_client_address(),
                     )
                     session.commit()  # end the read: other sessions (the OCSP signer) may write next
                     response = view(session, caller, **kwargs)
@@ -98,7 +98,7 @@ def _audit(session: Session, caller: Caller | None, operation: str, response: Re
             session,
             caller,
             operation,
-            address=request.remote_addr,
+            address=_client_address(),
             subject=g.api_subject,
             outcome={"status": response.status_code, **g.api_outcome},
         )

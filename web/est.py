@@ -35,6 +35,7 @@ from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll, requested_key
 from ca.errors import AuthenticationError, InputError, NotFoundError, PolicyError
+from ca.frontdoor import TRUSTED_UNIX
 from ca.issuance import abandon_stale_pending
 from ca.models import Authority, Certificate
 from ca.names import ENVIRONMENTS
@@ -190,6 +191,8 @@ def _client_certificate() -> tuple[bytes | None, bytes | None]:
 
 
 def _from_trusted_proxy(settings: EstSettings) -> bool:
+    if not request.remote_addr:  # a Unix socket's peer: the front door (ca/frontdoor.py), if so configured
+        return TRUSTED_UNIX in settings.trusted_proxies
     try:
         address = ipaddress.ip_address(request.remote_addr or "")
     except ValueError:

@@ -10,9 +10,12 @@ decides what each one may do.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,18 +24,35 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from gunicorn.app.base import BaseApplication
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.authorities import default_issuing_ca, issuer_for, list_authorities
 from ca.config import EstSettings
 from ca.context import Pki
+from ca.errors import ChargepkiError, ConfigError
+from ca.frontdoor import (
+    CLIENT_CERT_HEADER,
+    TRUSTED_UNIX,
+    Nginx,
+    Site,
+    Tls,
+    spawn,
+    stop_child,
+    supervise,
+    upstream_socket,
+    wait_until_listening,
+)
 from ca.issuance import IssueRequest, abandon_stale_pending, issue, utcnow
 from ca.profiles import get_profile
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
+from web.responses import MAX_BODY
 from web.workers import TIMEOUT_ENV, ssl_context
 
 SERVER_VALIDITY = timedelta(days=90)
+BUNDLE_CHECK_SECONDS = 2.0  # how soon the proxy trusts a new CA's devices after a rotation
+log = logging.getLogger(__name__)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -98,26 +118,31 @@ def client_ca_bundle_path(pki: Pki) -> Path:
     return pki.config.home / "est" / "client-ca.pem"
 
 
+def client_ca_bundle(session: Session) -> bytes:
+    return b"".join(
+        x509.load_der_x509_certificate(a.certificate_der).public_bytes(serialization.Encoding.PEM)
+        for a in list_authorities(session)
+    )
+
+
 def write_client_ca_bundle(session: Session, path: Path) -> None:
     """Every CA's certificate, the TLS layer's trust for client certificates.
 
     gunicorn's gthread worker reads this file for every new connection, so rewriting it (as
-    ``ca rotate`` and ``ca rollover-root`` do) makes a new CA's devices welcome without a restart.
+    ``ca rotate`` and ``ca rollover-root`` do) makes a new CA's devices welcome without a restart;
+    the front door compares the store's CAs with what nginx loaded and reloads it (below).
     """
-    bundle = b"".join(
-        x509.load_der_x509_certificate(a.certificate_der).public_bytes(serialization.Encoding.PEM)
-        for a in list_authorities(session)
-    )
-    _write_private(path, bundle)
+    _write_private(path, client_ca_bundle(session))
 
 
 class EstServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code; each worker opens the installation after the fork."""
 
-    def __init__(self, home: Path, environ: Mapping[str, str], options: dict[str, Any]) -> None:
+    def __init__(self, home: Path, environ: Mapping[str, str], options: dict[str, Any], settings: EstSettings) -> None:
         self.home = home
         self.environ = dict(environ)
         self.options = options
+        self.settings = settings
         super().__init__()
 
     def load_config(self) -> None:
@@ -128,11 +153,89 @@ class EstServer(BaseApplication):  # type: ignore[misc]
         # The master checked the schema; a worker (re)started while the database is away must
         # still boot (and answer 503) rather than fail, which would make gunicorn stop the service.
         pki = Pki.open(self.home, self.environ, check_schema=False)
-        return create_app(pki, pki.config.est, run_jobs=True)
+        return create_app(pki, self.settings, run_jobs=True)
 
 
-def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
+def behind_front_door(settings: EstSettings) -> EstSettings:
+    """The application's settings behind the proxy: the client certificate (verified by nginx) and the
+    client's address come in headers, trusted only from the Unix socket's peers (the proxy)."""
+    return replace(
+        settings,
+        tls=False,
+        client_cert_header=CLIENT_CERT_HEADER,
+        trusted_proxies=(TRUSTED_UNIX,),
+        require_tls_unique=False,
+    )
+
+
+def check_front_door(settings: EstSettings) -> None:
+    if settings.require_tls_unique:
+        raise ConfigError(
+            "est.require_tls_unique needs the direct mode: RFC 7030 tls-unique cannot cross a TLS-terminating "
+            'proxy; set front_door.mode = "direct" (or run `serve est --direct`), or turn require_tls_unique off'
+        )
+
+
+def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> None:
+    """nginx on host:port (TLS, optional client certificates) → gunicorn on ``<home>/run/est.sock``.
+
+    gunicorn runs as a child (``serve est --direct --unix-socket``, with the PIN: it signs); nginx
+    runs as a child without it. This process keeps the client CA bundle current from the store and
+    reloads nginx when it changes (rotations), and stops both when either stops or it is told to.
+    """
+    config = pki.config
+    settings = config.est
+    check_front_door(settings)
+    tls = None
+    if settings.tls:
+        files = prepare_tls(pki, settings)
+        client_cas = Path(files["ca_certs"]) if config.front_door.verify_client_certificates else None
+        tls = Tls(Path(files["certfile"]), Path(files["keyfile"]), client_cas)
+    sock = upstream_socket(config, "est")
+    site = Site("est", host, port, sock, MAX_BODY, tls)
+    nginx = Nginx(config, site, pki.environ)  # finds nginx (clear error) before anything starts
+    command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "serve", "est", "--direct"]
+    command += ["--unix-socket", str(sock), "--workers", str(workers)]
+    app = spawn(command)  # with this process's environment: gunicorn signs, so it needs the PIN
+    try:
+        if not wait_until_listening(str(sock), lambda: app.poll() is None, timeout=60):
+            raise ConfigError(f"the EST application server did not start on {sock}")
+        nginx.start()
+        log.info("EST front door: nginx on %s:%s -> gunicorn on %s", host, port, sock)
+
+        loaded = [tls.client_cas.read_bytes()] if tls is not None and tls.client_cas is not None else []
+
+        def refresh_bundle() -> None:
+            """The CAs in the store against the bundle nginx loaded: rewrite it and reload on a change."""
+            if not loaded or tls is None or tls.client_cas is None:
+                return
+            try:
+                with pki.store.session() as session:
+                    current = client_ca_bundle(session)
+            except (ChargepkiError, SQLAlchemyError) as exc:
+                log.warning("front door: cannot read the CAs for the client CA bundle: %s", str(exc).splitlines()[0])
+                return
+            if current != loaded[0]:
+                _write_private(tls.client_cas, current)
+                loaded[0] = current
+                log.info("front door: the CAs changed; nginx reloads %s", tls.client_cas)
+                nginx.reload()
+
+        stopped = supervise(
+            {"gunicorn": lambda: app.poll() is None, "nginx": nginx.alive}, refresh_bundle, BUNDLE_CHECK_SECONDS
+        )
+        raise ChargepkiError(f"the EST front door stopped: {stopped} exited")
+    finally:
+        nginx.stop()
+        stop_child(app)
+        pki.close()
+
+
+def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path | None = None) -> None:
+    """gunicorn itself on host:port (the direct mode), or on a Unix socket behind the front door."""
     settings = pki.config.est
+    if unix_socket is not None:
+        settings = behind_front_door(settings)
     # Size and time limits: request line 4 KiB, 50 header fields of at most 8 KiB each, bodies
     # 32 KiB (web/app.py), and a connection that stalls mid-request for request_timeout_seconds
     # is closed (web/workers.py); idle keep-alive connections close after 30 s.
@@ -150,7 +253,18 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
         "limit_request_field_size": 8190,
         "accesslog": "-",
         "errorlog": "-",
+        # gunicornc's control socket, per installation (gunicorn's default under ~ is shared by all)
+        "control_socket": str(pki.config.home / "run" / "gunicorn-est.ctl"),
     }
+    (pki.config.home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+    if unix_socket is not None:
+        unix_socket.unlink(missing_ok=True)  # left by a killed run
+        # 0600 socket: only the installation's owner (the proxy) connects; log the client, not the proxy
+        options.update(
+            bind=f"unix:{unix_socket}",
+            umask=0o077,
+            access_log_format='%({x-forwarded-for}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
+        )
     if settings.tls:
         tls = prepare_tls(pki, settings)
         options.update(
@@ -164,4 +278,4 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int) -> None:
         abandon_stale_pending(session, actor="system:est")  # what a crash left behind (workers sweep too)
     home = pki.config.home
     pki.close()  # the workers open their own connections and token sessions after the fork
-    EstServer(home, pki.environ, options).run()
+    EstServer(home, pki.environ, options, settings).run()

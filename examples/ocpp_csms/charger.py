@@ -3,9 +3,12 @@ connects to the CSMS with its own certificate (OCPP 2.0.1, security profile 3) a
 that certificate through `SignCertificate` / `CertificateSigned`, as OCPP A02 describes.
 
     python examples/ocpp_csms/charger.py enroll --est https://localhost:8443/.well-known/est \
-        --root root.pem --id CP-0001 --secret=SECRET --org "Acme Charging" --dir cp1
+        --root root.pem --id CP-0001 --secret-file secret.txt --org "Acme Charging" --dir cp1
     python examples/ocpp_csms/charger.py connect --csms wss://localhost:9000/ocpp \
         --root root.pem --id CP-0001 --dir cp1 [--renew] [--as OTHER-ID]
+
+The one-time secret comes from a file (--secret-file) or the CHARGEPKI_SECRET environment
+variable, never from the command line (`ps` shows every process's arguments).
 
 Exit status: 0 connected (and renewed, with --renew), 3 refused by the CSMS, 1 anything else.
 The key is generated here and never leaves the directory (a real charger keeps it in its secure
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import ssl
 import sys
 from datetime import UTC, datetime
@@ -61,6 +65,17 @@ def save_identity(directory: Path, key: ec.EllipticCurvePrivateKey, chain: list[
     (directory / "chain.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
 
 
+SECRET_ENV = "CHARGEPKI_SECRET"
+
+
+def read_secret(path: str | None) -> str:
+    """The one-time secret from a file or the environment: a command-line argument would show in `ps`."""
+    secret = Path(path).read_text(encoding="utf-8").strip() if path else os.environ.get(SECRET_ENV, "").strip()
+    if not secret:
+        raise SystemExit(f"no one-time secret: give --secret-file or set {SECRET_ENV}")
+    return secret
+
+
 def enroll(args: argparse.Namespace) -> int:
     """Factory enrollment: EST simpleenroll with the device's one-time secret (RFC 7030)."""
     key, csr_pem = new_key_and_csr(args.id, args.org)
@@ -69,7 +84,7 @@ def enroll(args: argparse.Namespace) -> int:
         f"{args.est}/simpleenroll",
         data=base64.encodebytes(der),
         headers={"Content-Type": "application/pkcs10"},
-        auth=(args.id, args.secret),
+        auth=(args.id, read_secret(args.secret_file)),
         verify=args.root,
         timeout=30,
     )
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     enroll_parser = commands.add_parser("enroll", help="factory enrollment over EST with a one-time secret")
     enroll_parser.add_argument("--est", required=True, help="EST base URL, e.g. https://localhost:8443/.well-known/est")
-    enroll_parser.add_argument("--secret", required=True)
+    enroll_parser.add_argument("--secret-file", help=f"file holding the one-time secret; else ${SECRET_ENV}")
     connect_parser = commands.add_parser("connect", help="connect to the CSMS; --renew renews through SignCertificate")
     connect_parser.add_argument("--csms", required=True, help="e.g. wss://localhost:9000/ocpp")
     connect_parser.add_argument("--renew", action="store_true")

@@ -14,7 +14,9 @@ What it shows, in the order a charger meets it:
 
 Run (see README "Plugging chargepki into a CSMS"):
     python examples/ocpp_csms/csms.py --port 9000 --cert csms.pem --key csms.key \
-        --client-ca chain.pem --api https://localhost:8443 --api-token TOKEN --api-ca root.pem
+        --client-ca chain.pem --api https://localhost:8443 --api-token-file token.txt --api-ca root.pem
+The API token comes from a file (--api-token-file, mode 0600) or the CHARGEPKI_API_TOKEN
+environment variable, never from the command line (`ps` shows every process's arguments).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -124,8 +128,19 @@ def make_server_tls(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
     return context
 
 
+TOKEN_ENV = "CHARGEPKI_API_TOKEN"
+
+
+def read_token(path: str | None) -> str:
+    """The API token from a file or the environment: a command-line argument would show in `ps`."""
+    token = Path(path).read_text(encoding="utf-8").strip() if path else os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise SystemExit(f"no API token: give --api-token-file or set {TOKEN_ENV}")
+    return token
+
+
 async def main(args: argparse.Namespace) -> None:
-    api = ChargepkiApi(args.api, args.api_token, args.api_ca)
+    api = ChargepkiApi(args.api, read_token(args.api_token_file), args.api_ca)
 
     async def check_identity(connection: ServerConnection, request: Request) -> Response | None:
         """Before the upgrade: may this TLS client certificate speak for the station in the URL?"""
@@ -168,7 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--key", required=True, help="its private key (PEM)")
     parser.add_argument("--client-ca", required=True, help="chargepki's issuing CA + root (PEM)")
     parser.add_argument("--api", required=True, help="chargepki's EST/API base URL, e.g. https://localhost:8443")
-    parser.add_argument("--api-token", required=True, help="this CSMS's API token (`chargepki csms token`)")
+    parser.add_argument(
+        "--api-token-file", help=f"file holding this CSMS's API token (`chargepki csms token`); else ${TOKEN_ENV}"
+    )
     parser.add_argument("--api-ca", required=True, help="root that verifies chargepki's API server (PEM)")
     return parser.parse_args(argv)
 
