@@ -161,12 +161,12 @@ def _refused(
     authority: Authority,
     now: Clock,
     *,
-    failed: tuple[str | None, AuthLimits] | None = None,
+    failed: tuple[list[auth_limits.Key], AuthLimits] | None = None,
 ) -> None:
     """Record a refusal in its own transaction (the refused work was rolled back).
 
-    ``failed`` = (device key, limits): the refusal was a failed authentication, counted against
-    that device and the caller's address in the same transaction (which may start a lockout).
+    ``failed`` = (the caller's keys, limits): the refusal was a failed authentication, counted
+    against those keys in the same transaction (which may start a lockout).
     """
     session.rollback()
     try:
@@ -175,9 +175,9 @@ def _refused(
                 session,
                 failed[1],
                 failed[0],
-                credentials.address,
                 actor=_actor(credentials),
                 now=now(),
+                address=credentials.address,
                 shown_device=_printable(_claimed_device(credentials), 64),
             )
         audit.record(
@@ -261,12 +261,14 @@ def _audited(
 ) -> Certificate:
     """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
 
-    A device or address locked out for failed authentications is refused first (429), before
-    any other work; a failed authentication is counted with the refusal's audit entry.
+    A caller locked out for failed authentications is refused first (429), before any other
+    work; a failed authentication is counted with the refusal's audit entry. Both use only the
+    keys of the methods the caller presents (``auth_limits.request_keys``), so guesses made with
+    one method never lock out another.
     """
-    device = auth_limits.device_key(_claimed_device(credentials))
+    keys = _limit_keys(credentials)
     at = now()
-    standing = auth_limits.standing(session, settings.limits, device, credentials.address, at)
+    standing = auth_limits.standing(session, settings.limits, keys, at)
     if standing.retry_after is not None:
         session.rollback()
         raise RateLimitedError(
@@ -288,12 +290,12 @@ def _audited(
             subject,
             authority,
             now,
-            failed=(device, settings.limits) if failed else None,
+            failed=(keys, settings.limits) if failed else None,
         )
         raise
-    if standing.device_has_failures and device is not None:
+    if standing.has_own_failures:
         try:
-            auth_limits.forget_device(session, device)
+            auth_limits.forget(session, keys)
             session.commit()
         except SQLAlchemyError:
             session.rollback()  # the certificate is committed; a stale count only costs the device a retry
@@ -313,6 +315,11 @@ def _claimed_device(credentials: Credentials) -> str | None:
         except ValueError:
             return None
     return None
+
+
+def _limit_keys(credentials: Credentials) -> list[auth_limits.Key]:
+    basic = bool(credentials.username) or credentials.password is not None
+    return auth_limits.request_keys(credentials.username, basic, credentials.client_certificate, credentials.address)
 
 
 def _presented(credentials: Credentials) -> bool:
