@@ -189,6 +189,7 @@ def _refused(
             details={
                 "reason": str(exc),
                 "error": type(exc).__name__,
+                "code": exc.code,
                 "address": credentials.address,
                 "ca": authority.name,
             },
