@@ -315,10 +315,14 @@ def record_call(
     outcome: dict[str, object],
     now: Clock = utcnow,
 ) -> None:
-    """One audit entry per API call, with the caller (or the address of an unauthenticated one)."""
-    actor = caller.actor if caller is not None else f"anonymous@{address or '?'}"
-    details = {"address": address, **outcome}
-    if caller is not None:
-        details["auth"] = caller.method
-    audit.record(session, f"csms.api.{operation}", actor=actor, subject=subject, now=now, details=details)
+    """One audit entry per authenticated API call; an unauthenticated one is counted into its
+    address's summary (``audit.count_noise``), so bad tokens cannot grow the chain at line rate."""
+    action = f"csms.api.{operation}"
+    if caller is None:
+        code = str(outcome.get("reason") or "unauthenticated")
+        audit.count_noise(session, address=address, action=action, code=code, now=now)
+        session.commit()
+        return
+    details = {"address": address, **outcome, "auth": caller.method}
+    audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
     session.commit()

@@ -162,14 +162,21 @@ def _refused(
     now: Clock,
     *,
     failed: tuple[list[auth_limits.Key], AuthLimits] | None = None,
+    anonymous: bool = False,
 ) -> None:
     """Record a refusal in its own transaction (the refused work was rolled back).
 
     ``failed`` = (the caller's keys, limits): the refusal was a failed authentication, counted
-    against those keys in the same transaction (which may start a lockout).
+    against those keys in the same transaction (which may start a lockout). ``anonymous``: the
+    caller established no identity, so the refusal is counted into the per-address summary
+    (``audit.count_noise``) instead of an entry of its own.
     """
     session.rollback()
     try:
+        if anonymous:
+            audit.count_noise(session, address=credentials.address, action=action, code=exc.code, now=now)
+            session.commit()
+            return
         if failed is not None:
             auth_limits.record_failure(
                 session,
@@ -263,7 +270,8 @@ def _audited(
     """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
 
     A caller locked out for failed authentications is refused first (429), before any other
-    work; a failed authentication is counted with the refusal's audit entry. Both use only the
+    work; a failed authentication is counted with the refusal's audit entry. A caller that
+    established no identity is only counted into the per-address summary (``audit.count_noise``). Both use only the
     keys of the methods the caller presents (``auth_limits.request_keys``), so guesses made with
     one method never lock out another.
     """
@@ -277,12 +285,18 @@ def _audited(
             standing.retry_after,
         )
     subject = credentials.username
+    parsed = False
     try:
         csr = read_csr(csr_data)
-        subject = csr.common_name
+        subject, parsed = csr.common_name, True
         certificate = flow(session, issuers, status, authority, csr, credentials, settings, now)
     except ChargepkiError as exc:
-        failed = isinstance(exc, AuthenticationError) and _presented(credentials)
+        presented = _presented(credentials)
+        failed = isinstance(exc, AuthenticationError) and presented
+        # No identity established: nothing presented, or refused before the credentials were checked.
+        anonymous = credentials.principal is None and (
+            not parsed or (isinstance(exc, AuthenticationError) and not presented)
+        )
         _refused(
             session,
             action,
@@ -292,6 +306,7 @@ def _audited(
             authority,
             now,
             failed=(keys, settings.limits) if failed else None,
+            anonymous=anonymous,
         )
         raise
     if standing.has_own_failures:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from ca import audit
 from ca.config import Config
 from ca.context import Pki
 from ca.errors import ChargepkiError
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
     """One refresher pass: retire superseded CAs whose last certificate expired, rotate signers that
-    are due, then re-sign what is due. (rotated, signed)."""
+    are due, re-sign what is due, and summarise the anonymous refusals of finished minutes. (rotated, signed)."""
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
@@ -41,6 +42,9 @@ def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None
             session, presigner, actor=actor, now=now, validity=timedelta(days=settings.signer_validity_days)
         )
         signed = refresh(session, presigner, now)
+        # Anonymous refusals of finished minutes into the chain, even when no request follows them.
+        audit.flush_noise(session, before=now.replace(second=0, microsecond=0), now=lambda: now)
+        session.commit()
     return len(rotated), signed
 
 

@@ -33,7 +33,7 @@ from ca.devices import add_device
 from ca.enrollment_secrets import issue_secret
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue
-from ca.models import AuditEvent, AuthFailure
+from ca.models import AuditEvent, AuditNoise, AuthFailure
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.secc import issue_secc
@@ -84,6 +84,13 @@ class World:
             events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
             session.commit()
         return events
+
+    def noise(self) -> int:
+        """Refusals counted for the anonymous summary and not yet flushed into the chain."""
+        with self.pki.store.session() as session:
+            total = session.scalar(select(func.coalesce(func.sum(AuditNoise.count), 0)))
+            session.commit()
+        return int(total or 0)
 
     def failures(self) -> int:
         """Failed authentications counted against callers' own keys (user names, certificates)."""
@@ -177,6 +184,7 @@ class Step:
     code: str
     audit: tuple[str, ...]  # the audit entries the step adds, in order
     counted: int = 0  # failed authentications it adds to the caller's own key
+    noise: int = 0  # refusals it adds to the anonymous summary (no identity established)
 
 
 Route = dict[str, Step | str]  # refusal → the step, or why this route cannot produce it
@@ -203,7 +211,9 @@ def _est_routes() -> dict[str, Route]:
     return {
         "est-secret": {
             "unauthenticated": Step(secret_wrong, 401, "unauthenticated", (a,), 1),
-            "bad_csr": Step(lambda w: w.est("simpleenroll", BAD_CSR, basic=f"CP-1:{w.secret}"), 400, "bad_csr", (a,)),
+            "bad_csr": Step(
+                lambda w: w.est("simpleenroll", BAD_CSR, basic=f"CP-1:{w.secret}"), 400, "bad_csr", (), noise=1
+            ),
             "cn_mismatch": Step(
                 lambda w: w.est("simpleenroll", make_csr("CP-OTHER"), basic=f"CP-1:{w.secret}"),
                 403,
@@ -227,7 +237,7 @@ def _est_routes() -> dict[str, Route]:
         },
         "est-ra": {
             "unauthenticated": Step(stranger_ra, 401, "unauthenticated", (a,), 1),
-            "bad_csr": Step(lambda w: w.est("simpleenroll", BAD_CSR, cert=w.ra), 400, "bad_csr", (a,)),
+            "bad_csr": Step(lambda w: w.est("simpleenroll", BAD_CSR, cert=w.ra), 400, "bad_csr", (), noise=1),
             "cn_mismatch": "an RA enrolls any registered device: the CSR's CN names it",
             "device_not_registered": Step(
                 lambda w: w.est("simpleenroll", make_csr("CP-NOPE"), cert=w.ra), 403, "device_not_registered", (a,)
@@ -241,7 +251,7 @@ def _est_routes() -> dict[str, Route]:
         },
         "est-renew": {
             "unauthenticated": Step(stranger_renew, 401, "unauthenticated", (r,), 1),
-            "bad_csr": Step(lambda w: w.est("simplereenroll", BAD_CSR, cert=w.charger), 400, "bad_csr", (r,)),
+            "bad_csr": Step(lambda w: w.est("simplereenroll", BAD_CSR, cert=w.charger), 400, "bad_csr", (), noise=1),
             "cn_mismatch": Step(
                 lambda w: w.est("simplereenroll", make_csr("CP-OTHER"), cert=w.charger), 403, "cn_mismatch", (r,)
             ),
@@ -259,7 +269,7 @@ def _est_routes() -> dict[str, Route]:
         "est-secc": {
             "unauthenticated": Step(stranger_secc, 401, "unauthenticated", (v,), 1),
             "bad_csr": Step(
-                lambda w: w.est("simpleenroll", BAD_CSR, label="v2g", cert=w.charger), 400, "bad_csr", (v,)
+                lambda w: w.est("simpleenroll", BAD_CSR, label="v2g", cert=w.charger), 400, "bad_csr", (), noise=1
             ),
             "cn_mismatch": Step(
                 lambda w: w.est("simpleenroll", make_csr("DE*ACM*E0003*1"), label="v2g", cert=w.secc),
@@ -291,7 +301,8 @@ def _api_route(certificate_type: str, action: str, cn: str) -> Route:
             lambda w: w.sign("CP-CUR", make_csr(cn), certificate_type, token="cpk_wrong"),
             401,
             "unauthenticated",
-            ("csms.api.sign",),
+            (),
+            noise=1,
         ),
         "bad_csr": Step(lambda w: w.sign("CP-CUR", BAD_CSR, certificate_type), 400, "bad_csr", audited),
         "device_not_registered": Step(
@@ -331,7 +342,7 @@ def test_every_refusal_of_every_enrollment_route(world: World, route: str) -> No
         step = ROUTES[route][refusal]
         if isinstance(step, str):
             continue
-        seen, failures = len(world.audit()), world.failures()
+        seen, failures, noise = len(world.audit()), world.failures(), world.noise()
         response = step.send(world)
         where = f"{route} × {refusal}"
         assert response.status_code == step.status, (where, response.get_data(as_text=True))
@@ -349,3 +360,4 @@ def test_every_refusal_of_every_enrollment_route(world: World, route: str) -> No
         if refusal == "rate_limited":
             assert "Retry-After" in response.headers and "too many failed authentications" in response.text
         assert world.failures() == failures + step.counted, where
+        assert world.noise() == noise + step.noise, where
