@@ -240,6 +240,19 @@ class AuditNoise(Base):
     count: Mapped[int] = mapped_column(Integer)
 
 
+class AuditCheckpoint(Base):
+    """A signed statement of the chain head (``ca/checkpoints.py``); also kept outside the database."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(Text)  # base64 DER ECDSA-SHA256
+
+
 class CsmsClient(Base):
     """A CSMS allowed to call the CSMS API (``chargepki csms add``), bound to one environment.
 

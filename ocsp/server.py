@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit
+from ca import audit, checkpoints
 from ca.config import Config
 from ca.context import Pki
 from ca.errors import ChargepkiError
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
     """One refresher pass: retire superseded CAs whose last certificate expired, rotate signers that
-    are due, re-sign what is due, and summarise the anonymous refusals of finished minutes. (rotated, signed)."""
+    are due, re-sign what is due, summarise the anonymous refusals of finished minutes and sign a
+    checkpoint of the audit chain when it grew. (rotated, signed)."""
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
@@ -45,6 +46,8 @@ def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None
         # Anonymous refusals of finished minutes into the chain, even when no request follows them.
         audit.flush_noise(session, before=now.replace(second=0, microsecond=0), now=lambda: now)
         session.commit()
+        # A signed checkpoint of the audit chain whenever it has grown since the last one.
+        checkpoints.checkpoint(session, pki.token(), pki.config.home, only_if_advanced=True, now=lambda: now)
     return len(rotated), signed
 
 

@@ -27,8 +27,21 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("address", "minute", "action", "code"),
     )
     op.create_index("ix_audit_noise_minute", "audit_noise", ["minute"])
+    op.create_table(
+        "audit_checkpoints",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("seq", sa.Integer(), nullable=False),
+        sa.Column("hash", sa.String(length=64), nullable=False),
+        sa.Column("at", sa.DateTime(), nullable=False),
+        sa.Column("key_sha256", sa.String(length=64), nullable=False),
+        sa.Column("signature", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_audit_checkpoints_seq", "audit_checkpoints", ["seq"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_checkpoints_seq", table_name="audit_checkpoints")
+    op.drop_table("audit_checkpoints")
     op.drop_index("ix_audit_noise_minute", table_name="audit_noise")
     op.drop_table("audit_noise")
