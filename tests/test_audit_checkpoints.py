@@ -8,6 +8,7 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from sqlalchemy.orm import Session
 from ca import audit, checkpoints
 from ca.models import AuditCheckpoint, AuditEvent, AuditHead
 from ca.pkcs11_token import Token
+from ca.store import Store
+from tests.conftest import new_token_settings
 
 
 def _write(session: Session, first: int, last: int) -> None:
@@ -121,3 +124,24 @@ def test_a_checkpoint_forged_in_the_database_is_refused(checkpointed: Session, t
     checkpointed.commit()
     result = checkpoints.verify(checkpointed, lambda: token, tmp_path)
     assert not result.ok and "not signed by the audit key" in (result.problem or "")
+
+
+def test_racing_first_checkpoints_create_one_audit_key(store: Store, softhsm_conf: Path, tmp_path: Path) -> None:
+    """Four processes' first checkpoints at once on a token without the key: one key, four good checkpoints."""
+    settings, pin = new_token_settings(softhsm_conf, tmp_path)
+    fresh = Token(settings.module, settings.token_label, pin, softhsm_conf=settings.softhsm_conf)
+    with store.session() as session:
+        _write(session, 1, 3)
+
+    def first(_: int) -> checkpoints.Checkpoint | None:
+        with store.session() as session:
+            return checkpoints.checkpoint(session, fresh, tmp_path)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        made = list(pool.map(first, range(4)))
+    assert all(checkpoint is not None for checkpoint in made)
+    assert len({checkpoint.key_sha256 for checkpoint in made if checkpoint is not None}) == 1
+    fresh.public_key(checkpoints.AUDIT_KEY_LABEL)  # exactly one key: "several keys are labelled" otherwise
+    with store.session() as session:
+        result = checkpoints.verify(session, lambda: fresh, tmp_path)
+    assert result.ok and result.checkpoints == 4
