@@ -199,7 +199,9 @@ def flush_noise(
 ) -> int:
     """Summarise counted noise (minutes before ``before``; None: all of it) into the chain, in the
     caller's transaction (which must commit). Returns the number of summary entries written."""
-    query = select(_NOISE).order_by(*_NOISE_KEY)
+    # Locks in (minute, address, action, code) order: a count locks finished minutes before its
+    # own row, so every writer takes its locks in one total order and none can deadlock another.
+    query = select(_NOISE).order_by(_NOISE.c.minute, _NOISE.c.address, _NOISE.c.action, _NOISE.c.code)
     if before is not None:
         query = query.where(_NOISE.c.minute < before)
     if session.get_bind().dialect.name == "postgresql":

@@ -270,10 +270,10 @@ def _audited(
     """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
 
     A caller locked out for failed authentications is refused first (429), before any other
-    work; a failed authentication is counted with the refusal's audit entry. A caller that
-    established no identity is only counted into the per-address summary (``audit.count_noise``). Both use only the
+    work; a failed authentication is counted with the refusal's audit entry. Both use only the
     keys of the methods the caller presents (``auth_limits.request_keys``), so guesses made with
-    one method never lock out another.
+    one method never lock out another. A caller that established no identity is only counted
+    into its address's per-minute summary (``audit.count_noise``), never an entry of its own.
     """
     keys = _limit_keys(credentials)
     at = now()
