@@ -5,6 +5,12 @@ so editing, deleting or reordering any row breaks the chain at that row. The one
 ``audit_head`` names the last entry; appending updates it first, which makes concurrent
 writers queue up instead of forking the chain, and lets ``verify`` notice a cut-off tail.
 Callers must never pass secrets in ``details``.
+
+Refusals of callers that established no identity (no credentials, or refused before the
+credentials were checked) are noise an attacker can send at line rate: ``count_noise`` counts
+them in ``audit_noise`` (one upsert) and ``flush_noise`` writes one summary entry
+(``anonymous.refused``) per address and minute with the count per action and code, deleting
+exactly the rows it summarised in the same transaction, so nothing is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from ca.models import AuditEvent, AuditHead
+from ca.models import AuditEvent, AuditHead, AuditNoise
 
 GENESIS = "0" * 64
 
@@ -93,8 +101,13 @@ class VerifyResult:
     broken_seq: int | None = None
 
 
-def verify(session: Session, batch: int = 5000) -> VerifyResult:
-    """Walk the chain from the start; report the first entry that does not fit."""
+def verify(session: Session, batch: int = 5000, *, flush: bool = True) -> VerifyResult:
+    """Walk the chain from the start; report the first entry that does not fit.
+
+    ``flush``: first summarise the counted noise, so what is verified is everything recorded.
+    """
+    if flush:
+        flush_all_noise(session)
     expected_seq, prev_hash, count = 1, GENESIS, 0
     for event in _stream(session, batch):
         if event.seq != expected_seq:
@@ -142,10 +155,94 @@ def _stream(session: Session, batch: int) -> Iterator[Any]:
         last = rows[-1].seq
 
 
+NOISE = "anonymous.refused"
+_NOISE = AuditNoise.__table__
+_NOISE_KEY = (_NOISE.c.address, _NOISE.c.minute, _NOISE.c.action, _NOISE.c.code)
+_COUNT_NOISE = {
+    "sqlite": sqlite_insert(_NOISE).on_conflict_do_update(
+        index_elements=list(_NOISE_KEY), set_={"count": _NOISE.c.count + 1}
+    ),
+    "postgresql": postgresql_insert(_NOISE).on_conflict_do_update(
+        index_elements=list(_NOISE_KEY), set_={"count": _NOISE.c.count + 1}
+    ),
+}
+_FORGET_NOISE = delete(_NOISE).where(and_(*(column == bindparam(f"k_{column.name}") for column in _NOISE_KEY)))
+
+
+def _minute(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def count_noise(
+    session: Session,
+    *,
+    address: str | None,
+    action: str,
+    code: str,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Count a refusal of a caller that established no identity, in the caller's transaction.
+
+    Finished minutes are summarised first (their rows are locked before this minute's, the order
+    every flush uses, so concurrent writers cannot deadlock); the count itself is one atomic upsert.
+    """
+    minute = _minute(now())
+    flush_noise(session, before=minute, now=now)
+    session.execute(
+        _COUNT_NOISE[session.get_bind().dialect.name],
+        {"address": (address or "?")[:128], "minute": minute, "action": action[:64], "code": code[:64], "count": 1},
+    )
+
+
+def flush_noise(
+    session: Session, *, before: datetime | None = None, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> int:
+    """Summarise counted noise (minutes before ``before``; None: all of it) into the chain, in the
+    caller's transaction (which must commit). Returns the number of summary entries written."""
+    # Locks in (minute, address, action, code) order: a count locks finished minutes before its
+    # own row, so every writer takes its locks in one total order and none can deadlock another.
+    query = select(_NOISE).order_by(_NOISE.c.minute, _NOISE.c.address, _NOISE.c.action, _NOISE.c.code)
+    if before is not None:
+        query = query.where(_NOISE.c.minute < before)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()  # counts cannot move between this read and the delete
+    rows = session.execute(query).all()
+    if not rows:
+        return 0
+    summaries: dict[tuple[str, datetime], dict[str, int]] = {}
+    for row in rows:
+        refusals = summaries.setdefault((row.address, row.minute), {})
+        key = f"{row.action} {row.code}"
+        refusals[key] = refusals.get(key, 0) + row._mapping["count"]
+    for (address, minute), refusals in summaries.items():
+        record(
+            session,
+            NOISE,
+            actor=f"anonymous@{address}"[:128],
+            subject=address,
+            now=now,
+            details={"minute": minute.isoformat(), "count": sum(refusals.values()), "refusals": refusals},
+        )
+    # Exactly the rows read: a row another writer added since is left for the next flush.
+    session.execute(
+        _FORGET_NOISE,
+        [{f"k_{key}": getattr(row, key) for key in ("address", "minute", "action", "code")} for row in rows],
+    )
+    return len(summaries)
+
+
+def flush_all_noise(session: Session, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> int:
+    """The flush on read: every counted refusal, the running minute's too, into the chain (committed)."""
+    written = flush_noise(session, now=now)
+    session.commit()
+    return written
+
+
 def events(
     session: Session, *, action: str | None = None, subject: str | None = None, limit: int = 100
 ) -> list[AuditEvent]:
-    """The newest ``limit`` entries (optionally filtered), oldest first."""
+    """The newest ``limit`` entries (optionally filtered), oldest first, counted noise summarised first."""
+    flush_all_noise(session)
     query = select(AuditEvent)
     if action:
         query = query.where(AuditEvent.action == action)

@@ -1,4 +1,4 @@
-"""Rate limiting of failed authentications, per device and per client address.
+"""Rate limiting of failed authentications, in one key space per authentication method.
 
 One-time secrets are 192 random bits, so guessing one is hopeless; the limit is there to keep
 a misbehaving or hostile client from hammering the service (every failure costs queries and an
@@ -6,13 +6,20 @@ audit entry) and to make a stolen serial list worthless for probing. Counts live
 database (``auth_failures``) so that every gunicorn worker and every server process sees the
 same numbers; a fixed window per key, restarted by the first failure after it ends.
 
+- Key spaces never mix, so guesses made with one method never lock out another
+  (``request_keys``): HTTP Basic failures count against the user name (``device``) and the
+  client address (``address``); client certificate failures count against that certificate's
+  SHA-256 (``cert``), which nobody can present without its private key. A caller is checked
+  only against the keys of the methods it presents, so no amount of Basic guessing with a
+  charger's serial or an RA's name delays a certificate-authenticated request, from any address.
 - A key is locked out for ``lockout`` once it has ``max_failures`` failures within ``window``;
   the lockout ends by itself. While locked out, even a correct secret is refused (HTTP 429),
   otherwise the lockout would not stop guessing.
 - Starting a lockout is audited (``auth.locked_out``: reason, device, address, until); the
   refusals during it are not, so an attacker cannot grow the audit log at line rate.
-- A successful authentication clears only that device's own count: never another device's,
-  and never the address's (one valid secret must not buy unlimited guesses for others).
+- A successful authentication clears only the caller's own counts (its user name, its
+  certificate): never another device's, and never the address's (one valid secret must not
+  buy unlimited guesses for others).
 - Only presented credentials that fail count; a request without any (the first leg of HTTP
   authentication) does not.
 """
@@ -36,7 +43,10 @@ from ca.errors import PolicyError
 from ca.models import AuthFailure
 from ca.names import check_charger_identity
 
-DEVICE, ADDRESS = "device", "address"
+# ``device``: an HTTP Basic user name (the serial a caller claims); ``cert``: a client
+# certificate's SHA-256; ``address``: a client address, for Basic failures only.
+DEVICE, CERTIFICATE, ADDRESS = "device", "cert", "address"
+Key = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,10 @@ class AuthLimits:
     lockout: timedelta = timedelta(minutes=15)
 
     def limit(self, kind: str) -> int:
-        return self.max_failures_per_device if kind == DEVICE else self.max_failures_per_address
+        """The limit of a key space; 0 (off) for kinds this version no longer uses."""
+        if kind in (DEVICE, CERTIFICATE):
+            return self.max_failures_per_device
+        return self.max_failures_per_address if kind == ADDRESS else 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class Standing:
     """What the store says about a caller before it authenticates."""
 
     retry_after: int | None  # seconds until the longest running lockout ends; None: not locked out
-    device_has_failures: bool  # a success should clear the device's count
+    has_own_failures: bool  # a success should clear the caller's user name or certificate count
 
 
 def device_key(name: str | None) -> str | None:
@@ -70,12 +83,22 @@ def device_key(name: str | None) -> str | None:
         return "sha256:" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _keys(device: str | None, address: str | None) -> list[tuple[str, str]]:
-    keys = []
-    if device:
-        keys.append((DEVICE, device))
-    if address:
-        keys.append((ADDRESS, address[:128]))
+def request_keys(user_name: str | None, basic: bool, certificate_der: bytes | None, address: str | None) -> list[Key]:
+    """The keys a request is checked and counted against: only those of the methods it presents.
+
+    ``basic``: HTTP Basic credentials were presented (user name ``user_name``); the address is
+    counted for those only, so guessing from an address never locks out the certificates used
+    from it (a factory line behind one NAT, a CSMS).
+    """
+    keys: list[Key] = []
+    if basic:
+        name = device_key(user_name)
+        if name:
+            keys.append((DEVICE, name))
+        if address:
+            keys.append((ADDRESS, address[:128]))
+    if certificate_der is not None:
+        keys.append((CERTIFICATE, hashlib.sha256(certificate_der).hexdigest()))
     return keys
 
 
@@ -83,13 +106,12 @@ _TABLE = AuthFailure.__table__
 _COLUMNS = _TABLE.c
 
 
-def _match(keys: list[tuple[str, str]]):  # type: ignore[no-untyped-def]
+def _match(keys: list[Key]):  # type: ignore[no-untyped-def]
     return or_(*(and_(_COLUMNS.kind == kind, _COLUMNS.key == key) for kind, key in keys))
 
 
-def standing(session: Session, limits: AuthLimits, device: str | None, address: str | None, now: datetime) -> Standing:
-    """Whether the device or the address is locked out now (one indexed read of at most two rows)."""
-    keys = _keys(device, address)
+def standing(session: Session, limits: AuthLimits, keys: list[Key], now: datetime) -> Standing:
+    """Whether any of the caller's keys is locked out now (one indexed read of at most three rows)."""
     if not keys:
         return Standing(None, False)
     rows = session.execute(select(_COLUMNS.kind, _COLUMNS.locked_until).where(_match(keys))).all()
@@ -99,7 +121,7 @@ def standing(session: Session, limits: AuthLimits, device: str | None, address: 
         if row.locked_until is not None and row.locked_until > now and limits.limit(row.kind) > 0
     ]
     retry_after = math.ceil(max(remaining)) if remaining else None
-    return Standing(retry_after, any(row.kind == DEVICE for row in rows))
+    return Standing(retry_after, any(row.kind in (DEVICE, CERTIFICATE) for row in rows))
 
 
 _INSERT = {
@@ -116,11 +138,11 @@ _SET = (
 def record_failure(
     session: Session,
     limits: AuthLimits,
-    device: str | None,
-    address: str | None,
+    keys: list[Key],
     *,
     actor: str,
     now: datetime,
+    address: str | None = None,
     shown_device: str | None = None,
 ) -> list[str]:
     """Count one failed authentication in the caller's transaction; returns the kinds it locked out.
@@ -138,7 +160,7 @@ def record_failure(
             or_(_COLUMNS.locked_until.is_(None), _COLUMNS.locked_until < now),
         )
     )
-    for kind, key in _keys(device, address):
+    for kind, key in keys:
         limit = limits.limit(kind)
         if limit <= 0:
             continue
@@ -167,12 +189,12 @@ def record_failure(
                 session,
                 "auth.locked_out",
                 actor=actor,
-                subject=(shown_device or key) if kind == DEVICE else key,
+                subject=key if kind == ADDRESS else (shown_device or key),
                 now=lambda: now,
                 details={
                     "reason": f"{failures} failed authentications within {int(limits.window.total_seconds())} s",
                     "locked": kind,
-                    "device": shown_device or device,
+                    "device": shown_device or next((k for kd, k in keys if kd == DEVICE), None),
                     "address": address,
                     "until": until.isoformat(),
                 },
@@ -192,6 +214,8 @@ def _ensure_row(session: Session, dialect: str, values: dict[str, object]) -> No
         pass
 
 
-def forget_device(session: Session, device: str) -> None:
-    """A successful authentication: clear this device's own count (and nothing else)."""
-    session.execute(delete(_TABLE).where(_COLUMNS.kind == DEVICE, _COLUMNS.key == device))
+def forget(session: Session, keys: list[Key]) -> None:
+    """A successful authentication: clear the caller's own user name and certificate counts (nothing else)."""
+    own = [(kind, key) for kind, key in keys if kind != ADDRESS]
+    if own:
+        session.execute(delete(_TABLE).where(_match(own)))

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 from ca import audit
 from ca.authorities import default_issuing_ca
 from ca.certificates import standing
-from ca.csr import read_csr
 from ca.enrollment import (
     OCPP_CHAIN_LIMIT,
     Credentials,
@@ -289,9 +288,8 @@ def _sign_secc(
     """OCPP ``SignCertificate(V2GCertificate)``: the station asks for its ISO 15118 SECC certificate.
 
     The SECC ID is the CSR's CN (checked by ``issue_secc`` against ISO 15118 syntax and against the
-    station owning it).
+    station owning it); the CSR is read inside ``issue_secc``, so a bad one is audited like any refusal.
     """
-    secc_id = read_csr(csr).common_name or ""
     sub_ca_2 = current_sub_ca_2(session, caller.environment)
     fits_ocpp_chain = ocpp_chain_check(session, sub_ca_2, max_chain_chars)
 
@@ -301,8 +299,9 @@ def _sign_secc(
             before_commit(row)
 
     return issue_secc(
-        session, issuers, caller.environment, csr, secc_id, actor=caller.actor, status=status,
+        session, issuers, caller.environment, csr, None, actor=caller.actor, status=status,
         device_serial=charging_station_id, settings=settings, now=now, before_commit=last_checks,
+        address=caller.address,
     )  # fmt: skip
 
 
@@ -316,10 +315,14 @@ def record_call(
     outcome: dict[str, object],
     now: Clock = utcnow,
 ) -> None:
-    """One audit entry per API call, with the caller (or the address of an unauthenticated one)."""
-    actor = caller.actor if caller is not None else f"anonymous@{address or '?'}"
-    details = {"address": address, **outcome}
-    if caller is not None:
-        details["auth"] = caller.method
-    audit.record(session, f"csms.api.{operation}", actor=actor, subject=subject, now=now, details=details)
+    """One audit entry per authenticated API call; an unauthenticated one is counted into its
+    address's summary (``audit.count_noise``), so bad tokens cannot grow the chain at line rate."""
+    action = f"csms.api.{operation}"
+    if caller is None:
+        code = str(outcome.get("reason") or "unauthenticated")
+        audit.count_noise(session, address=address, action=action, code=code, now=now)
+        session.commit()
+        return
+    details = {"address": address, **outcome, "auth": caller.method}
+    audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
     session.commit()

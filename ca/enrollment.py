@@ -161,23 +161,30 @@ def _refused(
     authority: Authority,
     now: Clock,
     *,
-    failed: tuple[str | None, AuthLimits] | None = None,
+    failed: tuple[list[auth_limits.Key], AuthLimits] | None = None,
+    anonymous: bool = False,
 ) -> None:
     """Record a refusal in its own transaction (the refused work was rolled back).
 
-    ``failed`` = (device key, limits): the refusal was a failed authentication, counted against
-    that device and the caller's address in the same transaction (which may start a lockout).
+    ``failed`` = (the caller's keys, limits): the refusal was a failed authentication, counted
+    against those keys in the same transaction (which may start a lockout). ``anonymous``: the
+    caller established no identity, so the refusal is counted into the per-address summary
+    (``audit.count_noise``) instead of an entry of its own.
     """
     session.rollback()
     try:
+        if anonymous:
+            audit.count_noise(session, address=credentials.address, action=action, code=exc.code, now=now)
+            session.commit()
+            return
         if failed is not None:
             auth_limits.record_failure(
                 session,
                 failed[1],
                 failed[0],
-                credentials.address,
                 actor=_actor(credentials),
                 now=now(),
+                address=credentials.address,
                 shown_device=_printable(_claimed_device(credentials), 64),
             )
         audit.record(
@@ -262,12 +269,15 @@ def _audited(
 ) -> Certificate:
     """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
 
-    A device or address locked out for failed authentications is refused first (429), before
-    any other work; a failed authentication is counted with the refusal's audit entry.
+    A caller locked out for failed authentications is refused first (429), before any other
+    work; a failed authentication is counted with the refusal's audit entry. Both use only the
+    keys of the methods the caller presents (``auth_limits.request_keys``), so guesses made with
+    one method never lock out another. A caller that established no identity is only counted
+    into its address's per-minute summary (``audit.count_noise``), never an entry of its own.
     """
-    device = auth_limits.device_key(_claimed_device(credentials))
+    keys = _limit_keys(credentials)
     at = now()
-    standing = auth_limits.standing(session, settings.limits, device, credentials.address, at)
+    standing = auth_limits.standing(session, settings.limits, keys, at)
     if standing.retry_after is not None:
         session.rollback()
         raise RateLimitedError(
@@ -275,12 +285,18 @@ def _audited(
             standing.retry_after,
         )
     subject = credentials.username
+    parsed = False
     try:
         csr = read_csr(csr_data)
-        subject = csr.common_name
+        subject, parsed = csr.common_name, True
         certificate = flow(session, issuers, status, authority, csr, credentials, settings, now)
     except ChargepkiError as exc:
-        failed = isinstance(exc, AuthenticationError) and _presented(credentials)
+        presented = _presented(credentials)
+        failed = isinstance(exc, AuthenticationError) and presented
+        # No identity established: nothing presented, or refused before the credentials were checked.
+        anonymous = credentials.principal is None and (
+            not parsed or (isinstance(exc, AuthenticationError) and not presented)
+        )
         _refused(
             session,
             action,
@@ -289,12 +305,13 @@ def _audited(
             subject,
             authority,
             now,
-            failed=(device, settings.limits) if failed else None,
+            failed=(keys, settings.limits) if failed else None,
+            anonymous=anonymous,
         )
         raise
-    if standing.device_has_failures and device is not None:
+    if standing.has_own_failures:
         try:
-            auth_limits.forget_device(session, device)
+            auth_limits.forget(session, keys)
             session.commit()
         except SQLAlchemyError:
             session.rollback()  # the certificate is committed; a stale count only costs the device a retry
@@ -314,6 +331,11 @@ def _claimed_device(credentials: Credentials) -> str | None:
         except ValueError:
             return None
     return None
+
+
+def _limit_keys(credentials: Credentials) -> list[auth_limits.Key]:
+    basic = bool(credentials.username) or credentials.password is not None
+    return auth_limits.request_keys(credentials.username, basic, credentials.client_certificate, credentials.address)
 
 
 def _presented(credentials: Credentials) -> bool:

@@ -72,6 +72,8 @@ class AuthenticationError(ChargepkiError):
 class RateLimitedError(ChargepkiError):
     """Too many failed authentications from this device or address (HTTP 429 with Retry-After)."""
 
+    code = "rate_limited"
+
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after

@@ -240,6 +240,35 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class AuditNoise(Base):
+    """Refusals of callers that established no identity, counted per address, minute, action and code.
+
+    One upsert per refusal instead of one hash-chained entry; ``audit.flush_noise`` turns a
+    minute's rows into one summary entry per address and deletes them in the same transaction.
+    """
+
+    __tablename__ = "audit_noise"
+
+    address: Mapped[str] = mapped_column(String(128), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True, index=True)
+    action: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the chain head (``ca/checkpoints.py``); also kept outside the database."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(Text)  # base64 DER ECDSA-SHA256
+
+
 class CsmsClient(Base):
     """A CSMS allowed to call the CSMS API (``chargepki csms add``), bound to one environment.
 

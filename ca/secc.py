@@ -3,32 +3,34 @@
 ``issue_secc`` is the core the CSMS API calls for ``SignCertificate`` with
 ``certificateType=V2GCertificate`` (the CSMS has authenticated itself and the charging station);
 ``enroll_secc`` is what EST calls under a V2G label, authenticating the caller by its TLS client
-certificate first. Like ``ca.enrollment``, every check runs before the token signs, and every
-refusal is rolled back and audited (``v2g.refused``) with its reason.
+certificate first. Both run in ``ca.enrollment``'s pipeline (``_audited``): every check runs
+before the token signs, every refusal is rolled back and audited (``v2g.refused``) with its
+reason and code, and failed authentications are counted and locked out as on the charger routes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca import audit
-from ca.csr import CsrRequest, read_csr
-from ca.enrollment import (  # the checks enrollment makes, shared so both flows refuse alike
+from ca.csr import CsrRequest
+from ca.enrollment import (  # the pipeline and checks enrollment uses, shared so both flows refuse alike
     Credentials,
     EnrollmentSettings,
     IssuerFactory,
     _actor,
+    _audited,
     _check_binding,
     _check_current,
     _check_device,
+    _registered_device,
     _stored_certificate,
 )
-from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError
+from ca.errors import AuthenticationError, ConflictError, PolicyError
 from ca.issuance import Clock, issue, request_from_csr, utcnow
 from ca.models import Authority, Certificate, Device
 from ca.names import check_secc_id
@@ -46,7 +48,7 @@ def issue_secc(
     issuers: IssuerFactory,
     environment: str | None,
     csr_data: bytes,
-    secc_id: str,
+    secc_id: str | None,
     *,
     actor: str,
     status: StatusSigner,
@@ -55,29 +57,55 @@ def issue_secc(
     settings: EnrollmentSettings = DEFAULTS,
     now: Clock = utcnow,
     before_commit: Callable[[Certificate], None] | None = None,
+    address: str | None = None,
 ) -> Certificate:
-    """Issue a ``v2g-secc`` certificate for ``secc_id`` under ``environment``'s CPO Sub-CA 2.
+    """Issue a ``v2g-secc`` certificate for ``secc_id`` (None: the CSR's CN) under ``environment``'s CPO Sub-CA 2.
 
-    The caller has authenticated the requester; ``device_serial`` (the charging station the
-    request came from, when known) must be registered, enabled and of this environment, and an
-    SECC ID already certified for another station is refused. The CSR's CN must be ``secc_id``.
-    Returns the committed row (``row.der``); an older certificate of the same SECC ID is
-    superseded (revoked now, or after ``settings.supersede_grace``).
+    The caller has authenticated the requester (``actor``, from ``address``); ``device_serial``
+    (the charging station the request came from, when known) must be registered, enabled and of
+    this environment, and an SECC ID already certified for another station is refused. The CSR's
+    CN must be ``secc_id``. Returns the committed row (``row.der``); an older certificate of the
+    same SECC ID is superseded (revoked now, or after ``settings.supersede_grace``). Refusals go
+    through ``enrollment._audited``, as a charger's do.
     """
     authority = current_sub_ca_2(session, environment)
-    try:
-        csr = read_csr(csr_data)
-        device = None
-        if device_serial is not None:
-            device = session.scalar(select(Device).where(Device.serial == device_serial))
-            if device is None:
-                raise PolicyError(f"device {device_serial!r} is not registered")
-        return _issue(
-            session, issuers, status, authority, csr, secc_id, device, actor, validity, settings, now, before_commit
-        )
-    except ChargepkiError as exc:
-        _refused(session, exc, actor, secc_id, authority, now)
-        raise
+    flow = partial(
+        _issue_secc, secc_id=secc_id, device_serial=device_serial, validity=validity, before_commit=before_commit
+    )
+    credentials = Credentials(principal=actor, address=address)
+    return _audited(REFUSED, flow, session, issuers, status, authority, csr_data, credentials, settings, now)
+
+
+def _issue_secc(
+    session: Session,
+    issuers: IssuerFactory,
+    status: StatusSigner,
+    authority: Authority,
+    csr: CsrRequest,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+    *,
+    secc_id: str | None,
+    device_serial: str | None,
+    validity: timedelta | None,
+    before_commit: Callable[[Certificate], None] | None,
+) -> Certificate:
+    device = _registered_device(session, device_serial) if device_serial is not None else None
+    return _issue(
+        session,
+        issuers,
+        status,
+        authority,
+        csr,
+        csr.common_name if secc_id is None else secc_id,
+        device,
+        _actor(credentials),
+        validity,
+        settings,
+        now,
+        before_commit,
+    )
 
 
 def enroll_secc(
@@ -93,29 +121,39 @@ def enroll_secc(
 ) -> Certificate:
     """EST under a V2G label: the TLS client certificate is a registration authority's (the CSMS,
     any SECC ID), the charging station's current charger certificate (an SECC ID not held by
-    another station), or the SECC certificate being renewed (the same SECC ID)."""
-    actor = _actor(credentials)
-    subject = None
-    try:
-        csr = read_csr(csr_data)
-        subject = csr.common_name
-        if credentials.client_certificate is None:
-            raise AuthenticationError(
-                "an SECC certificate needs a TLS client certificate: a registration authority's, the charging "
-                "station's, or the SECC certificate being renewed"
-            )
-        caller = _stored_certificate(session, credentials.client_certificate)
-        if caller is None or caller.profile not in ("ra", "charger", "v2g-secc"):
-            raise AuthenticationError("the client certificate is not an RA, charger or SECC certificate issued here")
-        _check_current(caller, authority, now, f"{caller.profile} client certificate")
-        if caller.profile == "v2g-secc" and caller.common_name != csr.common_name:
-            raise PolicyError(f"the CSR's CN {csr.common_name!r} does not match the SECC certificate being renewed")
-        device = session.get(Device, caller.device_id) if caller.device_id is not None else None
-        _check_binding(csr.csr, credentials, settings)
-        return _issue(session, issuers, status, authority, csr, csr.common_name, device, actor, None, settings, now)
-    except ChargepkiError as exc:
-        _refused(session, exc, actor, subject, authority, now, credentials.address)
-        raise
+    another station), or the SECC certificate being renewed (the same SECC ID). Lockouts,
+    failure counts and refusal audit are the charger routes' (``enrollment._audited``)."""
+    return _audited(REFUSED, _enroll_secc, session, issuers, status, authority, csr_data, credentials, settings, now)
+
+
+def _enroll_secc(
+    session: Session,
+    issuers: IssuerFactory,
+    status: StatusSigner,
+    authority: Authority,
+    csr: CsrRequest,
+    credentials: Credentials,
+    settings: EnrollmentSettings,
+    now: Clock,
+) -> Certificate:
+    if credentials.client_certificate is None:
+        raise AuthenticationError(
+            "an SECC certificate needs a TLS client certificate: a registration authority's, the charging "
+            "station's, or the SECC certificate being renewed"
+        )
+    caller = _stored_certificate(session, credentials.client_certificate)
+    if caller is None or caller.profile not in ("ra", "charger", "v2g-secc"):
+        raise AuthenticationError("the client certificate is not an RA, charger or SECC certificate issued here")
+    _check_current(caller, authority, now, f"{caller.profile} client certificate")
+    if caller.profile == "v2g-secc" and caller.common_name != csr.common_name:
+        raise PolicyError(
+            f"the CSR's CN {csr.common_name!r} does not match the SECC certificate being renewed", code="cn_mismatch"
+        )
+    device = session.get(Device, caller.device_id) if caller.device_id is not None else None
+    _check_binding(csr.csr, credentials, settings)
+    return _issue(
+        session, issuers, status, authority, csr, csr.common_name, device, _actor(credentials), None, settings, now
+    )
 
 
 def _issue(
@@ -134,7 +172,7 @@ def _issue(
 ) -> Certificate:
     secc_id = check_secc_id(secc_id)
     if csr.common_name != secc_id:
-        raise PolicyError(f"the CSR's CN {csr.common_name!r} is not the SECC ID {secc_id!r}")
+        raise PolicyError(f"the CSR's CN {csr.common_name!r} is not the SECC ID {secc_id!r}", code="cn_mismatch")
     if authority.role != "v2g-sub-ca-2" or authority.status != "active":
         raise PolicyError(f"CA {authority.name} does not issue SECC certificates")
     if device is not None:
@@ -189,7 +227,7 @@ def _check_secc_id_owner(session: Session, authority: Authority, secc_id: str, d
         return
     for current in _current_secc(session, authority, secc_id):
         if current.device_id is not None and current.device_id != device.id:
-            raise ConflictError(f"SECC ID {secc_id!r} is certified for another charging station")
+            raise ConflictError(f"SECC ID {secc_id!r} is certified for another charging station", code="secc_id_taken")
 
 
 def _supersede(
@@ -207,28 +245,3 @@ def _supersede(
                 older.revoke_after = now() + settings.supersede_grace
         else:
             apply_revocation(session, older, "superseded", actor=actor, status=status, now=now)
-
-
-def _refused(
-    session: Session,
-    exc: ChargepkiError,
-    actor: str,
-    subject: str | None,
-    authority: Authority,
-    now: Clock,
-    address: str | None = None,
-) -> None:
-    """Record a refusal in its own transaction (the refused work was rolled back)."""
-    session.rollback()
-    try:
-        audit.record(
-            session,
-            REFUSED,
-            actor=actor,
-            subject=subject[:256] if subject else None,
-            now=now,
-            details={"reason": str(exc), "error": type(exc).__name__, "address": address, "ca": authority.name},
-        )
-        session.commit()
-    except SQLAlchemyError:
-        session.rollback()

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit
+from ca import audit, checkpoints
 from ca.authorities import chain, get_authority, issuer_for, list_authorities
 from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
@@ -486,12 +486,27 @@ def audit_group() -> None:
 @audit_group.command("verify")
 @pass_state
 def audit_verify(state: State) -> None:
-    """Check the hash chain; exit 1 naming the first broken entry."""
-    with state.pki().store.session() as session:
+    """Check the hash chain and every signed checkpoint; exit 1 naming the first broken entry."""
+    pki = state.pki()
+    with pki.store.session() as session:
         result = audit.verify(session)
-    if not result.ok:
-        raise click.ClickException(f"audit log broken: {result.problem}")
-    click.echo(f"audit log intact: {result.entries} entries")
+        if not result.ok:
+            raise click.ClickException(f"audit log broken: {result.problem}")
+        signed = checkpoints.verify(session, pki.token, pki.config.home)
+    if not signed.ok:
+        raise click.ClickException(f"audit log broken: {signed.problem}")
+    click.echo(f"audit log intact: {result.entries} entries, {signed.checkpoints} signed checkpoints")
+
+
+@audit_group.command("checkpoint")
+@pass_state
+def audit_checkpoint(state: State) -> None:
+    """Sign the chain head with the audit key in the token (also appended to audit-checkpoints.jsonl)."""
+    pki = state.pki()
+    with pki.store.session() as session:
+        made = checkpoints.checkpoint(session, pki.token(), pki.config.home)
+    assert made is not None
+    click.echo(f"checkpoint of entry {made.seq} ({made.hash}) signed by audit key {made.key_sha256[:16]}…")
 
 
 @audit_group.command("show")

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from ca import audit, checkpoints
 from ca.config import PIN_ENV, Config
 from ca.context import Pki
 from ca.errors import ChargepkiError, ConfigError
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
     """One refresher pass: retire superseded CAs whose last certificate expired, rotate signers that
-    are due, then re-sign what is due. (rotated, signed)."""
+    are due, re-sign what is due, summarise the anonymous refusals of finished minutes and sign a
+    checkpoint of the audit chain when it grew. (rotated, signed)."""
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
@@ -53,6 +55,11 @@ def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None
             session, presigner, actor=actor, now=now, validity=timedelta(days=settings.signer_validity_days)
         )
         signed = refresh(session, presigner, now)
+        # Anonymous refusals of finished minutes into the chain, even when no request follows them.
+        audit.flush_noise(session, before=now.replace(second=0, microsecond=0), now=lambda: now)
+        session.commit()
+        # A signed checkpoint of the audit chain whenever it has grown since the last one.
+        checkpoints.checkpoint(session, pki.token(), pki.config.home, only_if_advanced=True, now=lambda: now)
     return len(rotated), signed
 
 

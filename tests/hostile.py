@@ -52,7 +52,7 @@ from ocsp.wsgi import OcspApp
 ORG = "Acme Charging"
 DEVICE = "CP-FUZZ-1"
 # Audit actions a refusal may add; anything else appearing after refused input is a finding.
-REFUSAL_ACTIONS = ("enrollment.refused", "reenrollment.refused", "auth.locked_out")
+REFUSAL_ACTIONS = ("enrollment.refused", "reenrollment.refused", "auth.locked_out", "anonymous.refused")
 INTERESTING_OCTETS = (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x0C, 0x13, 0x16, 0x1E, 0x30, 0x31, 0x7F, 0x80, 0x81,
                       0x82, 0x83, 0x84, 0x88, 0xA0, 0xA3, 0xFF)  # fmt: skip
 

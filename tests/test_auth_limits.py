@@ -18,16 +18,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca.auth_limits import AuthLimits
-from ca.authorities import issuer_for
+from ca.authorities import default_issuing_ca, issuer_for
 from ca.devices import add_device
-from ca.enrollment import Credentials, EnrollmentSettings, enroll
+from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.enrollment_secrets import issue_secret
 from ca.errors import AuthenticationError, InputError, RateLimitedError
 from ca.hierarchy import Hierarchy
-from ca.models import AuditEvent, AuthFailure
+from ca.issuance import IssueRequest, issue
+from ca.models import AuditEvent, AuthFailure, Certificate
 from ca.pkcs11_token import Token
+from ca.profiles import get_profile
 from ocsp.presign import Presigner
-from tests.helpers import make_csr
+from tests.helpers import make_csr, make_key
 
 LIMITS = AuthLimits(
     max_failures_per_device=3, max_failures_per_address=6, window=timedelta(minutes=10), lockout=timedelta(minutes=5)
@@ -73,6 +75,32 @@ class Station:
             settings=self.settings,
             now=self.clock,
         )
+
+    def with_certificate(self, certificate: bytes, csr_name: str, *, renew: bool, address: str = "192.0.2.1"):  # type: ignore[no-untyped-def]
+        """Enrollment (RA) or re-enrollment (charger) authenticated by a client certificate alone."""
+        der = x509.load_pem_x509_csr(make_csr(csr_name)).public_bytes(serialization.Encoding.DER)
+        return (reenroll if renew else enroll)(
+            self.session,
+            lambda authority: issuer_for(authority, self.token),
+            self.hierarchy.issuing,
+            der,
+            Credentials(client_certificate=certificate, address=address),
+            status=self.status,
+            settings=self.settings,
+            now=self.clock,
+        )
+
+    def ra(self, name: str) -> bytes:
+        authority = default_issuing_ca(self.session, "production")
+        row = issue(
+            self.session,
+            issuer_for(authority, self.token),
+            IssueRequest(get_profile("ra"), make_key().public_key(), name),
+            actor="test",
+            status=self.status,
+            now=self.clock,
+        )
+        return row.der
 
     def fail(self, serial: str, times: int, address: str = "192.0.2.1") -> None:
         for _ in range(times):
@@ -209,3 +237,51 @@ def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(tmp_path, db_ur
         assert keys == {"198.51.100.9", "198.51.100.10", "192.0.2.77"}
     finally:
         world.close()
+
+
+# -- one key space per authentication method -------------------------------------------------------------
+def test_basic_guesses_with_an_ras_name_never_lock_out_the_ra_certificate(station: Station) -> None:
+    """Guessing passwords for the RA's name, from the RA's own address, until name and address are locked."""
+    ra = station.ra("Station-7")
+    station.device("CP-BY-RA")  # registered; the RA enrolls it without its secret
+    station.fail("Station-7", 3, address="192.0.2.50")
+    station.fail("CP-OTHER-1", 3, address="192.0.2.50")
+    with pytest.raises(RateLimitedError):
+        station.attempt("Station-7", "another-guess", address="192.0.2.50")
+    assert {event["locked"] for event in station.lockouts()} == {"device", "address"}
+    assert station.with_certificate(ra, "CP-BY-RA", renew=False, address="192.0.2.50").status == "valid"
+
+
+def test_basic_guesses_with_a_serial_never_lock_out_that_chargers_certificate(station: Station) -> None:
+    secret = station.device("CP-VICTIM")
+    current = station.attempt("CP-VICTIM", secret, address="192.0.2.60")
+    station.fail("CP-VICTIM", 3, address="192.0.2.60")
+    station.fail("CP-OTHER-2", 3, address="192.0.2.60")  # the serial and the address are both locked out now
+    with pytest.raises(RateLimitedError):
+        station.attempt("CP-VICTIM", "guess", address="192.0.2.60")
+    renewed = station.with_certificate(current.der, "CP-VICTIM", renew=True, address="192.0.2.60")
+    assert renewed.status == "valid"
+    kinds = set(station.session.scalars(select(AuthFailure.kind)).all())
+    station.session.commit()
+    assert kinds == {"device", "address"}, "no certificate was ever counted"
+
+
+def test_certificate_failures_lock_out_that_certificate_only(station: Station) -> None:
+    """A revoked certificate is counted under its own SHA-256: not its CN, not the Basic name, not the address."""
+    secret = station.device("CP-RENEWED")
+    first = station.attempt("CP-RENEWED", secret)
+    second = station.with_certificate(first.der, "CP-RENEWED", renew=True)  # supersedes (revokes) the first
+    for _ in range(3):
+        with pytest.raises(AuthenticationError):
+            station.with_certificate(first.der, "CP-RENEWED", renew=True)
+    with pytest.raises(RateLimitedError):
+        station.with_certificate(first.der, "CP-RENEWED", renew=True)
+    (event,) = station.lockouts()
+    assert (event["locked"], event["device"], event["subject"]) == ("cert", "CP-RENEWED", "CP-RENEWED")
+    assert station.with_certificate(second.der, "CP-RENEWED", renew=True).status == "valid"
+    other = station.device("CP-NEIGHBOUR")
+    assert station.attempt("CP-NEIGHBOUR", other).status == "valid", "the address was not counted"
+    keys = station.session.execute(select(AuthFailure.kind, AuthFailure.key)).all()
+    fingerprint = station.session.scalar(select(Certificate.fingerprint_sha256).where(Certificate.id == first.id))
+    station.session.commit()
+    assert [tuple(key) for key in keys] == [("cert", fingerprint)]

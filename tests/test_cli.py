@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 
 from ca.config import Config, write_config
-from ca.models import AuditEvent
+from ca.models import AuditCheckpoint, AuditEvent, AuditHead
 from ca.store import Store
 from cli.main import cli
 from tests.conftest import new_token_settings
@@ -196,3 +196,24 @@ def test_no_command_takes_a_pin_argument() -> None:
             walk(sub, f"{path} {name}")
 
     walk(cli)
+
+
+def test_audit_checkpoint_then_verify_sees_a_rewritten_tail(initialised: Path, db_url: str) -> None:
+    made = run(initialised, "audit", "checkpoint")
+    assert made.exit_code == 0 and made.output.startswith("checkpoint of entry "), made.output
+    assert len((initialised / "audit-checkpoints.jsonl").read_text().splitlines()) == 1
+    verified = run(initialised, "audit", "verify")
+    assert verified.exit_code == 0 and "1 signed checkpoints" in verified.output, verified.output
+
+    store = Store(db_url)  # a database writer cuts the last two entries and moves the head back
+    with store.session() as session:
+        head = session.scalar(select(AuditHead.seq))
+        session.execute(delete(AuditEvent).where(AuditEvent.seq > head - 2))
+        kept = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == head - 2))
+        session.execute(update(AuditHead).values(seq=head - 2, hash=kept))
+        session.execute(delete(AuditCheckpoint))
+        session.commit()
+    store.dispose()
+    assert_one_line_error(
+        run(initialised, "audit", "verify"), rf"audit log broken: entries after {head - 2} were removed"
+    )

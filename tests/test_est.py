@@ -5,6 +5,7 @@ Runs once on SQLite and once on PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,12 +94,19 @@ class Fleet:
         return str(cert_path), str(key_path)
 
     def refusals(self) -> int:
+        """Refusals audited: entries of their own, and those counted into anonymous summaries (flushed on read)."""
+        actions = ("enrollment.refused", "reenrollment.refused")
         with self.store.session() as session:
-            return session.scalar(
-                select(func.count())
-                .select_from(AuditEvent)
-                .where(AuditEvent.action.in_(["enrollment.refused", "reenrollment.refused"]))
+            audit.flush_all_noise(session)
+            own = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action.in_(actions)))
+            summarised = sum(
+                count
+                for details in session.scalars(select(AuditEvent.details).where(AuditEvent.action == audit.NOISE))
+                for key, count in json.loads(details)["refusals"].items()
+                if key.split(" ")[0] in actions
             )
+            session.commit()
+            return own + summarised
 
 
 def b64csr(cn: str, key=None, organization: str | None = ORG, **kwargs) -> bytes:

@@ -57,3 +57,11 @@ def test_an_existing_empty_home_is_tightened_on_first_run(tmp_path: Path) -> Non
     result = _first_run(home, "run", "--setup-only")
     assert result.returncode == 0, result.stderr
     _assert_private(home)
+
+
+def test_the_audit_checkpoint_file_is_the_owners_only(tmp_path: Path) -> None:
+    home = tmp_path / "var"
+    assert _first_run(home, "init", "--org", "Perm Charging").returncode == 0
+    result = _first_run(home, "audit", "checkpoint")
+    assert result.returncode == 0, result.stderr
+    assert _mode(home / "audit-checkpoints.jsonl") == 0o600
