@@ -34,6 +34,7 @@ from crl.publisher import publish_all, publish_crl, revocation_summary, status_c
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
 from ocsp.source import StoreSource
+from tests.conftest import MigratedSchema, database
 from tests.helpers import make_csr, make_key
 
 
@@ -49,6 +50,42 @@ def test_upgrade_from_empty_matches_the_models(db_url: str) -> None:
         head = session.execute(select(AuditHead.seq, AuditHead.hash)).one()
         assert (head.seq, head.hash) == (0, "0" * 64)
     store.dispose()
+
+
+def _schema(store: Store) -> dict[str, object]:
+    inspector = inspect(store.engine)
+    return {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+            sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)),
+            sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+            sorted((tuple(f["constrained_columns"]), f["referred_table"]) for f in inspector.get_foreign_keys(table)),
+            inspector.get_pk_constraint(table)["constrained_columns"],
+        )
+        for table in sorted(inspector.get_table_names())
+    }
+
+
+def test_the_test_fixtures_copied_schema_is_the_migrated_one(
+    db_url: str, migrated_schema: MigratedSchema, tmp_path: Path
+) -> None:
+    """The ``store`` fixture copies a migrated schema instead of migrating each test's database;
+    the copy (the second use, whatever ran first in this process) must be the migration's result."""
+    kind = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    migrated = Store(db_url)
+    migrated.upgrade()
+    for attempt in ("first", "second"):
+        with database(kind, tmp_path / attempt) as url:
+            migrated_schema.apply(url)
+            copied = Store(url)
+            assert copied.current_revision() == copied.head_revision()
+            assert _schema(copied) == _schema(migrated)
+            with copied.engine.connect() as connection:
+                assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            with copied.session() as session:
+                assert session.execute(select(AuditHead.seq, AuditHead.hash)).one() == (0, "0" * 64)
+            copied.dispose()
+    migrated.dispose()
 
 
 def test_hot_lookups_are_indexed(db_url: str) -> None:
