@@ -135,6 +135,20 @@ def write_client_ca_bundle(session: Session, path: Path) -> None:
     _write_private(path, client_ca_bundle(session))
 
 
+def _stop_background_work(_server: Any, worker: Any) -> None:
+    """gunicorn's ``worker_exit`` hook: stop the job runner and close the installation before the
+    interpreter shuts down. A runner thread still checking out a database connection then adds a
+    finalizer while ``atexit`` walks them ("dictionary changed size during iteration")."""
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", {})
+    runner = extensions.get("chargepki.jobs")
+    if runner is not None:
+        runner.close()
+    pki = extensions.get("chargepki")
+    if pki is not None:
+        pki.close()
+
+
 class EstServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code; each worker opens the installation after the fork."""
 
@@ -255,6 +269,7 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path
         "errorlog": "-",
         # gunicornc's control socket, per installation (gunicorn's default under ~ is shared by all)
         "control_socket": str(pki.config.home / "run" / "gunicorn-est.ctl"),
+        "worker_exit": _stop_background_work,
     }
     (pki.config.home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     if unix_socket is not None:
