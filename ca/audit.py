@@ -183,15 +183,17 @@ def count_noise(
 ) -> None:
     """Count a refusal of a caller that established no identity, in the caller's transaction.
 
-    Finished minutes are summarised first (their rows are locked before this minute's, the order
-    every flush uses, so concurrent writers cannot deadlock); the count itself is one atomic upsert.
+    The count is one atomic upsert; finished minutes are summarised after it, because the summary
+    appends to the chain and the audit head must be the last lock a transaction takes (a count
+    waiting for a row after taking the head, while a flush holding that row waits for the head,
+    was a deadlock on PostgreSQL).
     """
     minute = _minute(now())
-    flush_noise(session, before=minute, now=now)
     session.execute(
         _COUNT_NOISE[session.get_bind().dialect.name],
         {"address": (address or "?")[:128], "minute": minute, "action": action[:64], "code": code[:64], "count": 1},
     )
+    flush_noise(session, before=minute, now=now)
 
 
 def flush_noise(
@@ -199,13 +201,15 @@ def flush_noise(
 ) -> int:
     """Summarise counted noise (minutes before ``before``; None: all of it) into the chain, in the
     caller's transaction (which must commit). Returns the number of summary entries written."""
-    # Locks in (minute, address, action, code) order: a count locks finished minutes before its
-    # own row, so every writer takes its locks in one total order and none can deadlock another.
+    # A flush never waits for a row: rows another transaction holds (a count in flight, another
+    # flush) are skipped and left for the next flush; the only lock it waits for is the audit head,
+    # taken last. A count waits at most for a row's holder, which never waits for a row in turn.
     query = select(_NOISE).order_by(_NOISE.c.minute, _NOISE.c.address, _NOISE.c.action, _NOISE.c.code)
     if before is not None:
         query = query.where(_NOISE.c.minute < before)
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()  # counts cannot move between this read and the delete
+        # counts cannot move between this read and the delete
+        query = query.with_for_update(skip_locked=True)
     rows = session.execute(query).all()
     if not rows:
         return 0
