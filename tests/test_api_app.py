@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 from cryptography import x509
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from flask import Flask
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
@@ -34,7 +35,7 @@ from ca.csms import sign as csms_sign
 from ca.csms_jobs import claim_next, enqueue, process
 from ca.csr import read_csr
 from ca.devices import add_device, disable_device, get_device
-from ca.errors import PolicyError
+from ca.errors import InputError, PolicyError
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue, request_from_csr
 from ca.models import AuditEvent, Certificate, CsmsSignJob
@@ -42,12 +43,13 @@ from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke
 from ca.v2g import V2gRequest, init_v2g
+from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient
 from tests.helpers import make_csr, make_key, openssl
 from web.api import JobRunner
 from web.app import create_app
-from web.openapi import DOCUMENT
+from web.openapi import DOCUMENT, Validator
 
 ORG = "Acme Charging"
 JSON = "application/json"
@@ -663,3 +665,128 @@ def test_the_answers_seen_cover_every_documented_success() -> None:
     if not CHECKED:
         pytest.skip("run with the rest of the module")
     assert documented <= successes, documented - successes
+
+
+# -- the document states exactly what the API accepts ---------------------------------------------------
+# (field overrides, schema-valid?): every value the core would refuse is refused by the schema, and the
+# API's verdict is the schema's. Some values the core alone would read (lower-case algorithm names,
+# surrounding blanks, Python's "0x"/"_" in int()) are refused by the schema and so by the API.
+_HEX64, _HEX96, _HEX128 = "ab" * 32, "Cd" * 48, "0F" * 64
+_HASH_DATA_CASES: list[tuple[dict[str, str], bool]] = [
+    ({}, True),
+    ({"issuerNameHash": _HEX64.upper(), "issuerKeyHash": _HEX64}, True),
+    ({"hashAlgorithm": "SHA384", "issuerNameHash": _HEX96, "issuerKeyHash": _HEX96}, True),
+    ({"hashAlgorithm": "SHA512", "issuerNameHash": _HEX128, "issuerKeyHash": _HEX128}, True),
+    ({"serialNumber": "1"}, True),
+    ({"serialNumber": "01"}, True),  # leading zeros are read as hex (OCPP says none; chargers send them)
+    ({"serialNumber": "0" * 39 + "1"}, True),
+    ({"serialNumber": "f" * 40}, True),
+    # lengths tied to the algorithm
+    ({"hashAlgorithm": "SHA384"}, False),  # 64 digits with SHA384
+    ({"hashAlgorithm": "SHA512", "issuerNameHash": _HEX128}, False),  # the key hash still 64
+    ({"hashAlgorithm": "SHA256", "issuerKeyHash": _HEX96}, False),
+    ({"issuerNameHash": _HEX64[:-1]}, False),  # odd
+    ({"issuerNameHash": _HEX64[:-2]}, False),
+    ({"issuerKeyHash": _HEX64 + "ab"}, False),
+    ({"issuerKeyHash": "zz" * 32}, False),
+    ({"issuerNameHash": _HEX64[:-1] + "\n"}, False),
+    ({"issuerNameHash": _HEX64 + "\n"}, False),
+    ({"issuerNameHash": " " + _HEX64}, False),
+    ({"issuerNameHash": ""}, False),
+    ({"hashAlgorithm": "sha256"}, False),
+    ({"hashAlgorithm": "SHA1", "issuerNameHash": "ab" * 20, "issuerKeyHash": "ab" * 20}, False),
+    # serial numbers
+    ({"serialNumber": ""}, False),
+    ({"serialNumber": "0"}, False),
+    ({"serialNumber": "000"}, False),
+    ({"serialNumber": "1" * 41}, False),
+    ({"serialNumber": "0x1A"}, False),
+    ({"serialNumber": "1_0"}, False),
+    ({"serialNumber": "+1"}, False),
+    ({"serialNumber": "-1"}, False),
+    ({"serialNumber": " 1A"}, False),
+    ({"serialNumber": "1A\n"}, False),
+    ({"serialNumber": "\uff11"}, False),  # a full-width digit: int() reads it, the schema does not
+    ({"serialNumber": "G1"}, False),
+]
+
+
+def _schema_accepts(schema: dict[str, Any], instance: object) -> bool:
+    """Plain jsonschema against the document; its Python ``re`` lets ``$`` match before a final newline,
+    where ECMA-262 (and the API's validator) does not, so such values are judged by the API's validator."""
+    plain = Draft202012Validator({**schema, "components": DOCUMENT["components"]}).is_valid(instance)
+    ecma = Validator({**schema, "components": DOCUMENT["components"]}).is_valid(instance)
+    if not _ends_in_newline(instance):
+        assert plain == ecma, instance
+    return bool(ecma)
+
+
+def _ends_in_newline(instance: object) -> bool:
+    if isinstance(instance, dict):
+        return any(_ends_in_newline(value) for value in instance.values())
+    return isinstance(instance, str) and instance.endswith("\n")
+
+
+def _core_accepts(data: dict[str, str]) -> bool:
+    try:
+        parse_hash_data(data["hashAlgorithm"], data["issuerNameHash"], data["issuerKeyHash"], data["serialNumber"])
+    except InputError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("overrides", "valid"), _HASH_DATA_CASES)
+def test_the_hash_data_schemas_accept_exactly_what_the_core_reads(overrides: dict[str, str], valid: bool) -> None:
+    data = {**_hash("SHA256"), **overrides}
+    ocsp_request = {"ocspRequestData": data}
+    query = {k: v for k, v in data.items() if k != "responderURL"}
+    by_hash = DOCUMENT["paths"]["/api/v1/certificates/by-hash"]["get"]["parameters"][0]["schema"]
+    assert _schema_accepts({"$ref": "#/components/schemas/OcspRequest"}, ocsp_request) is valid
+    assert _schema_accepts(by_hash, query) is valid  # CertificateHashData as exploded query parameters
+    if valid:  # a schema-valid CertID is never refused by the core
+        assert _core_accepts(data)
+
+
+def test_the_api_refuses_exactly_the_schema_invalid_cert_ids_and_fingerprints(api: Api) -> None:
+    for overrides, valid in _HASH_DATA_CASES:
+        data = {**_hash("SHA256"), **overrides}
+        answer = api.client.post("/api/v1/ocsp", json={"ocspRequestData": data})
+        # schema-valid: the issuer hashes name no CA here (404), never a 400
+        expected = (404, "unknown_issuer") if valid else (400, answer.get_json()["reason"])
+        assert (answer.status_code, answer.get_json()["reason"]) == expected, (overrides, answer.get_json())
+        assert valid or answer.get_json()["reason"] in ("bad_value", "bad_hash", "bad_serial"), overrides
+        query = urlencode({k: v for k, v in data.items() if k != "responderURL"})
+        found = api.client.get(f"/api/v1/certificates/by-hash?{query}")
+        assert (found.status_code == 400) is not valid, (overrides, found.get_json())
+        assert valid or found.get_json()["reason"] in ("bad_value", "bad_hash", "bad_serial"), overrides
+    fingerprint_schema = DOCUMENT["paths"]["/api/v1/certificates/{fingerprint}"]["get"]["parameters"][0]["schema"]
+    hex64 = "0123456789abcdef" * 4
+    fingerprints = {
+        hex64: True,
+        hex64.upper(): True,
+        ":".join(hex64[i : i + 2] for i in range(0, 64, 2)): True,
+        ":" + hex64 + "::": True,
+        hex64[:-1]: False,
+        hex64 + "a": False,
+        hex64[:-1] + "g": False,
+        hex64 + "\n": False,
+        " " + hex64: False,
+        hex64[:32] + "-" + hex64[32:]: False,
+        ":" * 64: False,
+    }
+    for fingerprint, valid in fingerprints.items():
+        assert _schema_accepts(fingerprint_schema, fingerprint) is valid, fingerprint
+        answer = api.client.get(f"/api/v1/certificates/{quote(fingerprint, safe=':')}")
+        expected = (404, "unknown_certificate") if valid else (400, "bad_fingerprint")
+        assert (answer.status_code, answer.get_json()["reason"]) == expected, fingerprint
+    job_schema = DOCUMENT["paths"]["/api/v1/sign/{jobId}"]["get"]["parameters"][0]["schema"]
+    for job_id, valid in {
+        "0" * 32: True,
+        "ab" * 16: True,
+        "AB" * 16: False,
+        "a" * 31: False,
+        "a" * 32 + "\n": False,
+    }.items():
+        assert _schema_accepts(job_schema, job_id) is valid, job_id
+        answer = api.client.get(f"/api/v1/sign/{quote(job_id)}")  # no such job either way: a 404, never a 400
+        assert (answer.status_code, answer.get_json()["reason"]) == (404, "unknown_job"), job_id
