@@ -1,13 +1,16 @@
 """examples/ocpp_csms, the whole story on loopback: real `chargepki serve est` (EST + CSMS API),
 the example CSMS (OCPP 2.0.1 over TLS with client certificates) and the charger simulator.
 
-Chargers enroll at the "factory" over EST, connect with their certificates and renew through
-OCPP SignCertificate / CertificateSigned; a revoked charger and an impostor (station A's valid
+Chargers enroll at the "factory" over EST, connect with their certificates, get a verified OCSP
+response for them through OCPP GetCertificateStatus (the CSMS asks `POST /api/v1/ocsp`) and renew
+through OCPP SignCertificate / CertificateSigned; a revoked charger and an impostor (station A's valid
 certificate used to connect as station B) are refused before the WebSocket upgrade.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 import socket
 import subprocess
@@ -16,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from click.testing import CliRunner
@@ -131,6 +135,7 @@ def test_a_charger_enrolls_connects_and_renews_through_sign_certificate(story: S
     first = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
     connected = story.connect("CP-OCPP-1", directory)
     assert connected.returncode == 0 and "BootNotification Accepted" in connected.stdout, connected.stderr
+    assert "GetCertificateStatus Accepted, OCSP says good (signature verified)" in connected.stdout
 
     renewed = story.connect("CP-OCPP-1", directory, "--renew")
     assert renewed.returncode == 0, renewed.stdout + renewed.stderr
@@ -138,8 +143,10 @@ def test_a_charger_enrolls_connects_and_renews_through_sign_certificate(story: S
     second = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
     assert second.serial_number != first.serial_number and second.public_key() != first.public_key()
     assert renewed.stdout.count("BootNotification Accepted") == 2  # reconnected with the new certificate
+    assert renewed.stdout.count("GetCertificateStatus Accepted, OCSP says good") == 2  # the old one, then the new
     log = story.csms_log.read_text()
     assert "CertificateSigned to CP-OCPP-1: Accepted" in log
+    assert f"GetCertificateStatus for CP-OCPP-1: serial {second.serial_number:X} answered" in log
     # The renewal superseded the factory certificate: it no longer opens a connection.
     assert "superseded" in _cli(story.home, "cert", "show", f"{first.serial_number:x}")
 
@@ -156,3 +163,29 @@ def test_an_impostor_and_a_revoked_charger_are_refused_before_the_upgrade(story:
     refused = story.connect("CP-OCPP-R", revoked)
     assert refused.returncode == 3 and "revoked" in refused.stderr, refused.stderr
     assert "refused CP-OCPP-B: cn_mismatch" in story.csms_log.read_text()
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_get_certificate_status_fails_with_the_ca_s_reason_when_the_api_refuses() -> None:
+    csms = _load("csms")
+
+    class RefusingApi:
+        def ocsp(self, request_data: dict[str, str]) -> str:
+            fields = {"hashAlgorithm", "issuerNameHash", "issuerKeyHash", "serialNumber", "responderURL"}
+            assert set(request_data) == fields
+            raise csms.Refused("unknown_issuer", "no CA of this installation has these issuer hashes")
+
+    station = csms.Station("CP-X", None, RefusingApi())
+    data = {"hash_algorithm": "SHA256", "issuer_name_hash": "00" * 32, "issuer_key_hash": "00" * 32,
+            "serial_number": "1", "responder_url": ""}  # fmt: skip
+    answer = asyncio.run(station.on_get_certificate_status(ocsp_request_data=data))
+    assert answer.status == "Failed" and answer.ocsp_result is None
+    assert answer.status_info.reason_code == "unknown_issuer"

@@ -37,7 +37,7 @@ from ca.store import _one_line
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
 from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
-from web.openapi import DOCUMENT, check, query_validator, validator
+from web.openapi import DOCUMENT, check, path_validator, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -177,7 +177,7 @@ def sign(session: Session, caller: Caller) -> Response:
 @_endpoint("sign-job")
 def sign_job(session: Session, caller: Caller, job_id: str) -> Response:
     _query("/api/v1/sign/{jobId}", "get")
-    if not _JOB_ID.match(job_id):
+    if not path_validator("/api/v1/sign/{jobId}", "get", "jobId").is_valid(job_id) or not _JOB_ID.fullmatch(job_id):
         raise NotFoundError("no such signing job", code="unknown_job")
     g.api_subject = job_id
     return _job_response(session, get_job(session, caller, job_id))
@@ -210,7 +210,8 @@ def certificate_by_hash(session: Session, caller: Caller) -> Response:
 def certificate_by_fingerprint(session: Session, caller: Caller, fingerprint: str) -> Response:
     _query("/api/v1/certificates/{fingerprint}", "get")
     normalised = fingerprint.replace(":", "").lower()
-    if not _FINGERPRINT.match(normalised):
+    documented = path_validator("/api/v1/certificates/{fingerprint}", "get", "fingerprint").is_valid(fingerprint)
+    if not documented or not _FINGERPRINT.fullmatch(normalised):
         raise InputError("the fingerprint must be 64 hex digits (SHA-256), colons allowed", code="bad_fingerprint")
     g.api_subject = normalised
     found = session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == normalised))

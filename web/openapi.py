@@ -7,15 +7,20 @@ a test checks that every route is documented and that the API's answers match th
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from ca.errors import InputError
 
 _HEX = "^[0-9A-Fa-f]+$"
+# The path parameters exactly as web/api.py reads them: a SHA-256 fingerprint in hex, either case,
+# colons anywhere (``AB:CD:…``); a job id as the API hands it out.
+FINGERPRINT_PATH = "^:*(?:[0-9A-Fa-f]:*){64}$"
+_JOB_ID = "^[0-9a-f]{32}$"
 _STRING = {"type": "string"}
 _TIME = {"type": "string", "format": "date-time"}
 
@@ -42,17 +47,54 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): _json("Error", meaning[status]) for status in statuses}
 
 
+# OCPP HashAlgorithmEnumType → the hex length of its digests (what ``ocsp.ocpp.parse_hash_data`` requires).
+HASH_HEX_LENGTHS = {"SHA256": 64, "SHA384": 96, "SHA512": 128}
+# Where a schema keyword stands for a check the core makes, the refusal keeps the core's reason code.
+REASONS = "x-chargepki-reasons"
+
 _HASH_DATA = {
     "type": "object",
     "description": "OCPP CertificateHashDataType (the OCSP CertID in text)",
     "additionalProperties": False,
     "required": ["hashAlgorithm", "issuerNameHash", "issuerKeyHash", "serialNumber"],
     "properties": {
-        "hashAlgorithm": {"enum": ["SHA256", "SHA384", "SHA512"]},
-        "issuerNameHash": {"type": "string", "maxLength": 128, "pattern": _HEX},
-        "issuerKeyHash": {"type": "string", "maxLength": 128, "pattern": _HEX},
-        "serialNumber": {"type": "string", "minLength": 1, "maxLength": 40, "pattern": _HEX},
+        "hashAlgorithm": {"enum": list(HASH_HEX_LENGTHS)},
+        **{
+            field: {
+                "type": "string",
+                "maxLength": max(HASH_HEX_LENGTHS.values()),
+                "pattern": "^(?:[0-9A-Fa-f]{2})+$",
+                "description": f"the issuer's {what} hash in hex, either case: 64, 96 or 128 digits for "
+                "SHA256, SHA384 or SHA512",
+            }
+            for field, what in (("issuerNameHash", "DN"), ("issuerKeyHash", "public key"))
+        },
+        "serialNumber": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 40,
+            "pattern": _HEX,
+            "not": {"pattern": "^0+$"},
+            REASONS: {"not": "bad_serial"},
+            "description": "hex, either case, positive (leading zeros are accepted and ignored)",
+        },
     },
+    "allOf": [
+        {
+            "if": {"required": ["hashAlgorithm"], "properties": {"hashAlgorithm": {"const": algorithm}}},
+            "then": {
+                "properties": {
+                    field: {
+                        "minLength": length,
+                        "maxLength": length,
+                        REASONS: {"minLength": "bad_hash", "maxLength": "bad_hash"},
+                    }
+                    for field in ("issuerNameHash", "issuerKeyHash")
+                }
+            },
+        }
+        for algorithm, length in HASH_HEX_LENGTHS.items()
+    ],
 }
 
 _SIGNED_FIELDS = {
@@ -168,6 +210,7 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": False,
                 "required": [*_HASH_DATA["required"], "responderURL"],
                 "properties": {**_HASH_DATA["properties"], "responderURL": {"type": "string", "maxLength": 512}},
+                "allOf": _HASH_DATA["allOf"],
             }
         },
     },
@@ -257,7 +300,9 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/sign/{jobId}": {
             "get": {
                 "summary": "An asynchronous signing job: 202 while pending, 200 once signed or refused",
-                "parameters": [{"name": "jobId", "in": "path", "required": True, "schema": _STRING}],
+                "parameters": [
+                    {"name": "jobId", "in": "path", "required": True, "schema": {"type": "string", "pattern": _JOB_ID}}
+                ],
                 "responses": {
                     "200": _json("SignJob", "decided: signed (with the chain) or refused (with the reason)"),
                     "202": _json("SignJob", "still pending (`Retry-After`)"),
@@ -269,8 +314,16 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "A certificate by OCPP CertificateHashData: status, device, validity, chain",
                 "parameters": [
-                    {"name": name, "in": "query", "required": True, "schema": schema}
-                    for name, schema in _HASH_DATA["properties"].items()
+                    {
+                        "name": "hashData",
+                        "in": "query",
+                        "required": True,
+                        "description": "the four fields as query parameters: "
+                        "`?hashAlgorithm=SHA256&issuerNameHash=…&issuerKeyHash=…&serialNumber=…`",
+                        "style": "form",
+                        "explode": True,
+                        "schema": _ref("CertificateHashData"),
+                    }
                 ],
                 "responses": {"200": _json("CertificateInfo", "found"), **_errors(400, 401, 404, 503)},
             }
@@ -278,7 +331,14 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/certificates/{fingerprint}": {
             "get": {
                 "summary": "A certificate by its SHA-256 fingerprint (hex, colons allowed)",
-                "parameters": [{"name": "fingerprint", "in": "path", "required": True, "schema": _STRING}],
+                "parameters": [
+                    {
+                        "name": "fingerprint",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": FINGERPRINT_PATH},
+                    }
+                ],
                 "responses": {"200": _json("CertificateInfo", "found"), **_errors(400, 401, 404, 503)},
             }
         },
@@ -316,17 +376,32 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
+def _pattern(validator_: Any, pattern: str, instance: object, schema: dict[str, Any]) -> Any:
+    """``pattern`` as ECMA-262 reads it: ``$`` is the end of the string, not also the place before a
+    final newline as in Python's ``re`` (this document puts no ``$`` inside a character class)."""
+    if isinstance(instance, str) and not re.search(re.sub(r"(?<!\\)\$", r"\\Z", pattern), instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
+
+
 @cache
-def validator(schema: str) -> Draft202012Validator:
+def validator(schema: str) -> Any:
     """A validator for one named schema, resolving references within this document."""
-    return Draft202012Validator({"$ref": f"#/components/schemas/{schema}", "components": DOCUMENT["components"]})
+    return Validator({"$ref": f"#/components/schemas/{schema}", "components": DOCUMENT["components"]})
 
 
 @cache
-def query_validator(path: str, method: str) -> Draft202012Validator:
-    """The operation's query parameters as one object schema (unknown parameters refused)."""
+def query_validator(path: str, method: str) -> Any:
+    """The operation's query parameters as one object schema (unknown parameters refused); an
+    exploded form-style object parameter is that object schema itself."""
     parameters = [p for p in DOCUMENT["paths"][path][method].get("parameters", []) if p["in"] == "query"]
-    return Draft202012Validator(
+    exploded = [p for p in parameters if p.get("style") == "form" and p.get("explode")]
+    if exploded:
+        assert len(parameters) == 1, "an exploded object parameter stands alone"
+        return Validator({**exploded[0]["schema"], "components": DOCUMENT["components"]})
+    return Validator(
         {
             "type": "object",
             "additionalProperties": False,
@@ -336,7 +411,14 @@ def query_validator(path: str, method: str) -> Draft202012Validator:
     )
 
 
-def check(validator_: Draft202012Validator, instance: object) -> None:
+@cache
+def path_validator(path: str, method: str, name: str) -> Any:
+    """The schema of one path parameter."""
+    (parameter,) = [p for p in DOCUMENT["paths"][path][method]["parameters"] if p["in"] == "path" and p["name"] == name]
+    return Validator(parameter["schema"])
+
+
+def check(validator_: Any, instance: object) -> None:
     """Raise an ``InputError`` naming the first problem: unknown_field, missing_field or bad_value."""
     error = best_match(validator_.iter_errors(instance))
     if error is None:
@@ -345,7 +427,11 @@ def check(validator_: Draft202012Validator, instance: object) -> None:
 
 
 def _reason(error: ValidationError) -> str:
-    return {"additionalProperties": "unknown_field", "required": "missing_field"}.get(str(error.validator), "bad_value")
+    keyword = str(error.validator)
+    reasons = error.schema.get(REASONS, {}) if isinstance(error.schema, dict) else {}
+    if keyword in reasons:
+        return str(reasons[keyword])
+    return {"additionalProperties": "unknown_field", "required": "missing_field"}.get(keyword, "bad_value")
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,6 +1,7 @@
 """A charging station simulator for the example CSMS: it enrolls at the factory over EST, then
-connects to the CSMS with its own certificate (OCPP 2.0.1, security profile 3) and can renew
-that certificate through `SignCertificate` / `CertificateSigned`, as OCPP A02 describes.
+connects to the CSMS with its own certificate (OCPP 2.0.1, security profile 3), asks for its
+certificate's OCSP status through `GetCertificateStatus` (and verifies the OCSP response), and can
+renew that certificate through `SignCertificate` / `CertificateSigned`, as OCPP A02 describes.
 
     python examples/ocpp_csms/charger.py enroll --est https://localhost:8443/.well-known/est \
         --root root.pem --id CP-0001 --secret-file secret.txt --org "Acme Charging" --dir cp1
@@ -10,7 +11,8 @@ that certificate through `SignCertificate` / `CertificateSigned`, as OCPP A02 de
 The one-time secret comes from a file (--secret-file) or the CHARGEPKI_SECRET environment
 variable, never from the command line (`ps` shows every process's arguments).
 
-Exit status: 0 connected (and renewed, with --renew), 3 refused by the CSMS, 1 anything else.
+Exit status: 0 connected, own certificate `good` by OCSP (and renewed, with --renew), 3 refused
+by the CSMS, 1 anything else (an OCSP answer that is not a verified `good` among them).
 The key is generated here and never leaves the directory (a real charger keeps it in its secure
 element); files: key.pem, cert.pem (leaf), chain.pem (leaf + issuing CA).
 """
@@ -29,10 +31,12 @@ from typing import Any
 
 import requests
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
-from cryptography.x509.oid import NameOID
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call
 from ocpp.v201 import call_result as result
@@ -127,6 +131,75 @@ class Station(ChargePoint):
             self.signed.set_result(self.accepted)
 
 
+class StatusError(Exception):
+    """The CSMS's GetCertificateStatus answer is not a verified OCSP response saying `good`."""
+
+
+def ocsp_request_data(certificate: x509.Certificate, issuer: x509.Certificate) -> dict[str, str]:
+    """OCPP OCSPRequestDataType for ``certificate`` (SHA-256 CertID, serial in hex without leading zeros)."""
+    request = ocsp.OCSPRequestBuilder().add_certificate(certificate, issuer, hashes.SHA256()).build()
+    try:
+        access = certificate.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+        urls = [d.access_location.value for d in access if d.access_method == AuthorityInformationAccessOID.OCSP]
+    except x509.ExtensionNotFound:
+        urls = []
+    return {
+        "hash_algorithm": "SHA256",
+        "issuer_name_hash": request.issuer_name_hash.hex().upper(),
+        "issuer_key_hash": request.issuer_key_hash.hex().upper(),
+        "serial_number": f"{request.serial_number:X}",
+        "responder_url": str(urls[0]) if urls else "",
+    }
+
+
+def _verify_signature(signer: x509.Certificate, response: ocsp.OCSPResponse) -> None:
+    key = signer.public_key()
+    algorithm = response.signature_hash_algorithm
+    if algorithm is None:
+        raise StatusError("the OCSP response names no signature hash")
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(algorithm))
+    elif isinstance(key, rsa.RSAPublicKey):
+        key.verify(response.signature, response.tbs_response_bytes, padding.PKCS1v15(), algorithm)
+    else:
+        raise StatusError(f"unexpected OCSP signer key {type(key).__name__}")
+
+
+def verify_ocsp(ocsp_result: str, certificate: x509.Certificate, issuer: x509.Certificate) -> str:
+    """Check the base64 DER OCSP response is about ``certificate`` and signed by its issuer or a
+    delegated OCSP signer the issuer certified; returns the status (good, revoked, unknown)."""
+    response = ocsp.load_der_ocsp_response(base64.b64decode(ocsp_result, validate=True))
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise StatusError(f"OCSP response status {response.response_status.name}")
+    expected = ocsp_request_data(certificate, issuer)
+    if (
+        response.serial_number != certificate.serial_number
+        or response.issuer_name_hash.hex().upper() != expected["issuer_name_hash"]
+        or response.issuer_key_hash.hex().upper() != expected["issuer_key_hash"]
+    ):
+        raise StatusError("the OCSP response is about another certificate")
+    signer = issuer
+    if response.certificates:  # a delegated responder: certified by the issuer for OCSP signing
+        signer = response.certificates[0]
+        signer.verify_directly_issued_by(issuer)
+        usage = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in usage:
+            raise StatusError("the OCSP responder's certificate lacks id-kp-OCSPSigning")
+    _verify_signature(signer, response)
+    if response.next_update_utc is not None and response.next_update_utc < datetime.now(UTC):
+        raise StatusError("the OCSP response is stale")
+    return str(response.certificate_status.name.lower())
+
+
+async def check_own_status(station: Station, directory: Path) -> str:
+    """GetCertificateStatus for the station's own certificate; the verified status."""
+    certificate, issuer, *_ = x509.load_pem_x509_certificates((directory / "chain.pem").read_bytes())
+    answer = await station.call(call.GetCertificateStatus(ocsp_request_data=ocsp_request_data(certificate, issuer)))
+    if answer.status != "Accepted" or not answer.ocsp_result:
+        raise StatusError(f"GetCertificateStatus {answer.status} {answer.status_info}")
+    return verify_ocsp(answer.ocsp_result, certificate, issuer)
+
+
 def client_tls(root: str, directory: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=root)
     context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
@@ -151,6 +224,11 @@ async def session(args: argparse.Namespace, directory: Path, renew: bool) -> int
                 )
             )
             print(f"{station_id}: BootNotification {boot.status}")
+            state = await check_own_status(station, directory)
+            print(f"{station_id}: GetCertificateStatus Accepted, OCSP says {state} (signature verified)")
+            if state != "good":
+                runner.cancel()
+                return 1
             if pending is not None:
                 answer = await station.call(
                     call.SignCertificate(csr=pending[1].decode(), certificate_type="ChargingStationCertificate")
@@ -167,6 +245,9 @@ async def session(args: argparse.Namespace, directory: Path, renew: bool) -> int
     except ssl.SSLError as exc:
         print(f"{station_id}: TLS refused: {exc}", file=sys.stderr)
         return REFUSED
+    except (StatusError, InvalidSignature, ValueError, x509.ExtensionNotFound) as exc:
+        print(f"{station_id}: certificate status not verified: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,8 @@ What it shows, in the order a charger meets it:
 3. `SignCertificate`: answered `Accepted` at once (OCPP makes the CSMS answer before the CA has
    decided), then the CSR goes to `POST /api/v1/sign`, and the chain (leaf first, root left out)
    is pushed to the charger with `CertificateSigned`. A refusal is logged with chargepki's reason.
+4. `GetCertificateStatus`: the charger's `ocspRequestData` goes to `POST /api/v1/ocsp` and the
+   base64 DER OCSP response comes back as `ocspResult` (`Accepted`), or `Failed` with the reason.
 
 Run (see README "Plugging chargepki into a CSMS"):
     python examples/ocpp_csms/csms.py --port 9000 --cert csms.pem --key csms.key \
@@ -35,6 +37,7 @@ from typing import Any
 import requests
 from ocpp.routing import on
 from ocpp.v201 import ChargePoint, call, call_result
+from ocpp.v201.datatypes import StatusInfoType
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -52,7 +55,7 @@ class Refused(Exception):
 
 @dataclass
 class ChargepkiApi:
-    """The two calls a CSMS needs, authenticated with a per-CSMS API token."""
+    """The calls a CSMS needs, authenticated with a per-CSMS API token."""
 
     base: str
     token: str
@@ -78,6 +81,10 @@ class ChargepkiApi:
     def sign(self, station_id: str, csr_pem: str, certificate_type: str) -> str:
         body = {"chargingStationId": station_id, "certificateType": certificate_type, "csr": csr_pem}
         return str(self._post("sign", body)["certificateChain"])
+
+    def ocsp(self, request_data: dict[str, str]) -> str:
+        """OCPP OCSPRequestDataType (camelCase) → the base64 DER OCSP response."""
+        return str(self._post("ocsp", {"ocspRequestData": request_data})["ocspResult"])
 
 
 class Station(ChargePoint):
@@ -113,6 +120,29 @@ class Station(ChargePoint):
             return
         result = await self.call(call.CertificateSigned(certificate_chain=chain, certificate_type=kind))
         log.info("CertificateSigned to %s: %s", self.id, result.status)
+
+    @on("GetCertificateStatus")
+    async def on_get_certificate_status(self, ocsp_request_data: dict[str, str], **_: Any) -> Any:
+        data = ocsp_request_data  # the ocpp library hands it over in snake_case; the API speaks OCPP's names
+        request_data = {
+            "hashAlgorithm": data["hash_algorithm"],
+            "issuerNameHash": data["issuer_name_hash"],
+            "issuerKeyHash": data["issuer_key_hash"],
+            "serialNumber": data["serial_number"],
+            "responderURL": data["responder_url"],
+        }
+        try:
+            ocsp_result = await asyncio.to_thread(self.api.ocsp, request_data)
+        except Refused as exc:
+            log.warning("GetCertificateStatus from %s refused by the CA: %s", self.id, exc)
+            info = StatusInfoType(reason_code=exc.reason[:20], additional_info=str(exc)[:512])
+            return call_result.GetCertificateStatus(status="Failed", status_info=info)
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            log.warning("GetCertificateStatus from %s: the CA is unavailable: %s", self.id, exc)
+            info = StatusInfoType(reason_code="CAUnavailable", additional_info=type(exc).__name__)
+            return call_result.GetCertificateStatus(status="Failed", status_info=info)
+        log.info("GetCertificateStatus for %s: serial %s answered", self.id, request_data["serialNumber"])
+        return call_result.GetCertificateStatus(status="Accepted", ocsp_result=ocsp_result)
 
 
 def station_id_of(path: str) -> str:
