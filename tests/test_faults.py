@@ -38,7 +38,7 @@ from ca.models import AuditEvent, Certificate
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.store import Store
-from crl.publisher import PublishError, publish_crl
+from crl.publisher import PublishError, publish_crl, status_counter
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signing import TRY_LATER
@@ -247,6 +247,20 @@ def _one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def _until_status_is_quiet(store: Store, quiet: float = 2.0) -> None:
+    """Until the change counter has not moved for ``quiet`` seconds (within ``DEADLINE``)."""
+    with store.session() as session:
+        last, since = status_counter(session), time.monotonic()
+    end = since + DEADLINE
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < end, f"the status counter kept moving for {DEADLINE} s"
+        time.sleep(0.2)
+        with store.session() as session:
+            counter = status_counter(session)
+        if counter != last:
+            last, since = counter, time.monotonic()
+
+
 def test_postgresql_unreachable_503_cached_ocsp_one_line_cli_and_recovery_without_restart(tmp_path: Path) -> None:
     with database("postgresql", tmp_path) as url:
         proxy = TcpProxy()
@@ -261,7 +275,11 @@ def test_postgresql_unreachable_503_cached_ocsp_one_line_cli_and_recovery_withou
             ocsp_server = start_server(home, free_port(), workers=1, service="ocsp")
             cached = certificate_of(enroll(est.port, "CP-DB-0", secrets["CP-DB-0"], root))
             uncached = certificate_of(enroll(est.port, "CP-DB-1", secrets["CP-DB-1"], root))
-            time.sleep(1)  # let the responder's watcher see that enrollment's change signal first
+            # Every change signal empties the responder's cache: wait until the status counter has
+            # stood still (the enrollments', and whatever the signer's first refresh pass signals),
+            # then give the watcher a moment to see the last one, and only then cache the answer.
+            _until_status_is_quiet(store)
+            time.sleep(1)
             assert ocsp_answer(ocsp_server.port, cached, issuer) == "GOOD"  # now in the responder's cache
 
             proxy.cut()
