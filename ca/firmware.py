@@ -27,12 +27,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
+from ca.authorities.manufacturer import ROLE, channel_of, get_firmware_signer
+from ca.clock import Clock, utcnow
 from ca.errors import InputError, PolicyError
-from ca.issuance import Clock, utcnow
-from ca.manufacturer import ROLE, channel_of, get_firmware_signer
-from ca.models import Authority, Certificate
-from ca.pkcs11_token import Token
-from ca.token_keys import token_private_key
+from ca.keys.pkcs11_token import Token
+from ca.keys.token_keys import token_private_key
+from ca.store.models import Authority, Certificate
 
 MAX_SIGNATURE_CHARS = 800  # OCPP FirmwareType.signature: string[0..800], base64
 MAX_CERTIFICATE_CHARS = 5500  # OCPP FirmwareType.signingCertificate: string[0..5500], PEM

@@ -12,7 +12,7 @@ import click
 from sqlalchemy.exc import OperationalError
 
 from ca.errors import ChargepkiError
-from ca.store import Store
+from ca.store.engine import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter

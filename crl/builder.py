@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from cryptography import x509
 
-from ca.authorities import Issuer
+from ca.authorities.issuers import Issuer
 from crl import der
 
 

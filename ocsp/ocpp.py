@@ -21,9 +21,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.errors import InputError
-from ca.models import Authority, Certificate
-from ca.serials import format_serial
-from ca.store import Store
+from ca.issuance.serials import format_serial
+from ca.store.engine import Store
+from ca.store.models import Authority, Certificate
 from ocsp.certid import CertId, issuer_hashes
 from ocsp.presign import Presigner
 from ocsp.responder import Responder

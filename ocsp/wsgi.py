@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.config import Config, OcspSettings, load_config, resolve_home
-from ca.store import Store
+from ca.store.engine import Store
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
 from ocsp.responder import MALFORMED, Answer, Responder
 from ocsp.signer_service import SignerClient

@@ -18,15 +18,15 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.rotation import rotate_issuing_ca
 from ca.config import Config, EstSettings, write_config
 from ca.context import Pki
-from ca.devices import add_device, get_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.models import Authority, OcspResponse
-from ca.pkcs11_token import Token
-from ca.rotation import rotate_issuing_ca
-from ca.store import Store
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import Authority, OcspResponse
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key

@@ -16,20 +16,21 @@ from sqlalchemy import Connection, event, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ca import audit, checkpoints
-from ca.authorities import default_issuing_ca, issuer_for
-from ca.certificates import get_certificate, list_certificates
-from ca.devices import add_device, get_device
-from ca.enrollment import Credentials, enroll, reenroll
-from ca.enrollment_secrets import issue_secret
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.enrollment.pipeline import Credentials, enroll, reenroll
 from ca.errors import PolicyError
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke, revoke_due
-from ca.store import Store
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.status.certificates import get_certificate, list_certificates
+from ca.status.revocation import revoke, revoke_due
+from ca.store.engine import Store
+from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
