@@ -39,13 +39,13 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ca.enrollment.pipeline import _KEY_HOLDERS, _stored_certificate  # noqa: E402
+from ca.enrollment.authenticators import stored_certificate  # noqa: E402
 from ca.issuance.serials import format_serial  # noqa: E402
 from ca.registry.devices import current_certificate, get_device  # noqa: E402
 from ca.registry.secrets import secret_is_valid  # noqa: E402
 from ca.status.certificates import get_certificate, list_certificates  # noqa: E402
 from ca.store.engine import Store  # noqa: E402
-from ca.store.models import Certificate, Device  # noqa: E402
+from ca.store.models import Certificate, Device, KeyOwner  # noqa: E402
 from crl.publisher import revocation_summary, revoked_rows, status_counter  # noqa: E402
 from ocsp.presign import OcspPolicy, due_certificates  # noqa: E402
 from ocsp.source import StoreSource  # noqa: E402
@@ -280,9 +280,9 @@ def lookups(store: Store, fleet: Fleet, count: int, seed: int = 5) -> list[Timin
         )
         run(
             "EST: certificate by fingerprint (client certificate)",
-            "ca.enrollment.pipeline._stored_certificate",
+            "ca.enrollment.authenticators.stored_certificate",
             rows,
-            lambda n: _found(_stored_certificate(session, der(n))),
+            lambda n: _found(stored_certificate(session, der(n))),
         )
         run(
             "EST: device by serial",
@@ -298,10 +298,14 @@ def lookups(store: Store, fleet: Fleet, count: int, seed: int = 5) -> list[Timin
         )
         run(
             "EST: who holds this public key",
-            "ca.enrollment.pipeline._KEY_HOLDERS (one key, one identity)",
+            "ca.issuance.flow._claim_key's lookup (one key, one identity)",
             rows,
             lambda n: _found(
-                session.execute(_KEY_HOLDERS, {"key_sha256": hashlib.sha256(b"key%d" % n).hexdigest()}).first()
+                session.execute(
+                    select(KeyOwner.identity).where(
+                        KeyOwner.public_key_sha256 == hashlib.sha256(b"key%d" % n).hexdigest()
+                    )
+                ).first()
             ),
         )
         run(

@@ -20,6 +20,7 @@ from ca.issuance.names import ENVIRONMENTS
 from ca.issuance.profiles import get_profile
 from ca.registry.csms import add_client, get_client, issue_token, list_clients, set_enabled
 from ca.store.models import CsmsClient
+from ca.work import Work
 from cli.common import State, actor, fmt_time, note, pass_state, table
 from cli.enrollment import _write_private
 from cli.params import DURATION
@@ -47,7 +48,7 @@ def _issue_certificate(
     else:
         key = ec.generate_private_key(ec.SECP256R1())
         request = IssueRequest(profile, key.public_key(), client.name, validity=validity)
-    row = issue(session, issuer, request, actor=actor(), status=state.status())
+    row = issue(Work(session, actor(), status=state.status()), issuer=issuer, request=request)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in client.name)
     certificate_path = out_dir / f"{stem}.pem"

@@ -34,6 +34,7 @@ from ca.registry.devices import (
 from ca.registry.secrets import issue_secret, withdraw_secrets
 from ca.status.certificates import display_status
 from ca.status.revocation import REASONS
+from ca.work import Work
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, table
 from cli.params import DURATION
 
@@ -328,7 +329,7 @@ def ra_add(
         else:
             key = ec.generate_private_key(ec.SECP256R1())
             request = IssueRequest(profile, key.public_key(), name, validity=validity)
-        row = issue(session, issuer, request, actor=actor(), status=state.status())
+        row = issue(Work(session, actor(), status=state.status()), issuer=issuer, request=request)
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
     (out_dir / f"{stem}.pem").write_bytes(pem)
     if key is not None:

@@ -38,6 +38,7 @@ from ca.status.certificates import STATUSES, display_status, get_certificate, li
 from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
 from ca.store.engine import _one_line
 from ca.store.models import Authority
+from ca.work import Work
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.csms import csms
@@ -317,9 +318,8 @@ def issue_command(
         note(authority)
         check_can_issue(session, authority)
         issuer = issuer_for(authority, pki.token())
-        row = issue(
-            session, issuer, request_from_csr(profile, csr, issuer, validity), actor=actor(), status=state.status()
-        )
+        request = request_from_csr(profile, csr, issuer, validity)
+        row = issue(Work(session, actor(), status=state.status()), issuer=issuer, request=request)
         pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM).decode()
         serial = row.serial
     if out is not None:

@@ -10,11 +10,11 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authorities.issuers import issuer_for
 from ca.authorities.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
 from ca.enrollment.secc import issue_secc
 from ca.errors import InputError
 from ca.issuance.names import ENVIRONMENTS
+from ca.work import Work
 from cli.common import State, actor, note, pass_state
 from cli.params import DURATION
 
@@ -153,13 +153,10 @@ def v2g_issue(
         authority = current_sub_ca_2(session, environment)
         note(authority)
         row = issue_secc(
-            session,
-            lambda ca: issuer_for(ca, token),
-            authority.environment,
-            csr_file.read(),
-            secc_id,
-            actor=actor(),
-            status=state.status(),
+            Work(session, actor(), status=state.status(), token=token),
+            environment=authority.environment,
+            csr=csr_file.read(),
+            secc_id=secc_id,
             device_serial=device_serial,
             validity=validity,
         )

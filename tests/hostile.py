@@ -43,6 +43,7 @@ from ca.issuance.profiles import get_profile
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -281,11 +282,11 @@ def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: Es
 
         issuer = issuer_for(hierarchy.issuing, token)
         issue(
-            session,
-            issuer,
-            IssueRequest(get_profile("charger"), ec.generate_private_key(ec.SECP256R1()).public_key(), "CP-SEED-1"),
-            actor="fuzz",
-            status=status,
+            Work(session, "fuzz", status=status),
+            issuer=issuer,
+            request=IssueRequest(
+                get_profile("charger"), ec.generate_private_key(ec.SECP256R1()).public_key(), "CP-SEED-1"
+            ),
         )
     return World(home, pki, token_settings, seeds, secret)
 

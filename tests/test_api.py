@@ -26,6 +26,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
 from ca.status.revocation import revoke
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import check_answer
 from tests.conftest import database
@@ -112,11 +113,9 @@ def deployment(
             key = make_key()
             issuer = issuer_for(default_issuing_ca(session, "production"), token)
             row = issue(
-                session,
-                issuer,
-                IssueRequest(get_profile("csms-client"), key.public_key(), "csms-e2e"),
-                actor="test",
-                status=status,
+                Work(session, "test", status=status),
+                issuer=issuer,
+                request=IssueRequest(get_profile("csms-client"), key.public_key(), "csms-e2e"),
             )
             (tmp / "csms.pem").write_bytes(_pem(row.der or b""))
             (tmp / "csms.key").write_bytes(

@@ -48,6 +48,7 @@ from ca.registry.csms_jobs import claim_next, enqueue, process
 from ca.registry.devices import add_device, disable_device, get_device
 from ca.status.revocation import revoke
 from ca.store.models import AuditEvent, Certificate, CsmsSignJob
+from ca.work import Work
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient
@@ -246,13 +247,16 @@ def test_a_chain_over_the_limit_is_refused_and_the_certificate_abandoned(api: Ap
         caller = _caller(session, "csms-1")
         with pytest.raises(PolicyError) as refused:
             csms_sign(
-                session,
-                lambda authority: issuer_for(authority, api.pki.token()),
-                caller,
-                station,
-                "ChargingStationCertificate",
-                make_csr(station),
-                status=api.status,
+                Work(
+                    session,
+                    "test",
+                    status=api.status,
+                    issuers=lambda authority: issuer_for(authority, api.pki.token()),
+                ),
+                caller=caller,
+                charging_station_id=station,
+                certificate_type="ChargingStationCertificate",
+                csr=make_csr(station),
                 max_chain_chars=1000,
             )
         assert refused.value.code == "chain_too_long"
@@ -337,9 +341,9 @@ def test_a_job_left_by_a_dead_worker_is_taken_over_and_signed_once(api: Api) -> 
         # … then A stalls past its lease: worker B takes the job over and signs it.
         later = claim_next(b, now=lambda: now + timedelta(minutes=3))
         assert later is not None and later.claim != first.claim and later.attempts == 2
-        assert process(b, later, issuers, status=api.status) == "signed"
+        assert process(Work(b, "test", status=api.status, issuers=issuers), job=later) == "signed"
         # A wakes up and completes: its claim is gone, so its certificate is abandoned, B's stays current.
-        assert process(a, first, issuers, status=api.status) == "lost"
+        assert process(Work(a, "test", status=api.status, issuers=issuers), job=first) == "lost"
         rows = a.execute(select(Certificate.status).where(Certificate.common_name == station)).scalars().all()
         signed = a.scalar(select(CsmsSignJob.state).where(CsmsSignJob.id == job.id))
         a.commit()
@@ -423,7 +427,7 @@ def _issue_direct(api: Api, station: str, environment: str = "production", **kwa
         device = get_device(session, station)
         request = request_from_csr(get_profile("charger"), read_csr(make_csr(station, organization=None)), issuer)
         request = IssueRequest(request.profile, request.public_key, station, device_id=device.id, **kwargs)
-        row = issue(session, issuer, request, actor="test", status=api.status)
+        row = issue(Work(session, "test", status=api.status), issuer=issuer, request=request)
         session.commit()
         return row
 
@@ -509,7 +513,9 @@ def _csms_certificate(api: Api, session: Any, name: str = "csms-1") -> tuple[str
     authority = default_issuing_ca(session, "production")
     issuer = issuer_for(authority, api.pki.token())
     row = issue(
-        session, issuer, IssueRequest(get_profile("csms-client"), key.public_key(), name), actor="t", status=api.status
+        Work(session, "t", status=api.status),
+        issuer=issuer,
+        request=IssueRequest(get_profile("csms-client"), key.public_key(), name),
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

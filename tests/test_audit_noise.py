@@ -22,6 +22,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.csms import record_call
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, AuditNoise
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 
@@ -67,13 +68,16 @@ def test_ten_thousand_anonymous_refusals_add_a_few_dozen_rows(
         credentials = Credentials(address=address, username="CP-1" if n % 2 else None, password="x" if n % 2 else None)
         with pytest.raises(InputError if n % 2 else AuthenticationError):
             enroll(
-                session,
-                lambda authority: issuer_for(authority, token),
-                hierarchy.issuing,
-                b"\x30\x03\x02\x01\x00" if n % 2 else csr,
-                credentials,
-                status=status,
-                now=clock,
+                Work(
+                    session,
+                    "test",
+                    status=status,
+                    issuers=lambda authority: issuer_for(authority, token),
+                    now=clock,
+                ),
+                authority=hierarchy.issuing,
+                csr=b"\x30\x03\x02\x01\x00" if n % 2 else csr,
+                credentials=credentials,
             )
     audit.flush_all_noise(session, now=clock)
     added = session.scalar(select(func.count()).select_from(AuditEvent)) - before

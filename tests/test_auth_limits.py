@@ -28,6 +28,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent, AuthFailure, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -66,39 +67,44 @@ class Station:
             csr if csr is not None else x509.load_pem_x509_csr(make_csr(name)).public_bytes(serialization.Encoding.DER)
         )
         return enroll(
-            self.session,
-            lambda authority: issuer_for(authority, self.token),
-            self.hierarchy.issuing,
-            der,
-            Credentials(username=serial if password is not None else None, password=password, address=address),
-            status=self.status,
+            Work(
+                self.session,
+                "test",
+                status=self.status,
+                issuers=lambda authority: issuer_for(authority, self.token),
+                now=self.clock,
+            ),
+            authority=self.hierarchy.issuing,
+            csr=der,
+            credentials=Credentials(
+                username=serial if password is not None else None, password=password, address=address
+            ),
             settings=self.settings,
-            now=self.clock,
         )
 
     def with_certificate(self, certificate: bytes, csr_name: str, *, renew: bool, address: str = "192.0.2.1"):  # type: ignore[no-untyped-def]
         """Enrollment (RA) or re-enrollment (charger) authenticated by a client certificate alone."""
         der = x509.load_pem_x509_csr(make_csr(csr_name)).public_bytes(serialization.Encoding.DER)
         return (reenroll if renew else enroll)(
-            self.session,
-            lambda authority: issuer_for(authority, self.token),
-            self.hierarchy.issuing,
-            der,
-            Credentials(client_certificate=certificate, address=address),
-            status=self.status,
+            Work(
+                self.session,
+                "test",
+                status=self.status,
+                issuers=lambda authority: issuer_for(authority, self.token),
+                now=self.clock,
+            ),
+            authority=self.hierarchy.issuing,
+            csr=der,
+            credentials=Credentials(client_certificate=certificate, address=address),
             settings=self.settings,
-            now=self.clock,
         )
 
     def ra(self, name: str) -> bytes:
         authority = default_issuing_ca(self.session, "production")
         row = issue(
-            self.session,
-            issuer_for(authority, self.token),
-            IssueRequest(get_profile("ra"), make_key().public_key(), name),
-            actor="test",
-            status=self.status,
-            now=self.clock,
+            Work(self.session, "test", status=self.status, now=self.clock),
+            issuer=issuer_for(authority, self.token),
+            request=IssueRequest(get_profile("ra"), make_key().public_key(), name),
         )
         return row.der
 

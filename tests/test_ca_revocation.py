@@ -32,6 +32,7 @@ from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner
@@ -207,16 +208,14 @@ def test_a_revocation_between_reservation_and_record_abandons_the_certificate(
     racing = RevokedWhileSigning(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(Issuer)})
     request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-RACE")), bound)
     with pytest.raises(PolicyError, match="revoked: it signs nothing any more"):
-        issue(session, racing, request, actor="test", status=status)
+        issue(Work(session, "test", status=status), issuer=racing, request=request)
     row = session.scalar(select(Certificate).where(Certificate.common_name == "CP-RACE"))
     assert row is not None and (row.status, row.der) == ("aborted", None)
     with pytest.raises(PolicyError, match="signs nothing"):
         issue(
-            session,
-            bound,
-            request_from_csr(get_profile("charger"), read_csr(make_csr("CP-X")), bound),
-            actor="t",
-            status=status,
+            Work(session, "t", status=status),
+            issuer=bound,
+            request=request_from_csr(get_profile("charger"), read_csr(make_csr("CP-X")), bound),
         )
     with pytest.raises(PolicyError, match="signs nothing"):
         issuer_for(session.get(Authority, hierarchy.issuing.id), token)  # type: ignore[arg-type]
@@ -229,10 +228,12 @@ def test_retired_and_expired_cas_sign_nothing(
     request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-E")), bound)
     after_expiry = hierarchy.issuing.not_after + timedelta(days=1)
     with pytest.raises(PolicyError, match="expired"):
-        issue(session, bound, request, actor="test", status=status, now=lambda: after_expiry)
+        issue(Work(session, "test", status=status, now=lambda: after_expiry), issuer=bound, request=request)
     retire(session, [hierarchy.issuing], actor="test", now=datetime.now(UTC))
     with pytest.raises(PolicyError, match="retired: it signs nothing any more"):
-        issue(session, bound, request, actor="test", status=status)  # an Issuer bound before the retirement
+        issue(
+            Work(session, "test", status=status), issuer=bound, request=request
+        )  # an Issuer bound before the retirement
     assert session.scalar(select(func.count()).where(Certificate.common_name == "CP-E")) == 0
 
 

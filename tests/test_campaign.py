@@ -29,6 +29,7 @@ from ca.registry.devices import add_device, disable_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import Campaign, CampaignDevice
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.conftest import database
@@ -62,12 +63,10 @@ class Site:
             secret = issue_secret(session, get_device(session, serial), actor="test")
             authority = get_authority(session, ca or f"{environment}-issuing-1")
             row = enroll(
-                session,
-                lambda a: issuer_for(a, self.token),
-                authority,
-                make_csr(serial, organization=ORG, key=key),
-                Credentials(username=serial, password=secret),
-                status=self.status,
+                Work(session, "test", status=self.status, issuers=lambda a: issuer_for(a, self.token)),
+                authority=authority,
+                csr=make_csr(serial, organization=ORG, key=key),
+                credentials=Credentials(username=serial, password=secret),
             )
             return Charger(serial, key, x509.load_der_x509_certificate(row.der or b""))
 

@@ -34,6 +34,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, AuditHead, Certificate, OcspResponse
+from ca.work import Work
 from ocsp.presign import Presigner, refresh
 from tests import concurrency_workers as workers
 from tests.est_server import free_port, start_server, write_home
@@ -63,7 +64,7 @@ def _chargers(session: Session, hierarchy: Hierarchy, token: Token, count: int, 
     issuer = issuer_for(hierarchy.issuing, token)
     profile = get_profile("charger")
     requests_ = [request_from_csr(profile, read_csr(make_csr(f"{prefix}-{n}")), issuer) for n in range(count)]
-    return [issue(session, issuer, request, actor="test", status=status) for request in requests_]
+    return [issue(Work(session, "test", status=status), issuer=issuer, request=request) for request in requests_]
 
 
 # -- 200 enrollments, 4 workers ---------------------------------------------------------------------
@@ -302,11 +303,9 @@ def test_two_devices_racing_with_one_key_get_one_certificate(
     ra_key = make_key()
     with store.session() as session:
         ra = issue(
-            session,
-            issuer_for(hierarchy.issuing, token),
-            IssueRequest(get_profile("ra"), ra_key.public_key(), "station-ra"),
-            actor="test",
-            status=Presigner(token),
+            Work(session, "test", status=Presigner(token)),
+            issuer=issuer_for(hierarchy.issuing, token),
+            request=IssueRequest(get_profile("ra"), ra_key.public_key(), "station-ra"),
         )
         api_token = issue_token(
             session, add_client(session, "csms-race", environment="production", actor="t"), actor="t"

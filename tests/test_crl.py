@@ -25,6 +25,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import PublishError, publish_all, publish_crl
 from ocsp.presign import Presigner
@@ -37,7 +38,7 @@ def _charger(
     status = Presigner(token)
     issuer = issuer_for(hierarchy.issuing, token)
     request = request_from_csr(get_profile("charger"), read_csr(make_csr(cn)), issuer, validity)
-    return issue(session, issuer, request, actor="test", **({"now": now} if now else {}), status=status)
+    return issue(Work(session, "test", status=status), issuer=issuer, request=request, **{"now": now} if now else {})
 
 
 def _load(path: Path) -> x509.CertificateRevocationList:

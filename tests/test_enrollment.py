@@ -17,6 +17,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke_due
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -34,22 +35,18 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
     secret = issue_secret(session, device, actor="test")
     key = make_key()
     first = enroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        _der(make_csr("CP-GRACE", key=key)),
-        Credentials(username="CP-GRACE", password=secret),
-        status=status,
+        Work(session, "test", status=status, issuers=issuers),
+        authority=hierarchy.issuing,
+        csr=_der(make_csr("CP-GRACE", key=key)),
+        credentials=Credentials(username="CP-GRACE", password=secret),
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
     renewed = reenroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        _der(make_csr("CP-GRACE", key=key)),
-        Credentials(client_certificate=first.der),
+        Work(session, "test", status=status, issuers=issuers),
+        authority=hierarchy.issuing,
+        csr=_der(make_csr("CP-GRACE", key=key)),
+        credentials=Credentials(client_certificate=first.der),
         settings=settings,
-        status=status,
     )
     assert first.status == "valid" and first.revoke_after is not None and renewed.status == "valid"
     assert revoke_due(session, status=status) == 0, "still inside the grace period"
@@ -68,35 +65,27 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
     key = make_key()
     csr = _der(make_csr("CP-TWICE", key=key))
     first = enroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        csr,
-        Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
-        status=status,
+        Work(session, "test", status=status, issuers=issuers),
+        authority=hierarchy.issuing,
+        csr=csr,
+        credentials=Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
     start = datetime.now(UTC)
     second = reenroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        csr,
-        Credentials(client_certificate=first.der),
+        Work(session, "test", status=status, issuers=issuers, now=lambda: start),
+        authority=hierarchy.issuing,
+        csr=csr,
+        credentials=Credentials(client_certificate=first.der),
         settings=settings,
-        now=lambda: start,
-        status=status,
     )
     deadline = first.revoke_after
     reenroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        csr,
-        Credentials(client_certificate=second.der),
+        Work(session, "test", status=status, issuers=issuers, now=lambda: start + timedelta(minutes=30)),
+        authority=hierarchy.issuing,
+        csr=csr,
+        credentials=Credentials(client_certificate=second.der),
         settings=settings,
-        now=lambda: start + timedelta(minutes=30),
-        status=status,
     )
     session.refresh(first)
     assert first.revoke_after == deadline
@@ -112,21 +101,16 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
     key = make_key()
     csr = _der(make_csr("CP-OLD", key=key))
     first = enroll(
-        session,
-        issuers,
-        hierarchy.issuing,
-        csr,
-        Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
-        status=status,
+        Work(session, "test", status=status, issuers=issuers),
+        authority=hierarchy.issuing,
+        csr=csr,
+        credentials=Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
     )
     later = first.not_after + timedelta(days=1)
     with pytest.raises(AuthenticationError, match="has expired"):
         reenroll(
-            session,
-            issuers,
-            hierarchy.issuing,
-            csr,
-            Credentials(client_certificate=first.der),
-            now=lambda: later,
-            status=status,
+            Work(session, "test", status=status, issuers=issuers, now=lambda: later),
+            authority=hierarchy.issuing,
+            csr=csr,
+            credentials=Credentials(client_certificate=first.der),
         )

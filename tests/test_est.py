@@ -32,6 +32,7 @@ from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -412,7 +413,11 @@ def test_reenroll_with_an_expired_certificate_is_refused(fleet: Fleet) -> None:
             validity=timedelta(days=1),
             device_id=get_device(session, serial).id,
         )
-        row = issue(session, issuer_for(authority, fleet.token), request, actor="test", now=lambda: past, status=status)
+        row = issue(
+            Work(session, "test", status=status, now=lambda: past),
+            issuer=issuer_for(authority, fleet.token),
+            request=request,
+        )
     identity = fleet.write_identity_from(x509.load_der_x509_certificate(row.der), key, "expired")
     try:
         response = fleet.post("simplereenroll", b64csr(serial, key=key), cert=identity)
@@ -443,11 +448,9 @@ def _ra_identity(fleet: Fleet, name: str) -> tuple[tuple[str, str], str]:
     with fleet.store.session() as session:
         authority = default_issuing_ca(session, "production")
         row = issue(
-            session,
-            issuer_for(authority, fleet.token),
-            IssueRequest(get_profile("ra"), key.public_key(), name),
-            actor="test",
-            status=status,
+            Work(session, "test", status=status),
+            issuer=issuer_for(authority, fleet.token),
+            request=IssueRequest(get_profile("ra"), key.public_key(), name),
         )
     return fleet.write_identity_from(x509.load_der_x509_certificate(row.der), key, name), row.serial
 

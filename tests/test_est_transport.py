@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -64,11 +65,11 @@ def _device_certificate(store: Store, token: Token, serial: str) -> tuple[x509.C
         add_device(session, serial, actor="test")
         authority = default_issuing_ca(session, "production")
         row = issue(
-            session,
-            issuer_for(authority, token),
-            IssueRequest(get_profile("charger"), key.public_key(), serial, device_id=get_device(session, serial).id),
-            actor="test",
-            status=status,
+            Work(session, "test", status=status),
+            issuer=issuer_for(authority, token),
+            request=IssueRequest(
+                get_profile("charger"), key.public_key(), serial, device_id=get_device(session, serial).id
+            ),
         )
     return x509.load_der_x509_certificate(row.der), key
 

@@ -38,6 +38,7 @@ from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from crl.publisher import PublishError, publish_crl, status_counter
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
@@ -472,7 +473,7 @@ def test_the_responder_serves_its_cached_responses_until_next_update_while_the_s
             hierarchy = init_hierarchy(session, token, request, actor="t", status=status)
             issuer = issuer_for(hierarchy.issuing, token)
             wanted = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-STALE")), issuer)
-            row = issue(session, issuer, wanted, actor="t", status=status)
+            row = issue(Work(session, "t", status=status), issuer=issuer, request=wanted)
         leaf = x509.load_der_x509_certificate(row.der)
         request = (
             ocsp.OCSPRequestBuilder()

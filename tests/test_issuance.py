@@ -26,6 +26,7 @@ from ca.registry.devices import add_device
 from ca.status.certificates import display_status, list_certificates
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -38,7 +39,7 @@ def issuer(hierarchy: Hierarchy, token: Token) -> Issuer:
 def _issue(session: Session, issuer: Issuer, csr: bytes, profile: str = "charger", **kwargs) -> Certificate:
     status = Presigner(issuer.private_key.token)
     request = request_from_csr(get_profile(profile), read_csr(csr), issuer, **kwargs)
-    return issue(session, issuer, request, actor="test", status=status)
+    return issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -282,7 +283,11 @@ def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, t
     key = make_key().public_key()
     charger = get_profile("charger")
     for _ in range(2):  # a renewal with the same key
-        issue(session, issuer, IssueRequest(charger, key, "CP-K1", device_id=first.id), actor="t", status=status)
+        issue(
+            Work(session, "t", status=status),
+            issuer=issuer,
+            request=IssueRequest(charger, key, "CP-K1", device_id=first.id),
+        )
     refused = [
         IssueRequest(charger, key, "CP-K2", device_id=second.id),
         IssueRequest(get_profile("ra"), key, "station-1"),
@@ -290,7 +295,7 @@ def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, t
     ]
     for request in refused:
         with pytest.raises(ConflictError, match="already certified for another identity") as caught:
-            issue(session, issuer, request, actor="t", status=status)
+            issue(Work(session, "t", status=status), issuer=issuer, request=request)
         assert caught.value.code == "key_reuse"
         session.rollback()
     rows = session.scalars(select(Certificate.common_name).where(Certificate.status != "valid")).all()

@@ -31,6 +31,7 @@ from ca.status.certificates import get_certificate, list_certificates
 from ca.status.revocation import revoke, revoke_due
 from ca.store.engine import Store
 from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
+from ca.work import Work
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
@@ -160,11 +161,11 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
         for n in range(4):
             device = add_device(session, f"CP-{n:04d}", model="Wallbox 22", actor="cli:ops")
             row = issue(
-                session,
-                issuer,
-                IssueRequest(get_profile("charger"), make_key().public_key(), device.serial, device_id=device.id),
-                actor="cli:ops",
-                status=status,
+                Work(session, "cli:ops", status=status),
+                issuer=issuer,
+                request=IssueRequest(
+                    get_profile("charger"), make_key().public_key(), device.serial, device_id=device.id
+                ),
             )
             if n == 1:
                 revoke(session, row.serial, "keyCompromise", actor="cli:ops", status=status)
@@ -266,11 +267,9 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
         issuing = default_issuing_ca(session, "production")
         issuer = issuer_for(issuing, token)
         row = issue(
-            session,
-            issuer,
-            IssueRequest(get_profile("charger"), make_key().public_key(), "CP-0000", device_id=1),
-            actor="test",
-            status=status,
+            Work(session, "test", status=status),
+            issuer=issuer,
+            request=IssueRequest(get_profile("charger"), make_key().public_key(), "CP-0000", device_id=1),
         )
         revoke(session, row.serial, "superseded", actor="test", status=status)
         published = publish_crl(session, issuer, issuing, tmp_path / "pki", now=datetime.now(UTC))
@@ -443,10 +442,18 @@ def test_every_hot_path_statement_uses_an_index(
     event.listen(store.engine, "before_cursor_execute", record)
     try:
         current[0] = "EST simpleenroll"
-        first = enroll(session, lambda _a: issuer, issuing, csr, Credentials("CP-0", secret), status=status)
+        first = enroll(
+            Work(session, "test", status=status, issuers=lambda _a: issuer),
+            authority=issuing,
+            csr=csr,
+            credentials=Credentials("CP-0", secret),
+        )
         current[0] = "EST simplereenroll"
         second = reenroll(
-            session, lambda _a: issuer, issuing, csr, Credentials(client_certificate=first.der), status=status
+            Work(session, "test", status=status, issuers=lambda _a: issuer),
+            authority=issuing,
+            csr=csr,
+            credentials=Credentials(client_certificate=first.der),
         )
         current[0] = "revoke by serial"
         revoke(session, second.serial, "keyCompromise", actor="test", status=status)

@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke, unhold
 from ca.store.engine import Store
 from ca.store.models import Certificate, OcspResponse, StatusFeed
+from ca.work import Work
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -37,7 +38,7 @@ from tests.helpers import make_csr
 def _issue(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, cn: str = "CP-1") -> Certificate:
     issuer = issuer_for(hierarchy.issuing, token)
     request = request_from_csr(get_profile("charger"), read_csr(make_csr(cn)), issuer)
-    return issue(session, issuer, request, actor="test", status=status)
+    return issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
 
 def _certificates(hierarchy: Hierarchy, row: Certificate) -> tuple[x509.Certificate, x509.Certificate]:

@@ -23,6 +23,7 @@ from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.profiles import PROFILES, get_profile
 from ca.keys.pkcs11_token import Token
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key, openssl, pem, pkilint_findings, write
 
@@ -43,7 +44,9 @@ def _issue_all(session: Session, token: Token, hierarchy: Hierarchy, leaf_key: s
     for profile_name, fields in LEAF_REQUESTS.items():
         csr = read_csr(make_csr(key=make_key(leaf_key), **fields))
         row = issue(
-            session, issuer, request_from_csr(get_profile(profile_name), csr, issuer), actor="test", status=status
+            Work(session, "test", status=status),
+            issuer=issuer,
+            request=request_from_csr(get_profile(profile_name), csr, issuer),
         )
         assert row.der is not None
         issued[profile_name] = row.der

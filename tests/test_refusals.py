@@ -38,6 +38,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent, AuditNoise, AuthFailure
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import CheckedClient
 from tests.helpers import make_csr, make_key
@@ -143,20 +144,17 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
 
         def issued(profile: str, name: str, key: Any = None, device_id: int | None = None) -> bytes:
             request = IssueRequest(get_profile(profile), (key or make_key()).public_key(), name, device_id=device_id)
-            return issue(session, issuer, request, actor="test", status=status).der or b""
+            return issue(Work(session, "test", status=status), issuer=issuer, request=request).der or b""
 
         secret = issue_secret(session, add_device(session, "CP-1", actor="test"), actor="test")
         ra = issued("ra", "Station-1")
         charger = issued("charger", "CP-CUR", device_id=add_device(session, "CP-CUR", actor="test").id)
         issued("charger", "CP-TAKEN", taken_key, add_device(session, "CP-TAKEN", actor="test").id)
         secc = issue_secc(
-            session,
-            lambda authority: issuer_for(authority, token),
-            "production",
-            make_csr(SECC_ID),
-            SECC_ID,
-            actor="test",
-            status=status,
+            Work(session, "test", status=status, issuers=lambda authority: issuer_for(authority, token)),
+            environment="production",
+            csr=make_csr(SECC_ID),
+            secc_id=SECC_ID,
             device_serial="CP-CUR",
         ).der
         api_token = issue_token(

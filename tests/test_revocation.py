@@ -17,6 +17,7 @@ from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.status.revocation import REASONS, parse_reason, revoke, unhold
 from ca.store.models import Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 
@@ -26,11 +27,9 @@ def charger(session: Session, hierarchy: Hierarchy, token: Token) -> Certificate
     status = Presigner(token)
     issuer = issuer_for(hierarchy.issuing, token)
     return issue(
-        session,
-        issuer,
-        request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer),
-        actor="test",
-        status=status,
+        Work(session, "test", status=status),
+        issuer=issuer,
+        request=request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer),
     )
 
 

@@ -29,6 +29,7 @@ from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, openssl, pkilint_findings, write
@@ -198,7 +199,7 @@ def test_rollover_records_links_and_serves_both_chains(
 ) -> None:
     issuer = issuer_for(hierarchy.issuing, token)
     request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-OLD")), issuer)
-    old_leaf = issue(session, issuer, request, actor="test", status=status)
+    old_leaf = issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
     rollover = rollover_root(session, token, environment="production", actor="test", status=status)
     assert (rollover.old_root.name, rollover.new_root.name, rollover.issuing.name) == (

@@ -38,6 +38,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner, refresh, rotate_signers
@@ -49,7 +50,7 @@ from tests.helpers import make_csr, openssl, pem, write
 def _issue(session: Session, token: Token, status: Presigner, authority: Authority, cn: str, **kwargs) -> Certificate:
     issuer = issuer_for(authority, token)
     request = request_from_csr(get_profile("charger"), read_csr(make_csr(cn)), issuer, **kwargs)
-    return issue(session, issuer, request, actor="test", status=status)
+    return issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
 
 def _verify(tmp: Path, leaf: Certificate, issuing: Authority, root: Authority) -> bool:

@@ -37,6 +37,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate, Device, OcspResponse
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner, refresh, rotate_signers
 from ocsp.source import StoreSource
@@ -60,7 +61,11 @@ def _issue(
 ) -> Certificate:
     csr = make_csr(kwargs.pop("cn", secc_id), key=key)
     return issue_secc(
-        session, lambda ca: issuer_for(ca, token), "production", csr, secc_id, actor="test", status=status, **kwargs
+        Work(session, "test", status=status, issuers=lambda ca: issuer_for(ca, token)),
+        environment="production",
+        csr=csr,
+        secc_id=secc_id,
+        **kwargs,
     )
 
 
@@ -235,11 +240,17 @@ def test_secc_refusals_are_one_line_and_audited(
         assert "\n" not in str(raised.value)
     with pytest.raises(InputError, match="malformed CSR"):
         issue_secc(
-            session, lambda ca: issuer_for(ca, token), "production", b"junk", SECC_ID, actor="test", status=status
+            Work(session, "test", status=status, issuers=lambda ca: issuer_for(ca, token)),
+            environment="production",
+            csr=b"junk",
+            secc_id=SECC_ID,
         )
     with pytest.raises(NotFoundError, match="no active CPO Sub-CA 2 in environment 'staging'"):
         issue_secc(
-            session, lambda ca: issuer_for(ca, token), "staging", make_csr(SECC_ID), SECC_ID, actor="t", status=status
+            Work(session, "t", status=status, issuers=lambda ca: issuer_for(ca, token)),
+            environment="staging",
+            csr=make_csr(SECC_ID),
+            secc_id=SECC_ID,
         )
     refused = session.scalars(select(AuditEvent).where(AuditEvent.action == "v2g.refused")).all()
     session.commit()
@@ -275,7 +286,7 @@ def test_ocpp_and_v2g_hierarchies_live_side_by_side(session: Session, token: Tok
     issuer = issuer_for(hierarchy.issuing, token)
     request = IssueRequest(get_profile("v2g-secc"), make_key().public_key(), SECC_ID)
     with pytest.raises(PolicyError, match="issued by a v2g-sub-ca-2 CA, not by production-issuing-1"):
-        issue(session, issuer, request, actor="test", status=status)
+        issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
 
 # -- an external V2G root -------------------------------------------------------------------------
@@ -411,11 +422,9 @@ def est_client(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[
             if device:
                 device_id = add_device(session, device, environment=authority.environment, actor="test").id
             row = issue(
-                session,
-                issuer_for(authority, token),
-                IssueRequest(get_profile(profile), make_key().public_key(), name, device_id=device_id),
-                actor="test",
-                status=status,
+                Work(session, "test", status=status),
+                issuer=issuer_for(authority, token),
+                request=IssueRequest(get_profile(profile), make_key().public_key(), name, device_id=device_id),
             )
             credentials[name] = quote(pem(row.der or b"").decode())
         sub2_name = v2g.sub_ca_2.name

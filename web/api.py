@@ -34,6 +34,7 @@ from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate,
 from ca.status.certificates import ocpp_chain_pem, standing
 from ca.store.engine import _one_line
 from ca.store.models import Certificate, CsmsSignJob, Device
+from ca.work import Work
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
 from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
@@ -160,13 +161,11 @@ def sign(session: Session, caller: Caller) -> Response:
         return _job_response(session, job)
     _sweep(session)
     certificate = csms.sign(
-        session,
-        _issuer,
-        caller,
-        station,
-        certificate_type,
-        body["csr"].encode("utf-8"),
-        status=_status(),
+        Work(session, caller.actor, status=_status(), issuers=_issuer),
+        caller=caller,
+        charging_station_id=station,
+        certificate_type=certificate_type,
+        csr=body["csr"].encode("utf-8"),
         settings=_enrollment_settings(),
     )
     g.api_outcome = {"serial": certificate.serial}
@@ -357,7 +356,8 @@ class JobRunner:
             job = claim_next(session)
             if job is None:
                 return None
-            outcome = process(session, job, _issuer, status=_status(), settings=_enrollment_settings())
+            work = Work(session, "system:csms-jobs", status=_status(), issuers=_issuer)
+            outcome = process(work, job=job, settings=_enrollment_settings())
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome
 

@@ -36,7 +36,8 @@ from ca.authorities.v2g import current_sub_ca_2
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.enrollment.auth_limits import AuthLimits
-from ca.enrollment.pipeline import Credentials, EnrollmentSettings, enroll, reenroll, requested_key
+from ca.enrollment.pipeline import enroll, reenroll, requested_key
+from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import enroll_secc
 from ca.errors import AuthenticationError, InputError, NotFoundError, PolicyError
 from ca.frontdoor import TRUSTED_UNIX
@@ -44,6 +45,7 @@ from ca.issuance.flow import abandon_stale_pending
 from ca.issuance.names import ENVIRONMENTS
 from ca.status.revocation import revoke_due
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
@@ -313,12 +315,10 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
             if authority.role == "v2g-sub-ca-2":  # SECC certificates: enroll and renew are one flow
                 operation = enroll_secc
             row = operation(
-                session,
-                _issuer,
-                authority,
-                csr,
-                credentials,
-                status=_status(),
+                Work(session, "system:est", status=_status(), issuers=_issuer),
+                authority=authority,
+                csr=csr,
+                credentials=credentials,
                 settings=_enrollment_settings(),
             )
             certificate = x509.load_der_x509_certificate(row.der)

@@ -46,6 +46,7 @@ from ca.frontdoor import (
 )
 from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
 from ca.issuance.profiles import get_profile
+from ca.work import Work
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
 from web.responses import MAX_BODY
@@ -97,7 +98,7 @@ def prepare_tls(pki: Pki, settings: EstSettings) -> dict[str, str]:
                 validity=SERVER_VALIDITY,
             )
             status = Presigner(pki.token(), policy_from(pki.config.ocsp))
-            row = issue(session, issuer, request, actor="system:est", status=status)
+            row = issue(Work(session, "system:est", status=status), issuer=issuer, request=request)
             chain_pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
             chain_pem += x509.load_der_x509_certificate(authority.certificate_der).public_bytes(
                 serialization.Encoding.PEM

@@ -30,6 +30,7 @@ from ca.keys.pkcs11_token import Token, new_key_label
 from ca.keys.token_keys import token_private_key
 from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 
 OCPP_ROLES = ("root", "issuing")  # the V2G and manufacturer hierarchies live beside it (ca/v2g.py, ca/manufacturer.py)
 # What the delegated OCSP signer of each CA role is called (CN suffix after organisation and environment).
@@ -325,7 +326,7 @@ def create_ocsp_signer(
         key_label=label,
     )
     try:
-        return issue(session, issuer, request, actor=actor, status=status, now=now)
+        return issue(Work(session, actor, status=status, now=now), issuer=issuer, request=request)
     except ChargepkiError:
         destroy_keys(token, created)
         raise

@@ -39,6 +39,7 @@ from ca.keys.keyspec import key_spec
 from ca.keys.pkcs11_token import Token
 from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 
 ROLE = "manufacturer"
 _SIGNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
@@ -195,7 +196,7 @@ def add_firmware_signer(
         organizational_unit=channel,
     )
     try:
-        return issue(session, issuer, request, actor=actor, status=status, now=now)
+        return issue(Work(session, actor, status=status, now=now), issuer=issuer, request=request)
     except ChargepkiError:
         destroy_keys(token, created)
         raise

@@ -1,67 +1,136 @@
-"""Enrollment and re-enrollment of chargers, independent of the protocol that carries them.
+"""One enrollment pipeline for every route, independent of the protocol that carries it.
 
-EST (``web/est.py``) and the CSMS API (``web/api.py``) call these with what the transport
-authenticated: HTTP Basic credentials, a TLS client certificate, the ``tls-unique`` value, or
-(CSMS API) the CSMS that relays a charger's CSR.
-Every check happens before anything is signed; every refusal is audited with its reason.
+EST (``web/est.py``), the CSMS API (``web/api.py``, ``ca.registry.csms``) and the CLI call the
+route functions here and in ``ca.enrollment.secc`` with a ``Work`` and what the transport
+authenticated. Each route is a ``Policy`` (``ca.enrollment.policy``) run by ``run``:
+
+1. lockout: a caller locked out for failed authentications is refused first (429);
+2. the CSR is read; the policy's authenticator says who is asking (``ca.enrollment.authenticators``);
+3. the policy's subject rule checks the CN and the device (``ca.enrollment.subjects``), then the
+   TLS channel binding and the first-enrollment rule where the route has them;
+4. ``issue()``: the one-time secret is spent with the serial reservation, the new certificate
+   supersedes the old one and meets OCPP's chain limit in the issuing transaction;
+5. a refusal is rolled back, audited under the policy's action with its code, counted when it
+   was a failed authentication, and re-raised; a success clears the caller's own failure count.
+
+Units of work: ``run`` owns the session's transactions from its first statement until it returns
+(call it with a session holding no uncommitted work): the lockout read and the checks run in one
+transaction that ``issue()`` continues and commits with the reservation; a refusal ends it here,
+in one place, and records the refusal in a transaction of its own.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
-from functools import partial
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
-from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit
 from ca.authorities.issuers import Issuer
-from ca.clock import Clock, utcnow
 from ca.enrollment import auth_limits
-from ca.enrollment.auth_limits import AuthLimits
+from ca.enrollment.authenticators import Relay, by_current_certificate, by_secret_or_ra
+from ca.enrollment.policy import DEFAULTS, Attempt, Authenticated, Credentials, EnrollmentSettings, Policy
+from ca.enrollment.subjects import CHARGER
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError, RateLimitedError
 from ca.issuance.csr import CsrRequest, read_csr
 from ca.issuance.flow import issue, request_from_csr
-from ca.issuance.names import check_charger_identity
 from ca.issuance.profiles import get_profile
 from ca.keys.keyspec import KeySpec, key_spec
 from ca.registry.devices import current_certificate
-from ca.registry.secrets import consume_secret, restore_secret, secret_is_valid
+from ca.registry.secrets import consume_secret, restore_secret
 from ca.status.certificates import intermediates_pem, pem_certificate
-from ca.status.revocation import apply_revocation
-from ca.status.signal import StatusSigner
-from ca.store.models import Authority, Certificate, Device
+from ca.store.models import Authority, Certificate
+from ca.work import Work
+
+__all__ = [
+    "DEFAULTS",
+    "ENROLL",
+    "OCPP_CHAIN_LIMIT",
+    "REENROLL",
+    "RELAYED",
+    "Credentials",
+    "EnrollmentSettings",
+    "IssuerFactory",
+    "enroll",
+    "ocpp_chain_check",
+    "reenroll",
+    "requested_key",
+    "run",
+    "sign_relayed",
+]
 
 # Binds a CA to its token key (``lambda a: issuer_for(a, token)``); called only once every check passed,
 # so a refused request never touches the token.
 IssuerFactory = Callable[[Authority], Issuer]
 
+# OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
+OCPP_CHAIN_LIMIT = 10000
 
-@dataclass(frozen=True)
-class Credentials:
-    """What the transport established about the caller."""
-
-    username: str | None = None
-    password: str | None = None
-    client_certificate: bytes | None = None  # DER, verified by TLS or by a trusted proxy
-    address: str | None = None
-    tls_unique: bytes | None = None  # TLS 1.2 channel binding, when available
-    principal: str | None = None  # who the interface authenticated, when it is not one of the above (csms:NAME)
+# The charger routes. The SECC ones are in ``ca.enrollment.secc``.
+ENROLL = Policy("enroll", "enrollment.refused", by_secret_or_ra, CHARGER, first_enrollment=True, channel_binding=True)
+REENROLL = Policy("reenroll", "reenrollment.refused", by_current_certificate, CHARGER, channel_binding=True)
+RELAYED = Policy("relayed", "csms.sign.refused", Relay(names_subject=True), CHARGER)
 
 
-@dataclass(frozen=True)
-class EnrollmentSettings:
-    supersede_grace: timedelta = timedelta(0)
-    require_tls_unique: bool = False
-    limits: AuthLimits = field(default_factory=AuthLimits)
+def enroll(
+    work: Work,
+    *,
+    authority: Authority,
+    csr: bytes,
+    credentials: Credentials,
+    settings: EnrollmentSettings = DEFAULTS,
+) -> Certificate:
+    """First enrollment (EST simpleenroll): a one-time secret, or an RA enrolling on a device's behalf."""
+    return run(work, ENROLL, Attempt(authority, csr, credentials, settings))
+
+
+def reenroll(
+    work: Work,
+    *,
+    authority: Authority,
+    csr: bytes,
+    credentials: Credentials,
+    settings: EnrollmentSettings = DEFAULTS,
+) -> Certificate:
+    """Renewal or re-key (EST simplereenroll), authenticated by the device's current certificate."""
+    return run(work, REENROLL, Attempt(authority, csr, credentials, settings))
+
+
+def sign_relayed(
+    work: Work,
+    *,
+    authority: Authority,
+    csr: bytes,
+    charging_station_id: str,
+    credentials: Credentials,
+    settings: EnrollmentSettings = DEFAULTS,
+    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    before_commit: Callable[[Certificate], None] | None = None,
+) -> Certificate:
+    """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.
+
+    The CSMS stands where an RA stands in EST: it authenticated the station (security profile 2 or
+    3), so it may ask for a first certificate or a renewal. The checks are the enrollment ones:
+    registered and enabled device of this environment, CN = the station identity, O = the CA's,
+    the profile's key policy, one key one identity; the new certificate supersedes the old one.
+    The certificate must also fit, with its sub-CAs, in OCPP's chain limit: checked on the signed
+    bytes before the commit (``chain_too_long``; the certificate is then abandoned, never handed out).
+    ``before_commit`` runs last in the issuing transaction (an asynchronous job marks itself done there).
+    """
+    attempt = Attempt(
+        authority,
+        csr,
+        credentials,
+        settings,
+        station=charging_station_id,
+        max_chain_chars=max_chain_chars,
+        before_commit=before_commit,
+    )
+    return run(work, RELAYED, attempt)
 
 
 def requested_key(authority: Authority) -> KeySpec:
@@ -73,12 +142,116 @@ def requested_key(authority: Authority) -> KeySpec:
     return key_spec(next(name for name in profile.key_types if key_spec(name).curve_name is not None))
 
 
-def _fingerprint(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
+def ocpp_chain_check(session: Session, authority: Authority, max_chars: int) -> Callable[[Certificate], None]:
+    """A check of the signed leaf against OCPP's chain limit (leaf + ``authority``'s sub-CAs, root
+    left out), for ``before_commit``: a chain too long refuses, and the certificate is abandoned."""
+    sub_cas = len(intermediates_pem(session, authority))
+
+    def check(row: Certificate) -> None:
+        length = len(pem_certificate(row.der or b"")) + sub_cas
+        if length > max_chars:
+            raise PolicyError(
+                f"the certificate chain would be {length} characters, more than OCPP's {max_chars}",
+                code="chain_too_long",
+            )
+
+    return check
 
 
-def _stored_certificate(session: Session, der: bytes) -> Certificate | None:
-    return session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == _fingerprint(der)))
+# -- the pipeline ---------------------------------------------------------------------------------------
+def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
+    """Run one enrollment route: lockout → authenticate → subject policy → ``issue()``; see the module.
+
+    Failed authentications are counted only against the keys of the methods the caller
+    presents (``auth_limits.request_keys``), so guesses made with one method never lock out
+    another. A caller that established no identity is only counted into its address's
+    per-minute summary (``audit.count_noise``), never an entry of its own.
+    """
+    session, credentials, settings = work.session, attempt.credentials, attempt.settings
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("the enrollment pipeline owns its transactions: commit the caller's changes first")
+    keys = _limit_keys(credentials)
+    standing = auth_limits.standing(session, settings.limits, keys, work.now())
+    if standing.retry_after is not None:
+        session.rollback()  # ends the lockout read, the only work of this refused request
+        raise RateLimitedError(
+            f"too many failed authentications from this device or address: retry in {standing.retry_after} s",
+            standing.retry_after,
+        )
+    work = work.as_actor(_actor(credentials))
+    subject, parsed, who = credentials.username, False, None
+    try:
+        csr = read_csr(attempt.csr)
+        subject, parsed = csr.common_name, True
+        who = policy.authenticate(work, attempt, csr)
+        certificate = _issue(work, policy, attempt, csr, who)
+    except ChargepkiError as exc:
+        # The one place a refused request's work ends: the checks' reads (and whatever issue()
+        # had not already rolled back itself). The refusal is then recorded on its own.
+        session.rollback()
+        presented = _presented(credentials)
+        failed = isinstance(exc, AuthenticationError) and presented
+        # No identity established: nothing presented, or refused before the credentials were checked.
+        anonymous = credentials.principal is None and (
+            not parsed or (isinstance(exc, AuthenticationError) and not presented)
+        )
+        _refused(work, policy, attempt, exc, subject, who, keys if failed else None, anonymous)
+        raise
+    if standing.has_own_failures:
+        try:
+            with work.transaction():
+                auth_limits.forget(session, keys)
+        except SQLAlchemyError:
+            pass  # the certificate is committed; a stale count only costs the device a retry
+    return certificate
+
+
+def _issue(work: Work, policy: Policy, attempt: Attempt, csr: CsrRequest, who: Authenticated) -> Certificate:
+    """The subject policy, then ``issue()`` with what commits alongside: the spent secret with the
+    reservation; the chain limit, the superseding and the caller's last step with the certificate."""
+    session, authority = work.session, attempt.authority
+    device = policy.subject.check(work, attempt, csr, who)
+    if policy.channel_binding:
+        _check_binding(csr.csr, attempt.credentials, attempt.settings)
+    if (
+        policy.first_enrollment
+        and device is not None
+        and not device.enrollment_open
+        and current_certificate(session, device, work.now) is not None
+    ):
+        raise ConflictError(
+            f"device {device.serial} is already enrolled: renew with simplereenroll, or an "
+            "admin re-opens it with `chargepki device reset`",
+            code="already_enrolled",
+        )
+    issuer = work.issuer(authority)
+    request = request_from_csr(
+        get_profile(policy.subject.profile),
+        csr,
+        issuer,
+        attempt.validity,
+        device_id=device.id if device is not None else None,
+    )
+    fits_ocpp_chain = (
+        ocpp_chain_check(session, authority, attempt.max_chain_chars) if attempt.max_chain_chars is not None else None
+    )
+
+    def last_checks(row: Certificate) -> None:
+        if fits_ocpp_chain is not None:
+            fits_ocpp_chain(row)
+        policy.subject.supersede(work, attempt, device, row)
+        if attempt.before_commit is not None:
+            attempt.before_commit(row)
+
+    spend = None
+    if who.secret is not None:
+        serial, secret = who.secret
+
+        def spend(reserving: Session) -> None:
+            if not consume_secret(reserving, serial, secret, now=work.now, commit=False):
+                raise AuthenticationError("unknown device or wrong, used or expired secret")
+
+    return issue(work, issuer=issuer, request=request, with_reservation=spend, before_commit=last_checks)
 
 
 def _check_binding(csr: x509.CertificateSigningRequest, credentials: Credentials, settings: EnrollmentSettings) -> None:
@@ -104,117 +277,58 @@ def _check_binding(csr: x509.CertificateSigningRequest, credentials: Credentials
         )
 
 
-def _check_device(device: Device, authority: Authority) -> None:
-    if not device.enabled:
-        raise PolicyError(f"device {device.serial} is disabled", code="device_disabled")
-    if device.environment != authority.environment:
-        raise PolicyError(
-            f"device {device.serial} belongs to environment {device.environment}, not {authority.environment}",
-            code="other_environment",
-        )
-
-
-# Prepared once: these run on every enrollment, and building a statement costs more than running it.
-_CERTIFICATES = Certificate.__table__
-_OLDER_CHARGER_CERTIFICATES = select(_CERTIFICATES.c.id).where(
-    _CERTIFICATES.c.device_id == bindparam("device_id"),
-    _CERTIFICATES.c.profile == "charger",
-    _CERTIFICATES.c.status == "valid",
-    _CERTIFICATES.c.id != bindparam("new_id"),
-)
-_DEVICES = Device.__table__
-_CLOSE_ENROLLMENT = (
-    update(_DEVICES)
-    .where(_DEVICES.c.id == bindparam("device_id"), _DEVICES.c.enrollment_open)
-    .values(enrollment_open=False)
-)
-
-
-def _supersede(
-    session: Session,
-    device: Device,
-    new: Certificate,
-    settings: EnrollmentSettings,
-    actor: str,
-    status: StatusSigner,
-    now: Clock,
-) -> None:
-    """At most one current charger certificate per device: the older ones go (after the grace period)."""
-    older_ids = session.execute(_OLDER_CHARGER_CERTIFICATES, {"device_id": device.id, "new_id": new.id}).scalars().all()
-    olders = session.scalars(select(Certificate).where(Certificate.id.in_(older_ids))).all() if older_ids else []
-    for older in olders:
-        if settings.supersede_grace > timedelta(0):
-            # A certificate already counting down keeps its deadline: renewing twice buys no time.
-            if older.revoke_after is None:
-                older.revoke_after = now() + settings.supersede_grace
-        else:
-            apply_revocation(session, older, "superseded", actor=actor, status=status, now=now)
-    if device.enrollment_open:  # a statement, not the ORM's flush of the loaded device
-        session.execute(_CLOSE_ENROLLMENT, {"device_id": device.id})
-        set_committed_value(device, "enrollment_open", False)
-
-
 def _refused(
-    session: Session,
-    action: str,
+    work: Work,
+    policy: Policy,
+    attempt: Attempt,
     exc: ChargepkiError,
-    credentials: Credentials,
     subject: str | None,
-    authority: Authority,
-    now: Clock,
-    *,
-    failed: tuple[list[auth_limits.Key], AuthLimits] | None = None,
-    anonymous: bool = False,
+    who: Authenticated | None,
+    failed: list[auth_limits.Key] | None,
+    anonymous: bool,
 ) -> None:
-    """Record a refusal in its own transaction (the refused work was rolled back).
+    """Record a refusal in a transaction of its own (the refused work was rolled back by ``run``).
 
-    ``failed`` = (the caller's keys, limits): the refusal was a failed authentication, counted
-    against those keys in the same transaction (which may start a lockout). ``anonymous``: the
-    caller established no identity, so the refusal is counted into the per-address summary
-    (``audit.count_noise``) instead of an entry of its own.
+    ``failed``: the caller's keys, when the refusal was a failed authentication, counted against
+    them in this transaction (which may start a lockout). ``anonymous``: the caller established
+    no identity, so the refusal is counted into the per-address summary instead of an entry of
+    its own. A secret spent for this request is given back (the device did nothing wrong).
     """
-    session.rollback()
+    session, credentials = work.session, attempt.credentials
     try:
-        if anonymous:
-            audit.count_noise(session, address=credentials.address, action=action, code=exc.code, now=now)
-            session.commit()
-            return
-        if failed is not None:
-            auth_limits.record_failure(
+        with work.transaction():
+            if who is not None and who.secret is not None:
+                restore_secret(session, *who.secret, commit=False)
+            if anonymous:
+                address, action = credentials.address, policy.refused
+                audit.count_noise(session, address=address, action=action, code=exc.code, now=work.now)
+                return
+            if failed is not None:
+                auth_limits.record_failure(
+                    session,
+                    attempt.settings.limits,
+                    failed,
+                    actor=work.actor,
+                    now=work.now(),
+                    address=credentials.address,
+                    shown_device=_printable(_claimed_device(credentials), 64),
+                )
+            audit.record(
                 session,
-                failed[1],
-                failed[0],
-                actor=_actor(credentials),
-                now=now(),
-                address=credentials.address,
-                shown_device=_printable(_claimed_device(credentials), 64),
+                policy.refused,
+                actor=work.actor,
+                subject=_printable(subject, 256),
+                now=work.now,
+                details={
+                    "reason": str(exc),
+                    "error": type(exc).__name__,
+                    "code": exc.code,
+                    "address": credentials.address,
+                    "ca": attempt.authority.name,
+                },
             )
-        audit.record(
-            session,
-            action,
-            actor=_actor(credentials),
-            subject=_printable(subject, 256),
-            now=now,
-            details={
-                "reason": str(exc),
-                "error": type(exc).__name__,
-                "code": exc.code,
-                "address": credentials.address,
-                "ca": authority.name,
-            },
-        )
-        session.commit()
     except SQLAlchemyError:
-        session.rollback()
-
-
-def _plausible_serial(username: str) -> bool:
-    """Whether a Basic user name can be a device serial at all (others never reach a query)."""
-    try:
-        check_charger_identity(username)
-    except PolicyError:
-        return False
-    return True
+        pass  # rolled back: the refusal stands, unrecorded only while the database is away
 
 
 def _printable(value: str | None, limit: int) -> str | None:
@@ -240,86 +354,6 @@ def _actor(credentials: Credentials) -> str:
     return f"anonymous@{credentials.address or '?'}"
 
 
-def enroll(
-    session: Session,
-    issuers: IssuerFactory,
-    authority: Authority,
-    csr_data: bytes,
-    credentials: Credentials,
-    *,
-    status: StatusSigner,
-    settings: EnrollmentSettings = EnrollmentSettings(),
-    now: Clock = utcnow,
-) -> Certificate:
-    """First enrollment (EST simpleenroll): a one-time secret, or an RA enrolling on a device's behalf."""
-    return _audited(
-        "enrollment.refused", _enroll, session, issuers, status, authority, csr_data, credentials, settings, now
-    )
-
-
-def _audited(
-    action: str,
-    flow: Callable[..., Certificate],
-    session: Session,
-    issuers: IssuerFactory,
-    status: StatusSigner,
-    authority: Authority,
-    csr_data: bytes,
-    credentials: Credentials,
-    settings: EnrollmentSettings,
-    now: Clock,
-) -> Certificate:
-    """Run an enrollment flow; a refusal is rolled back, audited under ``action`` and re-raised.
-
-    A caller locked out for failed authentications is refused first (429), before any other
-    work; a failed authentication is counted with the refusal's audit entry. Both use only the
-    keys of the methods the caller presents (``auth_limits.request_keys``), so guesses made with
-    one method never lock out another. A caller that established no identity is only counted
-    into its address's per-minute summary (``audit.count_noise``), never an entry of its own.
-    """
-    keys = _limit_keys(credentials)
-    at = now()
-    standing = auth_limits.standing(session, settings.limits, keys, at)
-    if standing.retry_after is not None:
-        session.rollback()
-        raise RateLimitedError(
-            f"too many failed authentications from this device or address: retry in {standing.retry_after} s",
-            standing.retry_after,
-        )
-    subject = credentials.username
-    parsed = False
-    try:
-        csr = read_csr(csr_data)
-        subject, parsed = csr.common_name, True
-        certificate = flow(session, issuers, status, authority, csr, credentials, settings, now)
-    except ChargepkiError as exc:
-        presented = _presented(credentials)
-        failed = isinstance(exc, AuthenticationError) and presented
-        # No identity established: nothing presented, or refused before the credentials were checked.
-        anonymous = credentials.principal is None and (
-            not parsed or (isinstance(exc, AuthenticationError) and not presented)
-        )
-        _refused(
-            session,
-            action,
-            exc,
-            credentials,
-            subject,
-            authority,
-            now,
-            failed=(keys, settings.limits) if failed else None,
-            anonymous=anonymous,
-        )
-        raise
-    if standing.has_own_failures:
-        try:
-            auth_limits.forget(session, keys)
-            session.commit()
-        except SQLAlchemyError:
-            session.rollback()  # the certificate is committed; a stale count only costs the device a retry
-    return certificate
-
-
 def _claimed_device(credentials: Credentials) -> str | None:
     """Who the caller says it is: the Basic user name, else the client certificate's CN."""
     if credentials.username:
@@ -342,243 +376,3 @@ def _limit_keys(credentials: Credentials) -> list[auth_limits.Key]:
 
 def _presented(credentials: Credentials) -> bool:
     return bool(credentials.username) or credentials.password is not None or credentials.client_certificate is not None
-
-
-def _enroll(
-    session: Session,
-    issuers: IssuerFactory,
-    status: StatusSigner,
-    authority: Authority,
-    csr: CsrRequest,
-    credentials: Credentials,
-    settings: EnrollmentSettings,
-    now: Clock,
-) -> Certificate:
-    ra = _registration_authority(session, authority, credentials, now)
-    if ra is None:
-        if not credentials.username or credentials.password is None:
-            raise AuthenticationError(
-                "credentials required: HTTP Basic (device serial and one-time secret) or an RA client certificate"
-            )
-        if not _plausible_serial(credentials.username) or not secret_is_valid(
-            session, credentials.username, credentials.password, now=now
-        ):
-            raise AuthenticationError("unknown device or wrong, used or expired secret")
-        if csr.common_name != credentials.username:
-            raise PolicyError(
-                f"the CSR's CN {csr.common_name!r} is not the authenticated device {credentials.username!r}",
-                code="cn_mismatch",
-            )
-    check_charger_identity(csr.common_name)  # before it reaches a query (a NUL fails on PostgreSQL)
-    device = _registered_device(session, csr.common_name)
-    _check_device(device, authority)
-    _check_binding(csr.csr, credentials, settings)
-    if not device.enrollment_open and current_certificate(session, device, now) is not None:
-        raise ConflictError(
-            f"device {device.serial} is already enrolled: renew with simplereenroll, or an "
-            "admin re-opens it with `chargepki device reset`",
-            code="already_enrolled",
-        )
-
-    issuer = issuers(authority)
-    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
-    actor = _actor(credentials)
-    secret_spent = False
-    if ra is None:
-        assert credentials.username is not None and credentials.password is not None
-        if not consume_secret(session, credentials.username, credentials.password, now=now, commit=False):
-            raise AuthenticationError("unknown device or wrong, used or expired secret")
-        secret_spent = True
-    try:
-        return issue(
-            session,
-            issuer,
-            request,
-            actor=actor,
-            status=status,
-            now=now,
-            before_commit=lambda row: _supersede(session, device, row, settings, actor, status, now),
-        )
-    except ChargepkiError:
-        if secret_spent:
-            session.rollback()
-            restore_secret(session, credentials.username or "", credentials.password or "")
-        raise
-
-
-def _registered_device(session: Session, serial: str) -> Device:
-    device = session.scalar(select(Device).where(Device.serial == serial))
-    if device is None:
-        raise PolicyError(f"device {serial!r} is not registered", code="device_not_registered")
-    return device
-
-
-def _registration_authority(
-    session: Session, authority: Authority, credentials: Credentials, now: Clock
-) -> Certificate | None:
-    """The caller's RA certificate, if any; refused unless it is a current RA of this environment."""
-    if credentials.client_certificate is None:
-        return None
-    stored = _stored_certificate(session, credentials.client_certificate)
-    if stored is None or stored.profile != "ra":
-        if credentials.username:
-            return None  # a device certificate plus Basic credentials: the secret decides
-        raise AuthenticationError("this client certificate is not a registration authority certificate")
-    _check_current(stored, authority, now, "RA certificate")
-    return stored
-
-
-def _check_current(certificate: Certificate, authority: Authority, now: Clock, what: str) -> None:
-    if certificate.status != "valid" or (certificate.revoke_after is not None and certificate.revoke_after <= now()):
-        raise AuthenticationError(f"the {what} is revoked")
-    if certificate.not_after <= now():
-        raise AuthenticationError(f"the {what} has expired")
-    if certificate.authority.environment != authority.environment:
-        raise AuthenticationError(
-            f"the {what} belongs to environment {certificate.authority.environment}, not {authority.environment}"
-        )
-
-
-def reenroll(
-    session: Session,
-    issuers: IssuerFactory,
-    authority: Authority,
-    csr_data: bytes,
-    credentials: Credentials,
-    *,
-    status: StatusSigner,
-    settings: EnrollmentSettings = EnrollmentSettings(),
-    now: Clock = utcnow,
-) -> Certificate:
-    """Renewal or re-key (EST simplereenroll), authenticated by the device's current certificate."""
-    return _audited(
-        "reenrollment.refused", _reenroll, session, issuers, status, authority, csr_data, credentials, settings, now
-    )
-
-
-def _reenroll(
-    session: Session,
-    issuers: IssuerFactory,
-    status: StatusSigner,
-    authority: Authority,
-    csr: CsrRequest,
-    credentials: Credentials,
-    settings: EnrollmentSettings,
-    now: Clock,
-) -> Certificate:
-    if credentials.client_certificate is None:
-        raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
-    current = _stored_certificate(session, credentials.client_certificate)
-    if current is None or current.profile != "charger" or current.device_id is None:
-        raise AuthenticationError("the client certificate is not a charger certificate issued here")
-    _check_current(current, authority, now, "client certificate")
-    device = session.get(Device, current.device_id)
-    assert device is not None
-    _check_device(device, authority)
-    if csr.common_name != current.common_name:
-        raise PolicyError(
-            f"the CSR's CN {csr.common_name!r} does not match the certificate being renewed", code="cn_mismatch"
-        )
-    _check_binding(csr.csr, credentials, settings)
-    issuer = issuers(authority)
-    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
-    actor = _actor(credentials)
-    return issue(
-        session,
-        issuer,
-        request,
-        actor=actor,
-        status=status,
-        now=now,
-        before_commit=lambda row: _supersede(session, device, row, settings, actor, status, now),
-    )
-
-
-# OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
-OCPP_CHAIN_LIMIT = 10000
-
-
-def sign_relayed(
-    session: Session,
-    issuers: IssuerFactory,
-    authority: Authority,
-    csr_data: bytes,
-    charging_station_id: str,
-    credentials: Credentials,
-    *,
-    status: StatusSigner,
-    settings: EnrollmentSettings = EnrollmentSettings(),
-    now: Clock = utcnow,
-    max_chain_chars: int = OCPP_CHAIN_LIMIT,
-    before_commit: Callable[[Certificate], None] | None = None,
-) -> Certificate:
-    """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.
-
-    The CSMS stands where an RA stands in EST: it authenticated the station (security profile 2 or
-    3), so it may ask for a first certificate or a renewal. The checks are the enrollment ones:
-    registered and enabled device of this environment, CN = the station identity, O = the CA's,
-    the profile's key policy, one key one identity; the new certificate supersedes the old one.
-    The certificate must also fit, with its sub-CAs, in OCPP's chain limit: checked on the signed
-    bytes before the commit (``chain_too_long``; the certificate is then abandoned, never handed out).
-    ``before_commit`` runs last in the issuing transaction (an asynchronous job marks itself done there).
-    """
-    flow = partial(
-        _sign_relayed,
-        charging_station_id=charging_station_id,
-        max_chain_chars=max_chain_chars,
-        before_commit=before_commit,
-    )
-    return _audited(
-        "csms.sign.refused", flow, session, issuers, status, authority, csr_data, credentials, settings, now
-    )
-
-
-def ocpp_chain_check(session: Session, authority: Authority, max_chars: int) -> Callable[[Certificate], None]:
-    """A check of the signed leaf against OCPP's chain limit (leaf + ``authority``'s sub-CAs, root
-    left out), for ``before_commit``: a chain too long refuses, and the certificate is abandoned."""
-    sub_cas = len(intermediates_pem(session, authority))
-
-    def check(row: Certificate) -> None:
-        length = len(pem_certificate(row.der or b"")) + sub_cas
-        if length > max_chars:
-            raise PolicyError(
-                f"the certificate chain would be {length} characters, more than OCPP's {max_chars}",
-                code="chain_too_long",
-            )
-
-    return check
-
-
-def _sign_relayed(
-    session: Session,
-    issuers: IssuerFactory,
-    status: StatusSigner,
-    authority: Authority,
-    csr: CsrRequest,
-    credentials: Credentials,
-    settings: EnrollmentSettings,
-    now: Clock,
-    *,
-    charging_station_id: str,
-    max_chain_chars: int,
-    before_commit: Callable[[Certificate], None] | None,
-) -> Certificate:
-    if csr.common_name != charging_station_id:
-        raise PolicyError(
-            f"the CSR's CN {csr.common_name!r} is not the charging station {charging_station_id!r}",
-            code="cn_mismatch",
-        )
-    device = _registered_device(session, charging_station_id)
-    _check_device(device, authority)
-    issuer = issuers(authority)
-    request = request_from_csr(get_profile("charger"), csr, issuer, device_id=device.id)
-    actor = _actor(credentials)
-    fits_ocpp_chain = ocpp_chain_check(session, authority, max_chain_chars)
-
-    def last_checks(row: Certificate) -> None:
-        fits_ocpp_chain(row)
-        _supersede(session, device, row, settings, actor, status, now)
-        if before_commit is not None:
-            before_commit(row)
-
-    return issue(session, issuer, request, actor=actor, status=status, now=now, before_commit=last_checks)

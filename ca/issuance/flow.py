@@ -1,9 +1,16 @@
 """Issuance, shared by the CLI, EST and the CSMS API.
 
-Order matters (DESIGN.md): check → reserve the serial in a committed row → sign in the token
-→ parse back and verify → record the certificate and its audit entry in one commit → return.
-A crash anywhere before that last commit leaves at most a ``pending`` row whose serial is
-burnt and whose certificate nobody received.
+Order matters: check → reserve the serial in a committed row → sign in the token → parse back
+and verify → record the certificate and its audit entry in one commit → return. A crash anywhere
+before that last commit leaves at most a ``pending`` row whose serial is burnt and whose
+certificate nobody received.
+
+Units of work: ``issue`` owns its transactions. It commits twice (the reservation, the record)
+and rolls back its own work on any failure; it never commits or rolls back work it did not
+start. The caller's transaction may hold the reads that led to the issuance (the checks), but
+no writes: what must commit with the reservation (a spent enrollment secret) goes in
+``with_reservation``, what must commit with the certificate (superseding the previous one, a
+job marked done) in ``before_commit``. ORM changes still pending in the session are refused.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from ca.issuance.names import check_common_name, check_hostname, subject_name
 from ca.issuance.profiles import Profile, check_issuer_role
 from ca.issuance.serials import format_serial, new_serial
 from ca.keys.keyspec import describe_public_key
-from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate, KeyOwner
+from ca.work import Work
 
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
 # A reservation older than this belongs to a process that died (kill -9, power loss): an issuance
@@ -203,24 +210,31 @@ def request_from_csr(
 
 
 def issue(
-    session: Session,
+    work: Work,
+    *,
     issuer: Issuer,
     request: IssueRequest,
-    *,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
+    with_reservation: Callable[[Session], None] | None = None,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Issue and durably record one certificate under ``issuer``; return the committed row.
 
-    ``status`` pre-signs the new certificate's OCSP response in the same transaction.
+    ``work.status`` pre-signs the new certificate's OCSP response in the same transaction;
+    ``work.actor`` is audited as the issuer of the request.
+    ``with_reservation`` runs first in the reservation's transaction (e.g. spending a one-time
+    secret: a ``ChargepkiError`` it raises refuses the request before any serial is taken).
     ``before_commit`` runs inside the transaction that records the certificate, so what it
     changes (superseding the previous certificate, closing enrollment) commits atomically with it;
     a ``ChargepkiError`` it raises abandons the certificate (``aborted``) instead.
     The row it receives joins the session only after that commit: change the store through
     statements, not by setting attributes on it.
+    Refuses (``RuntimeError``, a programming error) a session holding pending ORM changes: this
+    function commits, and would otherwise commit the caller's work as a side effect.
     """
+    session, actor, now = work.session, work.actor, work.now
+    status = work.signer()
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("issue() commits its own transactions: commit or roll back the caller's changes first")
     profile = request.profile
     key_type = check_key(profile, request.public_key)
     common_name = check_common_name(profile.common_name, request.common_name)
@@ -232,7 +246,11 @@ def issue(
         common_name, issuer.organization, issuer.country, profile.domain_component, request.organizational_unit
     )
 
-    row = _reserve(session, issuer, request, subject, common_name, validity, now)
+    try:
+        row = _reserve(session, issuer, request, subject, common_name, validity, now, with_reservation)
+    except BaseException:
+        session.rollback()  # the reservation's transaction, begun here: nothing of it stays
+        raise
     try:
         builder = build_certificate(
             profile, issuer, subject, request.public_key, int(row.serial, 16), validity, request.dns_names
@@ -412,12 +430,14 @@ def _reserve(
     common_name: str,
     validity: Validity,
     now: Clock,
+    with_reservation: Callable[[Session], None] | None = None,
 ) -> Certificate:
     """Claim the key for the request's identity and commit a ``pending`` row, so the serial is
     taken before the token signs anything.
 
-    The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
-    The returned row is not in the session yet (``issue`` adds it once it is recorded).
+    The commit carries exactly this transaction: ``with_reservation``'s statements (run first,
+    e.g. a consumed enrollment secret), the key claim and the row. ``issue`` rolls it back when
+    this raises. The returned row is not in the session yet (``issue`` adds it once it is recorded).
     """
     values: dict[str, Any] = {
         "authority_id": issuer.authority_id,
@@ -438,6 +458,8 @@ def _reserve(
         "revoke_after": None,
         "created_at": now(),
     }
+    if with_reservation is not None:
+        with_reservation(session)
     _claim_key(
         session, values["public_key_sha256"], key_identity(request.profile.name, common_name, request.device_id), now
     )

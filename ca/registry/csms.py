@@ -20,16 +20,10 @@ from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities.issuers import default_issuing_ca
-from ca.authorities.v2g import current_sub_ca_2, v2g_environments
+from ca.authorities.v2g import v2g_environments
 from ca.clock import Clock, utcnow
-from ca.enrollment.pipeline import (
-    OCPP_CHAIN_LIMIT,
-    Credentials,
-    EnrollmentSettings,
-    IssuerFactory,
-    ocpp_chain_check,
-    sign_relayed,
-)
+from ca.enrollment.pipeline import OCPP_CHAIN_LIMIT, sign_relayed
+from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
 from ca.issuance.names import check_environment
@@ -37,6 +31,7 @@ from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
 from ca.status.signal import StatusSigner
 from ca.store.models import Certificate, CsmsClient, CsmsToken
+from ca.work import Work
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
 TOKEN_PREFIX = "cpk_"  # lets secret scanners and operators recognise a chargepki API token
@@ -234,75 +229,43 @@ def check_certificate_type(session: Session, caller: Caller, certificate_type: s
 
 
 def sign(
-    session: Session,
-    issuers: IssuerFactory,
+    work: Work,
+    *,
     caller: Caller,
     charging_station_id: str,
     certificate_type: str,
     csr: bytes,
-    *,
-    status: StatusSigner,
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
-    now: Clock = utcnow,
     max_chain_chars: int = OCPP_CHAIN_LIMIT,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
-    or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID) under its CPO Sub-CA 2."""
-    check_certificate_type(session, caller, certificate_type)
+    or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID, checked against ISO 15118
+    syntax and against the station owning it) under its CPO Sub-CA 2. Both are routes of the
+    enrollment pipeline, acting as ``caller``; the chain must fit OCPP's limit."""
+    check_certificate_type(work.session, caller, certificate_type)
+    work = work.as_actor(caller.actor)
     if certificate_type == "V2GCertificate":
-        return _sign_secc(
-            session, issuers, caller, charging_station_id, csr, status=status, settings=settings, now=now,
-            max_chain_chars=max_chain_chars, before_commit=before_commit,
-        )  # fmt: skip
-    authority = default_issuing_ca(session, caller.environment)
-    credentials = Credentials(principal=caller.actor, address=caller.address)
+        return issue_secc(
+            work,
+            environment=caller.environment,
+            csr=csr,
+            device_serial=charging_station_id,
+            settings=settings,
+            max_chain_chars=max_chain_chars,
+            before_commit=before_commit,
+            address=caller.address,
+        )
     return sign_relayed(
-        session,
-        issuers,
-        authority,
-        csr,
-        charging_station_id,
-        credentials,
-        status=status,
+        work,
+        authority=default_issuing_ca(work.session, caller.environment),
+        csr=csr,
+        charging_station_id=charging_station_id,
+        credentials=Credentials(principal=caller.actor, address=caller.address),
         settings=settings,
-        now=now,
         max_chain_chars=max_chain_chars,
         before_commit=before_commit,
     )
-
-
-def _sign_secc(
-    session: Session,
-    issuers: IssuerFactory,
-    caller: Caller,
-    charging_station_id: str,
-    csr: bytes,
-    *,
-    status: StatusSigner,
-    settings: EnrollmentSettings,
-    now: Clock,
-    max_chain_chars: int,
-    before_commit: Callable[[Certificate], None] | None,
-) -> Certificate:
-    """OCPP ``SignCertificate(V2GCertificate)``: the station asks for its ISO 15118 SECC certificate.
-
-    The SECC ID is the CSR's CN (checked by ``issue_secc`` against ISO 15118 syntax and against the
-    station owning it); the CSR is read inside ``issue_secc``, so a bad one is audited like any refusal.
-    """
-    sub_ca_2 = current_sub_ca_2(session, caller.environment)
-    fits_ocpp_chain = ocpp_chain_check(session, sub_ca_2, max_chain_chars)
-
-    def last_checks(row: Certificate) -> None:
-        fits_ocpp_chain(row)
-        if before_commit is not None:
-            before_commit(row)
-
-    return issue_secc(
-        session, issuers, caller.environment, csr, None, actor=caller.actor, status=status,
-        device_serial=charging_station_id, settings=settings, now=now, before_commit=last_checks,
-        address=caller.address,
-    )  # fmt: skip
 
 
 def record_call(

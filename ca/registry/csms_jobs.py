@@ -19,12 +19,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.clock import Clock, utcnow
-from ca.enrollment.pipeline import EnrollmentSettings, IssuerFactory
+from ca.enrollment.policy import EnrollmentSettings
 from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, StoreError, TokenError
 from ca.issuance.csr import load_csr
 from ca.registry.csms import Caller, caller_for, check_certificate_type, sign
-from ca.status.signal import StatusSigner
 from ca.store.models import Certificate, CsmsSignJob
+from ca.work import Work
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
 LEASE = timedelta(minutes=2)  # a claim older than this belongs to a worker presumed dead
@@ -116,17 +116,19 @@ def claim_next(
 
 
 def process(
-    session: Session,
-    job: CsmsSignJob,
-    issuers: IssuerFactory,
+    work: Work,
     *,
-    status: StatusSigner,
+    job: CsmsSignJob,
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
-    now: Clock = utcnow,
     max_attempts: int = MAX_ATTEMPTS,
 ) -> str:
     """Decide a claimed job: ``signed``, ``refused`` (with the reason), ``retry`` (CA unavailable) or
-    ``lost`` (another worker took it over meanwhile)."""
+    ``lost`` (another worker took it over meanwhile).
+
+    Signing runs the enrollment pipeline (``csms.sign``), which owns the issuing transactions and
+    marks the job signed in the last of them; the job's own bookkeeping after a failure (requeue,
+    refusal) is a transaction of this function's."""
+    session, now = work.session, work.now
     claim = job.claim
 
     def mark_signed(row: Certificate) -> None:
@@ -141,15 +143,12 @@ def process(
     try:
         caller = caller_for(session, job.client_id)
         sign(
-            session,
-            issuers,
-            caller,
-            job.charging_station_id,
-            job.certificate_type,
-            job.csr.encode("utf-8"),
-            status=status,
+            work,
+            caller=caller,
+            charging_station_id=job.charging_station_id,
+            certificate_type=job.certificate_type,
+            csr=job.csr.encode("utf-8"),
             settings=settings,
-            now=now,
             before_commit=mark_signed,
         )
     except (TokenError, StoreError, ConfigError, SQLAlchemyError) as exc:

@@ -109,10 +109,13 @@ def secret_is_valid(session: Session, serial: str, secret: str, *, now: Clock = 
     return found is not None
 
 
-def restore_secret(session: Session, serial: str, secret: str) -> None:
-    """Give a consumed secret back when the CA failed to sign (the device did nothing wrong)."""
+def restore_secret(session: Session, serial: str, secret: str, *, commit: bool = True) -> None:
+    """Give a consumed secret back when the CA failed to sign (the device did nothing wrong).
+
+    With ``commit=False`` it rides on the caller's transaction (the enrollment pipeline's refusal)."""
     session.execute(_RESTORE, {"serial": serial, "digest": _hash(secret)})
-    session.commit()
+    if commit:
+        session.commit()
 
 
 def withdraw_secrets(

@@ -1,0 +1,143 @@
+"""The pipeline's first step: who is asking, proved by what (``Authenticator``s).
+
+Each returns ``Authenticated`` or raises ``AuthenticationError`` (counted towards the caller's
+lockout by the pipeline). Room for more: a manufacturer's device certificate would be one
+more function here, returning the device its serial names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ca.enrollment.policy import Attempt, Authenticated
+from ca.errors import AuthenticationError, PolicyError
+from ca.issuance.csr import CsrRequest
+from ca.issuance.names import check_charger_identity
+from ca.registry.secrets import secret_is_valid
+from ca.store.models import Authority, Certificate, Device
+from ca.work import Work
+
+
+def stored_certificate(session: Session, der: bytes) -> Certificate | None:
+    """This installation's record of a presented certificate (by SHA-256 fingerprint)."""
+    fingerprint = hashlib.sha256(der).hexdigest()
+    return session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == fingerprint))
+
+
+def registered_device(session: Session, serial: str) -> Device:
+    device = session.scalar(select(Device).where(Device.serial == serial))
+    if device is None:
+        raise PolicyError(f"device {serial!r} is not registered", code="device_not_registered")
+    return device
+
+
+def check_current(work: Work, certificate: Certificate, authority: Authority, what: str) -> None:
+    """A presented certificate authenticates only while current and of ``authority``'s environment."""
+    now = work.now()
+    if certificate.status != "valid" or (certificate.revoke_after is not None and certificate.revoke_after <= now):
+        raise AuthenticationError(f"the {what} is revoked")
+    if certificate.not_after <= now:
+        raise AuthenticationError(f"the {what} has expired")
+    if certificate.authority.environment != authority.environment:
+        raise AuthenticationError(
+            f"the {what} belongs to environment {certificate.authority.environment}, not {authority.environment}"
+        )
+
+
+def _plausible_serial(username: str) -> bool:
+    """Whether a Basic user name can be a device serial at all (others never reach a query)."""
+    try:
+        check_charger_identity(username)
+    except PolicyError:
+        return False
+    return True
+
+
+def by_secret_or_ra(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
+    """EST simpleenroll: an RA's client certificate (any registered device), or HTTP Basic with
+    the device serial and its one-time secret (that device only; the secret is spent with the
+    serial reservation, and given back when signing fails)."""
+    credentials = attempt.credentials
+    if credentials.client_certificate is not None:
+        stored = stored_certificate(work.session, credentials.client_certificate)
+        if stored is not None and stored.profile == "ra":
+            check_current(work, stored, attempt.authority, "RA certificate")
+            return Authenticated("ra")
+        if not credentials.username:
+            raise AuthenticationError("this client certificate is not a registration authority certificate")
+        # a device certificate plus Basic credentials: the secret decides
+    if not credentials.username or credentials.password is None:
+        raise AuthenticationError(
+            "credentials required: HTTP Basic (device serial and one-time secret) or an RA client certificate"
+        )
+    if not _plausible_serial(credentials.username) or not secret_is_valid(
+        work.session, credentials.username, credentials.password, now=work.now
+    ):
+        raise AuthenticationError("unknown device or wrong, used or expired secret")
+    return Authenticated(
+        "secret",
+        expected_cn=credentials.username,
+        mismatch=f"is not the authenticated device {credentials.username!r}",
+        secret=(credentials.username, credentials.password),
+    )
+
+
+def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
+    """EST simplereenroll: the device's current charger certificate as TLS client certificate."""
+    der = attempt.credentials.client_certificate
+    if der is None:
+        raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
+    current = stored_certificate(work.session, der)
+    if current is None or current.profile != "charger" or current.device_id is None:
+        raise AuthenticationError("the client certificate is not a charger certificate issued here")
+    check_current(work, current, attempt.authority, "client certificate")
+    device = work.session.get(Device, current.device_id)
+    assert device is not None
+    return Authenticated("certificate", device, current.common_name, "does not match the certificate being renewed")
+
+
+@dataclass(frozen=True)
+class Relay:
+    """The interface authenticated the caller (a CSMS relaying OCPP ``SignCertificate``, an
+    operator at the CLI); the station it names, if any, must be registered. ``names_subject``:
+    the station identity is also the certificate's CN (a charger certificate)."""
+
+    names_subject: bool
+
+    def __call__(self, work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
+        station = attempt.station
+        if station is None:
+            return Authenticated("relay")
+        if self.names_subject and csr.common_name != station:  # the CN first, before any query
+            raise PolicyError(
+                f"the CSR's CN {csr.common_name!r} is not the charging station {station!r}", code="cn_mismatch"
+            )
+        return Authenticated("relay", registered_device(work.session, station))
+
+
+SECC_CLIENTS = ("ra", "charger", "v2g-secc")
+
+
+def by_secc_client_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
+    """EST under a V2G label: an RA's certificate (any SECC ID), the station's current charger
+    certificate (its SECC IDs), or the SECC certificate being renewed (the same SECC ID)."""
+    der = attempt.credentials.client_certificate
+    if der is None:
+        raise AuthenticationError(
+            "an SECC certificate needs a TLS client certificate: a registration authority's, the charging "
+            "station's, or the SECC certificate being renewed"
+        )
+    caller = stored_certificate(work.session, der)
+    if caller is None or caller.profile not in SECC_CLIENTS:
+        raise AuthenticationError("the client certificate is not an RA, charger or SECC certificate issued here")
+    check_current(work, caller, attempt.authority, f"{caller.profile} client certificate")
+    device = work.session.get(Device, caller.device_id) if caller.device_id is not None else None
+    if caller.profile == "v2g-secc":
+        return Authenticated(
+            "secc-client", device, caller.common_name, "does not match the SECC certificate being renewed"
+        )
+    return Authenticated("secc-client", device)
