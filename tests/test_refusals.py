@@ -1,11 +1,13 @@
 """One enrollment pipeline: every enrollment route × every refusal, in-process (Flask test client).
 
 Each route (EST with a one-time secret, EST through an RA, EST re-enrollment, EST under the V2G
-label, the CSMS API for charger and for SECC certificates) is walked through every refusal; each
-step checks the HTTP status, the machine-readable code (the JSON ``reason``, and the ``code`` of
-the refusal's audit entry), the audit entry and the failure count. A refusal a route cannot
-produce is named with the reason, so adding a refusal forces a decision for every route.
-SQLite and PostgreSQL.
+label, the CSMS API for charger and for SECC certificates, and the CSMS API's relayed signing
+through an asynchronous job) is walked through every refusal (bad authentication, a bad CSR,
+wrong CN, wrong O, a key the profile refuses, an unregistered, disabled or locked-out device, a
+revoked credential, a key certified for someone else); each step checks the HTTP status, the
+machine-readable code (the JSON ``reason``, and the ``code`` of the refusal's audit entry), the
+audit entries and the failure count. A refusal a route cannot produce is named with the reason,
+so adding a refusal forces a decision for every route. SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -33,21 +35,36 @@ from ca.context import Pki
 from ca.enrollment.secc import issue_secc
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
+from ca.issuance.serials import format_serial
 from ca.keys.pkcs11_token import Token
 from ca.registry.csms import add_client, issue_token
-from ca.registry.devices import add_device
-from ca.registry.secrets import issue_secret
+from ca.registry.devices import add_device, disable_device
+from ca.registry.secrets import issue_secret, withdraw_secrets
+from ca.status.revocation import revoke
 from ca.store.models import AuditEvent, AuditNoise, AuthFailure
 from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import CheckedClient
 from tests.helpers import make_csr, make_key
+from web.api import JobRunner
 from web.app import create_app
 
 ORG = "Acme Charging"
 SECC_ID = "DE*ACM*E0001*1"
 HEADER = "X-SSL-Client-Cert"
-REFUSALS = ("unauthenticated", "bad_csr", "cn_mismatch", "device_not_registered", "key_reuse", "rate_limited")
+REFUSALS = (
+    "unauthenticated",
+    "bad_csr",
+    "cn_mismatch",
+    "wrong_organization",
+    "key_not_allowed",
+    "device_not_registered",
+    "device_disabled",
+    "revoked_credential",
+    "key_reuse",
+    "rate_limited",  # last: it locks the route's caller out
+)
+EVIL_O = "Evil Corp"
 BAD_CSR = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
 
 
@@ -62,6 +79,11 @@ class World:
     secc: bytes  # CP-CUR's SECC certificate (SECC_ID)
     stranger: bytes  # a certificate this installation never issued
     taken_key: Any  # a key certified for CP-TAKEN
+    off_secret: str  # CP-OFF's one-time secret (CP-OFF is disabled)
+    off_charger: bytes  # CP-OFF's charger certificate, issued before it was disabled
+    revoked_ra: bytes  # an RA certificate revoked since
+    revoked_charger: bytes  # CP-REV's charger certificate, revoked
+    withdrawn: str  # CP-WD's one-time secret, withdrawn
     audit_before: dict[str, int] = field(default_factory=dict)
 
     def est(self, operation: str, csr: bytes, *, label: str = "", cert: bytes | None = None, basic: str = "") -> Any:
@@ -75,10 +97,19 @@ class World:
         prefix = f"/.well-known/est/{label}/" if label else "/.well-known/est/"
         return self.client.post(prefix + operation, data=body, headers=headers)
 
-    def sign(self, station: str, csr: bytes, certificate_type: str, token: str | None = None) -> Any:
+    def sign(
+        self, station: str, csr: bytes, certificate_type: str, token: str | None = None, asynchronous: bool = False
+    ) -> Any:
+        """The CSMS API's SignCertificate; ``asynchronous``: queued, signed by the job runner, then polled."""
         body = {"chargingStationId": station, "csr": csr.decode(), "certificateType": certificate_type}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.api.post("/api/v1/sign", json=body, headers=headers)
+        if not asynchronous:
+            return self.api.post("/api/v1/sign", json=body, headers=headers)
+        accepted = self.api.post("/api/v1/sign?async=1", json=body, headers=headers)
+        if accepted.status_code != 202:
+            return accepted  # refused at once (credentials, an unreadable CSR)
+        assert JobRunner(self.client.application).run_once() == "refused"
+        return self.api.get(accepted.headers["Location"])
 
     def audit(self) -> list[AuditEvent]:
         with self.pki.store.session() as session:
@@ -150,6 +181,18 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
         ra = issued("ra", "Station-1")
         charger = issued("charger", "CP-CUR", device_id=add_device(session, "CP-CUR", actor="test").id)
         issued("charger", "CP-TAKEN", taken_key, add_device(session, "CP-TAKEN", actor="test").id)
+        off = add_device(session, "CP-OFF", actor="test")
+        off_secret = issue_secret(session, off, actor="test")
+        off_charger = issued("charger", "CP-OFF", device_id=off.id)
+        disable_device(session, "CP-OFF", actor="test", status=status)
+        revoked_ra = issued("ra", "Station-OLD")
+        revoked_charger = issued("charger", "CP-REV", device_id=add_device(session, "CP-REV", actor="test").id)
+        for der in (revoked_ra, revoked_charger):
+            serial = format_serial(x509.load_der_x509_certificate(der).serial_number)
+            revoke(session, serial, "keyCompromise", actor="test", status=status)
+        withdrawn_device = add_device(session, "CP-WD", actor="test")
+        withdrawn = issue_secret(session, withdrawn_device, actor="test")
+        withdraw_secrets(session, withdrawn_device, actor="test", reason="leaked")
         secc = issue_secc(
             Work(session, "test", status=status, issuers=lambda authority: issuer_for(authority, token)),
             environment="production",
@@ -171,6 +214,11 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
         secc or b"",
         _self_signed(),
         taken_key,
+        off_secret,
+        off_charger,
+        revoked_ra,
+        revoked_charger,
+        withdrawn,
     )
     pki.close()
 
@@ -218,7 +266,32 @@ def _est_routes() -> dict[str, Route]:
                 "cn_mismatch",
                 (a,),
             ),
+            "wrong_organization": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-1", EVIL_O), basic=f"CP-1:{w.secret}"),
+                403,
+                "wrong_organization",
+                (a,),
+            ),
+            "key_not_allowed": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-1", key=make_key("rsa-1024")), basic=f"CP-1:{w.secret}"),
+                403,
+                "key_not_allowed",
+                (a,),
+            ),
             "device_not_registered": "an unknown serial is a failed authentication (nothing leaks)",
+            "device_disabled": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-OFF"), basic=f"CP-OFF:{w.off_secret}"),
+                403,
+                "device_disabled",
+                (a,),
+            ),
+            "revoked_credential": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-WD"), basic=f"CP-WD:{w.withdrawn}"),
+                401,
+                "unauthenticated",
+                (a,),
+                1,
+            ),
             "key_reuse": Step(
                 lambda w: w.est("simpleenroll", make_csr("CP-1", key=w.taken_key), basic=f"CP-1:{w.secret}"),
                 409,
@@ -237,8 +310,23 @@ def _est_routes() -> dict[str, Route]:
             "unauthenticated": Step(stranger_ra, 401, "unauthenticated", (a,), 1),
             "bad_csr": Step(lambda w: w.est("simpleenroll", BAD_CSR, cert=w.ra), 400, "bad_csr", (), noise=1),
             "cn_mismatch": "an RA enrolls any registered device: the CSR's CN names it",
+            "wrong_organization": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-1", EVIL_O), cert=w.ra), 403, "wrong_organization", (a,)
+            ),
+            "key_not_allowed": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-1", key=make_key("rsa-1024")), cert=w.ra),
+                403,
+                "key_not_allowed",
+                (a,),
+            ),
             "device_not_registered": Step(
                 lambda w: w.est("simpleenroll", make_csr("CP-NOPE"), cert=w.ra), 403, "device_not_registered", (a,)
+            ),
+            "device_disabled": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-OFF"), cert=w.ra), 403, "device_disabled", (a,)
+            ),
+            "revoked_credential": Step(
+                lambda w: w.est("simpleenroll", make_csr("CP-1"), cert=w.revoked_ra), 401, "unauthenticated", (a,), 1
             ),
             "key_reuse": Step(
                 lambda w: w.est("simpleenroll", make_csr("CP-1", key=w.taken_key), cert=w.ra), 409, "key_reuse", (a,)
@@ -253,7 +341,29 @@ def _est_routes() -> dict[str, Route]:
             "cn_mismatch": Step(
                 lambda w: w.est("simplereenroll", make_csr("CP-OTHER"), cert=w.charger), 403, "cn_mismatch", (r,)
             ),
+            "wrong_organization": Step(
+                lambda w: w.est("simplereenroll", make_csr("CP-CUR", EVIL_O), cert=w.charger),
+                403,
+                "wrong_organization",
+                (r,),
+            ),
+            "key_not_allowed": Step(
+                lambda w: w.est("simplereenroll", make_csr("CP-CUR", key=make_key("rsa-1024")), cert=w.charger),
+                403,
+                "key_not_allowed",
+                (r,),
+            ),
             "device_not_registered": "the client certificate names its device",
+            "device_disabled": Step(
+                lambda w: w.est("simplereenroll", make_csr("CP-OFF"), cert=w.off_charger), 403, "device_disabled", (r,)
+            ),
+            "revoked_credential": Step(
+                lambda w: w.est("simplereenroll", make_csr("CP-REV"), cert=w.revoked_charger),
+                401,
+                "unauthenticated",
+                (r,),
+                1,
+            ),
             "key_reuse": Step(
                 lambda w: w.est("simplereenroll", make_csr("CP-CUR", key=w.taken_key), cert=w.charger),
                 409,
@@ -275,7 +385,34 @@ def _est_routes() -> dict[str, Route]:
                 "cn_mismatch",
                 (v,),
             ),
+            "wrong_organization": Step(
+                lambda w: w.est("simpleenroll", make_csr("DE*ACM*E0002*1", EVIL_O), label="v2g", cert=w.charger),
+                403,
+                "wrong_organization",
+                (v,),
+            ),
+            "key_not_allowed": Step(
+                lambda w: w.est(
+                    "simpleenroll", make_csr("DE*ACM*E0002*1", key=make_key("rsa-1024")), label="v2g", cert=w.charger
+                ),
+                403,
+                "key_not_allowed",
+                (v,),
+            ),
             "device_not_registered": "the client certificate names its station",
+            "device_disabled": Step(
+                lambda w: w.est("simpleenroll", make_csr("DE*ACM*E0005*1"), label="v2g", cert=w.off_charger),
+                403,
+                "device_disabled",
+                (v,),
+            ),
+            "revoked_credential": Step(
+                lambda w: w.est("simpleenroll", make_csr("DE*ACM*E0006*1"), label="v2g", cert=w.revoked_charger),
+                401,
+                "unauthenticated",
+                (v,),
+                1,
+            ),
             "key_reuse": Step(
                 lambda w: w.est(
                     "simpleenroll", make_csr("DE*ACM*E0002*1", key=w.taken_key), label="v2g", cert=w.charger
@@ -291,34 +428,54 @@ def _est_routes() -> dict[str, Route]:
     }
 
 
-def _api_route(certificate_type: str, action: str, cn: str) -> Route:
-    audited = (action, "csms.api.sign")  # the refusal, then the call
+def _api_route(certificate_type: str, action: str, cn: str, *, asynchronous: bool = False) -> Route:
+    """The CSMS API's SignCertificate. Synchronous: the refusal, then the call, are audited.
+    Asynchronous: the call that queued the job, the job's refusal, then the poll that reads it."""
+    audited = ("csms.api.sign", action, "csms.api.sign-job") if asynchronous else (action, "csms.api.sign")
+    at_once = ("csms.api.sign",)  # an unreadable CSR is refused when the job is queued
+    polled = 200 if asynchronous else 0  # a polled job answers 200 with its refusal ({status: refused, reason})
+
+    def sign(station: str, csr: Callable[[World], bytes]) -> Callable[[World], Any]:
+        return lambda w: w.sign(station, csr(w), certificate_type, asynchronous=asynchronous)
+
     not_locked = "the CSMS authenticates per call at the API layer; an authenticated CSMS is never locked out"
     route: Route = {
         "unauthenticated": Step(
-            lambda w: w.sign("CP-CUR", make_csr(cn), certificate_type, token="cpk_wrong"),
+            lambda w: w.sign("CP-CUR", make_csr(cn), certificate_type, token="cpk_wrong", asynchronous=asynchronous),
             401,
             "unauthenticated",
             (),
             noise=1,
         ),
-        "bad_csr": Step(lambda w: w.sign("CP-CUR", BAD_CSR, certificate_type), 400, "bad_csr", audited),
+        "bad_csr": Step(sign("CP-CUR", lambda w: BAD_CSR), 400, "bad_csr", at_once if asynchronous else audited),
+        "wrong_organization": Step(
+            sign("CP-CUR", lambda w: make_csr(cn, EVIL_O)), polled or 403, "wrong_organization", audited
+        ),
+        "key_not_allowed": Step(
+            sign("CP-CUR", lambda w: make_csr(cn, key=make_key("rsa-1024"))), polled or 403, "key_not_allowed", audited
+        ),
         "device_not_registered": Step(
-            lambda w: w.sign("CP-NOPE", make_csr(cn if cn != "CP-CUR" else "CP-NOPE"), certificate_type),
-            403,
+            sign("CP-NOPE", lambda w: make_csr(cn if cn != "CP-CUR" else "CP-NOPE")),
+            polled or 403,
             "device_not_registered",
             audited,
         ),
-        "key_reuse": Step(
-            lambda w: w.sign("CP-CUR", make_csr(cn, key=w.taken_key), certificate_type), 409, "key_reuse", audited
+        "device_disabled": Step(
+            sign("CP-OFF", lambda w: make_csr(cn if cn != "CP-CUR" else "CP-OFF")),
+            polled or 403,
+            "device_disabled",
+            audited,
         ),
+        "revoked_credential": "the CSMS's credentials are checked at the API layer (a revoked csms-client "
+        "certificate is an unauthenticated call, as above)",
+        "key_reuse": Step(sign("CP-CUR", lambda w: make_csr(cn, key=w.taken_key)), polled or 409, "key_reuse", audited),
         "rate_limited": not_locked,
     }
     if certificate_type == "V2GCertificate":
         route["cn_mismatch"] = "the SECC ID is the CSR's CN"
     else:
         route["cn_mismatch"] = Step(
-            lambda w: w.sign("CP-CUR", make_csr("CP-OTHER"), certificate_type), 403, "cn_mismatch", audited
+            sign("CP-CUR", lambda w: make_csr("CP-OTHER")), polled or 403, "cn_mismatch", audited
         )
     return route
 
@@ -327,6 +484,7 @@ ROUTES: dict[str, Route] = {
     **_est_routes(),
     "api-charger": _api_route("ChargingStationCertificate", "csms.sign.refused", "CP-CUR"),
     "api-secc": _api_route("V2GCertificate", "v2g.refused", "DE*ACM*E0004*1"),
+    "api-relayed-job": _api_route("ChargingStationCertificate", "csms.sign.refused", "CP-CUR", asynchronous=True),
 }
 
 
@@ -353,7 +511,7 @@ def test_every_refusal_of_every_enrollment_route(world: World, route: str) -> No
             if event.action.endswith(".refused"):
                 # a lockout step's refusals are the failed authentications that started it
                 assert details["code"] == ("unauthenticated" if refusal == "rate_limited" else step.code), where
-            elif event.action == "csms.api.sign":
+            elif event.action == "csms.api.sign" and details["status"] >= 400:
                 assert details["reason"] == step.code, where
         if refusal == "rate_limited":
             assert "Retry-After" in response.headers and "too many failed authentications" in response.text
