@@ -30,7 +30,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities.issuers import Issuer
 from ca.enrollment import auth_limits
 from ca.enrollment.authenticators import Relay, by_current_certificate, by_secret_or_ra
 from ca.enrollment.policy import DEFAULTS, Attempt, Authenticated, Credentials, EnrollmentSettings, Policy
@@ -44,7 +43,7 @@ from ca.registry.devices import current_certificate
 from ca.registry.secrets import consume_secret, restore_secret
 from ca.status.certificates import intermediates_pem, pem_certificate
 from ca.store.models import Authority, Certificate
-from ca.work import Work
+from ca.work import IssuerFactory, Work  # Work.issuers: called only once every check passed
 
 __all__ = [
     "DEFAULTS",
@@ -62,10 +61,6 @@ __all__ = [
     "run",
     "sign_relayed",
 ]
-
-# Binds a CA to its token key (``lambda a: issuer_for(a, token)``); called only once every check passed,
-# so a refused request never touches the token.
-IssuerFactory = Callable[[Authority], Issuer]
 
 # OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
 OCPP_CHAIN_LIMIT = 10000
