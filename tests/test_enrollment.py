@@ -114,3 +114,23 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
             csr=csr,
             credentials=Credentials(client_certificate=first.der),
         )
+
+
+def test_the_pipeline_owns_its_transactions_and_refuses_a_session_with_pending_changes(
+    session: Session, hierarchy: Hierarchy, token: Token
+) -> None:
+    """A refusal ends only the pipeline's own work: it never rolls back what a caller left pending."""
+    device = add_device(session, "CP-UOW", actor="test")
+    secret = issue_secret(session, device, actor="test")
+    device.model = "changed, not committed"
+    work = Work(session, "test", status=Presigner(token), issuers=lambda authority: issuer_for(authority, token))
+    arguments = {
+        "authority": hierarchy.issuing,
+        "csr": _der(make_csr("CP-UOW")),
+        "credentials": Credentials(username="CP-UOW", password=secret),
+    }
+    with pytest.raises(RuntimeError, match="owns its transactions"):
+        enroll(work, **arguments)
+    assert device.model == "changed, not committed", "the caller's change is still the caller's"
+    session.rollback()
+    assert enroll(work, **arguments).status == "valid"

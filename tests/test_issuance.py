@@ -25,7 +25,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.status.certificates import display_status, list_certificates
 from ca.store.engine import Store
-from ca.store.models import AuditEvent, Certificate
+from ca.store.models import AuditEvent, Certificate, Device
 from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
@@ -300,3 +300,35 @@ def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, t
         session.rollback()
     rows = session.scalars(select(Certificate.common_name).where(Certificate.status != "valid")).all()
     assert rows == [], "a refused claim reserves no serial"
+
+
+# -- units of work -----------------------------------------------------------------------------------
+def test_issue_refuses_a_session_with_pending_changes_and_commits_none_of_them(
+    session: Session, issuer: Issuer
+) -> None:
+    """issue() commits its own transactions; it never carries the caller's unfinished work along."""
+    session.add(Device(serial="CP-PENDING", environment="production", enabled=True, created_at=datetime.now(UTC)))
+    with pytest.raises(RuntimeError, match="commits its own transactions"):
+        _issue(session, issuer, make_csr("CP-U1"))
+    session.rollback()
+    assert session.scalar(select(func.count()).select_from(Certificate).where(Certificate.common_name == "CP-U1")) == 0
+    assert session.scalar(select(func.count()).select_from(Device).where(Device.serial == "CP-PENDING")) == 0
+
+
+def test_what_commits_with_the_reservation_is_said_and_a_refusal_there_takes_no_serial(
+    session: Session, issuer: Issuer
+) -> None:
+    seen: list[bool] = []
+
+    def refuse(reserving: Session) -> None:
+        seen.append(reserving is session)
+        raise PolicyError("refused in the reservation")
+
+    request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-U2")), issuer)
+    status = Presigner(issuer.private_key.token)
+    before = session.scalar(select(func.count()).select_from(Certificate))
+    with pytest.raises(PolicyError, match="refused in the reservation"):
+        issue(Work(session, "test", status=status), issuer=issuer, request=request, with_reservation=refuse)
+    assert seen == [True]
+    assert session.scalar(select(func.count()).select_from(Certificate)) == before, "no pending row, no serial"
+    session.commit()

@@ -238,15 +238,20 @@ def _issue(work: Work, policy: Policy, attempt: Attempt, csr: CsrRequest, who: A
         if attempt.before_commit is not None:
             attempt.before_commit(row)
 
-    spend = None
-    if who.secret is not None:
-        serial, secret = who.secret
-
-        def spend(reserving: Session) -> None:
-            if not consume_secret(reserving, serial, secret, now=work.now, commit=False):
-                raise AuthenticationError("unknown device or wrong, used or expired secret")
-
+    spend = _spender(work, who.secret) if who.secret is not None else None
     return issue(work, issuer=issuer, request=request, with_reservation=spend, before_commit=last_checks)
+
+
+def _spender(work: Work, secret: tuple[str, str]) -> Callable[[Session], None]:
+    """Spending the one-time secret in the reservation's transaction (a concurrent request with the
+    same secret waits for it, then finds it used); refused when it is no longer valid."""
+    serial, value = secret
+
+    def spend(session: Session) -> None:
+        if not consume_secret(session, serial, value, now=work.now, commit=False):
+            raise AuthenticationError("unknown device or wrong, used or expired secret")
+
+    return spend
 
 
 def _check_binding(csr: x509.CertificateSigningRequest, credentials: Credentials, settings: EnrollmentSettings) -> None:
