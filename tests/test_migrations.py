@@ -25,6 +25,7 @@ from ca.errors import PolicyError
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
+from ca.kinds import CaRole, CaStatus, CertStatus, JobState
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.status.certificates import get_certificate, list_certificates
@@ -111,6 +112,32 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
     store.upgrade()
     store.ensure_schema()
     assert store.current_revision() == store.head_revision()
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "kind"),
+    [
+        ("authorities", "role", CaRole),
+        ("authorities", "status", CaStatus),
+        ("certificates", "status", CertStatus),
+        ("csms_sign_jobs", "state", JobState),
+    ],
+)
+def test_the_database_keeps_each_vocabulary_closed(db_url: str, table: str, column: str, kind: type) -> None:
+    """Every value the code knows is accepted by the migrated schema's CHECK; anything else is refused."""
+    store = Store(db_url)
+    store.ensure_schema()
+    with store.engine.connect() as connection:
+        # The constraint's own condition, evaluated by the database for each value (no row needed).
+        checks = [c for c in inspect(connection).get_check_constraints(table) if column in c["sqltext"]]
+        assert len(checks) == 1, checks
+        condition = checks[0]["sqltext"]
+        for value in [*kind, "bogus", "VALID"]:
+            accepted = connection.execute(
+                text(f"SELECT 1 WHERE {condition.replace(column, '(CAST(:v AS VARCHAR(64)))', 1)}"), {"v": str(value)}
+            ).first()
+            assert (accepted is not None) == (value in set(kind)), (table, column, value)
     store.dispose()
 
 

@@ -33,6 +33,7 @@ from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.names import check_charger_identity
 from ca.issuance.profiles import get_profile
 from ca.keys.keyspec import KeySpec, key_spec
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.registry.devices import current_certificate
 from ca.registry.secrets import consume_secret, restore_secret, secret_is_valid
 from ca.status.certificates import intermediates_pem, pem_certificate
@@ -494,10 +495,6 @@ def _reenroll(
     )
 
 
-# OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
-OCPP_CHAIN_LIMIT = 10000
-
-
 def sign_relayed(
     session: Session,
     issuers: IssuerFactory,
@@ -509,7 +506,7 @@ def sign_relayed(
     status: StatusSigner,
     settings: EnrollmentSettings = EnrollmentSettings(),
     now: Clock = utcnow,
-    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.

@@ -23,7 +23,6 @@ from ca.authorities.issuers import default_issuing_ca
 from ca.authorities.v2g import current_sub_ca_2, v2g_environments
 from ca.clock import Clock, utcnow
 from ca.enrollment.pipeline import (
-    OCPP_CHAIN_LIMIT,
     Credentials,
     EnrollmentSettings,
     IssuerFactory,
@@ -33,6 +32,7 @@ from ca.enrollment.pipeline import (
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
 from ca.issuance.names import check_environment
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
 from ca.status.signal import StatusSigner
@@ -244,7 +244,7 @@ def sign(
     status: StatusSigner,
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
     now: Clock = utcnow,
-    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
