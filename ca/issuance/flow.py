@@ -1,7 +1,8 @@
 """Issuance, shared by the CLI, EST and the CSMS API.
 
-Order matters (DESIGN.md): check → reserve the serial in a committed row → sign in the token
-→ parse back and verify → record the certificate and its audit entry in one commit → return.
+Order matters (ARCHITECTURE.md, "Where each rule lives"): check → reserve the serial in a
+committed row → sign in the token → parse back and verify → record the certificate and its
+audit entry in one commit → return.
 A crash anywhere before that last commit leaves at most a ``pending`` row whose serial is
 burnt and whose certificate nobody received.
 """
