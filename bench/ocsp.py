@@ -1076,7 +1076,7 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         "",
         *table(runs, cfssl_run),
         "",
-        f"Target (issue 4): at least 2× cfssl's throughput and p99 under 10 ms. Best chargepki row: "
+        f"Target: at least 2× cfssl's throughput and p99 under 10 ms. Best chargepki row: "
         f"{best.rate / cfssl_run.rate:.2f}× cfssl, p99 {best.p99_ms:.2f} ms.",
         "",
         "## Revocation → `revoked` at the responders",

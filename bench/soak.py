@@ -1,4 +1,4 @@
-"""Soak: a bounded mixed load on loopback against the processes `make run` starts (issue 5).
+"""Soak: a bounded mixed load on loopback against the processes `make run` starts.
 
 A fresh home (SQLite and a SoftHSM2 token by default, like `make run`; ``--postgresql`` for a
 PostgreSQL schema) on free ports, then ``chargepki run``: EST over HTTPS (gunicorn, ``--workers``),
