@@ -66,7 +66,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Hostile input (issue 5): a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in
+# Hostile input: a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in
 # all (default 5 minutes, plus ~10 s set-up per target); exits 1 when it found something.
 FUZZ_SECONDS ?= 300
 fuzz: setup $(VENV)/.fuzz-installed
@@ -94,7 +94,7 @@ bench: setup
 bench-crl: setup
 	$(BIN)/python bench/crl.py $(BENCH_CRL_ARGS)
 
-# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk (issue 4).
+# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk.
 bench-ocsp: setup
 	@command -v cfssl >/dev/null && command -v wrk >/dev/null || { echo "installing Debian packages golang-cfssl wrk"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -1,4 +1,4 @@
-"""The responder's HTTP face: a plain WSGI callable (no framework on this hot path; see DESIGN.md).
+"""The responder's HTTP face: a plain WSGI callable (no framework on this hot path; bench/results-ocsp.md).
 
 RFC 5019 over HTTP: ``POST <path>`` with ``application/ocsp-request``, or ``GET <path>/<base64>``,
 answered with ``application/ocsp-response`` and caching headers that never reach past

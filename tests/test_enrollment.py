@@ -31,8 +31,8 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
 ) -> None:
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-GRACE", actor="test")
-    secret = issue_secret(session, device, actor="test")
+    device = add_device(Work(session, "test"), serial="CP-GRACE")
+    secret = issue_secret(Work(session, "test"), device=device)
     key = make_key()
     first = enroll(
         Work(session, "test", status=status, issuers=issuers),
@@ -49,9 +49,9 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
         settings=settings,
     )
     assert first.status == "valid" and first.revoke_after is not None and renewed.status == "valid"
-    assert revoke_due(session, status=status) == 0, "still inside the grace period"
+    assert revoke_due(Work(session, "system:supersede", status=status)) == 0, "still inside the grace period"
     later = datetime.now(UTC) + timedelta(hours=2)
-    assert revoke_due(session, now=lambda: later, status=status) == 1
+    assert revoke_due(Work(session, "system:supersede", now=lambda: later, status=status)) == 1
     session.refresh(first)
     assert (first.status, first.revocation_reason) == ("revoked", "superseded")
 
@@ -61,14 +61,14 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
 ) -> None:
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-TWICE", actor="test")
+    device = add_device(Work(session, "test"), serial="CP-TWICE")
     key = make_key()
     csr = _der(make_csr("CP-TWICE", key=key))
     first = enroll(
         Work(session, "test", status=status, issuers=issuers),
         authority=hierarchy.issuing,
         csr=csr,
-        credentials=Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
+        credentials=Credentials(username="CP-TWICE", password=issue_secret(Work(session, "test"), device=device)),
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
     start = datetime.now(UTC)
@@ -97,14 +97,14 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
     """Behind a proxy TLS may not check expiry; the core does, whatever the transport."""
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-OLD", actor="test")
+    device = add_device(Work(session, "test"), serial="CP-OLD")
     key = make_key()
     csr = _der(make_csr("CP-OLD", key=key))
     first = enroll(
         Work(session, "test", status=status, issuers=issuers),
         authority=hierarchy.issuing,
         csr=csr,
-        credentials=Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
+        credentials=Credentials(username="CP-OLD", password=issue_secret(Work(session, "test"), device=device)),
     )
     later = first.not_after + timedelta(days=1)
     with pytest.raises(AuthenticationError, match="has expired"):
@@ -120,8 +120,8 @@ def test_the_pipeline_owns_its_transactions_and_refuses_a_session_with_pending_c
     session: Session, hierarchy: Hierarchy, token: Token
 ) -> None:
     """A refusal ends only the pipeline's own work: it never rolls back what a caller left pending."""
-    device = add_device(session, "CP-UOW", actor="test")
-    secret = issue_secret(session, device, actor="test")
+    device = add_device(Work(session, "test"), serial="CP-UOW")
+    secret = issue_secret(Work(session, "test"), device=device)
     device.model = "changed, not committed"
     work = Work(session, "test", status=Presigner(token), issuers=lambda authority: issuer_for(authority, token))
     arguments = {

@@ -26,6 +26,7 @@ from ca.context import Pki
 from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 from web.app import create_app
@@ -62,7 +63,7 @@ def site(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11
             status=Presigner(token),
         )
         secrets = {
-            f"CP-{n}": issue_secret(session, add_device(session, f"CP-{n}", actor="test"), actor="test")
+            f"CP-{n}": issue_secret(Work(session, "test"), device=add_device(Work(session, "test"), serial=f"CP-{n}"))
             for n in range(3)
         }
     client = create_app(pki, settings).test_client()

@@ -25,6 +25,7 @@ from ca.errors import PolicyError
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
+from ca.kinds import CaRole, CaStatus, CertStatus, JobState
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.status.certificates import get_certificate, list_certificates
@@ -115,6 +116,32 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
     store.dispose()
 
 
+@pytest.mark.parametrize(
+    ("table", "column", "kind"),
+    [
+        ("authorities", "role", CaRole),
+        ("authorities", "status", CaStatus),
+        ("certificates", "status", CertStatus),
+        ("csms_sign_jobs", "state", JobState),
+    ],
+)
+def test_the_database_keeps_each_vocabulary_closed(db_url: str, table: str, column: str, kind: type) -> None:
+    """Every value the code knows is accepted by the migrated schema's CHECK; anything else is refused."""
+    store = Store(db_url)
+    store.ensure_schema()
+    with store.engine.connect() as connection:
+        # The constraint's own condition, evaluated by the database for each value (no row needed).
+        checks = [c for c in inspect(connection).get_check_constraints(table) if column in c["sqltext"]]
+        assert len(checks) == 1, checks
+        condition = checks[0]["sqltext"]
+        for value in [*kind, "bogus", "VALID"]:
+            accepted = connection.execute(
+                text(f"SELECT 1 WHERE {condition.replace(column, '(CAST(:v AS VARCHAR(64)))', 1)}"), {"v": str(value)}
+            ).first()
+            assert (accepted is not None) == (value in set(kind)), (table, column, value)
+    store.dispose()
+
+
 # -- upgrading a populated first release ------------------------------------------------------
 # The tables and columns of revision 0001, the first released schema, frozen here: the models move on.
 SCHEMA_0001 = {
@@ -159,7 +186,7 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
         )
         issuer = issuer_for(hierarchy.issuing, token)
         for n in range(4):
-            device = add_device(session, f"CP-{n:04d}", model="Wallbox 22", actor="cli:ops")
+            device = add_device(Work(session, "cli:ops"), serial=f"CP-{n:04d}", model="Wallbox 22")
             row = issue(
                 Work(session, "cli:ops", status=status),
                 issuer=issuer,
@@ -168,9 +195,9 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
                 ),
             )
             if n == 1:
-                revoke(session, row.serial, "keyCompromise", actor="cli:ops", status=status)
+                revoke(Work(session, "cli:ops", status=status), serial=row.serial, reason="keyCompromise")
             if n == 2:
-                revoke(session, row.serial, "certificateHold", actor="cli:ops", status=status)
+                revoke(Work(session, "cli:ops", status=status), serial=row.serial, reason="certificateHold")
         session.execute(text("UPDATE devices SET enabled = 0 WHERE serial = 'CP-0003'"))
         session.commit()
     with scratch.engine.connect() as source:
@@ -271,7 +298,7 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
             issuer=issuer,
             request=IssueRequest(get_profile("charger"), make_key().public_key(), "CP-0000", device_id=1),
         )
-        revoke(session, row.serial, "superseded", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=row.serial, reason="superseded")
         published = publish_crl(session, issuer, issuing, tmp_path / "pki", now=datetime.now(UTC))
         crl = x509.load_der_x509_crl(published.path.read_bytes())
         assert {format(entry.serial_number, "X") for entry in crl} == {
@@ -425,8 +452,8 @@ def test_every_hot_path_statement_uses_an_index(
     issuing = hierarchy.issuing
     issuer = issuer_for(issuing, token)
     for n in range(3):
-        add_device(session, f"CP-{n}", actor="test")
-    secret = issue_secret(session, get_device(session, "CP-0"), actor="test")
+        add_device(Work(session, "test"), serial=f"CP-{n}")
+    secret = issue_secret(Work(session, "test"), device=get_device(session, "CP-0"))
     key = make_key()
     csr = x509.load_pem_x509_csr(make_csr("CP-0", key=key)).public_bytes(serialization.Encoding.DER)
     now = datetime.now(UTC)
@@ -456,7 +483,7 @@ def test_every_hot_path_statement_uses_an_index(
             credentials=Credentials(client_certificate=first.der),
         )
         current[0] = "revoke by serial"
-        revoke(session, second.serial, "keyCompromise", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=second.serial, reason="keyCompromise")
         current[0] = "OCSP on-demand signer"
         request = (
             ocsp.OCSPRequestBuilder()
@@ -474,7 +501,7 @@ def test_every_hot_path_statement_uses_an_index(
         current[0] = "expiring certificates"
         list_certificates(session, now, expiring_within=timedelta(days=30), limit=100)
         current[0] = "superseded sweep"
-        revoke_due(session, status=status)
+        revoke_due(Work(session, "system:supersede", status=status))
         current[0] = "device by serial"
         get_device(session, "CP-1")
         current[0] = "certificate by serial"

@@ -177,22 +177,23 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
             request = IssueRequest(get_profile(profile), (key or make_key()).public_key(), name, device_id=device_id)
             return issue(Work(session, "test", status=status), issuer=issuer, request=request).der or b""
 
-        secret = issue_secret(session, add_device(session, "CP-1", actor="test"), actor="test")
+        secret = issue_secret(Work(session, "test"), device=add_device(Work(session, "test"), serial="CP-1"))
         ra = issued("ra", "Station-1")
-        charger = issued("charger", "CP-CUR", device_id=add_device(session, "CP-CUR", actor="test").id)
-        issued("charger", "CP-TAKEN", taken_key, add_device(session, "CP-TAKEN", actor="test").id)
-        off = add_device(session, "CP-OFF", actor="test")
-        off_secret = issue_secret(session, off, actor="test")
+        charger = issued("charger", "CP-CUR", device_id=add_device(Work(session, "test"), serial="CP-CUR").id)
+        issued("charger", "CP-TAKEN", taken_key, add_device(Work(session, "test"), serial="CP-TAKEN").id)
+        admin = Work(session, "test", status=status)
+        off = add_device(admin, serial="CP-OFF")
+        off_secret = issue_secret(admin, device=off)
         off_charger = issued("charger", "CP-OFF", device_id=off.id)
-        disable_device(session, "CP-OFF", actor="test", status=status)
+        disable_device(admin, serial="CP-OFF")
         revoked_ra = issued("ra", "Station-OLD")
-        revoked_charger = issued("charger", "CP-REV", device_id=add_device(session, "CP-REV", actor="test").id)
+        revoked_charger = issued("charger", "CP-REV", device_id=add_device(admin, serial="CP-REV").id)
         for der in (revoked_ra, revoked_charger):
             serial = format_serial(x509.load_der_x509_certificate(der).serial_number)
-            revoke(session, serial, "keyCompromise", actor="test", status=status)
-        withdrawn_device = add_device(session, "CP-WD", actor="test")
-        withdrawn = issue_secret(session, withdrawn_device, actor="test")
-        withdraw_secrets(session, withdrawn_device, actor="test", reason="leaked")
+            revoke(admin, serial=serial, reason="keyCompromise")
+        withdrawn_device = add_device(admin, serial="CP-WD")
+        withdrawn = issue_secret(admin, device=withdrawn_device)
+        withdraw_secrets(admin, entries=[(withdrawn_device, None)], reason="leaked")
         secc = issue_secc(
             Work(session, "test", status=status, issuers=lambda authority: issuer_for(authority, token)),
             environment="production",

@@ -301,7 +301,7 @@ def _sweep(session: Session) -> None:
     if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
         state["last"] = time.monotonic()
         abandon_stale_pending(session, actor="system:est")
-        revoke_due(session, status=_status())
+        revoke_due(Work(session, "system:supersede", status=_status()))
 
 
 def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:

@@ -21,7 +21,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "IssuerFactory": "pipeline",
         "Key": "auth_limits",
         "MAX_PEM_CHARS": "identity",
-        "OCPP_CHAIN_LIMIT": "pipeline",
         "Policy": "policy",
         "REENROLL": "pipeline",
         "REFUSED": "secc",

@@ -39,6 +39,7 @@ from ca.issuance.csr import CsrRequest, read_csr
 from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.profiles import get_profile
 from ca.keys.keyspec import KeySpec, key_spec
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.registry.devices import current_certificate
 from ca.registry.secrets import consume_secret, restore_secret
 from ca.status.certificates import intermediates_pem, pem_certificate
@@ -48,7 +49,6 @@ from ca.work import IssuerFactory, Work  # Work.issuers: called only once every 
 __all__ = [
     "DEFAULTS",
     "ENROLL",
-    "OCPP_CHAIN_LIMIT",
     "REENROLL",
     "RELAYED",
     "Credentials",
@@ -61,9 +61,6 @@ __all__ = [
     "run",
     "sign_relayed",
 ]
-
-# OCPP 2.0.1 CertificateSignedRequest.certificateChain is string[0..10000]: leaf first, sub-CAs after, no root.
-OCPP_CHAIN_LIMIT = 10000
 
 # The charger routes. The SECC ones are in ``ca.enrollment.secc``.
 ENROLL = Policy("enroll", "enrollment.refused", by_secret_or_ra, CHARGER, first_enrollment=True, channel_binding=True)
@@ -103,7 +100,7 @@ def sign_relayed(
     charging_station_id: str,
     credentials: Credentials,
     settings: EnrollmentSettings = DEFAULTS,
-    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.

@@ -1,9 +1,9 @@
 """Issuance, shared by the CLI, EST and the CSMS API.
 
-Order matters: check → reserve the serial in a committed row → sign in the token → parse back
-and verify → record the certificate and its audit entry in one commit → return. A crash anywhere
-before that last commit leaves at most a ``pending`` row whose serial is burnt and whose
-certificate nobody received.
+Order matters (ARCHITECTURE.md, "Where each rule lives"): check → reserve the serial in a
+committed row → sign in the token → parse back and verify → record the certificate and its
+audit entry in one commit → return. A crash anywhere before that last commit leaves at most a
+``pending`` row whose serial is burnt and whose certificate nobody received.
 
 Units of work: ``issue`` owns its transactions. It commits twice (the reservation, the record)
 and rolls back its own work on any failure; it never commits or rolls back work it did not

@@ -9,13 +9,14 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from ca.errors import PolicyError
+from ca.ocpp_limits import IDENTITY_CHARS
 
 UB_COMMON_NAME = 64  # RFC 5280 upper bounds
 UB_ORGANIZATION = 64
 
 # OCPP charging station identity: at most 48 characters, RFC 3986 unreserved characters plus
 # the ones OCPP 1.6-security allows ("*-_=:+|@."). Never a URL or an IP address.
-_CHARGER_IDENTITY = re.compile(r"^[A-Za-z0-9._~*=:+|@-]{1,48}$")
+_CHARGER_IDENTITY = re.compile(rf"^[A-Za-z0-9._~*=:+|@-]{{1,{IDENTITY_CHARS}}}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # ISO 15118-2 Annex H EVSE ID (DE*ABC*E1234*1) and the ISO 15118-20 SECC ID (DE-ABC-S-…): country
 # code, operator ID, ID type (E or S), then the station's own part; "*" or "-" separators optional.
@@ -27,7 +28,8 @@ ENVIRONMENTS = ("production", "staging", "factory-test")
 def check_charger_identity(value: str) -> str:
     if not _CHARGER_IDENTITY.match(value):
         raise PolicyError(
-            f"CN {value!r} is not a charging station identity (1-48 characters: letters, digits, ._~*=:+|@-)",
+            f"CN {value!r} is not a charging station identity "
+            f"(1-{IDENTITY_CHARS} characters: letters, digits, ._~*=:+|@-)",
             code="bad_identity",
         )
     try:

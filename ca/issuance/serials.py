@@ -1,6 +1,7 @@
 """Certificate serial numbers: random, positive, at most 20 octets, written as OCPP writes them.
 
-RFC 5280 §4.1.2.2 allows 20 octets; CA/B and DESIGN.md ask for at least 64 random bits.
+RFC 5280 §4.1.2.2 allows 20 octets; the CA/Browser Forum Baseline Requirements ask for at least
+64 bits of CSPRNG output.
 We draw 159 bits from the OS CSPRNG and force the top bit of the first octet clear, so the
 DER INTEGER is positive and never needs a padding octet (always ≤ 20 octets). Uniqueness is
 enforced by the database, not assumed from the randomness.

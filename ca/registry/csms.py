@@ -22,11 +22,12 @@ from ca import audit
 from ca.authorities.issuers import default_issuing_ca
 from ca.authorities.v2g import v2g_environments
 from ca.clock import Clock, utcnow
-from ca.enrollment.pipeline import OCPP_CHAIN_LIMIT, sign_relayed
+from ca.enrollment.pipeline import sign_relayed
 from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
 from ca.issuance.names import check_environment
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
 from ca.status.signal import StatusSigner
@@ -236,7 +237,7 @@ def sign(
     certificate_type: str,
     csr: bytes,
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
-    max_chain_chars: int = OCPP_CHAIN_LIMIT,
+    max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
     before_commit: Callable[[Certificate], None] | None = None,
 ) -> Certificate:
     """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),

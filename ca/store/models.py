@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -25,6 +26,8 @@ from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from ca.kinds import CaRole, CaStatus, CertStatus, JobState, sql_in
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -50,10 +53,14 @@ class Authority(Base):
     """A CA whose key is in the token: a root or an issuing CA of one environment."""
 
     __tablename__ = "authorities"
+    __table_args__ = (
+        CheckConstraint(sql_in("role", CaRole), name="ck_authorities_role"),
+        CheckConstraint(sql_in("status", CaStatus), name="ck_authorities_status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    role: Mapped[str] = mapped_column(String(16))  # root | issuing
+    role: Mapped[str] = mapped_column(String(16))  # a CaRole
     environment: Mapped[str] = mapped_column(String(16), index=True)
     organization: Mapped[str] = mapped_column(String(64))
     country: Mapped[str | None] = mapped_column(String(2))
@@ -70,7 +77,7 @@ class Authority(Base):
     repository_url: Mapped[str] = mapped_column(String(512))
     not_before: Mapped[datetime] = mapped_column(UTCDateTime())
     not_after: Mapped[datetime] = mapped_column(UTCDateTime())
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | retired | revoked | external
+    status: Mapped[str] = mapped_column(String(16), default=CaStatus.ACTIVE)  # a CaStatus
     # The last CRL number this CA used; raised atomically by every publisher (never goes back).
     crl_number: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -119,13 +126,14 @@ class Certificate(Base):
         Index("ix_certificates_authority_serial", "authority_id", "serial"),
         Index("ix_certificates_status_not_after", "status", "not_after"),
         Index("ix_certificates_profile_authority", "profile", "authority_id"),  # a CA's OCSP signers
+        CheckConstraint(sql_in("status", CertStatus), name="ck_certificates_status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     serial: Mapped[str] = mapped_column(String(40), unique=True)
     authority_id: Mapped[int] = mapped_column(ForeignKey("authorities.id"))
     profile: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # pending | valid | revoked
+    status: Mapped[str] = mapped_column(String(16))  # a CertStatus
     subject: Mapped[str] = mapped_column(String(1024))
     common_name: Mapped[str | None] = mapped_column(String(64), index=True)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -305,7 +313,10 @@ class CsmsSignJob(Base):
     """
 
     __tablename__ = "csms_sign_jobs"
-    __table_args__ = (Index("ix_csms_sign_jobs_state_claimed", "state", "claimed_at"),)
+    __table_args__ = (
+        Index("ix_csms_sign_jobs_state_claimed", "state", "claimed_at"),
+        CheckConstraint(sql_in("state", JobState), name="ck_csms_sign_jobs_state"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     public_id: Mapped[str] = mapped_column(String(32), unique=True)
@@ -313,7 +324,7 @@ class CsmsSignJob(Base):
     charging_station_id: Mapped[str] = mapped_column(String(64))
     certificate_type: Mapped[str] = mapped_column(String(32))
     csr: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16))  # queued | running | signed | refused
+    state: Mapped[str] = mapped_column(String(16))  # a JobState
     claim: Mapped[str | None] = mapped_column(String(32))
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
