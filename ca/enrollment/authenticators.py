@@ -17,6 +17,7 @@ from ca.enrollment.policy import Attempt, Authenticated
 from ca.errors import AuthenticationError, PolicyError
 from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity
+from ca.kinds import CertStatus
 from ca.registry.secrets import secret_is_valid
 from ca.store.models import Authority, Certificate, Device
 from ca.work import Work
@@ -38,7 +39,9 @@ def registered_device(session: Session, serial: str) -> Device:
 def check_current(work: Work, certificate: Certificate, authority: Authority, what: str) -> None:
     """A presented certificate authenticates only while current and of ``authority``'s environment."""
     now = work.now()
-    if certificate.status != "valid" or (certificate.revoke_after is not None and certificate.revoke_after <= now):
+    if certificate.status != CertStatus.VALID or (
+        certificate.revoke_after is not None and certificate.revoke_after <= now
+    ):
         raise AuthenticationError(f"the {what} is revoked")
     if certificate.not_after <= now:
         raise AuthenticationError(f"the {what} has expired")

@@ -18,6 +18,7 @@ from ca.enrollment.policy import Attempt, Authenticated
 from ca.errors import ConflictError, PolicyError
 from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity, check_secc_id
+from ca.kinds import CaRole, CaStatus, CertStatus
 from ca.status.revocation import apply_revocation
 from ca.store.models import Authority, Certificate, Device
 from ca.work import Work
@@ -50,7 +51,7 @@ _CERTIFICATES = Certificate.__table__
 _OLDER_CHARGER_CERTIFICATES = select(_CERTIFICATES.c.id).where(
     _CERTIFICATES.c.device_id == bindparam("device_id"),
     _CERTIFICATES.c.profile == "charger",
-    _CERTIFICATES.c.status == "valid",
+    _CERTIFICATES.c.status == CertStatus.VALID,
     _CERTIFICATES.c.id != bindparam("new_id"),
 )
 _DEVICES = Device.__table__
@@ -98,7 +99,7 @@ class SeccRule:
         if csr.common_name != secc_id:
             raise PolicyError(f"the CSR's CN {csr.common_name!r} is not the SECC ID {secc_id!r}", code="cn_mismatch")
         authority = attempt.authority
-        if authority.role != "v2g-sub-ca-2" or authority.status != "active":
+        if authority.role != CaRole.V2G_SUB_CA_2 or authority.status != CaStatus.ACTIVE:
             raise PolicyError(f"CA {authority.name} does not issue SECC certificates")
         if who.device is not None:
             check_device(who.device, authority)
@@ -120,14 +121,14 @@ def current_secc(session: Session, authority: Authority, secc_id: str, exclude_i
     before ``issue`` attaches it after the commit.
     """
     sub_cas = select(Authority.id).where(
-        Authority.environment == authority.environment, Authority.role == "v2g-sub-ca-2"
+        Authority.environment == authority.environment, Authority.role == CaRole.V2G_SUB_CA_2
     )
     return list(
         session.scalars(
             select(Certificate).where(
                 Certificate.profile == "v2g-secc",
                 Certificate.common_name == secc_id,
-                Certificate.status == "valid",
+                Certificate.status == CertStatus.VALID,
                 Certificate.authority_id.in_(sub_cas),
                 Certificate.id != exclude_id,
             )
