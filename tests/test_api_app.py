@@ -32,7 +32,7 @@ from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
 from ca import audit
-from ca.authorities import default_issuing_ca, issuer_for
+from ca.authorities import default_issuing_ca, get_authority, issuer_for
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
 from ca.csms import add_client, caller_for, get_client, issue_token, set_enabled
@@ -47,6 +47,7 @@ from ca.models import AuditEvent, Certificate, CsmsSignJob
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke
+from ca.rotation import retire, rotate_issuing_ca
 from ca.v2g import V2gRequest, init_v2g
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
@@ -501,6 +502,56 @@ def test_identity_check_allows_only_the_station_s_own_current_certificate(api: A
     assert verdict["allowed"] is False and verdict["reason"] == "revoked" and "keyCompromise" in verdict["detail"]
     audited = [json.loads(e.details) for e in api.audit("csms.api.identity-check")]
     assert [a["reason"] for a in audited][:2] == [None, "cn_mismatch"]
+
+
+def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: Api, token: Token) -> None:
+    """The records decide: a certificate the stored CA signed is refused once that CA (or one above it)
+    is revoked or retired, even while the certificate itself is still valid in the records."""
+
+    def check(station_id: str, pem: str) -> dict[str, Any]:
+        response = api.client.post(
+            "/api/v1/identity-check", json={"chargingStationId": station_id, "clientCertificate": pem}
+        )
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    station = api.register()
+    signed, _ = api.signed(station)
+    assert check(station, signed["certificateChain"])["allowed"] is True
+    with api.pki.store.session() as session:
+        issuing = default_issuing_ca(session, "production")
+        issuing_name, issuing_serial = issuing.name, issuing.serial
+        session.commit()
+    with api.pki.store.session() as session:
+        revoke(session, issuing_serial, "keyCompromise", actor="test", status=api.status)
+    verdict = check(station, signed["certificateChain"])
+    assert (verdict["allowed"], verdict["reason"]) == (False, "ca_not_active"), verdict
+    assert issuing_name in verdict["detail"] and "revoked" in verdict["detail"]
+    with api.pki.store.session() as session:
+        mine = session.scalar(select(Certificate).where(Certificate.serial == signed["serialNumber"]))
+        assert mine is not None and mine.status == "valid"  # the leaf's own record still says valid
+        session.commit()
+    audited = json.loads(api.audit("csms.api.identity-check")[-1].details)
+    assert (audited["allowed"], audited["reason"]) == (False, "ca_not_active")
+
+    # Retired: staging's issuing CA is superseded by a rotation and then retired.
+    staging_client = _client_for(api, "csms-staging", "staging")
+    staging = api.register(environment="staging")
+    issued = _issue_direct(api, staging, environment="staging")
+    with api.pki.store.session() as session:
+        old = default_issuing_ca(session, "staging")
+        rotate_issuing_ca(session, token, environment="staging", actor="test", status=api.status)
+        retire(session, [get_authority(session, old.name)], actor="test", now=datetime.now(UTC))
+    answer = staging_client.post(
+        "/api/v1/identity-check", json={"chargingStationId": staging, "clientCertificate": _pem(issued.der)}
+    ).get_json()
+    assert (answer["allowed"], answer["reason"]) == (False, "ca_not_active") and "retired" in answer["detail"]
+
+
+def _client_for(api: Api, name: str, environment: str) -> CheckedClient:
+    with api.pki.store.session() as session:
+        secret = issue_token(session, add_client(session, name, environment=environment, actor="test"), actor="t")
+    return CheckedClient(api.client.client, {"Authorization": f"Bearer {secret}"})
 
 
 def _csms_certificate(api: Api, session: Any, name: str = "csms-1") -> tuple[str, str]:

@@ -247,8 +247,8 @@ SCHEMAS: dict[str, Any] = {
             "reason": {
                 "type": "string",
                 "description": "when refused: unknown_issuer, other_environment, unknown_certificate, "
-                "not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, wrong_organization, "
-                "unknown_device, device_disabled",
+                "ca_not_active, not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, "
+                "wrong_organization, unknown_device, device_disabled",
             },
             "detail": _STRING,
             "serialNumber": _STRING,
