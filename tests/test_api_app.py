@@ -632,6 +632,99 @@ def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> 
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 401
 
 
+def _limited_app(api: Api, *, per_address: int, per_certificate: int) -> CheckedClient:
+    """The installation served with small lockout limits (the ``[est]`` auth_* settings)."""
+    settings = EstSettings(
+        default_environment="production",
+        client_cert_header="X-SSL-Client-Cert",
+        trusted_proxies=("127.0.0.1",),
+        auth_max_failures_per_address=per_address,
+        auth_max_failures_per_device=per_certificate,
+    )
+    return CheckedClient(create_app(api.pki, settings).test_client())
+
+
+def test_bad_api_credentials_are_locked_out_by_address_or_certificate_never_the_valid_client(api: Api) -> None:
+    client = _limited_app(api, per_address=5, per_certificate=3)
+    path = "/api/v1/certificates/" + "a" * 64
+    guesser, elsewhere = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.2"}
+
+    def call(address: dict[str, str], **headers: str) -> Any:
+        return client.get(path, headers={**address, **headers})
+
+    # Token guesses count against the address they come from: 5 refusals, then 429, the right token included.
+    guesses = [call(guesser, Authorization=f"Bearer cpk_guess{number}") for number in range(8)]
+    assert [r.status_code for r in guesses] == [401] * 5 + [429] * 3
+    locked = call(guesser, Authorization=f"Bearer {api.token}")
+    assert (locked.status_code, locked.get_json()["reason"]) == (429, "rate_limited")
+    assert 0 < int(locked.headers["Retry-After"]) <= 900
+    # The CSMS whose token it is keeps working from its own address, by token and by certificate …
+    assert call(elsewhere, Authorization=f"Bearer {api.token}").status_code == 404
+    with api.pki.store.session() as session:
+        certificate, _key = _csms_certificate(api, session)
+        unregistered, _ = _csms_certificate(api, session, name="csms-unknown")
+    assert call(elsewhere, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # … and with its certificate even from the guesser's address (a shared NAT): another key space.
+    assert call(guesser, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # A refused certificate counts against itself, from any address; the valid one is untouched.
+    refused = [call(a, **{"X-SSL-Client-Cert": quote(unregistered)}) for a in (guesser, elsewhere) * 2]
+    assert [r.status_code for r in refused] == [401, 401, 401, 429]
+    assert call(guesser, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # The audit chain holds the two lockouts and the valid calls; the refusals are only counted.
+    lockouts = api.audit("auth.locked_out")
+    assert sorted(json.loads(e.details)["locked"] for e in lockouts) == ["csmscert", "token"]
+    assert all(e.actor.startswith("csms:") for e in api.audit("csms.api.lookup"))
+    with api.pki.store.session() as session:
+        audit.flush_all_noise(session)
+    summaries = api.audit(audit.NOISE)
+    assert len(summaries) <= 4  # two addresses, the calls may straddle a minute
+    refusals: dict[str, int] = {}
+    for summary in summaries:
+        for key, count in json.loads(summary.details)["refusals"].items():
+            refusals[key] = refusals.get(key, 0) + count
+    assert refusals == {"csms.api.lookup unauthenticated": 8, "csms.api.lookup rate_limited": 5}
+
+
+def test_concurrent_token_guesses_start_exactly_one_lockout(api: Api) -> None:
+    """Threads guessing at once from one address: every failure is counted in the database, the
+    lockout starts once (one audit entry), and a valid CSMS elsewhere is never refused meanwhile."""
+    client = _limited_app(api, per_address=10, per_certificate=5)
+    path = "/api/v1/certificates/" + "a" * 64
+    statuses: list[int] = []
+    valid: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(5)
+
+    def guess(worker: int) -> None:
+        start.wait()
+        for number in range(8):
+            headers = {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer cpk_{worker}_{number}"}
+            status_code = client.get(path, headers=headers).status_code
+            with lock:
+                statuses.append(status_code)
+
+    def honest() -> None:
+        start.wait()
+        for _ in range(8):
+            headers = {"X-Forwarded-For": "198.51.100.3", "Authorization": f"Bearer {api.token}"}
+            status_code = client.get(path, headers=headers).status_code
+            with lock:
+                valid.append(status_code)
+
+    threads = [threading.Thread(target=guess, args=(worker,)) for worker in range(4)]
+    threads.append(threading.Thread(target=honest))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(statuses)) == [401, 429] and len(statuses) == 32
+    assert statuses.count(401) >= 10  # requests already past the check when the lockout began are refused 401 too
+    assert valid == [404] * 8
+    assert len(api.audit("auth.locked_out")) == 1
+    locked = client.get(path, headers={"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {api.token}"})
+    assert locked.status_code == 429
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 def test_bad_input_is_a_json_4xx_never_a_500(api: Api) -> None:
     station = api.register()

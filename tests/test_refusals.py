@@ -96,7 +96,9 @@ class World:
         """Failed authentications counted against callers' own keys (user names, certificates)."""
         with self.pki.store.session() as session:
             total = session.scalar(
-                select(func.coalesce(func.sum(AuthFailure.failures), 0)).where(AuthFailure.kind != "address")
+                select(func.coalesce(func.sum(AuthFailure.failures), 0)).where(
+                    AuthFailure.kind.not_in(("address", "token"))  # a wrong API token counts against its address
+                )
             )
             session.commit()
         return int(total or 0)
@@ -295,7 +297,10 @@ def _est_routes() -> dict[str, Route]:
 
 def _api_route(certificate_type: str, action: str, cn: str) -> Route:
     audited = (action, "csms.api.sign")  # the refusal, then the call
-    not_locked = "the CSMS authenticates per call at the API layer; an authenticated CSMS is never locked out"
+    not_locked = (
+        "the CSMS authenticates per call at the API layer, where bad tokens and certificates are locked out "
+        "(tests/test_api_app.py); an authenticated CSMS is never locked out"
+    )
     route: Route = {
         "unauthenticated": Step(
             lambda w: w.sign("CP-CUR", make_csr(cn), certificate_type, token="cpk_wrong"),

@@ -2,8 +2,9 @@
 
 Each view parses and validates its input (against the OpenAPI document's own schemas), calls one
 core function and formats the answer. Every call is authenticated (a ``csms-client`` certificate
-from the TLS socket or the trusted proxy header, or an API token) and audited with its caller and
-outcome; every failure is ``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
+from the TLS socket or the trusted proxy header, or an API token; failures counted and locked out
+per address or certificate like EST's) and audited with its caller and outcome; every failure is
+``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 from ca import csms
 from ca.certificates import ocpp_chain_pem, standing
 from ca.context import Pki
-from ca.csms import Caller, authenticate, record_call
+from ca.csms import Caller, authenticate_limited, record_call
 from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError
 from ca.identity import check_identity
@@ -72,11 +73,12 @@ def _endpoint(operation: str) -> Callable[[View], View]:
             with _pki().store.session() as session:
                 try:
                     certificate_der, _binding = _client_certificate()
-                    caller = authenticate(
+                    caller = authenticate_limited(
                         session,
                         token=_presented_token(),
                         certificate_der=certificate_der,
                         address=_client_address(),
+                        limits=_enrollment_settings().limits,
                     )
                     session.commit()  # end the read: other sessions (the OCSP signer) may write next
                     response = view(session, caller, **kwargs)

@@ -42,8 +42,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured` …)",
         413: "body larger than 32 KiB",
         415: "Content-Type is not application/json",
+        429: "too many failed authentications from this address (API tokens) or with this client "
+        "certificate: locked out for a while, even with good credentials (`Retry-After`)",
         503: "token or database unavailable (`Retry-After`)",
     }
+    statuses = (*statuses, 429) if 401 in statuses else statuses  # every authenticated call can be locked out
     return {str(status): _json("Error", meaning[status]) for status in statuses}
 
 
