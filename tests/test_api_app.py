@@ -31,7 +31,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
-from ca import audit
+from ca import audit, checkpoints
 from ca.authorities import default_issuing_ca, get_authority, issuer_for
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
@@ -43,7 +43,7 @@ from ca.devices import add_device, disable_device, get_device
 from ca.errors import InputError, PolicyError
 from ca.hierarchy import HierarchyRequest, init_hierarchy
 from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.models import AuditEvent, Certificate, CsmsSignJob
+from ca.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
 from ca.pkcs11_token import Token
 from ca.profiles import get_profile
 from ca.revocation import revoke
@@ -376,6 +376,34 @@ def test_the_runner_thread_signs_queued_jobs(api: Api) -> None:
         assert answer.get_json()["status"] == "signed"
     finally:
         runner.close()
+
+
+def test_the_runner_threads_of_two_workers_sign_one_audit_checkpoint_per_interval(api: Api) -> None:
+    """EST workers' runner threads write the periodic checkpoints; two workers in one interval write one."""
+    api.signed(api.register())  # the chain has grown
+    every = timedelta(hours=1)
+    first, second = JobRunner(api.app, poll=0.05, checkpoint_every=every), JobRunner(api.app, checkpoint_every=every)
+    first.start()
+    try:
+        for _ in range(400):  # bounded: at most ~20 s, normally the thread's first turn
+            if _checkpoint_count(api):
+                break
+            threading.Event().wait(0.05)
+        assert _checkpoint_count(api) == 1
+        api.signed(api.register())  # the chain grows again, within the interval
+        second.checkpoint_if_due()  # the other worker's first turn: the interval's checkpoint exists
+    finally:
+        first.close()
+    assert _checkpoint_count(api) == 1
+    lines = (api.pki.config.home / checkpoints.FILE_NAME).read_text().splitlines()
+    assert len(lines) == 1
+
+
+def _checkpoint_count(api: Api) -> int:
+    with api.pki.store.session() as session:
+        count = len(session.scalars(select(AuditCheckpoint)).all())
+        session.commit()
+    return count
 
 
 # -- lookups and OCSP ----------------------------------------------------------------------------------

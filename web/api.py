@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
 
@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from ca import csms
 from ca.certificates import ocpp_chain_pem, standing
+from ca.checkpoints import CheckpointTimer
 from ca.context import Pki
 from ca.csms import Caller, authenticate_limited, record_call
 from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
@@ -327,11 +328,14 @@ class JobRunner:
 
     Jobs are claimed in the database, so any number of runners in any number of processes share
     the queue; a job whose runner died is taken over once its lease has run out (``ca.csms_jobs``).
+    With ``checkpoint_every`` it also signs a checkpoint of the audit chain that often when the
+    chain grew (``checkpoints.periodic_checkpoint``: one per interval however many runners try).
     """
 
-    def __init__(self, app: Flask, *, poll: float = 1.0) -> None:
+    def __init__(self, app: Flask, *, poll: float = 1.0, checkpoint_every: timedelta | None = None) -> None:
         self.app = app
         self.poll = poll
+        self._checkpoints = CheckpointTimer(checkpoint_every, name="EST worker") if checkpoint_every else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -363,9 +367,17 @@ class JobRunner:
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome
 
+    def checkpoint_if_due(self) -> None:
+        if self._checkpoints is None or not self._checkpoints.due():
+            return
+        with self.app.app_context(), _pki().store.session() as session:
+            pki = _pki()
+            self._checkpoints.run(session, pki.token, pki.config.home)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.checkpoint_if_due()
                 outcome = self.run_once()
             except (SQLAlchemyError, ChargepkiError) as exc:
                 # The database or the token is away: one line, and the jobs wait in the database.
