@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import string
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from flask import Flask
-from hypothesis import HealthCheck, assume, given
+from hypothesis import HealthCheck, assume, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
@@ -1004,41 +1006,143 @@ def _requests(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 def test_schema_valid_requests_are_never_refused_by_the_schema_nor_answered_5xx(api: Api) -> None:
-    """A few seconds of generated requests (the ``ci`` profile's examples per operation) through the
-    Flask test client, every answer also checked against the document by ``CheckedClient``."""
-    operations: list[tuple[str, str, dict[str, Any], Callable[[Any], Any]]] = [
-        ("post", "/api/v1/ocsp", _ref_schema("OcspRequest"), lambda body: api.client.post("/api/v1/ocsp", json=body)),
+    """Generated requests for every operation through the Flask test client, every answer also checked
+    against the document by ``CheckedClient``. Each operation starts from real requests that succeed
+    (hypothesis' explicit examples, run in every profile) and draws both fresh instances of the schema
+    and real requests with fields replaced, so the success paths are fuzzed too, not only refusals.
+
+    Budget: the profile's examples per operation (``ci``: 40 in ``make test``); with ``API_FUZZ_SECONDS``
+    (``make fuzz``) rounds of ``_FUZZ_ROUND`` examples, each from a new seed, until that many seconds
+    (per database, shared by the operations) were spent."""
+    real = _real_requests(api)
+    operations: list[tuple[str, dict[str, Any], list[Any], Callable[[Any], Any]]] = [
         (
-            "get",
+            "/api/v1/ocsp",
+            _ref_schema("OcspRequest"),
+            real["ocsp"],
+            lambda body: api.client.post("/api/v1/ocsp", json=body),
+        ),
+        (
             "/api/v1/certificates/by-hash",
             _ref_schema("CertificateHashData"),
+            real["by-hash"],
             lambda query: api.client.get(f"/api/v1/certificates/by-hash?{urlencode(query)}"),
         ),
         (
-            "post",
+            "/api/v1/certificates/{fingerprint}",
+            _path_schema("/api/v1/certificates/{fingerprint}"),
+            real["fingerprint"],
+            lambda fingerprint: api.client.get(f"/api/v1/certificates/{quote(fingerprint, safe=':')}"),
+        ),
+        (
             "/api/v1/identity-check",
             _ref_schema("IdentityCheckRequest"),
+            real["identity-check"],
             lambda body: api.client.post("/api/v1/identity-check", json=body),
         ),
-        ("post", "/api/v1/sign", _ref_schema("SignRequest"), lambda body: api.client.post("/api/v1/sign", json=body)),
+        (
+            "/api/v1/sign",
+            _ref_schema("SignRequest"),
+            real["sign"],
+            lambda body: api.client.post("/api/v1/sign", json=body),
+        ),
+        (
+            "/api/v1/sign/{jobId}",
+            _path_schema("/api/v1/sign/{jobId}"),
+            real["job"],
+            lambda job_id: api.client.get(f"/api/v1/sign/{quote(job_id, safe='')}"),
+        ),
     ]
-    for _method, path, schema, call in operations:
-        _fuzz_one(path, schema, call)
+    budget = float(os.environ.get("API_FUZZ_SECONDS") or 0) / len(operations)
+    for path, schema, examples, call in operations:
+        statuses = _fuzz_one(path, schema, examples, call, seconds=budget)
+        assert statuses & {200, 202}, (path, statuses)  # the real requests reached the success path
 
 
-def _fuzz_one(path: str, schema: dict[str, Any], call: Callable[[Any], Any]) -> None:
+def _path_schema(path: str) -> dict[str, Any]:
+    return DOCUMENT["paths"][path]["get"]["parameters"][0]["schema"]
+
+
+def _real_requests(api: Api) -> dict[str, list[Any]]:
+    """Requests that succeed against this installation: a signed charger's hash data and fingerprint,
+    its identity check, a CSR of another registered station, a pending signing job."""
+    station, signer = api.register(), api.register()
+    signed, _key = api.signed(station)
+    info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
+    hash_data = info["certificateHashData"]
+    fingerprint = signed["fingerprintSha256"]
+    colons = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+    job = api.sign(signer, make_csr(signer), query="?async=1").get_json()["jobId"]  # no runner: stays pending
+    return {
+        "ocsp": [{"ocspRequestData": {**data, "responderURL": "http://127.0.0.1:8081/ocsp"}} for data in hash_data],
+        "by-hash": hash_data,
+        "fingerprint": [fingerprint, colons],
+        "identity-check": [{"chargingStationId": station, "clientCertificate": signed["certificateChain"]}],
+        "sign": [
+            {"chargingStationId": signer, "csr": make_csr(signer).decode()},
+            {
+                "chargingStationId": signer,
+                "csr": make_csr(signer).decode(),
+                "certificateType": "ChargingStationCertificate",
+            },
+        ],
+        "job": [job],
+    }
+
+
+def _near(schema: dict[str, Any], real: list[Any]) -> st.SearchStrategy[Any]:
+    """A real request with some of its fields replaced by drawn ones or left out (recursively)."""
+    schema = _resolved(schema)
+    if schema.get("type") != "object":
+        return st.one_of(st.sampled_from(real), _requests(schema))
+    required = set(schema.get("required", []))
+
+    @st.composite
+    def draw_near(draw: st.DrawFn) -> dict[str, Any]:
+        drawn = dict(draw(st.sampled_from(real)))
+        for name, field in schema["properties"].items():
+            choice = draw(st.integers(0, 5))  # mostly kept, so most instances stay close to a success
+            if choice == 0:
+                drawn[name] = draw(_requests(field))
+            elif choice == 1 and name not in required:
+                drawn.pop(name, None)
+            elif choice == 2 and isinstance(drawn.get(name), dict):
+                drawn[name] = draw(_near(field, [drawn[name]]))
+        return drawn
+
+    return draw_near()
+
+
+_FUZZ_ROUND = 50  # examples per round under a time budget: short rounds keep its end near
+
+
+def _fuzz_one(
+    path: str, schema: dict[str, Any], real: list[Any], call: Callable[[Any], Any], *, seconds: float = 0
+) -> set[int]:
+    """Run the property over one operation (repeated until ``seconds`` were spent); the statuses seen."""
     full = Validator({**schema, "components": DOCUMENT["components"]})
+    statuses: set[int] = set()
 
-    @hypothesis_settings(deadline=None, suppress_health_check=list(HealthCheck))
-    @given(_requests(schema))
+    rounds = {"max_examples": _FUZZ_ROUND} if seconds else {}
+
+    @hypothesis_settings(deadline=None, suppress_health_check=list(HealthCheck), **rounds)
+    @given(st.one_of(_requests(schema), _near(schema, real)))
     def one(instance: Any) -> None:
         assume(full.is_valid(instance))  # the document's reading of its patterns (ECMA-262's $)
         answer = call(instance)
         reason = (answer.get_json(silent=True) or {}).get("reason")
+        statuses.add(answer.status_code)
         assert answer.status_code < 500, (path, instance, answer.get_json(silent=True))
         assert not (answer.status_code == 400 and reason in _SCHEMA_REASONS), (path, instance, reason)
 
+    for instance in real:  # run first, in every profile
+        assert full.is_valid(instance), (path, instance)
+        one = example(instance)(one)
+    end = time.monotonic() + seconds  # a budget, not an assertion: rounds until it is spent
     one()
+    while time.monotonic() < end:
+        one()
+    return statuses
 
 
 def _ref_schema(name: str) -> dict[str, Any]:
