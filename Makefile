@@ -105,7 +105,7 @@ bench: setup
 bench-crl: setup
 	$(BIN)/python bench/crl.py $(BENCH_CRL_ARGS)
 
-# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk (issue 4).
+# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk.
 bench-ocsp: setup
 	@command -v cfssl >/dev/null && command -v wrk >/dev/null || { echo "installing Debian packages golang-cfssl wrk"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

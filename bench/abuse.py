@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from ca.config import load_config, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.devices import add_device  # noqa: E402
-from ca.enrollment_secrets import issue_secret  # noqa: E402
+from ca.registry.devices import add_device  # noqa: E402
+from ca.registry.secrets import issue_secret  # noqa: E402
 
 ORG = "Abuse Bench CPO"
 

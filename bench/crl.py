@@ -41,12 +41,12 @@ from cryptography import x509
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ca.authorities import get_authority, issuer_for  # noqa: E402
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ca.authorities.issuers import get_authority, issuer_for  # noqa: E402
 from ca.config import embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
-from ca.models import Certificate  # noqa: E402
-from ca.serials import new_serial  # noqa: E402
+from ca.issuance.serials import new_serial  # noqa: E402
+from ca.store.models import Certificate  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -205,7 +205,7 @@ def measure(mode: str, home: Path) -> Measure:
 
 def cryptography_build(issuer, rows, now: datetime) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
     """What crl/builder.py did before: one RevokedCertificate per entry, the whole list to the builder."""
-    from ca.revocation import REASONS as FLAGS
+    from ca.status.revocation import REASONS as FLAGS
 
     revoked = []
     for serial, revoked_at, reason, invalidity in rows:

@@ -42,11 +42,11 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.devices import add_device  # noqa: E402
-from ca.enrollment_secrets import issue_secret  # noqa: E402
-from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ca.registry.devices import add_device  # noqa: E402
+from ca.registry.secrets import issue_secret  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -302,7 +302,7 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
         from sqlalchemy import func, select
 
         from ca import audit
-        from ca.models import Certificate
+        from ca.store.models import Certificate
 
         recorded = session.scalar(
             select(func.count())

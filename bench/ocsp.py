@@ -48,16 +48,16 @@ from sqlalchemy import func, insert, select
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ca.authorities import default_issuing_ca, issuer_for, public_key_sha256  # noqa: E402
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ca.authorities.issuers import default_issuing_ca, issuer_for, public_key_sha256  # noqa: E402
 from ca.config import Config, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
-from ca.issuance import build_certificate, validity_window  # noqa: E402
-from ca.models import Certificate, OcspResponse  # noqa: E402
-from ca.names import subject_name  # noqa: E402
-from ca.profiles import get_profile  # noqa: E402
-from ca.revocation import revoke  # noqa: E402
-from ca.serials import format_serial, new_serial  # noqa: E402
+from ca.issuance.flow import build_certificate, validity_window  # noqa: E402
+from ca.issuance.names import subject_name  # noqa: E402
+from ca.issuance.profiles import get_profile  # noqa: E402
+from ca.issuance.serials import format_serial, new_serial  # noqa: E402
+from ca.status.revocation import revoke  # noqa: E402
+from ca.store.models import Certificate, OcspResponse  # noqa: E402
 from ocsp.certid import CertId, issuer_hashes  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 from ocsp.signing import SingleStatus  # noqa: E402
@@ -1024,7 +1024,7 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         "## Data set",
         "",
         f"{args.certs:,} charger certificates (EC P-256 keys, one per certificate) built with "
-        "`ca.issuance.build_certificate` and signed by the issuing CA's key in the SoftHSM2 token "
+        "`ca.issuance.flow.build_certificate` and signed by the issuing CA's key in the SoftHSM2 token "
         f"(`Issuer.sign`, which verifies each signature): {timings['sign']:.1f} s, "
         f"{args.certs / timings['sign']:,.0f} certificates/s (plus {timings['keys']:.1f} s generating the "
         f"subjects' keys); recorded with bulk Core inserts ({database}; no audit entries: this is a data set, "
@@ -1076,12 +1076,12 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         "",
         *table(runs, cfssl_run),
         "",
-        f"Target (issue 4): at least 2× cfssl's throughput and p99 under 10 ms. Best chargepki row: "
+        f"Target: at least 2× cfssl's throughput and p99 under 10 ms. Best chargepki row: "
         f"{best.rate / cfssl_run.rate:.2f}× cfssl, p99 {best.p99_ms:.2f} ms.",
         "",
         "## Revocation → `revoked` at the responders",
         "",
-        f"{args.revocations} revocations per row, one at a time, through `ca.revocation.revoke` with a "
+        f"{args.revocations} revocations per row, one at a time, through `ca.status.revocation.revoke` with a "
         "`Presigner` (what `chargepki revoke` calls: the revoked response is signed in the token and committed "
         "with the revocation). Before each, every connection asked for the certificate twice (so the good answer "
         "is cached in the workers); after the commit the bench polls with keep-alive POSTs on every connection "

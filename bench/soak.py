@@ -1,4 +1,4 @@
-"""Soak: a bounded mixed load on loopback against the processes `make run` starts (issue 5).
+"""Soak: a bounded mixed load on loopback against the processes `make run` starts.
 
 A fresh home (SQLite and a SoftHSM2 token by default, like `make run`; ``--postgresql`` for a
 PostgreSQL schema) on free ports, then ``chargepki run``: EST over HTTPS (gunicorn, ``--workers``),
@@ -70,10 +70,10 @@ sys.path.insert(0, str(ROOT))
 
 from ca.config import Config, EstSettings, OcspSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.devices import add_device  # noqa: E402
-from ca.enrollment_secrets import issue_secret  # noqa: E402
-from ca.models import Certificate  # noqa: E402
-from ca.revocation import revoke  # noqa: E402
+from ca.registry.devices import add_device  # noqa: E402
+from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.status.revocation import revoke  # noqa: E402
+from ca.store.models import Certificate  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Soak Charging"

@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from ca.authorities import default_issuing_ca, get_authority
+from ca.authorities.issuers import default_issuing_ca, get_authority
 from ca.context import Pki
 from ca.errors import InputError
-from ca.models import Authority
+from ca.store.models import Authority
 from ocsp.presign import Presigner, policy_from
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError
 
-from ca.checkpoints import CheckpointTimer
+from ca.audit.checkpoints import CheckpointTimer
 from ca.errors import ChargepkiError
-from ca.store import Store
+from ca.store.engine import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter

@@ -15,10 +15,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.authorities import default_issuing_ca, get_authority, issuer_for
-from ca.certificates import display_status
-from ca.csr import read_csr
-from ca.devices import (
+from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.errors import InputError
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, issue, request_from_csr
+from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import get_profile
+from ca.registry.devices import (
     add_device,
     device_certificates,
     disable_device,
@@ -28,12 +31,9 @@ from ca.devices import (
     list_devices,
     reset_device,
 )
-from ca.enrollment_secrets import issue_secret, withdraw_secrets
-from ca.errors import InputError
-from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.names import ENVIRONMENTS
-from ca.profiles import get_profile
-from ca.revocation import REASONS
+from ca.registry.secrets import issue_secret, withdraw_secrets
+from ca.status.certificates import display_status
+from ca.status.revocation import REASONS
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, table
 from cli.params import DURATION
 

@@ -8,10 +8,7 @@ from pathlib import Path
 
 import click
 
-from ca.errors import InputError
-from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
-from ca.keyspec import ALL_KEY_TYPES
-from ca.manufacturer import (
+from ca.authorities.manufacturer import (
     ManufacturerRequest,
     add_firmware_signer,
     channel_of,
@@ -20,7 +17,10 @@ from ca.manufacturer import (
     init_manufacturer,
     manufacturer_root,
 )
-from ca.names import ENVIRONMENTS
+from ca.errors import InputError
+from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
+from ca.issuance.names import ENVIRONMENTS
+from ca.keys.keyspec import ALL_KEY_TYPES
 from cli.common import State, actor, fmt_time, note, pass_state, table, utc_now
 from cli.params import DURATION
 

@@ -19,24 +19,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit, checkpoints
-from ca.authorities import chain, get_authority, issuer_for, list_authorities
-from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import chain, get_authority, issuer_for, list_authorities
+from ca.authorities.manufacturer import manufacturer_root
+from ca.authorities.rotation import check_can_issue, environment_certificates, rotate_issuing_ca
+from ca.authorities.v2g import current_sub_ca_2
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
 from ca.context import Pki
-from ca.csr import read_csr
 from ca.errors import ChargepkiError
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.keyspec import ALL_KEY_TYPES
-from ca.manufacturer import manufacturer_root
-from ca.models import Authority
-from ca.names import ENVIRONMENTS
-from ca.profiles import PROFILES, Profile, check_issuer_role, get_profile
-from ca.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
-from ca.rotation import check_can_issue, environment_certificates, rotate_issuing_ca
-from ca.store import _one_line
-from ca.v2g import current_sub_ca_2
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import PROFILES, Profile, check_issuer_role, get_profile
+from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.status.certificates import STATUSES, display_status, get_certificate, list_certificates
+from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
+from ca.store.engine import _one_line
+from ca.store.models import Authority
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.csms import csms

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from ca.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
+from ca.authorities.rotation import last_expiry, latest_rollover, rollover_files, rollover_root, rotate_issuing_ca
 from ca.errors import InputError
-from ca.keyspec import ALL_KEY_TYPES
-from ca.names import ENVIRONMENTS
-from ca.rotation import last_expiry, latest_rollover, rollover_files, rollover_root, rotate_issuing_ca
+from ca.issuance.names import ENVIRONMENTS
+from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.registry.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
 from cli.common import State, actor, fmt_time, note, pass_state, table
 from cli.params import DURATION
 

@@ -10,11 +10,11 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authorities import issuer_for
+from ca.authorities.issuers import issuer_for
+from ca.authorities.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
+from ca.enrollment.secc import issue_secc
 from ca.errors import InputError
-from ca.names import ENVIRONMENTS
-from ca.secc import issue_secc
-from ca.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
+from ca.issuance.names import ENVIRONMENTS
 from cli.common import State, actor, note, pass_state
 from cli.params import DURATION
 

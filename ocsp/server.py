@@ -19,7 +19,9 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit, checkpoints
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.rotation import retire_finished
 from ca.config import PIN_ENV, Config
 from ca.context import Pki
 from ca.errors import ChargepkiError, ConfigError
@@ -33,7 +35,6 @@ from ca.frontdoor import (
     upstream_socket,
     wait_until_listening,
 )
-from ca.rotation import retire_finished
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.requests import MAX_REQUEST_BYTES
 from ocsp.signer_service import OnDemandSigner, SignerServer

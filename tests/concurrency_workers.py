@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ca import audit
-from ca.authorities import issuer_for
-from ca.models import Authority
-from ca.pkcs11_token import Token
-from ca.revocation import revoke
-from ca.store import Store
+from ca.authorities.issuers import issuer_for
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import Authority
 from crl.publisher import publish_crl
 from ocsp.presign import Presigner, refresh
 

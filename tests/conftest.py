@@ -22,12 +22,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.config import Config as PkiConfig
 from ca.config import Pkcs11Settings, find_softhsm_module, write_config
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.pkcs11_token import Token
-from ca.softhsm import create_token, write_softhsm_conf
-from ca.store import Store
+from ca.keys.pkcs11_token import Token
+from ca.keys.softhsm import create_token, write_softhsm_conf
+from ca.store.engine import Store
 from ocsp.presign import Presigner
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

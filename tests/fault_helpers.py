@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
 from sqlalchemy import select
 
-from ca.devices import add_device
-from ca.enrollment_secrets import issue_secret
-from ca.models import Authority, Device
-from ca.store import Store
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import Authority, Device
 from tests.est_server import free_port
 from tests.helpers import make_csr, make_key
 

@@ -76,7 +76,7 @@ def _fdp_source(fdp: Any) -> Any:
 def _world(tmp: Path) -> Any:
     """A real installation in ``tmp``: its own SoftHSM2 token (random PINs) and SQLite."""
     from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
-    from ca.softhsm import create_token, write_softhsm_conf
+    from ca.keys.softhsm import create_token, write_softhsm_conf
     from tests.hostile import build_world
 
     conf = write_softhsm_conf(tmp / "softhsm" / "softhsm2.conf")
@@ -95,8 +95,8 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
 
     import atheris
 
-    from ca.csr import read_csr
     from ca.errors import ChargepkiError
+    from ca.issuance.csr import read_csr
     from ocsp.requests import MalformedRequest, decode_get_path, parse_request
     from tests import hostile
     from web.est import decode_pkcs10
@@ -188,8 +188,8 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
             if response.status_code != 200:
                 hostile.unchanged(world.pki.store, before, "fuzz")
                 return
-            from ca.devices import get_device, reset_device
-            from ca.enrollment_secrets import issue_secret
+            from ca.registry.devices import get_device, reset_device
+            from ca.registry.secrets import issue_secret
 
             with world.pki.store.session() as session:  # enrolled: open the device again for the next input
                 reset_device(session, hostile.DEVICE, actor="fuzz")
@@ -199,11 +199,11 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
         return est_app, [b"\x01\x01" + der_b64, b"\x00\x00" + seeds.csr_der, b"\x01\x02" + bytes(32)]
 
     if name == "csv":
-        from ca.store import Store
+        from ca.store.engine import Store
 
         store = Store(f"sqlite:///{tmp / 'csv.db'}")
         store.upgrade()
-        from ca.devices import import_devices
+        from ca.registry.devices import import_devices
 
         def csv(data: bytes) -> None:
             text = data.decode("utf-8", "replace")
@@ -230,7 +230,7 @@ def run_target(name: str, seconds: int, base: Path) -> None:
     with atheris.instrument_imports(include=INSTRUMENTED):
         import asn1crypto.core  # noqa: F401
 
-        import ca.csr  # noqa: F401
+        import ca.issuance.csr  # noqa: F401
         import ocsp.requests  # noqa: F401
         import tests.hostile  # noqa: F401
         import web.est  # noqa: F401

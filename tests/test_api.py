@@ -16,16 +16,16 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authorities import default_issuing_ca, issuer_for
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
 from ca.config import EstSettings, Pkcs11Settings
-from ca.csms import add_client, issue_token
-from ca.devices import add_device
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.store import Store
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import add_client, issue_token
+from ca.registry.devices import add_device
+from ca.status.revocation import revoke
+from ca.store.engine import Store
 from ocsp.presign import Presigner
 from tests.api_helpers import check_answer
 from tests.conftest import database

@@ -33,24 +33,25 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
-from ca import audit, checkpoints
-from ca.authorities import default_issuing_ca, get_authority, issuer_for
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.authorities.rotation import retire, rotate_issuing_ca
+from ca.authorities.v2g import V2gRequest, init_v2g
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.csms import add_client, caller_for, get_client, issue_token, set_enabled
-from ca.csms import sign as csms_sign
-from ca.csms_jobs import claim_next, enqueue, process
-from ca.csr import read_csr
-from ca.devices import add_device, disable_device, get_device
 from ca.errors import InputError, PolicyError
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.rotation import retire, rotate_issuing_ca
-from ca.v2g import V2gRequest, init_v2g
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import add_client, caller_for, get_client, issue_token, set_enabled
+from ca.registry.csms import sign as csms_sign
+from ca.registry.csms_jobs import claim_next, enqueue, process
+from ca.registry.devices import add_device, disable_device, get_device
+from ca.status.revocation import revoke
+from ca.store.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient

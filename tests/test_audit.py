@@ -9,8 +9,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.models import AuditEvent
-from ca.store import Store
+from ca.store.engine import Store
+from ca.store.models import AuditEvent
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from ca import audit, checkpoints
-from ca.models import AuditCheckpoint, AuditEvent, AuditHead
-from ca.pkcs11_token import Token
-from ca.store import Store
+from ca import audit
+from ca.audit import checkpoints
+from ca.keys.pkcs11_token import Token
+from ca.store.engine import Store
+from ca.store.models import AuditCheckpoint, AuditEvent, AuditHead
 from cli.main import cli
 from tests.conftest import new_token_settings
 

@@ -14,14 +14,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import issuer_for
-from ca.csms import record_call
-from ca.enrollment import Credentials, enroll
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.enrollment.pipeline import Credentials, enroll
 from ca.errors import AuthenticationError, InputError
-from ca.hierarchy import Hierarchy
-from ca.models import AuditEvent, AuditNoise
-from ca.pkcs11_token import Token
-from ca.store import Store
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import record_call
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, AuditNoise
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 

@@ -17,17 +17,17 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ca.auth_limits import AuthLimits
-from ca.authorities import default_issuing_ca, issuer_for
-from ca.devices import add_device
-from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
-from ca.enrollment_secrets import issue_secret
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.enrollment.auth_limits import AuthLimits
+from ca.enrollment.pipeline import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.errors import AuthenticationError, InputError, RateLimitedError
-from ca.hierarchy import Hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditEvent, AuthFailure, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.store.models import AuditEvent, AuthFailure, Certificate
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 

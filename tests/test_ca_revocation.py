@@ -17,21 +17,21 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ca.authorities import Issuer, get_authority, issuer_for
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import Issuer, get_authority, issuer_for
+from ca.authorities.rotation import retire
 from ca.config import Config, EstSettings, write_config
 from ca.context import Pki
-from ca.csr import read_csr
-from ca.devices import add_device, get_device
-from ca.enrollment_secrets import issue_secret
 from ca.errors import PolicyError
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import AuditEvent, Authority, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.rotation import retire
-from ca.store import Store
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Authority, Certificate
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner
@@ -178,7 +178,7 @@ def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
     assert refused.status_code == 403 and "signs nothing any more" in refused.get_data(as_text=True)
     with pki.store.session() as session:
         assert session.scalar(select(func.count()).select_from(Certificate)) == before, "not even a reservation"
-        rotated = __import__("ca.rotation", fromlist=["x"]).rotate_issuing_ca(
+        rotated = __import__("ca.authorities.rotation", fromlist=["x"]).rotate_issuing_ca(
             session, token, ca_name="production-issuing-1", actor="test", status=status
         )
     cacerts = client.get("/.well-known/est/cacerts")

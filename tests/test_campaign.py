@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from sqlalchemy import select
 
-from ca.authorities import get_authority, issuer_for
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import get_authority, issuer_for
 from ca.config import EstSettings, Pkcs11Settings
-from ca.csms import add_client, issue_token
-from ca.devices import add_device, disable_device, get_device
-from ca.enrollment import Credentials, enroll
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.models import Campaign, CampaignDevice
-from ca.pkcs11_token import Token
-from ca.store import Store
+from ca.enrollment.pipeline import Credentials, enroll
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import add_client, issue_token
+from ca.registry.devices import add_device, disable_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import Campaign, CampaignDevice
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.conftest import database

@@ -12,8 +12,8 @@ from cryptography import x509
 from sqlalchemy import delete, select, update
 
 from ca.config import Config, write_config
-from ca.models import AuditCheckpoint, AuditEvent, AuditHead
-from ca.store import Store
+from ca.store.engine import Store
+from ca.store.models import AuditCheckpoint, AuditEvent, AuditHead
 from cli.main import cli
 from tests.conftest import new_token_settings
 from tests.helpers import make_csr, openssl_verify_against_chain, write

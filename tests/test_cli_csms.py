@@ -10,10 +10,10 @@ from cryptography import x509
 from sqlalchemy import select
 
 from ca.config import load_config
-from ca.csms import authenticate
 from ca.errors import AuthenticationError
-from ca.models import AuditEvent, CsmsToken
-from ca.store import Store
+from ca.registry.csms import authenticate
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, CsmsToken
 from cli.main import cli
 from tests.helpers import make_csr, openssl_verify_against_chain, write
 

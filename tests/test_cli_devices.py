@@ -11,9 +11,9 @@ from click.testing import CliRunner, Result
 from cryptography import x509
 from sqlalchemy import select
 
-from ca.enrollment_secrets import secret_is_valid
-from ca.models import AuditEvent, EnrollmentSecret
-from ca.store import Store
+from ca.registry.secrets import secret_is_valid
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, EnrollmentSecret
 from cli.main import cli
 from tests.helpers import make_csr, openssl_verify_against_chain, write
 

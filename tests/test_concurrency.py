@@ -23,17 +23,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import issuer_for, public_key_sha256
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for, public_key_sha256
 from ca.config import EstSettings, Pkcs11Settings
-from ca.csms import add_client, issue_token
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy
-from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.models import AuditEvent, AuditHead, Certificate, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.store import Store
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import add_client, issue_token
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, AuditHead, Certificate, OcspResponse
 from ocsp.presign import Presigner, refresh
 from tests import concurrency_workers as workers
 from tests.est_server import free_port, start_server, write_home

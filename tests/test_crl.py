@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import CRLEntryExtensionOID
 from sqlalchemy.orm import Session
 
-from ca.authorities import issuer_for
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import Authority, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.store import Store
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import Authority, Certificate
 from cli.main import cli
 from crl.publisher import PublishError, publish_all, publish_crl
 from ocsp.presign import Presigner

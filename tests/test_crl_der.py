@@ -18,14 +18,14 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from ca.authorities import Issuer, issuer_for
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import Issuer, issuer_for
 from ca.errors import TokenError
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.models import Certificate
-from ca.pkcs11_token import Token
-from ca.revocation import REASONS
-from ca.serials import new_serial
-from ca.store import Store
+from ca.issuance.serials import new_serial
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import REASONS
+from ca.store.engine import Store
+from ca.store.models import Certificate
 from crl import der
 from crl.builder import RevokedEntry, build_crl
 from crl.publisher import publish_crl, revoked_rows

@@ -9,14 +9,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from ca.authorities import issuer_for
-from ca.devices import add_device
-from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll
-from ca.enrollment_secrets import issue_secret
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.enrollment.pipeline import Credentials, EnrollmentSettings, enroll, reenroll
 from ca.errors import AuthenticationError
-from ca.hierarchy import Hierarchy
-from ca.pkcs11_token import Token
-from ca.revocation import revoke_due
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.status.revocation import revoke_due
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 

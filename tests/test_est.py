@@ -21,17 +21,17 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select
 
 from ca import audit
-from ca.authorities import default_issuing_ca, issuer_for
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
 from ca.config import EstSettings, Pkcs11Settings
-from ca.devices import add_device, disable_device, get_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditEvent, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.store import Store
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, disable_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Certificate
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -325,7 +325,7 @@ def test_a_second_first_enrollment_needs_an_admin_reset(fleet: Fleet) -> None:
     refused = fleet.enroll(serial, fleet.secret(serial))
     assert refused.status_code == 409 and "already enrolled" in refused.text
     with fleet.store.session() as session:
-        from ca.devices import reset_device
+        from ca.registry.devices import reset_device
 
         reset_device(session, serial, actor="test")
     second = certificate_from(fleet.enroll(serial, fleet.secret(serial)))

@@ -10,13 +10,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.devices import add_device, get_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.models import AuditEvent
-from ca.pkcs11_token import Token
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.store.models import AuditEvent
 from ocsp.presign import Presigner
 from tests.conftest import new_token_settings
 from tests.helpers import make_csr

@@ -29,15 +29,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import issuer_for
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import issuer_for
 from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.issuance import abandon_stale_pending, issue, request_from_csr
-from ca.models import AuditEvent, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.store import Store
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import abandon_stale_pending, issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Certificate
 from crl.publisher import PublishError, publish_crl, status_counter
 from ocsp.presign import Presigner
 from ocsp.responder import Responder

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from ca.config import Config, EstSettings, FrontDoorSettings, OcspSettings, Pkcs11Settings, write_config
 from ca.frontdoor import CLIENT_CERT_HEADER
-from ca.store import Store
+from ca.store.engine import Store
 from cli.main import cli
 from tests.est_server import EstServer, free_port, start_server
 from tests.helpers import make_key

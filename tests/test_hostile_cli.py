@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from ca.config import EstSettings, Pkcs11Settings
-from ca.models import Certificate
-from ca.revocation import REASONS
+from ca.status.revocation import REASONS
+from ca.store.models import Certificate
 from cli.main import cli
 from tests.conftest import database
 from tests.hostile import DEVICE, Finding, World, bounded, build_world, mutate_bytes, snapshot

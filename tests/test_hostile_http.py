@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from ca.config import EstSettings, Pkcs11Settings
-from ca.devices import get_device, reset_device
-from ca.enrollment_secrets import issue_secret
-from ca.models import Certificate
+from ca.registry.devices import get_device, reset_device
+from ca.registry.secrets import issue_secret
+from ca.store.models import Certificate
 from tests.conftest import database
 from tests.hostile import (
     DEVICE,

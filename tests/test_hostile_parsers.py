@@ -24,11 +24,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from ca.csr import CsrRequest, read_csr
-from ca.devices import import_devices
 from ca.errors import ChargepkiError
-from ca.models import AuditEvent, Device
-from ca.store import Store
+from ca.issuance.csr import CsrRequest, read_csr
+from ca.registry.devices import import_devices
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Device
 from ocsp.certid import CertId
 from ocsp.requests import MalformedRequest, decode_get_path, parse_request
 from tests.hostile import Source, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
 from ca.config import Pkcs11Settings
-from ca.csr import read_csr
 from ca.errors import InputError, PolicyError
-from ca.models import AuditEvent
+from ca.issuance.csr import read_csr
+from ca.store.models import AuditEvent
 from cli.main import cli
 from tests.hostile import DEVICE, World, _csr_parts, basic, build_world, der_tlv, est_client, make_seeds, snapshot
 

@@ -1,7 +1,7 @@
 """What an independent relying party or client needs from chargepki, on SQLite and PostgreSQL:
 issuing CAs name the OCSP responder that answers for them, the URLs given to `init` reach every
-later hierarchy, `/csrattrs` follows RFC 9908 for the label's CA, and the README's statuses are
-the server's."""
+later hierarchy, `/csrattrs` follows RFC 9908 for the label's CA, and the statuses docs/est.md
+names are the server's."""
 
 from __future__ import annotations
 
@@ -18,21 +18,21 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.rotation import rotate_issuing_ca
 from ca.config import Config, EstSettings, write_config
 from ca.context import Pki
-from ca.devices import add_device, get_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.models import Authority, OcspResponse
-from ca.pkcs11_token import Token
-from ca.rotation import rotate_issuing_ca
-from ca.store import Store
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import Authority, OcspResponse
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 from web.app import create_app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+EST_DOC = Path(__file__).resolve().parent.parent / "docs" / "est.md"
 
 
 def _aia_ocsp(der: bytes) -> list[str]:
@@ -122,7 +122,7 @@ def test_csrattrs_asks_for_the_label_ca_curve_in_rfc_9908_form(
     pki.close()
 
 
-def test_a_bad_csr_signature_gets_the_status_the_readme_names(
+def test_a_bad_csr_signature_gets_the_status_the_est_doc_names(
     tmp_path: Path, db_url: str, token: Token, token_settings
 ) -> None:
     pki, client = _app(tmp_path, db_url, token, token_settings, "ec-p256")
@@ -138,8 +138,8 @@ def test_a_bad_csr_signature_gets_the_status_the_readme_names(
         headers={"Content-Type": "application/pkcs10", **auth},
     )
     assert "signature is invalid" in response.get_data(as_text=True)
-    text = README.read_text(encoding="utf-8")
-    refusals = text[text.index("### Refusals") :].split("\n### ")[0]  # the EST refusal table
+    text = EST_DOC.read_text(encoding="utf-8")
+    refusals = text[text.index("## Refusals") :].split("\n## ")[0]  # the EST refusal table
     rows = dict(re.findall(r"^\| (\d{3})[^|]*\| (.*) \|$", refusals, re.MULTILINE))
     named = [status for status, when in rows.items() if "signature is invalid" in when]
     assert named == [str(response.status_code)], (response.status_code, rows)

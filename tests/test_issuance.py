@@ -14,18 +14,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import Issuer, issuer_for
-from ca.certificates import display_status, list_certificates
-from ca.csr import read_csr
-from ca.devices import add_device
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import Issuer, issuer_for
 from ca.errors import ConflictError, InputError, PolicyError, StoreError, TokenError
-from ca.hierarchy import Hierarchy
-from ca.issuance import IssueRequest, abandon_stale_pending, issue, request_from_csr
-from ca.models import AuditEvent, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.serials import format_serial, new_serial, parse_serial
-from ca.store import Store
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.issuance.serials import format_serial, new_serial, parse_serial
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device
+from ca.status.certificates import display_status, list_certificates
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Certificate
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -164,7 +164,7 @@ def test_a_serial_collision_draws_again_and_keeps_the_callers_work(
 ) -> None:
     taken = _issue(session, issuer, make_csr())
     draws = iter([int(taken.serial, 16), 0x1234ABCD])
-    monkeypatch.setattr("ca.issuance.new_serial", lambda: next(draws))
+    monkeypatch.setattr("ca.issuance.flow.new_serial", lambda: next(draws))
     audit.record(session, "test.pending", actor="test")  # the caller's uncommitted work (as a consumed secret)
     row = _issue(session, issuer, make_csr())
     assert row.serial == "1234ABCD"

@@ -16,20 +16,22 @@ from sqlalchemy import Connection, event, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ca import audit, checkpoints
-from ca.authorities import default_issuing_ca, issuer_for
-from ca.certificates import get_certificate, list_certificates
-from ca.devices import add_device, get_device
-from ca.enrollment import Credentials, enroll, reenroll
-from ca.enrollment_secrets import issue_secret
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.enrollment.pipeline import Credentials, enroll, reenroll
 from ca.errors import PolicyError
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke, revoke_due
-from ca.store import Store
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.kinds import CaRole, CaStatus, CertStatus, JobState
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.status.certificates import get_certificate, list_certificates
+from ca.status.revocation import revoke, revoke_due
+from ca.store.engine import Store
+from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
@@ -110,6 +112,32 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
     store.upgrade()
     store.ensure_schema()
     assert store.current_revision() == store.head_revision()
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "kind"),
+    [
+        ("authorities", "role", CaRole),
+        ("authorities", "status", CaStatus),
+        ("certificates", "status", CertStatus),
+        ("csms_sign_jobs", "state", JobState),
+    ],
+)
+def test_the_database_keeps_each_vocabulary_closed(db_url: str, table: str, column: str, kind: type) -> None:
+    """Every value the code knows is accepted by the migrated schema's CHECK; anything else is refused."""
+    store = Store(db_url)
+    store.ensure_schema()
+    with store.engine.connect() as connection:
+        # The constraint's own condition, evaluated by the database for each value (no row needed).
+        checks = [c for c in inspect(connection).get_check_constraints(table) if column in c["sqltext"]]
+        assert len(checks) == 1, checks
+        condition = checks[0]["sqltext"]
+        for value in [*kind, "bogus", "VALID"]:
+            accepted = connection.execute(
+                text(f"SELECT 1 WHERE {condition.replace(column, '(CAST(:v AS VARCHAR(64)))', 1)}"), {"v": str(value)}
+            ).first()
+            assert (accepted is not None) == (value in set(kind)), (table, column, value)
     store.dispose()
 
 

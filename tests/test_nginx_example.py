@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from ca.config import Pkcs11Settings
-from ca.store import Store
+from ca.store.engine import Store
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -163,7 +163,7 @@ def test_a_revocation_while_running_is_refused_by_ocsp_at_once_and_by_crl_after_
     assert _connect(gateway, gateway.port_ocsp, cert, key)[0] == 200
     assert _connect(gateway, gateway.port_crl, cert, key)[0] == 200
     _cli(gateway.home, "revoke", serial, "--reason", "keyCompromise")
-    time.sleep(1)  # the responder's propagation bound (issue 4); nginx keeps no OCSP cache here
+    time.sleep(1)  # the responder's propagation bound; nginx keeps no OCSP cache here
     assert _connect(gateway, gateway.port_ocsp, cert, key)[0] == 400
     assert _connect(gateway, gateway.port_crl, cert, key)[0] == 200  # nginx still holds the old CRL
     reload = f"{NGINX} -e {gateway.work / 'error.log'} -p {gateway.work} -c {gateway.work / 'nginx.conf'} -s reload"

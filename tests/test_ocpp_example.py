@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.config import EstSettings, Pkcs11Settings
-from ca.store import Store
+from ca.store.engine import Store
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home

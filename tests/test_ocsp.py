@@ -17,15 +17,15 @@ from cryptography.x509 import ocsp
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ca.authorities import issuer_for
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import Certificate, OcspResponse, StatusFeed
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke, unhold
-from ca.store import Store
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke, unhold
+from ca.store.engine import Store
+from ca.store.models import Certificate, OcspResponse, StatusFeed
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from ca.config import Pkcs11Settings
-from ca.store import Store
+from ca.store.engine import Store
 from cli.main import cli
 from ocsp.source import TTL
 from tests.conftest import database

@@ -16,13 +16,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAl
 from freezegun import freeze_time
 from sqlalchemy.orm import Session
 
-from ca.authorities import issuer_for
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.pkcs11_token import Token
-from ca.profiles import PROFILES, get_profile
-from ca.store import Store
+from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import PROFILES, get_profile
+from ca.keys.pkcs11_token import Token
+from ca.store.engine import Store
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key, openssl, pem, pkilint_findings, write
 

@@ -25,19 +25,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select
 
-from ca.authorities import default_issuing_ca, issuer_for
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.authorities.v2g import V2gRequest, init_v2g
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.csms import add_client, issue_token
-from ca.devices import add_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditEvent, AuditNoise, AuthFailure
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.secc import issue_secc
-from ca.v2g import V2gRequest, init_v2g
+from ca.enrollment.secc import issue_secc
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.csms import add_client, issue_token
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.store.models import AuditEvent, AuditNoise, AuthFailure
 from ocsp.presign import Presigner
 from tests.api_helpers import CheckedClient
 from tests.helpers import make_csr, make_key

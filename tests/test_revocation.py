@@ -8,15 +8,15 @@ import pytest
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import issuer_for
-from ca.csr import read_csr
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
 from ca.errors import ConflictError, InputError, NotFoundError
-from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import REASONS, parse_reason, revoke, unhold
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import REASONS, parse_reason, revoke, unhold
+from ca.store.models import Certificate
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 

@@ -21,14 +21,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import default_issuing_ca, issuer_for
-from ca.csr import read_csr
-from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import AuditEvent, Authority, Certificate, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.rotation import environment_certificates, latest_rollover, rollover_files, rollover_root
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.authorities.rotation import environment_certificates, latest_rollover, rollover_files, rollover_root
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, openssl, pkilint_findings, write

@@ -20,16 +20,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities import default_issuing_ca, get_authority, issuer_for
-from ca.csr import read_csr
-from ca.errors import ConflictError, InputError, PolicyError
-from ca.hierarchy import Hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.models import AuditEvent, Authority, Certificate
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.revocation import revoke
-from ca.rotation import (
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.authorities.rotation import (
     RETIRE_GRACE,
     check_can_issue,
     environment_certificates,
@@ -37,7 +30,14 @@ from ca.rotation import (
     retire_finished,
     rotate_issuing_ca,
 )
-from ca.store import Store
+from ca.errors import ConflictError, InputError, PolicyError
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Authority, Certificate
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner, refresh, rotate_signers

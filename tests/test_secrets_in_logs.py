@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import text
 
-from ca.store import Store
+from ca.store.engine import Store
 from tests.est_server import free_port, start_server
 from tests.helpers import make_csr, make_key
 from tests.test_first_run import chargepki

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ca.errors import StoreError
-from ca.store import Store
+from ca.store.engine import Store
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
-from ca import pkcs11_token
 from ca.config import Pkcs11Settings
 from ca.errors import TokenError
-from ca.keyspec import key_spec
-from ca.pkcs11_token import Token
-from ca.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
+from ca.keys import pkcs11_token
+from ca.keys.keyspec import key_spec
+from ca.keys.pkcs11_token import Token
+from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
 from tests.conftest import new_token_settings
 
 KEY_TYPES = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"]

@@ -13,14 +13,15 @@ import pytest
 from pkcs11 import Mechanism
 from sqlalchemy import select
 
-from ca import audit, pkcs11_token
+from ca import audit
 from ca.config import Config, Pkcs11Settings, write_config
 from ca.context import Pki
 from ca.errors import TokenError
-from ca.keyspec import key_spec
-from ca.models import AuditEvent
-from ca.pkcs11_token import PinRefused, Token
-from ca.store import Store
+from ca.keys import pkcs11_token
+from ca.keys.keyspec import key_spec
+from ca.keys.pkcs11_token import PinRefused, Token
+from ca.store.engine import Store
+from ca.store.models import AuditEvent
 from tests.conftest import new_token_settings
 
 DIGEST = hashlib.sha256(b"to be signed").digest()

@@ -24,19 +24,19 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID, N
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ca.authorities import issuer_for
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.authorities.v2g import V2gHierarchy, V2gRequest, import_sub_ca_1, init_v2g, request_sub_ca_1
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.devices import add_device
+from ca.enrollment.secc import issue_secc
 from ca.errors import ChargepkiError, ConflictError, InputError, NotFoundError, PolicyError
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.models import AuditEvent, Certificate, Device, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import get_profile
-from ca.secc import issue_secc
-from ca.store import Store
-from ca.v2g import V2gHierarchy, V2gRequest, import_sub_ca_1, init_v2g, request_sub_ca_1
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Certificate, Device, OcspResponse
 from cli.main import cli
 from ocsp.presign import Presigner, refresh, rotate_signers
 from ocsp.source import StoreSource

@@ -26,16 +26,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca import csms
-from ca.certificates import ocpp_chain_pem, standing
-from ca.checkpoints import CheckpointTimer
+from ca.audit.checkpoints import CheckpointTimer
 from ca.context import Pki
-from ca.csms import Caller, authenticate_limited, record_call
-from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
+from ca.enrollment.identity import check_identity
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError
-from ca.identity import check_identity
-from ca.models import Certificate, CsmsSignJob, Device
-from ca.store import _one_line
+from ca.registry import csms
+from ca.registry.csms import Caller, authenticate_limited, record_call
+from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
+from ca.status.certificates import ocpp_chain_pem, standing
+from ca.store.engine import _one_line
+from ca.store.models import Certificate, CsmsSignJob, Device
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
 from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
@@ -327,7 +327,7 @@ class JobRunner:
     """Signs queued jobs in a thread of the serving process (one per gunicorn worker).
 
     Jobs are claimed in the database, so any number of runners in any number of processes share
-    the queue; a job whose runner died is taken over once its lease has run out (``ca.csms_jobs``).
+    the queue; a job whose runner died is taken over once its lease has run out (``ca.registry.csms_jobs``).
     With ``checkpoint_every`` it also signs a checkpoint of the audit chain that often when the
     chain grew (``checkpoints.periodic_checkpoint``: one per interval however many runners try).
     """

@@ -5,7 +5,8 @@ way charger enrollment uses the environment's newest issuing CA, so a device con
 CA's name follows its rotations (``ca/rotation.py``). A CPO Sub-CA 2's name
 (``production-cpo-sub-ca2-1``), or ``v2g`` for the default environment's, enrolls ISO 15118 SECC
 certificates instead. Requests and responses are base64-encoded DER with the content types of
-RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment`` (chargers) and ``ca.secc`` (SECCs).
+RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment`` (``pipeline`` for chargers,
+``secc`` for SECCs).
 """
 
 from __future__ import annotations
@@ -29,20 +30,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
-from ca.auth_limits import AuthLimits
-from ca.authorities import Issuer, chain, default_issuing_ca, issuer_for
+from ca.authorities.issuers import Issuer, chain, default_issuing_ca, issuer_for
+from ca.authorities.rotation import environment_certificates
+from ca.authorities.v2g import current_sub_ca_2
 from ca.config import EstSettings
 from ca.context import Pki
-from ca.enrollment import Credentials, EnrollmentSettings, enroll, reenroll, requested_key
+from ca.enrollment.auth_limits import AuthLimits
+from ca.enrollment.pipeline import Credentials, EnrollmentSettings, enroll, reenroll, requested_key
+from ca.enrollment.secc import enroll_secc
 from ca.errors import AuthenticationError, InputError, NotFoundError, PolicyError
 from ca.frontdoor import TRUSTED_UNIX
-from ca.issuance import abandon_stale_pending
-from ca.models import Authority, Certificate
-from ca.names import ENVIRONMENTS
-from ca.revocation import revoke_due
-from ca.rotation import environment_certificates
-from ca.secc import enroll_secc
-from ca.v2g import current_sub_ca_2
+from ca.issuance.flow import abandon_stale_pending
+from ca.issuance.names import ENVIRONMENTS
+from ca.status.revocation import revoke_due
+from ca.store.models import Authority, Certificate
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
@@ -74,7 +75,7 @@ def _settings() -> EstSettings:
     return current_app.extensions["chargepki.est"]
 
 
-_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # CA names (ca.hierarchy) fit this
+_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # CA names (ca.authorities.hierarchy) fit this
 AUTHORITY_TTL = 10.0  # seconds a worker keeps a label's CA: a CA added or retired is seen within this time
 
 

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from ca.errors import InputError
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS, CSR_CHARS, IDENTITY_CHARS, SERIAL_NUMBER_CHARS
 
 _HEX = "^[0-9A-Fa-f]+$"
 # The path parameters exactly as web/api.py reads them: a SHA-256 fingerprint in hex, either case,
@@ -75,7 +76,7 @@ _HASH_DATA = {
         "serialNumber": {
             "type": "string",
             "minLength": 1,
-            "maxLength": 40,
+            "maxLength": SERIAL_NUMBER_CHARS,
             "pattern": _HEX,
             "not": {"pattern": "^0+$"},
             REASONS: {"not": "bad_serial"},
@@ -123,12 +124,12 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["chargingStationId", "csr"],
         "properties": {
-            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": IDENTITY_CHARS},
             "certificateType": {
                 "enum": ["ChargingStationCertificate", "V2GCertificate"],
                 "default": "ChargingStationCertificate",
             },
-            "csr": {"type": "string", "minLength": 1, "maxLength": 5500, "description": "PEM PKCS#10"},
+            "csr": {"type": "string", "minLength": 1, "maxLength": CSR_CHARS, "description": "PEM PKCS#10"},
         },
     },
     "SignResult": {
@@ -232,11 +233,11 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["chargingStationId", "clientCertificate"],
         "properties": {
-            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": IDENTITY_CHARS},
             "clientCertificate": {
                 "type": "string",
                 "minLength": 1,
-                "maxLength": 10000,
+                "maxLength": CERTIFICATE_CHAIN_CHARS,
                 "description": "PEM of the certificate the charger presented in TLS (a chain may follow)",
             },
         },

@@ -27,7 +27,8 @@ from gunicorn.app.base import BaseApplication
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca.authorities import default_issuing_ca, issuer_for, list_authorities
+from ca.authorities.issuers import default_issuing_ca, issuer_for, list_authorities
+from ca.clock import utcnow
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.errors import ChargepkiError, ConfigError
@@ -43,8 +44,8 @@ from ca.frontdoor import (
     upstream_socket,
     wait_until_listening,
 )
-from ca.issuance import IssueRequest, abandon_stale_pending, issue, utcnow
-from ca.profiles import get_profile
+from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
+from ca.issuance.profiles import get_profile
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
 from web.responses import MAX_BODY

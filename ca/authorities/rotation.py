@@ -1,0 +1,625 @@
+"""Rotating CA keys without stranding a charger.
+
+- ``rotate_issuing_ca`` (``chargepki ca rotate``): a new issuing CA under the current root.
+- ``rollover_root`` (``chargepki ca rollover-root``): a new root, the two link certificates
+  (NewWithOld, OldWithNew; RFC 4210 §4.4 names) and a new issuing CA under the new root, in one
+  transaction; ``rollover_files`` turns it into what the CSMS pushes to chargers (OCPP 2.0.1
+  InstallCertificate with ``AdditionalRootCertificateCheck``).
+- ``retire_finished``: a superseded CA keeps signing its CRL and OCSP responses until nothing it
+  issued is still valid, then the OCSP refresher or the CRL publisher retires it.
+
+A superseded CA stays ``active`` until then; new certificates come from the newest issuing CA
+of the environment (``authorities.default_issuing_ca``), which is what makes a rotation take
+effect "at once" for every issuance path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import NameOID
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.authorities.hierarchy import (
+    HierarchyRequest,
+    authority_row,
+    create_ocsp_signer,
+    destroy_keys,
+    record_ca_certificate,
+    self_signed_ca,
+    subordinate_ca,
+)
+from ca.authorities.issuers import (
+    Issuer,
+    chain,
+    default_issuing_ca,
+    get_authority,
+    issuer_for,
+    public_key_sha256,
+)
+from ca.clock import Clock, utcnow
+from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
+from ca.issuance.flow import BACKDATE, build_certificate, validity_window
+from ca.issuance.names import ca_common_name, subject_name
+from ca.issuance.profiles import PROFILES
+from ca.issuance.serials import format_serial, new_serial
+from ca.keys.keyspec import key_spec
+from ca.keys.pkcs11_token import Token
+from ca.status.signal import StatusSigner
+from ca.store.models import Authority, Certificate
+
+ROTATABLE_ROLES = ("root", "issuing")  # the charger PKI; other hierarchies have their own lifecycles
+# A superseded CA retires no sooner than this after its successor appeared: EST workers keep a
+# label's CA for a few seconds (web/est.py AUTHORITY_TTL), so the old one may still issue meanwhile.
+RETIRE_GRACE = timedelta(hours=1)
+# Certificates a CA signs for its own operation: they do not keep it alive.
+_OWN_PROFILES = ("ocsp-signer", "root")
+OCPP_CERTIFICATE_MAX = 5500  # InstallCertificateRequest.certificate is string[0..5500]
+
+
+# -- finding the current CAs ------------------------------------------------------------------------
+def current_root(session: Session, environment: str) -> Authority:
+    """The environment's newest active root: new issuing CAs go under it."""
+    root = session.scalar(
+        select(Authority)
+        .where(Authority.environment == environment, Authority.role == "root", Authority.status == "active")
+        .order_by(Authority.id.desc())
+        .limit(1)
+    )
+    if root is None:
+        raise NotFoundError(f"no active root CA in environment {environment!r}")
+    return root
+
+
+def successor(session: Session, authority: Authority) -> Authority | None:
+    """The newest active CA of the same role and environment created after ``authority``, if any."""
+    return session.scalar(
+        select(Authority)
+        .where(
+            Authority.environment == authority.environment,
+            Authority.role == authority.role,
+            Authority.status == "active",
+            Authority.id > authority.id,
+        )
+        .order_by(Authority.id.desc())
+        .limit(1)
+    )
+
+
+def check_can_issue(session: Session, authority: Authority) -> None:
+    """Refuse new certificates from a retired or superseded CA (it only answers for what it issued)."""
+    if authority.status != "active":
+        raise PolicyError(f"CA {authority.name} is {authority.status}: it issues nothing any more")
+    newer = successor(session, authority) if authority.role in ROTATABLE_ROLES else None
+    if newer is not None:
+        raise PolicyError(
+            f"CA {authority.name} was rotated: new certificates come from {newer.name} "
+            f"(omit --ca, or use --ca {newer.name})"
+        )
+
+
+def last_expiry(session: Session, authority: Authority) -> datetime | None:
+    """When the last certificate ``authority`` issued (other than its own OCSP signers) expires."""
+    return session.scalar(
+        select(func.max(Certificate.not_after)).where(
+            Certificate.authority_id == authority.id,
+            Certificate.status.in_(("valid", "revoked", "pending")),
+            Certificate.profile.not_in(_OWN_PROFILES),
+        )
+    )
+
+
+def _next_name(session: Session, environment: str, role: str) -> tuple[str, int]:
+    """``<environment>-<role>-<n+1>``, n the highest number any CA of that role ever had here."""
+    pattern = re.compile(rf"{re.escape(environment)}-{role}-(\d+)")
+    names = session.scalars(select(Authority.name).where(Authority.environment == environment))
+    numbers = [int(match.group(1)) for name in names if (match := pattern.fullmatch(name))]
+    number = max(numbers, default=0) + 1
+    return f"{environment}-{role}-{number}", number
+
+
+def _resolve(session: Session, ca_name: str | None, environment: str | None) -> Authority:
+    """The issuing CA a command acts on: ``--ca`` or the environment's newest one."""
+    if ca_name is None:
+        return default_issuing_ca(session, environment)
+    authority = get_authority(session, ca_name)
+    if environment is not None and authority.environment != environment:
+        raise InputError(f"CA {authority.name} belongs to environment {authority.environment}, not {environment}")
+    if authority.role != "issuing":
+        raise InputError(f"CA {authority.name} is a {authority.role} CA; `ca rotate` rotates issuing CAs")
+    return authority
+
+
+def _template(authority: Authority) -> HierarchyRequest:
+    """What a new CA inherits from the one it succeeds: organisation, country, URLs."""
+    return HierarchyRequest(
+        organization=authority.organization,
+        environment=authority.environment,
+        country=authority.country,
+        key_type=authority.key_type,
+        rsa_padding=authority.rsa_padding or "pkcs1",
+        ocsp_url=authority.ocsp_url,
+        repository_url=authority.repository_url,
+    )
+
+
+def _until(end: datetime, now: datetime) -> timedelta:
+    """The validity length that makes ``validity_window`` end exactly at ``end``."""
+    return end - (now.replace(microsecond=0) - BACKDATE)
+
+
+def _row(certificate: x509.Certificate, issued_by: Authority, profile: str, now: Clock) -> Certificate:
+    """A CA-signed certificate that is not an Authority of its own (a link certificate)."""
+    return Certificate(
+        serial=format_serial(certificate.serial_number),
+        authority=issued_by,
+        profile=profile,
+        status="valid",
+        subject=certificate.subject.rfc4514_string(),
+        common_name=str(certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value),
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+        der=certificate.public_bytes(serialization.Encoding.DER),
+        fingerprint_sha256=certificate.fingerprint(hashes.SHA256()).hex(),
+        public_key_sha256=public_key_sha256(certificate.public_key()),
+        created_at=now(),
+    )
+
+
+def _new_issuing(
+    session: Session,
+    token: Token,
+    root: Issuer,
+    root_authority: Authority,
+    template: HierarchyRequest,
+    validity: timedelta | None,
+    now: Clock,
+    created: list[str],
+) -> Authority:
+    """Key in the token (the root's key type), certificate signed by ``root``; the row is not added yet."""
+    name, number = _next_name(session, template.environment, "issuing")
+    subject = subject_name(
+        ca_common_name(root.organization, template.environment, f"Issuing CA {number}"), root.organization, root.country
+    )
+    issuer, label = subordinate_ca(
+        token,
+        root,
+        name=name,
+        subject=subject,
+        profile=PROFILES["issuing-ca"],
+        validity=validity,
+        now=now,
+        created=created,
+    )
+    # What it signs points at the URLs its predecessor's certificates use.
+    issuer = replace(issuer, ocsp_url=template.ocsp_url, repository_url=template.repository_url)
+    return authority_row(issuer, "issuing", label, root_authority, now)
+
+
+def _raced(what: str) -> ConflictError:
+    return ConflictError(f"{what} raced with another change (a CA of the same name); nothing was created, run it again")
+
+
+# -- rotating an issuing CA -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rotation:
+    previous: Authority
+    issuing: Authority
+    ocsp_signer: Certificate
+
+
+def rotate_issuing_ca(
+    session: Session,
+    token: Token,
+    *,
+    ca_name: str | None = None,
+    environment: str | None = None,
+    validity: timedelta | None = None,
+    actor: str,
+    status: StatusSigner,
+    now: Clock = utcnow,
+) -> Rotation:
+    """A new issuing CA under the environment's current root, with its own OCSP signer.
+
+    The previous CA is left active: it answers for its certificates until they expire. A revoked
+    one (the newest of its lineage) may be rotated too: that is how a compromised CA is replaced.
+    """
+    previous = _resolve(session, ca_name, environment)
+    if previous.status not in ("active", "revoked"):  # a revoked CA is replaced at once (`revoke --rotate`)
+        raise PolicyError(
+            f"CA {previous.name} is retired; rotate {default_issuing_ca(session, previous.environment).name}"
+        )
+    newest = successor(session, previous)
+    if newest is not None:
+        raise ConflictError(
+            f"CA {previous.name} was already rotated: {newest.name} is the newest issuing CA of "
+            f"{previous.environment} (rotate that one)"
+        )
+    root_authority = current_root(session, previous.environment)
+    root = issuer_for(root_authority, token)
+    created: list[str] = []
+    try:
+        issuing = _new_issuing(session, token, root, root_authority, _template(previous), validity, now, created)
+        session.add(issuing)
+        session.flush()
+        issuing_row = record_ca_certificate(issuing, root_authority, "issuing-ca", now)
+        session.add(issuing_row)
+        session.flush()
+        status.update(session, [issuing_row], now())  # the root's signer answers for it
+        audit.record(
+            session,
+            "ca.rotated",
+            actor=actor,
+            subject=issuing.name,
+            now=now,
+            details={
+                "environment": issuing.environment,
+                "previous": previous.name,
+                "root": root_authority.name,
+                "key_label": issuing.key_label,
+                "not_after": issuing.not_after.isoformat(),
+            },
+        )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        destroy_keys(token, created)
+        raise _raced("the rotation") from None
+    except BaseException:
+        session.rollback()
+        destroy_keys(token, created)
+        raise
+    signer = create_ocsp_signer(session, token, issuing, actor=actor, status=status, now=now)
+    return Rotation(previous, issuing, signer)
+
+
+# -- root rollover --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rollover:
+    old_root: Authority
+    new_root: Authority
+    issuing: Authority  # the first issuing CA under the new root
+    new_with_old: Certificate  # the new root's name and key, signed by the old root
+    old_with_new: Certificate  # the old root's name and key, signed by the new root
+
+
+def _link(
+    issuer: Issuer, subject: x509.Name, public_key: CertificatePublicKeyTypes, end: datetime, now: Clock
+) -> x509.Certificate:
+    """A link certificate: ``subject``'s key certified by ``issuer`` until ``end`` (clamped to the issuer)."""
+    profile = PROFILES["root-link"]
+    assert issuer.certificate is not None
+    window = validity_window(profile, _until(end, now()), now(), issuer.certificate.not_valid_after_utc)
+    return issuer.sign(build_certificate(profile, issuer, subject, public_key, new_serial(), window))
+
+
+def rollover_root(
+    session: Session,
+    token: Token,
+    *,
+    environment: str | None = None,
+    key_type: str | None = None,
+    root_validity: timedelta | None = None,
+    issuing_validity: timedelta | None = None,
+    actor: str,
+    status: StatusSigner,
+    now: Clock = utcnow,
+) -> Rollover:
+    """New root (key in the token), NewWithOld and OldWithNew link certificates and a new issuing CA,
+    recorded in one transaction; then the new CAs' OCSP signers.
+
+    The old root stays active: it answers for its issuing CAs and the NewWithOld link until they expire.
+    """
+    template_ca = default_issuing_ca(session, environment)
+    environment = template_ca.environment
+    old_root_authority = current_root(session, environment)
+    old_root = issuer_for(old_root_authority, token)
+    assert old_root.certificate is not None
+    template = _template(template_ca)
+    if key_type is not None:
+        template = replace(template, key_type=key_spec(key_type).name)
+    spec = key_spec(template.key_type)
+    padding = template.rsa_padding if spec.algorithm == "rsa" else None
+    created: list[str] = []
+    try:
+        name, number = _next_name(session, environment, "root")
+        new_root, label = self_signed_ca(
+            token,
+            spec,
+            padding,
+            name=name,
+            subject=subject_name(
+                ca_common_name(old_root.organization, environment, f"Root CA {number}"),
+                old_root.organization,
+                old_root.country,
+            ),
+            profile=PROFILES["root"],
+            validity=root_validity,
+            environment=environment,
+            organization=old_root.organization,
+            country=old_root.country,
+            ocsp_url=template.ocsp_url,
+            repository_url=template.repository_url,
+            now=now,
+            created=created,
+        )
+        certificate = new_root.certificate
+        assert certificate is not None
+        new_root_authority = authority_row(new_root, "root", label, None, now)
+        session.add(new_root_authority)
+        session.flush()
+        new_root = replace(new_root, authority_id=new_root_authority.id)
+        issuing = _new_issuing(session, token, new_root, new_root_authority, template, issuing_validity, now, created)
+        session.add(issuing)
+        session.flush()
+        old_certificate = old_root.certificate
+        new_with_old = _row(
+            _link(old_root, certificate.subject, certificate.public_key(), certificate.not_valid_after_utc, now),  # type: ignore[arg-type]
+            old_root_authority,
+            "root-link",
+            now,
+        )
+        old_with_new = _row(
+            _link(
+                new_root,
+                old_certificate.subject,
+                old_certificate.public_key(),
+                old_certificate.not_valid_after_utc,
+                now,
+            ),  # type: ignore[arg-type]
+            new_root_authority,
+            "root-link",
+            now,
+        )
+        issuing_row = record_ca_certificate(issuing, new_root_authority, "issuing-ca", now)
+        session.add_all(
+            [
+                record_ca_certificate(new_root_authority, new_root_authority, "root", now),
+                issuing_row,
+                new_with_old,
+                old_with_new,
+            ]
+        )
+        session.flush()
+        status.update(session, [new_with_old], now())  # the old root's signer exists already
+        audit.record(
+            session,
+            "ca.root_rolled_over",
+            actor=actor,
+            subject=new_root_authority.name,
+            now=now,
+            details={
+                "environment": environment,
+                "old_root": old_root_authority.name,
+                "issuing": issuing.name,
+                "new_with_old": new_with_old.serial,
+                "old_with_new": old_with_new.serial,
+                "key_type": spec.name,
+                "root_key_label": label,
+                "issuing_key_label": issuing.key_label,
+            },
+        )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        destroy_keys(token, created)
+        raise _raced("the root rollover") from None
+    except BaseException:
+        session.rollback()
+        destroy_keys(token, created)
+        raise
+    for authority in (new_root_authority, issuing):
+        create_ocsp_signer(session, token, authority, actor=actor, status=status, now=now)
+    status.update(session, [issuing_row, old_with_new], now())  # the new root's signer exists only now
+    session.commit()
+    return Rollover(old_root_authority, new_root_authority, issuing, new_with_old, old_with_new)
+
+
+def latest_rollover(session: Session, environment: str | None) -> Rollover:
+    """The environment's most recent root rollover, read back from the store (to write its files again)."""
+    environment = default_issuing_ca(session, environment).environment
+    new_root = current_root(session, environment)
+    new_key = public_key_sha256(x509.load_der_x509_certificate(new_root.certificate_der).public_key())
+    new_with_old = session.scalar(
+        select(Certificate)
+        .join(Authority, Authority.id == Certificate.authority_id)
+        .where(
+            Certificate.profile == "root-link",
+            Certificate.public_key_sha256 == new_key,
+            Authority.environment == environment,
+            Authority.id != new_root.id,
+        )
+        .order_by(Certificate.id.desc())
+        .limit(1)
+    )
+    if new_with_old is None:
+        raise NotFoundError(f"environment {environment!r} has had no root rollover (run `chargepki ca rollover-root`)")
+    old_root = new_with_old.authority
+    old_key = public_key_sha256(x509.load_der_x509_certificate(old_root.certificate_der).public_key())
+    old_with_new = session.scalar(
+        select(Certificate)
+        .where(
+            Certificate.profile == "root-link",
+            Certificate.authority_id == new_root.id,
+            Certificate.public_key_sha256 == old_key,
+        )
+        .order_by(Certificate.id.desc())
+        .limit(1)
+    )
+    issuing = session.scalar(
+        select(Authority).where(Authority.parent_id == new_root.id, Authority.role == "issuing").order_by(Authority.id)
+    )
+    if old_with_new is None or issuing is None:
+        raise NotFoundError(f"the rollover to {new_root.name} is incomplete in the store")
+    return Rollover(old_root, new_root, issuing, new_with_old, old_with_new)
+
+
+def _pem(der: bytes) -> str:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def install_certificate(certificate_der: bytes) -> dict[str, str]:
+    """An OCPP 2.0.1 InstallCertificateRequest payload installing a CSMS root."""
+    pem = _pem(certificate_der)
+    if len(pem) > OCPP_CERTIFICATE_MAX:
+        raise PolicyError(f"the certificate's PEM has {len(pem)} characters; OCPP allows {OCPP_CERTIFICATE_MAX}")
+    return {"certificateType": "CSMSRootCertificate", "certificate": pem}
+
+
+def rollover_files(session: Session, rollover: Rollover) -> dict[str, bytes]:
+    """Everything the CSMS operator needs after a rollover, by file name (the numbered files in order)."""
+    old_root, new_root = rollover.old_root, rollover.new_root
+    link, reverse = rollover.new_with_old.der or b"", rollover.old_with_new.der or b""
+    new_chain = [member.certificate_der for member in chain(session, rollover.issuing)]
+
+    def payload(der: bytes) -> bytes:
+        return (json.dumps(install_certificate(der), indent=2) + "\n").encode()
+
+    files = {
+        "01-InstallCertificate-link.json": payload(link),
+        "02-InstallCertificate-new-root.json": payload(new_root.certificate_der),
+        "new-with-old.pem": _pem(link).encode(),
+        "old-with-new.pem": _pem(reverse).encode(),
+        "new-root.pem": _pem(new_root.certificate_der).encode(),
+        "old-root.pem": _pem(old_root.certificate_der).encode(),
+        "new-issuing-chain.pem": "".join(_pem(der) for der in new_chain).encode(),
+        "csms-trusted-roots.pem": (_pem(old_root.certificate_der) + _pem(new_root.certificate_der)).encode(),
+    }
+    files["README.txt"] = _ORDER.format(
+        environment=new_root.environment,
+        old=old_root.name,
+        new=new_root.name,
+        issuing=rollover.issuing.name,
+        link_until=f"{rollover.new_with_old.not_after:%Y-%m-%d}",
+    ).encode()
+    return files
+
+
+_ORDER = """\
+Root rollover in environment {environment}: {old} -> {new} (new issuing CA {issuing})
+
+Push to every charging station, in this order (OCPP 2.0.1 InstallCertificate; each JSON file
+is the request payload as it is):
+
+0. Before anything: the CSMS trusts both roots for charger client certificates
+   (csms-trusted-roots.pem), because re-enrolled chargers get certificates from {issuing}.
+
+1. 01-InstallCertificate-link.json: the new root's name and key, signed by the old root
+   ("NewWithOld"). A station with AdditionalRootCertificateCheck accepts it because the old root
+   signed it; it installs it as its CSMS root and keeps the old root as a fallback.
+
+2. Switch the CSMS's TLS server certificate to one from {issuing}
+   (`chargepki issue --profile csms-server`; serve it with new-issuing-chain.pem minus the
+   root, and add new-with-old.pem to the chain for stations that missed step 1).
+   A station that installed step 1 verifies it; once it has connected, it drops the fallback.
+
+3. 02-InstallCertificate-new-root.json: the self-signed new root. Stations with
+   AdditionalRootCertificateCheck accept it because it is signed by the key they trust since
+   step 1; it replaces the link certificate, which expires on {link_until} with the old root.
+
+4. Move the stations' own certificates onto {issuing}:
+   `chargepki campaign start --from-ca <old issuing CA>`, then `chargepki campaign status`.
+
+old-with-new.pem (the old root's key, signed by the new root) lets a relying party that trusts
+only the new root verify certificates still issued under the old root: add it to chains served
+to stations installed with the new root only. {old} keeps signing its CRL and OCSP responses
+until its last certificate expires, then retires by itself.
+"""
+
+
+# -- trust bundles --------------------------------------------------------------------------------
+def environment_certificates(session: Session, environment: str | None, now: Clock = utcnow) -> list[bytes]:
+    """Every certificate a relying party of the environment may need while CAs rotate (DER):
+    the newest issuing CA and its root first, then the other active issuing CAs and roots, then
+    the unexpired link certificates between the roots (RFC 7030 §4.1.3: OldWithOld, OldWithNew,
+    NewWithOld). EST ``cacerts`` and ``ca chain --all`` serve this.
+    """
+    newest = default_issuing_ca(session, environment)
+    ordered: list[Authority] = []
+    active = session.scalars(
+        select(Authority)
+        .where(
+            Authority.environment == newest.environment,
+            Authority.role.in_(ROTATABLE_ROLES),
+            Authority.status == "active",
+        )
+        .order_by(Authority.id.desc())
+    ).all()
+    for authority in [newest, *(a for a in active if a.role == "issuing"), *(a for a in active if a.role == "root")]:
+        for member in chain(session, authority):
+            if member not in ordered:
+                ordered.append(member)
+    links = session.scalars(
+        select(Certificate.der)
+        .join(Authority, Authority.id == Certificate.authority_id)
+        .where(
+            Authority.environment == newest.environment,
+            Authority.status == "active",
+            Certificate.profile == "root-link",
+            Certificate.status == "valid",
+            Certificate.not_after > now(),
+        )
+        .order_by(Certificate.id)
+    ).all()
+    return [authority.certificate_der for authority in ordered] + [der for der in links if der is not None]
+
+
+# -- retirement -----------------------------------------------------------------------------------
+def finished_authorities(session: Session, now: datetime) -> list[Authority]:
+    """Active CAs superseded for at least RETIRE_GRACE of which nothing issued is still unexpired."""
+    finished = []
+    candidates = session.scalars(
+        select(Authority)
+        .where(Authority.status == "active", Authority.role.in_(ROTATABLE_ROLES))
+        .order_by(Authority.id)
+    ).all()
+    for authority in candidates:
+        newer = successor(session, authority)
+        if newer is None or newer.created_at > now - RETIRE_GRACE:
+            continue
+        last = last_expiry(session, authority)
+        if last is None or last <= now:
+            finished.append(authority)
+    return finished
+
+
+def retire(session: Session, authorities: list[Authority], *, actor: str, now: datetime) -> list[Authority]:
+    """Mark CAs retired (once each, audited): they sign no CRL, OCSP signer or certificate any more."""
+    retired = []
+    for authority in authorities:
+        done = session.execute(
+            update(Authority)
+            .where(Authority.id == authority.id, Authority.status == "active")
+            .values(status="retired")
+            .execution_options(synchronize_session=False)
+        )
+        if done.rowcount != 1:
+            continue  # another process retired it first
+        newer = successor(session, authority)
+        audit.record(
+            session,
+            "ca.retired",
+            actor=actor,
+            subject=authority.name,
+            now=lambda: now,
+            details={"environment": authority.environment, "successor": newer.name if newer else None},
+        )
+        retired.append(authority)
+    session.commit()
+    for authority in retired:
+        session.refresh(authority)
+    return retired
+
+
+def retire_finished(session: Session, *, actor: str, now: datetime) -> list[Authority]:
+    """Retire every superseded CA whose last certificate has expired; returns them."""
+    return retire(session, finished_authorities(session, now), actor=actor, now=now)
