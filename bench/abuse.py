@@ -55,6 +55,7 @@ from ca.config import load_config, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
 from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
 
 ORG = "Abuse Bench CPO"
 
@@ -200,8 +201,8 @@ def install(work: Path, mode: str, devices: int) -> Installation:
     with pki.store.session() as session:
         for index in range(devices):
             serial = f"CP-ABUSE-{mode}-{index:05d}"
-            device = add_device(session, serial, actor="bench:abuse")
-            secrets.append((serial, issue_secret(session, device, actor="bench:abuse")))
+            device = add_device(Work(session, "bench:abuse"), serial=serial)
+            secrets.append((serial, issue_secret(Work(session, "bench:abuse"), device=device)))
     pki.close()
     return Installation(home, est_port, ocsp_port, root, x509.load_pem_x509_certificate(parts[0].encode()), secrets)
 

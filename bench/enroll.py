@@ -47,6 +47,7 @@ from ca.config import Config, EstSettings, embedded_defaults, write_config  # no
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
 from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -253,8 +254,8 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
         )
         credentials = []
         for serial in serials:
-            device = add_device(session, serial, actor="bench")
-            credentials.append((serial, issue_secret(session, device, actor="bench")))
+            device = add_device(Work(session, "bench"), serial=serial)
+            credentials.append((serial, issue_secret(Work(session, "bench"), device=device)))
     pki.close()
     bodies = [base64.encodebytes(c.public_bytes(serialization.Encoding.DER)) for c in csrs(serials)]
     port = free_port()

@@ -58,6 +58,7 @@ from ca.issuance.profiles import get_profile  # noqa: E402
 from ca.issuance.serials import format_serial, new_serial  # noqa: E402
 from ca.status.revocation import revoke  # noqa: E402
 from ca.store.models import Certificate, OcspResponse  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.certid import CertId, issuer_hashes  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 from ocsp.signing import SingleStatus  # noqa: E402
@@ -624,7 +625,7 @@ def propagation(
                     assert status == "good", status
             with pki.store.session() as session:
                 started = time.perf_counter()
-                revoke(session, format_serial(serial), "keyCompromise", actor="bench", status=presigner)
+                revoke(Work(session, "bench", status=presigner), serial=format_serial(serial), reason="keyCompromise")
                 committed = time.perf_counter()
             result.revoke_ms.append((committed - started) * 1000)
             first_seen: dict[int, float] = {}

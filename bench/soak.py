@@ -74,6 +74,7 @@ from ca.registry.devices import add_device  # noqa: E402
 from ca.registry.secrets import issue_secret  # noqa: E402
 from ca.status.revocation import revoke  # noqa: E402
 from ca.store.models import Certificate  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Soak Charging"
@@ -440,8 +441,8 @@ class Load:
     def enroll(self, rng: random.Random) -> None:
         serial = self.fleet.new_serial()
         with self.pki.store.session() as session:
-            device = add_device(session, serial, model="Soak 22", actor="cli:soak")
-            secret = issue_secret(session, device, actor="cli:soak")
+            device = add_device(Work(session, "cli:soak"), serial=serial, model="Soak 22")
+            secret = issue_secret(Work(session, "cli:soak"), device=device)
         key = ec.generate_private_key(ec.SECP256R1())
         body = base64.encodebytes(csr_der(serial, key))
         started = time.perf_counter()
@@ -500,7 +501,7 @@ class Load:
                     raise Failure(f"chargepki revoke: {result.stderr.strip()[:200]}")
             else:
                 with self.pki.store.session() as session:
-                    revoke(session, serial, reason, actor="cli:soak", status=self.presigner)
+                    revoke(Work(session, "cli:soak", status=self.presigner), serial=serial, reason=reason)
             elapsed = time.perf_counter() - started
             committed = time.time()
             self.fleet.record_revocation(device.certificate, reason, committed)

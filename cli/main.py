@@ -28,7 +28,7 @@ from ca.authorities.rotation import check_can_issue, environment_certificates, r
 from ca.authorities.v2g import current_sub_ca_2
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
 from ca.context import Pki
-from ca.errors import ChargepkiError
+from ca.errors import ChargepkiError, one_line
 from ca.issuance.csr import read_csr
 from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.names import ENVIRONMENTS
@@ -36,8 +36,8 @@ from ca.issuance.profiles import PROFILES, Profile, check_issuer_role, get_profi
 from ca.keys.keyspec import ALL_KEY_TYPES
 from ca.status.certificates import STATUSES, display_status, get_certificate, list_certificates
 from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
-from ca.store.engine import _one_line
 from ca.store.models import Authority
+from ca.work import Work
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.csms import csms
@@ -58,7 +58,7 @@ class ChargepkiGroup(click.Group):
         except ChargepkiError as exc:
             raise click.ClickException(str(exc)) from None
         except SQLAlchemyError as exc:
-            raise click.ClickException(f"database error: {_one_line(exc)}") from None
+            raise click.ClickException(f"database error: {one_line(exc)}") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except UnicodeError as exc:  # an argument or file that is not UTF-8 (found by fuzzing)
@@ -456,7 +456,7 @@ def revoke_command(
             if not yes:
                 click.confirm("Revoke it?", abort=True, err=True)
         certificate = revoke(
-            session, serial, reason, actor=actor(), status=state.status(), invalidity_date=invalidity_date
+            Work(session, actor(), status=state.status()), serial=serial, reason=reason, invalidity_date=invalidity_date
         )
         note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
@@ -473,7 +473,7 @@ def revoke_command(
 def unhold_command(state: State, serial: str) -> None:
     """Release a certificate from certificateHold."""
     with state.pki().store.session() as session:
-        certificate = unhold(session, serial, actor=actor(), status=state.status())
+        certificate = unhold(Work(session, actor(), status=state.status()), serial=serial)
         note(certificate.authority)
         click.echo(f"released {certificate.serial} from hold")
 

@@ -14,6 +14,7 @@ from ca.errors import InputError
 from ca.issuance.names import ENVIRONMENTS
 from ca.keys.keyspec import ALL_KEY_TYPES
 from ca.registry.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
+from ca.work import Work
 from cli.common import State, actor, fmt_time, note, pass_state, table
 from cli.params import DURATION
 
@@ -146,7 +147,7 @@ def campaign_start(state: State, from_ca: str) -> None:
     The devices move through their normal renewals (EST simplereenroll, the CSMS's SignCertificate).
     """
     with state.pki().store.session() as session:
-        started, size = start_campaign(session, from_ca, actor=actor())
+        started, size = start_campaign(Work(session, actor()), from_ca=from_ca)
         note(started.from_authority)
         click.echo(
             f"campaign {started.id}: {size} device(s) to move from {started.from_authority.name} "

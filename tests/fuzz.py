@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ca.work import Work
+
 ROOT = Path(__file__).parent.parent
 TARGETS = ("csr", "est-framing", "est-app", "ocsp", "ocsp-app", "csv")
 # What atheris instruments for coverage: our code and the pure-Python ASN.1 parser under it.
@@ -192,8 +194,8 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
             from ca.registry.secrets import issue_secret
 
             with world.pki.store.session() as session:  # enrolled: open the device again for the next input
-                reset_device(session, hostile.DEVICE, actor="fuzz")
-                world.secret = issue_secret(session, get_device(session, hostile.DEVICE), actor="fuzz")
+                reset_device(Work(session, "fuzz"), serial=hostile.DEVICE)
+                world.secret = issue_secret(Work(session, "fuzz"), device=get_device(session, hostile.DEVICE))
 
         der_b64 = base64.encodebytes(seeds.csr_der)
         return est_app, [b"\x01\x01" + der_b64, b"\x00\x00" + seeds.csr_der, b"\x01\x02" + bytes(32)]
@@ -209,7 +211,7 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
             text = data.decode("utf-8", "replace")
             with store.session() as session:
                 try:
-                    result = import_devices(session, io.StringIO(text, newline=""), actor="fuzz", batch=5)
+                    result = import_devices(Work(session, "fuzz"), stream=io.StringIO(text, newline=""), batch=5)
                 except ChargepkiError as exc:
                     refusal(exc)
                     return

@@ -43,6 +43,7 @@ from ca.issuance.profiles import get_profile
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -275,8 +276,8 @@ def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: Es
     seeds = make_seeds()
     with pki.store.session() as session:
         hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="fuzz", status=status)
-        add_device(session, DEVICE, actor="fuzz")
-        secret = issue_secret(session, get_device(session, DEVICE), actor="fuzz")
+        add_device(Work(session, "fuzz"), serial=DEVICE)
+        secret = issue_secret(Work(session, "fuzz"), device=get_device(session, DEVICE))
         from ca.authorities.issuers import issuer_for
 
         issuer = issuer_for(hierarchy.issuing, token)

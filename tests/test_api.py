@@ -26,6 +26,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
 from ca.status.revocation import revoke
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import check_answer
 from tests.conftest import database
@@ -55,7 +56,7 @@ class Deployment:
         self.counter += 1
         serial = f"CP-{self.server.port}-{self.counter}"
         with self.store.session() as session:
-            add_device(session, serial, actor="test")
+            add_device(Work(session, "test"), serial=serial)
         return serial
 
     def call(self, method: str, path: str, *, auth: str = "cert", **kwargs: Any) -> requests.Response:
@@ -262,7 +263,7 @@ def test_lookups_ocsp_and_identity_check(deployment: Deployment) -> None:
     assert identity(station)["allowed"] is True
     assert identity(other) == {**identity(other), "allowed": False, "reason": "cn_mismatch"}  # the impostor
     with deployment.store.session() as session:
-        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=deployment.status)
+        revoke(Work(session, "test", status=deployment.status), serial=signed["serialNumber"], reason="keyCompromise")
     assert identity(station)["reason"] == "revoked"
     assert deployment.call("GET", f"/certificates/{signed['fingerprintSha256']}").json()["status"] == "revoked"
     revoked = deployment.call("POST", "/ocsp", json=request).json()

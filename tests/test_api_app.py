@@ -52,6 +52,7 @@ from ca.registry.csms_jobs import claim_next, enqueue, process
 from ca.registry.devices import add_device, disable_device, get_device
 from ca.status.revocation import revoke
 from ca.store.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
+from ca.work import Work
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient
@@ -79,7 +80,7 @@ class Api:
         self.counter += 1
         serial = serial or f"CP-{self.counter:04d}"
         with self.pki.store.session() as session:
-            add_device(session, serial, environment=environment, actor="test")
+            add_device(Work(session, "test"), serial=serial, environment=environment)
         return serial
 
     def sign(self, station: str, csr: bytes | str, query: str = "", **fields: Any) -> Any:
@@ -192,7 +193,7 @@ def test_sign_refusals_carry_a_machine_readable_reason_and_are_audited(api: Api)
     staging = api.register(environment="staging")
     disabled = api.register()
     with api.pki.store.session() as session:
-        disable_device(session, disabled, actor="test", status=api.status)
+        disable_device(Work(session, "test", status=api.status), serial=disabled)
     _taken, taken_key = api.signed(api.register())
     cases = [
         (api.sign("CP-NOT-REGISTERED", make_csr("CP-NOT-REGISTERED")), 403, "device_not_registered"),
@@ -430,7 +431,7 @@ def test_lookups_by_fingerprint_and_hash_report_status_device_validity_and_chain
             found = api.client.get(f"/api/v1/certificates/by-hash?{query}")
             assert found.status_code == 200 and found.get_json()["fingerprintSha256"] == fingerprint
     with api.pki.store.session() as session:
-        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+        revoke(Work(session, "test", status=api.status), serial=signed["serialNumber"], reason="keyCompromise")
     revoked = api.client.get(f"/api/v1/certificates/{fingerprint}").get_json()
     assert (revoked["status"], revoked["revocationReason"]) == ("revoked", "keyCompromise")
     assert datetime.fromisoformat(revoked["revocationTime"]) <= datetime.now(UTC)
@@ -473,7 +474,7 @@ def test_ocsp_answers_from_the_store_or_signs_on_demand(api: Api) -> None:
         assert response.serial_number == int(signed["serialNumber"], 16)
         assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
     with api.pki.store.session() as session:
-        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+        revoke(Work(session, "test", status=api.status), serial=signed["serialNumber"], reason="keyCompromise")
     data = {**info["certificateHashData"][0], "responderURL": "http://x/ocsp"}
     answer = api.client.post("/api/v1/ocsp", json={"ocspRequestData": data}).get_json()
     response = ocsp.load_der_ocsp_response(base64.b64decode(answer["ocspResult"]))
@@ -525,10 +526,10 @@ def test_identity_check_allows_only_the_station_s_own_current_certificate(api: A
         csms_cert = _csms_certificate(api, session)
     assert check("csms-1", csms_cert[0])["reason"] == "not_a_charger_certificate"
     with api.pki.store.session() as session:
-        disable_device(session, station, actor="test", status=api.status)
+        disable_device(Work(session, "test", status=api.status), serial=station)
     assert check(station, chain)["reason"] == "device_disabled"
     with api.pki.store.session() as session:
-        revoke(session, signed["serialNumber"], "keyCompromise", actor="test", status=api.status)
+        revoke(Work(session, "test", status=api.status), serial=signed["serialNumber"], reason="keyCompromise")
     verdict = check(station, chain)
     assert verdict["allowed"] is False and verdict["reason"] == "revoked" and "keyCompromise" in verdict["detail"]
     audited = [json.loads(e.details) for e in api.audit("csms.api.identity-check")]
@@ -554,7 +555,7 @@ def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: 
         issuing_name, issuing_serial = issuing.name, issuing.serial
         session.commit()
     with api.pki.store.session() as session:
-        revoke(session, issuing_serial, "keyCompromise", actor="test", status=api.status)
+        revoke(Work(session, "test", status=api.status), serial=issuing_serial, reason="keyCompromise")
     verdict = check(station, signed["certificateChain"])
     assert (verdict["allowed"], verdict["reason"]) == (False, "ca_not_active"), verdict
     assert issuing_name in verdict["detail"] and "revoked" in verdict["detail"]
@@ -659,7 +660,7 @@ def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> 
         assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=refused).status_code == 401
     with api.pki.store.session() as session:
         serial = x509.load_pem_x509_certificate(certificate.encode()).serial_number
-        revoke(session, format(serial, "X"), "keyCompromise", actor="test", status=api.status)
+        revoke(Work(session, "test", status=api.status), serial=format(serial, "X"), reason="keyCompromise")
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 401
 
 

@@ -28,6 +28,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent, AuthFailure, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -57,8 +58,8 @@ class Station:
         self.settings = EnrollmentSettings(limits=limits)
 
     def device(self, serial: str) -> str:
-        device = add_device(self.session, serial, actor="test")
-        return issue_secret(self.session, device, actor="test")
+        device = add_device(Work(self.session, "test"), serial=serial)
+        return issue_secret(Work(self.session, "test"), device=device)
 
     def attempt(self, serial: str, password: str | None, address: str = "192.0.2.1", csr: bytes | None = None):  # type: ignore[no-untyped-def]
         name = serial if len(serial) <= 64 and serial.isprintable() else "CP-HOSTILE"

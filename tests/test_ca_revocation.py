@@ -32,6 +32,7 @@ from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner
@@ -156,8 +157,8 @@ def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
             session, token, HierarchyRequest(organization="Acme Charging"), actor="t", status=status
         )
         for serial in ("CP-1", "CP-2", "CP-3"):
-            add_device(session, serial, actor="test")
-            secrets[serial] = issue_secret(session, get_device(session, serial), actor="test")
+            add_device(Work(session, "test"), serial=serial)
+            secrets[serial] = issue_secret(Work(session, "test"), device=get_device(session, serial))
         old_serial = hierarchy.issuing.serial
     client = create_app(pki, EstSettings()).test_client()
 
@@ -172,7 +173,7 @@ def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
 
     assert enroll("CP-1").status_code == 200  # the worker now caches issuing-1 and its Issuer
     with pki.store.session() as session:
-        revoke(session, old_serial, "keyCompromise", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=old_serial, reason="keyCompromise")
         before = session.scalar(select(func.count()).select_from(Certificate))
     refused = enroll("CP-2")
     assert refused.status_code == 403 and "signs nothing any more" in refused.get_data(as_text=True)
@@ -201,7 +202,7 @@ def test_a_revocation_between_reservation_and_record_abandons_the_certificate(
     class RevokedWhileSigning(Issuer):
         def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
             with store.session() as other:
-                revoke(other, ca_serial, "keyCompromise", actor="test:other", status=Presigner(token))
+                revoke(Work(other, "test:other", status=Presigner(token)), serial=ca_serial, reason="keyCompromise")
             return super().sign(builder)
 
     racing = RevokedWhileSigning(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(Issuer)})
@@ -239,7 +240,7 @@ def test_retired_and_expired_cas_sign_nothing(
 def test_the_crl_publisher_leaves_a_revoked_ca_out(
     session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
 ) -> None:
-    revoke(session, hierarchy.issuing.serial, "keyCompromise", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=hierarchy.issuing.serial, reason="keyCompromise")
     published = publish_all(session, token, tmp_path)
     assert [p.path.name for p in published] == [f"{hierarchy.root.name}.crl"]
     root_crl = x509.load_der_x509_crl((tmp_path / f"{hierarchy.root.name}.crl").read_bytes())

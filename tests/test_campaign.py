@@ -29,6 +29,7 @@ from ca.registry.devices import add_device, disable_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import Campaign, CampaignDevice
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.conftest import database
@@ -58,8 +59,8 @@ class Site:
         """First enrollment through the core (the fleet that exists before the rotation)."""
         key = make_key()
         with self.store.session() as session:
-            add_device(session, serial, environment=environment, actor="test")
-            secret = issue_secret(session, get_device(session, serial), actor="test")
+            add_device(Work(session, "test"), serial=serial, environment=environment)
+            secret = issue_secret(Work(session, "test"), device=get_device(session, serial))
             authority = get_authority(session, ca or f"{environment}-issuing-1")
             row = enroll(
                 session,
@@ -200,7 +201,7 @@ def test_a_campaign_follows_the_fleet_onto_the_new_ca(site: Site) -> None:
 
     # A disabled device and a refused renewal count as failed, with the reason.
     with site.store.session() as session:
-        disable_device(session, "CP-3", actor="test", status=site.status)
+        disable_device(Work(session, "test", status=site.status), serial="CP-3")
     refused = site.reenroll(fleet[3], cn="CP-SOMEONE-ELSE")
     assert refused.status_code == 403
     assert site.counts() == {"re-enrolled": 2, "pending": 2, "failed": 2}

@@ -34,6 +34,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, AuditHead, Certificate, OcspResponse
+from ca.work import Work
 from ocsp.presign import Presigner, refresh
 from tests import concurrency_workers as workers
 from tests.est_server import free_port, start_server, write_home
@@ -215,7 +216,7 @@ def test_a_refresh_that_read_the_row_before_a_revocation_never_overwrites_it(
 
     def revoker() -> None:
         with store.session() as own:
-            revoke(own, certificate.serial, "keyCompromise", actor="test", status=Presigner(token))
+            revoke(Work(own, "test", status=Presigner(token)), serial=certificate.serial, reason="keyCompromise")
 
     refreshing = threading.Thread(target=refresher)
     refreshing.start()
@@ -415,7 +416,11 @@ def test_no_certificate_is_recorded_under_a_ca_after_its_revocation_commits(
             while session.scalar(issued) < 1:  # as soon as the first one is recorded
                 session.commit()
             session.commit()
-            revoke(session, hierarchy.issuing.serial, "keyCompromise", actor="test:revoker", status=Presigner(token))
+            revoke(
+                Work(session, "test:revoker", status=Presigner(token)),
+                serial=hierarchy.issuing.serial,
+                reason="keyCompromise",
+            )
 
     try:
         with ThreadPoolExecutor(max_workers=len(secrets) + 1) as pool:

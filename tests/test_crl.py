@@ -25,6 +25,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import PublishError, publish_all, publish_crl
 from ocsp.presign import Presigner
@@ -62,15 +63,13 @@ def revoked(session: Session, hierarchy: Hierarchy, token: Token) -> dict[str, C
         for name in ("compromised", "unspecified", "held", "good")
     }
     revoke(
-        session,
-        rows["compromised"].serial,
-        "keyCompromise",
-        actor="test",
+        Work(session, "test", status=status),
+        serial=rows["compromised"].serial,
+        reason="keyCompromise",
         invalidity_date=datetime.now(UTC) - timedelta(days=1),
-        status=status,
     )
-    revoke(session, rows["unspecified"].serial, "unspecified", actor="test", status=status)
-    revoke(session, rows["held"].serial, "certificateHold", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=rows["unspecified"].serial, reason="unspecified")
+    revoke(Work(session, "test", status=status), serial=rows["held"].serial, reason="certificateHold")
     return rows
 
 
@@ -116,7 +115,7 @@ def test_the_root_crl_covers_the_issuing_ca(
     session: Session, hierarchy: Hierarchy, token: Token, tmp_path: Path
 ) -> None:
     status = Presigner(token)
-    revoke(session, hierarchy.issuing.serial, "cACompromise", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=hierarchy.issuing.serial, reason="cACompromise")
     published = {p.authority: p for p in publish_all(session, token, tmp_path)}
     root_entries = [format(e.serial_number, "X") for e in _load(published[hierarchy.root.name].path)]
     assert root_entries == [hierarchy.issuing.serial]
@@ -127,7 +126,7 @@ def test_expired_certificates_leave_the_crl(
 ) -> None:
     status = Presigner(token)
     short = _charger(session, hierarchy, token, "CP-SHORT", validity=timedelta(days=2))
-    revoke(session, short.serial, "superseded", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=short.serial, reason="superseded")
     issuer = issuer_for(hierarchy.issuing, token)
     assert len(list(_load(publish_crl(session, issuer, hierarchy.issuing, tmp_path, now=datetime.now(UTC)).path))) == 1
     later = datetime.now(UTC) + timedelta(days=3)

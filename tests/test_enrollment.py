@@ -17,6 +17,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke_due
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -30,8 +31,8 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
 ) -> None:
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-GRACE", actor="test")
-    secret = issue_secret(session, device, actor="test")
+    device = add_device(Work(session, "test"), serial="CP-GRACE")
+    secret = issue_secret(Work(session, "test"), device=device)
     key = make_key()
     first = enroll(
         session,
@@ -52,9 +53,9 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
         status=status,
     )
     assert first.status == "valid" and first.revoke_after is not None and renewed.status == "valid"
-    assert revoke_due(session, status=status) == 0, "still inside the grace period"
+    assert revoke_due(Work(session, "system:supersede", status=status)) == 0, "still inside the grace period"
     later = datetime.now(UTC) + timedelta(hours=2)
-    assert revoke_due(session, now=lambda: later, status=status) == 1
+    assert revoke_due(Work(session, "system:supersede", now=lambda: later, status=status)) == 1
     session.refresh(first)
     assert (first.status, first.revocation_reason) == ("revoked", "superseded")
 
@@ -64,7 +65,7 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
 ) -> None:
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-TWICE", actor="test")
+    device = add_device(Work(session, "test"), serial="CP-TWICE")
     key = make_key()
     csr = _der(make_csr("CP-TWICE", key=key))
     first = enroll(
@@ -72,7 +73,7 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
         issuers,
         hierarchy.issuing,
         csr,
-        Credentials(username="CP-TWICE", password=issue_secret(session, device, actor="test")),
+        Credentials(username="CP-TWICE", password=issue_secret(Work(session, "test"), device=device)),
         status=status,
     )
     settings = EnrollmentSettings(supersede_grace=timedelta(hours=1))
@@ -108,7 +109,7 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
     """Behind a proxy TLS may not check expiry; the core does, whatever the transport."""
     status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
-    device = add_device(session, "CP-OLD", actor="test")
+    device = add_device(Work(session, "test"), serial="CP-OLD")
     key = make_key()
     csr = _der(make_csr("CP-OLD", key=key))
     first = enroll(
@@ -116,7 +117,7 @@ def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
         issuers,
         hierarchy.issuing,
         csr,
-        Credentials(username="CP-OLD", password=issue_secret(session, device, actor="test")),
+        Credentials(username="CP-OLD", password=issue_secret(Work(session, "test"), device=device)),
         status=status,
     )
     later = first.not_after + timedelta(days=1)

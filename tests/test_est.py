@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from ca import audit
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
 from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.clock import Clock, utcnow
 from ca.config import EstSettings, Pkcs11Settings
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
@@ -32,6 +33,7 @@ from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -55,12 +57,12 @@ class Fleet:
     def register(self, serial: str | None = None, environment: str = "production") -> tuple[str, str]:
         serial = serial or self.new_serial()
         with self.store.session() as session:
-            add_device(session, serial, environment=environment, actor="test")
-            return serial, issue_secret(session, get_device(session, serial), actor="test")
+            add_device(Work(session, "test"), serial=serial, environment=environment)
+            return serial, issue_secret(Work(session, "test"), device=get_device(session, serial))
 
-    def secret(self, serial: str, **kwargs) -> str:
+    def secret(self, serial: str, *, now: Clock = utcnow) -> str:
         with self.store.session() as session:
-            return issue_secret(session, get_device(session, serial), actor="test", **kwargs)
+            return issue_secret(Work(session, "test", now=now), device=get_device(session, serial))
 
     def post(
         self, operation: str, body: bytes, *, auth=None, cert=None, headers=None, label: str = ""
@@ -279,7 +281,7 @@ def test_csr_and_device_checks(fleet: Fleet, case: str, status: int, reason: str
     )
     if case == "disabled":
         with fleet.store.session() as session:
-            disable_device(session, serial, actor="test", status=status)
+            disable_device(Work(session, "test", status=status), serial=serial)
     before = fleet.refusals()
     response = fleet.post("simpleenroll", body, auth=(serial, secret))
     assert response.status_code == status and reason in response.text
@@ -327,7 +329,7 @@ def test_a_second_first_enrollment_needs_an_admin_reset(fleet: Fleet) -> None:
     with fleet.store.session() as session:
         from ca.registry.devices import reset_device
 
-        reset_device(session, serial, actor="test")
+        reset_device(Work(session, "test"), serial=serial)
     second = certificate_from(fleet.enroll(serial, fleet.secret(serial)))
     with fleet.store.session() as session:
         old = session.scalar(select(Certificate).where(Certificate.serial == format(first.serial_number, "X")))
@@ -388,11 +390,9 @@ def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet) -> None:
     serial, identity, key = _enrolled(fleet, "revoked")
     with fleet.store.session() as session:
         revoke(
-            session,
-            format(x509.load_pem_x509_certificate(Path(identity[0]).read_bytes()).serial_number, "X"),
-            "keyCompromise",
-            actor="test",
-            status=status,
+            Work(session, "test", status=status),
+            serial=format(x509.load_pem_x509_certificate(Path(identity[0]).read_bytes()).serial_number, "X"),
+            reason="keyCompromise",
         )
     response = fleet.post("simplereenroll", b64csr(serial, key=key), cert=identity)
     assert response.status_code == 401 and "revoked" in response.text
@@ -461,7 +461,7 @@ def test_an_ra_enrolls_registered_devices_without_secrets(fleet: Fleet) -> None:
     unregistered = fleet.post("simpleenroll", b64csr("CP-NOT-REGISTERED"), cert=identity)
     assert unregistered.status_code == 403 and "not registered" in unregistered.text
     with fleet.store.session() as session:
-        revoke(session, ra_serial, "privilegeWithdrawn", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=ra_serial, reason="privilegeWithdrawn")
     other, _ = fleet.register()
     revoked = fleet.post("simpleenroll", b64csr(other), cert=identity)
     assert revoked.status_code == 401 and "revoked" in revoked.text

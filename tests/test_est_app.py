@@ -17,6 +17,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import new_token_settings
 from tests.helpers import make_csr
@@ -34,8 +35,8 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
-        add_device(session, "CP-503", actor="test")
-        secret = issue_secret(session, get_device(session, "CP-503"), actor="test")
+        add_device(Work(session, "test"), serial="CP-503")
+        secret = issue_secret(Work(session, "test"), device=get_device(session, "CP-503"))
     client = create_app(pki, EstSettings()).test_client()
     der = x509.load_pem_x509_csr(make_csr("CP-503")).public_bytes(serialization.Encoding.DER)
     auth = {"Authorization": "Basic " + base64.b64encode(f"CP-503:{secret}".encode()).decode()}
@@ -129,8 +130,8 @@ def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enr
     with pki.store.session() as session:
         init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
         for serial in ("CP-LOCKED", "CP-GOOD"):
-            add_device(session, serial, actor="test")
-            secrets[serial] = issue_secret(session, get_device(session, serial), actor="test")
+            add_device(Work(session, "test"), serial=serial)
+            secrets[serial] = issue_secret(Work(session, "test"), device=get_device(session, serial))
     app = create_app(pki, EstSettings())
     client = app.test_client()
 

@@ -24,6 +24,7 @@ from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import AuditEvent
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -46,8 +47,8 @@ class Site:
 
     def register(self, serial: str) -> str:
         with self.store.session() as session:
-            add_device(session, serial, actor="test")
-            return issue_secret(session, get_device(session, serial), actor="test")
+            add_device(Work(session, "test"), serial=serial)
+            return issue_secret(Work(session, "test"), device=get_device(session, serial))
 
     def enroll(self, serial: str, password: str) -> requests.Response:
         """Each attempt on a new connection, alternating between the two server processes."""

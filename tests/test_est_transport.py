@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -61,7 +62,7 @@ def _device_certificate(store: Store, token: Token, serial: str) -> tuple[x509.C
     status = Presigner(token)
     key = make_key()
     with store.session() as session:
-        add_device(session, serial, actor="test")
+        add_device(Work(session, "test"), serial=serial)
         authority = default_issuing_ca(session, "production")
         row = issue(
             session,
@@ -139,8 +140,8 @@ def test_tls_unique_binding_is_checked_and_can_be_required(installation, token: 
         secrets = {}
         for serial in ("CP-BIND-OK", "CP-BIND-WRONG", "CP-BIND-NONE"):
             with store.session() as session:
-                add_device(session, serial, actor="test")
-                secrets[serial] = issue_secret(session, get_device(session, serial), actor="test")
+                add_device(Work(session, "test"), serial=serial)
+                secrets[serial] = issue_secret(Work(session, "test"), device=get_device(session, serial))
         key = make_key()
         status, text = _tls12_post(
             server,

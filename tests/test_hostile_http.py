@@ -25,6 +25,7 @@ from ca.config import EstSettings, Pkcs11Settings
 from ca.registry.devices import get_device, reset_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import Certificate
+from ca.work import Work
 from tests.conftest import database
 from tests.hostile import (
     DEVICE,
@@ -141,8 +142,8 @@ def _enroll_with_the_secret(world: World, client, csr_der: bytes, what: str) -> 
         assert stored is not None and stored.status == "valid"
         assert stored.der == certificate.public_bytes(serialization.Encoding.DER)
         # Start over for the next example: re-open first enrollment with a new secret.
-        reset_device(session, DEVICE, actor="fuzz")
-        world.secret = issue_secret(session, get_device(session, DEVICE), actor="fuzz")
+        reset_device(Work(session, "fuzz"), serial=DEVICE)
+        world.secret = issue_secret(Work(session, "fuzz"), device=get_device(session, DEVICE))
 
 
 @given(st.data())

@@ -29,6 +29,7 @@ from ca.issuance.csr import CsrRequest, read_csr
 from ca.registry.devices import import_devices
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Device
+from ca.work import Work
 from ocsp.certid import CertId
 from ocsp.requests import MalformedRequest, decode_get_path, parse_request
 from tests.hostile import Source, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
@@ -233,7 +234,7 @@ def test_csv_imports_register_exactly_the_rows_they_accept(device_store: Store, 
         session.commit()
         with bounded(10):
             try:
-                result = import_devices(session, io.StringIO(text, newline=""), actor="fuzz", batch=7)
+                result = import_devices(Work(session, "fuzz"), stream=io.StringIO(text, newline=""), batch=7)
             except ChargepkiError as exc:
                 refused_cleanly(exc)
                 result = None

@@ -27,6 +27,7 @@ from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import Authority, OcspResponse
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
@@ -127,8 +128,8 @@ def test_a_bad_csr_signature_gets_the_status_the_est_doc_names(
 ) -> None:
     pki, client = _app(tmp_path, db_url, token, token_settings, "ec-p256")
     with pki.store.session() as session:
-        add_device(session, "CP-SIG", actor="test")
-        secret = issue_secret(session, get_device(session, "CP-SIG"), actor="test")
+        add_device(Work(session, "test"), serial="CP-SIG")
+        secret = issue_secret(Work(session, "test"), device=get_device(session, "CP-SIG"))
     der = bytearray(x509.load_pem_x509_csr(make_csr("CP-SIG", key=make_key())).public_bytes(serialization.Encoding.DER))
     der[-3] ^= 0x01  # inside the signature value: still DER, no longer a proof of possession
     auth = {"Authorization": "Basic " + base64.b64encode(f"CP-SIG:{secret}".encode()).decode()}

@@ -26,6 +26,7 @@ from ca.registry.devices import add_device
 from ca.status.certificates import display_status, list_certificates
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -278,7 +279,7 @@ def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, t
     """One key, one identity (``key_owners``): the same device may certify its key again; another
     device, an SECC ID or a certificate issued from the CLI for another name may not."""
     status = Presigner(token)
-    first, second = (add_device(session, serial, actor="test") for serial in ("CP-K1", "CP-K2"))
+    first, second = (add_device(Work(session, "test"), serial=serial) for serial in ("CP-K1", "CP-K2"))
     key = make_key().public_key()
     charger = get_profile("charger")
     for _ in range(2):  # a renewal with the same key

@@ -32,6 +32,7 @@ from ca.status.certificates import get_certificate, list_certificates
 from ca.status.revocation import revoke, revoke_due
 from ca.store.engine import Store
 from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
+from ca.work import Work
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
@@ -185,7 +186,7 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
         )
         issuer = issuer_for(hierarchy.issuing, token)
         for n in range(4):
-            device = add_device(session, f"CP-{n:04d}", model="Wallbox 22", actor="cli:ops")
+            device = add_device(Work(session, "cli:ops"), serial=f"CP-{n:04d}", model="Wallbox 22")
             row = issue(
                 session,
                 issuer,
@@ -194,9 +195,9 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
                 status=status,
             )
             if n == 1:
-                revoke(session, row.serial, "keyCompromise", actor="cli:ops", status=status)
+                revoke(Work(session, "cli:ops", status=status), serial=row.serial, reason="keyCompromise")
             if n == 2:
-                revoke(session, row.serial, "certificateHold", actor="cli:ops", status=status)
+                revoke(Work(session, "cli:ops", status=status), serial=row.serial, reason="certificateHold")
         session.execute(text("UPDATE devices SET enabled = 0 WHERE serial = 'CP-0003'"))
         session.commit()
     with scratch.engine.connect() as source:
@@ -299,7 +300,7 @@ def test_upgrade_from_the_first_release_keeps_every_row(db_url: str, token: Toke
             actor="test",
             status=status,
         )
-        revoke(session, row.serial, "superseded", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=row.serial, reason="superseded")
         published = publish_crl(session, issuer, issuing, tmp_path / "pki", now=datetime.now(UTC))
         crl = x509.load_der_x509_crl(published.path.read_bytes())
         assert {format(entry.serial_number, "X") for entry in crl} == {
@@ -453,8 +454,8 @@ def test_every_hot_path_statement_uses_an_index(
     issuing = hierarchy.issuing
     issuer = issuer_for(issuing, token)
     for n in range(3):
-        add_device(session, f"CP-{n}", actor="test")
-    secret = issue_secret(session, get_device(session, "CP-0"), actor="test")
+        add_device(Work(session, "test"), serial=f"CP-{n}")
+    secret = issue_secret(Work(session, "test"), device=get_device(session, "CP-0"))
     key = make_key()
     csr = x509.load_pem_x509_csr(make_csr("CP-0", key=key)).public_bytes(serialization.Encoding.DER)
     now = datetime.now(UTC)
@@ -476,7 +477,7 @@ def test_every_hot_path_statement_uses_an_index(
             session, lambda _a: issuer, issuing, csr, Credentials(client_certificate=first.der), status=status
         )
         current[0] = "revoke by serial"
-        revoke(session, second.serial, "keyCompromise", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=second.serial, reason="keyCompromise")
         current[0] = "OCSP on-demand signer"
         request = (
             ocsp.OCSPRequestBuilder()
@@ -494,7 +495,7 @@ def test_every_hot_path_statement_uses_an_index(
         current[0] = "expiring certificates"
         list_certificates(session, now, expiring_within=timedelta(days=30), limit=100)
         current[0] = "superseded sweep"
-        revoke_due(session, status=status)
+        revoke_due(Work(session, "system:supersede", status=status))
         current[0] = "device by serial"
         get_device(session, "CP-1")
         current[0] = "certificate by serial"

@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke, unhold
 from ca.store.engine import Store
 from ca.store.models import Certificate, OcspResponse, StatusFeed
+from ca.work import Work
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -93,7 +94,7 @@ def test_revocation_re_signs_in_the_same_transaction_and_signals(
 ) -> None:
     row = _issue(session, hierarchy, token, status)
     before = session.scalar(select(StatusFeed.counter))
-    revoke(session, row.serial, "keyCompromise", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
     stored = _stored(session, row)
     assert stored is not None and stored.cert_status == "revoked"
     response = _verified(stored.der, hierarchy)
@@ -104,10 +105,10 @@ def test_revocation_re_signs_in_the_same_transaction_and_signals(
 
 def test_a_released_hold_is_good_again(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner) -> None:
     row = _issue(session, hierarchy, token, status)
-    revoke(session, row.serial, "certificateHold", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="certificateHold")
     held = _verified(_stored(session, row).der, hierarchy)  # type: ignore[union-attr]
     assert held.revocation_reason == x509.ReasonFlags.certificate_hold
-    unhold(session, row.serial, actor="test", status=status)
+    unhold(Work(session, "test", status=status), serial=row.serial)
     assert _verified(_stored(session, row).der, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD  # type: ignore[union-attr]
 
 
@@ -115,7 +116,7 @@ def test_an_unspecified_reason_is_left_out(
     session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:
     row = _issue(session, hierarchy, token, status)
-    revoke(session, row.serial, "unspecified", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="unspecified")
     response = _verified(_stored(session, row).der, hierarchy)  # type: ignore[union-attr]
     assert response.certificate_status == ocsp.OCSPCertStatus.REVOKED and response.revocation_reason is None
 
@@ -127,7 +128,7 @@ def test_a_revocation_the_token_cannot_sign_is_recorded_and_the_stale_response_d
     signer_id = hierarchy.ocsp_signer.id
     session.execute(update(Certificate).where(Certificate.id == signer_id).values(key_label="gone-from-the-token"))
     session.commit()
-    revoke(session, row.serial, "keyCompromise", actor="test", status=Presigner(token))
+    revoke(Work(session, "test", status=Presigner(token)), serial=row.serial, reason="keyCompromise")
     session.expire_all()
     assert session.get(Certificate, row.id).status == "revoked"  # type: ignore[union-attr]
     assert _stored(session, row) is None, "a good response must never outlive the revocation"
@@ -226,7 +227,7 @@ def test_a_revocation_reaches_a_responder_that_cached_good(
     row = _issue(session, hierarchy, token, status)
     request = _request(*_certificates(hierarchy, row))
     assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD
-    revoke(session, row.serial, "keyCompromise", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
     pause = threading.Event()
     for _ in range(50):  # the watcher polls every 0.1 s (SQLite) or is woken by NOTIFY (PostgreSQL)
         if (
@@ -247,7 +248,7 @@ def test_sha256_cert_ids_are_signed_on_first_use_then_served_from_the_store(
     response = _verified(answer.body, hierarchy)
     assert response.hash_algorithm.name == "sha256" and response.certificate_status == ocsp.OCSPCertStatus.GOOD
     assert _stored(session, row, "sha256") is not None
-    revoke(session, row.serial, "superseded", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="superseded")
     assert _stored(session, row, "sha256").cert_status == "revoked", "every stored hash is re-signed"  # type: ignore[union-attr]
 
 
@@ -268,7 +269,7 @@ def test_several_cert_ids_are_answered_in_one_response(
 ) -> None:
     first = _issue(session, hierarchy, token, status, "CP-A")
     second = _issue(session, hierarchy, token, status, "CP-B")
-    revoke(session, second.serial, "keyCompromise", actor="test", status=status)
+    revoke(Work(session, "test", status=status), serial=second.serial, reason="keyCompromise")
     from asn1crypto import ocsp as asn1_ocsp
 
     single = [

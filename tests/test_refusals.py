@@ -38,6 +38,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent, AuditNoise, AuthFailure
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import CheckedClient
 from tests.helpers import make_csr, make_key
@@ -147,10 +148,10 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
             request = IssueRequest(get_profile(profile), (key or make_key()).public_key(), name, device_id=device_id)
             return issue(session, issuer, request, actor="test", status=status).der or b""
 
-        secret = issue_secret(session, add_device(session, "CP-1", actor="test"), actor="test")
+        secret = issue_secret(Work(session, "test"), device=add_device(Work(session, "test"), serial="CP-1"))
         ra = issued("ra", "Station-1")
-        charger = issued("charger", "CP-CUR", device_id=add_device(session, "CP-CUR", actor="test").id)
-        issued("charger", "CP-TAKEN", taken_key, add_device(session, "CP-TAKEN", actor="test").id)
+        charger = issued("charger", "CP-CUR", device_id=add_device(Work(session, "test"), serial="CP-CUR").id)
+        issued("charger", "CP-TAKEN", taken_key, add_device(Work(session, "test"), serial="CP-TAKEN").id)
         secc = issue_secc(
             session,
             lambda authority: issuer_for(authority, token),

@@ -17,6 +17,7 @@ from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.status.revocation import REASONS, parse_reason, revoke, unhold
 from ca.store.models import Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr
 
@@ -59,13 +60,10 @@ def test_revoke_records_reason_time_and_audit(session: Session, status: Presigne
     when = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     compromised = when - timedelta(days=2)
     revoked = revoke(
-        session,
-        charger.serial,
-        "keyCompromise",
-        actor="admin",
+        Work(session, "admin", now=lambda: when, status=status),
+        serial=charger.serial,
+        reason="keyCompromise",
         invalidity_date=compromised,
-        now=lambda: when,
-        status=status,
     )
     assert (revoked.status, revoked.revocation_reason, revoked.revoked_at) == (
         "revoked",
@@ -79,14 +77,14 @@ def test_revoke_records_reason_time_and_audit(session: Session, status: Presigne
 
 
 def test_revoking_twice_is_refused(session: Session, status: Presigner, charger: Certificate) -> None:
-    revoke(session, charger.serial, "superseded", actor="admin", status=status)
+    revoke(Work(session, "admin", status=status), serial=charger.serial, reason="superseded")
     with pytest.raises(ConflictError, match="already revoked"):
-        revoke(session, charger.serial, "keyCompromise", actor="admin", status=status)
+        revoke(Work(session, "admin", status=status), serial=charger.serial, reason="keyCompromise")
 
 
 def test_a_hold_can_be_released(session: Session, status: Presigner, charger: Certificate) -> None:
-    revoke(session, charger.serial, "certificateHold", actor="admin", status=status)
-    released = unhold(session, charger.serial, actor="admin", status=status)
+    revoke(Work(session, "admin", status=status), serial=charger.serial, reason="certificateHold")
+    released = unhold(Work(session, "admin", status=status), serial=charger.serial)
     assert released.status == "valid" and released.revocation_reason is None and released.revoked_at is None
 
 
@@ -94,30 +92,28 @@ def test_a_hold_can_become_permanent_keeping_its_time(
     session: Session, status: Presigner, charger: Certificate
 ) -> None:
     held_at = datetime(2026, 12, 1, tzinfo=UTC)
-    revoke(session, charger.serial, "certificateHold", actor="admin", now=lambda: held_at, status=status)
-    final = revoke(session, charger.serial, "keyCompromise", actor="admin", status=status)
+    revoke(Work(session, "admin", now=lambda: held_at, status=status), serial=charger.serial, reason="certificateHold")
+    final = revoke(Work(session, "admin", status=status), serial=charger.serial, reason="keyCompromise")
     assert final.revocation_reason == "keyCompromise" and final.revoked_at == held_at
     with pytest.raises(ConflictError, match="not on hold"):
-        unhold(session, charger.serial, actor="admin", status=status)
+        unhold(Work(session, "admin", status=status), serial=charger.serial)
 
 
 def test_unknown_serial_is_refused(session: Session, status: Presigner, hierarchy: Hierarchy) -> None:
     with pytest.raises(NotFoundError, match="no certificate with serial DEADBEEF"):
-        revoke(session, "deadbeef", "superseded", actor="admin", status=status)
+        revoke(Work(session, "admin", status=status), serial="deadbeef", reason="superseded")
 
 
 def test_roots_are_not_revoked(session: Session, status: Presigner, hierarchy: Hierarchy) -> None:
     with pytest.raises(ConflictError, match="root certificate cannot be revoked"):
-        revoke(session, hierarchy.root.serial, "cACompromise", actor="admin", status=status)
+        revoke(Work(session, "admin", status=status), serial=hierarchy.root.serial, reason="cACompromise")
 
 
 def test_a_future_invalidity_date_is_refused(session: Session, status: Presigner, charger: Certificate) -> None:
     with pytest.raises(InputError, match="future"):
         revoke(
-            session,
-            charger.serial,
-            "keyCompromise",
-            actor="admin",
+            Work(session, "admin", status=status),
+            serial=charger.serial,
+            reason="keyCompromise",
             invalidity_date=datetime.now(UTC) + timedelta(days=1),
-            status=status,
         )

@@ -38,6 +38,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Authority, Certificate
+from ca.work import Work
 from cli.main import cli
 from crl.publisher import publish_all
 from ocsp.presign import Presigner, refresh, rotate_signers
@@ -181,7 +182,7 @@ def test_the_old_ca_retires_once_its_last_certificate_expired(
 
     with freeze_time(start + timedelta(days=15)):  # one certificate left: the old CA still answers
         assert retire_finished(session, actor="test", now=datetime.now(UTC)) == []
-        revoke(session, longer.serial, "keyCompromise", actor="test", status=status)
+        revoke(Work(session, "test", status=status), serial=longer.serial, reason="keyCompromise")
         published = {p.authority for p in publish_all(session, token, publication)}
         assert old.name in published and new.name in published
         crl = x509.load_der_x509_crl((publication / f"{old.name}.crl").read_bytes())

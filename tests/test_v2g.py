@@ -37,6 +37,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate, Device, OcspResponse
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner, refresh, rotate_signers
 from ocsp.source import StoreSource
@@ -250,9 +251,9 @@ def test_secc_refusals_are_one_line_and_audited(
 def test_a_new_certificate_supersedes_the_old_one_and_stations_keep_their_secc_ids(
     v2g: V2gHierarchy, session: Session, token: Token, status: Presigner
 ) -> None:
-    add_device(session, "CP-A", actor="test")
-    add_device(session, "CP-B", actor="test")
-    add_device(session, "CP-STAGING", environment="staging", actor="test")
+    add_device(Work(session, "test"), serial="CP-A")
+    add_device(Work(session, "test"), serial="CP-B")
+    add_device(Work(session, "test"), serial="CP-STAGING", environment="staging")
     first = _issue(session, token, status, device_serial="CP-A")
     second = _issue(session, token, status, device_serial="CP-A")
     session.refresh(first)
@@ -409,7 +410,7 @@ def est_client(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[
         ):
             device_id = None
             if device:
-                device_id = add_device(session, device, environment=authority.environment, actor="test").id
+                device_id = add_device(Work(session, "test"), serial=device, environment=authority.environment).id
             row = issue(
                 session,
                 issuer_for(authority, token),

@@ -29,12 +29,11 @@ from sqlalchemy.orm import Session
 from ca.audit.checkpoints import CheckpointTimer
 from ca.context import Pki
 from ca.enrollment.identity import check_identity
-from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError
+from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
 from ca.registry import csms
 from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
-from ca.store.engine import _one_line
 from ca.store.models import Certificate, CsmsSignJob, Device
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
@@ -381,7 +380,7 @@ class JobRunner:
                 outcome = self.run_once()
             except (SQLAlchemyError, ChargepkiError) as exc:
                 # The database or the token is away: one line, and the jobs wait in the database.
-                log.warning("signing job runner: %s", _one_line(exc))
+                log.warning("signing job runner: %s", one_line(exc))
                 outcome = None
             except Exception:  # anything else is a bug worth its traceback in the log
                 log.exception("signing job runner")

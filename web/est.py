@@ -44,6 +44,7 @@ from ca.issuance.flow import abandon_stale_pending
 from ca.issuance.names import ENVIRONMENTS
 from ca.status.revocation import revoke_due
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner, policy_from
 from web.responses import UnsupportedMediaType
 
@@ -299,7 +300,7 @@ def _sweep(session: Session) -> None:
     if time.monotonic() - state["last"] >= SWEEP_INTERVAL:
         state["last"] = time.monotonic()
         abandon_stale_pending(session, actor="system:est")
-        revoke_due(session, status=_status())
+        revoke_due(Work(session, "system:supersede", status=_status()))
 
 
 def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Response:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.errors import ChargepkiError, TokenError
+from ca.errors import ChargepkiError, TokenError, one_line
 from ca.keys.keyspec import key_spec
 from ca.keys.pkcs11_token import KeyMissing, Token
 from ca.keys.token_keys import token_private_key
@@ -176,7 +176,7 @@ class CheckpointTimer:
             return periodic_checkpoint(session, token(), home, interval=self.interval)
         except (ChargepkiError, SQLAlchemyError, OSError) as exc:
             session.rollback()
-            log.warning("%s: no audit checkpoint: %s", self.name, str(exc).splitlines()[0] if str(exc) else exc)
+            log.warning("%s: no audit checkpoint: %s", self.name, one_line(exc))
             return None
 
 

@@ -22,7 +22,9 @@ from ca import audit
 from ca.authorities.issuers import default_issuing_ca, get_authority
 from ca.clock import Clock, utcnow
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
+from ca.kinds import CaRole, CaStatus
 from ca.store.models import AuditEvent, Campaign, CampaignDevice, Certificate, Device
+from ca.work import Work
 
 STATES = ("reenrolled", "pending", "failed")
 # Audit actions of refused renewals, and where each names the station (a charger's CN is its device
@@ -82,47 +84,46 @@ def _enlist(session: Session, campaign: Campaign, now: datetime) -> int:
     return int(session.execute(members).scalar_one() - before)
 
 
-def start_campaign(session: Session, from_ca: str, *, actor: str, now: Clock = utcnow) -> tuple[Campaign, int]:
+def start_campaign(work: Work, *, from_ca: str) -> tuple[Campaign, int]:
     """Open a campaign from ``from_ca`` to the environment's newest issuing CA; returns it and its size."""
-    old = get_authority(session, from_ca)
-    if old.role != "issuing":
-        raise InputError(f"CA {old.name} is a {old.role} CA; campaigns move devices off an issuing CA")
-    if old.status != "active":
-        raise PolicyError(f"CA {old.name} is retired: none of its certificates is valid any more")
-    target = default_issuing_ca(session, old.environment)
-    if target.id == old.id:
-        raise PolicyError(
-            f"CA {old.name} is the newest issuing CA of {old.environment}: run `chargepki ca rotate` first"
-        )
-    existing = session.scalar(select(Campaign).where(Campaign.from_authority_id == old.id))
-    if existing is not None:
-        raise ConflictError(
-            f"campaign {existing.id} already moves the devices of {old.name}: see `chargepki campaign status`"
-        )
-    started = now()
-    campaign = Campaign(
-        environment=old.environment,
-        from_authority_id=old.id,
-        to_authority_id=target.id,
-        actor=actor,
-        started_at=started,
-    )
-    session.add(campaign)
     try:
-        session.flush()
-        size = _enlist(session, campaign, started)
-        audit.record(
-            session,
-            "campaign.started",
-            actor=actor,
-            subject=old.name,
-            now=now,
-            details={"campaign": campaign.id, "environment": old.environment, "to": target.name, "devices": size},
-        )
-        session.commit()
+        with work.transaction() as session:
+            old = get_authority(session, from_ca)
+            if old.role != CaRole.ISSUING:
+                raise InputError(f"CA {old.name} is a {old.role} CA; campaigns move devices off an issuing CA")
+            if old.status != CaStatus.ACTIVE:
+                raise PolicyError(f"CA {old.name} is retired: none of its certificates is valid any more")
+            target = default_issuing_ca(session, old.environment)
+            if target.id == old.id:
+                raise PolicyError(
+                    f"CA {old.name} is the newest issuing CA of {old.environment}: run `chargepki ca rotate` first"
+                )
+            existing = session.scalar(select(Campaign).where(Campaign.from_authority_id == old.id))
+            if existing is not None:
+                raise ConflictError(
+                    f"campaign {existing.id} already moves the devices of {old.name}: see `chargepki campaign status`"
+                )
+            started = work.now()
+            campaign = Campaign(
+                environment=old.environment,
+                from_authority_id=old.id,
+                to_authority_id=target.id,
+                actor=work.actor,
+                started_at=started,
+            )
+            session.add(campaign)
+            session.flush()
+            size = _enlist(session, campaign, started)
+            audit.record(
+                session,
+                "campaign.started",
+                actor=work.actor,
+                subject=old.name,
+                now=work.now,
+                details={"campaign": campaign.id, "environment": old.environment, "to": target.name, "devices": size},
+            )
     except IntegrityError:
-        session.rollback()
-        raise ConflictError(f"a campaign from {old.name} was started concurrently") from None
+        raise ConflictError(f"a campaign from {from_ca} was started concurrently") from None
     return campaign, size
 
 

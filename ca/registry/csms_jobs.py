@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from ca.clock import Clock, utcnow
 from ca.enrollment.pipeline import EnrollmentSettings, IssuerFactory
-from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, StoreError, TokenError
+from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, StoreError, TokenError, one_line
 from ca.issuance.csr import load_csr
 from ca.registry.csms import Caller, caller_for, check_certificate_type, sign
 from ca.status.signal import StatusSigner
@@ -155,7 +155,7 @@ def process(
     except (TokenError, StoreError, ConfigError, SQLAlchemyError) as exc:
         session.rollback()
         if job.attempts >= max_attempts:
-            _finish(session, job.id, claim, now, reason="ca_unavailable", error=_one_line(exc))
+            _finish(session, job.id, claim, now, reason="ca_unavailable", error=one_line(exc))
             return "refused"
         session.execute(
             update(_JOBS).where(_JOBS.c.id == job.id, _JOBS.c.claim == claim).values(state="queued", claim=None)
@@ -178,8 +178,3 @@ def _finish(session: Session, job_id: int, claim: str | None, now: Clock, *, rea
         .values(state="refused", reason=reason[:64], error=error[:512], finished_at=now(), claim=None)
     )
     session.commit()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,9 +14,10 @@ from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import ChargepkiError, ConflictError, InputError, NotFoundError
 from ca.issuance.names import check_charger_identity, check_environment
+from ca.kinds import CertStatus
 from ca.status.revocation import apply_revocation
-from ca.status.signal import StatusSigner
 from ca.store.models import Certificate, Device
+from ca.work import Work
 
 MAX_MODEL = 64
 
@@ -30,25 +31,17 @@ def _check_model(model: str | None) -> str | None:
     return model
 
 
-def add_device(
-    session: Session,
-    serial: str,
-    *,
-    model: str | None = None,
-    environment: str = "production",
-    actor: str,
-    now: Clock = utcnow,
-) -> Device:
-    device = _new_device(session, serial, model, environment, now)
-    audit.record(
-        session,
-        "device.added",
-        actor=actor,
-        subject=device.serial,
-        now=now,
-        details={"model": device.model, "environment": device.environment},
-    )
-    session.commit()
+def add_device(work: Work, *, serial: str, model: str | None = None, environment: str = "production") -> Device:
+    with work.transaction() as session:
+        device = _new_device(session, serial, model, environment, work.now)
+        audit.record(
+            session,
+            "device.added",
+            actor=work.actor,
+            subject=device.serial,
+            now=work.now,
+            details={"model": device.model, "environment": device.environment},
+        )
     return device
 
 
@@ -77,20 +70,20 @@ class ImportResult:
 
 
 def import_devices(
-    session: Session,
-    stream: TextIO,
+    work: Work,
     *,
+    stream: TextIO,
     default_environment: str = "production",
-    actor: str,
-    now: Clock = utcnow,
     batch: int = 1000,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Register devices from CSV (header ``serial[,model][,environment]``), in batches.
 
     Every row is judged on its own: a bad row is refused with its line number and reason and
-    the rest go in. One audit entry per batch keeps the chain short for large factory files.
+    the rest go in. One audit entry per batch keeps the chain short for large factory files;
+    each batch is one transaction, so an interrupted import keeps the batches before it.
     """
+    session, actor, now = work.session, work.actor, work.now
     reader = csv.DictReader(stream)
     if reader.fieldnames is None or "serial" not in [name.strip().lower() for name in reader.fieldnames]:
         raise InputError("the CSV needs a header row with a 'serial' column (optional: model, environment)")
@@ -110,30 +103,34 @@ def import_devices(
             session.commit()
             pending.clear()
 
-    for row in _rows(reader, result):
-        line, values = row
-        serial = (values.get("serial") or "").strip()
-        try:
-            if serial in seen:
-                raise ConflictError(f"device {serial} appears twice in this file")
-            device = _new_device(
-                session,
-                serial,
-                values.get("model"),
-                (values.get("environment") or "").strip() or default_environment,
-                now,
-            )
-        except ChargepkiError as exc:
-            result.refused.append((line, str(exc)))
-        else:
-            seen.add(device.serial)
-            pending.append(device.serial)
-            result.accepted += 1
-            if len(pending) >= batch:
-                flush()
-        if progress is not None:
-            progress(1)
-    flush()
+    try:
+        for row in _rows(reader, result):
+            line, values = row
+            serial = (values.get("serial") or "").strip()
+            try:
+                if serial in seen:
+                    raise ConflictError(f"device {serial} appears twice in this file")
+                device = _new_device(
+                    session,
+                    serial,
+                    values.get("model"),
+                    (values.get("environment") or "").strip() or default_environment,
+                    now,
+                )
+            except ChargepkiError as exc:
+                result.refused.append((line, str(exc)))
+            else:
+                seen.add(device.serial)
+                pending.append(device.serial)
+                result.accepted += 1
+                if len(pending) >= batch:
+                    flush()
+            if progress is not None:
+                progress(1)
+        flush()
+    except BaseException:
+        session.rollback()  # the batch in progress; committed batches stay
+        raise
     return result
 
 
@@ -188,49 +185,42 @@ def current_certificate(session: Session, device: Device, now: Clock = utcnow) -
 
 
 def disable_device(
-    session: Session,
-    serial: str,
-    *,
-    revoke: bool = False,
-    reason: str = "cessationOfOperation",
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
+    work: Work, *, serial: str, revoke: bool = False, reason: str = "cessationOfOperation"
 ) -> tuple[Device, list[Certificate]]:
     """Refuse further enrollment; with ``revoke`` also revoke every certificate still valid."""
-    device = get_device(session, serial)
-    device.enabled = False
-    revoked = []
-    if revoke:
-        for certificate in device_certificates(session, device):
-            if certificate.status == "valid":
-                apply_revocation(session, certificate, reason, actor=actor, status=status, now=now)
-                revoked.append(certificate)
-    audit.record(
-        session,
-        "device.disabled",
-        actor=actor,
-        subject=device.serial,
-        now=now,
-        details={"revoked": [c.serial for c in revoked]},
-    )
-    session.commit()
+    with work.transaction() as session:
+        device = get_device(session, serial)
+        device.enabled = False
+        revoked = []
+        if revoke:
+            for certificate in device_certificates(session, device):
+                if certificate.status == CertStatus.VALID:
+                    apply_revocation(session, certificate, reason, actor=work.actor, status=work.signer(), now=work.now)
+                    revoked.append(certificate)
+        audit.record(
+            session,
+            "device.disabled",
+            actor=work.actor,
+            subject=device.serial,
+            now=work.now,
+            details={"revoked": [c.serial for c in revoked]},
+        )
     return device, revoked
 
 
-def enable_device(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Device:
-    return _change(session, serial, "device.enabled", actor, now, enabled=True)
+def enable_device(work: Work, *, serial: str) -> Device:
+    return _change(work, serial, "device.enabled", enabled=True)
 
 
-def reset_device(session: Session, serial: str, *, actor: str, now: Clock = utcnow) -> Device:
+def reset_device(work: Work, *, serial: str) -> Device:
     """Re-open first-time enrollment (a replaced main board, a wiped secure element)."""
-    return _change(session, serial, "device.reset", actor, now, enrollment_open=True)
+    return _change(work, serial, "device.reset", enrollment_open=True)
 
 
-def _change(session: Session, serial: str, action: str, actor: str, now: Clock, **values: bool) -> Device:
-    device = get_device(session, serial)
-    for name, value in values.items():
-        setattr(device, name, value)
-    audit.record(session, action, actor=actor, subject=device.serial, now=now)
-    session.commit()
+def _change(work: Work, serial: str, action: str, **values: bool) -> Device:
+    with work.transaction() as session:
+        device = get_device(session, serial)
+        for name, value in values.items():
+            setattr(device, name, value)
+        audit.record(session, action, actor=work.actor, subject=device.serial, now=work.now)
     return device

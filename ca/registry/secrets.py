@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import bindparam, select, update
@@ -19,48 +20,51 @@ from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import PolicyError
 from ca.store.models import Device, EnrollmentSecret
+from ca.work import Work
 
 MAX_TTL = timedelta(days=90)
+DEFAULT_TTL = timedelta(hours=24)
 
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def issue_secret(
-    session: Session,
-    device: Device,
-    *,
-    ttl: timedelta = timedelta(hours=24),
-    actor: str,
-    now: Clock = utcnow,
-    commit: bool = True,
-    keep_older: bool = False,
-) -> str:
+def issue_secret(work: Work, *, device: Device, ttl: timedelta = DEFAULT_TTL, keep_older: bool = False) -> str:
     """A new secret for ``device``; returned once, never stored or logged in clear.
 
     The device's older unspent secrets are withdrawn (audited) unless ``keep_older``: a device
     needs one, and a secret printed on an older sheet or CSV should not stay usable for months.
     """
+    return issue_secrets(work, devices=[device], ttl=ttl, keep_older=keep_older)[0]
+
+
+def issue_secrets(
+    work: Work, *, devices: Sequence[Device], ttl: timedelta = DEFAULT_TTL, keep_older: bool = False
+) -> list[str]:
+    """One new secret per device, all in one transaction: a half-issued batch would confuse the factory."""
     if ttl <= timedelta(0) or ttl > MAX_TTL:
         raise PolicyError(f"the secret's lifetime must be between 1 minute and {MAX_TTL.days} days")
+    with work.transaction() as session:
+        return [_issue(session, work, device, ttl, keep_older) for device in devices]
+
+
+def _issue(session: Session, work: Work, device: Device, ttl: timedelta, keep_older: bool) -> str:
     if not device.enabled:
         raise PolicyError(f"device {device.serial} is disabled")
     if not keep_older:
-        withdraw_secrets(session, device, actor=actor, reason="a new secret was issued", now=now, commit=False)
+        _withdraw(session, work, device, "a new secret was issued", None)
     secret = secrets.token_urlsafe(24)
-    at = now()
+    at = work.now()
     session.add(EnrollmentSecret(device_id=device.id, secret_hash=_hash(secret), expires_at=at + ttl, created_at=at))
     audit.record(
         session,
         "secret.issued",
-        actor=actor,
+        actor=work.actor,
         subject=device.serial,
-        now=now,
+        now=work.now,
         details={"expires_at": (at + ttl).isoformat()},
     )
-    if commit:
-        session.commit()
     return secret
 
 
@@ -115,23 +119,20 @@ def restore_secret(session: Session, serial: str, secret: str) -> None:
     session.commit()
 
 
-def withdraw_secrets(
-    session: Session,
-    device: Device,
-    *,
-    actor: str,
-    reason: str,
-    secret: str | None = None,
-    now: Clock = utcnow,
-    commit: bool = True,
-) -> int:
-    """Withdraw ``device``'s unexpired secrets (only ``secret`` when given): they expire now.
+def withdraw_secrets(work: Work, *, entries: Sequence[tuple[Device, str | None]], reason: str) -> int:
+    """Withdraw secrets, all in one transaction: for each (device, secret) that secret, or with
+    ``None`` every unexpired secret of the device. They expire now.
 
     Returns how many were still unspent (those are what a leak exposed), and audits them as
     ``secret.withdrawn``. Spent ones expire too, so a secret given back after a signing failure
     (``restore_secret``) cannot come back to life after its withdrawal.
     """
-    at = now()
+    with work.transaction() as session:
+        return sum(_withdraw(session, work, device, reason, secret) for device, secret in entries)
+
+
+def _withdraw(session: Session, work: Work, device: Device, reason: str, secret: str | None) -> int:
+    at = work.now()
     conditions = [_SECRETS.c.device_id == device.id, _SECRETS.c.expires_at > at]
     if secret is not None:
         conditions.append(_SECRETS.c.secret_hash == _hash(secret))
@@ -142,11 +143,9 @@ def withdraw_secrets(
         audit.record(
             session,
             "secret.withdrawn",
-            actor=actor,
+            actor=work.actor,
             subject=device.serial,
-            now=now,
+            now=work.now,
             details={"count": unspent, "reason": reason, "one": secret is not None},
         )
-    if commit:
-        session.commit()
     return unspent

@@ -14,9 +14,11 @@ from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import ConflictError, InputError
 from ca.issuance.profiles import PROFILES, ROOT_PROFILES
+from ca.kinds import CertStatus
 from ca.status.certificates import get_certificate
 from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
 REASONS: dict[str, x509.ReasonFlags] = {
@@ -108,21 +110,20 @@ def _stop_authorities(
         session.refresh(authority, ["status"])
 
 
-def revoke(
-    session: Session,
-    serial: str,
-    reason: str,
-    *,
-    actor: str,
-    status: StatusSigner,
-    invalidity_date: datetime | None = None,
-    now: Clock = utcnow,
-) -> Certificate:
+def revoke(work: Work, *, serial: str, reason: str, invalidity_date: datetime | None = None) -> Certificate:
     """Revoke (or put on hold) by serial and commit; a held certificate may later be revoked for good."""
     reason = parse_reason(reason)  # bad input is reported before any lookup
-    certificate = get_certificate(session, serial)
-    apply_revocation(session, certificate, reason, actor=actor, status=status, invalidity_date=invalidity_date, now=now)
-    session.commit()
+    with work.transaction() as session:
+        certificate = get_certificate(session, serial)
+        apply_revocation(
+            session,
+            certificate,
+            reason,
+            actor=work.actor,
+            status=work.signer(),
+            invalidity_date=invalidity_date,
+            now=work.now,
+        )
     return certificate
 
 
@@ -180,38 +181,37 @@ def apply_revocation(
     status.update(session, [certificate], at)
 
 
-def revoke_due(session: Session, *, status: StatusSigner, now: Clock = utcnow) -> int:
+def revoke_due(work: Work) -> int:
     """Revoke certificates whose re-enrollment grace period has ended (reason superseded)."""
-    due = session.scalars(
-        select(Certificate).where(
-            Certificate.revoke_after <= now(),  # NULL never compares true
-            Certificate.status == "valid",
-        )
-    ).all()
-    for certificate in due:
-        apply_revocation(session, certificate, "superseded", actor="system:supersede", status=status, now=now)
-    if due:
-        session.commit()
+    with work.transaction() as session:
+        due = session.scalars(
+            select(Certificate).where(
+                Certificate.revoke_after <= work.now(),  # NULL never compares true
+                Certificate.status == CertStatus.VALID,
+            )
+        ).all()
+        for certificate in due:
+            apply_revocation(session, certificate, "superseded", actor=work.actor, status=work.signer(), now=work.now)
     return len(due)
 
 
-def unhold(session: Session, serial: str, *, actor: str, status: StatusSigner, now: Clock = utcnow) -> Certificate:
+def unhold(work: Work, *, serial: str) -> Certificate:
     """Release a ``certificateHold``: the certificate is good again."""
-    certificate = get_certificate(session, serial)
-    if certificate.status != "revoked" or certificate.revocation_reason != "certificateHold":
-        raise ConflictError(f"certificate {certificate.serial} is not on hold")
-    certificate.status = "valid"
-    certificate.revocation_reason = None
-    certificate.revoked_at = None
-    certificate.invalidity_date = None
-    audit.record(
-        session,
-        "certificate.released",
-        actor=actor,
-        subject=certificate.serial,
-        now=now,
-        details={"cn": certificate.common_name},
-    )
-    status.update(session, [certificate], now())
-    session.commit()
+    with work.transaction() as session:
+        certificate = get_certificate(session, serial)
+        if certificate.status != CertStatus.REVOKED or certificate.revocation_reason != "certificateHold":
+            raise ConflictError(f"certificate {certificate.serial} is not on hold")
+        certificate.status = CertStatus.VALID
+        certificate.revocation_reason = None
+        certificate.revoked_at = None
+        certificate.invalidity_date = None
+        audit.record(
+            session,
+            "certificate.released",
+            actor=work.actor,
+            subject=certificate.serial,
+            now=work.now,
+            details={"cn": certificate.common_name},
+        )
+        work.signer().update(session, [certificate], work.now())
     return certificate

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ca.errors import StoreError
+from ca.errors import StoreError, one_line
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30000
@@ -259,12 +259,7 @@ class Store:
                     "`chargepki init`); refusing to start an empty one"
                 ) from None
             where = self.url.render_as_string(hide_password=True)
-            raise StoreError(f"database unavailable ({where}): {_one_line(exc)}") from None
+            raise StoreError(f"database unavailable ({where}): {one_line(exc)}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
