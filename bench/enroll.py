@@ -47,6 +47,7 @@ from ca.config import Config, EstSettings, embedded_defaults, write_config  # no
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
 from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -245,7 +246,8 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
     with pki.store.session() as session:
         status = Presigner(pki.token(), policy_from(pki.config.ocsp))
         hierarchy = init_hierarchy(
-            session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status
+            Work(session=session, actor="bench", status=status, token=pki.token()),
+            request=HierarchyRequest(organization=ORG),
         )
         root = home / "root.pem"
         root.write_bytes(

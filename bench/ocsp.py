@@ -58,6 +58,7 @@ from ca.issuance.profiles import get_profile  # noqa: E402
 from ca.issuance.serials import format_serial, new_serial  # noqa: E402
 from ca.status.revocation import revoke  # noqa: E402
 from ca.store.models import Certificate, OcspResponse  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.certid import CertId, issuer_hashes  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 from ocsp.signing import SingleStatus  # noqa: E402
@@ -256,7 +257,10 @@ def make_dataset(work: Path, count: int, database_url: str | None, refresh_sizes
     try:
         with pki.store.session() as session:
             presigner = Presigner(pki.token(), policy_from(pki.config.ocsp))
-            init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=presigner)
+            init_hierarchy(
+                Work(session=session, actor="bench", status=presigner, token=pki.token()),
+                request=HierarchyRequest(organization=ORG),
+            )
             authority = default_issuing_ca(session, None)
             issuer = issuer_for(authority, pki.token())
         assert issuer.certificate is not None

@@ -43,6 +43,7 @@ from ca.issuance.profiles import get_profile
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -274,7 +275,9 @@ def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: Es
     status = Presigner(token)
     seeds = make_seeds()
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="fuzz", status=status)
+        hierarchy = init_hierarchy(
+            Work(session=session, actor="fuzz", status=status, token=token), request=HierarchyRequest(organization=ORG)
+        )
         add_device(session, DEVICE, actor="fuzz")
         secret = issue_secret(session, get_device(session, DEVICE), actor="fuzz")
         from ca.authorities.issuers import issuer_for

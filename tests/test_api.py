@@ -26,6 +26,7 @@ from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
 from ca.status.revocation import revoke
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.api_helpers import check_answer
 from tests.conftest import database
@@ -103,7 +104,8 @@ def deployment(
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, country="DE"),
             )
             (tmp / "root.pem").write_bytes(_pem(hierarchy.root.certificate_der))
             (tmp / "issuing.pem").write_bytes(_pem(hierarchy.issuing.certificate_der))

@@ -32,6 +32,7 @@ from ca.registry.secrets import issue_secret
 from ca.status.revocation import revoke
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Certificate
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -133,10 +134,12 @@ def fleet(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11S
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, country="DE"),
             )
             init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, environment="staging"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, environment="staging"),
             )
             root = tmp / "root.pem"
             root.write_bytes(

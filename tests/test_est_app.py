@@ -17,6 +17,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import AuditEvent
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import new_token_settings
 from tests.helpers import make_csr
@@ -33,7 +34,10 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     write_config(Config(home=home, database_url=db_url, pkcs11=other_token))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
         add_device(session, "CP-503", actor="test")
         secret = issue_secret(session, get_device(session, "CP-503"), actor="test")
     client = create_app(pki, EstSettings()).test_client()
@@ -96,7 +100,10 @@ def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, to
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
     client = create_app(pki, EstSettings()).test_client()
     der = x509.load_pem_x509_csr(make_csr("CP-1")).public_bytes(serialization.Encoding.DER)
     for header in (
@@ -127,7 +134,10 @@ def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enr
     pki = Pki.open(home, {}, create=True)
     secrets = {}
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
         for serial in ("CP-LOCKED", "CP-GOOD"):
             add_device(session, serial, actor="test")
             secrets[serial] = issue_secret(session, get_device(session, serial), actor="test")

@@ -24,6 +24,7 @@ from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import AuditEvent
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -77,7 +78,8 @@ def site(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Se
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=Presigner(token)
+                Work(session=session, actor="test", status=Presigner(token), token=token),
+                request=HierarchyRequest(organization="Acme Charging"),
             )
             root = tmp / "root.pem"
             root.write_bytes(

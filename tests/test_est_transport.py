@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
@@ -42,7 +43,10 @@ def installation(request, tmp_path_factory, token: Token) -> Iterator[tuple[Stor
         store = Store(url)
         store.upgrade()
         with store.session() as session:
-            hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
+            hierarchy = init_hierarchy(
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG),
+            )
         root = tmp / "root.pem"
         root.write_bytes(
             x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)

@@ -31,6 +31,7 @@ from ca.status.certificates import get_certificate, list_certificates
 from ca.status.revocation import revoke, revoke_due
 from ca.store.engine import Store
 from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
+from ca.work import Work
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
@@ -154,7 +155,8 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
     status = Presigner(token)
     with scratch.session() as session:
         hierarchy = init_hierarchy(
-            session, token, HierarchyRequest(organization="Acme Charging", country="DE"), actor="cli:ops", status=status
+            Work(session=session, actor="cli:ops", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging", country="DE"),
         )
         issuer = issuer_for(hierarchy.issuing, token)
         for n in range(4):
