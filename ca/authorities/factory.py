@@ -178,13 +178,13 @@ def create(work: Work, *, plan: Plan) -> Created:
                 details=plan.details(created),
             )
         keys.kept()
-        for role, authority in reversed(created.authorities.items()):
-            if authority.status == SIGNING_STATUS:
-                created.ocsp_signers[role] = _leaf(work, keys, work.issuer(authority), ocsp_signer(authority))
-    answered = [c for c in created.certificates if c.profile not in ROOT_PROFILES]
-    if answered:
-        with work.transaction():  # their issuers' signers exist only now
-            work.signer().update(work.session, answered, work.now())
+        with work.transaction():  # ``issue`` commits each signer; then the responses their CAs can sign now
+            for role, authority in reversed(created.authorities.items()):
+                if authority.status == SIGNING_STATUS:
+                    created.ocsp_signers[role] = _leaf(work, keys, work.issuer(authority), ocsp_signer(authority))
+            answered = [c for c in created.certificates if c.profile not in ROOT_PROFILES]
+            if answered:
+                work.signer().update(work.session, answered, work.now())
     return created
 
 
@@ -400,7 +400,7 @@ class Leaf:
 def create_leaf(work: Work, *, issuer: Issuer, leaf: Leaf) -> Certificate:
     """Issue ``leaf`` under ``issuer``; its key is destroyed if anything fails before the certificate is recorded."""
     conflict = f"the {leaf.profile} {leaf.common_name!r} raced with another change; run it again"
-    with key_transaction(work, conflict) as keys:
+    with key_transaction(work, conflict) as keys, work.transaction():
         return _leaf(work, keys, issuer, leaf)
 
 
