@@ -165,10 +165,11 @@ class Created:
 
 def create(work: Work, *, plan: Plan) -> Created:
     """Execute ``plan`` (see the module docstring); nothing is left behind when it fails before its commit."""
-    existing = _bind_existing(work, plan)  # refusals (a CA that no longer signs) before any key exists
+    created = Created()
+    signers = _Signers(work, plan, created)
     with key_transaction(work, plan.conflict) as keys:
         with work.transaction():
-            created = _build(work, keys, plan, existing)
+            _build(work, keys, plan, signers)
             audit.record(
                 work.session,
                 plan.action,
@@ -188,50 +189,69 @@ def create(work: Work, *, plan: Plan) -> Created:
     return created
 
 
-def _bind_existing(work: Work, plan: Plan) -> dict[int, Issuer]:
-    """The stored CAs the plan signs with, bound to their token keys."""
-    references = [ca.parent for ca in plan.cas] + [link.issuer for link in plan.links]
-    return {ref.id: work.issuer(ref) for ref in references if isinstance(ref, Authority)}
+class _Signers:
+    """The CAs a plan refers to, stored (by id) or made by it (by role), and their ``Issuer``s."""
+
+    def __init__(self, work: Work, plan: Plan, created: Created) -> None:
+        references = [ca.parent for ca in plan.cas] + [link.issuer for link in plan.links]
+        # Stored CAs are bound first: a refusal (a CA that no longer signs) comes before any key exists.
+        self._stored = {ref.id: work.issuer(ref) for ref in references if isinstance(ref, Authority)}
+        self._planned: dict[str, Issuer] = {}
+        self.created = created
+
+    def add(self, role: str, row: Authority, issuer: Issuer | None) -> None:
+        self.created.authorities[role] = row
+        if issuer is not None:
+            self._planned[role] = replace(issuer, authority_id=row.id, role=role)
+
+    def row(self, reference: str | Authority) -> Authority:
+        return reference if isinstance(reference, Authority) else self.created.authorities[reference]
+
+    def issuer(self, reference: str | Authority) -> Issuer | None:
+        """``reference``'s Issuer, or None when its key is not here (an external CA)."""
+        if isinstance(reference, Authority):
+            return self._stored[reference.id]
+        return self._planned.get(reference)
 
 
-def _build(work: Work, keys: KeyTransaction, plan: Plan, existing: dict[int, Issuer]) -> Created:
-    created = Created()
-    issuers: dict[str, Issuer] = {}  # the plan's CAs whose key is here
+def _build(work: Work, keys: KeyTransaction, plan: Plan, signers: _Signers) -> None:
+    """Everything of ``plan`` that goes into its one database transaction (but the audit entry)."""
+    created = signers.created
     for ca in plan.cas:
-        if isinstance(ca.parent, Authority):
-            parent_row, parent = ca.parent, existing[ca.parent.id]
-        elif ca.parent is not None:
-            parent_row, parent = created.authorities[ca.parent], issuers.get(ca.parent)
-        else:
-            parent_row, parent = None, None
+        parent_row = None if ca.parent is None else signers.row(ca.parent)
+        parent = None if ca.parent is None else signers.issuer(ca.parent)
         if ca.certificate is None:
             issuer, label = _new_ca(work, keys, plan, ca, parent)
-            row = _authority_row(work, issuer, ca.role, label, parent_row)
         elif ca.key_label:
             issuer, label = _held(work, plan, ca), ca.key_label
-            row = _authority_row(work, issuer, ca.role, label, parent_row)
         else:
-            issuer, row = None, _external_row(work, plan, ca, parent_row)
+            issuer, label = None, ""
+        if issuer is None:
+            row = _external_row(work, plan, ca, parent_row)
+        else:
+            row = _authority_row(work, issuer, ca.role, label, parent_row)
         work.session.add(row)
         work.session.flush()
-        created.authorities[ca.role] = row
-        if issuer is not None:
-            issuers[ca.role] = replace(issuer, authority_id=row.id, role=ca.role)
-        signed_here = parent is not None if ca.parent is not None else issuer is not None  # not by an external CA
-        if signed_here:
+        signers.add(ca.role, row, issuer)
+        if parent is not None or (ca.parent is None and issuer is not None):  # signed here, not by an external CA
             certificate = x509.load_der_x509_certificate(row.certificate_der)
             recorded = record_ca_certificate(
-                work, certificate, issued_by=parent_row or row, profile=ca.profile_name, key_label=row.key_label
+                work, certificate, issued_by=parent_row or row, profile=ca.profile_name, key_label=label
             )
-            work.session.add(recorded)
             created.certificates.append(recorded)
     for link in plan.links:
-        recorded = _link(work, plan, link, created, issuers, existing)
-        work.session.add(recorded)
+        certified = signers.row(link.certifies)
+        recorded = record_ca_certificate(
+            work,
+            _link(work, link, signers),
+            issued_by=signers.row(link.issuer),
+            profile=link.profile,
+            key_label=certified.key_label,
+        )
         created.certificates.append(recorded)
         created.links.append(recorded)
+    work.session.add_all(created.certificates)
     work.session.flush()
-    return created
 
 
 def _new_ca(work: Work, keys: KeyTransaction, plan: Plan, ca: CaPlan, parent: Issuer | None) -> tuple[Issuer, str]:
@@ -282,30 +302,17 @@ def _held(work: Work, plan: Plan, ca: CaPlan) -> Issuer:
     )
 
 
-def _link(
-    work: Work,
-    plan: Plan,
-    link: LinkPlan,
-    created: Created,
-    issuers: dict[str, Issuer],
-    existing: dict[int, Issuer],
-) -> Certificate:
-    if isinstance(link.issuer, Authority):
-        issuer, issuer_row = existing[link.issuer.id], link.issuer
-    else:
-        issuer, issuer_row = issuers[link.issuer], created.authorities[link.issuer]
-    certified = link.certifies if isinstance(link.certifies, Authority) else created.authorities[link.certifies]
-    subject = x509.load_der_x509_certificate(certified.certificate_der)
-    assert issuer.certificate is not None
+def _link(work: Work, link: LinkPlan, signers: _Signers) -> x509.Certificate:
+    """``link.certifies``'s name and key signed by ``link.issuer``, ending with ``certifies`` (or its issuer)."""
+    issuer = signers.issuer(link.issuer)
+    assert issuer is not None and issuer.certificate is not None
+    certified = x509.load_der_x509_certificate(signers.row(link.certifies).certificate_der)
     profile = PROFILES[link.profile]
-    moment = work.now()  # the link ends with ``certifies``, or with its issuer if that is sooner
-    length = until(subject.not_valid_after_utc, moment)
+    moment = work.now()
+    length = until(certified.not_valid_after_utc, moment)
     window = validity_window(profile, length, moment, issuer.certificate.not_valid_after_utc)
-    public_key: CertificatePublicKeyTypes = subject.public_key()  # type: ignore[assignment]
-    certificate = issuer.sign(build_certificate(profile, issuer, subject.subject, public_key, new_serial(), window))
-    return record_ca_certificate(
-        work, certificate, issued_by=issuer_row, profile=link.profile, key_label=certified.key_label
-    )
+    public_key: CertificatePublicKeyTypes = certified.public_key()  # type: ignore[assignment]
+    return issuer.sign(build_certificate(profile, issuer, certified.subject, public_key, new_serial(), window))
 
 
 def _authority_row(work: Work, issuer: Issuer, role: str, key_label: str, parent: Authority | None) -> Authority:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from cryptography import x509
 from sqlalchemy import select
 
 from ca.authorities.factory import CaPlan, Created, Plan, create
@@ -47,6 +46,20 @@ class Hierarchy:
 
 def init_hierarchy(work: Work, *, request: HierarchyRequest) -> Hierarchy:
     """Create root, issuing CA and their OCSP signers for one environment; refuse if it exists already."""
+    plan = _plan(request)
+    existing = work.session.scalar(
+        select(Authority.name).where(Authority.environment == plan.environment, Authority.role.in_(OCPP_ROLES)).limit(1)
+    )
+    if existing is not None:
+        raise ConflictError(
+            f"environment {plan.environment!r} is already initialised (CA {existing}); init runs once per environment"
+        )
+    created = create(work, plan=plan)
+    signers = created.ocsp_signers
+    return Hierarchy(created["root"], created["issuing"], signers["issuing"], signers["root"])
+
+
+def _plan(request: HierarchyRequest) -> Plan:
     environment = check_environment(request.environment)
     organization = check_organization(request.organization)
     country = check_country(request.country)
@@ -54,58 +67,36 @@ def init_hierarchy(work: Work, *, request: HierarchyRequest) -> Hierarchy:
     if request.rsa_padding not in ("pkcs1", "pss"):
         raise PolicyError(f"unknown RSA padding {request.rsa_padding!r} (pkcs1 or pss)")
     padding = request.rsa_padding if spec.algorithm == "rsa" else None
-    existing = work.session.scalar(
-        select(Authority.name).where(Authority.environment == environment, Authority.role.in_(OCPP_ROLES)).limit(1)
-    )
-    if existing is not None:
-        raise ConflictError(
-            f"environment {environment!r} is already initialised (CA {existing}); init runs once per environment"
-        )
 
-    def subject(title: str) -> x509.Name:
-        return subject_name(ca_common_name(organization, environment, title), organization, country)
+    def ca(role: str, title: str, parent: str | None, validity: timedelta | None) -> CaPlan:
+        subject = subject_name(ca_common_name(organization, environment, title), organization, country)
+        name = f"{environment}-{role}-1"
+        return CaPlan(role, name, subject, parent, validity, key_type=spec.name, rsa_padding=padding)
 
-    def details(created: Created) -> dict[str, object]:
-        root, issuing = created["root"], created["issuing"]
-        return {
-            "root": root.name,
-            "issuing": issuing.name,
-            "organization": organization,
-            "key_type": spec.name,
-            "root_key_label": root.key_label,
-            "issuing_key_label": issuing.key_label,
-        }
-
-    plan = Plan(
+    return Plan(
         environment=environment,
         organization=organization,
         country=country,
         ocsp_url=request.ocsp_url,
         repository_url=request.repository_url,
         cas=(
-            CaPlan(
-                "root",
-                f"{environment}-root-1",
-                subject("Root CA"),
-                validity=request.root_validity,
-                key_type=spec.name,
-                rsa_padding=padding,
-            ),
-            CaPlan(
-                "issuing",
-                f"{environment}-issuing-1",
-                subject("Issuing CA 1"),
-                parent="root",
-                validity=request.issuing_validity,
-                key_type=spec.name,
-                rsa_padding=padding,
-            ),
+            ca("root", "Root CA", None, request.root_validity),
+            ca("issuing", "Issuing CA 1", "root", request.issuing_validity),
         ),
         action="hierarchy.created",
         audit_subject=environment,
-        details=details,
+        details=_details,
         conflict=f"environment {environment!r} was initialised concurrently",
     )
-    created = create(work, plan=plan)
-    signers = created.ocsp_signers
-    return Hierarchy(created["root"], created["issuing"], signers["issuing"], signers["root"])
+
+
+def _details(created: Created) -> dict[str, object]:
+    root, issuing = created["root"], created["issuing"]
+    return {
+        "root": root.name,
+        "issuing": issuing.name,
+        "organization": root.organization,
+        "key_type": root.key_type,
+        "root_key_label": root.key_label,
+        "issuing_key_label": issuing.key_label,
+    }

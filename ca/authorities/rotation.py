@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -137,6 +138,17 @@ def _raced(what: str) -> str:
     return f"{what} raced with another change (a CA of the same name); nothing was created, run it again"
 
 
+def _rotated(created: Created, *, previous: str) -> dict[str, object]:
+    new = created["issuing"]
+    return {
+        "environment": new.environment,
+        "previous": previous,
+        "root": new.parent.name if new.parent is not None else None,
+        "key_label": new.key_label,
+        "not_after": new.not_after.isoformat(),
+    }
+
+
 # -- rotating an issuing CA -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rotation:
@@ -154,17 +166,7 @@ def rotate_issuing_ca(
     one (the newest of its lineage) may be rotated too: that is how a compromised CA is replaced.
     """
     session = work.session
-    previous = _resolve(session, ca_name, environment)
-    if previous.status not in ("active", "revoked"):  # a revoked CA is replaced at once (`revoke --rotate`)
-        raise PolicyError(
-            f"CA {previous.name} is retired; rotate {default_issuing_ca(session, previous.environment).name}"
-        )
-    newest = successor(session, previous)
-    if newest is not None:
-        raise ConflictError(
-            f"CA {previous.name} was already rotated: {newest.name} is the newest issuing CA of "
-            f"{previous.environment} (rotate that one)"
-        )
+    previous = _rotatable(session, ca_name, environment)
     root = current_root(session, previous.environment)
     issuing = _issuing_plan(
         session,
@@ -176,17 +178,6 @@ def rotate_issuing_ca(
         rsa_padding=root.rsa_padding,
         validity=validity,
     )
-
-    def details(created: Created) -> dict[str, object]:
-        new = created["issuing"]
-        return {
-            "environment": new.environment,
-            "previous": previous.name,
-            "root": root.name,
-            "key_label": new.key_label,
-            "not_after": new.not_after.isoformat(),
-        }
-
     plan = Plan(
         environment=previous.environment,
         organization=root.organization,
@@ -196,11 +187,27 @@ def rotate_issuing_ca(
         cas=(issuing,),
         action="ca.rotated",
         audit_subject=issuing.name,
-        details=details,
+        details=partial(_rotated, previous=previous.name),
         conflict=_raced("the rotation"),
     )
     created = create(work, plan=plan)
     return Rotation(previous, created["issuing"], created.ocsp_signers["issuing"])
+
+
+def _rotatable(session: Session, ca_name: str | None, environment: str | None) -> Authority:
+    """The issuing CA to rotate: the newest of its lineage, active or revoked (`revoke --rotate`)."""
+    previous = _resolve(session, ca_name, environment)
+    if previous.status not in ("active", "revoked"):
+        raise PolicyError(
+            f"CA {previous.name} is retired; rotate {default_issuing_ca(session, previous.environment).name}"
+        )
+    newest = successor(session, previous)
+    if newest is not None:
+        raise ConflictError(
+            f"CA {previous.name} was already rotated: {newest.name} is the newest issuing CA of "
+            f"{previous.environment} (rotate that one)"
+        )
+    return previous
 
 
 # -- root rollover --------------------------------------------------------------------------------
@@ -230,18 +237,28 @@ def rollover_root(
     template = default_issuing_ca(session, environment)  # organisation, country, URLs, key type
     environment = template.environment
     old_root = current_root(session, environment)
+    plan = _rollover_plan(session, template, old_root, key_type, root_validity, issuing_validity)
+    created = create(work, plan=plan)
+    new_with_old, old_with_new = created.links
+    return Rollover(old_root, created["root"], created["issuing"], new_with_old, old_with_new)
+
+
+def _rollover_plan(
+    session: Session,
+    template: Authority,
+    old_root: Authority,
+    key_type: str | None,
+    root_validity: timedelta | None,
+    issuing_validity: timedelta | None,
+) -> Plan:
+    """New root and issuing CA with ``template``'s URLs (and key type, unless ``key_type``), the old
+    root's names; the link certificates both ways."""
+    environment, organization, country = old_root.environment, old_root.organization, old_root.country
     spec = key_spec(key_type or template.key_type)
     padding = (template.rsa_padding or "pkcs1") if spec.algorithm == "rsa" else None
     name, number = _next_name(session, environment, "root")
-    organization, country = old_root.organization, old_root.country
-    root = CaPlan(
-        "root",
-        name,
-        subject_name(ca_common_name(organization, environment, f"Root CA {number}"), organization, country),
-        validity=root_validity,
-        key_type=spec.name,
-        rsa_padding=padding,
-    )
+    title = ca_common_name(organization, environment, f"Root CA {number}")
+    root = CaPlan("root", name, subject_name(title, organization, country), None, root_validity, spec.name, padding)
     issuing = _issuing_plan(
         session,
         parent="root",
@@ -252,21 +269,7 @@ def rollover_root(
         rsa_padding=padding,
         validity=issuing_validity,
     )
-
-    def details(created: Created) -> dict[str, object]:
-        new_with_old, old_with_new = created.links
-        return {
-            "environment": environment,
-            "old_root": old_root.name,
-            "issuing": created["issuing"].name,
-            "new_with_old": new_with_old.serial,
-            "old_with_new": old_with_new.serial,
-            "key_type": spec.name,
-            "root_key_label": created["root"].key_label,
-            "issuing_key_label": created["issuing"].key_label,
-        }
-
-    plan = Plan(
+    return Plan(
         environment=environment,
         organization=organization,
         country=country,
@@ -276,12 +279,24 @@ def rollover_root(
         links=(LinkPlan(issuer=old_root, certifies="root"), LinkPlan(issuer="root", certifies=old_root)),
         action="ca.root_rolled_over",
         audit_subject=name,
-        details=details,
+        details=_rolled_over,
         conflict=_raced("the root rollover"),
     )
-    created = create(work, plan=plan)
+
+
+def _rolled_over(created: Created) -> dict[str, object]:
     new_with_old, old_with_new = created.links
-    return Rollover(old_root, created["root"], created["issuing"], new_with_old, old_with_new)
+    root, issuing = created["root"], created["issuing"]
+    return {
+        "environment": root.environment,
+        "old_root": new_with_old.authority.name,
+        "issuing": issuing.name,
+        "new_with_old": new_with_old.serial,
+        "old_with_new": old_with_new.serial,
+        "key_type": root.key_type,
+        "root_key_label": root.key_label,
+        "issuing_key_label": issuing.key_label,
+    }
 
 
 def latest_rollover(session: Session, environment: str | None) -> Rollover:
