@@ -35,6 +35,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "V2gHierarchy": "v2g",
         "V2gRequest": "v2g",
         "add_firmware_signer": "manufacturer",
+        "any_ca": "issuers",
         "audit_details": "v2g",
         "chain": "issuers",
         "channel_of": "manufacturer",

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
-
 from ca.authorities.factory import CaPlan, Created, Plan, create
+from ca.authorities.issuers import any_ca
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
@@ -47,9 +46,7 @@ class Hierarchy:
 def init_hierarchy(work: Work, *, request: HierarchyRequest) -> Hierarchy:
     """Create root, issuing CA and their OCSP signers for one environment; refuse if it exists already."""
     plan = _plan(request)
-    existing = work.session.scalar(
-        select(Authority.name).where(Authority.environment == plan.environment, Authority.role.in_(OCPP_ROLES)).limit(1)
-    )
+    existing = any_ca(work.session, plan.environment, OCPP_ROLES)
     if existing is not None:
         raise ConflictError(
             f"environment {plan.environment!r} is already initialised (CA {existing}); init runs once per environment"

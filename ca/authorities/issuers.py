@@ -154,6 +154,12 @@ def only_environment(session: Session, roles: Sequence[str], *, missing: str, se
     return known[0]
 
 
+def any_ca(session: Session, environment: str, roles: Sequence[str]) -> str | None:
+    """The name of a CA of ``roles`` in ``environment``, if there is one (a hierarchy is made once)."""
+    query = select(Authority.name).where(Authority.environment == environment, Authority.role.in_(roles))
+    return session.scalar(query.limit(1))
+
+
 def newest_active(session: Session, role: str, environment: str, *, after: Authority | None = None) -> Authority | None:
     """The newest active CA of ``role`` in ``environment`` (created after ``after``, when given).
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca.authorities.factory import CaPlan, Created, Leaf, Plan, create, create_leaf
-from ca.authorities.issuers import newest_active, only_environment
+from ca.authorities.issuers import any_ca, newest_active, only_environment
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
@@ -55,9 +55,7 @@ def init_manufacturer(work: Work, *, request: ManufacturerRequest) -> Manufactur
     organization = check_organization(request.organization)
     country = check_country(request.country)
     spec = key_spec(request.key_type)
-    existing = work.session.scalar(
-        select(Authority.name).where(Authority.environment == environment, Authority.role == ROLE).limit(1)
-    )
+    existing = any_ca(work.session, environment, (ROLE,))
     if existing is not None:
         raise ConflictError(f"environment {environment!r} already has a manufacturer root (CA {existing})")
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities.factory import CaPlan, Created, Plan, create, key_transaction
-from ca.authorities.issuers import environments, newest_active, only_environment, public_key_sha256
+from ca.authorities.issuers import any_ca, environments, newest_active, only_environment, public_key_sha256
 from ca.clock import Clock, utcnow
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
@@ -84,9 +84,7 @@ def _checked(request: V2gRequest) -> tuple[str, str, str | None]:
 
 
 def _refuse_existing(session: Session, environment: str) -> None:
-    existing = session.scalar(
-        select(Authority.name).where(Authority.environment == environment, Authority.role.in_(V2G_ROLES)).limit(1)
-    )
+    existing = any_ca(session, environment, V2G_ROLES)
     if existing is not None:
         raise ConflictError(f"environment {environment!r} already has a V2G hierarchy (CA {existing})")
 
