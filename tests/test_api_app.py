@@ -112,7 +112,7 @@ def api(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11S
     with pki.store.session() as session:
         for environment in ("production", "staging"):
             request = HierarchyRequest(organization=ORG, country="DE", environment=environment)
-            init_hierarchy(session, token, request, actor="test", status=status)
+            init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request)
         client = add_client(session, "csms-1", environment="production", actor="test")
         secret = issue_token(session, client, actor="test")
     settings = EstSettings(
@@ -223,7 +223,10 @@ def test_sign_refusals_carry_a_machine_readable_reason_and_are_audited(api: Api)
 def test_a_v2g_certificate_is_signed_under_the_cpo_sub_ca_2_once_v2g_exists(api: Api, token: Token) -> None:
     station = api.register()
     with api.pki.store.session() as session:
-        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=api.status)
+        init_v2g(
+            Work(session=session, actor="test", status=api.status, token=token),
+            request=V2gRequest(organization=ORG, country="DE"),
+        )
     secc_id = "DE*ACM*E7001*1"
     response = api.sign(station, make_csr(secc_id), certificateType="V2GCertificate")
     assert response.status_code == 200, response.get_json()
@@ -572,7 +575,7 @@ def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: 
     issued = _issue_direct(api, staging, environment="staging")
     with api.pki.store.session() as session:
         old = default_issuing_ca(session, "staging")
-        rotate_issuing_ca(session, token, environment="staging", actor="test", status=api.status)
+        rotate_issuing_ca(Work(session, "test", status=api.status, token=token), environment="staging")
         retire(session, [get_authority(session, old.name)], actor="test", now=datetime.now(UTC))
     answer = staging_client.post(
         "/api/v1/identity-check", json={"chargingStationId": staging, "clientCertificate": _pem(issued.der)}

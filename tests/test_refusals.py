@@ -140,8 +140,14 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
     status = Presigner(token)
     taken_key = make_key()
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status)
-        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization=ORG, country="DE"),
+        )
+        init_v2g(
+            Work(session=session, actor="test", status=status, token=token),
+            request=V2gRequest(organization=ORG, country="DE"),
+        )
         issuer = issuer_for(default_issuing_ca(session, "production"), token)
 
         def issued(profile: str, name: str, key: Any = None, device_id: int | None = None) -> bytes:

@@ -29,6 +29,7 @@ from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
+from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, openssl, pkilint_findings, write
@@ -200,7 +201,7 @@ def test_rollover_records_links_and_serves_both_chains(
     request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-OLD")), issuer)
     old_leaf = issue(session, issuer, request, actor="test", status=status)
 
-    rollover = rollover_root(session, token, environment="production", actor="test", status=status)
+    rollover = rollover_root(Work(session=session, actor="test", status=status, token=token), environment="production")
     assert (rollover.old_root.name, rollover.new_root.name, rollover.issuing.name) == (
         "production-root-1",
         "production-root-2",
