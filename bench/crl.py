@@ -47,6 +47,7 @@ from ca.config import embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.issuance.serials import new_serial  # noqa: E402
 from ca.store.models import Certificate  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -73,7 +74,10 @@ def make_home(work: Path) -> Path:
     pki = Pki.open(home, environ(), create=True)
     with pki.store.session() as session:
         status = Presigner(pki.token(), policy_from(pki.config.ocsp))
-        init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status)
+        init_hierarchy(
+            Work(session=session, actor="bench", status=status, token=pki.token()),
+            request=HierarchyRequest(organization=ORG),
+        )
     pki.close()
     return home
 

@@ -246,7 +246,8 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
     with pki.store.session() as session:
         status = Presigner(pki.token(), policy_from(pki.config.ocsp))
         hierarchy = init_hierarchy(
-            session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status
+            Work(session=session, actor="bench", status=status, token=pki.token()),
+            request=HierarchyRequest(organization=ORG),
         )
         root = home / "root.pem"
         root.write_bytes(

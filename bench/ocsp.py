@@ -257,7 +257,10 @@ def make_dataset(work: Path, count: int, database_url: str | None, refresh_sizes
     try:
         with pki.store.session() as session:
             presigner = Presigner(pki.token(), policy_from(pki.config.ocsp))
-            init_hierarchy(session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=presigner)
+            init_hierarchy(
+                Work(session=session, actor="bench", status=presigner, token=pki.token()),
+                request=HierarchyRequest(organization=ORG),
+            )
             authority = default_issuing_ca(session, None)
             issuer = issuer_for(authority, pki.token())
         assert issuer.certificate is not None

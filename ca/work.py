@@ -74,7 +74,7 @@ class Work:
         """
         try:
             yield self.session
+            self.session.commit()  # a failed commit (constraint, lost connection) rolls back too
         except BaseException:
             self.session.rollback()
             raise
-        self.session.commit()

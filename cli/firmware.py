@@ -75,7 +75,7 @@ def manufacturer_init(
         validity=validity,
     )
     with pki.store.session() as session:
-        created = init_manufacturer(session, pki.token(), request, actor=actor(), status=state.status())
+        created = init_manufacturer(state.work(session), request=request)
         click.echo(f"[{environment}] manufacturer root {created.root.name}: {created.root.subject}")
         click.echo(f"  OCSP signer {created.ocsp_signer.serial}; next: chargepki firmware signer add NAME")
 
@@ -103,14 +103,7 @@ def signer_add(state: State, name: str, channel: str, environment: str | None, v
     with pki.store.session() as session:
         note(manufacturer_root(session, environment))
         row = add_firmware_signer(
-            session,
-            pki.token(),
-            name,
-            environment=environment,
-            channel=channel,
-            validity=validity,
-            actor=actor(),
-            status=state.status(),
+            state.work(session), name=name, environment=environment, channel=channel, validity=validity
         )
         click.echo(f"firmware signer {name} ({channel}): serial {row.serial}, valid until {fmt_time(row.not_after)}")
 

@@ -119,29 +119,10 @@ def _init_options(func: Any) -> Any:
     return func
 
 
-def _initialise(
-    state: State,
-    pki: Pki,
-    org: str,
-    country: str | None,
-    environment: str,
-    key_type: str,
-    rsa_padding: str,
-    ocsp_url: str,
-    crl_url: str,
-) -> None:
-    request = HierarchyRequest(
-        organization=org,
-        environment=environment,
-        country=country,
-        key_type=key_type,
-        rsa_padding=rsa_padding,
-        ocsp_url=ocsp_url,
-        repository_url=crl_url,
-    )
+def _initialise(state: State, pki: Pki, request: HierarchyRequest) -> None:
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, pki.token(), request, actor=actor(), status=state.status())
-        click.echo(f"[{environment}] initialised in {pki.config.home}")
+        hierarchy = init_hierarchy(state.work(session), request=request)
+        click.echo(f"[{request.environment}] initialised in {pki.config.home}")
         click.echo(f"  root CA      {hierarchy.root.name}: {hierarchy.root.subject}")
         click.echo(f"  issuing CA   {hierarchy.issuing.name}: {hierarchy.issuing.subject}")
         click.echo(
@@ -167,7 +148,16 @@ def init(
     """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
     pki = state.pki(create=True)
     urls = (ocsp_url or pki.config.ocsp_url, crl_url or pki.config.repository_url)
-    _initialise(state, pki, org, country, environment, key_type, rsa_padding, *urls)
+    request = HierarchyRequest(
+        organization=org,
+        environment=environment,
+        country=country,
+        key_type=key_type,
+        rsa_padding=rsa_padding,
+        ocsp_url=urls[0],
+        repository_url=urls[1],
+    )
+    _initialise(state, pki, request)
     if (ocsp_url or crl_url) and urls != (pki.config.ocsp_url, pki.config.repository_url):
         save_urls(pki.config, *urls)  # `v2g init`, `manufacturer init` and `run` use them from now on
         click.echo(f"  URLs saved in {pki.config.config_path}: OCSP {urls[0]}, repository {urls[1]}")
@@ -189,9 +179,8 @@ def run(state: State, org: str, setup_only: bool) -> None:
     with pki.store.session() as session:
         authorities = list_authorities(session)
     if not authorities:
-        _initialise(
-            state, pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url
-        )
+        urls = {"ocsp_url": pki.config.ocsp_url, "repository_url": pki.config.repository_url}
+        _initialise(state, pki, HierarchyRequest(organization=org, **urls))
     else:
         click.echo(f"home {pki.config.home} is initialised:")
         for authority in authorities:
@@ -460,9 +449,7 @@ def revoke_command(
         note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
         if impact is not None and rotate:
-            rotation = rotate_issuing_ca(
-                session, pki.token(), ca_name=impact.authorities[0].name, actor=actor(), status=state.status()
-            )
+            rotation = rotate_issuing_ca(state.work(session), ca_name=impact.authorities[0].name)
             click.echo(f"rotated: new certificates come from {rotation.issuing.name} ({rotation.issuing.subject})")
 
 

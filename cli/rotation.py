@@ -43,15 +43,7 @@ def ca_rotate(state: State, ca_name: str | None, environment: str | None, validi
     """
     pki = state.pki()
     with pki.store.session() as session:
-        result = rotate_issuing_ca(
-            session,
-            pki.token(),
-            ca_name=ca_name,
-            environment=environment,
-            validity=validity,
-            actor=actor(),
-            status=state.status(),
-        )
+        result = rotate_issuing_ca(state.work(session), ca_name=ca_name, environment=environment, validity=validity)
         note(result.issuing)
         previous, issuing = result.previous, result.issuing
         until = last_expiry(session, previous)
@@ -100,13 +92,7 @@ def ca_rollover_root(
             result = latest_rollover(session, environment)
         else:
             result = rollover_root(
-                session,
-                pki.token(),
-                environment=environment,
-                key_type=key_type,
-                root_validity=validity,
-                actor=actor(),
-                status=state.status(),
+                state.work(session), environment=environment, key_type=key_type, root_validity=validity
             )
         note(result.new_root)
         files = rollover_files(session, result)

@@ -28,6 +28,7 @@ from ca.config import Pkcs11Settings, find_softhsm_module, write_config
 from ca.keys.pkcs11_token import Token
 from ca.keys.softhsm import create_token, write_softhsm_conf
 from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -213,7 +214,7 @@ def session(store: Store) -> Iterator[Session]:
 def hierarchy(session: Session, token: Token) -> Hierarchy:
     status = Presigner(token)
     request = HierarchyRequest(organization="Acme Charging", country="DE", environment="production")
-    return init_hierarchy(session, token, request, actor="test", status=status)
+    return init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request)
 
 
 # -- a home for CLI tests ---------------------------------------------------------------------

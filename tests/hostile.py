@@ -275,7 +275,9 @@ def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: Es
     status = Presigner(token)
     seeds = make_seeds()
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="fuzz", status=status)
+        hierarchy = init_hierarchy(
+            Work(session=session, actor="fuzz", status=status, token=token), request=HierarchyRequest(organization=ORG)
+        )
         add_device(Work(session, "fuzz"), serial=DEVICE)
         secret = issue_secret(Work(session, "fuzz"), device=get_device(session, DEVICE))
         from ca.authorities.issuers import issuer_for

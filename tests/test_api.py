@@ -104,7 +104,8 @@ def deployment(
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, country="DE"),
             )
             (tmp / "root.pem").write_bytes(_pem(hierarchy.root.certificate_der))
             (tmp / "issuing.pem").write_bytes(_pem(hierarchy.issuing.certificate_der))

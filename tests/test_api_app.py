@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import string
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from flask import Flask
-from hypothesis import HealthCheck, assume, given
+from hypothesis import HealthCheck, assume, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
@@ -32,8 +34,10 @@ from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
 from ca import audit
+from ca.audit import checkpoints
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
-from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.authorities.rotation import retire, rotate_issuing_ca
 from ca.authorities.v2g import V2gRequest, init_v2g
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
@@ -47,7 +51,7 @@ from ca.registry.csms import sign as csms_sign
 from ca.registry.csms_jobs import claim_next, enqueue, process
 from ca.registry.devices import add_device, disable_device, get_device
 from ca.status.revocation import revoke
-from ca.store.models import AuditEvent, Certificate, CsmsSignJob
+from ca.store.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
 from ca.work import Work
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
@@ -108,7 +112,7 @@ def api(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11S
     with pki.store.session() as session:
         for environment in ("production", "staging"):
             request = HierarchyRequest(organization=ORG, country="DE", environment=environment)
-            init_hierarchy(session, token, request, actor="test", status=status)
+            init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request)
         client = add_client(session, "csms-1", environment="production", actor="test")
         secret = issue_token(session, client, actor="test")
     settings = EstSettings(
@@ -219,7 +223,10 @@ def test_sign_refusals_carry_a_machine_readable_reason_and_are_audited(api: Api)
 def test_a_v2g_certificate_is_signed_under_the_cpo_sub_ca_2_once_v2g_exists(api: Api, token: Token) -> None:
     station = api.register()
     with api.pki.store.session() as session:
-        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=api.status)
+        init_v2g(
+            Work(session=session, actor="test", status=api.status, token=token),
+            request=V2gRequest(organization=ORG, country="DE"),
+        )
     secc_id = "DE*ACM*E7001*1"
     response = api.sign(station, make_csr(secc_id), certificateType="V2GCertificate")
     assert response.status_code == 200, response.get_json()
@@ -381,6 +388,34 @@ def test_the_runner_thread_signs_queued_jobs(api: Api) -> None:
         runner.close()
 
 
+def test_the_runner_threads_of_two_workers_sign_one_audit_checkpoint_per_interval(api: Api) -> None:
+    """EST workers' runner threads write the periodic checkpoints; two workers in one interval write one."""
+    api.signed(api.register())  # the chain has grown
+    every = timedelta(hours=1)
+    first, second = JobRunner(api.app, poll=0.05, checkpoint_every=every), JobRunner(api.app, checkpoint_every=every)
+    first.start()
+    try:
+        for _ in range(400):  # bounded: at most ~20 s, normally the thread's first turn
+            if _checkpoint_count(api):
+                break
+            threading.Event().wait(0.05)
+        assert _checkpoint_count(api) == 1
+        api.signed(api.register())  # the chain grows again, within the interval
+        second.checkpoint_if_due()  # the other worker's first turn: the interval's checkpoint exists
+    finally:
+        first.close()
+    assert _checkpoint_count(api) == 1
+    lines = (api.pki.config.home / checkpoints.FILE_NAME).read_text().splitlines()
+    assert len(lines) == 1
+
+
+def _checkpoint_count(api: Api) -> int:
+    with api.pki.store.session() as session:
+        count = len(session.scalars(select(AuditCheckpoint)).all())
+        session.commit()
+    return count
+
+
 # -- lookups and OCSP ----------------------------------------------------------------------------------
 def test_lookups_by_fingerprint_and_hash_report_status_device_validity_and_chain(api: Api) -> None:
     station = api.register()
@@ -507,6 +542,56 @@ def test_identity_check_allows_only_the_station_s_own_current_certificate(api: A
     assert [a["reason"] for a in audited][:2] == [None, "cn_mismatch"]
 
 
+def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: Api, token: Token) -> None:
+    """The records decide: a certificate the stored CA signed is refused once that CA (or one above it)
+    is revoked or retired, even while the certificate itself is still valid in the records."""
+
+    def check(station_id: str, pem: str) -> dict[str, Any]:
+        response = api.client.post(
+            "/api/v1/identity-check", json={"chargingStationId": station_id, "clientCertificate": pem}
+        )
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    station = api.register()
+    signed, _ = api.signed(station)
+    assert check(station, signed["certificateChain"])["allowed"] is True
+    with api.pki.store.session() as session:
+        issuing = default_issuing_ca(session, "production")
+        issuing_name, issuing_serial = issuing.name, issuing.serial
+        session.commit()
+    with api.pki.store.session() as session:
+        revoke(Work(session, "test", status=api.status), serial=issuing_serial, reason="keyCompromise")
+    verdict = check(station, signed["certificateChain"])
+    assert (verdict["allowed"], verdict["reason"]) == (False, "ca_not_active"), verdict
+    assert issuing_name in verdict["detail"] and "revoked" in verdict["detail"]
+    with api.pki.store.session() as session:
+        mine = session.scalar(select(Certificate).where(Certificate.serial == signed["serialNumber"]))
+        assert mine is not None and mine.status == "valid"  # the leaf's own record still says valid
+        session.commit()
+    audited = json.loads(api.audit("csms.api.identity-check")[-1].details)
+    assert (audited["allowed"], audited["reason"]) == (False, "ca_not_active")
+
+    # Retired: staging's issuing CA is superseded by a rotation and then retired.
+    staging_client = _client_for(api, "csms-staging", "staging")
+    staging = api.register(environment="staging")
+    issued = _issue_direct(api, staging, environment="staging")
+    with api.pki.store.session() as session:
+        old = default_issuing_ca(session, "staging")
+        rotate_issuing_ca(Work(session, "test", status=api.status, token=token), environment="staging")
+        retire(session, [get_authority(session, old.name)], actor="test", now=datetime.now(UTC))
+    answer = staging_client.post(
+        "/api/v1/identity-check", json={"chargingStationId": staging, "clientCertificate": _pem(issued.der)}
+    ).get_json()
+    assert (answer["allowed"], answer["reason"]) == (False, "ca_not_active") and "retired" in answer["detail"]
+
+
+def _client_for(api: Api, name: str, environment: str) -> CheckedClient:
+    with api.pki.store.session() as session:
+        secret = issue_token(session, add_client(session, name, environment=environment, actor="test"), actor="t")
+    return CheckedClient(api.client.client, {"Authorization": f"Bearer {secret}"})
+
+
 def _csms_certificate(api: Api, session: Any, name: str = "csms-1") -> tuple[str, str]:
     """A csms-client certificate for ``name`` (PEM) and its key (PEM), as `chargepki csms add` makes them."""
     key = make_key()
@@ -585,6 +670,99 @@ def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> 
         serial = x509.load_pem_x509_certificate(certificate.encode()).serial_number
         revoke(Work(session, "test", status=api.status), serial=format(serial, "X"), reason="keyCompromise")
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 401
+
+
+def _limited_app(api: Api, *, per_address: int, per_certificate: int) -> CheckedClient:
+    """The installation served with small lockout limits (the ``[est]`` auth_* settings)."""
+    settings = EstSettings(
+        default_environment="production",
+        client_cert_header="X-SSL-Client-Cert",
+        trusted_proxies=("127.0.0.1",),
+        auth_max_failures_per_address=per_address,
+        auth_max_failures_per_device=per_certificate,
+    )
+    return CheckedClient(create_app(api.pki, settings).test_client())
+
+
+def test_bad_api_credentials_are_locked_out_by_address_or_certificate_never_the_valid_client(api: Api) -> None:
+    client = _limited_app(api, per_address=5, per_certificate=3)
+    path = "/api/v1/certificates/" + "a" * 64
+    guesser, elsewhere = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.2"}
+
+    def call(address: dict[str, str], **headers: str) -> Any:
+        return client.get(path, headers={**address, **headers})
+
+    # Token guesses count against the address they come from: 5 refusals, then 429, the right token included.
+    guesses = [call(guesser, Authorization=f"Bearer cpk_guess{number}") for number in range(8)]
+    assert [r.status_code for r in guesses] == [401] * 5 + [429] * 3
+    locked = call(guesser, Authorization=f"Bearer {api.token}")
+    assert (locked.status_code, locked.get_json()["reason"]) == (429, "rate_limited")
+    assert 0 < int(locked.headers["Retry-After"]) <= 900
+    # The CSMS whose token it is keeps working from its own address, by token and by certificate …
+    assert call(elsewhere, Authorization=f"Bearer {api.token}").status_code == 404
+    with api.pki.store.session() as session:
+        certificate, _key = _csms_certificate(api, session)
+        unregistered, _ = _csms_certificate(api, session, name="csms-unknown")
+    assert call(elsewhere, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # … and with its certificate even from the guesser's address (a shared NAT): another key space.
+    assert call(guesser, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # A refused certificate counts against itself, from any address; the valid one is untouched.
+    refused = [call(a, **{"X-SSL-Client-Cert": quote(unregistered)}) for a in (guesser, elsewhere) * 2]
+    assert [r.status_code for r in refused] == [401, 401, 401, 429]
+    assert call(guesser, **{"X-SSL-Client-Cert": quote(certificate)}).status_code == 404
+    # The audit chain holds the two lockouts and the valid calls; the refusals are only counted.
+    lockouts = api.audit("auth.locked_out")
+    assert sorted(json.loads(e.details)["locked"] for e in lockouts) == ["csmscert", "token"]
+    assert all(e.actor.startswith("csms:") for e in api.audit("csms.api.lookup"))
+    with api.pki.store.session() as session:
+        audit.flush_all_noise(session)
+    summaries = api.audit(audit.NOISE)
+    assert len(summaries) <= 4  # two addresses, the calls may straddle a minute
+    refusals: dict[str, int] = {}
+    for summary in summaries:
+        for key, count in json.loads(summary.details)["refusals"].items():
+            refusals[key] = refusals.get(key, 0) + count
+    assert refusals == {"csms.api.lookup unauthenticated": 8, "csms.api.lookup rate_limited": 5}
+
+
+def test_concurrent_token_guesses_start_exactly_one_lockout(api: Api) -> None:
+    """Threads guessing at once from one address: every failure is counted in the database, the
+    lockout starts once (one audit entry), and a valid CSMS elsewhere is never refused meanwhile."""
+    client = _limited_app(api, per_address=10, per_certificate=5)
+    path = "/api/v1/certificates/" + "a" * 64
+    statuses: list[int] = []
+    valid: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(5)
+
+    def guess(worker: int) -> None:
+        start.wait()
+        for number in range(8):
+            headers = {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer cpk_{worker}_{number}"}
+            status_code = client.get(path, headers=headers).status_code
+            with lock:
+                statuses.append(status_code)
+
+    def honest() -> None:
+        start.wait()
+        for _ in range(8):
+            headers = {"X-Forwarded-For": "198.51.100.3", "Authorization": f"Bearer {api.token}"}
+            status_code = client.get(path, headers=headers).status_code
+            with lock:
+                valid.append(status_code)
+
+    threads = [threading.Thread(target=guess, args=(worker,)) for worker in range(4)]
+    threads.append(threading.Thread(target=honest))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(statuses)) == [401, 429] and len(statuses) == 32
+    assert statuses.count(401) >= 10  # requests already past the check when the lockout began are refused 401 too
+    assert valid == [404] * 8
+    assert len(api.audit("auth.locked_out")) == 1
+    locked = client.get(path, headers={"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {api.token}"})
+    assert locked.status_code == 429
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -838,41 +1016,143 @@ def _requests(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 def test_schema_valid_requests_are_never_refused_by_the_schema_nor_answered_5xx(api: Api) -> None:
-    """A few seconds of generated requests (the ``ci`` profile's examples per operation) through the
-    Flask test client, every answer also checked against the document by ``CheckedClient``."""
-    operations: list[tuple[str, str, dict[str, Any], Callable[[Any], Any]]] = [
-        ("post", "/api/v1/ocsp", _ref_schema("OcspRequest"), lambda body: api.client.post("/api/v1/ocsp", json=body)),
+    """Generated requests for every operation through the Flask test client, every answer also checked
+    against the document by ``CheckedClient``. Each operation starts from real requests that succeed
+    (hypothesis' explicit examples, run in every profile) and draws both fresh instances of the schema
+    and real requests with fields replaced, so the success paths are fuzzed too, not only refusals.
+
+    Budget: the profile's examples per operation (``ci``: 40 in ``make test``); with ``API_FUZZ_SECONDS``
+    (``make fuzz``) rounds of ``_FUZZ_ROUND`` examples, each from a new seed, until that many seconds
+    (per database, shared by the operations) were spent."""
+    real = _real_requests(api)
+    operations: list[tuple[str, dict[str, Any], list[Any], Callable[[Any], Any]]] = [
         (
-            "get",
+            "/api/v1/ocsp",
+            _ref_schema("OcspRequest"),
+            real["ocsp"],
+            lambda body: api.client.post("/api/v1/ocsp", json=body),
+        ),
+        (
             "/api/v1/certificates/by-hash",
             _ref_schema("CertificateHashData"),
+            real["by-hash"],
             lambda query: api.client.get(f"/api/v1/certificates/by-hash?{urlencode(query)}"),
         ),
         (
-            "post",
+            "/api/v1/certificates/{fingerprint}",
+            _path_schema("/api/v1/certificates/{fingerprint}"),
+            real["fingerprint"],
+            lambda fingerprint: api.client.get(f"/api/v1/certificates/{quote(fingerprint, safe=':')}"),
+        ),
+        (
             "/api/v1/identity-check",
             _ref_schema("IdentityCheckRequest"),
+            real["identity-check"],
             lambda body: api.client.post("/api/v1/identity-check", json=body),
         ),
-        ("post", "/api/v1/sign", _ref_schema("SignRequest"), lambda body: api.client.post("/api/v1/sign", json=body)),
+        (
+            "/api/v1/sign",
+            _ref_schema("SignRequest"),
+            real["sign"],
+            lambda body: api.client.post("/api/v1/sign", json=body),
+        ),
+        (
+            "/api/v1/sign/{jobId}",
+            _path_schema("/api/v1/sign/{jobId}"),
+            real["job"],
+            lambda job_id: api.client.get(f"/api/v1/sign/{quote(job_id, safe='')}"),
+        ),
     ]
-    for _method, path, schema, call in operations:
-        _fuzz_one(path, schema, call)
+    budget = float(os.environ.get("API_FUZZ_SECONDS") or 0) / len(operations)
+    for path, schema, examples, call in operations:
+        statuses = _fuzz_one(path, schema, examples, call, seconds=budget)
+        assert statuses & {200, 202}, (path, statuses)  # the real requests reached the success path
 
 
-def _fuzz_one(path: str, schema: dict[str, Any], call: Callable[[Any], Any]) -> None:
+def _path_schema(path: str) -> dict[str, Any]:
+    return DOCUMENT["paths"][path]["get"]["parameters"][0]["schema"]
+
+
+def _real_requests(api: Api) -> dict[str, list[Any]]:
+    """Requests that succeed against this installation: a signed charger's hash data and fingerprint,
+    its identity check, a CSR of another registered station, a pending signing job."""
+    station, signer = api.register(), api.register()
+    signed, _key = api.signed(station)
+    info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
+    hash_data = info["certificateHashData"]
+    fingerprint = signed["fingerprintSha256"]
+    colons = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+    job = api.sign(signer, make_csr(signer), query="?async=1").get_json()["jobId"]  # no runner: stays pending
+    return {
+        "ocsp": [{"ocspRequestData": {**data, "responderURL": "http://127.0.0.1:8081/ocsp"}} for data in hash_data],
+        "by-hash": hash_data,
+        "fingerprint": [fingerprint, colons],
+        "identity-check": [{"chargingStationId": station, "clientCertificate": signed["certificateChain"]}],
+        "sign": [
+            {"chargingStationId": signer, "csr": make_csr(signer).decode()},
+            {
+                "chargingStationId": signer,
+                "csr": make_csr(signer).decode(),
+                "certificateType": "ChargingStationCertificate",
+            },
+        ],
+        "job": [job],
+    }
+
+
+def _near(schema: dict[str, Any], real: list[Any]) -> st.SearchStrategy[Any]:
+    """A real request with some of its fields replaced by drawn ones or left out (recursively)."""
+    schema = _resolved(schema)
+    if schema.get("type") != "object":
+        return st.one_of(st.sampled_from(real), _requests(schema))
+    required = set(schema.get("required", []))
+
+    @st.composite
+    def draw_near(draw: st.DrawFn) -> dict[str, Any]:
+        drawn = dict(draw(st.sampled_from(real)))
+        for name, field in schema["properties"].items():
+            choice = draw(st.integers(0, 5))  # mostly kept, so most instances stay close to a success
+            if choice == 0:
+                drawn[name] = draw(_requests(field))
+            elif choice == 1 and name not in required:
+                drawn.pop(name, None)
+            elif choice == 2 and isinstance(drawn.get(name), dict):
+                drawn[name] = draw(_near(field, [drawn[name]]))
+        return drawn
+
+    return draw_near()
+
+
+_FUZZ_ROUND = 50  # examples per round under a time budget: short rounds keep its end near
+
+
+def _fuzz_one(
+    path: str, schema: dict[str, Any], real: list[Any], call: Callable[[Any], Any], *, seconds: float = 0
+) -> set[int]:
+    """Run the property over one operation (repeated until ``seconds`` were spent); the statuses seen."""
     full = Validator({**schema, "components": DOCUMENT["components"]})
+    statuses: set[int] = set()
 
-    @hypothesis_settings(deadline=None, suppress_health_check=list(HealthCheck))
-    @given(_requests(schema))
+    rounds = {"max_examples": _FUZZ_ROUND} if seconds else {}
+
+    @hypothesis_settings(deadline=None, suppress_health_check=list(HealthCheck), **rounds)
+    @given(st.one_of(_requests(schema), _near(schema, real)))
     def one(instance: Any) -> None:
         assume(full.is_valid(instance))  # the document's reading of its patterns (ECMA-262's $)
         answer = call(instance)
         reason = (answer.get_json(silent=True) or {}).get("reason")
+        statuses.add(answer.status_code)
         assert answer.status_code < 500, (path, instance, answer.get_json(silent=True))
         assert not (answer.status_code == 400 and reason in _SCHEMA_REASONS), (path, instance, reason)
 
+    for instance in real:  # run first, in every profile
+        assert full.is_valid(instance), (path, instance)
+        one = example(instance)(one)
+    end = time.monotonic() + seconds  # a budget, not an assertion: rounds until it is spent
     one()
+    while time.monotonic() < end:
+        one()
+    return statuses
 
 
 def _ref_schema(name: str) -> dict[str, Any]:

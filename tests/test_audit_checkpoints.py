@@ -8,10 +8,16 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -21,6 +27,7 @@ from ca.audit import checkpoints
 from ca.keys.pkcs11_token import Token
 from ca.store.engine import Store
 from ca.store.models import AuditCheckpoint, AuditEvent, AuditHead
+from cli.main import cli
 from tests.conftest import new_token_settings
 
 
@@ -146,3 +153,99 @@ def test_racing_first_checkpoints_create_one_audit_key(store: Store, softhsm_con
     with store.session() as session:
         result = checkpoints.verify(session, lambda: fresh, tmp_path)
     assert result.ok and result.checkpoints == 4
+
+
+# -- periodic checkpoints: one per interval, however many services write them ----------------------
+def test_two_concurrent_periodic_writers_make_one_checkpoint_per_interval(
+    store: Store, token: Token, tmp_path: Path
+) -> None:
+    """Two services (threads with their own connections, as EST workers, the OCSP refresher and
+    ``crl publish --watch`` are) try at the same moments, round after round, while the chain grows:
+    the head's lock and the last checkpoint's time let exactly one write per interval."""
+    interval = timedelta(minutes=5)
+    start = datetime.now(UTC)
+    rounds = 8
+    meet = threading.Barrier(2, timeout=120)  # against a hang only: the outcome is asserted below
+
+    def service(name: str, first: datetime) -> list[int]:
+        made = []
+        for number in range(rounds):
+            moment = first + timedelta(seconds=20 * number)  # every round inside the same interval
+            with store.session() as session:
+                audit.record(
+                    session, "test.event", actor=name, subject=f"{name}-{number}", now=lambda moment=moment: moment
+                )
+                session.commit()
+                meet.wait()
+                written = checkpoints.periodic_checkpoint(
+                    session, token, tmp_path, interval=interval, now=lambda moment=moment: moment
+                )
+                if written is not None:
+                    made.append(written.seq)
+        return made
+
+    def race(first: datetime) -> list[int]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return [seq for made in pool.map(lambda name: service(name, first), ("est", "crl")) for seq in made]
+
+    assert len(race(start)) == 1  # the first interval: one checkpoint of 16 attempts
+    assert len(race(start + interval)) == 1  # the next interval: one more
+    with store.session() as session:
+        rows = session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)).all()
+        assert len(rows) == 2 and rows[1].at - rows[0].at >= interval
+        lines = (tmp_path / checkpoints.FILE_NAME).read_text().splitlines()
+        assert [json.loads(line)["seq"] for line in lines] == [row.seq for row in rows]  # file and database agree
+        # Nothing new since: a due writer writes nothing either.
+        later = start + 3 * interval
+        head = session.scalar(select(AuditHead.seq))
+        if head == rows[1].seq:
+            assert (
+                checkpoints.periodic_checkpoint(session, token, tmp_path, interval=interval, now=lambda: later) is None
+            )
+        assert checkpoints.verify(session, lambda: token, tmp_path).ok
+        session.commit()
+
+
+def test_crl_publish_watch_writes_periodic_checkpoints(home: Path, token: Token) -> None:
+    """``crl publish --watch`` (a process of its own) signs a checkpoint of the chain its first pass found."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--home", str(home), "init", "--org", "Acme Charging"]).exit_code == 0
+    log = home / "publisher.log"
+    publisher = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "--home", str(home), "crl", "publish", "--watch", "--interval", "1h"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60  # bounded wait for the first pass; normally a second or two
+        while "audit checkpoint at entry" not in log.read_text() and time.monotonic() < deadline:
+            if publisher.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        publisher.terminate()
+        publisher.wait(timeout=20)
+    output = log.read_text(errors="replace")
+    assert "audit checkpoint at entry" in output and "Traceback" not in output, output
+    lines = (home / checkpoints.FILE_NAME).read_text().splitlines()
+    assert len(lines) == 1, lines
+    verified = runner.invoke(cli, ["--home", str(home), "audit", "verify"])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_the_checkpoint_interval_is_an_audit_setting(tmp_path: Path) -> None:
+    from ca.config import AuditSettings, load_config, write_config
+    from ca.errors import ConfigError
+
+    assert load_config(tmp_path, {}).audit == AuditSettings(checkpoint_interval_seconds=300)
+    (tmp_path / "chargepki.toml").write_text("[audit]\ncheckpoint_interval_seconds = 60\n")
+    config = load_config(tmp_path, {})
+    assert config.audit.checkpoint_interval_seconds == 60
+    write_config(config)  # kept when the config is written back
+    assert load_config(tmp_path, {}).audit.checkpoint_interval_seconds == 60
+    for table, message in (
+        ("[audit]\ncheckpoint_interval_seconds = 0\n", "audit.checkpoint_interval_seconds must be positive"),
+        ("[audit]\ninterval = 5\n", "unknown setting audit.interval"),
+    ):
+        (tmp_path / "chargepki.toml").write_text(table)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path, {})

@@ -154,7 +154,8 @@ def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
     secrets = {}
     with pki.store.session() as session:
         hierarchy = init_hierarchy(
-            session, token, HierarchyRequest(organization="Acme Charging"), actor="t", status=status
+            Work(session=session, actor="t", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
         )
         for serial in ("CP-1", "CP-2", "CP-3"):
             add_device(Work(session, "test"), serial=serial)
@@ -180,7 +181,7 @@ def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
     with pki.store.session() as session:
         assert session.scalar(select(func.count()).select_from(Certificate)) == before, "not even a reservation"
         rotated = __import__("ca.authorities.rotation", fromlist=["x"]).rotate_issuing_ca(
-            session, token, ca_name="production-issuing-1", actor="test", status=status
+            Work(session=session, actor="test", status=status, token=token), ca_name="production-issuing-1"
         )
     cacerts = client.get("/.well-known/est/cacerts")
     served = pkcs7.load_der_pkcs7_certificates(base64.b64decode(cacerts.get_data()))

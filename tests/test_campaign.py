@@ -142,7 +142,7 @@ def site(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Se
         with store.session() as session:
             for environment in ("production", "staging"):
                 request_ = HierarchyRequest(organization=ORG, environment=environment)
-                init_hierarchy(session, token, request_, actor="test", status=status)
+                init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request_)
         home = write_home(tmp / "home", url, token_settings[0], EstSettings(default_environment="production"))
         installation = Site(store, token, home, tmp)
         with store.session() as session:

@@ -26,6 +26,7 @@ from ca.keys.pkcs11_token import Token
 from ca.status.revocation import REASONS
 from ca.store.engine import Store
 from ca.store.models import Certificate
+from ca.work import Work
 from crl import der
 from crl.builder import RevokedEntry, build_crl
 from crl.publisher import publish_crl, revoked_rows
@@ -144,11 +145,8 @@ def issuer(request: pytest.FixtureRequest, token: Token, tmp_path_factory: pytes
     store.upgrade()
     with store.session() as session:
         hierarchy = init_hierarchy(
-            session,
-            token,
-            HierarchyRequest(organization="Acme Charging", key_type=key_type, rsa_padding=padding),
-            actor="test",
-            status=Presigner(token),
+            Work(session=session, actor="test", status=Presigner(token), token=token),
+            request=HierarchyRequest(organization="Acme Charging", key_type=key_type, rsa_padding=padding),
         )
         yield issuer_for(hierarchy.issuing, token)
     store.dispose()

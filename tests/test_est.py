@@ -135,10 +135,12 @@ def fleet(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11S
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, country="DE"),
             )
             init_hierarchy(
-                session, token, HierarchyRequest(organization=ORG, environment="staging"), actor="test", status=status
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG, environment="staging"),
             )
             root = tmp / "root.pem"
             root.write_bytes(

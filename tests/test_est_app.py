@@ -34,7 +34,10 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     write_config(Config(home=home, database_url=db_url, pkcs11=other_token))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
         add_device(Work(session, "test"), serial="CP-503")
         secret = issue_secret(Work(session, "test"), device=get_device(session, "CP-503"))
     client = create_app(pki, EstSettings()).test_client()
@@ -97,7 +100,10 @@ def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, to
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
     client = create_app(pki, EstSettings()).test_client()
     der = x509.load_pem_x509_csr(make_csr("CP-1")).public_bytes(serialization.Encoding.DER)
     for header in (
@@ -128,7 +134,10 @@ def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enr
     pki = Pki.open(home, {}, create=True)
     secrets = {}
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
+        )
         for serial in ("CP-LOCKED", "CP-GOOD"):
             add_device(Work(session, "test"), serial=serial)
             secrets[serial] = issue_secret(Work(session, "test"), device=get_device(session, serial))

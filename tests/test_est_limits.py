@@ -78,7 +78,8 @@ def site(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Se
         store.upgrade()
         with store.session() as session:
             hierarchy = init_hierarchy(
-                session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=Presigner(token)
+                Work(session=session, actor="test", status=Presigner(token), token=token),
+                request=HierarchyRequest(organization="Acme Charging"),
             )
             root = tmp / "root.pem"
             root.write_bytes(

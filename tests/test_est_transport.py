@@ -43,7 +43,10 @@ def installation(request, tmp_path_factory, token: Token) -> Iterator[tuple[Stor
         store = Store(url)
         store.upgrade()
         with store.session() as session:
-            hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
+            hierarchy = init_hierarchy(
+                Work(session=session, actor="test", status=status, token=token),
+                request=HierarchyRequest(organization=ORG),
+            )
         root = tmp / "root.pem"
         root.write_bytes(
             x509.load_der_x509_certificate(hierarchy.root.certificate_der).public_bytes(serialization.Encoding.PEM)

@@ -371,7 +371,7 @@ def test_kill_9_of_the_est_service_during_a_load_run(
         store.upgrade()
         with store.session() as session:
             request = HierarchyRequest(organization="Acme Charging", country="DE")
-            init_hierarchy(session, token, request, actor="test", status=Presigner(token))
+            init_hierarchy(Work(session=session, actor="test", status=Presigner(token), token=token), request=request)
         home = write_home(tmp_path / "home", url, token_settings[0], EstSettings(default_environment="production"))
         root = root_pem(store, tmp_path / "root.pem")
         secrets = register(store, [f"CP-K9-{n:04d}" for n in range(400)])
@@ -470,7 +470,7 @@ def test_the_responder_serves_its_cached_responses_until_next_update_while_the_s
         status = Presigner(token)
         with direct.session() as session:
             request = HierarchyRequest(organization="Acme Charging")
-            hierarchy = init_hierarchy(session, token, request, actor="t", status=status)
+            hierarchy = init_hierarchy(Work(session=session, actor="t", status=status, token=token), request=request)
             issuer = issuer_for(hierarchy.issuing, token)
             wanted = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-STALE")), issuer)
             row = issue(Work(session, "t", status=status), issuer=issuer, request=wanted)

@@ -47,7 +47,7 @@ def test_issuing_cas_name_the_responder_that_answers_for_them(
 ) -> None:
     """The root's delegated signer answers for the issuing CA's certificate, at the root's URL:
     nginx `ssl_ocsp on` and a Java PKIX validator need that URL in the issuing CA's AIA."""
-    rotated = rotate_issuing_ca(session, token, actor="test", status=status).issuing
+    rotated = rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token)).issuing
     for authority in (hierarchy.issuing, rotated):
         assert _aia_ocsp(authority.certificate_der) == [hierarchy.root.ocsp_url]
         answered = session.scalar(
@@ -101,7 +101,7 @@ def _app(tmp_path: Path, db_url: str, token: Token, token_settings, key_type: st
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         request = HierarchyRequest(organization="Acme Charging", key_type=key_type)
-        init_hierarchy(session, token, request, actor="test", status=Presigner(token))
+        init_hierarchy(Work(session=session, actor="test", status=Presigner(token), token=token), request=request)
     return pki, create_app(pki, EstSettings()).test_client()
 
 

@@ -182,7 +182,8 @@ def _populate_first_release(target: Store, token: Token, tmp_path: Path) -> dict
     status = Presigner(token)
     with scratch.session() as session:
         hierarchy = init_hierarchy(
-            session, token, HierarchyRequest(organization="Acme Charging", country="DE"), actor="cli:ops", status=status
+            Work(session=session, actor="cli:ops", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging", country="DE"),
         )
         issuer = issuer_for(hierarchy.issuing, token)
         for n in range(4):

@@ -71,16 +71,13 @@ def issued_by_kind(token: Token, tmp_path_factory: pytest.TempPathFactory):
             store.upgrade()
             with store.session() as session:
                 hierarchy = init_hierarchy(
-                    session,
-                    token,
-                    HierarchyRequest(
+                    Work(session=session, actor="test", status=status, token=token),
+                    request=HierarchyRequest(
                         organization="Acme Charging",
                         country="DE",
                         key_type=key_type,
                         rsa_padding="pss" if kind.endswith("-pss") else "pkcs1",
                     ),
-                    actor="test",
-                    status=status,
                 )
                 leaf_key = "ec-p256" if key_type.startswith("ec") else "rsa-2048"
                 cache[kind] = {
@@ -238,7 +235,8 @@ def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, toke
     status = Presigner(token)
     with freeze_time(datetime(2040, 6, 1, tzinfo=UTC)):
         hierarchy = init_hierarchy(
-            session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization="Acme Charging"),
         )
     root = hierarchy.root.certificate_der
     assert x509.load_der_x509_certificate(root).not_valid_after_utc.year == 2060

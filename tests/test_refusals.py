@@ -128,7 +128,9 @@ class World:
         """Failed authentications counted against callers' own keys (user names, certificates)."""
         with self.pki.store.session() as session:
             total = session.scalar(
-                select(func.coalesce(func.sum(AuthFailure.failures), 0)).where(AuthFailure.kind != "address")
+                select(func.coalesce(func.sum(AuthFailure.failures), 0)).where(
+                    AuthFailure.kind.not_in(("address", "token"))  # a wrong API token counts against its address
+                )
             )
             session.commit()
         return int(total or 0)
@@ -169,8 +171,14 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
     status = Presigner(token)
     taken_key = make_key()
     with pki.store.session() as session:
-        init_hierarchy(session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status)
-        init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=status)
+        init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization=ORG, country="DE"),
+        )
+        init_v2g(
+            Work(session=session, actor="test", status=status, token=token),
+            request=V2gRequest(organization=ORG, country="DE"),
+        )
         issuer = issuer_for(default_issuing_ca(session, "production"), token)
 
         def issued(profile: str, name: str, key: Any = None, device_id: int | None = None) -> bytes:
@@ -439,7 +447,10 @@ def _api_route(certificate_type: str, action: str, cn: str, *, asynchronous: boo
     def sign(station: str, csr: Callable[[World], bytes]) -> Callable[[World], Any]:
         return lambda w: w.sign(station, csr(w), certificate_type, asynchronous=asynchronous)
 
-    not_locked = "the CSMS authenticates per call at the API layer; an authenticated CSMS is never locked out"
+    not_locked = (
+        "the CSMS authenticates per call at the API layer, where bad tokens and certificates are locked out "
+        "(tests/test_api_app.py); an authenticated CSMS is never locked out"
+    )
     route: Route = {
         "unauthenticated": Step(
             lambda w: w.sign("CP-CUR", make_csr(cn), certificate_type, token="cpk_wrong", asynchronous=asynchronous),

@@ -201,7 +201,7 @@ def test_rollover_records_links_and_serves_both_chains(
     request = request_from_csr(get_profile("charger"), read_csr(make_csr("CP-OLD")), issuer)
     old_leaf = issue(Work(session, "test", status=status), issuer=issuer, request=request)
 
-    rollover = rollover_root(session, token, environment="production", actor="test", status=status)
+    rollover = rollover_root(Work(session=session, actor="test", status=status, token=token), environment="production")
     assert (rollover.old_root.name, rollover.new_root.name, rollover.issuing.name) == (
         "production-root-1",
         "production-root-2",

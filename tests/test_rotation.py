@@ -101,7 +101,9 @@ def test_rotation_moves_new_issuance_and_keeps_the_old_chain_working(
     old = hierarchy.issuing
     before = _issue(session, token, status, old, "CP-OLD")
 
-    rotation = rotate_issuing_ca(session, token, environment="production", actor="test", status=status)
+    rotation = rotate_issuing_ca(
+        Work(session=session, actor="test", status=status, token=token), environment="production"
+    )
     new = rotation.issuing
     assert rotation.previous.id == old.id
     assert (new.name, new.role, new.environment, new.parent_id) == (
@@ -151,14 +153,18 @@ def test_rotation_moves_new_issuance_and_keeps_the_old_chain_working(
 
 def test_rotation_refusals(session: Session, token: Token, status: Presigner, hierarchy: Hierarchy) -> None:
     with pytest.raises(InputError, match="is a root CA"):
-        rotate_issuing_ca(session, token, ca_name=hierarchy.root.name, actor="test", status=status)
+        rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token), ca_name=hierarchy.root.name)
     with pytest.raises(InputError, match="belongs to environment production, not staging"):
         rotate_issuing_ca(
-            session, token, ca_name=hierarchy.issuing.name, environment="staging", actor="test", status=status
+            Work(session=session, actor="test", status=status, token=token),
+            ca_name=hierarchy.issuing.name,
+            environment="staging",
         )
-    rotate_issuing_ca(session, token, ca_name=hierarchy.issuing.name, actor="test", status=status)
+    rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token), ca_name=hierarchy.issuing.name)
     with pytest.raises(ConflictError, match="already rotated: production-issuing-2 is the newest"):
-        rotate_issuing_ca(session, token, ca_name=hierarchy.issuing.name, actor="test", status=status)
+        rotate_issuing_ca(
+            Work(session=session, actor="test", status=status, token=token), ca_name=hierarchy.issuing.name
+        )
     with pytest.raises(PolicyError, match="new certificates come from production-issuing-2"):
         check_can_issue(session, get_authority(session, hierarchy.issuing.name))
     check_can_issue(session, get_authority(session, "production-issuing-2"))
@@ -177,7 +183,7 @@ def test_the_old_ca_retires_once_its_last_certificate_expired(
     start = datetime.now(UTC)
     _issue(session, token, status, old, "CP-SHORT", validity=timedelta(days=10))
     longer = _issue(session, token, status, old, "CP-LONGER", validity=timedelta(days=20))
-    new = rotate_issuing_ca(session, token, actor="test", status=status).issuing
+    new = rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token)).issuing
     publication = tmp_path / "pki"
 
     with freeze_time(start + timedelta(days=15)):  # one certificate left: the old CA still answers
@@ -220,7 +226,7 @@ def test_a_fresh_successor_does_not_retire_its_predecessor_at_once(
     session: Session, token: Token, status: Presigner, hierarchy: Hierarchy
 ) -> None:
     """EST workers may still issue under the old CA for a few seconds after a rotation."""
-    rotate_issuing_ca(session, token, actor="test", status=status)
+    rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token))
     now = datetime.now(UTC)
     assert retire_finished(session, actor="test", now=now + RETIRE_GRACE / 2) == []
     assert [a.name for a in retire_finished(session, actor="test", now=now + RETIRE_GRACE * 2)] == [

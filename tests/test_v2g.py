@@ -53,7 +53,10 @@ YEAR = timedelta(days=365)
 
 @pytest.fixture
 def v2g(session: Session, token: Token, status: Presigner) -> V2gHierarchy:
-    return init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=status)
+    return init_v2g(
+        Work(session=session, actor="test", status=status, token=token),
+        request=V2gRequest(organization=ORG, country="DE"),
+    )
 
 
 def _issue(
@@ -278,10 +281,15 @@ def test_a_new_certificate_supersedes_the_old_one_and_stations_keep_their_secc_i
 
 
 def test_ocpp_and_v2g_hierarchies_live_side_by_side(session: Session, token: Token, status: Presigner) -> None:
-    init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=status)
-    hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
+    init_v2g(
+        Work(session=session, actor="test", status=status, token=token),
+        request=V2gRequest(organization=ORG, country="DE"),
+    )
+    hierarchy = init_hierarchy(
+        Work(session=session, actor="test", status=status, token=token), request=HierarchyRequest(organization=ORG)
+    )
     with pytest.raises(ConflictError, match="already has a V2G hierarchy"):
-        init_v2g(session, token, V2gRequest(organization=ORG), actor="test", status=status)
+        init_v2g(Work(session=session, actor="test", status=status, token=token), request=V2gRequest(organization=ORG))
     # A charger certificate does not come from a V2G CA, nor an SECC certificate from the OCPP issuing CA.
     issuer = issuer_for(hierarchy.issuing, token)
     request = IssueRequest(get_profile("v2g-secc"), make_key().public_key(), SECC_ID)
@@ -348,7 +356,7 @@ def test_an_external_root_signs_sub_ca_1_and_the_rest_is_ours(
 ) -> None:
     external = ExternalRoot()
     request = V2gRequest(organization=ORG, country="DE")
-    csr_pem = request_sub_ca_1(session, token, request, actor="test")
+    csr_pem = request_sub_ca_1(Work(session=session, actor="test", token=token), request=request)
     csr = x509.load_pem_x509_csr(csr_pem)
     assert csr.is_signature_valid and csr.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256
     assert _single(csr.subject, NameOID.DOMAIN_COMPONENT) == "V2G"
@@ -368,9 +376,14 @@ def test_an_external_root_signs_sub_ca_1_and_the_rest_is_ours(
     ]
     for data, error, message in refusals:
         with pytest.raises(error, match=message):
-            import_sub_ca_1(session, token, request, data, actor="test", status=status)
+            import_sub_ca_1(
+                Work(session=session, actor="test", status=status, token=token), request=request, certificate_data=data
+            )
     hierarchy = import_sub_ca_1(
-        session, token, request, external.sign(csr_pem), external.pem(), actor="test", status=status
+        Work(session=session, actor="test", status=status, token=token),
+        request=request,
+        certificate_data=external.sign(csr_pem),
+        root_data=external.pem(),
     )
     assert hierarchy.root.status == "external" and hierarchy.root.key_label == ""
     assert [signer.authority_id for signer in hierarchy.ocsp_signers] == [hierarchy.sub_ca_2.id, hierarchy.sub_ca_1.id]
@@ -406,11 +419,17 @@ def est_client(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
-        ocpp = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="test", status=status)
-        staging = init_hierarchy(
-            session, token, HierarchyRequest(organization=ORG, environment="staging"), actor="test", status=status
+        ocpp = init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token), request=HierarchyRequest(organization=ORG)
         )
-        v2g = init_v2g(session, token, V2gRequest(organization=ORG, country="DE"), actor="test", status=status)
+        staging = init_hierarchy(
+            Work(session=session, actor="test", status=status, token=token),
+            request=HierarchyRequest(organization=ORG, environment="staging"),
+        )
+        v2g = init_v2g(
+            Work(session=session, actor="test", status=status, token=token),
+            request=V2gRequest(organization=ORG, country="DE"),
+        )
         credentials = {}
         for name, profile, authority, device in (
             ("ra", "ra", ocpp.issuing, None),

@@ -2,8 +2,9 @@
 
 Each view parses and validates its input (against the OpenAPI document's own schemas), calls one
 core function and formats the answer. Every call is authenticated (a ``csms-client`` certificate
-from the TLS socket or the trusted proxy header, or an API token) and audited with its caller and
-outcome; every failure is ``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
+from the TLS socket or the trusted proxy header, or an API token; failures counted and locked out
+per address or certificate like EST's) and audited with its caller and outcome; every failure is
+``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
 
@@ -25,11 +26,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from ca.audit.checkpoints import CheckpointTimer
 from ca.context import Pki
 from ca.enrollment.identity import check_identity
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
 from ca.registry import csms
-from ca.registry.csms import Caller, authenticate, record_call
+from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
 from ca.store.models import Certificate, CsmsSignJob, Device
@@ -72,11 +74,12 @@ def _endpoint(operation: str) -> Callable[[View], View]:
             with _pki().store.session() as session:
                 try:
                     certificate_der, _binding = _client_certificate()
-                    caller = authenticate(
+                    caller = authenticate_limited(
                         session,
                         token=_presented_token(),
                         certificate_der=certificate_der,
                         address=_client_address(),
+                        limits=_enrollment_settings().limits,
                     )
                     session.commit()  # end the read: other sessions (the OCSP signer) may write next
                     response = view(session, caller, **kwargs)
@@ -323,11 +326,14 @@ class JobRunner:
 
     Jobs are claimed in the database, so any number of runners in any number of processes share
     the queue; a job whose runner died is taken over once its lease has run out (``ca.registry.csms_jobs``).
+    With ``checkpoint_every`` it also signs a checkpoint of the audit chain that often when the
+    chain grew (``checkpoints.periodic_checkpoint``: one per interval however many runners try).
     """
 
-    def __init__(self, app: Flask, *, poll: float = 1.0) -> None:
+    def __init__(self, app: Flask, *, poll: float = 1.0, checkpoint_every: timedelta | None = None) -> None:
         self.app = app
         self.poll = poll
+        self._checkpoints = CheckpointTimer(checkpoint_every, name="EST worker") if checkpoint_every else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -360,9 +366,17 @@ class JobRunner:
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome
 
+    def checkpoint_if_due(self) -> None:
+        if self._checkpoints is None or not self._checkpoints.due():
+            return
+        with self.app.app_context(), _pki().store.session() as session:
+            pki = _pki()
+            self._checkpoints.run(session, pki.token, pki.config.home)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.checkpoint_if_due()
                 outcome = self.run_once()
             except (SQLAlchemyError, ChargepkiError) as exc:
                 # The database or the token is away: one line, and the jobs wait in the database.

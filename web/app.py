@@ -9,6 +9,8 @@ to people, and JSON ``{"error", "reason"}`` under ``/api/``, whose callers are p
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
@@ -20,7 +22,8 @@ from web.responses import MAX_BODY, classify, error_response, json_error, text
 
 
 def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> Flask:
-    """``run_jobs`` starts the thread that signs the CSMS API's asynchronous requests (serving processes)."""
+    """``run_jobs`` starts the thread that signs the CSMS API's asynchronous requests and writes the
+    periodic signed audit checkpoints (serving processes)."""
     app = Flask("chargepki")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -29,7 +32,8 @@ def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> Fl
     app.register_blueprint(est)
     app.register_blueprint(api)
     if run_jobs:
-        runner = app.extensions["chargepki.jobs"] = JobRunner(app)
+        every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
+        runner = app.extensions["chargepki.jobs"] = JobRunner(app, checkpoint_every=every)
         runner.start()
 
     def is_api() -> bool:

@@ -43,8 +43,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured` …)",
         413: "body larger than 32 KiB",
         415: "Content-Type is not application/json",
+        429: "too many failed authentications from this address (API tokens) or with this client "
+        "certificate: locked out for a while, even with good credentials (`Retry-After`)",
         503: "token or database unavailable (`Retry-After`)",
     }
+    statuses = (*statuses, 429) if 401 in statuses else statuses  # every authenticated call can be locked out
     return {str(status): _json("Error", meaning[status]) for status in statuses}
 
 
@@ -248,8 +251,8 @@ SCHEMAS: dict[str, Any] = {
             "reason": {
                 "type": "string",
                 "description": "when refused: unknown_issuer, other_environment, unknown_certificate, "
-                "not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, wrong_organization, "
-                "unknown_device, device_disabled",
+                "ca_not_active, not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, "
+                "wrong_organization, unknown_device, device_disabled",
             },
             "detail": _STRING,
             "serialNumber": _STRING,

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "AUDIT_KEY_LABEL": "checkpoints",
         "Checkpoint": "checkpoints",
+        "CheckpointTimer": "checkpoints",
         "CheckpointResult": "checkpoints",
         "FILE_NAME": "checkpoints",
         "GENESIS": "chain",
@@ -24,6 +25,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "flush_all_noise": "chain",
         "flush_noise": "chain",
         "log": "checkpoints",
+        "periodic_checkpoint": "checkpoints",
         "record": "chain",
         "verify": "chain",
     },

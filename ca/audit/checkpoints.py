@@ -18,19 +18,21 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.errors import TokenError
+from ca.errors import ChargepkiError, TokenError, one_line
 from ca.keys.keyspec import key_spec
 from ca.keys.pkcs11_token import KeyMissing, Token
 from ca.keys.token_keys import token_private_key
@@ -97,6 +99,7 @@ def checkpoint(
     home: Path | None,
     *,
     only_if_advanced: bool = False,
+    interval: timedelta | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Checkpoint | None:
     """Sign the chain head now (summarising counted noise first) and record the checkpoint.
@@ -104,15 +107,21 @@ def checkpoint(
     The head row is locked for the whole step, so the head cannot move under the signature and
     two processes cannot create the audit key at once. The file and the log line are written
     before the commit: a checkpoint outside the database is never missing one inside it.
-    ``only_if_advanced`` (the periodic caller): nothing when the head is already checkpointed.
+    ``only_if_advanced`` (the periodic caller): nothing when the head is already checkpointed,
+    nor (with ``interval``) when the last checkpoint, by anyone, is younger than ``interval``.
     """
     at = now().astimezone(UTC)
     # Counted noise into the chain first: all of it on demand, finished minutes only when periodic.
     audit.flush_noise(session, before=at.replace(second=0, microsecond=0) if only_if_advanced else None, now=now)
     head = session.execute(_LOCK_HEAD).one()
     if only_if_advanced:
-        last = session.scalar(select(AuditCheckpoint.seq).order_by(AuditCheckpoint.seq.desc()).limit(1))
-        if last is not None and last >= head.seq:
+        # Read under the head's lock, which every checkpoint takes: of any number of periodic
+        # writers (EST workers, the OCSP refresher, crl publish --watch, other hosts), the first in
+        # an interval writes and the others then see its row.
+        last = session.execute(
+            select(AuditCheckpoint.seq, AuditCheckpoint.at).order_by(AuditCheckpoint.id.desc()).limit(1)
+        ).first()
+        if last is not None and (last.seq >= head.seq or (interval is not None and last.at > at - interval)):
             session.rollback()
             return None
     public_key = audit_public_key(token, create=True)
@@ -132,6 +141,43 @@ def checkpoint(
     )
     session.commit()
     return made
+
+
+def periodic_checkpoint(
+    session: Session,
+    token: Token,
+    home: Path | None,
+    *,
+    interval: timedelta,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Checkpoint | None:
+    """What the long-running services call every ``interval`` (``[audit] checkpoint_interval_seconds``):
+    a checkpoint when the chain grew since the last one and that one is at least ``interval`` old.
+    However many processes call it, one checkpoint is written per interval."""
+    return checkpoint(session, token, home, only_if_advanced=True, interval=interval, now=now)
+
+
+class CheckpointTimer:
+    """A service's periodic checkpoint: ``due()`` every ``interval`` (monotonic), ``run`` makes one
+    when the database rule above allows; failures (token or database away) are logged and retried at
+    the next interval, never raised into the service."""
+
+    def __init__(self, interval: timedelta, *, name: str) -> None:
+        self.interval = interval
+        self.name = name
+        self._next = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def run(self, session: Session, token: Callable[[], Token], home: Path | None) -> Checkpoint | None:
+        self._next = time.monotonic() + self.interval.total_seconds()
+        try:
+            return periodic_checkpoint(session, token(), home, interval=self.interval)
+        except (ChargepkiError, SQLAlchemyError, OSError) as exc:
+            session.rollback()
+            log.warning("%s: no audit checkpoint: %s", self.name, one_line(exc))
+            return None
 
 
 def _append(path: Path, line: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from asn1crypto import crl as asn1_crl
@@ -19,6 +20,9 @@ from ca.keys.keyspec import KeySpec, key_spec
 from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
 from ca.store.models import Authority
+
+# The one status in which a CA signs anything (certificates, CRLs): ``retired`` and ``revoked`` CAs never do.
+SIGNING_STATUS = "active"
 
 
 def key_sha1(public_key: PublicKeyTypes) -> bytes:
@@ -131,25 +135,55 @@ def list_authorities(session: Session, environment: str | None = None) -> list[A
     return list(session.scalars(query))
 
 
-def environments(session: Session) -> list[str]:
-    return sorted(set(session.scalars(select(Authority.environment))))
+def environments(session: Session, roles: Sequence[str] = ()) -> list[str]:
+    """The environments that have a CA (of one of ``roles``, when given)."""
+    query = select(Authority.environment).distinct()
+    if roles:
+        query = query.where(Authority.role.in_(roles))
+    return sorted(session.scalars(query))
+
+
+def only_environment(session: Session, roles: Sequence[str], *, missing: str, several: str) -> str:
+    """The one environment with a CA of ``roles`` (any role when empty): what a command acts on when
+    no ``--environment`` is given. ``several`` is formatted with ``known``."""
+    known = environments(session, roles)
+    if not known:
+        raise NotFoundError(missing)
+    if len(known) > 1:
+        raise ConfigError(several.format(known=", ".join(known)))
+    return known[0]
+
+
+def any_ca(session: Session, environment: str, roles: Sequence[str]) -> str | None:
+    """The name of a CA of ``roles`` in ``environment``, if there is one (a hierarchy is made once)."""
+    query = select(Authority.name).where(Authority.environment == environment, Authority.role.in_(roles))
+    return session.scalar(query.limit(1))
+
+
+def newest_active(session: Session, role: str, environment: str, *, after: Authority | None = None) -> Authority | None:
+    """The newest active CA of ``role`` in ``environment`` (created after ``after``, when given).
+
+    The one query behind the current issuing CA, root, CPO Sub-CA 2 and manufacturer root, and a
+    CA's successor: new certificates always come from the newest CA of a lineage.
+    """
+    query = select(Authority).where(
+        Authority.environment == environment, Authority.role == role, Authority.status == SIGNING_STATUS
+    )
+    if after is not None:
+        query = query.where(Authority.id > after.id)
+    return session.scalar(query.order_by(Authority.id.desc()).limit(1))
 
 
 def default_issuing_ca(session: Session, environment: str | None) -> Authority:
     """The newest active issuing CA of ``environment`` (or of the only environment there is)."""
     if environment is None:
-        known = environments(session)
-        if not known:
-            raise NotFoundError("no CA hierarchy yet: run `chargepki init --org NAME` first")
-        if len(known) > 1:
-            raise ConfigError(f"several environments exist ({', '.join(known)}): choose one with --environment or --ca")
-        environment = known[0]
-    authority = session.scalar(
-        select(Authority)
-        .where(Authority.environment == environment, Authority.role == "issuing", Authority.status == "active")
-        .order_by(Authority.id.desc())
-        .limit(1)
-    )
+        environment = only_environment(
+            session,
+            (),
+            missing="no CA hierarchy yet: run `chargepki init --org NAME` first",
+            several="several environments exist ({known}): choose one with --environment or --ca",
+        )
+    authority = newest_active(session, "issuing", environment)
     if authority is None:
         raise NotFoundError(f"no active issuing CA in environment {environment!r}")
     return authority
@@ -163,8 +197,6 @@ def chain(session: Session, authority: Authority) -> list[Authority]:
     return result
 
 
-# The one status in which a CA signs anything (certificates, CRLs): ``retired`` and ``revoked`` CAs never do.
-SIGNING_STATUS = "active"
 _AUTHORITIES = Authority.__table__
 
 

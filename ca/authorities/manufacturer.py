@@ -16,28 +16,14 @@ from datetime import timedelta
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ca import audit
-from ca.authorities.hierarchy import (
-    authority_row,
-    create_ocsp_signer,
-    destroy_keys,
-    generate_ca_key,
-    record_ca_certificate,
-    self_signed_ca,
-)
-from ca.authorities.issuers import issuer_for
-from ca.clock import Clock, utcnow
+from ca.authorities.factory import CaPlan, Created, Leaf, Plan, create, create_leaf
+from ca.authorities.issuers import any_ca, newest_active, only_environment
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
-from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, PolicyError
-from ca.issuance.flow import IssueRequest, issue
+from ca.errors import ConflictError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
-from ca.issuance.profiles import PROFILES
 from ca.keys.keyspec import key_spec
-from ca.keys.pkcs11_token import Token
-from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
 from ca.work import Work
 
@@ -63,83 +49,59 @@ class Manufacturer:
     ocsp_signer: Certificate
 
 
-def init_manufacturer(
-    session: Session,
-    token: Token,
-    request: ManufacturerRequest,
-    *,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
-) -> Manufacturer:
+def init_manufacturer(work: Work, *, request: ManufacturerRequest) -> Manufacturer:
     """The manufacturer root of one environment (key in the token) and its delegated OCSP signer."""
     environment = check_environment(request.environment)
     organization = check_organization(request.organization)
     country = check_country(request.country)
     spec = key_spec(request.key_type)
-    existing = session.scalar(
-        select(Authority.name).where(Authority.environment == environment, Authority.role == ROLE).limit(1)
-    )
+    existing = any_ca(work.session, environment, (ROLE,))
     if existing is not None:
         raise ConflictError(f"environment {environment!r} already has a manufacturer root (CA {existing})")
-    created: list[str] = []
-    try:
-        issuer, label = self_signed_ca(
-            token,
-            spec,
-            None,
-            name=f"{environment}-manufacturer-root-1",
-            subject=subject_name(ca_common_name(organization, environment, "Manufacturer Root"), organization, country),
-            profile=PROFILES["manufacturer-root"],
-            validity=request.validity,
-            environment=environment,
-            organization=organization,
-            country=country,
-            ocsp_url=request.ocsp_url,
-            repository_url=request.repository_url,
-            now=now,
-            created=created,
-        )
-        root = authority_row(issuer, ROLE, label, None, now)
-        session.add(root)
-        session.flush()
-        session.add(record_ca_certificate(root, root, "manufacturer-root", now))
-        audit.record(
-            session,
-            "manufacturer.created",
-            actor=actor,
-            subject=environment,
-            now=now,
-            details={"root": root.name, "serial": root.serial, "key_type": spec.name, "key_label": label},
-        )
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        destroy_keys(token, created)
-        raise ConflictError(f"the manufacturer root of {environment!r} was created concurrently") from None
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
-    signer = create_ocsp_signer(session, token, root, actor=actor, status=status, now=now)
-    return Manufacturer(root, signer)
+
+    def details(created: Created) -> dict[str, object]:
+        root = created[ROLE]
+        return {"root": root.name, "serial": root.serial, "key_type": spec.name, "key_label": root.key_label}
+
+    root = CaPlan(
+        ROLE,
+        f"{environment}-manufacturer-root-1",
+        subject_name(ca_common_name(organization, environment, "Manufacturer Root"), organization, country),
+        validity=request.validity,
+        key_type=spec.name,
+    )
+    plan = Plan(
+        environment=environment,
+        organization=organization,
+        country=country,
+        ocsp_url=request.ocsp_url,
+        repository_url=request.repository_url,
+        cas=(root,),
+        action="manufacturer.created",
+        audit_subject=environment,
+        details=details,
+        conflict=f"the manufacturer root of {environment!r} was created concurrently",
+    )
+    created = create(work, plan=plan)
+    return Manufacturer(created[ROLE], created.ocsp_signers[ROLE])
 
 
 def manufacturer_root(session: Session, environment: str | None) -> Authority:
     """The active manufacturer root of ``environment`` (or of the only environment that has one)."""
-    query = select(Authority).where(Authority.role == ROLE, Authority.status == "active")
-    if environment is not None:
-        check_environment(environment)
-        query = query.where(Authority.environment == environment)
-    roots = list(session.scalars(query.order_by(Authority.id.desc())))
-    if not roots:
-        where = f" in environment {environment!r}" if environment else ""
-        hint = f" --environment {environment}" if environment else ""
-        raise NotFoundError(f"no manufacturer root{where}: run `chargepki manufacturer init --org NAME{hint}` first")
-    if environment is None and len({root.environment for root in roots}) > 1:
-        known = ", ".join(sorted({root.environment for root in roots}))
-        raise ConfigError(f"several environments have a manufacturer root ({known}): choose one with --environment")
-    return roots[0]
+    if environment is None:
+        environment = only_environment(
+            session,
+            (ROLE,),
+            missing="no manufacturer root: run `chargepki manufacturer init --org NAME` first",
+            several="several environments have a manufacturer root ({known}): choose one with --environment",
+        )
+    root = newest_active(session, ROLE, check_environment(environment))
+    if root is None:
+        raise NotFoundError(
+            f"no manufacturer root in environment {environment!r}: "
+            f"run `chargepki manufacturer init --org NAME --environment {environment}` first"
+        )
+    return root
 
 
 def channel_of(certificate: Certificate) -> str:
@@ -159,16 +121,12 @@ def _signers_query(root: Authority, name: str | None = None):  # type: ignore[no
 
 
 def add_firmware_signer(
-    session: Session,
-    token: Token,
-    name: str,
+    work: Work,
     *,
+    name: str,
     environment: str | None,
     channel: str = "stable",
     validity: timedelta | None = None,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
 ) -> Certificate:
     """A firmware signing certificate directly under the manufacturer root, key generated in the token.
 
@@ -178,28 +136,20 @@ def add_firmware_signer(
         raise PolicyError(f"signer name {name!r} must be 1-48 letters, digits, '.', '_' or '-', starting alphanumeric")
     if not _CHANNEL.match(channel):
         raise PolicyError(f"channel {channel!r} must be 1-32 lower-case letters, digits or '-' (e.g. stable, beta)")
-    root = manufacturer_root(session, environment)
-    for existing in session.scalars(_signers_query(root, name)):
-        if existing.status == "valid" and existing.not_after > now():
+    root = manufacturer_root(work.session, environment)
+    for existing in work.session.scalars(_signers_query(root, name)):
+        if existing.status == "valid" and existing.not_after > work.now():
             raise ConflictError(
                 f"firmware signer {name!r} exists (serial {existing.serial}); revoke it first to replace it"
             )
-    issuer = issuer_for(root, token)
-    created: list[str] = []
-    label, public_key = generate_ca_key(token, key_spec("ec-p256"), f"{root.environment}-firmware-{name}", created)
-    request = IssueRequest(
-        profile=PROFILES["firmware-signer"],
-        public_key=public_key,  # type: ignore[arg-type]
+    leaf = Leaf(
+        profile="firmware-signer",
         common_name=name,
+        key_prefix=f"{root.environment}-firmware-{name}",
         validity=validity,
-        key_label=label,
         organizational_unit=channel,
     )
-    try:
-        return issue(Work(session, actor, status=status, now=now), issuer=issuer, request=request)
-    except ChargepkiError:
-        destroy_keys(token, created)
-        raise
+    return create_leaf(work, issuer=work.issuer(root), leaf=leaf)
 
 
 def firmware_signers(session: Session, environment: str | None = None) -> list[Certificate]:

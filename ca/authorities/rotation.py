@@ -17,45 +17,30 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities.hierarchy import (
-    HierarchyRequest,
-    authority_row,
-    create_ocsp_signer,
-    destroy_keys,
-    record_ca_certificate,
-    self_signed_ca,
-    subordinate_ca,
-)
+from ca.authorities.factory import CaPlan, Created, LinkPlan, Plan, create
 from ca.authorities.issuers import (
-    Issuer,
     chain,
     default_issuing_ca,
     get_authority,
-    issuer_for,
+    newest_active,
     public_key_sha256,
 )
 from ca.clock import Clock, utcnow
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
-from ca.issuance.flow import BACKDATE, build_certificate, validity_window
 from ca.issuance.names import ca_common_name, subject_name
-from ca.issuance.profiles import PROFILES
-from ca.issuance.serials import format_serial, new_serial
 from ca.keys.keyspec import key_spec
-from ca.keys.pkcs11_token import Token
-from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
+from ca.work import Work
 
 ROTATABLE_ROLES = ("root", "issuing")  # the charger PKI; other hierarchies have their own lifecycles
 # A superseded CA retires no sooner than this after its successor appeared: EST workers keep a
@@ -69,12 +54,7 @@ OCPP_CERTIFICATE_MAX = 5500  # InstallCertificateRequest.certificate is string[0
 # -- finding the current CAs ------------------------------------------------------------------------
 def current_root(session: Session, environment: str) -> Authority:
     """The environment's newest active root: new issuing CAs go under it."""
-    root = session.scalar(
-        select(Authority)
-        .where(Authority.environment == environment, Authority.role == "root", Authority.status == "active")
-        .order_by(Authority.id.desc())
-        .limit(1)
-    )
+    root = newest_active(session, "root", environment)
     if root is None:
         raise NotFoundError(f"no active root CA in environment {environment!r}")
     return root
@@ -82,17 +62,7 @@ def current_root(session: Session, environment: str) -> Authority:
 
 def successor(session: Session, authority: Authority) -> Authority | None:
     """The newest active CA of the same role and environment created after ``authority``, if any."""
-    return session.scalar(
-        select(Authority)
-        .where(
-            Authority.environment == authority.environment,
-            Authority.role == authority.role,
-            Authority.status == "active",
-            Authority.id > authority.id,
-        )
-        .order_by(Authority.id.desc())
-        .limit(1)
-    )
+    return newest_active(session, authority.role, authority.environment, after=authority)
 
 
 def check_can_issue(session: Session, authority: Authority) -> None:
@@ -139,74 +109,44 @@ def _resolve(session: Session, ca_name: str | None, environment: str | None) -> 
     return authority
 
 
-def _template(authority: Authority) -> HierarchyRequest:
-    """What a new CA inherits from the one it succeeds: organisation, country, URLs."""
-    return HierarchyRequest(
-        organization=authority.organization,
-        environment=authority.environment,
-        country=authority.country,
-        key_type=authority.key_type,
-        rsa_padding=authority.rsa_padding or "pkcs1",
-        ocsp_url=authority.ocsp_url,
-        repository_url=authority.repository_url,
-    )
-
-
-def _until(end: datetime, now: datetime) -> timedelta:
-    """The validity length that makes ``validity_window`` end exactly at ``end``."""
-    return end - (now.replace(microsecond=0) - BACKDATE)
-
-
-def _row(certificate: x509.Certificate, issued_by: Authority, profile: str, now: Clock) -> Certificate:
-    """A CA-signed certificate that is not an Authority of its own (a link certificate)."""
-    return Certificate(
-        serial=format_serial(certificate.serial_number),
-        authority=issued_by,
-        profile=profile,
-        status="valid",
-        subject=certificate.subject.rfc4514_string(),
-        common_name=str(certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value),
-        not_before=certificate.not_valid_before_utc,
-        not_after=certificate.not_valid_after_utc,
-        der=certificate.public_bytes(serialization.Encoding.DER),
-        fingerprint_sha256=certificate.fingerprint(hashes.SHA256()).hex(),
-        public_key_sha256=public_key_sha256(certificate.public_key()),
-        created_at=now(),
-    )
-
-
-def _new_issuing(
+def _issuing_plan(
     session: Session,
-    token: Token,
-    root: Issuer,
-    root_authority: Authority,
-    template: HierarchyRequest,
+    *,
+    parent: str | Authority,
+    environment: str,
+    organization: str,
+    country: str | None,
+    key_type: str,
+    rsa_padding: str | None,
     validity: timedelta | None,
-    now: Clock,
-    created: list[str],
-) -> Authority:
-    """Key in the token (the root's key type), certificate signed by ``root``; the row is not added yet."""
-    name, number = _next_name(session, template.environment, "issuing")
-    subject = subject_name(
-        ca_common_name(root.organization, template.environment, f"Issuing CA {number}"), root.organization, root.country
-    )
-    issuer, label = subordinate_ca(
-        token,
-        root,
-        name=name,
-        subject=subject,
-        profile=PROFILES["issuing-ca"],
+) -> CaPlan:
+    """The next issuing CA of ``environment`` under ``parent`` (a stored root, or the plan's new root's role)."""
+    name, number = _next_name(session, environment, "issuing")
+    title = ca_common_name(organization, environment, f"Issuing CA {number}")
+    return CaPlan(
+        "issuing",
+        name,
+        subject_name(title, organization, country),
+        parent=parent,
         validity=validity,
-        now=now,
-        created=created,
+        key_type=key_type,
+        rsa_padding=rsa_padding,
     )
-    # What it signs points at the URLs its predecessor's certificates use.
-    issuer = replace(issuer, ocsp_url=template.ocsp_url, repository_url=template.repository_url)
-    return authority_row(issuer, "issuing", label, root_authority, now)
 
 
-def _raced(what: str) -> ConflictError:
-    return ConflictError(f"{what} raced with another change (a CA of the same name); nothing was created, run it again")
+def _raced(what: str) -> str:
+    return f"{what} raced with another change (a CA of the same name); nothing was created, run it again"
+
+
+def _rotated(created: Created, *, previous: str) -> dict[str, object]:
+    new = created["issuing"]
+    return {
+        "environment": new.environment,
+        "previous": previous,
+        "root": new.parent.name if new.parent is not None else None,
+        "key_label": new.key_label,
+        "not_after": new.not_after.isoformat(),
+    }
 
 
 # -- rotating an issuing CA -------------------------------------------------------------------------
@@ -218,23 +158,46 @@ class Rotation:
 
 
 def rotate_issuing_ca(
-    session: Session,
-    token: Token,
-    *,
-    ca_name: str | None = None,
-    environment: str | None = None,
-    validity: timedelta | None = None,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
+    work: Work, *, ca_name: str | None = None, environment: str | None = None, validity: timedelta | None = None
 ) -> Rotation:
     """A new issuing CA under the environment's current root, with its own OCSP signer.
 
     The previous CA is left active: it answers for its certificates until they expire. A revoked
     one (the newest of its lineage) may be rotated too: that is how a compromised CA is replaced.
     """
+    session = work.session
+    previous = _rotatable(session, ca_name, environment)
+    root = current_root(session, previous.environment)
+    issuing = _issuing_plan(
+        session,
+        parent=root,
+        environment=previous.environment,
+        organization=root.organization,
+        country=root.country,
+        key_type=root.key_type,  # a CA's key is of its parent's type
+        rsa_padding=root.rsa_padding,
+        validity=validity,
+    )
+    plan = Plan(
+        environment=previous.environment,
+        organization=root.organization,
+        country=root.country,
+        ocsp_url=previous.ocsp_url,  # what the new CA signs points where its predecessor's certificates do
+        repository_url=previous.repository_url,
+        cas=(issuing,),
+        action="ca.rotated",
+        audit_subject=issuing.name,
+        details=partial(_rotated, previous=previous.name),
+        conflict=_raced("the rotation"),
+    )
+    created = create(work, plan=plan)
+    return Rotation(previous, created["issuing"], created.ocsp_signers["issuing"])
+
+
+def _rotatable(session: Session, ca_name: str | None, environment: str | None) -> Authority:
+    """The issuing CA to rotate: the newest of its lineage, active or revoked (`revoke --rotate`)."""
     previous = _resolve(session, ca_name, environment)
-    if previous.status not in ("active", "revoked"):  # a revoked CA is replaced at once (`revoke --rotate`)
+    if previous.status not in ("active", "revoked"):
         raise PolicyError(
             f"CA {previous.name} is retired; rotate {default_issuing_ca(session, previous.environment).name}"
         )
@@ -244,42 +207,7 @@ def rotate_issuing_ca(
             f"CA {previous.name} was already rotated: {newest.name} is the newest issuing CA of "
             f"{previous.environment} (rotate that one)"
         )
-    root_authority = current_root(session, previous.environment)
-    root = issuer_for(root_authority, token)
-    created: list[str] = []
-    try:
-        issuing = _new_issuing(session, token, root, root_authority, _template(previous), validity, now, created)
-        session.add(issuing)
-        session.flush()
-        issuing_row = record_ca_certificate(issuing, root_authority, "issuing-ca", now)
-        session.add(issuing_row)
-        session.flush()
-        status.update(session, [issuing_row], now())  # the root's signer answers for it
-        audit.record(
-            session,
-            "ca.rotated",
-            actor=actor,
-            subject=issuing.name,
-            now=now,
-            details={
-                "environment": issuing.environment,
-                "previous": previous.name,
-                "root": root_authority.name,
-                "key_label": issuing.key_label,
-                "not_after": issuing.not_after.isoformat(),
-            },
-        )
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        destroy_keys(token, created)
-        raise _raced("the rotation") from None
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
-    signer = create_ocsp_signer(session, token, issuing, actor=actor, status=status, now=now)
-    return Rotation(previous, issuing, signer)
+    return previous
 
 
 # -- root rollover --------------------------------------------------------------------------------
@@ -292,136 +220,83 @@ class Rollover:
     old_with_new: Certificate  # the old root's name and key, signed by the new root
 
 
-def _link(
-    issuer: Issuer, subject: x509.Name, public_key: CertificatePublicKeyTypes, end: datetime, now: Clock
-) -> x509.Certificate:
-    """A link certificate: ``subject``'s key certified by ``issuer`` until ``end`` (clamped to the issuer)."""
-    profile = PROFILES["root-link"]
-    assert issuer.certificate is not None
-    window = validity_window(profile, _until(end, now()), now(), issuer.certificate.not_valid_after_utc)
-    return issuer.sign(build_certificate(profile, issuer, subject, public_key, new_serial(), window))
-
-
 def rollover_root(
-    session: Session,
-    token: Token,
+    work: Work,
     *,
     environment: str | None = None,
     key_type: str | None = None,
     root_validity: timedelta | None = None,
     issuing_validity: timedelta | None = None,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
 ) -> Rollover:
     """New root (key in the token), NewWithOld and OldWithNew link certificates and a new issuing CA,
     recorded in one transaction; then the new CAs' OCSP signers.
 
     The old root stays active: it answers for its issuing CAs and the NewWithOld link until they expire.
     """
-    template_ca = default_issuing_ca(session, environment)
-    environment = template_ca.environment
-    old_root_authority = current_root(session, environment)
-    old_root = issuer_for(old_root_authority, token)
-    assert old_root.certificate is not None
-    template = _template(template_ca)
-    if key_type is not None:
-        template = replace(template, key_type=key_spec(key_type).name)
-    spec = key_spec(template.key_type)
-    padding = template.rsa_padding if spec.algorithm == "rsa" else None
-    created: list[str] = []
-    try:
-        name, number = _next_name(session, environment, "root")
-        new_root, label = self_signed_ca(
-            token,
-            spec,
-            padding,
-            name=name,
-            subject=subject_name(
-                ca_common_name(old_root.organization, environment, f"Root CA {number}"),
-                old_root.organization,
-                old_root.country,
-            ),
-            profile=PROFILES["root"],
-            validity=root_validity,
-            environment=environment,
-            organization=old_root.organization,
-            country=old_root.country,
-            ocsp_url=template.ocsp_url,
-            repository_url=template.repository_url,
-            now=now,
-            created=created,
-        )
-        certificate = new_root.certificate
-        assert certificate is not None
-        new_root_authority = authority_row(new_root, "root", label, None, now)
-        session.add(new_root_authority)
-        session.flush()
-        new_root = replace(new_root, authority_id=new_root_authority.id)
-        issuing = _new_issuing(session, token, new_root, new_root_authority, template, issuing_validity, now, created)
-        session.add(issuing)
-        session.flush()
-        old_certificate = old_root.certificate
-        new_with_old = _row(
-            _link(old_root, certificate.subject, certificate.public_key(), certificate.not_valid_after_utc, now),  # type: ignore[arg-type]
-            old_root_authority,
-            "root-link",
-            now,
-        )
-        old_with_new = _row(
-            _link(
-                new_root,
-                old_certificate.subject,
-                old_certificate.public_key(),
-                old_certificate.not_valid_after_utc,
-                now,
-            ),  # type: ignore[arg-type]
-            new_root_authority,
-            "root-link",
-            now,
-        )
-        issuing_row = record_ca_certificate(issuing, new_root_authority, "issuing-ca", now)
-        session.add_all(
-            [
-                record_ca_certificate(new_root_authority, new_root_authority, "root", now),
-                issuing_row,
-                new_with_old,
-                old_with_new,
-            ]
-        )
-        session.flush()
-        status.update(session, [new_with_old], now())  # the old root's signer exists already
-        audit.record(
-            session,
-            "ca.root_rolled_over",
-            actor=actor,
-            subject=new_root_authority.name,
-            now=now,
-            details={
-                "environment": environment,
-                "old_root": old_root_authority.name,
-                "issuing": issuing.name,
-                "new_with_old": new_with_old.serial,
-                "old_with_new": old_with_new.serial,
-                "key_type": spec.name,
-                "root_key_label": label,
-                "issuing_key_label": issuing.key_label,
-            },
-        )
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        destroy_keys(token, created)
-        raise _raced("the root rollover") from None
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
-    for authority in (new_root_authority, issuing):
-        create_ocsp_signer(session, token, authority, actor=actor, status=status, now=now)
-    status.update(session, [issuing_row, old_with_new], now())  # the new root's signer exists only now
-    session.commit()
-    return Rollover(old_root_authority, new_root_authority, issuing, new_with_old, old_with_new)
+    session = work.session
+    template = default_issuing_ca(session, environment)  # organisation, country, URLs, key type
+    environment = template.environment
+    old_root = current_root(session, environment)
+    plan = _rollover_plan(session, template, old_root, key_type, root_validity, issuing_validity)
+    created = create(work, plan=plan)
+    new_with_old, old_with_new = created.links
+    return Rollover(old_root, created["root"], created["issuing"], new_with_old, old_with_new)
+
+
+def _rollover_plan(
+    session: Session,
+    template: Authority,
+    old_root: Authority,
+    key_type: str | None,
+    root_validity: timedelta | None,
+    issuing_validity: timedelta | None,
+) -> Plan:
+    """New root and issuing CA with ``template``'s URLs (and key type, unless ``key_type``), the old
+    root's names; the link certificates both ways."""
+    environment, organization, country = old_root.environment, old_root.organization, old_root.country
+    spec = key_spec(key_type or template.key_type)
+    padding = (template.rsa_padding or "pkcs1") if spec.algorithm == "rsa" else None
+    name, number = _next_name(session, environment, "root")
+    title = ca_common_name(organization, environment, f"Root CA {number}")
+    root = CaPlan("root", name, subject_name(title, organization, country), None, root_validity, spec.name, padding)
+    issuing = _issuing_plan(
+        session,
+        parent="root",
+        environment=environment,
+        organization=organization,
+        country=country,
+        key_type=spec.name,
+        rsa_padding=padding,
+        validity=issuing_validity,
+    )
+    return Plan(
+        environment=environment,
+        organization=organization,
+        country=country,
+        ocsp_url=template.ocsp_url,
+        repository_url=template.repository_url,
+        cas=(root, issuing),
+        links=(LinkPlan(issuer=old_root, certifies="root"), LinkPlan(issuer="root", certifies=old_root)),
+        action="ca.root_rolled_over",
+        audit_subject=name,
+        details=_rolled_over,
+        conflict=_raced("the root rollover"),
+    )
+
+
+def _rolled_over(created: Created) -> dict[str, object]:
+    new_with_old, old_with_new = created.links
+    root, issuing = created["root"], created["issuing"]
+    return {
+        "environment": root.environment,
+        "old_root": new_with_old.authority.name,
+        "issuing": issuing.name,
+        "new_with_old": new_with_old.serial,
+        "old_with_new": old_with_new.serial,
+        "key_type": root.key_type,
+        "root_key_label": root.key_label,
+        "issuing_key_label": issuing.key_label,
+    }
 
 
 def latest_rollover(session: Session, environment: str | None) -> Rollover:

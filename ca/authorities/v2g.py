@@ -22,30 +22,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities.hierarchy import (
-    authority_row,
-    create_ocsp_signer,
-    destroy_keys,
-    generate_ca_key,
-    record_ca_certificate,
-    self_signed_ca,
-    subordinate_ca,
-)
-from ca.authorities.issuers import Issuer, key_sha1, public_key_sha256
+from ca.authorities.factory import CaPlan, Created, Plan, create, key_transaction
+from ca.authorities.issuers import any_ca, environments, newest_active, only_environment, public_key_sha256
 from ca.clock import Clock, utcnow
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
-from ca.errors import ConfigError, ConflictError, InputError, NotFoundError, PolicyError
+from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
 from ca.issuance.profiles import PROFILES, Profile
 from ca.keys.keyspec import key_spec
-from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import token_private_key
-from ca.status.signal import StatusSigner
 from ca.store.models import AuditEvent, Authority, Certificate
+from ca.work import Work
 
 V2G_ROLES = ("v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2")
 CSR_ACTION = "v2g.sub_ca_1.requested"  # the audit entry that remembers which token key a CSR was for
@@ -94,137 +84,76 @@ def _checked(request: V2gRequest) -> tuple[str, str, str | None]:
 
 
 def _refuse_existing(session: Session, environment: str) -> None:
-    existing = session.scalar(
-        select(Authority.name).where(Authority.environment == environment, Authority.role.in_(V2G_ROLES)).limit(1)
-    )
+    existing = any_ca(session, environment, V2G_ROLES)
     if existing is not None:
         raise ConflictError(f"environment {environment!r} already has a V2G hierarchy (CA {existing})")
 
 
-def init_v2g(
-    session: Session,
-    token: Token,
-    request: V2gRequest,
-    *,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
-) -> V2gHierarchy:
+def init_v2g(work: Work, *, request: V2gRequest) -> V2gHierarchy:
     """V2G root, CPO Sub-CA 1 and CPO Sub-CA 2 with keys in the token, and an OCSP signer for each."""
     environment, organization, country = _checked(request)
-    _refuse_existing(session, environment)
+    _refuse_existing(work.session, environment)
     names = _names(environment)
-    spec = key_spec("ec-p256")
-    created: list[str] = []
-    try:
-        root_issuer, root_label = self_signed_ca(
-            token,
-            spec,
-            None,
-            name=names["v2g-root"],
-            subject=_subject(organization, environment, "v2g-root", country),
-            profile=PROFILES["v2g-root"],
-            validity=request.root_validity,
-            environment=environment,
-            organization=organization,
-            country=country,
-            ocsp_url=request.ocsp_url,
-            repository_url=request.repository_url,
-            now=now,
-            created=created,
-        )
-        root = authority_row(root_issuer, "v2g-root", root_label, None, now)
-        sub_1_issuer, sub_1_label = _sub_ca(token, root_issuer, "v2g-sub-ca-1", request, now, created)
-        sub_1 = authority_row(sub_1_issuer, "v2g-sub-ca-1", sub_1_label, root, now)
-        sub_2_issuer, sub_2_label = _sub_ca(token, sub_1_issuer, "v2g-sub-ca-2", request, now, created)
-        sub_2 = authority_row(sub_2_issuer, "v2g-sub-ca-2", sub_2_label, sub_1, now)
-        session.add_all([root, sub_1, sub_2])
-        session.flush()
-        recorded = [
-            record_ca_certificate(sub_1, root, "v2g-sub-ca-1", now),
-            record_ca_certificate(sub_2, sub_1, "v2g-sub-ca-2", now),
-        ]
-        session.add_all([record_ca_certificate(root, root, "v2g-root", now), *recorded])
-        _audit_created(session, "v2g.hierarchy.created", actor, environment, [root, sub_1, sub_2], now)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        destroy_keys(token, created)
-        raise ConflictError(f"the V2G hierarchy of {environment!r} was created concurrently") from None
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
-    return _finish(session, token, root, sub_1, sub_2, recorded, actor=actor, status=status, now=now)
+    cas = (
+        CaPlan("v2g-root", names["v2g-root"], _subject(organization, environment, "v2g-root", country),
+               validity=request.root_validity),
+        CaPlan("v2g-sub-ca-1", names["v2g-sub-ca-1"], _subject(organization, environment, "v2g-sub-ca-1", country),
+               parent="v2g-root", validity=request.sub_ca_1_validity),
+        CaPlan("v2g-sub-ca-2", names["v2g-sub-ca-2"], _subject(organization, environment, "v2g-sub-ca-2", country),
+               parent="v2g-sub-ca-1", validity=request.sub_ca_2_validity),
+    )  # fmt: skip
+    plan = _plan(request, environment, organization, country, cas, "v2g.hierarchy.created")
+    return _hierarchy(create(work, plan=plan))
 
 
-def _sub_ca(
-    token: Token, parent: Issuer, role: str, request: V2gRequest, now: Clock, created: list[str]
-) -> tuple[Issuer, str]:
-    """A CPO sub-CA under ``parent``; its subject names the CPO (``parent`` carries the checked names)."""
-    validity = request.sub_ca_1_validity if role == "v2g-sub-ca-1" else request.sub_ca_2_validity
-    return subordinate_ca(
-        token,
-        parent,
-        name=_names(parent.environment)[role],
-        subject=_subject(parent.organization, parent.environment, role, parent.country),
-        profile=PROFILES[role],
-        validity=validity,
-        now=now,
-        created=created,
+def _plan(
+    request: V2gRequest,
+    environment: str,
+    organization: str,
+    country: str | None,
+    cas: tuple[CaPlan, ...],
+    action: str,
+) -> Plan:
+    def details(created: Created) -> dict[str, object]:
+        return {
+            authority.role: {"name": authority.name, "serial": authority.serial, "status": authority.status}
+            for authority in created.authorities.values()
+        }
+
+    return Plan(
+        environment=environment,
+        organization=organization,
+        country=country,
+        ocsp_url=request.ocsp_url,
+        repository_url=request.repository_url,
+        cas=cas,
+        action=action,
+        audit_subject=environment,
+        details=details,
+        conflict=f"the V2G hierarchy of {environment!r} was created concurrently",
     )
 
 
-def _finish(
-    session: Session,
-    token: Token,
-    root: Authority,
-    sub_1: Authority,
-    sub_2: Authority,
-    recorded: list[Certificate],
-    *,
-    actor: str,
-    status: StatusSigner,
-    now: Clock,
-) -> V2gHierarchy:
-    """OCSP signers for every CA whose key is here, then the sub-CAs' own responses (their issuers can sign now)."""
-    held = [authority for authority in (sub_2, sub_1, root) if authority.status != "external"]
-    signers = [create_ocsp_signer(session, token, authority, actor=actor, status=status, now=now) for authority in held]
-    status.update(session, recorded, now())
-    session.commit()
-    return V2gHierarchy(root, sub_1, sub_2, signers)
-
-
-def _audit_created(
-    session: Session, action: str, actor: str, environment: str, authorities: list[Authority], now: Clock
-) -> None:
-    audit.record(
-        session,
-        action,
-        actor=actor,
-        subject=environment,
-        now=now,
-        details={
-            authority.role: {"name": authority.name, "serial": authority.serial, "status": authority.status}
-            for authority in authorities
-        },
+def _hierarchy(created: Created) -> V2gHierarchy:
+    """The result; one OCSP signer per CA whose key is here, Sub-CA 2's first."""
+    return V2gHierarchy(
+        created["v2g-root"], created["v2g-sub-ca-1"], created["v2g-sub-ca-2"], list(created.ocsp_signers.values())
     )
 
 
 # -- an external V2G root: CSR out, certificate in -------------------------------------------------
-def request_sub_ca_1(session: Session, token: Token, request: V2gRequest, *, actor: str, now: Clock = utcnow) -> bytes:
+def request_sub_ca_1(work: Work, *, request: V2gRequest) -> bytes:
     """Generate the CPO Sub-CA 1 key in the token and return a PEM CSR for the external V2G root.
 
     The audit entry written here records the key's label and fingerprint; ``import_sub_ca_1``
     finds the key again from the certificate's public key.
     """
     environment, organization, country = _checked(request)
-    _refuse_existing(session, environment)
-    spec = key_spec("ec-p256")
-    created: list[str] = []
-    label, public_key = generate_ca_key(token, spec, _names(environment)["v2g-sub-ca-1"], created)
-    try:
-        key = token_private_key(token, label, public_key)  # type: ignore[arg-type]
+    _refuse_existing(work.session, environment)
+    conflict = f"the V2G hierarchy of {environment!r} was created concurrently"
+    with key_transaction(work, conflict) as keys, work.transaction() as session:
+        label, public_key = keys.generate(key_spec("ec-p256"), _names(environment)["v2g-sub-ca-1"])
+        key = token_private_key(keys.token, label, public_key)  # type: ignore[arg-type]
         profile = PROFILES["v2g-sub-ca-1"]
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -237,9 +166,9 @@ def request_sub_ca_1(session: Session, token: Token, request: V2gRequest, *, act
         audit.record(
             session,
             CSR_ACTION,
-            actor=actor,
+            actor=work.actor,
             subject=environment,
-            now=now,
+            now=work.now,
             details={
                 "key_label": label,
                 "public_key_sha256": public_key_sha256(public_key),  # type: ignore[arg-type]
@@ -248,11 +177,6 @@ def request_sub_ca_1(session: Session, token: Token, request: V2gRequest, *, act
                 "subject": csr.subject.rfc4514_string(),
             },
         )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
@@ -348,15 +272,7 @@ def audit_details(event: AuditEvent) -> dict[str, object]:
 
 
 def import_sub_ca_1(
-    session: Session,
-    token: Token,
-    request: V2gRequest,
-    certificate_data: bytes,
-    root_data: bytes | None = None,
-    *,
-    actor: str,
-    status: StatusSigner,
-    now: Clock = utcnow,
+    work: Work, *, request: V2gRequest, certificate_data: bytes, root_data: bytes | None = None
 ) -> V2gHierarchy:
     """Install the external root's Sub-CA 1 certificate (followed by the V2G root in the same file,
     or the root in ``root_data``), check both, and create CPO Sub-CA 2 and the OCSP signers.
@@ -364,7 +280,7 @@ def import_sub_ca_1(
     The CPO's organisation and country are the ones the CSR was made with (``request``'s are ignored).
     """
     environment = check_environment(request.environment)
-    _refuse_existing(session, environment)
+    _refuse_existing(work.session, environment)
     certificates = load_certificates(certificate_data, "the Sub-CA 1 certificate file")
     if root_data is not None:
         certificates += load_certificates(root_data, "the V2G root file")
@@ -373,51 +289,20 @@ def import_sub_ca_1(
             f"expected the Sub-CA 1 certificate and the V2G root certificate, found {len(certificates)} certificate(s)"
         )
     sub_1_certificate, root_certificate = certificates
-    _check_external_chain(sub_1_certificate, root_certificate, now)
-    requested = _requested_key(session, environment, sub_1_certificate)
-    label = str(requested["key_label"])
+    _check_external_chain(sub_1_certificate, root_certificate, work.now)
+    requested = _requested_key(work.session, environment, sub_1_certificate)
     organization = str(requested["organization"])
     country = str(requested["country"]) if requested.get("country") else None
-    token_public = token.public_key(label)
-    if public_key_sha256(token_public) != public_key_sha256(sub_1_certificate.public_key()):
-        raise PolicyError(f"the token key {label!r} is not the key of this Sub-CA 1 certificate")
-
     names = _names(environment)
-    spec = key_spec("ec-p256")
-    root = _external_authority(root_certificate, names["v2g-root"], environment, organization, request, now)
-    sub_1_issuer = Issuer(
-        name=names["v2g-sub-ca-1"],
-        subject=sub_1_certificate.subject,
-        private_key=token_private_key(token, label, token_public),
-        spec=spec,
-        rsa_padding=None,
-        organization=organization,
-        country=country,
-        environment=environment,
-        ocsp_url=request.ocsp_url,
-        repository_url=request.repository_url,
-        certificate=sub_1_certificate,
-    )
-    created: list[str] = []
-    try:
-        sub_1 = authority_row(sub_1_issuer, "v2g-sub-ca-1", label, root, now)
-        sub_2_issuer, sub_2_label = _sub_ca(token, sub_1_issuer, "v2g-sub-ca-2", request, now, created)
-        sub_2 = authority_row(sub_2_issuer, "v2g-sub-ca-2", sub_2_label, sub_1, now)
-        session.add_all([root, sub_1, sub_2])
-        session.flush()
-        recorded = [record_ca_certificate(sub_2, sub_1, "v2g-sub-ca-2", now)]
-        session.add_all(recorded)
-        _audit_created(session, "v2g.hierarchy.imported", actor, environment, [root, sub_1, sub_2], now)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        destroy_keys(token, created)
-        raise ConflictError(f"the V2G hierarchy of {environment!r} was created concurrently") from None
-    except BaseException:
-        session.rollback()
-        destroy_keys(token, created)
-        raise
-    return _finish(session, token, root, sub_1, sub_2, recorded, actor=actor, status=status, now=now)
+    cas = (
+        CaPlan("v2g-root", names["v2g-root"], root_certificate.subject, certificate=root_certificate),  # external
+        CaPlan("v2g-sub-ca-1", names["v2g-sub-ca-1"], sub_1_certificate.subject, parent="v2g-root",
+               certificate=sub_1_certificate, key_label=str(requested["key_label"])),
+        CaPlan("v2g-sub-ca-2", names["v2g-sub-ca-2"], _subject(organization, environment, "v2g-sub-ca-2", country),
+               parent="v2g-sub-ca-1", validity=request.sub_ca_2_validity),
+    )  # fmt: skip
+    plan = _plan(request, environment, organization, country, cas, "v2g.hierarchy.imported")
+    return _hierarchy(create(work, plan=plan))
 
 
 def _check_external_chain(sub_1: x509.Certificate, root: x509.Certificate, now: Clock) -> None:
@@ -440,60 +325,21 @@ def _check_external_chain(sub_1: x509.Certificate, root: x509.Certificate, now: 
             raise PolicyError(f"the {what} certificate breaks the ISO 15118-2 profile: {'; '.join(problems)}")
 
 
-def _external_authority(
-    certificate: x509.Certificate, name: str, environment: str, organization: str, request: V2gRequest, now: Clock
-) -> Authority:
-    """A CA whose key is elsewhere: stored for chains (cacerts, `ca chain`), never signed with."""
-    organizations = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return Authority(
-        name=name,
-        role="v2g-root",
-        environment=environment,
-        organization=str(organizations[0].value)[:64] if organizations else organization,
-        country=None,
-        parent=None,
-        key_label="",
-        key_type="ec-p256",
-        rsa_padding=None,
-        serial=format(certificate.serial_number, "X"),
-        subject=certificate.subject.rfc4514_string()[:512],
-        certificate_der=certificate.public_bytes(serialization.Encoding.DER),
-        key_sha1=key_sha1(certificate.public_key()).hex(),
-        ocsp_url=request.ocsp_url,
-        repository_url=request.repository_url,
-        not_before=certificate.not_valid_before_utc,
-        not_after=certificate.not_valid_after_utc,
-        status="external",
-        created_at=now(),
-    )
-
-
 # -- finding the CAs ---------------------------------------------------------------------------
 def v2g_environments(session: Session) -> list[str]:
-    return sorted(set(session.scalars(select(Authority.environment).where(Authority.role.in_(V2G_ROLES)))))
+    return environments(session, V2G_ROLES)
 
 
 def current_sub_ca_2(session: Session, environment: str | None) -> Authority:
     """The newest active CPO Sub-CA 2 of ``environment`` (or of the only environment with V2G CAs)."""
     if environment is None:
-        known = v2g_environments(session)
-        if not known:
-            raise NotFoundError("no V2G hierarchy yet: run `chargepki v2g init --org NAME` first")
-        if len(known) > 1:
-            raise ConfigError(f"several environments have V2G CAs ({', '.join(known)}): choose one with --environment")
-        environment = known[0]
-    else:
-        check_environment(environment)
-    authority = session.scalar(
-        select(Authority)
-        .where(
-            Authority.environment == environment,
-            Authority.role == "v2g-sub-ca-2",
-            Authority.status == "active",
+        environment = only_environment(
+            session,
+            V2G_ROLES,
+            missing="no V2G hierarchy yet: run `chargepki v2g init --org NAME` first",
+            several="several environments have V2G CAs ({known}): choose one with --environment",
         )
-        .order_by(Authority.id.desc())
-        .limit(1)
-    )
+    authority = newest_active(session, "v2g-sub-ca-2", check_environment(environment))
     if authority is None:
         raise NotFoundError(
             f"no active CPO Sub-CA 2 in environment {environment!r}: run `chargepki v2g init --environment "

@@ -18,6 +18,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "DEFAULTS": "policy",
         "ENROLL": "pipeline",
         "EnrollmentSettings": "policy",
+        "api_request_keys": "auth_limits",
         "IssuerFactory": "pipeline",
         "Key": "auth_limits",
         "MAX_PEM_CHARS": "identity",

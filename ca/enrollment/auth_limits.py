@@ -22,6 +22,12 @@ same numbers; a fixed window per key, restarted by the first failure after it en
   buy unlimited guesses for others).
 - Only presented credentials that fail count; a request without any (the first leg of HTTP
   authentication) does not.
+- The CSMS API has key spaces of its own (``api_request_keys``): a wrong or revoked API token
+  counts against the client address (``token``), never against a CSMS (a token names none, and
+  keying a guess by the client it claims would let anyone lock that client out); a refused
+  client certificate counts against its SHA-256 (``csmscert``). A token decides alone when one
+  is presented, so a CSMS authenticating with its certificate from a guesser's address (a shared
+  NAT) still gets in.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ from ca.store.models import AuthFailure
 # ``device``: an HTTP Basic user name (the serial a caller claims); ``cert``: a client
 # certificate's SHA-256; ``address``: a client address, for Basic failures only.
 DEVICE, CERTIFICATE, ADDRESS = "device", "cert", "address"
+# The CSMS API: ``token``: a client address that presented a wrong API token; ``csmscert``: a
+# client certificate the API refused, by SHA-256.
+API_TOKEN, API_CERTIFICATE = "token", "csmscert"
+_OWN_KINDS = (DEVICE, CERTIFICATE, API_CERTIFICATE)  # a caller's own credentials, cleared by its success
 Key = tuple[str, str]
 
 
@@ -60,9 +70,9 @@ class AuthLimits:
 
     def limit(self, kind: str) -> int:
         """The limit of a key space; 0 (off) for kinds this version no longer uses."""
-        if kind in (DEVICE, CERTIFICATE):
+        if kind in _OWN_KINDS:
             return self.max_failures_per_device
-        return self.max_failures_per_address if kind == ADDRESS else 0
+        return self.max_failures_per_address if kind in (ADDRESS, API_TOKEN) else 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,16 @@ def request_keys(user_name: str | None, basic: bool, certificate_der: bytes | No
     return keys
 
 
+def api_request_keys(token: bool, certificate_der: bytes | None, address: str | None) -> list[Key]:
+    """The CSMS API's keys of a request: its address when it presents an API token (which decides
+    alone), else its client certificate's SHA-256; none without credentials."""
+    if token:
+        return [(API_TOKEN, address[:128])] if address else []
+    if certificate_der is not None:
+        return [(API_CERTIFICATE, hashlib.sha256(certificate_der).hexdigest())]
+    return []
+
+
 _TABLE = AuthFailure.__table__
 _COLUMNS = _TABLE.c
 
@@ -121,7 +141,7 @@ def standing(session: Session, limits: AuthLimits, keys: list[Key], now: datetim
         if row.locked_until is not None and row.locked_until > now and limits.limit(row.kind) > 0
     ]
     retry_after = math.ceil(max(remaining)) if remaining else None
-    return Standing(retry_after, any(row.kind in (DEVICE, CERTIFICATE) for row in rows))
+    return Standing(retry_after, any(row.kind in _OWN_KINDS for row in rows))
 
 
 _INSERT = {
@@ -189,7 +209,7 @@ def record_failure(
                 session,
                 "auth.locked_out",
                 actor=actor,
-                subject=key if kind == ADDRESS else (shown_device or key),
+                subject=key if kind in (ADDRESS, API_TOKEN) else (shown_device or key),
                 now=lambda: now,
                 details={
                     "reason": f"{failures} failed authentications within {int(limits.window.total_seconds())} s",
@@ -216,6 +236,6 @@ def _ensure_row(session: Session, dialect: str, values: dict[str, object]) -> No
 
 def forget(session: Session, keys: list[Key]) -> None:
     """A successful authentication: clear the caller's own user name and certificate counts (nothing else)."""
-    own = [(kind, key) for kind, key in keys if kind != ADDRESS]
+    own = [(kind, key) for kind, key in keys if kind in _OWN_KINDS]
     if own:
         session.execute(delete(_TABLE).where(_match(own)))

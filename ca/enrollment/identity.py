@@ -5,7 +5,9 @@ must also bind that certificate to the station identity in the connection URL; C
 this let any charger of the fleet (or one cloned key) connect as any other. Here the certificate
 is checked against this installation's own records: which CA signed it (and in which
 environment), whether it is the charger certificate we issued for that very device, whether it
-has been revoked or has expired, and whether the device is still enabled.
+has been revoked or has expired, whether that CA and every CA above it still stand (a revoked
+or retired CA vouches for nothing, whatever its signature says), and whether the device is still
+enabled.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ca.authorities.issuers import chain
 from ca.clock import Clock, utcnow
 from ca.errors import InputError
+from ca.kinds import CaStatus
 from ca.status.certificates import standing
 from ca.store.models import Authority, Certificate, Device
 
@@ -66,6 +70,19 @@ def _issuing_authority(session: Session, leaf: x509.Certificate) -> Authority | 
     return None
 
 
+# A CA vouches for certificates under it while it signs, or as a trust anchor signed elsewhere.
+_STANDING_CA = (CaStatus.ACTIVE, CaStatus.EXTERNAL)
+
+
+def _fallen_authority(session: Session, authority: Authority) -> Authority | None:
+    """The first CA from ``authority`` up to its root that is revoked or retired, if any: the status
+    ``issuer_for`` refuses to sign with, read from the records along the whole chain."""
+    for member in chain(session, authority):
+        if member.status not in _STANDING_CA:
+            return member
+    return None
+
+
 def check_identity(
     session: Session, charging_station_id: str, client_certificate: str, *, environment: str, now: Clock = utcnow
 ) -> Verdict:
@@ -80,6 +97,13 @@ def check_identity(
             False,
             "other_environment",
             f"the certificate was issued by {authority.name} ({authority.environment}), not a {environment} CA",
+        )
+    fallen = _fallen_authority(session, authority)
+    if fallen is not None:
+        return Verdict(
+            False,
+            "ca_not_active",
+            f"the certificate was issued under CA {fallen.name}, which is {fallen.status}",
         )
     fingerprint = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
     stored = session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == fingerprint))

@@ -26,6 +26,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "add_client": "csms",
         "add_device": "devices",
         "authenticate": "csms",
+        "authenticate_limited": "csms",
         "caller_for": "csms",
         "check_certificate_type": "csms",
         "check_name": "csms",

@@ -16,16 +16,19 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities.issuers import default_issuing_ca
 from ca.authorities.v2g import v2g_environments
 from ca.clock import Clock, utcnow
+from ca.enrollment import auth_limits
+from ca.enrollment.auth_limits import AuthLimits
 from ca.enrollment.pipeline import sign_relayed
 from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
-from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError
+from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, RateLimitedError
 from ca.issuance.names import check_environment
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
@@ -204,6 +207,52 @@ def authenticate(
     raise AuthenticationError(
         "credentials required: a CSMS client certificate or an API token (Authorization: Bearer …)"
     )
+
+
+def authenticate_limited(
+    session: Session,
+    *,
+    token: str | None,
+    certificate_der: bytes | None,
+    address: str | None,
+    limits: AuthLimits = _DEFAULT_SETTINGS.limits,
+    now: Clock = utcnow,
+) -> Caller:
+    """``authenticate``, with failed authentications counted and locked out as on the EST routes.
+
+    A caller locked out is refused (``RateLimitedError``, 429) before its credentials are looked
+    at, the right ones included; presented credentials that fail are counted in their own
+    transaction (``auth_limits.record_failure``, which audits the start of a lockout) against the
+    keys of ``auth_limits.api_request_keys``: a wrong token against the address it came from, a
+    refused certificate against its SHA-256. Never against the CSMS a guess names, so nobody's
+    guesses lock out a valid CSMS elsewhere. The refusal itself is the caller's to count as noise.
+    """
+    keys = auth_limits.api_request_keys(bool(token), certificate_der, address)
+    at = now()
+    standing = auth_limits.standing(session, limits, keys, at)
+    if standing.retry_after is not None:
+        session.rollback()
+        raise RateLimitedError(
+            f"too many failed authentications from this address or certificate: retry in {standing.retry_after} s",
+            standing.retry_after,
+        )
+    try:
+        caller = authenticate(session, token=token, certificate_der=certificate_der, address=address, now=now)
+    except AuthenticationError:
+        session.rollback()
+        if keys:
+            try:
+                auth_limits.record_failure(
+                    session, limits, keys, actor=f"anonymous@{address or '?'}", now=at, address=address
+                )
+                session.commit()
+            except SQLAlchemyError:
+                session.rollback()  # the refusal stands; a count lost to the database costs the caller nothing
+        raise
+    if standing.has_own_failures:
+        auth_limits.forget(session, keys)
+        session.commit()
+    return caller
 
 
 def caller_for(session: Session, client_id: int) -> Caller:

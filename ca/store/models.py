@@ -204,7 +204,8 @@ class StatusFeed(Base):
 
 
 class AuthFailure(Base):
-    """Failed authentications of one device (``kind = "device"``) or client address (``"address"``).
+    """Failed authentications of one key (``kind``: ``device``, ``cert``, ``address``; CSMS API:
+    ``token`` by client address, ``csmscert``).
 
     Kept in the database, not in a worker's memory, so the limit holds across gunicorn workers
     and processes; ``locked_until`` set means locked out until then (ca/auth_limits.py).
