@@ -56,11 +56,8 @@ def site(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(
-            session,
-            token,
-            HierarchyRequest(organization="Acme Charging", country="DE"),
-            actor="test",
-            status=Presigner(token),
+            Work(session, "test", status=Presigner(token), token=token),
+            request=HierarchyRequest(organization="Acme Charging", country="DE"),
         )
         secrets = {
             f"CP-{n}": issue_secret(Work(session, "test"), device=add_device(Work(session, "test"), serial=f"CP-{n}"))
