@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
+import signal
 import socket
 import ssl
 import threading
@@ -482,3 +484,81 @@ def test_too_many_connections_from_one_address_get_429_from_the_proxy(door: Door
     finally:
         for sock in held:
             sock.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every living process below ``pid`` (from /proc's parent links)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_stops_the_direct_granian_responder_under_load(door: Door) -> None:
+    """`serve ocsp --direct` (granian, 2 workers) answering keep-alive clients gets the terminal's SIGINT
+    (the whole process group, as Ctrl-C sends it): it exits by itself, gracefully, and leaves no worker."""
+    server = start_server(door.home, free_port(), workers=2, service="ocsp", process_group=True)
+    try:
+        deadline = time.monotonic() + 60
+        while server.log.read_text(errors="replace").count("Started worker") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _descendants(server.process.pid)
+        assert len(workers) >= 2
+        request = ocsp.OCSPRequestBuilder().add_certificate(door.issuing, door.issuing, hashes.SHA1()).build()
+        body = request.public_bytes(serialization.Encoding.DER)
+        stop = threading.Event()
+        answered = [0]
+
+        def client() -> None:
+            with requests.Session() as session:
+                while not stop.is_set():
+                    try:
+                        response = session.post(
+                            f"http://127.0.0.1:{server.port}/ocsp",
+                            data=body,
+                            headers={"Content-Type": "application/ocsp-request"},
+                            timeout=5,
+                        )
+                        answered[0] += response.status_code == 200
+                    except requests.RequestException:
+                        time.sleep(0.05)
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        while answered[0] < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answered[0] >= 50  # the workers were busy with keep-alive clients
+        os.killpg(server.process.pid, signal.SIGINT)
+        try:
+            code = server.process.wait(60)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(10)
+        assert code == 0
+        assert not [pid for pid in workers if _alive(pid)]
+        log = server.log.read_text(errors="replace")
+        assert "Granian shutdown completed" in log and "refused to gracefully stop" not in log, log[-2000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
