@@ -222,7 +222,9 @@ def serve_responder_front_door(
             raise ConfigError(f"the OCSP responder did not start on {sock}")
         nginx.start()
         log.info("OCSP front door: nginx on %s:%s -> responder on %s", host, port, sock)
-        stopped = supervise({"responder": lambda: responder.poll() is None, "nginx": nginx.alive, **alive})
+        stopped = supervise(
+            {"responder": lambda: responder.poll() is None, "nginx": nginx.alive, **alive}, nginx.rotate_logs
+        )
         raise ChargepkiError(f"the OCSP front door stopped: {stopped} exited")
     finally:
         nginx.stop()

@@ -11,13 +11,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -562,3 +565,101 @@ def test_ctrl_c_stops_the_direct_granian_responder_under_load(door: Door) -> Non
         if server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
+
+
+def _nginx_workers(home: Path) -> list[int]:
+    """uids of the nginx worker processes whose master serves this home."""
+    masters = {pid for pid, (command, _) in _processes_of(home).items() if command.startswith("nginx: master")}
+    uids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) in masters:
+                    status = (entry / "status").read_text()
+                    uids.append(int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]))
+    return uids
+
+
+def _as_account(user: str, command: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``command`` run by /bin/sh as ``user`` with its own groups only (as nginx's workers run)."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    result = subprocess.run(
+        ["/bin/sh", "-c", command],
+        user=entry.pw_uid,
+        group=entry.pw_gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+        timeout=30,
+    )
+    assert result.returncode == 0 or not check, result.stderr
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can start nginx with unprivileged workers")
+def test_started_as_root_nginx_workers_run_unprivileged_and_logs_are_size_capped(
+    token_settings: tuple[Pkcs11Settings, str],
+) -> None:
+    """As root, nginx's workers run as nobody: they reach the responder's socket and nothing else of the
+    home (no listing, no file), and the service works. Its logs are capped (1 MiB here): the supervisor
+    moves a full access.log to access.log.1 and nginx logs into a fresh one."""
+    import pwd
+
+    base = Path(tempfile.mkdtemp(prefix="chargepki-door-"))
+    try:
+        base.chmod(0o755)  # like /srv or /var/lib: enterable by everyone
+        home = base / "home"
+        url = f"sqlite:///{home / 'chargepki.db'}"
+        door = replace(DOOR, log_max_megabytes=1)
+        write_config(
+            Config(home=home, database_url=url, pkcs11=token_settings[0], ocsp=OcspSettings(workers=1), front_door=door)
+        )
+        Store(url, create=True).upgrade()
+        _cli(home, "init", "--org", ORG)
+        (home / "pki").mkdir(exist_ok=True)
+        (home / "pki" / "hello.pem").write_text("hello\n")
+        server = start_server(home, free_port(), workers=1, service="ocsp", direct=False)
+        try:
+            nobody = pwd.getpwnam("nobody").pw_uid
+            assert _nginx_workers(home) and set(_nginx_workers(home)) == {nobody}
+            assert "user nobody nogroup;" in (home / "run" / "nginx-ocsp" / "nginx.conf").read_text()
+            base_url = f"http://127.0.0.1:{server.port}"
+            assert requests.get(f"{base_url}/pki/hello.pem", timeout=10).text == "hello\n"
+            # what the worker account can and cannot do in the home
+            sock = home / "run" / "ocsp.sock"
+            probe = _as_account(
+                "nobody", f"curl -sS --fail --unix-socket {sock} http://localhost/pki/hello.pem", check=True
+            )
+            assert probe.stdout == "hello\n"
+            for command in (
+                f"ls {home}",
+                f"cat {home / 'chargepki.toml'}",
+                f"ls {home / 'run'}",
+                f"ls {home / 'run' / 'nginx-ocsp'}",
+                f"head -c 16 {home / 'chargepki.db'}",
+            ):
+                assert "Permission denied" in _as_account("nobody", command).stderr, command
+            # the size cap: long (404) request lines fill access.log past 1 MiB
+            log = home / "run" / "nginx-ocsp" / "access.log"
+            rotated = log.parent / "access.log.1"
+            deadline = time.monotonic() + 120
+            with requests.Session() as session:
+                while not rotated.exists() and time.monotonic() < deadline:
+                    for _ in range(50):
+                        session.get(f"{base_url}/pki/{'x' * 7000}", timeout=10)
+                    time.sleep(0.2)
+                assert rotated.stat().st_size > 1024 * 1024
+                while "after-rotation" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                    session.get(f"{base_url}/pki/after-rotation", timeout=10)
+                    time.sleep(0.5)
+            assert "after-rotation" in log.read_text(errors="replace")
+            assert log.stat().st_size < 1024 * 1024
+        finally:
+            server.stop()
+        assert "Traceback" not in server.log.read_text(errors="replace")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

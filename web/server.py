@@ -235,9 +235,11 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
                 log.info("front door: the CAs changed; nginx reloads %s", tls.client_cas)
                 nginx.reload()
 
-        stopped = supervise(
-            {"gunicorn": lambda: app.poll() is None, "nginx": nginx.alive}, refresh_bundle, BUNDLE_CHECK_SECONDS
-        )
+        def tick() -> None:
+            refresh_bundle()
+            nginx.rotate_logs()
+
+        stopped = supervise({"gunicorn": lambda: app.poll() is None, "nginx": nginx.alive}, tick, BUNDLE_CHECK_SECONDS)
         raise ChargepkiError(f"the EST front door stopped: {stopped} exited")
     finally:
         nginx.stop()
