@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -253,20 +254,19 @@ def _access_log_has(door: Door, service: str, needle: str) -> bool:
     return False
 
 
-def test_never_finished_bodies_are_cut_off_by_the_proxy_with_408(door: Door) -> None:
-    """nginx logs 408 and closes the connection (it sends no answer to a request it never got whole);
-    the application never sees the request."""
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_never_finished_requests_are_cut_off_by_the_proxy_with_408(door: Door, part: str) -> None:
+    """A request head or body that stalls past its timeout: nginx logs 408 and resets the connection
+    (``reset_timedout_connection``); it sends no answer, since nginx ends a request that timed out
+    while being read without writing a response (its 408 is a log status, never sent). So the client
+    gets a connection reset and not a byte; the application never sees the request."""
+    marker = f"never-finished-{part}"
+    head = f"POST /ocsp?{marker} HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n".encode()
     with socket.create_connection(("127.0.0.1", door.ocsp.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /ocsp?never-finished HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
-            b"Content-Length: 100\r\n\r\n0\x01"
-        )
-        try:
-            answer = sock.recv(1000)
-        except ConnectionResetError:
-            answer = b""
-        assert answer == b""
-    assert _access_log_has(door, "ocsp", '"POST /ocsp?never-finished HTTP/1.1" 408')
+        sock.sendall(head + (b"Content-Length: 100\r\n\r\n0\x01" if part == "body" else b"X-Slow: 1"))
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1000)
+    assert _access_log_has(door, "ocsp", f'"POST /ocsp?{marker} HTTP/1.1" 408')
 
 
 def test_a_client_certificate_header_sent_by_a_client_is_ignored(door: Door) -> None:
@@ -663,3 +663,39 @@ def test_started_as_root_nginx_workers_run_unprivileged_and_logs_are_size_capped
         assert "Traceback" not in server.log.read_text(errors="replace")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_flooding_address_gets_429_while_another_address_is_served(
+    tmp_path: Path, token_settings: tuple[Pkcs11Settings, str]
+) -> None:
+    """The per-address request rate (limit_req, here OCSP's at 5 a second with a burst of 5): one address
+    asking 40 times in a row over keep-alive gets 429 from nginx (with Retry-After) once past it, while
+    another loopback address asking at the same moment is answered."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'chargepki.db'}"
+    door = replace(DOOR, ocsp_requests_per_second=5)
+    write_config(
+        Config(home=home, database_url=url, pkcs11=token_settings[0], ocsp=OcspSettings(workers=1), front_door=door)
+    )
+    Store(url, create=True).upgrade()
+    (home / "pki").mkdir(parents=True, exist_ok=True)
+    (home / "pki" / "crl.pem").write_text("published\n")
+    server = start_server(home, free_port(), workers=1, service="ocsp", direct=False, extra=("--no-signer",))
+
+    def ask(connection: http.client.HTTPConnection) -> tuple[int, str, bytes]:
+        connection.request("GET", "/pki/crl.pem")
+        response = connection.getresponse()
+        return response.status, response.getheader("Retry-After") or "", response.read()
+
+    try:
+        flood = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.3", 0))
+        other = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
+        answers = [ask(flood) for _ in range(40)]
+        refused = [answer for answer in answers if answer[0] == 429]
+        assert refused and all(retry == "1" and b"too many" in body for _, retry, body in refused)
+        assert answers[0][0] == 200 and {status for status, _, _ in answers} == {200, 429}
+        assert ask(other) == (200, "", b"published\n")  # another address, right after the flood
+        flood.close()
+        other.close()
+    finally:
+        server.stop()
