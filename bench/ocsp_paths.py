@@ -6,7 +6,8 @@ running at once and measured in turns (wrk, POST, the same requests), rounds × 
 - ``cfssl ocspserve`` over the same pre-signed responses (the yardstick)
 - ``chargepki serve ocsp --direct`` (granian, WSGI, 2 workers)
 - ``chargepki serve ocsp`` (nginx → Unix socket → granian, 2 + 2 workers): the default front door
-- variants of that nginx (same upstream socket): one worker process; no access log
+- copies of that nginx started by this script (same upstream socket): its configuration unchanged,
+  and with one worker process
 - a bounded responder (experiment, not shipped): the same WSGI app under granian's RSGI interface,
   reading the body with a whole-body deadline (408 after ``--body-seconds``), backpressure 4096
 
@@ -242,9 +243,7 @@ def main() -> int:
             "".join(base64.b64encode(der).decode() + "\n" for _, _, der in exported)
         )
 
-        ports = {
-            name: b.free_port() for name in ("cfssl", "direct", "nginx", "nginx-1worker", "nginx-nolog", "bounded")
-        }
+        ports = {name: b.free_port() for name in ("cfssl", "direct", "nginx", "nginx-copy", "nginx-1worker", "bounded")}
         cfssl = processes.start(
             [
                 "cfssl",
@@ -282,6 +281,7 @@ def main() -> int:
             env=data.environ,
         )
         b.wait_for(ports["bounded"], bounded, work / "bounded.log")
+        copy = nginx_variant(b, processes, work, data.home, "copy", ports["nginx-copy"], [])
         one = nginx_variant(
             b,
             processes,
@@ -291,24 +291,25 @@ def main() -> int:
             ports["nginx-1worker"],
             [(r"worker_processes \d+;", "worker_processes 1;")],
         )
-        nolog = nginx_variant(
-            b, processes, work, data.home, "nolog", ports["nginx-nolog"], [(r"access_log [^;]*;", "access_log off;")]
-        )
         responder = next(pid for pid in b.descendants(door.pid) if "--unix-socket" in b.cmdline(pid))
         door_nginx = next(pid for pid in b.descendants(door.pid) if b.cmdline(pid).startswith("nginx: master"))
         paths = {
             "cfssl ocspserve": (ports["cfssl"], "/", {"cfssl": cfssl.pid}),
             "granian --direct (WSGI)": (ports["direct"], "/ocsp", {"granian": direct.pid}),
-            "nginx → granian (front door)": (ports["nginx"], "/ocsp", {"nginx": door_nginx, "granian": responder}),
-            "nginx, 1 worker process → granian": (
+            "nginx (copy of the front door's, same socket) → granian": (
+                ports["nginx-copy"],
+                "/ocsp",
+                {"nginx": copy.pid, "granian": responder},
+            ),
+            "nginx (copy, 1 worker process) → granian": (
                 ports["nginx-1worker"],
                 "/ocsp",
                 {"nginx": one.pid, "granian": responder},
             ),
-            "nginx, access_log off → granian": (
-                ports["nginx-nolog"],
+            "nginx → granian (the front door `serve ocsp` runs)": (
+                ports["nginx"],
                 "/ocsp",
-                {"nginx": nolog.pid, "granian": responder},
+                {"nginx": door_nginx, "granian": responder},
             ),
             "bounded granian (RSGI, experiment)": (ports["bounded"], "/ocsp", {"granian": bounded.pid}),
         }
@@ -379,7 +380,7 @@ def main() -> int:
                 "|---|---|---|",
             ]
             for name in (
-                "nginx → granian (front door)",
+                "nginx → granian (the front door `serve ocsp` runs)",
                 "granian --direct (WSGI)",
                 "bounded granian (RSGI, experiment)",
             ):

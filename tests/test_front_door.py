@@ -467,17 +467,31 @@ def test_front_door_settings_are_checked_and_rendered(tmp_path: Path) -> None:
 
 def test_too_many_connections_from_one_address_get_429_from_the_proxy(door: Door) -> None:
     """connections_per_address (64) requests in progress from 127.0.0.7: the next one from that address
-    gets 429, while another address is served."""
+    gets 429, while another address is served. The held bodies trickle a byte every half second, so
+    none reaches the body timeout however long the TLS handshakes take on a loaded machine."""
     context = ssl.create_default_context(cafile=str(door.root))
-    held = []
+    held: list[ssl.SSLSocket] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            with lock:
+                for sock in held:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"A")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
     try:
         for _ in range(DOOR.connections_per_address):
             sock = socket.create_connection(("127.0.0.1", door.est.port), timeout=5, source_address=("127.0.0.7", 0))
-            sock = context.wrap_socket(sock, server_hostname="localhost")
-            sock.sendall(
-                b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nA"
+            tls = context.wrap_socket(sock, server_hostname="localhost")
+            tls.sendall(
+                b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\nA"
             )
-            held.append(sock)
+            with lock:
+                held.append(tls)
         sock = socket.create_connection(("127.0.0.1", door.est.port), timeout=5, source_address=("127.0.0.7", 0))
         with context.wrap_socket(sock, server_hostname="localhost") as extra:
             extra.sendall(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -485,6 +499,8 @@ def test_too_many_connections_from_one_address_get_429_from_the_proxy(door: Door
         assert answer.startswith(b"HTTP/1.1 429"), answer
         assert requests.get(f"{door.est_url}/cacerts", verify=str(door.root), timeout=10).status_code == 200
     finally:
+        stop.set()
+        trickler.join(5)
         for sock in held:
             sock.close()
 
