@@ -55,6 +55,7 @@ from tests.helpers import make_csr, make_key, openssl
 from web.api import JobRunner
 from web.app import create_app
 from web.openapi import DOCUMENT, Validator
+from web.server import behind_front_door
 
 ORG = "Acme Charging"
 JSON = "application/json"
@@ -363,7 +364,7 @@ def test_a_job_left_by_a_dead_worker_is_taken_over_and_signed_once(api: Api) -> 
 def test_the_runner_thread_signs_queued_jobs(api: Api) -> None:
     station = api.register()
     runner = JobRunner(api.app, poll=0.05)
-    api.app.extensions["chargepki.jobs"] = runner
+    api.app.runtime.jobs = runner
     runner.start()
     try:
         location = api.sign(station, make_csr(station), query="?async=1").headers["Location"]
@@ -579,6 +580,32 @@ def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> 
         serial = x509.load_pem_x509_certificate(certificate.encode()).serial_number
         revoke(session, format(serial, "X"), "keyCompromise", actor="test", status=api.status)
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers=header).status_code == 401
+
+
+def test_behind_the_front_door_calls_are_audited_with_the_clients_address(api: Api) -> None:
+    """The application as ``serve est`` runs it behind nginx (web.server.behind_front_door): the proxy is
+    the Unix socket's peer (no REMOTE_ADDR) and sends the client's address in X-Forwarded-For. That
+    address is audited, not the proxy's; a client reaching the application directly cannot pick its own."""
+    app = create_app(api.pki, behind_front_door(EstSettings(default_environment="production")))
+    client = CheckedClient(app.test_client(), {"Authorization": f"Bearer {api.token}"})
+    lookup = "/api/v1/certificates/" + "a" * 64
+
+    def audited(**kwargs: Any) -> str | None:
+        assert client.get(lookup, **kwargs).status_code == 404
+        return json.loads(api.audit("csms.api.lookup")[-1].details)["address"]
+
+    from_proxy = {"REMOTE_ADDR": ""}  # gunicorn's peer address on a Unix socket
+    assert audited(environ_base=from_proxy, headers={"X-Forwarded-For": "198.51.100.23"}) == "198.51.100.23"
+    assert audited(environ_base=from_proxy, headers={"X-Real-IP": "2001:db8::7"}) == "2001:db8::7"
+    assert audited(environ_base=from_proxy) is None  # no header: no address rather than the proxy's
+    direct = {"REMOTE_ADDR": "192.0.2.44"}  # a TCP peer is no trusted proxy here: its headers are ignored
+    spoofed = {"X-Forwarded-For": "198.51.100.23", "X-Real-IP": "198.51.100.23"}
+    assert audited(environ_base=direct, headers=spoofed) == "192.0.2.44"
+    # The same for an unauthenticated call, counted into its address's noise summary.
+    assert client.get(lookup, environ_base=direct, headers={**spoofed, "Authorization": "Bearer x"}).status_code == 401
+    with api.pki.store.session() as session:
+        audit.flush_all_noise(session)
+    assert {summary.actor for summary in api.audit(audit.NOISE)} == {"anonymous@192.0.2.44"}
 
 
 # -- bad input -----------------------------------------------------------------------------------------

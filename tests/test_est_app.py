@@ -142,7 +142,7 @@ def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enr
 
     while enroll("CP-LOCKED", "wrong") != 429:  # lock the device out
         pass
-    app.extensions["chargepki.authorities"].clear()  # as when the cache's 10 s have passed
+    app.runtime.forget_authorities()  # as when the cache's 10 s have passed
     assert enroll("CP-LOCKED", "wrong") == 429  # loads the CA into the cache, then rolls back
     assert enroll("CP-GOOD", secrets["CP-GOOD"]) == 200
     pki.close()

@@ -32,7 +32,8 @@ from ca.store.models import AuditEvent, Device
 from ocsp.certid import CertId
 from ocsp.requests import MalformedRequest, decode_get_path, parse_request
 from tests.hostile import Source, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
-from web.est import decode_client_cert_header, decode_pkcs10
+from web.caller import decode_client_cert_header
+from web.est import decode_pkcs10
 
 SEEDS = make_seeds()
 
