@@ -100,11 +100,12 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Api]:
+def api(
+    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[Api]:
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
-    status = Presigner(token)
     with pki.store.session() as session:
         for environment in ("production", "staging"):
             request = HierarchyRequest(organization=ORG, country="DE", environment=environment)

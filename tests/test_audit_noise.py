@@ -44,12 +44,11 @@ def _summaries(session: Session) -> list[dict]:
 
 
 def test_ten_thousand_anonymous_refusals_add_a_few_dozen_rows(
-    session: Session, hierarchy: Hierarchy, token: Token
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:
     """EST without credentials, EST with an unparseable CSR, and API calls with a bad token,
     from three addresses over about two minutes: a handful of summary entries, every refusal in them.
     10,000 on SQLite; 1,000 on PostgreSQL keep the suite short (the race test covers its concurrency)."""
-    status = Presigner(token)
     clock = Clock()
     csr = make_csr("CP-NOISE")
     before = session.scalar(select(func.count()).select_from(AuditEvent))

@@ -9,7 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 # Tests that decide validity windows from the clock: expiry listing, issuer expiry, clamping,
 # expired re-enrollment, retirement after the last certificate expired, UTCTime/GeneralizedTime.

@@ -55,8 +55,7 @@ def _pem_bundle(hierarchy: Hierarchy, path: Path) -> Path:
 
 
 @pytest.fixture
-def revoked(session: Session, hierarchy: Hierarchy, token: Token) -> dict[str, Certificate]:
-    status = Presigner(token)
+def revoked(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner) -> dict[str, Certificate]:
     rows = {
         name: _charger(session, hierarchy, token, f"CP-{name}")
         for name in ("compromised", "unspecified", "held", "good")
@@ -113,9 +112,8 @@ def test_openssl_and_pkilint_accept_the_crl(
 
 
 def test_the_root_crl_covers_the_issuing_ca(
-    session: Session, hierarchy: Hierarchy, token: Token, tmp_path: Path
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
 ) -> None:
-    status = Presigner(token)
     revoke(session, hierarchy.issuing.serial, "cACompromise", actor="test", status=status)
     published = {p.authority: p for p in publish_all(session, token, tmp_path)}
     root_entries = [format(e.serial_number, "X") for e in _load(published[hierarchy.root.name].path)]
@@ -123,9 +121,8 @@ def test_the_root_crl_covers_the_issuing_ca(
 
 
 def test_expired_certificates_leave_the_crl(
-    session: Session, hierarchy: Hierarchy, token: Token, tmp_path: Path
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
 ) -> None:
-    status = Presigner(token)
     short = _charger(session, hierarchy, token, "CP-SHORT", validity=timedelta(days=2))
     revoke(session, short.serial, "superseded", actor="test", status=status)
     issuer = issuer_for(hierarchy.issuing, token)

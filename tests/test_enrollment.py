@@ -26,9 +26,8 @@ def _der(pem: bytes) -> bytes:
 
 
 def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
-    session: Session, hierarchy: Hierarchy, token: Token
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:
-    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-GRACE", actor="test")
     secret = issue_secret(session, device, actor="test")
@@ -60,9 +59,8 @@ def test_a_renewed_certificate_stays_valid_for_the_grace_period_then_is_swept(
 
 
 def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
-    session: Session, hierarchy: Hierarchy, token: Token
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:
-    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-TWICE", actor="test")
     key = make_key()
@@ -103,10 +101,9 @@ def test_renewing_twice_does_not_extend_the_grace_of_the_first_certificate(
 
 
 def test_reenrollment_with_an_expired_certificate_is_refused_by_the_core(
-    session: Session, hierarchy: Hierarchy, token: Token
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:
     """Behind a proxy TLS may not check expiry; the core does, whatever the transport."""
-    status = Presigner(token)
     issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
     device = add_device(session, "CP-OLD", actor="test")
     key = make_key()

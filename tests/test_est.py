@@ -35,7 +35,7 @@ from ca.store.models import AuditEvent, Certificate
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
-from tests.helpers import make_csr, make_key
+from tests.helpers import b64csr, make_key
 
 ORG = "Acme Charging"
 PKCS10 = {"Content-Type": "application/pkcs10"}
@@ -107,12 +107,6 @@ class Fleet:
             )
             session.commit()
             return own + summarised
-
-
-def b64csr(cn: str, key=None, organization: str | None = ORG, **kwargs) -> bytes:
-    pem = make_csr(cn, organization=organization, key=key or make_key(), **kwargs)
-    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
-    return base64.encodebytes(der)
 
 
 def certificate_from(response: requests.Response) -> x509.Certificate:
@@ -383,8 +377,7 @@ def test_reenroll_requires_the_current_certificate(fleet: Fleet) -> None:
     assert response.status_code == 401 and "current certificate" in response.text
 
 
-def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet) -> None:
-    status = Presigner(fleet.token)
+def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet, status: Presigner) -> None:
     serial, identity, key = _enrolled(fleet, "revoked")
     with fleet.store.session() as session:
         revoke(
@@ -398,8 +391,7 @@ def test_reenroll_with_a_revoked_certificate_is_refused(fleet: Fleet) -> None:
     assert response.status_code == 401 and "revoked" in response.text
 
 
-def test_reenroll_with_an_expired_certificate_is_refused(fleet: Fleet) -> None:
-    status = Presigner(fleet.token)
+def test_reenroll_with_an_expired_certificate_is_refused(fleet: Fleet, status: Presigner) -> None:
     serial, _secret = fleet.register()
     key = make_key()
     with fleet.store.session() as session:
@@ -437,8 +429,7 @@ def test_reenroll_subject_must_match(fleet: Fleet) -> None:
 
 
 # -- registration authorities ----------------------------------------------------------------------------
-def _ra_identity(fleet: Fleet, name: str) -> tuple[tuple[str, str], str]:
-    status = Presigner(fleet.token)
+def _ra_identity(fleet: Fleet, name: str, status: Presigner) -> tuple[tuple[str, str], str]:
     key = make_key()
     with fleet.store.session() as session:
         authority = default_issuing_ca(session, "production")
@@ -452,9 +443,8 @@ def _ra_identity(fleet: Fleet, name: str) -> tuple[tuple[str, str], str]:
     return fleet.write_identity_from(x509.load_der_x509_certificate(row.der), key, name), row.serial
 
 
-def test_an_ra_enrolls_registered_devices_without_secrets(fleet: Fleet) -> None:
-    status = Presigner(fleet.token)
-    identity, ra_serial = _ra_identity(fleet, "station-1")
+def test_an_ra_enrolls_registered_devices_without_secrets(fleet: Fleet, status: Presigner) -> None:
+    identity, ra_serial = _ra_identity(fleet, "station-1", status)
     serial, _ = fleet.register()
     certificate = certificate_from(fleet.post("simpleenroll", b64csr(serial), cert=identity))
     assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == serial

@@ -24,9 +24,8 @@ from web.app import create_app
 
 
 def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
-    tmp_path: Path, db_url: str, token: Token, softhsm_conf: Path
+    tmp_path: Path, db_url: str, token: Token, status: Presigner, softhsm_conf: Path
 ) -> None:
-    status = Presigner(token)
     # The hierarchy's keys are in the shared test token; the service is pointed at another token.
     other_token, _pin = new_token_settings(softhsm_conf, tmp_path)
     home = tmp_path / "home"
@@ -90,8 +89,9 @@ def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings)
     pki.close()
 
 
-def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, token: Token, token_settings) -> None:
-    status = Presigner(token)
+def test_malformed_authorization_headers_get_401(
+    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings
+) -> None:
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
@@ -117,11 +117,10 @@ def test_malformed_authorization_headers_get_401(tmp_path: Path, db_url: str, to
 
 
 def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enrollments(
-    tmp_path: Path, db_url: str, token: Token, token_settings
+    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings
 ) -> None:
     """The worker caches the label's CA; a refused request (rolled back) that loaded it first must
     not leave an expired object there (every later request answered 503 before the fix)."""
-    status = Presigner(token)
     home = tmp_path / "home"
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)

@@ -27,7 +27,7 @@ from ca.store.models import AuditEvent
 from ocsp.presign import Presigner
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
-from tests.test_est import b64csr
+from tests.helpers import b64csr
 
 LIMITS = EstSettings(
     default_environment="production",

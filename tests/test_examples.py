@@ -15,8 +15,9 @@ from ca.config import EstSettings, Pkcs11Settings
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
+from tests.helpers import ROOT
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def chargepki(home: Path, *args: str) -> str:

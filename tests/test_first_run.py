@@ -12,22 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import database
-from tests.helpers import make_csr, openssl_verify_against_chain, write
-
-CHARGEPKI = [sys.executable, "-c", "from cli.main import main; main()"]
-
-
-def chargepki(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("CHARGEPKI_", "SOFTHSM2"))}
-    environment.update(env or {})
-    return subprocess.run(
-        [*CHARGEPKI, "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        cwd=Path(__file__).parent.parent,
-    )
+from tests.helpers import chargepki, make_csr, openssl_verify_against_chain, write
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ from ca.frontdoor import CLIENT_CERT_HEADER
 from ca.store.engine import Store
 from cli.main import cli
 from tests.est_server import EstServer, free_port, start_server
-from tests.helpers import make_key
-from tests.test_first_run import chargepki
+from tests.helpers import chargepki, make_key
 
 ORG = "Acme Charging"
 DOOR = FrontDoorSettings(

@@ -10,7 +10,6 @@ line and leaves the database as it was.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,26 +18,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from ca.config import EstSettings, Pkcs11Settings
 from ca.status.revocation import REASONS
 from ca.store.models import Certificate
 from cli.main import cli
-from tests.conftest import database
-from tests.hostile import DEVICE, Finding, World, bounded, build_world, mutate_bytes, snapshot
-from tests.test_hostile_parsers import Drawn
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, token_settings: tuple[Pkcs11Settings, str]
-) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp(f"hostile-cli-{request.param}")
-    with database(request.param, tmp) as url:
-        built = build_world(tmp / "home", url, token_settings[0], EstSettings())
-        try:
-            yield built
-        finally:
-            built.close()
+from tests.hostile import DEVICE, Drawn, Finding, World, bounded, mutate_bytes, snapshot
 
 
 @pytest.fixture(scope="module")

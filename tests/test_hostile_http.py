@@ -11,7 +11,6 @@ apart) and never spends the secret.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -21,19 +20,18 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from ca.config import EstSettings, Pkcs11Settings
+from ca.config import EstSettings
 from ca.registry.devices import get_device, reset_device
 from ca.registry.secrets import issue_secret
 from ca.store.models import Certificate
-from tests.conftest import database
 from tests.hostile import (
     DEVICE,
+    Drawn,
     OcspWorld,
     World,
     basic,
     bounded,
     build_ocsp,
-    build_world,
     call_wsgi,
     check_est_answer,
     check_ocsp_answer,
@@ -45,24 +43,11 @@ from tests.hostile import (
     snapshot,
     unchanged,
 )
-from tests.test_hostile_parsers import Drawn
 
 # The fuzz world allows plenty of failures so that lockouts do not hide the paths behind them
 # (rate limiting has its own tests).
 FUZZ_EST = EstSettings(auth_max_failures_per_device=10**6, auth_max_failures_per_address=10**6)
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def world(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, token_settings: tuple[Pkcs11Settings, str]
-) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp(f"hostile-{request.param}")
-    with database(request.param, tmp) as url:
-        built = build_world(tmp / "home", url, token_settings[0], FUZZ_EST)
-        try:
-            yield built
-        finally:
-            built.close()
+WORLD_EST = FUZZ_EST  # the conftest `world` fixture builds with these
 
 
 @pytest.fixture(scope="module")

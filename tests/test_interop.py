@@ -29,10 +29,10 @@ from ca.store.engine import Store
 from ca.store.models import Authority, OcspResponse
 from cli.main import cli
 from ocsp.presign import Presigner
-from tests.helpers import make_csr, make_key
+from tests.helpers import ROOT, make_csr, make_key
 from web.app import create_app
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def _aia_ocsp(der: bytes) -> list[str]:

@@ -274,10 +274,9 @@ def test_stale_reservations_are_swept_and_a_swept_one_is_never_recorded(
     session.commit()
 
 
-def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, token: Token) -> None:
+def test_a_key_belongs_to_its_first_identity(session: Session, issuer: Issuer, token: Token, status: Presigner) -> None:
     """One key, one identity (``key_owners``): the same device may certify its key again; another
     device, an SECC ID or a certificate issued from the CLI for another name may not."""
-    status = Presigner(token)
     first, second = (add_device(session, serial, actor="test") for serial in ("CP-K1", "CP-K2"))
     key = make_key().public_key()
     charger = get_profile("charger")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests.helpers import ROOT
+
 FORBIDDEN = {"flask", "click", "werkzeug", "gunicorn", "web", "cli"}
 
 

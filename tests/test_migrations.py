@@ -328,7 +328,7 @@ FLEET = 20_000  # certificates: enough for the planners to prefer a full scan wh
 
 
 @pytest.fixture
-def fleet(store: Store, session: Session, hierarchy: Hierarchy, status: Presigner) -> Store:
+def large_store(store: Store, session: Session, hierarchy: Hierarchy, status: Presigner) -> Store:
     """A fleet's worth of rows (chargers, devices, secrets, responses), then ANALYZE, so both planners
     choose as they would in production: an equality lookup without an index becomes a full scan."""
     now = datetime.now(UTC)
@@ -405,17 +405,17 @@ def _unindexed(store: Store, statement: str, parameters: object) -> list[str]:
         raw.close()
 
 
-def test_the_plan_check_sees_a_full_scan(fleet: Store) -> None:
+def test_the_plan_check_sees_a_full_scan(large_store: Store) -> None:
     """The check below can fail: a lookup by a column without an index is reported, one with an index is not."""
-    marker = "?" if fleet.is_sqlite else "%(value)s"
+    marker = "?" if large_store.is_sqlite else "%(value)s"
     for column, value, indexed in (("subject", "CN=CP-F000001", False), ("serial", "4001F00D", True)):
-        parameters = (value,) if fleet.is_sqlite else {"value": value}
-        problems = _unindexed(fleet, f"SELECT id FROM certificates WHERE {column} = {marker}", parameters)
+        parameters = (value,) if large_store.is_sqlite else {"value": value}
+        problems = _unindexed(large_store, f"SELECT id FROM certificates WHERE {column} = {marker}", parameters)
         assert (problems == []) is indexed, (column, problems)
 
 
 def test_every_hot_path_statement_uses_an_index(
-    fleet: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
+    large_store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
 ) -> None:
     """Run the hot paths for real, record every statement they send, and ask the planner about each.
 
@@ -439,7 +439,7 @@ def test_every_hot_path_statement_uses_an_index(
         if not executemany:
             recorded.append((current[0], statement, parameters))
 
-    store = fleet
+    store = large_store
     event.listen(store.engine, "before_cursor_execute", record)
     try:
         current[0] = "EST simpleenroll"

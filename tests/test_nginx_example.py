@@ -27,9 +27,9 @@ from ca.store.engine import Store
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
-from tests.helpers import make_csr, make_key, write
+from tests.helpers import ROOT, make_csr, make_key, write
 
-RUN_SH = Path(__file__).parent.parent / "examples" / "nginx" / "run.sh"
+RUN_SH = ROOT / "examples" / "nginx" / "run.sh"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 

@@ -31,9 +31,9 @@ from ca.store.engine import Store
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
-from tests.helpers import make_csr, make_key, write
+from tests.helpers import ROOT, make_csr, make_key, write
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "ocpp_csms"
+EXAMPLE = ROOT / "examples" / "ocpp_csms"
 
 
 @dataclass

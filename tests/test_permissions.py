@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_first_run import CHARGEPKI
+from tests.helpers import CHARGEPKI, ROOT
 
 
 def _first_run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -22,7 +22,7 @@ def _first_run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         env=environment,
         timeout=120,
-        cwd=Path(__file__).parent.parent,
+        cwd=ROOT,
         preexec_fn=lambda: os.umask(0),  # the point: nothing may rely on the umask
     )
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.est_server import free_port
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).parent.parent
 TESTS = [
     "tests/test_migrations.py::test_upgrade_is_idempotent[sqlite]",
     "tests/test_migrations.py::test_upgrade_is_idempotent[postgresql]",

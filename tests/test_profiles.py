@@ -230,9 +230,8 @@ def _time_choice(der: bytes, which: str) -> str:
     return asn1_x509.Certificate.load(der)["tbs_certificate"]["validity"][which].name
 
 
-def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, token: Token) -> None:
+def test_utctime_until_2049_and_generalizedtime_from_2050(session: Session, token: Token, status: Presigner) -> None:
     """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on."""
-    status = Presigner(token)
     with freeze_time(datetime(2040, 6, 1, tzinfo=UTC)):
         hierarchy = init_hierarchy(
             session, token, HierarchyRequest(organization="Acme Charging"), actor="test", status=status

@@ -124,7 +124,9 @@ def _self_signed() -> bytes:
 
 
 @pytest.fixture
-def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[World]:
+def world(
+    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[World]:
     home = tmp_path / "home"
     settings = EstSettings(
         client_cert_header=HEADER,
@@ -134,7 +136,6 @@ def world(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs1
     )
     write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
     pki = Pki.open(home, {}, create=True)
-    status = Presigner(token)
     taken_key = make_key()
     with pki.store.session() as session:
         init_hierarchy(session, token, HierarchyRequest(organization=ORG, country="DE"), actor="test", status=status)

@@ -22,8 +22,7 @@ from tests.helpers import make_csr
 
 
 @pytest.fixture
-def charger(session: Session, hierarchy: Hierarchy, token: Token) -> Certificate:
-    status = Presigner(token)
+def charger(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner) -> Certificate:
     issuer = issuer_for(hierarchy.issuing, token)
     return issue(
         session,

@@ -26,8 +26,7 @@ from sqlalchemy import text
 
 from ca.store.engine import Store
 from tests.est_server import free_port, start_server
-from tests.helpers import make_csr, make_key
-from tests.test_first_run import chargepki
+from tests.helpers import chargepki, make_csr, make_key
 
 ORG = "Secret Charging"
 PKCS10 = {"Content-Type": "application/pkcs10"}
