@@ -51,7 +51,7 @@ BAD_CSR = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQU
 
 
 @dataclass
-class World:
+class Installation:
     pki: Pki
     client: Any  # the Flask test client (EST)
     api: CheckedClient  # with the CSMS's token
@@ -124,9 +124,9 @@ def _self_signed() -> bytes:
 
 
 @pytest.fixture
-def world(
+def installation(
     tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
-) -> Iterator[World]:
+) -> Iterator[Installation]:
     home = tmp_path / "home"
     settings = EstSettings(
         client_cert_header=HEADER,
@@ -164,7 +164,7 @@ def world(
             session, add_client(session, "csms-1", environment="production", actor="test"), actor="test"
         )
     client = create_app(pki, settings).test_client()
-    yield World(
+    yield Installation(
         pki,
         client,
         CheckedClient(client, {"Authorization": f"Bearer {api_token}"}),
@@ -180,7 +180,7 @@ def world(
 
 @dataclass(frozen=True)
 class Step:
-    send: Callable[[World], Any]
+    send: Callable[[Installation], Any]
     status: int
     code: str
     audit: tuple[str, ...]  # the audit entries the step adds, in order
@@ -192,13 +192,15 @@ Route = dict[str, Step | str]  # refusal → the step, or why this route cannot 
 
 
 def _est_routes() -> dict[str, Route]:
-    def wrong_then(send_wrong: Callable[[World], Any], send_right: Callable[[World], Any]) -> Callable[[World], Any]:
+    def wrong_then(
+        send_wrong: Callable[[Installation], Any], send_right: Callable[[Installation], Any]
+    ) -> Callable[[Installation], Any]:
         """Two more failures (three with the first step's): the key is locked out; then the right credentials."""
 
-        def send(world: World) -> Any:
+        def send(installation: Installation) -> Any:
             for _ in range(2):
-                assert send_wrong(world).status_code == 401
-            return send_right(world)
+                assert send_wrong(installation).status_code == 401
+            return send_right(installation)
 
         return send
 
@@ -338,18 +340,18 @@ def test_every_route_has_a_decision_for_every_refusal() -> None:
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_every_refusal_of_every_enrollment_route(world: World, route: str) -> None:
+def test_every_refusal_of_every_enrollment_route(installation: Installation, route: str) -> None:
     for refusal in REFUSALS:  # in this order: the lockout comes last
         step = ROUTES[route][refusal]
         if isinstance(step, str):
             continue
-        seen, failures, noise = len(world.audit()), world.failures(), world.noise()
-        response = step.send(world)
+        seen, failures, noise = len(installation.audit()), installation.failures(), installation.noise()
+        response = step.send(installation)
         where = f"{route} × {refusal}"
         assert response.status_code == step.status, (where, response.get_data(as_text=True))
         if response.is_json:
             assert response.get_json()["reason"] == step.code, where
-        new = world.audit()[seen:]
+        new = installation.audit()[seen:]
         assert tuple(event.action for event in new) == step.audit, (where, [event.action for event in new])
         for event in new:
             details = json.loads(event.details)
@@ -360,5 +362,5 @@ def test_every_refusal_of_every_enrollment_route(world: World, route: str) -> No
                 assert details["reason"] == step.code, where
         if refusal == "rate_limited":
             assert "Retry-After" in response.headers and "too many failed authentications" in response.text
-        assert world.failures() == failures + step.counted, where
-        assert world.noise() == noise + step.noise, where
+        assert installation.failures() == failures + step.counted, where
+        assert installation.noise() == noise + step.noise, where
