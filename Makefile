@@ -72,9 +72,9 @@ FUZZ_SECONDS ?= 300
 fuzz: setup $(VENV)/.fuzz-installed
 	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
-# The property tests of tests/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
+# The property tests of tests/**/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
 fuzz-props: setup
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/test_hostile_http.py tests/test_hostile_cli.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/web/test_hostile_http.py tests/cli/test_hostile_cli.py
 
 $(VENV)/.fuzz-installed: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,fuzz]'

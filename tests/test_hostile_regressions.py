@@ -1,7 +1,7 @@
 """One test per bug that the property tests and `make fuzz` found, with the input that found it.
 
 Each was an HTTP 500/503, an "internal error" or a changed database before its fix; the
-chunked-body and short-body cases need a real server and are in tests/test_est_limits.py.
+chunked-body and short-body cases need a real server and are in tests/e2e/test_est_limits.py.
 """
 
 from __future__ import annotations

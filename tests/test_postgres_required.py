@@ -1,7 +1,7 @@
 """Without PostgreSQL the PostgreSQL half skips with a message, and fails under CHARGEPKI_REQUIRE_POSTGRES=1.
 
 Runs pytest in a subprocess against a closed port, on two tests: one with the per-test ``db_url``
-fixture and one whose module-scoped fixture opens its database itself (``tests/test_est.py``).
+fixture and one whose module-scoped fixture opens its database itself (``tests/e2e/test_est.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from tests.est_server import free_port
 from tests.helpers import ROOT
 
 TESTS = [
-    "tests/test_migrations.py::test_upgrade_is_idempotent[sqlite]",
-    "tests/test_migrations.py::test_upgrade_is_idempotent[postgresql]",
-    "tests/test_est.py::test_cacerts_is_the_chain_as_base64_pkcs7[postgresql]",
+    "tests/ca/store/test_migrations.py::test_upgrade_is_idempotent[sqlite]",
+    "tests/ca/store/test_migrations.py::test_upgrade_is_idempotent[postgresql]",
+    "tests/e2e/test_est.py::test_cacerts_is_the_chain_as_base64_pkcs7[postgresql]",
 ]
 
 

@@ -96,12 +96,13 @@ def issued(request: pytest.FixtureRequest, issued_by_kind) -> dict[str, Path]:
     return issued_by_kind(request.param)
 
 
-# The manufacturer and ISO 15118 hierarchies have their own tests (tests/test_firmware.py, tests/test_v2g.py).
+# The manufacturer and ISO 15118 hierarchies have their own tests
+# (tests/ca/test_firmware.py, tests/ca/authorities/test_v2g.py).
 OTHER_HIERARCHIES = {"manufacturer-root", "firmware-signer", "v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2", "v2g-secc"}
 
 
 def test_every_profile_is_covered() -> None:
-    # root-link certificates come from `ca rollover-root`: linted and verified in tests/test_rollover.py.
+    # root-link certificates come from `ca rollover-root`: linted and verified in tests/ca/authorities/test_rollover.py.
     assert set(PROFILES) == {"root", "issuing-ca", "root-link", *LEAF_REQUESTS, *OTHER_HIERARCHIES}
 
 

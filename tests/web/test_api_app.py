@@ -564,7 +564,7 @@ def test_every_endpoint_needs_credentials_and_says_so_in_json(api: Api) -> None:
 
 
 def test_a_csms_client_certificate_authenticates_and_others_do_not(api: Api) -> None:
-    """Through the trusted proxy header here (the TLS socket is exercised in tests/test_api.py)."""
+    """Through the trusted proxy header here (the TLS socket is exercised in tests/e2e/test_api.py)."""
     with api.pki.store.session() as session:
         certificate, _key = _csms_certificate(api, session)
         unregistered, _ = _csms_certificate(api, session, name="csms-unknown")

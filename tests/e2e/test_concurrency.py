@@ -2,7 +2,7 @@
 4-worker EST service, 42 pairs of devices racing with one key each, two CRL publishers in
 separate processes, revocations racing the OCSP refresher, and audit writers in several
 processes. (20 clients racing for one one-time secret against the real server:
-tests/test_est.py::test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate,
+tests/e2e/test_est.py::test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate,
 on both databases.)"""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A controllable clock drives windows and lockouts (no waiting); SQLite and PostgreSQL.
 The end-to-end test over HTTPS with several workers and two server processes is in
-tests/test_est_limits.py.
+tests/e2e/test_est_limits.py.
 """
 
 from __future__ import annotations
