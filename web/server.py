@@ -140,14 +140,9 @@ def _stop_background_work(_server: Any, worker: Any) -> None:
     """gunicorn's ``worker_exit`` hook: stop the job runner and close the installation before the
     interpreter shuts down. A runner thread still checking out a database connection then adds a
     finalizer while ``atexit`` walks them ("dictionary changed size during iteration")."""
-    app = getattr(worker, "wsgi", None)
-    extensions = getattr(app, "extensions", {})
-    runner = extensions.get("chargepki.jobs")
-    if runner is not None:
-        runner.close()
-    pki = extensions.get("chargepki")
-    if pki is not None:
-        pki.close()
+    runtime = getattr(getattr(worker, "wsgi", None), "runtime", None)
+    if runtime is not None:
+        runtime.close()
 
 
 class EstServer(BaseApplication):  # type: ignore[misc]
