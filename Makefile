@@ -11,7 +11,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse soak clean
+.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-api fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse soak clean
 
 setup: system-deps $(STAMP)
 
@@ -66,15 +66,26 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Hostile input (issue 5): a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in
-# all (default 5 minutes, plus ~10 s set-up per target); exits 1 when it found something.
+# Hostile input: a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in all
+# (default 5 minutes, plus ~10 s set-up per target); exits 1 when it found something. Then the
+# CSMS API's schema-driven fuzz (tests/web/test_api_app.py, hypothesis-jsonschema from the OpenAPI
+# document, starting from real requests that succeed) for API_FUZZ_SECONDS per database.
 FUZZ_SECONDS ?= 300
+API_FUZZ_SECONDS ?= 300
+# Both run even when the first finds something; the exit status is 1 when either did.
 fuzz: setup $(VENV)/.fuzz-installed
-	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+	@status=0; \
+	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS) || status=1; \
+	$(MAKE) --no-print-directory fuzz-api || status=1; \
+	exit $$status
 
-# The property tests of tests/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
+fuzz-api: setup
+	API_FUZZ_SECONDS=$(API_FUZZ_SECONDS) $(BIN)/pytest -q -p no:xdist tests/web/test_api_app.py \
+	  -k test_schema_valid_requests_are_never_refused_by_the_schema_nor_answered_5xx
+
+# The property tests of tests/**/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
 fuzz-props: setup
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/test_hostile_http.py tests/test_hostile_cli.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/web/test_hostile_http.py tests/cli/test_hostile_cli.py
 
 $(VENV)/.fuzz-installed: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,fuzz]'
@@ -94,7 +105,7 @@ bench: setup
 bench-crl: setup
 	$(BIN)/python bench/crl.py $(BENCH_CRL_ARGS)
 
-# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk (issue 4).
+# OCSP: chargepki's responder next to cfssl ocspserve and openssl ocsp, loaded by wrk.
 bench-ocsp: setup
 	@command -v cfssl >/dev/null && command -v wrk >/dev/null || { echo "installing Debian packages golang-cfssl wrk"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,11 +41,13 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import free_port, tree_cpu_seconds, wait_for  # noqa: E402
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
-from ca.devices import add_device  # noqa: E402
-from ca.enrollment_secrets import issue_secret  # noqa: E402
-from ca.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ca.registry.devices import add_device  # noqa: E402
+from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -60,26 +61,6 @@ CREATE TABLE ocsp_responses (serial_number blob NOT NULL, authority_key_identifi
   FOREIGN KEY(serial_number, authority_key_identifier)
     REFERENCES certificates(serial_number, authority_key_identifier));
 """
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process and its descendants (gunicorn's workers), from /proc."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()  # utime, stime are fields 14 and 15
-            total += int(fields[11]) + int(fields[12])
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / CLOCK_TICKS
 
 
 @dataclass
@@ -102,25 +83,6 @@ class Result:
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-1500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text()[-1500:]}")
 
 
 def csrs(names: list[str]) -> list[x509.CertificateSigningRequest]:
@@ -245,7 +207,8 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
     with pki.store.session() as session:
         status = Presigner(pki.token(), policy_from(pki.config.ocsp))
         hierarchy = init_hierarchy(
-            session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=status
+            Work(session=session, actor="bench", status=status, token=pki.token()),
+            request=HierarchyRequest(organization=ORG),
         )
         root = home / "root.pem"
         root.write_bytes(
@@ -253,8 +216,8 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
         )
         credentials = []
         for serial in serials:
-            device = add_device(session, serial, actor="bench")
-            credentials.append((serial, issue_secret(session, device, actor="bench")))
+            device = add_device(Work(session, "bench"), serial=serial)
+            credentials.append((serial, issue_secret(Work(session, "bench"), device=device)))
     pki.close()
     bodies = [base64.encodebytes(c.public_bytes(serialization.Encoding.DER)) for c in csrs(serials)]
     port = free_port()
@@ -302,7 +265,7 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
         from sqlalchemy import func, select
 
         from ca import audit
-        from ca.models import Certificate
+        from ca.store.models import Certificate
 
         recorded = session.scalar(
             select(func.count())

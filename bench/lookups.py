@@ -1,4 +1,4 @@
-"""Hot-path lookups on a store of 1,000,000 certificates, SQLite and PostgreSQL (issue 5).
+"""Hot-path lookups on a store of 1,000,000 certificates, SQLite and PostgreSQL.
 
 Each database gets the schema from the migrations, then by bulk load (one sqlite3 transaction;
 PostgreSQL COPY) N certificates of one issuing CA (1% revoked, not_after spread over two years,
@@ -39,13 +39,13 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ca.certificates import get_certificate, list_certificates  # noqa: E402
-from ca.devices import current_certificate, get_device  # noqa: E402
-from ca.enrollment import _KEY_HOLDERS, _stored_certificate  # noqa: E402
-from ca.enrollment_secrets import secret_is_valid  # noqa: E402
-from ca.models import Certificate, Device  # noqa: E402
-from ca.serials import format_serial  # noqa: E402
-from ca.store import Store  # noqa: E402
+from ca.enrollment.pipeline import _stored_certificate  # noqa: E402
+from ca.issuance.serials import format_serial  # noqa: E402
+from ca.registry.devices import current_certificate, get_device  # noqa: E402
+from ca.registry.secrets import secret_is_valid  # noqa: E402
+from ca.status.certificates import get_certificate, list_certificates  # noqa: E402
+from ca.store.engine import Store  # noqa: E402
+from ca.store.models import Certificate, Device, KeyOwner  # noqa: E402
 from crl.publisher import revocation_summary, revoked_rows, status_counter  # noqa: E402
 from ocsp.presign import OcspPolicy, due_certificates  # noqa: E402
 from ocsp.source import StoreSource  # noqa: E402
@@ -280,40 +280,43 @@ def lookups(store: Store, fleet: Fleet, count: int, seed: int = 5) -> list[Timin
         )
         run(
             "EST: certificate by fingerprint (client certificate)",
-            "ca.enrollment._stored_certificate",
+            "ca.enrollment.pipeline._stored_certificate",
             rows,
             lambda n: _found(_stored_certificate(session, der(n))),
         )
-        run("EST: device by serial", "ca.devices.get_device", devices, lambda d: get_device(session, device_serial(d)))
+        run(
+            "EST: device by serial",
+            "ca.registry.devices.get_device",
+            devices,
+            lambda d: get_device(session, device_serial(d)),
+        )
         run(
             "EST: one-time secret check",
-            "ca.enrollment_secrets.secret_is_valid (devices ⋈ enrollment_secrets)",
+            "ca.registry.secrets.secret_is_valid (devices ⋈ enrollment_secrets)",
             devices,
             lambda d: _found(secret_is_valid(session, device_serial(d), secret(d))),
         )
         run(
             "EST: who holds this public key",
-            "ca.enrollment._KEY_HOLDERS (one key, one identity)",
+            "key_owners by primary key (one key, one identity)",
             rows,
-            lambda n: _found(
-                session.execute(_KEY_HOLDERS, {"key_sha256": hashlib.sha256(b"key%d" % n).hexdigest()}).first()
-            ),
+            lambda n: _found(session.get(KeyOwner, hashlib.sha256(b"key%d" % n).hexdigest())),
         )
         run(
             "EST: a device's current certificate",
-            "ca.devices.current_certificate",
+            "ca.registry.devices.current_certificate",
             devices,
             lambda d: current_certificate(session, Device(id=d + 1)),
         )
         run(
             "CLI: certificate by serial",
-            "ca.certificates.get_certificate (revoke, cert show)",
+            "ca.status.certificates.get_certificate (revoke, cert show)",
             rows,
             lambda n: get_certificate(session, serial(n)),
         )
         run(
             "CLI: 100 soonest-expiring within 30 days",
-            "ca.certificates.list_certificates(expiring_within=30d, limit=100)",
+            "ca.status.certificates.list_certificates(expiring_within=30d, limit=100)",
             few,
             lambda _n: list_certificates(session, datetime.now(UTC), expiring_within=timedelta(days=30), limit=100),
             warm=5,

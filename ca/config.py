@@ -153,6 +153,16 @@ class FrontDoorSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit log (``[audit]`` in the config file)."""
+
+    # A signed checkpoint of the chain head at most this often, and at least this often while the
+    # chain grows and a long-running service (EST, the OCSP refresher, crl publish --watch) runs:
+    # entries newer than the last checkpoint are only hash-chained, so this is the window of exposure.
+    checkpoint_interval_seconds: int = 300
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
@@ -162,6 +172,7 @@ class Config:
     est: EstSettings = EstSettings()
     ocsp: OcspSettings = OcspSettings()
     front_door: FrontDoorSettings = FrontDoorSettings()
+    audit: AuditSettings = AuditSettings()
 
     @property
     def config_path(self) -> Path:
@@ -251,6 +262,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
         est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         front_door=_front_door_settings(data.get("front_door", {})),
+        audit=_audit_settings(data.get("audit", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -311,6 +323,9 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
     "user": str,
     "log_max_megabytes": int,
 }
+
+
+_AUDIT_TYPES: dict[str, type] = {"checkpoint_interval_seconds": int}
 
 
 def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, type]) -> _T:
@@ -378,6 +393,13 @@ def _front_door_settings(table: object) -> FrontDoorSettings:
     return settings
 
 
+def _audit_settings(table: object) -> AuditSettings:
+    settings = _table_settings(table, "audit", AuditSettings(), _AUDIT_TYPES)
+    if settings.checkpoint_interval_seconds <= 0:
+        raise ConfigError(f"{CONFIG_NAME}: audit.checkpoint_interval_seconds must be positive")
+    return settings
+
+
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     settings = config.pkcs11
     if environ.get("CHARGEPKI_PKCS11_MODULE"):
@@ -418,6 +440,7 @@ def write_config(config: Config) -> Path:
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
         "front_door": _table(config.front_door),
+        "audit": _table(config.audit),
     }
     ensure_home(config.home)
     _write_document(config.config_path, document, settings.pin_env)

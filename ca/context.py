@@ -17,9 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from ca import audit
 from ca.config import Config, ensure_home, load_config, write_config
 from ca.errors import ConfigError, TokenError
-from ca.pkcs11_token import RECONNECT_INTERVAL, Token, TokenHealth
-from ca.softhsm import create_token, token_exists, write_softhsm_conf
-from ca.store import Store
+from ca.keys.pkcs11_token import RECONNECT_INTERVAL, Token, TokenHealth
+from ca.keys.softhsm import create_token, token_exists, write_softhsm_conf
+from ca.store.engine import Store
 
 log = logging.getLogger(__name__)
 

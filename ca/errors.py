@@ -77,3 +77,9 @@ class RateLimitedError(ChargepkiError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's message (a database driver's own, when it wraps one), for logs and replies."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -27,15 +27,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
+from ca.authorities.manufacturer import ROLE, channel_of, get_firmware_signer
+from ca.clock import Clock, utcnow
 from ca.errors import InputError, PolicyError
-from ca.issuance import Clock, utcnow
-from ca.manufacturer import ROLE, channel_of, get_firmware_signer
-from ca.models import Authority, Certificate
-from ca.pkcs11_token import Token
-from ca.token_keys import token_private_key
+from ca.keys.pkcs11_token import Token
+from ca.keys.token_keys import token_private_key
+from ca.ocpp_limits import FIRMWARE_CERTIFICATE_CHARS, FIRMWARE_SIGNATURE_CHARS
+from ca.store.models import Authority, Certificate
 
-MAX_SIGNATURE_CHARS = 800  # OCPP FirmwareType.signature: string[0..800], base64
-MAX_CERTIFICATE_CHARS = 5500  # OCPP FirmwareType.signingCertificate: string[0..5500], PEM
 _CHUNK = 1 << 20
 
 
@@ -103,8 +102,11 @@ def sign_firmware(
         firmware_sha256=digest.hex(),
         signer=signer,
     )
-    if len(result.signature) > MAX_SIGNATURE_CHARS or len(result.signing_certificate) > MAX_CERTIFICATE_CHARS:
-        raise PolicyError("the signature or certificate exceeds OCPP's FirmwareType limits (800 / 5500 characters)")
+    if len(result.signature) > FIRMWARE_SIGNATURE_CHARS or len(result.signing_certificate) > FIRMWARE_CERTIFICATE_CHARS:
+        raise PolicyError(
+            "the signature or certificate exceeds OCPP's FirmwareType limits "
+            f"({FIRMWARE_SIGNATURE_CHARS} / {FIRMWARE_CERTIFICATE_CHARS} characters)"
+        )
     audit.record(
         session,
         "firmware.signed",
@@ -130,8 +132,8 @@ def read_signature(text: bytes) -> bytes:
     compact = b"".join(text.split())
     if not compact:
         raise InputError("the signature is empty")
-    if len(compact) > MAX_SIGNATURE_CHARS:
-        raise InputError(f"the signature is {len(compact)} characters; OCPP allows at most {MAX_SIGNATURE_CHARS}")
+    if len(compact) > FIRMWARE_SIGNATURE_CHARS:
+        raise InputError(f"the signature is {len(compact)} characters; OCPP allows at most {FIRMWARE_SIGNATURE_CHARS}")
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
@@ -140,8 +142,8 @@ def read_signature(text: bytes) -> bytes:
 
 def read_signing_certificate(text: bytes) -> x509.Certificate:
     """OCPP's PEM signing certificate, within 5500 characters, exactly one certificate."""
-    if len(text.strip()) > MAX_CERTIFICATE_CHARS:
-        raise InputError(f"the signing certificate exceeds OCPP's {MAX_CERTIFICATE_CHARS} characters")
+    if len(text.strip()) > FIRMWARE_CERTIFICATE_CHARS:
+        raise InputError(f"the signing certificate exceeds OCPP's {FIRMWARE_CERTIFICATE_CHARS} characters")
     if not text.lstrip().startswith(b"-----BEGIN CERTIFICATE-----"):
         raise InputError("the signing certificate is not a PEM certificate")
     try:
@@ -245,5 +247,5 @@ def lines(result: FirmwareSignature) -> Iterable[str]:
     """What an operator reads after signing."""
     yield f"signer    {result.signer.common_name} ({channel_of(result.signer)}), serial {result.signer.serial}"
     yield f"sha256    {result.firmware_sha256}"
-    yield f"signature {len(result.signature)} base64 characters (OCPP limit {MAX_SIGNATURE_CHARS})"
-    yield f"cert      {len(result.signing_certificate)} PEM characters (OCPP limit {MAX_CERTIFICATE_CHARS})"
+    yield f"signature {len(result.signature)} base64 characters (OCPP limit {FIRMWARE_SIGNATURE_CHARS})"
+    yield f"cert      {len(result.signing_certificate)} PEM characters (OCPP limit {FIRMWARE_CERTIFICATE_CHARS})"

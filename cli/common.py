@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from ca.authorities import default_issuing_ca, get_authority
+from ca.authorities.issuers import default_issuing_ca, get_authority
 from ca.context import Pki
 from ca.errors import InputError
-from ca.models import Authority
+from ca.store.models import Authority
+from ca.work import Work
 from ocsp.presign import Presigner, policy_from
 
 
@@ -44,6 +45,11 @@ class State:
             pki = self.pki()
             self._status = Presigner(pki.token(), policy_from(pki.config.ocsp))
         return self._status
+
+    def work(self, session: Any) -> Work:
+        """What a core flow works with in this command: ``session``, the token, the status signer, the user."""
+        pki = self.pki()
+        return Work(session=session, actor=actor(), status=self.status(), token=pki.token())
 
     def close(self) -> None:
         if self._pki is not None:

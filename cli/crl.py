@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError
 
+from ca.audit.checkpoints import CheckpointTimer
 from ca.errors import ChargepkiError
-from ca.store import Store
+from ca.store.engine import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter
@@ -44,7 +45,8 @@ def crl() -> None:
 @click.option(
     "--watch",
     is_flag=True,
-    help="Keep running: republish within a second of any revocation, and every --interval.",
+    help="Keep running: republish within a second of any revocation, and every --interval; "
+    "sign audit checkpoints every [audit] checkpoint_interval_seconds.",
 )
 @click.option("--interval", type=DURATION, default="5m", show_default=True)
 @click.option(
@@ -67,6 +69,10 @@ def crl_publish(
     due = 0.0
     # Polls read in autocommit: on SQLite they must not take the write lock twice a second.
     watcher = Store(pki.config.database_url, read_only=True) if watch else None
+    # A long-running publisher also signs the audit chain's periodic checkpoints (one per interval
+    # across every process that does, ca/checkpoints.py).
+    every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
+    checkpoint_timer = CheckpointTimer(every, name="CRL publisher") if watch else None
     try:
         while True:
             if watcher is not None:
@@ -99,6 +105,10 @@ def crl_publish(
                 published_summary, due = summary, time.monotonic() + interval.total_seconds()
             if watcher is None:
                 return
+            if checkpoint_timer is not None and checkpoint_timer.due():
+                with pki.store.session() as session:
+                    if (made := checkpoint_timer.run(session, pki.token, pki.config.home)) is not None:
+                        click.echo(f"audit checkpoint at entry {made.seq}")
             time.sleep(_POLL_SECONDS)
     finally:
         if watcher is not None:

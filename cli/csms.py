@@ -12,14 +12,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
-from ca.authorities import default_issuing_ca, issuer_for
-from ca.csms import add_client, get_client, issue_token, list_clients, set_enabled
-from ca.csr import read_csr
+from ca.authorities.issuers import default_issuing_ca, issuer_for
 from ca.errors import InputError
-from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.models import CsmsClient
-from ca.names import ENVIRONMENTS
-from ca.profiles import get_profile
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, issue, request_from_csr
+from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import get_profile
+from ca.registry.csms import add_client, get_client, issue_token, list_clients, set_enabled
+from ca.store.models import CsmsClient
 from cli.common import State, actor, fmt_time, note, pass_state, table
 from cli.enrollment import _write_private
 from cli.params import DURATION

@@ -15,10 +15,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca.authorities import default_issuing_ca, get_authority, issuer_for
-from ca.certificates import display_status
-from ca.csr import read_csr
-from ca.devices import (
+from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.errors import InputError
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import IssueRequest, issue, request_from_csr
+from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import get_profile
+from ca.registry.devices import (
     add_device,
     device_certificates,
     disable_device,
@@ -28,12 +31,10 @@ from ca.devices import (
     list_devices,
     reset_device,
 )
-from ca.enrollment_secrets import issue_secret, withdraw_secrets
-from ca.errors import InputError
-from ca.issuance import IssueRequest, issue, request_from_csr
-from ca.names import ENVIRONMENTS
-from ca.profiles import get_profile
-from ca.revocation import REASONS
+from ca.registry.secrets import issue_secret, issue_secrets, withdraw_secrets
+from ca.status.certificates import display_status
+from ca.status.revocation import REASONS
+from ca.work import Work
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, table
 from cli.params import DURATION
 
@@ -58,7 +59,7 @@ def device() -> None:
 def device_add(state: State, serial: str, model: str | None, environment: str) -> None:
     """Register a charger by its serial (its OCPP identity, the CN of its certificate)."""
     with state.pki().store.session() as session:
-        registered = add_device(session, serial, model=model, environment=environment, actor=actor())
+        registered = add_device(Work(session, actor()), serial=serial, model=model, environment=environment)
         click.echo(f"[{registered.environment}] registered device {registered.serial}")
 
 
@@ -81,7 +82,9 @@ def device_import(state: State, csv_file: Path, environment: str) -> None:
         csv_file.open(encoding="utf-8-sig", newline="") as handle,
         click.progressbar(length=rows, label="importing", file=sys.stderr) as bar,
     ):
-        result = import_devices(session, handle, default_environment=environment, actor=actor(), progress=bar.update)
+        result = import_devices(
+            Work(session, actor()), stream=handle, default_environment=environment, progress=bar.update
+        )
     click.echo(f"accepted {result.accepted}, refused {len(result.refused)}")
     for line, reason in result.refused:
         click.echo(f"  line {line}: {reason}")
@@ -139,7 +142,7 @@ def device_disable(state: State, serial: str, revoke: bool, reason: str) -> None
     """Refuse further enrollment of a device."""
     with state.pki().store.session() as session:
         found, revoked = disable_device(
-            session, serial, revoke=revoke, reason=reason, actor=actor(), status=state.status()
+            Work(session, actor(), status=state.status()), serial=serial, revoke=revoke, reason=reason
         )
         click.echo(f"[{found.environment}] disabled {found.serial}; revoked {len(revoked)} certificate(s)")
 
@@ -150,7 +153,7 @@ def device_disable(state: State, serial: str, revoke: bool, reason: str) -> None
 def device_enable(state: State, serial: str) -> None:
     """Allow a disabled device to enroll again."""
     with state.pki().store.session() as session:
-        found = enable_device(session, serial, actor=actor())
+        found = enable_device(Work(session, actor()), serial=serial)
         click.echo(f"[{found.environment}] enabled {found.serial}")
 
 
@@ -160,7 +163,7 @@ def device_enable(state: State, serial: str) -> None:
 def device_reset(state: State, serial: str) -> None:
     """Re-open first-time enrollment for a device that already has a certificate."""
     with state.pki().store.session() as session:
-        found = reset_device(session, serial, actor=actor())
+        found = reset_device(Work(session, actor()), serial=serial)
         click.echo(f"[{found.environment}] first enrollment re-opened for {found.serial}")
 
 
@@ -183,7 +186,9 @@ _KEEP_OLDER = click.option(
 def token_issue(state: State, serial: str, ttl: timedelta, keep_older: bool) -> None:
     """Print a new one-time secret for a device (shown once; only its hash is kept)."""
     with state.pki().store.session() as session:
-        secret = issue_secret(session, get_device(session, serial), ttl=ttl, actor=actor(), keep_older=keep_older)
+        secret = issue_secret(
+            Work(session, actor()), device=get_device(session, serial), ttl=ttl, keep_older=keep_older
+        )
     click.echo(secret)
 
 
@@ -202,13 +207,10 @@ def token_revoke(state: State, serial: str | None, secrets_file: Path | None) ->
     if (serial is None) == (secrets_file is None):
         raise click.UsageError("give a device SERIAL or --file, not both")
     entries = _read_secrets(secrets_file) if secrets_file is not None else [(serial or "", None)]
-    withdrawn = 0
     with state.pki().store.session() as session:
-        for device_serial, secret in entries:
-            device = get_device(session, device_serial)
-            reason = "withdrawn by an operator"
-            withdrawn += withdraw_secrets(session, device, actor=actor(), reason=reason, secret=secret, commit=False)
-        session.commit()  # all or nothing, like issue-batch
+        found = [(get_device(session, device_serial), secret) for device_serial, secret in entries]
+        # all or nothing, like issue-batch
+        withdrawn = withdraw_secrets(Work(session, actor()), entries=found, reason="withdrawn by an operator")
     devices = len({device_serial for device_serial, _ in entries})
     click.echo(f"withdrew {withdrawn} unspent secret(s) of {devices} device(s)")
 
@@ -250,26 +252,11 @@ def token_issue_batch(state: State, serial_file: Path, out: Path, ttl: timedelta
     writer = csv.writer(output)
     writer.writerow(["serial", "secret", "expires_at"])
     expires = (datetime.now(UTC) + ttl).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with (
-        state.pki().store.session() as session,
-        click.progressbar(serials, label="issuing", file=sys.stderr) as bar,
-    ):
-        for serial in bar:
-            writer.writerow(
-                [
-                    serial,
-                    issue_secret(
-                        session,
-                        get_device(session, serial),
-                        ttl=ttl,
-                        actor=actor(),
-                        commit=False,
-                        keep_older=keep_older,
-                    ),
-                    expires,
-                ]
-            )
-        session.commit()  # all or nothing: a half-written batch would confuse the factory
+    with state.pki().store.session() as session:
+        devices = [get_device(session, serial) for serial in serials]
+        # all or nothing: a half-written batch would confuse the factory
+        issued = issue_secrets(Work(session, actor()), devices=devices, ttl=ttl, keep_older=keep_older)
+    writer.writerows([serial, secret, expires] for serial, secret in zip(serials, issued, strict=True))
     _write_private(out, output.getvalue())
     click.echo(f"{len(serials)} secrets written to {out}")
 

@@ -8,10 +8,7 @@ from pathlib import Path
 
 import click
 
-from ca.errors import InputError
-from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
-from ca.keyspec import ALL_KEY_TYPES
-from ca.manufacturer import (
+from ca.authorities.manufacturer import (
     ManufacturerRequest,
     add_firmware_signer,
     channel_of,
@@ -20,7 +17,10 @@ from ca.manufacturer import (
     init_manufacturer,
     manufacturer_root,
 )
-from ca.names import ENVIRONMENTS
+from ca.errors import InputError
+from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
+from ca.issuance.names import ENVIRONMENTS
+from ca.keys.keyspec import ALL_KEY_TYPES
 from cli.common import State, actor, fmt_time, note, pass_state, table, utc_now
 from cli.params import DURATION
 
@@ -75,7 +75,7 @@ def manufacturer_init(
         validity=validity,
     )
     with pki.store.session() as session:
-        created = init_manufacturer(session, pki.token(), request, actor=actor(), status=state.status())
+        created = init_manufacturer(state.work(session), request=request)
         click.echo(f"[{environment}] manufacturer root {created.root.name}: {created.root.subject}")
         click.echo(f"  OCSP signer {created.ocsp_signer.serial}; next: chargepki firmware signer add NAME")
 
@@ -103,14 +103,7 @@ def signer_add(state: State, name: str, channel: str, environment: str | None, v
     with pki.store.session() as session:
         note(manufacturer_root(session, environment))
         row = add_firmware_signer(
-            session,
-            pki.token(),
-            name,
-            environment=environment,
-            channel=channel,
-            validity=validity,
-            actor=actor(),
-            status=state.status(),
+            state.work(session), name=name, environment=environment, channel=channel, validity=validity
         )
         click.echo(f"firmware signer {name} ({channel}): serial {row.serial}, valid until {fmt_time(row.not_after)}")
 

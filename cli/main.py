@@ -19,24 +19,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit, checkpoints
-from ca.authorities import chain, get_authority, issuer_for, list_authorities
-from ca.certificates import STATUSES, display_status, get_certificate, list_certificates
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
+from ca.authorities.issuers import chain, get_authority, issuer_for, list_authorities
+from ca.authorities.manufacturer import manufacturer_root
+from ca.authorities.rotation import check_can_issue, environment_certificates, rotate_issuing_ca
+from ca.authorities.v2g import current_sub_ca_2
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL, resolve_home, save_urls
 from ca.context import Pki
-from ca.csr import read_csr
-from ca.errors import ChargepkiError
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import issue, request_from_csr
-from ca.keyspec import ALL_KEY_TYPES
-from ca.manufacturer import manufacturer_root
-from ca.models import Authority
-from ca.names import ENVIRONMENTS
-from ca.profiles import PROFILES, Profile, check_issuer_role, get_profile
-from ca.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
-from ca.rotation import check_can_issue, environment_certificates, rotate_issuing_ca
-from ca.store import _one_line
-from ca.v2g import current_sub_ca_2
+from ca.errors import ChargepkiError, one_line
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import PROFILES, Profile, check_issuer_role, get_profile
+from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.status.certificates import STATUSES, display_status, get_certificate, list_certificates
+from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
+from ca.store.models import Authority
+from ca.work import Work
 from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
 from cli.crl import crl
 from cli.csms import csms
@@ -57,7 +58,7 @@ class ChargepkiGroup(click.Group):
         except ChargepkiError as exc:
             raise click.ClickException(str(exc)) from None
         except SQLAlchemyError as exc:
-            raise click.ClickException(f"database error: {_one_line(exc)}") from None
+            raise click.ClickException(f"database error: {one_line(exc)}") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except UnicodeError as exc:  # an argument or file that is not UTF-8 (found by fuzzing)
@@ -118,29 +119,10 @@ def _init_options(func: Any) -> Any:
     return func
 
 
-def _initialise(
-    state: State,
-    pki: Pki,
-    org: str,
-    country: str | None,
-    environment: str,
-    key_type: str,
-    rsa_padding: str,
-    ocsp_url: str,
-    crl_url: str,
-) -> None:
-    request = HierarchyRequest(
-        organization=org,
-        environment=environment,
-        country=country,
-        key_type=key_type,
-        rsa_padding=rsa_padding,
-        ocsp_url=ocsp_url,
-        repository_url=crl_url,
-    )
+def _initialise(state: State, pki: Pki, request: HierarchyRequest) -> None:
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, pki.token(), request, actor=actor(), status=state.status())
-        click.echo(f"[{environment}] initialised in {pki.config.home}")
+        hierarchy = init_hierarchy(state.work(session), request=request)
+        click.echo(f"[{request.environment}] initialised in {pki.config.home}")
         click.echo(f"  root CA      {hierarchy.root.name}: {hierarchy.root.subject}")
         click.echo(f"  issuing CA   {hierarchy.issuing.name}: {hierarchy.issuing.subject}")
         click.echo(
@@ -166,7 +148,16 @@ def init(
     """Create the CA hierarchy of one environment: root, issuing CA and OCSP signer, keys in the token."""
     pki = state.pki(create=True)
     urls = (ocsp_url or pki.config.ocsp_url, crl_url or pki.config.repository_url)
-    _initialise(state, pki, org, country, environment, key_type, rsa_padding, *urls)
+    request = HierarchyRequest(
+        organization=org,
+        environment=environment,
+        country=country,
+        key_type=key_type,
+        rsa_padding=rsa_padding,
+        ocsp_url=urls[0],
+        repository_url=urls[1],
+    )
+    _initialise(state, pki, request)
     if (ocsp_url or crl_url) and urls != (pki.config.ocsp_url, pki.config.repository_url):
         save_urls(pki.config, *urls)  # `v2g init`, `manufacturer init` and `run` use them from now on
         click.echo(f"  URLs saved in {pki.config.config_path}: OCSP {urls[0]}, repository {urls[1]}")
@@ -188,9 +179,8 @@ def run(state: State, org: str, setup_only: bool) -> None:
     with pki.store.session() as session:
         authorities = list_authorities(session)
     if not authorities:
-        _initialise(
-            state, pki, org, None, "production", "ec-p256", "pkcs1", pki.config.ocsp_url, pki.config.repository_url
-        )
+        urls = {"ocsp_url": pki.config.ocsp_url, "repository_url": pki.config.repository_url}
+        _initialise(state, pki, HierarchyRequest(organization=org, **urls))
     else:
         click.echo(f"home {pki.config.home} is initialised:")
         for authority in authorities:
@@ -455,14 +445,12 @@ def revoke_command(
             if not yes:
                 click.confirm("Revoke it?", abort=True, err=True)
         certificate = revoke(
-            session, serial, reason, actor=actor(), status=state.status(), invalidity_date=invalidity_date
+            Work(session, actor(), status=state.status()), serial=serial, reason=reason, invalidity_date=invalidity_date
         )
         note(certificate.authority)
         click.echo(f"revoked {certificate.serial} ({certificate.revocation_reason})")
         if impact is not None and rotate:
-            rotation = rotate_issuing_ca(
-                session, pki.token(), ca_name=impact.authorities[0].name, actor=actor(), status=state.status()
-            )
+            rotation = rotate_issuing_ca(state.work(session), ca_name=impact.authorities[0].name)
             click.echo(f"rotated: new certificates come from {rotation.issuing.name} ({rotation.issuing.subject})")
 
 
@@ -472,7 +460,7 @@ def revoke_command(
 def unhold_command(state: State, serial: str) -> None:
     """Release a certificate from certificateHold."""
     with state.pki().store.session() as session:
-        certificate = unhold(session, serial, actor=actor(), status=state.status())
+        certificate = unhold(Work(session, actor(), status=state.status()), serial=serial)
         note(certificate.authority)
         click.echo(f"released {certificate.serial} from hold")
 

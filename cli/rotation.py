@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from ca.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
+from ca.authorities.rotation import last_expiry, latest_rollover, rollover_files, rollover_root, rotate_issuing_ca
 from ca.errors import InputError
-from ca.keyspec import ALL_KEY_TYPES
-from ca.names import ENVIRONMENTS
-from ca.rotation import last_expiry, latest_rollover, rollover_files, rollover_root, rotate_issuing_ca
+from ca.issuance.names import ENVIRONMENTS
+from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.registry.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
+from ca.work import Work
 from cli.common import State, actor, fmt_time, note, pass_state, table
 from cli.params import DURATION
 
@@ -42,15 +43,7 @@ def ca_rotate(state: State, ca_name: str | None, environment: str | None, validi
     """
     pki = state.pki()
     with pki.store.session() as session:
-        result = rotate_issuing_ca(
-            session,
-            pki.token(),
-            ca_name=ca_name,
-            environment=environment,
-            validity=validity,
-            actor=actor(),
-            status=state.status(),
-        )
+        result = rotate_issuing_ca(state.work(session), ca_name=ca_name, environment=environment, validity=validity)
         note(result.issuing)
         previous, issuing = result.previous, result.issuing
         until = last_expiry(session, previous)
@@ -99,13 +92,7 @@ def ca_rollover_root(
             result = latest_rollover(session, environment)
         else:
             result = rollover_root(
-                session,
-                pki.token(),
-                environment=environment,
-                key_type=key_type,
-                root_validity=validity,
-                actor=actor(),
-                status=state.status(),
+                state.work(session), environment=environment, key_type=key_type, root_validity=validity
             )
         note(result.new_root)
         files = rollover_files(session, result)
@@ -146,7 +133,7 @@ def campaign_start(state: State, from_ca: str) -> None:
     The devices move through their normal renewals (EST simplereenroll, the CSMS's SignCertificate).
     """
     with state.pki().store.session() as session:
-        started, size = start_campaign(session, from_ca, actor=actor())
+        started, size = start_campaign(Work(session, actor()), from_ca=from_ca)
         note(started.from_authority)
         click.echo(
             f"campaign {started.id}: {size} device(s) to move from {started.from_authority.name} "

@@ -10,11 +10,11 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.authorities import issuer_for
+from ca.authorities.issuers import issuer_for
+from ca.authorities.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
+from ca.enrollment.secc import issue_secc
 from ca.errors import InputError
-from ca.names import ENVIRONMENTS
-from ca.secc import issue_secc
-from ca.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, import_sub_ca_1, init_v2g, request_sub_ca_1
+from ca.issuance.names import ENVIRONMENTS
 from cli.common import State, actor, note, pass_state
 from cli.params import DURATION
 
@@ -110,7 +110,7 @@ def v2g_init(
     )
     with pki.store.session() as session:
         if external_root_csr is not None:
-            csr = request_sub_ca_1(session, pki.token(), request, actor=actor())
+            csr = request_sub_ca_1(state.work(session), request=request)
             try:
                 external_root_csr.write_bytes(csr)
             except OSError as exc:
@@ -122,10 +122,10 @@ def v2g_init(
             certificate = _read(import_subca1, "the Sub-CA 1 certificate")
             root = _read(v2g_root, "the V2G root certificate") if v2g_root is not None else None
             hierarchy = import_sub_ca_1(
-                session, pki.token(), request, certificate, root, actor=actor(), status=state.status()
+                state.work(session), request=request, certificate_data=certificate, root_data=root
             )
         else:
-            hierarchy = init_v2g(session, pki.token(), request, actor=actor(), status=state.status())
+            hierarchy = init_v2g(state.work(session), request=request)
         _report(hierarchy)
 
 

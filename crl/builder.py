@@ -1,7 +1,7 @@
 """Building a v2 CRL (RFC 5280 §5) for one CA, in time linear in the number of entries.
 
 ``cryptography``'s builder is linear when given the whole list, but at 4–12 µs per entry it put
-a 1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, bench/results-crl.md). So
+a 1M-entry CRL about level with ``openssl ca -gencrl`` (bench/results-crl.md). So
 the builder makes only the entry-less CRL (version, signature algorithm, issuer, dates, AKI, CRL
 number: everything whose exact encoding depends on the key and the library), the entries are
 written by ``crl.der`` and spliced into that TBSCertList, and the result is signed again in the
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from cryptography import x509
 
-from ca.authorities import Issuer
+from ca.authorities.issuers import Issuer
 from crl import der
 
 

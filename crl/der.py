@@ -2,9 +2,9 @@
 
 Why by hand: building the entries through ``cryptography`` (one ``RevokedCertificate`` object
 per entry, then the builder) was measured at 4–12 µs per entry on this machine, which put a
-1M-entry CRL about level with ``openssl ca -gencrl`` (DESIGN.md, "Performance facts";
-bench/results-crl.md). Each entry here is a few bytes objects joined straight into one buffer
-(~1 µs): linear, and no per-entry object survives.
+1M-entry CRL about level with ``openssl ca -gencrl`` (bench/results-crl.md). Each entry here is
+a few bytes objects joined straight into one buffer (~1 µs): linear, and no per-entry object
+survives.
 
 Only the entries are written here. The rest of the TBSCertList (version, signature algorithm,
 issuer, dates, AKI, CRL number) comes from ``cryptography``'s own builder, and the tests check

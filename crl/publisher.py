@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from ca.authorities import Issuer, issuer_for, list_authorities
+from ca.authorities.issuers import Issuer, issuer_for, list_authorities
+from ca.authorities.rotation import finished_authorities, retire
 from ca.errors import ChargepkiError
-from ca.models import Authority, Certificate, StatusFeed
-from ca.pkcs11_token import Token
-from ca.rotation import finished_authorities, retire
+from ca.keys.pkcs11_token import Token
+from ca.store.models import Authority, Certificate, StatusFeed
 from crl import der
 from crl.builder import build
 
@@ -190,7 +190,7 @@ def publish_all(
     TLS servers that check the whole chain (nginx ``ssl_crl``) need.
 
     A superseded CA whose last certificate has expired gets this final CRL and is then retired
-    (``ca.rotation``); later passes leave it out.
+    (``ca.authorities.rotation``); later passes leave it out.
     """
     finished = finished_authorities(session, now())
     active = [authority for authority in list_authorities(session) if authority.status == "active"]

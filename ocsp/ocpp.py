@@ -21,9 +21,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.errors import InputError
-from ca.models import Authority, Certificate
-from ca.serials import format_serial
-from ca.store import Store
+from ca.issuance.serials import format_serial
+from ca.ocpp_limits import SERIAL_NUMBER_CHARS
+from ca.store.engine import Store
+from ca.store.models import Authority, Certificate
 from ocsp.certid import CertId, issuer_hashes
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
@@ -33,7 +34,6 @@ from ocsp.source import SourceUnavailable, Stored, StoreSource
 # OCPP 2.0.1 HashAlgorithmEnumType → the CertID hash (asn1crypto's names, as ``ocsp.certid`` uses them).
 HASH_ALGORITHMS = {"SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
 _DIGESTS = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
-MAX_SERIAL_CHARS = 40  # OCPP: serialNumber string[0..40]
 
 
 def parse_hash_data(hash_algorithm: str, issuer_name_hash: str, issuer_key_hash: str, serial_number: str) -> CertId:
@@ -56,12 +56,12 @@ def parse_hash_data(hash_algorithm: str, issuer_name_hash: str, issuer_key_hash:
         digests.append(digest)
     text = serial_number.strip()
     try:
-        if not text or len(text) > MAX_SERIAL_CHARS:
+        if not text or len(text) > SERIAL_NUMBER_CHARS:
             raise ValueError
         serial = int(text, 16)
     except ValueError:
         raise InputError(
-            f"serialNumber must be 1-{MAX_SERIAL_CHARS} hex digits, not {text[:48]!r}", code="bad_serial"
+            f"serialNumber must be 1-{SERIAL_NUMBER_CHARS} hex digits, not {text[:48]!r}", code="bad_serial"
         ) from None
     if serial <= 0:
         raise InputError("serialNumber must be positive", code="bad_serial")

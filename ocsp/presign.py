@@ -1,6 +1,6 @@
 """Pre-signing: the token side of OCSP. Responses are signed here, stored, and served elsewhere.
 
-``Presigner`` is the ``ca.status.StatusSigner`` that issuance and every revocation path call
+``Presigner`` is the ``ca.status.signal.StatusSigner`` that issuance and every revocation path call
 inside their transaction; ``refresh`` re-signs what is due before its nextUpdate; ``sign_request``
 answers what no stored response covers (unknown serials, several CertIDs, another hash).
 """
@@ -18,14 +18,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from ca.authorities.factory import create_ocsp_signer
 from ca.config import OcspSettings
 from ca.errors import ChargepkiError
-from ca.hierarchy import create_ocsp_signer
-from ca.models import Authority, Certificate, OcspResponse
-from ca.pkcs11_token import Token
-from ca.profiles import ROOT_PROFILES, ca_profile
-from ca.status import signal_change
-from ca.token_keys import token_private_key
+from ca.issuance.profiles import ROOT_PROFILES, ca_profile
+from ca.keys.pkcs11_token import Token
+from ca.keys.token_keys import token_private_key
+from ca.status.signal import signal_change
+from ca.store.models import Authority, Certificate, OcspResponse
+from ca.work import Work
 from ocsp.certid import CertId, IssuerHashes, issuer_hashes
 from ocsp.signing import ResponseSigner, SingleStatus
 
@@ -288,9 +289,10 @@ def rotate_signers(
 
     ``refresh`` then re-signs that CA's responses with it; the old signer's responses stay valid
     meanwhile, since none outlives its signer. A CA made by a rotation is covered from its first
-    pass; a retired CA (``ca.rotation``) has nothing left to answer for and gets no new signer.
+    pass; a retired CA (``ca.authorities.rotation``) has nothing left to answer for and gets no new signer.
     """
     rotated = []
+    work = Work(session=session, actor=actor, status=presigner, token=presigner.token, now=lambda: now)
     # External CAs (an imported V2G root) have no key here: their own operator answers for them;
     # a retired CA (ca/rotation.py) has nothing left to answer for.
     candidates = select(Authority).where(Authority.not_after > now, Authority.status == "active")
@@ -302,9 +304,7 @@ def rotate_signers(
             lifetime = signer.not_after - signer.certificate.not_valid_before_utc
             if signer.not_after - now > lifetime / 3:
                 continue
-        row = create_ocsp_signer(
-            session, presigner.token, authority, actor=actor, status=presigner, validity=validity, now=lambda: now
-        )
+        row = create_ocsp_signer(work, authority=authority, validity=validity)
         rotated.append((authority, row))
     return rotated
 

@@ -20,7 +20,9 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca import audit, checkpoints
+from ca import audit
+from ca.audit import checkpoints
+from ca.authorities.rotation import retire_finished
 from ca.config import PIN_ENV, Config
 from ca.context import Pki
 from ca.errors import ChargepkiError, ConfigError
@@ -35,7 +37,6 @@ from ca.frontdoor import (
     upstream_socket,
     wait_until_listening,
 )
-from ca.rotation import retire_finished
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.requests import MAX_REQUEST_BYTES
 from ocsp.signer_service import OnDemandSigner, SignerServer
@@ -48,7 +49,7 @@ WORKERS_KILL_SECONDS = 10  # granian: how long a stopping worker may take before
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
     """One refresher pass: retire superseded CAs whose last certificate expired, rotate signers that
     are due, re-sign what is due, summarise the anonymous refusals of finished minutes and sign a
-    checkpoint of the audit chain when it grew. (rotated, signed)."""
+    checkpoint of the audit chain when it grew and one is due. (rotated, signed)."""
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
@@ -61,8 +62,10 @@ def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None
         # Anonymous refusals of finished minutes into the chain, even when no request follows them.
         audit.flush_noise(session, before=now.replace(second=0, microsecond=0), now=lambda: now)
         session.commit()
-        # A signed checkpoint of the audit chain whenever it has grown since the last one.
-        checkpoints.checkpoint(session, pki.token(), pki.config.home, only_if_advanced=True, now=lambda: now)
+        # A signed checkpoint of the audit chain when it has grown and the last one (by any process)
+        # is at least [audit] checkpoint_interval_seconds old.
+        every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
+        checkpoints.periodic_checkpoint(session, pki.token(), pki.config.home, interval=every, now=lambda: now)
     return len(rotated), signed
 
 

@@ -24,9 +24,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ca.errors import ChargepkiError
-from ca.models import Authority, Certificate
-from ca.serials import format_serial
-from ca.store import Store
+from ca.issuance.serials import format_serial
+from ca.store.engine import Store
+from ca.store.models import Authority, Certificate
 from ocsp.certid import CertId
 from ocsp.presign import Presigner, answerable, certificate_status, upsert_response
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, parse_request

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ca.errors import TokenError
-from ca.revocation import REASONS
-from ca.token_keys import TokenECPrivateKey, TokenRSAPrivateKey
+from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey
+from ca.status.revocation import REASONS
 from ocsp.certid import CertId
 
 # RFC 6960 §4.2.1 error statuses: fixed bytes, no signature (and so no key) needed.

@@ -26,10 +26,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from ca.models import Authority, StatusFeed
-from ca.serials import format_serial
-from ca.status import NOTIFY_CHANNEL
-from ca.store import Store
+from ca.issuance.serials import format_serial
+from ca.status.signal import NOTIFY_CHANNEL
+from ca.store.engine import Store
+from ca.store.models import Authority, StatusFeed
 from ocsp.certid import CertId, issuer_hashes
 from ocsp.signing import etag
 

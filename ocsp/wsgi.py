@@ -1,4 +1,4 @@
-"""The responder's HTTP face: a plain WSGI callable (no framework on this hot path; see DESIGN.md).
+"""The responder's HTTP face: a plain WSGI callable (no framework on this hot path; bench/results-ocsp.md).
 
 RFC 5019 over HTTP: ``POST <path>`` with ``application/ocsp-request``, or ``GET <path>/<base64>``,
 answered with ``application/ocsp-response`` and caching headers that never reach past
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ca.config import Config, OcspSettings, load_config, resolve_home
-from ca.store import Store
+from ca.store.engine import Store
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
 from ocsp.responder import MALFORMED, Answer, Responder
 from ocsp.signer_service import SignerClient

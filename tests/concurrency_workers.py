@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ca import audit
-from ca.authorities import issuer_for
-from ca.models import Authority
-from ca.pkcs11_token import Token
-from ca.revocation import revoke
-from ca.store import Store
+from ca.authorities.issuers import issuer_for
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke
+from ca.store.engine import Store
+from ca.store.models import Authority
+from ca.work import Work
 from crl.publisher import publish_crl
 from ocsp.presign import Presigner, refresh
 
@@ -63,7 +64,7 @@ def revoke_serials(url: str, token_args: TokenArgs, serials: list[str], results:
     status = Presigner(token)
     for serial in serials:
         with store.session() as session:
-            revoke(session, serial, "keyCompromise", actor="test:revoker", status=status)
+            revoke(Work(session, "test:revoker", status=status), serial=serial, reason="keyCompromise")
     store.dispose()
     results.put(len(serials))
 

@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
 from sqlalchemy import select
 
-from ca.devices import add_device
-from ca.enrollment_secrets import issue_secret
-from ca.models import Authority, Device
-from ca.store import Store
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import Authority, Device
+from ca.work import Work
 from tests.est_server import free_port
 from tests.helpers import make_csr, make_key
 
@@ -80,9 +81,9 @@ def register(store: Store, serials: Iterable[str]) -> dict[str, str]:
     secrets = {}
     with store.session() as session:
         for serial in serials:
-            add_device(session, serial, actor="test")
+            add_device(Work(session, "test"), serial=serial)
             device = session.scalar(select(Device).where(Device.serial == serial))
-            secrets[serial] = issue_secret(session, device, actor="test")
+            secrets[serial] = issue_secret(Work(session, "test"), device=device)
     return secrets
 
 

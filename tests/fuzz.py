@@ -11,7 +11,7 @@ the process is a finding too. At the end: executions, coverage and findings per 
 
 Targets run in-process against a real installation where they need one (SoftHSM2 token and
 SQLite in a temporary directory). The CLI is not here: one invocation costs ~30 ms, too slow
-for this loop; tests/test_hostile_cli.py covers it (HYPOTHESIS_PROFILE=fuzz for a long run).
+for this loop; tests/cli/test_hostile_cli.py covers it (HYPOTHESIS_PROFILE=fuzz for a long run).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ca.work import Work
 
 ROOT = Path(__file__).parent.parent
 TARGETS = ("csr", "est-framing", "est-app", "ocsp", "ocsp-app", "csv")
@@ -76,7 +78,7 @@ def _fdp_source(fdp: Any) -> Any:
 def _world(tmp: Path) -> Any:
     """A real installation in ``tmp``: its own SoftHSM2 token (random PINs) and SQLite."""
     from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module
-    from ca.softhsm import create_token, write_softhsm_conf
+    from ca.keys.softhsm import create_token, write_softhsm_conf
     from tests.hostile import build_world
 
     conf = write_softhsm_conf(tmp / "softhsm" / "softhsm2.conf")
@@ -95,8 +97,8 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
 
     import atheris
 
-    from ca.csr import read_csr
     from ca.errors import ChargepkiError
+    from ca.issuance.csr import read_csr
     from ocsp.requests import MalformedRequest, decode_get_path, parse_request
     from tests import hostile
     from web.est import decode_pkcs10
@@ -188,28 +190,28 @@ def build_target(name: str, tmp: Path) -> tuple[Callable[[bytes], None], list[by
             if response.status_code != 200:
                 hostile.unchanged(world.pki.store, before, "fuzz")
                 return
-            from ca.devices import get_device, reset_device
-            from ca.enrollment_secrets import issue_secret
+            from ca.registry.devices import get_device, reset_device
+            from ca.registry.secrets import issue_secret
 
             with world.pki.store.session() as session:  # enrolled: open the device again for the next input
-                reset_device(session, hostile.DEVICE, actor="fuzz")
-                world.secret = issue_secret(session, get_device(session, hostile.DEVICE), actor="fuzz")
+                reset_device(Work(session, "fuzz"), serial=hostile.DEVICE)
+                world.secret = issue_secret(Work(session, "fuzz"), device=get_device(session, hostile.DEVICE))
 
         der_b64 = base64.encodebytes(seeds.csr_der)
         return est_app, [b"\x01\x01" + der_b64, b"\x00\x00" + seeds.csr_der, b"\x01\x02" + bytes(32)]
 
     if name == "csv":
-        from ca.store import Store
+        from ca.store.engine import Store
 
         store = Store(f"sqlite:///{tmp / 'csv.db'}")
         store.upgrade()
-        from ca.devices import import_devices
+        from ca.registry.devices import import_devices
 
         def csv(data: bytes) -> None:
             text = data.decode("utf-8", "replace")
             with store.session() as session:
                 try:
-                    result = import_devices(session, io.StringIO(text, newline=""), actor="fuzz", batch=5)
+                    result = import_devices(Work(session, "fuzz"), stream=io.StringIO(text, newline=""), batch=5)
                 except ChargepkiError as exc:
                     refusal(exc)
                     return
@@ -230,7 +232,7 @@ def run_target(name: str, seconds: int, base: Path) -> None:
     with atheris.instrument_imports(include=INSTRUMENTED):
         import asn1crypto.core  # noqa: F401
 
-        import ca.csr  # noqa: F401
+        import ca.issuance.csr  # noqa: F401
         import ocsp.requests  # noqa: F401
         import tests.hostile  # noqa: F401
         import web.est  # noqa: F401

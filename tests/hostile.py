@@ -33,16 +33,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
+from hypothesis import strategies as st
 from sqlalchemy import text
 
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
-from ca.devices import add_device, get_device
-from ca.enrollment_secrets import issue_secret
-from ca.hierarchy import HierarchyRequest, init_hierarchy
-from ca.issuance import IssueRequest, issue
-from ca.profiles import get_profile
-from ca.store import Store
+from ca.issuance.flow import IssueRequest, issue
+from ca.issuance.profiles import get_profile
+from ca.registry.devices import add_device, get_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.work import Work
 from ocsp.presign import Presigner
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -123,6 +125,19 @@ class Source:
 
     def choice(self, options: tuple[Any, ...] | list[Any]) -> Any:
         return options[self.integer(0, len(options) - 1)]
+
+
+class Drawn(Source):
+    """A mutator's randomness drawn through hypothesis (so failures shrink)."""
+
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def integer(self, low: int, high: int) -> int:
+        return self.data.draw(st.integers(low, high))
+
+    def raw(self, max_size: int) -> bytes:
+        return self.data.draw(st.binary(max_size=max_size))
 
 
 def mutate_bytes(data: bytes, source: Source, rounds: int = 4) -> bytes:
@@ -274,10 +289,12 @@ def build_world(home: Path, db_url: str, token_settings: Pkcs11Settings, est: Es
     status = Presigner(token)
     seeds = make_seeds()
     with pki.store.session() as session:
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="fuzz", status=status)
-        add_device(session, DEVICE, actor="fuzz")
-        secret = issue_secret(session, get_device(session, DEVICE), actor="fuzz")
-        from ca.authorities import issuer_for
+        hierarchy = init_hierarchy(
+            Work(session=session, actor="fuzz", status=status, token=token), request=HierarchyRequest(organization=ORG)
+        )
+        add_device(Work(session, "fuzz"), serial=DEVICE)
+        secret = issue_secret(Work(session, "fuzz"), device=get_device(session, DEVICE))
+        from ca.authorities.issuers import issuer_for
 
         issuer = issuer_for(hierarchy.issuing, token)
         issue(
@@ -341,7 +358,7 @@ def ocsp_seed_requests(world: World) -> list[bytes]:
     """Valid requests: the seed certificate by SHA-1 and SHA-256, an unknown serial, two CertIDs."""
     from asn1crypto import ocsp as asn1_ocsp
 
-    from ca.models import Authority, Certificate
+    from ca.store.models import Authority, Certificate
 
     with world.pki.store.session() as session:
         certificate = session.query(Certificate).filter(Certificate.common_name == "CP-SEED-1").one()

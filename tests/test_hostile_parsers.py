@@ -24,30 +24,19 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from ca.csr import CsrRequest, read_csr
-from ca.devices import import_devices
 from ca.errors import ChargepkiError
-from ca.models import AuditEvent, Device
-from ca.store import Store
+from ca.issuance.csr import CsrRequest, read_csr
+from ca.registry.devices import import_devices
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Device
+from ca.work import Work
 from ocsp.certid import CertId
 from ocsp.requests import MalformedRequest, decode_get_path, parse_request
-from tests.hostile import Source, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
-from web.est import decode_client_cert_header, decode_pkcs10
+from tests.hostile import Drawn, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
+from web.caller import decode_client_cert_header
+from web.est import decode_pkcs10
 
 SEEDS = make_seeds()
-
-
-class Drawn(Source):
-    """A mutator's randomness drawn through hypothesis (so failures shrink)."""
-
-    def __init__(self, data: st.DataObject) -> None:
-        self.data = data
-
-    def integer(self, low: int, high: int) -> int:
-        return self.data.draw(st.integers(low, high))
-
-    def raw(self, max_size: int) -> bytes:
-        return self.data.draw(st.binary(max_size=max_size))
 
 
 def refused_cleanly(exc: Exception) -> None:
@@ -233,7 +222,7 @@ def test_csv_imports_register_exactly_the_rows_they_accept(device_store: Store, 
         session.commit()
         with bounded(10):
             try:
-                result = import_devices(session, io.StringIO(text, newline=""), actor="fuzz", batch=7)
+                result = import_devices(Work(session, "fuzz"), stream=io.StringIO(text, newline=""), batch=7)
             except ChargepkiError as exc:
                 refused_cleanly(exc)
                 result = None

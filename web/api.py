@@ -2,8 +2,9 @@
 
 Each view parses and validates its input (against the OpenAPI document's own schemas), calls one
 core function and formats the answer. Every call is authenticated (a ``csms-client`` certificate
-from the TLS socket or the trusted proxy header, or an API token) and audited with its caller and
-outcome; every failure is ``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
+from the TLS socket or the trusted proxy header, or an API token; failures counted and locked out
+per address or certificate like EST's) and audited with its caller and outcome; every failure is
+``{"error": …, "reason": …}`` with a 4xx or 503, never a 500 page.
 """
 
 from __future__ import annotations
@@ -15,30 +16,30 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
 
 from cryptography import x509
-from flask import Blueprint, Flask, Response, current_app, g, request, url_for
+from flask import Blueprint, Flask, Response, g, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca import csms
-from ca.certificates import ocpp_chain_pem, standing
-from ca.context import Pki
-from ca.csms import Caller, authenticate, record_call
-from ca.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
-from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError
-from ca.identity import check_identity
-from ca.models import Certificate, CsmsSignJob, Device
-from ca.store import _one_line
+from ca.audit.checkpoints import CheckpointTimer
+from ca.enrollment.identity import check_identity
+from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
+from ca.registry import csms
+from ca.registry.csms import Caller, authenticate_limited, record_call
+from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
+from ca.status.certificates import ocpp_chain_pem, standing
+from ca.store.models import Certificate, CsmsSignJob, Device
 from ocsp.certid import issuer_hashes
-from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
-from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
+from ocsp.ocpp import find_by_hash, parse_hash_data
+from web.caller import client_address, identify
 from web.openapi import DOCUMENT, check, path_validator, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
+from web.runtime import runtime, runtime_of
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 log = logging.getLogger("chargepki.api")
@@ -49,18 +50,6 @@ POLL_AFTER = "1"  # seconds a CSMS should wait before polling a pending job agai
 View = Callable[..., Response]
 
 
-def _pki() -> Pki:
-    return current_app.extensions["chargepki"]
-
-
-def _presented_token() -> str | None:
-    """``Authorization: Bearer TOKEN`` or ``X-API-Key: TOKEN`` (MaEVe-style clients send both)."""
-    authorization = request.authorization
-    if authorization is not None and authorization.type == "bearer" and authorization.token:
-        return authorization.token
-    return request.headers.get("X-API-Key") or None
-
-
 def _endpoint(operation: str) -> Callable[[View], View]:
     """Authenticate, run the view with (session, caller), turn any failure into JSON, audit the call."""
 
@@ -69,14 +58,17 @@ def _endpoint(operation: str) -> Callable[[View], View]:
         def wrapper(**kwargs: Any) -> Response:
             g.api_subject, g.api_outcome = None, {}
             caller: Caller | None = None
-            with _pki().store.session() as session:
+            worker = runtime()
+            g.api_address = client_address(worker.settings)  # the client behind the front door, not the proxy
+            with worker.pki.store.session() as session:
                 try:
-                    certificate_der, _binding = _client_certificate()
-                    caller = authenticate(
+                    presented = identify(worker.settings)
+                    caller = authenticate_limited(
                         session,
-                        token=_presented_token(),
-                        certificate_der=certificate_der,
-                        address=_client_address(),
+                        token=presented.token,
+                        certificate_der=presented.certificate_der,
+                        address=presented.address,
+                        limits=worker.enrollment.limits,
                     )
                     session.commit()  # end the read: other sessions (the OCSP signer) may write next
                     response = view(session, caller, **kwargs)
@@ -98,7 +90,7 @@ def _audit(session: Session, caller: Caller | None, operation: str, response: Re
             session,
             caller,
             operation,
-            address=_client_address(),
+            address=g.api_address,
             subject=g.api_subject,
             outcome={"status": response.status_code, **g.api_outcome},
         )
@@ -154,20 +146,21 @@ def sign(session: Session, caller: Caller) -> Response:
     if query.get("async") in ("1", "true"):
         job = enqueue(session, caller, station, certificate_type, body["csr"])
         g.api_outcome = {"job": job.public_id}
-        runner: JobRunner | None = current_app.extensions.get("chargepki.jobs")
+        runner = runtime().jobs
         if runner is not None:
             runner.wake()
         return _job_response(session, job)
-    _sweep(session)
+    worker = runtime()
+    worker.sweep(session)
     certificate = csms.sign(
         session,
-        _issuer,
+        worker.issuer,
         caller,
         station,
         certificate_type,
         body["csr"].encode("utf-8"),
-        status=_status(),
-        settings=_enrollment_settings(),
+        status=worker.status(),
+        settings=worker.enrollment,
     )
     g.api_outcome = {"serial": certificate.serial}
     return json_body(_signed(session, certificate))
@@ -263,15 +256,6 @@ def _certificate_info(session: Session, caller: Caller, certificate: Certificate
 
 
 # -- OCSP ----------------------------------------------------------------------------------------------
-def _ocpp_ocsp() -> OcppOcsp:
-    ocsp = current_app.extensions.get("chargepki.ocpp_ocsp")
-    if ocsp is None:
-        pki = _pki()
-        ocsp = OcppOcsp(pki.store, _status(), rate=pki.config.ocsp.unknown_per_second)
-        current_app.extensions["chargepki.ocpp_ocsp"] = ocsp
-    return ocsp
-
-
 @api.post("/ocsp")
 @_endpoint("ocsp")
 def ocsp_status(session: Session, caller: Caller) -> Response:
@@ -280,7 +264,7 @@ def ocsp_status(session: Session, caller: Caller) -> Response:
         data["hashAlgorithm"], data["issuerNameHash"], data["issuerKeyHash"], data["serialNumber"]
     )
     g.api_subject = data["serialNumber"].upper()
-    answer = _ocpp_ocsp().answer(cert_id)
+    answer = runtime().ocpp_ocsp().answer(cert_id)
     g.api_outcome = {"response_status": answer.response_status, "certificate_status": answer.certificate_status}
     if answer.response_status == "unauthorized":
         raise NotFoundError("no CA of this installation has these issuer hashes", code="unknown_issuer")
@@ -324,12 +308,15 @@ class JobRunner:
     """Signs queued jobs in a thread of the serving process (one per gunicorn worker).
 
     Jobs are claimed in the database, so any number of runners in any number of processes share
-    the queue; a job whose runner died is taken over once its lease has run out (``ca.csms_jobs``).
+    the queue; a job whose runner died is taken over once its lease has run out (``ca.registry.csms_jobs``).
+    With ``checkpoint_every`` it also signs a checkpoint of the audit chain that often when the
+    chain grew (``checkpoints.periodic_checkpoint``: one per interval however many runners try).
     """
 
-    def __init__(self, app: Flask, *, poll: float = 1.0) -> None:
+    def __init__(self, app: Flask, *, poll: float = 1.0, checkpoint_every: timedelta | None = None) -> None:
         self.app = app
         self.poll = poll
+        self._checkpoints = CheckpointTimer(checkpoint_every, name="EST worker") if checkpoint_every else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -353,21 +340,30 @@ class JobRunner:
 
     def run_once(self) -> str | None:
         """Claim and decide one job; None when there was none to claim."""
-        with self.app.app_context(), _pki().store.session() as session:
+        worker = runtime_of(self.app)
+        with self.app.app_context(), worker.pki.store.session() as session:
             job = claim_next(session)
             if job is None:
                 return None
-            outcome = process(session, job, _issuer, status=_status(), settings=_enrollment_settings())
+            outcome = process(session, job, worker.issuer, status=worker.status(), settings=worker.enrollment)
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome
+
+    def checkpoint_if_due(self) -> None:
+        if self._checkpoints is None or not self._checkpoints.due():
+            return
+        pki = runtime_of(self.app).pki
+        with self.app.app_context(), pki.store.session() as session:
+            self._checkpoints.run(session, pki.token, pki.config.home)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.checkpoint_if_due()
                 outcome = self.run_once()
             except (SQLAlchemyError, ChargepkiError) as exc:
                 # The database or the token is away: one line, and the jobs wait in the database.
-                log.warning("signing job runner: %s", _one_line(exc))
+                log.warning("signing job runner: %s", one_line(exc))
                 outcome = None
             except Exception:  # anything else is a bug worth its traceback in the log
                 log.exception("signing job runner")

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from ca.errors import InputError
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS, CSR_CHARS, IDENTITY_CHARS, SERIAL_NUMBER_CHARS
 
 _HEX = "^[0-9A-Fa-f]+$"
 # The path parameters exactly as web/api.py reads them: a SHA-256 fingerprint in hex, either case,
@@ -42,8 +43,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured` …)",
         413: "body larger than 32 KiB",
         415: "Content-Type is not application/json",
+        429: "too many failed authentications from this address (API tokens) or with this client "
+        "certificate: locked out for a while, even with good credentials (`Retry-After`)",
         503: "token or database unavailable (`Retry-After`)",
     }
+    statuses = (*statuses, 429) if 401 in statuses else statuses  # every authenticated call can be locked out
     return {str(status): _json("Error", meaning[status]) for status in statuses}
 
 
@@ -72,7 +76,7 @@ _HASH_DATA = {
         "serialNumber": {
             "type": "string",
             "minLength": 1,
-            "maxLength": 40,
+            "maxLength": SERIAL_NUMBER_CHARS,
             "pattern": _HEX,
             "not": {"pattern": "^0+$"},
             REASONS: {"not": "bad_serial"},
@@ -120,12 +124,12 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["chargingStationId", "csr"],
         "properties": {
-            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": IDENTITY_CHARS},
             "certificateType": {
                 "enum": ["ChargingStationCertificate", "V2GCertificate"],
                 "default": "ChargingStationCertificate",
             },
-            "csr": {"type": "string", "minLength": 1, "maxLength": 5500, "description": "PEM PKCS#10"},
+            "csr": {"type": "string", "minLength": 1, "maxLength": CSR_CHARS, "description": "PEM PKCS#10"},
         },
     },
     "SignResult": {
@@ -229,11 +233,11 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["chargingStationId", "clientCertificate"],
         "properties": {
-            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": 48},
+            "chargingStationId": {"type": "string", "minLength": 1, "maxLength": IDENTITY_CHARS},
             "clientCertificate": {
                 "type": "string",
                 "minLength": 1,
-                "maxLength": 10000,
+                "maxLength": CERTIFICATE_CHAIN_CHARS,
                 "description": "PEM of the certificate the charger presented in TLS (a chain may follow)",
             },
         },
@@ -247,8 +251,8 @@ SCHEMAS: dict[str, Any] = {
             "reason": {
                 "type": "string",
                 "description": "when refused: unknown_issuer, other_environment, unknown_certificate, "
-                "not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, wrong_organization, "
-                "unknown_device, device_disabled",
+                "ca_not_active, not_a_charger_certificate, revoked, expired, not_yet_valid, cn_mismatch, "
+                "wrong_organization, unknown_device, device_disabled",
             },
             "detail": _STRING,
             "serialNumber": _STRING,

@@ -27,7 +27,8 @@ from gunicorn.app.base import BaseApplication
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca.authorities import default_issuing_ca, issuer_for, list_authorities
+from ca.authorities.issuers import default_issuing_ca, issuer_for, list_authorities
+from ca.clock import utcnow
 from ca.config import EstSettings
 from ca.context import Pki
 from ca.errors import ChargepkiError, ConfigError
@@ -43,8 +44,8 @@ from ca.frontdoor import (
     upstream_socket,
     wait_until_listening,
 )
-from ca.issuance import IssueRequest, abandon_stale_pending, issue, utcnow
-from ca.profiles import get_profile
+from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
+from ca.issuance.profiles import get_profile
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
 from web.responses import MAX_BODY
@@ -139,14 +140,9 @@ def _stop_background_work(_server: Any, worker: Any) -> None:
     """gunicorn's ``worker_exit`` hook: stop the job runner and close the installation before the
     interpreter shuts down. A runner thread still checking out a database connection then adds a
     finalizer while ``atexit`` walks them ("dictionary changed size during iteration")."""
-    app = getattr(worker, "wsgi", None)
-    extensions = getattr(app, "extensions", {})
-    runner = extensions.get("chargepki.jobs")
-    if runner is not None:
-        runner.close()
-    pki = extensions.get("chargepki")
-    if pki is not None:
-        pki.close()
+    runtime = getattr(getattr(worker, "wsgi", None), "runtime", None)
+    if runtime is not None:
+        runtime.close()
 
 
 class EstServer(BaseApplication):  # type: ignore[misc]

@@ -14,7 +14,7 @@ What it shows, in the order a charger meets it:
 4. `GetCertificateStatus`: the charger's `ocspRequestData` goes to `POST /api/v1/ocsp` and the
    base64 DER OCSP response comes back as `ocspResult` (`Accepted`), or `Failed` with the reason.
 
-Run (see README "Plugging chargepki into a CSMS"):
+Run (see docs/csms-api.md):
     python examples/ocpp_csms/csms.py --port 9000 --cert csms.pem --key csms.key \
         --client-ca chain.pem --api https://localhost:8443 --api-token-file token.txt --api-ca root.pem
 The API token comes from a file (--api-token-file, mode 0600) or the CHARGEPKI_API_TOKEN

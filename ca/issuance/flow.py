@@ -1,0 +1,518 @@
+"""Issuance, shared by the CLI, EST and the CSMS API.
+
+Order matters (ARCHITECTURE.md, "Where each rule lives"): check → reserve the serial in a
+committed row → sign in the token → parse back and verify → record the certificate and its
+audit entry in one commit → return.
+A crash anywhere before that last commit leaves at most a ``pending`` row whose serial is
+burnt and whose certificate nobody received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from sqlalchemy import bindparam, select, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, make_transient_to_detached
+
+from ca import audit
+from ca.authorities.issuers import Issuer, public_key_sha256, still_signs
+from ca.clock import Clock, utcnow
+from ca.errors import ChargepkiError, ConflictError, PolicyError, StoreError
+from ca.issuance.csr import CsrRequest
+from ca.issuance.names import check_common_name, check_hostname, subject_name
+from ca.issuance.profiles import Profile, check_issuer_role
+from ca.issuance.serials import format_serial, new_serial
+from ca.keys.keyspec import describe_public_key
+from ca.status.signal import StatusSigner
+from ca.store.models import Authority, Certificate, KeyOwner
+
+BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
+# A reservation older than this belongs to a process that died (kill -9, power loss): an issuance
+# takes milliseconds, a stuck token call at most the service's 30 s request timeout.
+PENDING_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Validity:
+    not_before: datetime
+    not_after: datetime
+
+
+def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
+    """The key's type name, or a ``PolicyError`` saying what the profile allows instead."""
+    kind = describe_public_key(public_key)
+    if kind not in profile.key_types:
+        raise PolicyError(
+            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})",
+            code="key_not_allowed",
+        )
+    return kind
+
+
+def validity_window(
+    profile: Profile, requested: timedelta | None, now: datetime, issuer_not_after: datetime | None
+) -> Validity:
+    """Profile default or the requested length, capped by the profile; never beyond the issuer."""
+    length = profile.default_validity if requested is None else requested
+    if length <= timedelta(0):
+        raise PolicyError("the validity must be positive")
+    if length > profile.max_validity:
+        raise PolicyError(
+            f"validity of {length.days} days exceeds the maximum of {profile.max_validity.days} "
+            f"days for profile {profile.name}"
+        )
+    not_before = now.astimezone(UTC).replace(microsecond=0) - BACKDATE
+    not_after = not_before + length
+    if issuer_not_after is not None:
+        if issuer_not_after <= now:
+            raise PolicyError("the issuing CA has expired")
+        not_after = min(not_after, issuer_not_after)
+    return Validity(not_before, not_after)
+
+
+def _key_usage(profile: Profile, public_key: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    usage = set(profile.key_usage)
+    if profile.key_agreement_for_ec and isinstance(public_key, ec.EllipticCurvePublicKey):
+        usage.add("key_agreement")
+    if profile.key_encipherment_for_rsa and isinstance(public_key, rsa.RSAPublicKey):
+        usage.add("key_encipherment")
+    fields = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+    )
+    return x509.KeyUsage(**{field: field in usage for field in fields}, encipher_only=False, decipher_only=False)
+
+
+def build_certificate(
+    profile: Profile,
+    issuer: Issuer,
+    subject: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    serial: int,
+    validity: Validity,
+    dns_names: tuple[str, ...] = (),
+) -> x509.CertificateBuilder:
+    """The TBSCertificate exactly as the profile prescribes (RFC 5280 criticality)."""
+    issuer_name = issuer.certificate.subject if issuer.certificate is not None else subject
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(validity.not_before)
+        .not_valid_after(validity.not_after)
+        # RFC 5280 4.2.1.9: critical in CA certificates; we mark it critical for every profile.
+        .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True)
+        .add_extension(_key_usage(profile, public_key), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    if issuer.certificate is not None:  # RFC 5280 4.2.1.1: may be omitted only when self-signed
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    if profile.extended_key_usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
+    if profile.san_dns:
+        common_name = subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        names = list(dict.fromkeys([str(common_name), *dns_names]))
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False
+        )
+    access = []
+    if profile.aia_ocsp:
+        access.append(
+            x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(issuer.ocsp_url))
+        )
+    if profile.aia_ca_issuers and issuer.certificate is not None:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(issuer.certificate_url()),
+            )
+        )
+    if access:
+        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    if profile.crl_distribution_point and issuer.certificate is not None:
+        point = x509.DistributionPoint([x509.UniformResourceIdentifier(issuer.crl_url())], None, None, None)
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    if profile.ocsp_no_check:
+        builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
+    return builder
+
+
+def key_identity(profile: str, common_name: str | None, device_id: int | None) -> str:
+    """Who a certified key belongs to (one key, one identity): a registered device, whatever it asks
+    for as a charger; an SECC by its SECC ID, whoever asks; anything else by profile and CN.
+    Migration 0008 computes the same for the certificates issued before it."""
+    if profile == "v2g-secc":
+        return f"secc:{common_name or ''}"
+    if device_id is not None:
+        return f"device:{device_id}"
+    return f"{profile}:{common_name or ''}"
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """What the CA will certify, after the caller has authenticated the requester."""
+
+    profile: Profile
+    public_key: CertificatePublicKeyTypes
+    common_name: str
+    dns_names: tuple[str, ...] = ()
+    validity: timedelta | None = None
+    device_id: int | None = None
+    key_label: str | None = None  # set when the key is one chargepki holds in its token
+    organizational_unit: str | None = None  # e.g. a firmware signer's release channel
+
+
+def request_from_csr(
+    profile: Profile,
+    csr: CsrRequest,
+    issuer: Issuer,
+    validity: timedelta | None = None,
+    device_id: int | None = None,
+) -> IssueRequest:
+    """Apply the profile's subject rules to a verified CSR (O, when present, must be the CA's)."""
+    if not profile.from_csr:
+        raise PolicyError(f"profile {profile.name} is not issued from a CSR (it is created by `chargepki init`)")
+    if csr.organization is not None and csr.organization != issuer.organization:
+        raise PolicyError(
+            f"the CSR's O {csr.organization!r} is not the CA's organisation {issuer.organization!r}",
+            code="wrong_organization",
+        )
+    dns_names = tuple(check_hostname(name) for name in csr.dns_names) if profile.san_dns else ()
+    return IssueRequest(profile, csr.public_key, csr.common_name, dns_names, validity, device_id)
+
+
+def issue(
+    session: Session,
+    issuer: Issuer,
+    request: IssueRequest,
+    *,
+    actor: str,
+    status: StatusSigner,
+    now: Clock = utcnow,
+    before_commit: Callable[[Certificate], None] | None = None,
+) -> Certificate:
+    """Issue and durably record one certificate under ``issuer``; return the committed row.
+
+    ``status`` pre-signs the new certificate's OCSP response in the same transaction.
+    ``before_commit`` runs inside the transaction that records the certificate, so what it
+    changes (superseding the previous certificate, closing enrollment) commits atomically with it;
+    a ``ChargepkiError`` it raises abandons the certificate (``aborted``) instead.
+    The row it receives joins the session only after that commit: change the store through
+    statements, not by setting attributes on it.
+    """
+    profile = request.profile
+    key_type = check_key(profile, request.public_key)
+    common_name = check_common_name(profile.common_name, request.common_name)
+    assert issuer.certificate is not None and issuer.authority_id is not None, "roots are made by init"
+    if issuer.role is not None:
+        check_issuer_role(profile, issuer.role, issuer.name)
+    validity = validity_window(profile, request.validity, now(), issuer.certificate.not_valid_after_utc)
+    subject = subject_name(
+        common_name, issuer.organization, issuer.country, profile.domain_component, request.organizational_unit
+    )
+
+    row = _reserve(session, issuer, request, subject, common_name, validity, now)
+    try:
+        builder = build_certificate(
+            profile, issuer, subject, request.public_key, int(row.serial, 16), validity, request.dns_names
+        )
+        certificate = issuer.sign(builder)
+    except ChargepkiError as exc:
+        _abandon(session, row, str(exc), actor, now)
+        raise
+    # The ORM unit of work costs more than the rest of issuance: one UPDATE by primary key instead.
+    row.der = certificate.public_bytes(serialization.Encoding.DER)
+    row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
+    row.status = "valid"
+    # The audit entry first: it takes the audit head's row lock, which every status change of a CA
+    # (revocation, retirement: they are audited) also takes. Checked after it, the CA's status is
+    # final until this commit, so no certificate commits under a CA after its revocation.
+    audit.record(
+        session,
+        "certificate.issued",
+        actor=actor,
+        subject=row.serial,
+        now=now,
+        details={
+            "profile": profile.name,
+            "ca": issuer.name,
+            "cn": common_name,
+            "key": key_type,
+            "not_after": validity.not_after.isoformat(),
+            "fingerprint": row.fingerprint_sha256,
+        },
+    )
+    recorded = session.execute(
+        _RECORD,
+        {
+            "row_id": row.id,
+            "der": row.der,
+            "fingerprint": row.fingerprint_sha256,
+            "signing_ca": issuer.authority_id,
+        },
+    )
+    if recorded.rowcount != 1:
+        # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
+        # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
+        refusal = _ca_refusal(session, issuer)
+        if refusal is not None:
+            _abandon(session, row, str(refusal), actor, now)
+            raise refusal
+        session.rollback()
+        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
+    status.update(session, [row], now())
+    if before_commit is not None:
+        try:
+            before_commit(row)
+        except ChargepkiError as exc:  # a last check refused it: nobody receives this certificate
+            _abandon(session, row, str(exc), actor, now)
+            raise
+    session.commit()
+    make_transient_to_detached(row)  # every column is set: it joins the session as loaded, without a query
+    session.add(row)
+    return row
+
+
+_CERTIFICATES = Certificate.__table__
+# Both the reservation and the record require the CA to be active in that very transaction
+# (``still_signs``): an ``Issuer`` a worker bound before a revocation can never record under it.
+# The reservation's check spares the token a signature; the record's is the rule.
+_RECORD = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending", still_signs())
+    .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status="valid")
+)
+_ABORT = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
+    .values(status="aborted")
+)
+
+
+_PENDING_COLUMNS = (
+    "authority_id",
+    "profile",
+    "status",
+    "subject",
+    "common_name",
+    "not_before",
+    "not_after",
+    "der",
+    "fingerprint_sha256",
+    "public_key_sha256",
+    "key_label",
+    "device_id",
+    "revoked_at",
+    "revocation_reason",
+    "invalidity_date",
+    "revoke_after",
+    "created_at",
+    "serial",
+)
+# INSERT … SELECT <values> WHERE <the CA still signs>: the check costs no extra round trip.
+_PENDING_SOURCE = select(*(bindparam(name, type_=_CERTIFICATES.c[name].type) for name in _PENDING_COLUMNS)).where(
+    still_signs()
+)
+_INSERT_PENDING = {
+    "sqlite": sqlite_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
+    "postgresql": postgresql_insert(_CERTIFICATES)
+    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id),
+}
+
+
+def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
+    """INSERT the reserved row if the CA still signs; None when it does not or the serial is taken
+    (the caller's transaction stays usable)."""
+    statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
+    if statement is not None:
+        return session.execute(statement, values).scalar()
+    try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
+        with session.begin_nested():
+            inserted = session.execute(
+                sa_insert(_CERTIFICATES).from_select(_PENDING_COLUMNS, _PENDING_SOURCE).returning(_CERTIFICATES.c.id),
+                values,
+            )
+            return inserted.scalar()
+    except IntegrityError:
+        return None
+
+
+_KEY_OWNERS = KeyOwner.__table__
+_CLAIM_VALUES = {
+    "public_key_sha256": bindparam("claim_key", type_=_KEY_OWNERS.c.public_key_sha256.type),
+    "identity": bindparam("claim_identity", type_=_KEY_OWNERS.c.identity.type),
+    "created_at": bindparam("claim_at", type_=_KEY_OWNERS.c.created_at.type),
+}
+# Insert the claim or read the owner in one statement. The no-op update makes the database
+# return the stored row; on PostgreSQL it also waits for a racing transaction that inserted
+# the same key and then reads its committed owner, so exactly one identity wins.
+_CLAIM_KEY = {
+    name: dialect_insert(_KEY_OWNERS)
+    .values(_CLAIM_VALUES)
+    .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
+    .returning(_KEY_OWNERS.c.identity)
+    for name, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+}
+
+
+def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> None:
+    """One key, one identity, held by the database: refuse (``key_reuse``) a key whose owner differs."""
+    parameters = {"claim_key": key_sha256, "claim_identity": identity, "claim_at": now()}
+    statement = _CLAIM_KEY.get(session.get_bind().dialect.name)
+    if statement is not None:
+        owner = session.execute(statement, parameters).scalar_one()
+    else:  # other databases: the primary key still refuses a second owner at commit
+        owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
+        if owner is None:
+            session.execute(sa_insert(_KEY_OWNERS).values(_CLAIM_VALUES), parameters)
+            owner = identity
+    if owner != identity:
+        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+
+
+def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
+    """Why ``issuer``'s CA may not sign any more (read after a guarded statement matched nothing)."""
+    status = session.scalar(select(Authority.status).where(Authority.id == issuer.authority_id))
+    if status == "active":
+        return None
+    return PolicyError(f"CA {issuer.name} is {status}: it signs nothing any more", code="ca_not_active")
+
+
+def _reserve(
+    session: Session,
+    issuer: Issuer,
+    request: IssueRequest,
+    subject: x509.Name,
+    common_name: str,
+    validity: Validity,
+    now: Clock,
+) -> Certificate:
+    """Claim the key for the request's identity and commit a ``pending`` row, so the serial is
+    taken before the token signs anything.
+
+    The commit also carries the caller's uncommitted work, if any (a consumed enrollment secret).
+    The returned row is not in the session yet (``issue`` adds it once it is recorded).
+    """
+    values: dict[str, Any] = {
+        "authority_id": issuer.authority_id,
+        "profile": request.profile.name,
+        "status": "pending",
+        "subject": subject.rfc4514_string(),
+        "common_name": common_name,
+        "not_before": validity.not_before,
+        "not_after": validity.not_after,
+        "der": None,
+        "fingerprint_sha256": None,
+        "public_key_sha256": public_key_sha256(request.public_key),
+        "key_label": request.key_label,
+        "device_id": request.device_id,
+        "revoked_at": None,
+        "revocation_reason": None,
+        "invalidity_date": None,
+        "revoke_after": None,
+        "created_at": now(),
+    }
+    _claim_key(
+        session, values["public_key_sha256"], key_identity(request.profile.name, common_name, request.device_id), now
+    )
+    for _attempt in range(5):
+        values["serial"] = format_serial(new_serial())
+        row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
+        if row_id is None:  # the CA stopped signing, or a serial collision (2^-159 per pair: never trust luck)
+            refusal = _ca_refusal(session, issuer)
+            if refusal is not None:
+                raise refusal
+            continue
+        session.commit()
+        return Certificate(id=row_id, **values)
+    raise PolicyError("could not reserve a unique serial number")
+
+
+def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: Clock) -> None:
+    """Mark a reserved serial as never issued, and say why in the audit log.
+
+    If the database is down too, the row stays ``pending``: still burnt, still never handed out.
+    """
+    session.rollback()
+    try:
+        session.execute(_ABORT, {"row_id": row.id})
+        row.status = "aborted"
+        audit.record(
+            session,
+            "certificate.aborted",
+            actor=actor,
+            subject=row.serial,
+            now=now,
+            details={"reason": reason},
+        )
+        session.commit()
+    except SQLAlchemyError:
+        session.rollback()
+
+
+def abandon_stale_pending(
+    session: Session,
+    *,
+    actor: str,
+    now: Clock = utcnow,
+    older_than: timedelta = PENDING_TIMEOUT,
+    limit: int = 1000,
+) -> list[str]:
+    """Mark reservations left ``pending`` longer than ``older_than`` as ``aborted``, each audited; commit.
+
+    A process killed between reserving a serial and recording the certificate leaves its row
+    ``pending`` for ever. Nobody received that certificate (``issue`` returns only after the
+    record commits), so the row says ``aborted`` from then on and the serial stays burnt. Should
+    the issuance still be running after all, it cannot record any more (``_RECORD`` only takes a
+    pending row) and fails instead of handing out a certificate the store does not show.
+    Returns the serials marked.
+    """
+    cutoff = now() - older_than
+    stale = session.execute(
+        select(_CERTIFICATES.c.id, _CERTIFICATES.c.serial)
+        .where(_CERTIFICATES.c.status == "pending", _CERTIFICATES.c.created_at < cutoff)
+        .order_by(_CERTIFICATES.c.id)
+        .limit(limit)
+    ).all()
+    marked = []
+    for row_id, serial in stale:
+        if session.execute(_ABORT, {"row_id": row_id}).rowcount != 1:
+            continue  # recorded or swept by someone else meanwhile
+        audit.record(
+            session,
+            "certificate.aborted",
+            actor=actor,
+            subject=serial,
+            now=now,
+            details={"reason": f"still pending after {older_than}: the issuing process stopped before recording it"},
+        )
+        marked.append(serial)
+    session.commit()
+    return marked

@@ -1,0 +1,63 @@
+"""Who may ask for certificates: devices, one-time secrets, CSMS clients and their jobs, re-enrollment campaigns.
+
+Public names are re-exported lazily (PEP 562), so importing the package never
+imports all of its modules and cycles between packages cannot form at import time.
+"""
+
+from ca.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "CERTIFICATE_TYPES": "csms",
+        "Caller": "csms",
+        "ClientSummary": "csms",
+        "DeviceProgress": "campaigns",
+        "ImportResult": "devices",
+        "LEASE": "csms_jobs",
+        "MAX_ATTEMPTS": "csms_jobs",
+        "MAX_MODEL": "devices",
+        "MAX_TTL": "secrets",
+        "Progress": "campaigns",
+        "REFUSAL_ACTIONS": "campaigns",
+        "RETRY_DELAY": "csms_jobs",
+        "STATES": "campaigns",
+        "TOKEN_PREFIX": "csms",
+        "add_client": "csms",
+        "add_device": "devices",
+        "authenticate": "csms",
+        "authenticate_limited": "csms",
+        "caller_for": "csms",
+        "check_certificate_type": "csms",
+        "check_name": "csms",
+        "claim_next": "csms_jobs",
+        "client_certificates": "csms",
+        "consume_secret": "secrets",
+        "current_certificate": "devices",
+        "device_certificates": "devices",
+        "disable_device": "devices",
+        "enable_device": "devices",
+        "enqueue": "csms_jobs",
+        "get_campaign": "campaigns",
+        "get_client": "csms",
+        "get_device": "devices",
+        "get_job": "csms_jobs",
+        "import_devices": "devices",
+        "issue_secret": "secrets",
+        "issue_token": "csms",
+        "job_certificate": "csms_jobs",
+        "list_campaigns": "campaigns",
+        "list_clients": "csms",
+        "list_devices": "devices",
+        "process": "csms_jobs",
+        "progress": "campaigns",
+        "record_call": "csms",
+        "reset_device": "devices",
+        "restore_secret": "secrets",
+        "secret_is_valid": "secrets",
+        "set_enabled": "csms",
+        "sign": "csms",
+        "start_campaign": "campaigns",
+        "withdraw_secrets": "secrets",
+    },
+)

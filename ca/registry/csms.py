@@ -1,0 +1,377 @@
+"""CSMS clients of the CSMS API: registration, API tokens, authentication, and signing on their behalf.
+
+A CSMS is bound to one environment: it signs with that environment's issuing CA, and looks up and
+checks only that environment's certificates. It authenticates with a ``csms-client`` certificate
+whose CN is its name (``chargepki csms add``) or with an API token (``chargepki csms token``),
+of which only the SHA-256 is stored: a token is 256 random bits, so a slow hash buys nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ca import audit
+from ca.authorities.issuers import default_issuing_ca
+from ca.authorities.v2g import current_sub_ca_2, v2g_environments
+from ca.clock import Clock, utcnow
+from ca.enrollment import auth_limits
+from ca.enrollment.auth_limits import AuthLimits
+from ca.enrollment.pipeline import (
+    Credentials,
+    EnrollmentSettings,
+    IssuerFactory,
+    ocpp_chain_check,
+    sign_relayed,
+)
+from ca.enrollment.secc import issue_secc
+from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, RateLimitedError
+from ca.issuance.names import check_environment
+from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
+from ca.status.certificates import standing
+from ca.status.revocation import apply_revocation
+from ca.status.signal import StatusSigner
+from ca.store.models import Certificate, CsmsClient, CsmsToken
+
+_DEFAULT_SETTINGS = EnrollmentSettings()
+TOKEN_PREFIX = "cpk_"  # lets secret scanners and operators recognise a chargepki API token
+CERTIFICATE_TYPES = ("ChargingStationCertificate", "V2GCertificate")  # OCPP 2.0.1 CertificateSigningUseEnumType
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated CSMS, as the API sees it for the length of one call."""
+
+    client_id: int
+    name: str
+    environment: str
+    method: str  # certificate | token
+    address: str | None = None
+
+    @property
+    def actor(self) -> str:
+        return f"csms:{self.name}"
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not _NAME.match(name):
+        raise InputError(f"CSMS name {name!r} must be 1-64 characters: letters, digits, space, '.', '_', '-'")
+    return name
+
+
+def add_client(session: Session, name: str, *, environment: str, actor: str, now: Clock = utcnow) -> CsmsClient:
+    name = check_name(name)
+    environment = check_environment(environment)
+    if session.scalar(select(CsmsClient.id).where(CsmsClient.name == name)) is not None:
+        raise ConflictError(f"CSMS {name} is already registered")
+    client = CsmsClient(name=name, environment=environment, enabled=True, created_at=now())
+    session.add(client)
+    audit.record(session, "csms.added", actor=actor, subject=name, now=now, details={"environment": environment})
+    session.commit()
+    return client
+
+
+def get_client(session: Session, name: str) -> CsmsClient:
+    client = session.scalar(select(CsmsClient).where(CsmsClient.name == name.strip()))
+    if client is None:
+        raise NotFoundError(f"no CSMS named {name.strip()!r}")
+    return client
+
+
+@dataclass(frozen=True)
+class ClientSummary:
+    client: CsmsClient
+    tokens: int  # usable tokens
+    certificates: int  # current csms-client certificates
+
+
+def list_clients(session: Session, now: datetime) -> list[ClientSummary]:
+    result = []
+    for client in session.scalars(select(CsmsClient).order_by(CsmsClient.name)):
+        tokens = session.scalar(
+            select(func.count()).where(CsmsToken.client_id == client.id, CsmsToken.revoked_at.is_(None))
+        )
+        current = [c for c in client_certificates(session, client) if standing(c, now).status == "good"]
+        result.append(ClientSummary(client, tokens or 0, len(current)))
+    return result
+
+
+def client_certificates(session: Session, client: CsmsClient) -> list[Certificate]:
+    return list(
+        session.scalars(
+            select(Certificate)
+            .where(Certificate.profile == "csms-client", Certificate.common_name == client.name)
+            .where(Certificate.status.in_(("valid", "revoked")))
+            .order_by(Certificate.created_at)
+        )
+    )
+
+
+def set_enabled(
+    session: Session,
+    name: str,
+    enabled: bool,
+    *,
+    actor: str,
+    status: StatusSigner | None = None,
+    revoke: bool = False,
+    now: Clock = utcnow,
+) -> tuple[CsmsClient, list[Certificate]]:
+    """Enable or disable a CSMS (a disabled one is refused at once); optionally revoke its certificates."""
+    client = get_client(session, name)
+    client.enabled = enabled
+    revoked = []
+    if revoke:
+        assert status is not None
+        for certificate in client_certificates(session, client):
+            if certificate.status == "valid":
+                apply_revocation(session, certificate, "cessationOfOperation", actor=actor, status=status, now=now)
+                revoked.append(certificate)
+        session.execute(update(CsmsToken).where(CsmsToken.client_id == client.id).values(revoked_at=now()))
+    audit.record(
+        session,
+        "csms.enabled" if enabled else "csms.disabled",
+        actor=actor,
+        subject=client.name,
+        now=now,
+        details={"revoked": [c.serial for c in revoked]} if revoke else None,
+    )
+    session.commit()
+    return client, revoked
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def issue_token(session: Session, client: CsmsClient, *, replace: bool = False, actor: str, now: Clock = utcnow) -> str:
+    """A new API token, returned once. ``replace`` revokes the client's other tokens in the same commit;
+    without it the old ones keep working, so a CSMS can be switched over without a gap."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    at = now()
+    revoked = 0
+    if replace:
+        revoked = session.execute(
+            update(CsmsToken)
+            .where(CsmsToken.client_id == client.id, CsmsToken.revoked_at.is_(None))
+            .values(revoked_at=at)
+        ).rowcount
+    session.add(CsmsToken(client_id=client.id, token_hash=_token_hash(token), created_at=at))
+    audit.record(
+        session, "csms.token.issued", actor=actor, subject=client.name, now=now, details={"revoked_others": revoked}
+    )
+    session.commit()
+    return token
+
+
+def authenticate(
+    session: Session,
+    *,
+    token: str | None,
+    certificate_der: bytes | None,
+    address: str | None = None,
+    now: Clock = utcnow,
+) -> Caller:
+    """The CSMS behind a token or a TLS client certificate; one message for every refusal (nothing leaks).
+
+    A token, when present, decides alone: a CSMS behind a proxy that adds its own client
+    certificate is still told apart by its token.
+    """
+    refused = AuthenticationError("unknown, revoked or disabled CSMS credentials")
+    if token:
+        client = session.scalar(
+            select(CsmsClient)
+            .join(CsmsToken, CsmsToken.client_id == CsmsClient.id)
+            .where(CsmsToken.token_hash == _token_hash(token), CsmsToken.revoked_at.is_(None))
+        )
+        if client is None or not client.enabled:
+            raise refused
+        return Caller(client.id, client.name, client.environment, "token", address)
+    if certificate_der:
+        fingerprint = hashlib.sha256(certificate_der).hexdigest()
+        certificate = session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == fingerprint))
+        if certificate is None or certificate.profile != "csms-client":
+            raise refused
+        if standing(certificate, now()).status != "good":
+            raise refused
+        client = session.scalar(select(CsmsClient).where(CsmsClient.name == certificate.common_name))
+        if client is None or not client.enabled or certificate.authority.environment != client.environment:
+            raise refused
+        return Caller(client.id, client.name, client.environment, "certificate", address)
+    raise AuthenticationError(
+        "credentials required: a CSMS client certificate or an API token (Authorization: Bearer …)"
+    )
+
+
+def authenticate_limited(
+    session: Session,
+    *,
+    token: str | None,
+    certificate_der: bytes | None,
+    address: str | None,
+    limits: AuthLimits = _DEFAULT_SETTINGS.limits,
+    now: Clock = utcnow,
+) -> Caller:
+    """``authenticate``, with failed authentications counted and locked out as on the EST routes.
+
+    A caller locked out is refused (``RateLimitedError``, 429) before its credentials are looked
+    at, the right ones included; presented credentials that fail are counted in their own
+    transaction (``auth_limits.record_failure``, which audits the start of a lockout) against the
+    keys of ``auth_limits.api_request_keys``: a wrong token against the address it came from, a
+    refused certificate against its SHA-256. Never against the CSMS a guess names, so nobody's
+    guesses lock out a valid CSMS elsewhere. The refusal itself is the caller's to count as noise.
+    """
+    keys = auth_limits.api_request_keys(bool(token), certificate_der, address)
+    at = now()
+    standing = auth_limits.standing(session, limits, keys, at)
+    if standing.retry_after is not None:
+        session.rollback()
+        raise RateLimitedError(
+            f"too many failed authentications from this address or certificate: retry in {standing.retry_after} s",
+            standing.retry_after,
+        )
+    try:
+        caller = authenticate(session, token=token, certificate_der=certificate_der, address=address, now=now)
+    except AuthenticationError:
+        session.rollback()
+        if keys:
+            try:
+                auth_limits.record_failure(
+                    session, limits, keys, actor=f"anonymous@{address or '?'}", now=at, address=address
+                )
+                session.commit()
+            except SQLAlchemyError:
+                session.rollback()  # the refusal stands; a count lost to the database costs the caller nothing
+        raise
+    if standing.has_own_failures:
+        auth_limits.forget(session, keys)
+        session.commit()
+    return caller
+
+
+def caller_for(session: Session, client_id: int) -> Caller:
+    """A stored request's CSMS as it is now (an asynchronous job runs after the call that made it)."""
+    client = session.get(CsmsClient, client_id)
+    if client is None or not client.enabled:
+        raise AuthenticationError("the CSMS that made this request is disabled", code="client_disabled")
+    return Caller(client.id, client.name, client.environment, "stored")
+
+
+def check_certificate_type(session: Session, caller: Caller, certificate_type: str) -> None:
+    """Refuse at once what no later attempt could sign: an unknown type, or V2G without a V2G hierarchy.
+
+    Without one, the answer is a state the operator can fix, not a server failure, hence a
+    conflict (409) rather than a 5xx that would make CSMSs retry.
+    """
+    if certificate_type not in CERTIFICATE_TYPES:
+        raise InputError(f"certificateType must be one of {', '.join(CERTIFICATE_TYPES)}", code="bad_certificate_type")
+    if certificate_type == "V2GCertificate" and caller.environment not in v2g_environments(session):
+        raise ConflictError(
+            f"no V2G (ISO 15118) hierarchy in environment {caller.environment!r}: run `chargepki v2g init` first",
+            code="v2g_not_configured",
+        )
+
+
+def sign(
+    session: Session,
+    issuers: IssuerFactory,
+    caller: Caller,
+    charging_station_id: str,
+    certificate_type: str,
+    csr: bytes,
+    *,
+    status: StatusSigner,
+    settings: EnrollmentSettings = _DEFAULT_SETTINGS,
+    now: Clock = utcnow,
+    max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
+    before_commit: Callable[[Certificate], None] | None = None,
+) -> Certificate:
+    """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
+    or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID) under its CPO Sub-CA 2."""
+    check_certificate_type(session, caller, certificate_type)
+    if certificate_type == "V2GCertificate":
+        return _sign_secc(
+            session, issuers, caller, charging_station_id, csr, status=status, settings=settings, now=now,
+            max_chain_chars=max_chain_chars, before_commit=before_commit,
+        )  # fmt: skip
+    authority = default_issuing_ca(session, caller.environment)
+    credentials = Credentials(principal=caller.actor, address=caller.address)
+    return sign_relayed(
+        session,
+        issuers,
+        authority,
+        csr,
+        charging_station_id,
+        credentials,
+        status=status,
+        settings=settings,
+        now=now,
+        max_chain_chars=max_chain_chars,
+        before_commit=before_commit,
+    )
+
+
+def _sign_secc(
+    session: Session,
+    issuers: IssuerFactory,
+    caller: Caller,
+    charging_station_id: str,
+    csr: bytes,
+    *,
+    status: StatusSigner,
+    settings: EnrollmentSettings,
+    now: Clock,
+    max_chain_chars: int,
+    before_commit: Callable[[Certificate], None] | None,
+) -> Certificate:
+    """OCPP ``SignCertificate(V2GCertificate)``: the station asks for its ISO 15118 SECC certificate.
+
+    The SECC ID is the CSR's CN (checked by ``issue_secc`` against ISO 15118 syntax and against the
+    station owning it); the CSR is read inside ``issue_secc``, so a bad one is audited like any refusal.
+    """
+    sub_ca_2 = current_sub_ca_2(session, caller.environment)
+    fits_ocpp_chain = ocpp_chain_check(session, sub_ca_2, max_chain_chars)
+
+    def last_checks(row: Certificate) -> None:
+        fits_ocpp_chain(row)
+        if before_commit is not None:
+            before_commit(row)
+
+    return issue_secc(
+        session, issuers, caller.environment, csr, None, actor=caller.actor, status=status,
+        device_serial=charging_station_id, settings=settings, now=now, before_commit=last_checks,
+        address=caller.address,
+    )  # fmt: skip
+
+
+def record_call(
+    session: Session,
+    caller: Caller | None,
+    operation: str,
+    *,
+    address: str | None,
+    subject: str | None,
+    outcome: dict[str, object],
+    now: Clock = utcnow,
+) -> None:
+    """One audit entry per authenticated API call; an unauthenticated one is counted into its
+    address's summary (``audit.count_noise``), so bad tokens cannot grow the chain at line rate."""
+    action = f"csms.api.{operation}"
+    if caller is None:
+        code = str(outcome.get("reason") or "unauthenticated")
+        audit.count_noise(session, address=address, action=action, code=code, now=now)
+        session.commit()
+        return
+    details = {"address": address, **outcome, "auth": caller.method}
+    audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
+    session.commit()

@@ -1,0 +1,35 @@
+"""The seam between the core and revocation status: who is told when a certificate changes.
+
+Issuance, revocation and release call a ``StatusSigner`` inside their own transaction, so the
+pre-signed OCSP response commits (or is dropped) together with the change it describes. The
+core only defines the seam and the change signal; ``ocsp.presign`` implements the signing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session
+
+from ca.store.models import Certificate, StatusFeed
+
+NOTIFY_CHANNEL = "chargepki_status"
+
+
+class StatusSigner(Protocol):
+    def update(self, session: Session, certificates: Sequence[Certificate], now: datetime) -> None:
+        """Re-sign (or, failing that, drop) the stored responses of ``certificates`` and signal the change.
+
+        Runs inside the caller's transaction and never raises for a signing failure: a revocation
+        must be recorded even when the token is away, and a dropped response is never served.
+        """
+
+
+def signal_change(session: Session) -> None:
+    """Raise the change counter and, on PostgreSQL, NOTIFY; both take effect at commit."""
+    session.execute(update(StatusFeed).where(StatusFeed.id == 1).values(counter=StatusFeed.counter + 1))
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})

@@ -1,0 +1,265 @@
+"""Database access shared by every process: engine set-up, sessions and migrations.
+
+On SQLite every transaction starts with ``BEGIN IMMEDIATE`` so that a read-then-write
+transaction never fails half way with ``SQLITE_BUSY`` when another process writes; WAL
+lets readers go on meanwhile, and ``synchronous=FULL`` makes a commit survive power loss
+(a certificate is only handed out after its row is durably committed). ``?timeout=S`` in an
+SQLite URL sets how long a writer waits for the lock (default 30 s) before the request fails.
+
+Only first-run set-up may create an SQLite file: anywhere else a missing file is an error
+(``mode=rw``), never a new empty database that makes every certificate look unknown and the
+audit log look intact. PostgreSQL connections give up after ``connect_timeout`` (default 5 s)
+so an unreachable server fails a request instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ca.errors import StoreError, one_line
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_MS = 30000
+PG_CONNECT_TIMEOUT = "5"  # seconds, unless the URL says otherwise
+
+
+class _WriterGate:
+    """Queues this installation's SQLite writers so the next one starts as soon as the last commits.
+
+    Every transaction is a write transaction (``BEGIN IMMEDIATE``), and SQLite's own busy handler
+    makes a waiting writer sleep in growing steps up to 100 ms, so under load the lock sat idle
+    while writers slept. Threads of a process queue on a lock; the process that holds it takes an
+    ``flock`` on ``<database>-writer.lock`` that other processes wait for. Both waits are bounded
+    by the busy timeout, after which SQLite's own locking still decides (it alone guarantees safety).
+    """
+
+    def __init__(self, database: Path, timeout: float) -> None:
+        self.path = database.with_name(database.name + "-writer.lock")
+        self.timeout = timeout
+        self._threads = threading.Lock()
+        self._file: int | None = None
+        self._pid = -1
+        gate = weakref.ref(self)  # the fork hook must not keep every Store's gate (and descriptor) alive
+        os.register_at_fork(after_in_child=lambda: (g := gate()) is not None and g._after_fork())
+
+    def _after_fork(self) -> None:
+        self._threads = threading.Lock()
+        self._file, self._pid = None, -1  # the inherited descriptor shares the parent's lock: never use it
+
+    def __del__(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            os.close(self._file)
+
+    def acquire(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        if not self._threads.acquire(timeout=self.timeout):
+            return False
+        try:
+            if self._pid != os.getpid():
+                self._file, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), os.getpid()
+            while True:
+                try:
+                    fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.0005)
+        except OSError:
+            pass
+        self._threads.release()
+        return False
+
+    def release(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+        with suppress(RuntimeError):  # taken before a fork, released in the child: its lock is a new one
+            self._threads.release()
+
+
+class _GatedConnection(sqlite3.Connection):
+    """A sqlite3 connection that leaves the writer gate when its transaction ends, however it ends."""
+
+    gate: _WriterGate | None = None
+    holds_gate = False
+
+    def enter_gate(self) -> None:
+        if self.gate is not None and not self.holds_gate:
+            self.holds_gate = self.gate.acquire()
+
+    def leave_gate(self) -> None:
+        if self.holds_gate:
+            self.holds_gate = False
+            assert self.gate is not None
+            self.gate.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            if not self.in_transaction:
+                self.leave_gate()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            if not self.in_transaction:
+                self.leave_gate()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.leave_gate()
+
+
+def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool, busy_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        if isinstance(dbapi_connection, _GatedConnection):
+            dbapi_connection.gate = gate
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.close()
+
+    if not immediate:
+        return  # read-only (OCSP responders): autocommit reads, no write lock, no gate
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        dbapi_connection = connection.connection.dbapi_connection
+        if isinstance(dbapi_connection, _GatedConnection):
+            dbapi_connection.enter_gate()
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if isinstance(dbapi_connection, _GatedConnection):
+                dbapi_connection.leave_gate()
+            raise
+
+
+class Store:
+    """An engine plus a session factory; the one object a process needs to reach the database."""
+
+    def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
+        """``read_only`` (OCSP responders) reads in autocommit: no write lock, no transaction held.
+        ``create=False`` refuses to create a missing SQLite file (read-only stores never create one)."""
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise StoreError(f"invalid database URL {url!r}") from None
+        self.url = parsed
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        file_db = self.is_sqlite and parsed.database not in (None, "", ":memory:")
+        engine_url = parsed
+        self.must_exist: Path | None = None  # an SQLite file this store refuses to create
+        busy_ms = BUSY_TIMEOUT_MS
+        if self.is_sqlite:
+            try:
+                busy_ms = int(float(parsed.query.get("timeout", BUSY_TIMEOUT_MS / 1000)) * 1000)  # type: ignore[arg-type]
+            except ValueError:
+                raise StoreError(f"invalid timeout in database URL {url!r}") from None
+        if file_db and not parsed.database.startswith("file:"):  # type: ignore[union-attr]
+            if create and not read_only:
+                database = Path(str(parsed.database))
+                database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with suppress(OSError):  # a new database file is the owner's only (WAL/SHM follow it)
+                    os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            else:
+                self.must_exist = Path(str(parsed.database))
+                engine_url = parsed.set(database=f"file:{quote(str(parsed.database))}").update_query_dict(
+                    {"mode": "rw", "uri": "true"}
+                )
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            engine_url = engine_url.update_query_dict({"connect_timeout": PG_CONNECT_TIMEOUT})
+        try:
+            options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
+            gated = file_db and not read_only
+            connect_args = {"factory": _GatedConnection} if gated else {}
+            self.engine = create_engine(
+                engine_url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args, **options
+            )
+        except (ImportError, SQLAlchemyError) as exc:
+            raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
+        if self.is_sqlite:
+            gate = _WriterGate(Path(str(parsed.database)), busy_ms / 1000) if gated else None
+            _sqlite_pragmas(self.engine, gate, immediate=not read_only, busy_ms=busy_ms)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def _alembic(self) -> AlembicConfig:
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        return config
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(self._alembic()).get_current_head()
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply Alembic migrations up to ``revision`` (idempotent), in one transaction.
+
+        On SQLite, batch migrations rebuild a table (copy, drop, rename), and dropping a table
+        other rows reference fails while foreign keys are enforced; so, as Alembic's documentation
+        advises, enforcement is off for the migration and ``PRAGMA foreign_key_check`` must find
+        nothing before the commit. (The pragma is a no-op inside a transaction: it goes first.)
+        """
+        config = self._alembic()
+        with self.engine.connect() as connection:
+            if self.is_sqlite:
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+            try:
+                with connection.begin():
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, revision)
+                    if self.is_sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").first()):
+                        raise StoreError(f"migration left a dangling reference in table {broken[0]}; rolled back")
+            finally:
+                if self.is_sqlite:
+                    with suppress(sqlite3.Error):  # a broken connection is discarded by the pool anyway
+                        connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+
+    def ensure_schema(self) -> None:
+        """Upgrade when the schema is behind this code, as every first run needs."""
+        try:
+            if self.current_revision() != self.head_revision():
+                self.upgrade()
+        except SQLAlchemyError as exc:
+            if self.must_exist is not None and not self.must_exist.exists():
+                raise StoreError(
+                    f"the SQLite database {self.must_exist} does not exist (moved, or not set up yet: "
+                    "`chargepki init`); refusing to start an empty one"
+                ) from None
+            where = self.url.render_as_string(hide_password=True)
+            raise StoreError(f"database unavailable ({where}): {one_line(exc)}") from None
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,345 @@
+"""OCSP, in process: pre-signing at issuance and revocation, refreshing, signer rotation, and the
+keyless responder answering from the store or through the on-demand signer (real token, real
+Unix socket, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.issuance.csr import read_csr
+from ca.issuance.flow import issue, request_from_csr
+from ca.issuance.profiles import get_profile
+from ca.keys.pkcs11_token import Token
+from ca.status.revocation import revoke, unhold
+from ca.store.engine import Store
+from ca.store.models import Certificate, OcspResponse, StatusFeed
+from ca.work import Work
+from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
+from ocsp.responder import Responder
+from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
+from ocsp.signing import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
+from ocsp.source import CachedSource, StoreSource
+from tests.helpers import make_csr
+
+
+def _issue(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, cn: str = "CP-1") -> Certificate:
+    issuer = issuer_for(hierarchy.issuing, token)
+    request = request_from_csr(get_profile("charger"), read_csr(make_csr(cn)), issuer)
+    return issue(session, issuer, request, actor="test", status=status)
+
+
+def _certificates(hierarchy: Hierarchy, row: Certificate) -> tuple[x509.Certificate, x509.Certificate]:
+    assert row.der is not None
+    return x509.load_der_x509_certificate(row.der), x509.load_der_x509_certificate(hierarchy.issuing.certificate_der)
+
+
+def _request(leaf: x509.Certificate, issuer: x509.Certificate, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
+    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, algorithm or hashes.SHA1())
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def _stored(session: Session, row: Certificate, algorithm: str = "sha1") -> OcspResponse | None:
+    found = session.scalar(
+        select(OcspResponse)
+        .where(OcspResponse.serial == row.serial, OcspResponse.hash_algorithm == algorithm)
+        .execution_options(populate_existing=True)
+    )
+    session.commit()  # end the read: on SQLite every transaction holds the write lock the signer needs
+    return found
+
+
+def _verified(der: bytes, hierarchy: Hierarchy) -> ocsp.OCSPResponse:
+    """Parse and check the signature and the signer's delegation, as a relying party would."""
+    response = ocsp.load_der_ocsp_response(der)
+    assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    (signer,) = response.certificates
+    signer.verify_directly_issued_by(x509.load_der_x509_certificate(hierarchy.issuing.certificate_der))
+    assert (
+        x509.ExtendedKeyUsageOID.OCSP_SIGNING in signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
+    algorithm = ec.ECDSA(response.signature_hash_algorithm)  # type: ignore[arg-type]
+    signer.public_key().verify(response.signature, response.tbs_response_bytes, algorithm)  # type: ignore[call-arg]
+    assert response.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(signer.public_key()).digest  # type: ignore[arg-type]
+    return response
+
+
+# -- pre-signing ----------------------------------------------------------------------------------
+def test_issuance_stores_a_signed_good_response(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    stored = _stored(session, row)
+    assert stored is not None and stored.cert_status == "good"
+    response = _verified(stored.der, hierarchy)
+    assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert response.serial_number == int(row.serial, 16)
+    assert stored.next_update - stored.this_update == OcspPolicy().validity
+
+
+def test_revocation_re_signs_in_the_same_transaction_and_signals(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    before = session.scalar(select(StatusFeed.counter))
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    stored = _stored(session, row)
+    assert stored is not None and stored.cert_status == "revoked"
+    response = _verified(stored.der, hierarchy)
+    assert response.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert response.revocation_reason == x509.ReasonFlags.key_compromise
+    assert session.scalar(select(StatusFeed.counter)) == before + 1
+
+
+def test_a_released_hold_is_good_again(session: Session, hierarchy: Hierarchy, token: Token, status: Presigner) -> None:
+    row = _issue(session, hierarchy, token, status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="certificateHold")
+    held = _verified(_stored(session, row).der, hierarchy)  # type: ignore[union-attr]
+    assert held.revocation_reason == x509.ReasonFlags.certificate_hold
+    unhold(Work(session, "test", status=status), serial=row.serial)
+    assert _verified(_stored(session, row).der, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD  # type: ignore[union-attr]
+
+
+def test_an_unspecified_reason_is_left_out(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="unspecified")
+    response = _verified(_stored(session, row).der, hierarchy)  # type: ignore[union-attr]
+    assert response.certificate_status == ocsp.OCSPCertStatus.REVOKED and response.revocation_reason is None
+
+
+def test_a_revocation_the_token_cannot_sign_is_recorded_and_the_stale_response_dropped(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    signer_id = hierarchy.ocsp_signer.id
+    session.execute(update(Certificate).where(Certificate.id == signer_id).values(key_label="gone-from-the-token"))
+    session.commit()
+    revoke(Work(session, "test", status=Presigner(token)), serial=row.serial, reason="keyCompromise")
+    session.expire_all()
+    assert session.get(Certificate, row.id).status == "revoked"  # type: ignore[union-attr]
+    assert _stored(session, row) is None, "a good response must never outlive the revocation"
+
+
+def test_the_issuing_ca_is_answered_by_the_roots_own_signer(session: Session, hierarchy: Hierarchy) -> None:
+    stored = session.scalar(select(OcspResponse).where(OcspResponse.serial == hierarchy.issuing.serial))
+    assert stored is not None and stored.cert_status == "good"
+    response = ocsp.load_der_ocsp_response(stored.der)
+    (signer,) = response.certificates
+    signer.verify_directly_issued_by(x509.load_der_x509_certificate(hierarchy.root.certificate_der))
+
+
+# -- refreshing and rotation ----------------------------------------------------------------------
+def test_refresh_re_signs_after_half_the_validity_only(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    first = _stored(session, row)
+    assert first is not None
+    signed_at, first_next_update = first.this_update, first.next_update
+    assert refresh(session, status, signed_at + timedelta(hours=11)) == 0
+    late = signed_at + timedelta(hours=13)
+    assert refresh(session, status, late) >= 1
+    again = _stored(session, row)
+    assert again is not None and again.this_update == late.replace(microsecond=0)
+    assert again.next_update > first_next_update
+
+
+def test_refresh_fills_in_missing_responses(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    session.execute(OcspResponse.__table__.delete())
+    session.commit()
+    assert refresh(session, status, datetime.now(UTC)) >= 2  # the charger and the issuing CA
+    assert _stored(session, row) is not None
+
+
+def test_signers_rotate_with_a_third_of_their_life_left_and_responses_follow(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    signer_end = hierarchy.ocsp_signer.not_after
+    assert rotate_signers(session, status, actor="test", now=datetime.now(UTC), validity=timedelta(days=30)) == []
+    soon = signer_end - timedelta(days=5)
+    rotated = rotate_signers(session, status, actor="test", now=soon, validity=timedelta(days=30))
+    assert {authority.role for authority, _ in rotated} == {"root", "issuing"}
+    new_signer = next(signer for authority, signer in rotated if authority.role == "issuing")
+    refresh(session, status, soon)
+    stored = _stored(session, row)
+    assert stored is not None and stored.signer_serial == new_signer.serial
+    assert stored.next_update <= new_signer.not_after
+
+
+def test_no_response_outlives_its_signer(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    near_end = hierarchy.ocsp_signer.not_after - timedelta(hours=2)
+    session.execute(update(OcspResponse).values(next_update=near_end))  # force a refresh
+    session.commit()
+    refresh(session, status, near_end - timedelta(hours=1))
+    stored = _stored(session, row)
+    assert stored is not None and stored.next_update <= hierarchy.ocsp_signer.not_after
+
+
+# -- the responder ----------------------------------------------------------------------------------
+@pytest.fixture
+def responder(store: Store, hierarchy: Hierarchy, token: Token, tmp_path: Path) -> Iterator[Responder]:
+    """A responder on a read-only store, with an on-demand signer on a real Unix socket."""
+    socket_path = tmp_path / "signer.sock"
+    server = SignerServer(socket_path, OnDemandSigner(store, Presigner(token), rate=1000))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
+    source = CachedSource(StoreSource(reader))
+    yield Responder(source, SignerClient(socket_path))
+    source.close()
+    server.shutdown()
+    server.server_close()
+    reader.dispose()
+
+
+def test_the_responder_serves_the_stored_bytes(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    answer = responder.answer(_request(*_certificates(hierarchy, row)))
+    assert answer.body == _stored(session, row).der  # type: ignore[union-attr]
+    assert answer.cache is not None and answer.cache.etag.startswith('"')
+
+
+def test_a_revocation_reaches_a_responder_that_cached_good(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    pause = threading.Event()
+    for _ in range(50):  # the watcher polls every 0.1 s (SQLite) or is woken by NOTIFY (PostgreSQL)
+        if (
+            ocsp.load_der_ocsp_response(responder.answer(request).body).certificate_status
+            == ocsp.OCSPCertStatus.REVOKED
+        ):
+            break
+        pause.wait(0.1)
+    assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+
+
+def test_sha256_cert_ids_are_signed_on_first_use_then_served_from_the_store(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    assert _stored(session, row, "sha256") is None
+    answer = responder.answer(_request(*_certificates(hierarchy, row), hashes.SHA256()))
+    response = _verified(answer.body, hierarchy)
+    assert response.hash_algorithm.name == "sha256" and response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert _stored(session, row, "sha256") is not None
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="superseded")
+    assert _stored(session, row, "sha256").cert_status == "revoked", "every stored hash is re-signed"  # type: ignore[union-attr]
+
+
+def test_an_unknown_serial_is_answered_unknown(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    known = ocsp.load_der_ocsp_request(_request(*_certificates(hierarchy, _issue(session, hierarchy, token, status))))
+    request = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        known.issuer_name_hash, known.issuer_key_hash, 12345, hashes.SHA1()
+    )
+    der = request.build().public_bytes(serialization.Encoding.DER)
+    response = _verified(responder.answer(der).body, hierarchy)
+    assert response.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+
+
+def test_several_cert_ids_are_answered_in_one_response(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    first = _issue(session, hierarchy, token, status, "CP-A")
+    second = _issue(session, hierarchy, token, status, "CP-B")
+    revoke(Work(session, "test", status=status), serial=second.serial, reason="keyCompromise")
+    from asn1crypto import ocsp as asn1_ocsp
+
+    single = [
+        asn1_ocsp.OCSPRequest.load(_request(*_certificates(hierarchy, row)))["tbs_request"]["request_list"][0]
+        for row in (first, second)
+    ]
+    der = asn1_ocsp.OCSPRequest({"tbs_request": {"request_list": single}}).dump()
+    response = _verified(responder.answer(der).body, hierarchy)
+    statuses = {single.serial_number: single.certificate_status for single in response.responses}
+    assert statuses == {
+        int(first.serial, 16): ocsp.OCSPCertStatus.GOOD,
+        int(second.serial, 16): ocsp.OCSPCertStatus.REVOKED,
+    }
+
+
+def test_an_issuer_it_does_not_serve_is_unauthorized(responder: Responder, hierarchy: Hierarchy) -> None:
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate_by_hash(b"\x01" * 20, b"\x02" * 20, 7, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert responder.answer(der).body == UNAUTHORIZED
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"", b"\x30", b"\x30\x03\x02\x01\x01", b"not der at all", b"\x30\x82\xff\xff" + b"A" * 50]
+)
+def test_garbage_is_malformed(responder: Responder, garbage: bytes) -> None:
+    assert responder.answer(garbage).body == MALFORMED_REQUEST
+
+
+def test_a_response_past_next_update_is_never_served(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    stale_der = _stored(session, row).der  # type: ignore[union-attr]
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    session.execute(update(OcspResponse).where(OcspResponse.serial == row.serial).values(next_update=past))
+    session.commit()
+    answer = responder.answer(_request(*_certificates(hierarchy, row)))
+    assert answer.body != stale_der
+    assert _verified(answer.body, hierarchy).next_update_utc > datetime.now(UTC)
+
+
+def test_without_its_store_the_responder_says_try_later(tmp_path: Path) -> None:
+    unreachable = Store("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1", read_only=True)
+    source = CachedSource(StoreSource(unreachable))
+    responder = Responder(source, None)
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate_by_hash(b"\x01" * 20, b"\x02" * 20, 7, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert responder.answer(der).body == TRY_LATER
+    source.close()
+
+
+def test_without_its_signer_the_responder_says_try_later(
+    store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
+) -> None:
+    leaf, issuer = _certificates(hierarchy, _issue(session, hierarchy, token, status))
+    reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
+    source = CachedSource(StoreSource(reader))
+    responder = Responder(source, SignerClient(tmp_path / "nobody.sock"))
+    assert responder.answer(_request(leaf, issuer, hashes.SHA256())).body == TRY_LATER
+    assert (
+        _verified(responder.answer(_request(leaf, issuer)).body, hierarchy).certificate_status
+        == ocsp.OCSPCertStatus.GOOD
+    )
+    source.close()
+    reader.dispose()
