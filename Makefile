@@ -68,7 +68,7 @@ lint: setup
 
 # Hostile input: a coverage-guided atheris session over the edge parsers, FUZZ_SECONDS in all
 # (default 5 minutes, plus ~10 s set-up per target); exits 1 when it found something. Then the
-# CSMS API's schema-driven fuzz (tests/test_api_app.py, hypothesis-jsonschema from the OpenAPI
+# CSMS API's schema-driven fuzz (tests/web/test_api_app.py, hypothesis-jsonschema from the OpenAPI
 # document, starting from real requests that succeed) for API_FUZZ_SECONDS per database.
 FUZZ_SECONDS ?= 300
 API_FUZZ_SECONDS ?= 300
@@ -80,12 +80,12 @@ fuzz: setup $(VENV)/.fuzz-installed
 	exit $$status
 
 fuzz-api: setup
-	API_FUZZ_SECONDS=$(API_FUZZ_SECONDS) $(BIN)/pytest -q -p no:xdist tests/test_api_app.py \
+	API_FUZZ_SECONDS=$(API_FUZZ_SECONDS) $(BIN)/pytest -q -p no:xdist tests/web/test_api_app.py \
 	  -k test_schema_valid_requests_are_never_refused_by_the_schema_nor_answered_5xx
 
-# The property tests of tests/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
+# The property tests of tests/**/test_hostile_*.py with a large budget (hypothesis' "fuzz" profile).
 fuzz-props: setup
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/test_hostile_http.py tests/test_hostile_cli.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_hostile_parsers.py tests/web/test_hostile_http.py tests/cli/test_hostile_cli.py
 
 $(VENV)/.fuzz-installed: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,fuzz]'

@@ -51,6 +51,8 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import chargepki_command as chargepki  # noqa: E402
+from bench.harness import free_port, wait_for  # noqa: E402
 from ca.config import load_config, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
@@ -58,16 +60,6 @@ from ca.registry.secrets import issue_secret  # noqa: E402
 from ca.work import Work  # noqa: E402
 
 ORG = "Abuse Bench CPO"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def chargepki(home: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "--home", str(home), *args]
 
 
 @dataclass
@@ -205,17 +197,6 @@ def install(work: Path, mode: str, devices: int) -> Installation:
             secrets.append((serial, issue_secret(Work(session, "bench:abuse"), device=device)))
     pki.close()
     return Installation(home, est_port, ocsp_port, root, x509.load_pem_x509_certificate(parts[0].encode()), secrets)
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
 
 
 def enroll_once(inst: Installation, serial: str, secret: str, timeout: float) -> x509.Certificate | None:

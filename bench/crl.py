@@ -41,6 +41,7 @@ from cryptography import x509
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import machine  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.authorities.issuers import get_authority, issuer_for  # noqa: E402
 from ca.config import embedded_defaults, write_config  # noqa: E402
@@ -335,18 +336,9 @@ def serialization_der():  # type: ignore[no-untyped-def]
 
 
 # -- report ------------------------------------------------------------------------------------------
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+def machine_and_tools() -> str:
     openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
-    return f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB, Python {platform.python_version()}, {openssl}"
+    return f"{machine()}, Python {platform.python_version()}, {openssl}"
 
 
 def report(sizes: list[int], results: dict[int, dict[str, Measure]]) -> str:
@@ -358,7 +350,7 @@ def report(sizes: list[int], results: dict[int, dict[str, Measure]]) -> str:
     }
     lines = [
         f"CRL with N revoked entries, EC P-256 CA, same entries for every row, one run on the same machine "
-        f"({time.strftime('%Y-%m-%d')}): {machine()}.",
+        f"({time.strftime('%Y-%m-%d')}): {machine_and_tools()}.",
         "",
         "The entries are bulk-inserted rows (random 159-bit serials, revocation times over two years, a third with "
         "a reason, half of the keyCompromise ones with an invalidity date), not certificates the CA signed. "

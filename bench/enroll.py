@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import free_port, tree_cpu_seconds, wait_for  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
@@ -61,26 +61,6 @@ CREATE TABLE ocsp_responses (serial_number blob NOT NULL, authority_key_identifi
   FOREIGN KEY(serial_number, authority_key_identifier)
     REFERENCES certificates(serial_number, authority_key_identifier));
 """
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process and its descendants (gunicorn's workers), from /proc."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()  # utime, stime are fields 14 and 15
-            total += int(fields[11]) + int(fields[12])
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / CLOCK_TICKS
 
 
 @dataclass
@@ -103,25 +83,6 @@ class Result:
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-1500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text()[-1500:]}")
 
 
 def csrs(names: list[str]) -> list[x509.CertificateSigningRequest]:

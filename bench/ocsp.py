@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,18 @@ from sqlalchemy import func, insert, select
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import (  # noqa: E402
+    Processes,
+    chargepki_command,
+    cmdline,
+    cpu_seconds,
+    descendants,
+    free_port,
+    machine,
+    rss_mb,
+    wait_for,
+    wait_for_line,
+)
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.authorities.issuers import default_issuing_ca, issuer_for, public_key_sha256  # noqa: E402
 from ca.config import Config, embedded_defaults, write_config  # noqa: E402
@@ -65,8 +76,6 @@ from ocsp.signing import SingleStatus  # noqa: E402
 
 ORG = "Bench Charging"
 CHUNK = 5000
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
 # wrk script: requests are length-prefixed records in a file (DER bodies for POST, URL paths for GET).
 WRK_LUA = """
 -- No probe connection before the run: openssl ocsp 3.0 spins forever on a connection closed without a request.
@@ -96,105 +105,6 @@ end
 
 
 # -- processes -------------------------------------------------------------------------------------
-class Processes:
-    """Every server this run starts, each in its own process group, so a whole tree is stopped by its group id."""
-
-    def __init__(self) -> None:
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, command: Sequence[str], log: Path, cwd: Path = ROOT, env: dict[str, str] | None = None):
-        process = subprocess.Popen(
-            list(command), cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, process_group=0
-        )
-        self.running.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            try:
-                process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with suppress(ProcessLookupError):  # workers left behind by a parent that died first
-            os.killpg(process.pid, signal.SIGKILL)
-        if process in self.running:
-            self.running.remove(process)
-
-    def stop_all(self) -> None:
-        for process in list(reversed(self.running)):
-            self.stop(process)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text(errors='replace')[-1500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text(errors='replace')[-1500:]}")
-
-
-def wait_for_line(log: Path, process: subprocess.Popen[bytes], marker: str, timeout: float = 60) -> None:
-    """For openssl ocsp: a probe connection closed without a request stalls its responder (3.0.x)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if marker in text:
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {text[-1500:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"server did not start: {log.read_text(errors='replace')[-1500:]}")
-
-
-def descendants(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        with suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-    return found
-
-
-def rss_mb(pid: int) -> float:
-    with suppress(OSError), open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cmdline(pid: int) -> str:
-    with suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
-        return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    return ""
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0
-    for pid in pids:
-        with suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
 @dataclass
 class Memory:
     """RSS of a server's processes: the ones serving HTTP (workers) and the rest (main, signer)."""
@@ -211,16 +121,16 @@ class Memory:
 def memory(root_pid: int, kind: str) -> Memory:
     pids = descendants(root_pid)
     if kind != "chargepki":
-        return Memory([rss_mb(pid) for pid in pids], {})
+        return Memory([(rss_mb(pid) or 0.0) for pid in pids], {})
     workers, others = [], {}
     for pid in pids:
         line = cmdline(pid)
         if "ocsp signer" in line:
-            others["on-demand signer"] = rss_mb(pid)
+            others["on-demand signer"] = rss_mb(pid) or 0.0
         elif pid == root_pid:
-            others["main"] = rss_mb(pid)
+            others["main"] = rss_mb(pid) or 0.0
         else:
-            workers.append(rss_mb(pid))
+            workers.append(rss_mb(pid) or 0.0)
     return Memory(workers, others)
 
 
@@ -236,10 +146,6 @@ class DataSet:
     not_after: datetime | None = None
     timings: dict[str, float] = field(default_factory=dict)
     refreshes: list[tuple[int, int, float]] = field(default_factory=list)  # (rows in table, signed, seconds)
-
-
-def chargepki_command(home: Path, *arguments: str) -> list[str]:
-    return [sys.executable, "-c", "from cli.main import main; main()", "--home", str(home), *arguments]
 
 
 def make_dataset(work: Path, count: int, database_url: str | None, refresh_sizes: Sequence[int]) -> DataSet:
@@ -722,15 +628,6 @@ def grow(data: DataSet, total: int) -> tuple[float, list[int]]:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def machine() -> str:
-    model = "unknown CPU"
-    with suppress(OSError), open("/proc/cpuinfo") as handle:
-        model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-    with open("/proc/meminfo") as handle:
-        total = int(handle.readline().split()[1]) // 1024
-    return f"{os.cpu_count()} CPUs ({model}), {total} MB RAM, {platform.system()} {platform.release()}"
-
-
 def versions() -> str:
     def first_line(command: list[str]) -> str:
         with suppress(OSError, subprocess.CalledProcessError):
@@ -823,10 +720,45 @@ def main() -> int:
     return 0
 
 
+@dataclass
+class Workload:
+    """What the load generator sends: a sample of the data set's certificates as OCSP requests."""
+
+    exported: list[tuple[str, str, bytes]]  # every pre-signed response: (serial, status, DER)
+    sample: list[int]
+    revoked_in_sample: int
+    post_records: Path
+    get_records: Path
+    checks: list[tuple[bytes, str]]  # answers checked before each run: (request, expected status)
+
+
+@dataclass
+class Results:
+    runs: list[Run]  # cfssl first: the baseline of every table
+    cfssl_load: float
+    multi: bool
+    one: Propagation
+    two: Propagation
+    big_lines: list[str]
+
+
 def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> list[str]:
+    """The whole run: the data set, the peers, chargepki, revocation propagation, the big data set; the report."""
     database = "PostgreSQL" if args.database_url and args.database_url.startswith("postgres") else "SQLite"
     print(f"signing {args.certs} certificates in the token ({database}) …", file=sys.stderr)
     data = make_dataset(work, args.certs, args.database_url, [int(n) for n in args.refresh_stages.split(",") if n])
+    load = workload(work, args, data)
+    cfssl_run, cfssl_load = run_cfssl(work, args, processes, load)
+    openssl_runs, multi = run_openssl(work, args, processes, data, load.sample)
+    chargepki_runs = run_chargepki(work, args, processes, data, load)
+    one, two = run_propagation(work, args, processes, data)
+    runs = [cfssl_run, *openssl_runs, *chargepki_runs]
+    big_lines = run_big(work, args, processes, data, cfssl_run) if args.big > args.certs else []
+    return report(args, database, data, load, Results(runs, cfssl_load, multi, one, two, big_lines))
+
+
+def workload(work: Path, args: argparse.Namespace, data: DataSet) -> Workload:
+    """Checks the store holds one right response per certificate, then writes the request files wrk reads."""
     exported = stored_responses(data)
     assert len(exported) == args.certs, f"{len(exported)} pre-signed responses for {args.certs} certificates"
     by_serial = {int(serial, 16): status for serial, status, _ in exported}
@@ -834,7 +766,6 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
 
     rng = random.Random(2)
     sample = rng.sample(data.serials, min(args.distinct, len(data.serials)))
-    revoked_in_sample = sum(1 for s in sample if s in data.revoked)
     requests = [ocsp_request(data.issuer_name_hash, data.issuer_key_hash, s) for s in sample]
     post_records = write_records(work / "post.bin", requests)
     get_records = write_records(work / "get.bin", [base64.urlsafe_b64encode(der).rstrip(b"=") for der in requests])
@@ -842,43 +773,34 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
     checks = list(zip(requests, expected, strict=True))[:300] + [
         (der, status) for der, status in zip(requests, expected, strict=True) if status == "revoked"
     ]
+    revoked_in_sample = sum(1 for s in sample if s in data.revoked)
+    return Workload(exported, sample, revoked_in_sample, post_records, get_records, checks)
 
-    runs: list[Run] = []
-    # cfssl ocspserve over the very responses chargepki pre-signed (base64 DER, one per line).
+
+def run_cfssl(work: Path, args: argparse.Namespace, processes: Processes, load: Workload) -> tuple[Run, float]:
+    """cfssl ocspserve over the very responses chargepki pre-signed (base64 DER, one per line); and its load time."""
     cfssl_dir = work / "cfssl"
     cfssl_dir.mkdir()
-    (cfssl_dir / "responses").write_text("".join(base64.b64encode(der).decode() + "\n" for _, _, der in exported))
+    (cfssl_dir / "responses").write_text("".join(base64.b64encode(der).decode() + "\n" for _, _, der in load.exported))
     port = free_port()
     log = cfssl_dir / "serve.log"
     started = time.perf_counter()
-    process = processes.start(
-        [
-            "cfssl",
-            "ocspserve",
-            "-address",
-            "127.0.0.1",
-            "-port",
-            str(port),
-            "-responses",
-            "responses",
-            "-loglevel",
-            "5",
-        ],
-        log,
-        cwd=cfssl_dir,
-    )
+    command = ["cfssl", "ocspserve", "-address", "127.0.0.1", "-port", str(port), "-responses", "responses"]
+    process = processes.start([*command, "-loglevel", "5"], log, cwd=cfssl_dir)
     wait_for(port, process, log)
     cfssl_load = time.perf_counter() - started
-    check_answers(port, "/", checks)
+    check_answers(port, "/", load.checks)
     print("cfssl ocspserve …", file=sys.stderr)
-    runs.append(
-        wrk(
-            work, "cfssl ocspserve (pre-signed file), POST", "/", port, post_records, "POST", args, process.pid, "cfssl"
-        )
-    )
+    name = "cfssl ocspserve (pre-signed file), POST"
+    run = wrk(work, name, "/", port, load.post_records, "POST", args, process.pid, "cfssl")
     processes.stop(process)
+    return run, cfssl_load
 
-    # openssl ocsp: its own CA and signer, the same serials and statuses, signs every answer.
+
+def run_openssl(
+    work: Path, args: argparse.Namespace, processes: Processes, data: DataSet, sample: list[int]
+) -> tuple[list[Run], bool]:
+    """openssl ocsp: its own CA and signer, the same serials and statuses, signs every answer; 1 and 2 processes."""
     peer, name_hash, key_hash = openssl_peer(work / "openssl", data)
     openssl_requests = [ocsp_request(name_hash, key_hash, s) for s in sample]
     openssl_records = write_records(work / "openssl.bin", openssl_requests)
@@ -886,6 +808,7 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         (ocsp_request(name_hash, key_hash, s), "revoked" if s in data.revoked else "good") for s in sample[:300]
     ]
     multi = openssl_multi()
+    runs = []
     for children in [1, 2] if multi else [1]:
         port = free_port()
         command = ["openssl", "ocsp", "-index", "index.txt", "-port", str(port), "-rsigner", "signer.pem"]
@@ -909,54 +832,42 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
             time.sleep(0.3 if children == 1 else 1.5)
             return process.pid
 
-        check_answers_at = start_openssl()
+        server = start_openssl()
         check_answers(port, "/", openssl_checks)
         label = "1 process" if children == 1 else f"-multi {children} (child processes)"
         print(f"openssl ocsp {label} …", file=sys.stderr)
-        runs.append(
-            wrk(
-                work,
-                f"openssl ocsp, {label}, POST",
-                "/",
-                port,
-                openssl_records,
-                "POST",
-                args,
-                check_answers_at,
-                "openssl",
-                restart=start_openssl,
-            )
-        )
+        name = f"openssl ocsp, {label}, POST"
+        runs.append(wrk(work, name, "/", port, openssl_records, "POST", args, server, "openssl", restart=start_openssl))
         for process in current:
             processes.stop(process)
+    return runs, multi
 
-    # chargepki: granian (POST, GET), gunicorn (POST); 2 workers each.
+
+def run_chargepki(
+    work: Path, args: argparse.Namespace, processes: Processes, data: DataSet, load: Workload
+) -> list[Run]:
+    """chargepki: granian (POST, GET), gunicorn (POST); 2 workers each."""
+    runs = []
     for server, method, records in (
-        ("granian", "POST", post_records),
-        ("granian", "GET", get_records),
-        ("gunicorn", "POST", post_records),
+        ("granian", "POST", load.post_records),
+        ("granian", "GET", load.get_records),
+        ("gunicorn", "POST", load.post_records),
     ):
         port = free_port()
         process = start_chargepki(processes, data, work, port, server, f"{server}-{method}")
-        check_answers(port, "/ocsp", checks)
+        check_answers(port, "/ocsp", load.checks)
         url_path = "/ocsp" if method == "POST" else "/ocsp/"
         print(f"chargepki {server} {method} …", file=sys.stderr)
-        runs.append(
-            wrk(
-                work,
-                f"chargepki serve ocsp, {server}, 2 workers, {method}",
-                url_path,
-                port,
-                records,
-                method,
-                args,
-                process.pid,
-                "chargepki",
-            )
-        )
+        name = f"chargepki serve ocsp, {server}, 2 workers, {method}"
+        runs.append(wrk(work, name, url_path, port, records, method, args, process.pid, "chargepki"))
         processes.stop(process)
+    return runs
 
-    # Revocation → revoked: one responder process (2 workers), then two processes sharing one signer.
+
+def run_propagation(
+    work: Path, args: argparse.Namespace, processes: Processes, data: DataSet
+) -> tuple[Propagation, Propagation]:
+    """Revocation → revoked: one responder process (2 workers), then two processes sharing one signer."""
     candidates = [s for s in data.serials if s not in data.revoked]
     picked = random.Random(3).sample(candidates, min(len(candidates), 2 * args.revocations))
     port_a, port_b = free_port(), free_port()
@@ -973,57 +884,63 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
     )
     processes.stop(second)
     processes.stop(first)
+    return one, two
 
-    big_lines: list[str] = []
-    if args.big > args.certs:
-        print(f"growing the data set to {args.big} rows …", file=sys.stderr)
-        grow_seconds, extra = grow(data, args.big)
-        everything = data.serials + extra
-        big_sample = random.Random(4).sample(everything, min(len(everything), 100_000))
-        big_requests = [ocsp_request(data.issuer_name_hash, data.issuer_key_hash, s) for s in big_sample]
-        big_records = write_records(work / "big.bin", big_requests)
-        port = free_port()
-        process = start_chargepki(processes, data, work, port, "granian", "big")
-        idle = memory(process.pid, "chargepki")
-        print("chargepki on the big data set …", file=sys.stderr)
-        big_run = wrk(
-            work,
-            f"chargepki serve ocsp, granian, 2 workers, POST, {args.big:,} rows",
-            "/ocsp",
-            port,
-            big_records,
-            "POST",
-            args,
-            process.pid,
-            "chargepki",
-        )
-        processes.stop(process)
-        size = sum(p.stat().st_size for p in data.home.glob("chargepki.db*"))
-        big_lines = [
-            "",
-            f"## Memory and lookups with {args.big:,} certificates",
-            "",
-            f"{args.big:,} certificate rows and {args.big:,} pre-signed SHA-1 responses: the {args.certs:,} real ones "
-            f"above plus {args.big - args.certs:,} rows added with bulk inserts in {grow_seconds:.0f} s whose "
-            "certificate and response blobs are copies of one real certificate / one real good or revoked response "
-            "(1% revoked), since only memory and lookup speed matter here. "
-            + (f"SQLite file {size / 2**20:,.0f} MB. " if size else "")
-            + f"wrk rotates over {len(big_sample):,} distinct serials drawn from all rows (more than the "
-            "50,000-entry per-worker cache, so many lookups reach the database).",
-            "",
-            f"RSS after start, before any request: {idle.describe()}. The vs-cfssl column compares with "
-            f"cfssl's run above ({args.certs:,} responses).",
-            "",
-            *table([big_run], runs[0]),
-        ]
 
-    timings = data.timings
-    cfssl_run = runs[0]
-    best = max((r for r in runs if r.name.startswith("chargepki")), key=lambda r: r.rate)
-    lines = [
+def run_big(work: Path, args: argparse.Namespace, processes: Processes, data: DataSet, baseline: Run) -> list[str]:
+    """Memory and lookups once the data set has grown to ``--big`` rows; the report's section on it."""
+    print(f"growing the data set to {args.big} rows …", file=sys.stderr)
+    grow_seconds, extra = grow(data, args.big)
+    everything = data.serials + extra
+    big_sample = random.Random(4).sample(everything, min(len(everything), 100_000))
+    big_requests = [ocsp_request(data.issuer_name_hash, data.issuer_key_hash, s) for s in big_sample]
+    big_records = write_records(work / "big.bin", big_requests)
+    port = free_port()
+    process = start_chargepki(processes, data, work, port, "granian", "big")
+    idle = memory(process.pid, "chargepki")
+    print("chargepki on the big data set …", file=sys.stderr)
+    name = f"chargepki serve ocsp, granian, 2 workers, POST, {args.big:,} rows"
+    big_run = wrk(work, name, "/ocsp", port, big_records, "POST", args, process.pid, "chargepki")
+    processes.stop(process)
+    size = sum(p.stat().st_size for p in data.home.glob("chargepki.db*"))
+    return [
+        "",
+        f"## Memory and lookups with {args.big:,} certificates",
+        "",
+        f"{args.big:,} certificate rows and {args.big:,} pre-signed SHA-1 responses: the {args.certs:,} real ones "
+        f"above plus {args.big - args.certs:,} rows added with bulk inserts in {grow_seconds:.0f} s whose "
+        "certificate and response blobs are copies of one real certificate / one real good or revoked response "
+        "(1% revoked), since only memory and lookup speed matter here. "
+        + (f"SQLite file {size / 2**20:,.0f} MB. " if size else "")
+        + f"wrk rotates over {len(big_sample):,} distinct serials drawn from all rows (more than the "
+        "50,000-entry per-worker cache, so many lookups reach the database).",
+        "",
+        f"RSS after start, before any request: {idle.describe()}. The vs-cfssl column compares with "
+        f"cfssl's run above ({args.certs:,} responses).",
+        "",
+        *table([big_run], baseline),
+    ]
+
+
+def report(args: argparse.Namespace, database: str, data: DataSet, load: Workload, results: Results) -> list[str]:
+    """results-ocsp.md: the machine, the data set, throughput and latency, propagation, the big data set."""
+    return [
         "# OCSP responder benchmark",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; {versions()}.",
+        *report_data_set(args, database, data),
+        *report_throughput(args, load, results),
+        *report_propagation(args, results),
+        *results.big_lines,
+        "",
+        "Reproduce: `make bench-ocsp` (or `.venv/bin/python bench/ocsp.py --certs N --duration S "
+        "--connections C --big M`).",
+    ]
+
+
+def report_data_set(args: argparse.Namespace, database: str, data: DataSet) -> list[str]:
+    timings = data.timings
+    return [
         "",
         "## Data set",
         "",
@@ -1054,6 +971,15 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
             else ""
         ),
         "",
+    ]
+
+
+def report_throughput(args: argparse.Namespace, load: Workload, results: Results) -> list[str]:
+    runs, cfssl_run, multi = results.runs, results.runs[0], results.multi
+    sample, checks, exported = load.sample, load.checks, load.exported
+    revoked_in_sample, cfssl_load = load.revoked_in_sample, results.cfssl_load
+    best = max((r for r in runs if r.name.startswith("chargepki")), key=lambda r: r.rate)
+    return [
         "## Throughput and latency",
         "",
         f"wrk, {args.threads} thread, {args.connections} keep-alive connections, {args.warmup:.0f} s warm-up then "
@@ -1083,6 +1009,12 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         f"Target: at least 2× cfssl's throughput and p99 under 10 ms. Best chargepki row: "
         f"{best.rate / cfssl_run.rate:.2f}× cfssl, p99 {best.p99_ms:.2f} ms.",
         "",
+    ]
+
+
+def report_propagation(args: argparse.Namespace, results: Results) -> list[str]:
+    one, two = results.one, results.two
+    return [
         "## Revocation → `revoked` at the responders",
         "",
         f"{args.revocations} revocations per row, one at a time, through `ca.status.revocation.revoke` with a "
@@ -1099,12 +1031,7 @@ def benchmark(work: Path, args: argparse.Namespace, processes: Processes) -> lis
         summary(two),
         "",
         f"Max over both scenarios (every connection revoked): {max(max(one.all_ms), max(two.all_ms)):.0f} ms.",
-        *big_lines,
-        "",
-        "Reproduce: `make bench-ocsp` (or `.venv/bin/python bench/ocsp.py --certs N --duration S "
-        "--connections C --big M`).",
     ]
-    return lines
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import cmdline, descendants, free_port, parent, rss_mb  # noqa: E402
 from ca.config import Config, EstSettings, OcspSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
@@ -86,59 +87,21 @@ SAMPLE_SECONDS = 5.0
 
 
 # -- processes and memory ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        with suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending.extend(int(child) for child in handle.read().split())
-    return found
-
-
-def rss_mb(pid: int) -> float | None:
-    with suppress(OSError), open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def _cmdline(pid: int) -> str:
-    with suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
-        return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    return ""
-
-
-def _parent(pid: int) -> int:
-    with suppress(OSError, IndexError, ValueError), open(f"/proc/{pid}/stat") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[1])
-    return 0
-
-
 def processes(root: int) -> dict[int, str]:
     """Every process of the `chargepki run` tree, named for what it does."""
     names: dict[int, str] = {}
     counters: dict[str, int] = defaultdict(int)
     for pid in sorted(descendants(root)):
-        line, parent = _cmdline(pid), _parent(pid)
+        line, parent_pid = cmdline(pid), parent(pid)
         if pid == root:
             name = "EST gunicorn master (chargepki run)"
-        elif parent == root and " serve ocsp" in line:
+        elif parent_pid == root and " serve ocsp" in line:
             name = "OCSP responder main (granian)"
         elif " ocsp signer" in line:
             name = "OCSP signer + refresher"
         elif " crl publish" in line:
             name = "CRL publisher --watch"
-        elif parent == root:
+        elif parent_pid == root:
             counters["est"] += 1
             name = f"EST worker {counters['est']}"
         else:

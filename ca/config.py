@@ -146,6 +146,10 @@ class FrontDoorSettings:
     send_timeout_seconds: int = 10  # between two writes of the response
     keepalive_timeout_seconds: int = 15  # an idle keep-alive connection is closed after this
     verify_client_certificates: bool = True  # EST/API: ask for (optional) client certificates
+    # When chargepki runs as root, nginx's workers run as this account ("": the home's owner when that is
+    # not root, else nobody); they reach only the application sockets (home and run dir 0710 for its group).
+    user: str = ""
+    log_max_megabytes: int = 64  # access.log / error.log are rotated to .1 beyond this (nginx reopens them)
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,8 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
     "send_timeout_seconds": int,
     "keepalive_timeout_seconds": int,
     "verify_client_certificates": bool,
+    "user": str,
+    "log_max_megabytes": int,
 }
 
 

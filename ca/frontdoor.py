@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
+import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -35,6 +38,7 @@ CLIENT_CERT_HEADER = "X-Chargepki-Client-Cert"  # set by the proxy only: URL-enc
 TRUSTED_UNIX = "unix"  # an est.trusted_proxies entry: the peers of the service's Unix socket (the proxy)
 _SEARCH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,87 @@ class Site:
     upstream: Path  # the application server's Unix socket
     max_body: int  # bytes; 413 beyond
     tls: Tls | None = None
+
+
+@dataclass(frozen=True)
+class Account:
+    """The unprivileged account nginx's worker processes run as (its master keeps root to bind ports)."""
+
+    user: str
+    group: str
+    uid: int
+    gid: int
+
+
+def _can_enter(account: Account, directory: Path) -> bool:
+    info = directory.stat()
+    if info.st_uid == account.uid:
+        return bool(info.st_mode & 0o100)
+    groups = {account.gid} | {g.gr_gid for g in grp.getgrall() if account.user in g.gr_mem}
+    if info.st_gid in groups:
+        return bool(info.st_mode & 0o010)
+    return bool(info.st_mode & 0o001)
+
+
+def blocking_ancestor(account: Account, home: Path) -> Path | None:
+    """The first directory above the home that ``account`` may not enter (then it cannot reach the sockets)."""
+    for directory in reversed(home.parents):
+        if not _can_enter(account, directory):
+            return directory
+    return None
+
+
+def worker_account(settings: FrontDoorSettings, home: Path) -> Account | None:
+    """When chargepki runs as root: ``front_door.user``, else the home's owner unless that is root, else
+    ``nobody``. ``None`` when not root: the workers then run as the calling user, who owns everything.
+
+    Also ``None`` (workers as root, with a warning) when an unset ``front_door.user`` would give an
+    account that cannot enter a directory above the home (e.g. a home under ``/root``)."""
+    if os.geteuid() != 0:
+        return None
+    name = settings.user
+    if not name:
+        owner = home.stat().st_uid
+        name = pwd.getpwuid(owner).pw_name if owner != 0 else "nobody"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"front_door.user: no account {name!r} on this host") from None
+    if entry.pw_uid == 0:
+        return None  # asked for, or the home's owner: workers as root (`user root`)
+    account = Account(name, grp.getgrgid(entry.pw_gid).gr_name, entry.pw_uid, entry.pw_gid)
+    blocked = blocking_ancestor(account, home)
+    if blocked is not None:
+        if settings.user:
+            raise ConfigError(f"front_door.user {name!r} cannot enter {blocked}, so not reach the sockets in {home}")
+        log.warning(
+            "front door: nginx's workers run as root: %s cannot enter %s (set front_door.user to an account "
+            "that can reach %s, or move the home)",
+            name,
+            blocked,
+            home,
+        )
+        return None
+    return account
+
+
+def open_path_for(account: Account, home: Path, directories: tuple[Path, ...]) -> None:
+    """Let ``account`` reach the application sockets and nginx's temporary files: the home and the given
+    directories under it become 0710 with the account's group (enter, never list; every file in them
+    stays 0600 and every other directory 0700). Nothing changes when the account owns the home."""
+    if home.stat().st_uid == account.uid:
+        return
+    for directory in (home, *directories):
+        os.chown(directory, -1, account.gid)
+        directory.chmod(0o710)
+
+
+def admit(account: Account | None, path: Path) -> None:
+    """Hand an application server's Unix socket (0600) to nginx's worker account: only it (and root) may
+    connect, so the headers the proxy sets still come only from the proxy."""
+    if account is not None:
+        os.chown(path, account.uid, account.gid)
+        path.chmod(0o600)
 
 
 def run_dir(config: Config) -> Path:
@@ -86,10 +171,13 @@ def _listen_address(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def render(settings: FrontDoorSettings, site: Site, workdir: Path) -> str:
-    """nginx.conf for one site. Every limit comes from ``[front_door]``; see docs/front-door.md."""
+def render(settings: FrontDoorSettings, site: Site, workdir: Path, account: Account | None = None) -> str:
+    """nginx.conf for one site. Every limit comes from ``[front_door]``; see docs/front-door.md.
+    ``account``: the unprivileged account of the worker processes when nginx starts as root."""
     tls = site.tls
-    user = "user root;\n" if os.geteuid() == 0 else ""  # else the workers would become nobody
+    user = f"user {account.user} {account.group};\n" if account is not None else ""
+    if account is None and os.geteuid() == 0:
+        user = "user root;\n"  # else nginx would make its workers nobody, who cannot reach the sockets
     ssl_lines = ""
     client_cert = ""
     if tls is not None:
@@ -220,12 +308,16 @@ def die_with_parent() -> None:
 
 def spawn(command: list[str], environ: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A supervised child in its own process group (so :func:`stop_child` reaches its workers too, and a
-    Ctrl-C reaches only the supervisor, which stops the children in order), SIGTERMed if the supervisor dies."""
+    Ctrl-C reaches only the supervisor, which stops the children in order), SIGTERMed if the supervisor dies.
+
+    A process group, not a new session: with Linux's scheduler autogroups (one per session) a child
+    in a session of its own is scheduled as a separate group, and the request path nginx → responder
+    then cost about twice the CPU per request on 2 cores (bench/ocsp_paths.py)."""
     return subprocess.Popen(
         command,
         env=dict(environ) if environ is not None else None,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        process_group=0,
         preexec_fn=die_with_parent,
     )
 
@@ -259,9 +351,14 @@ class Nginx:
         self.workdir = run_dir(config) / f"nginx-{site.service}"
         for sub in ("", "tmp"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.account = worker_account(config.front_door, config.home)
+        if self.account is not None:  # the workers reach the sockets and their temporary files, nothing else
+            open_path_for(self.account, config.home, (run_dir(config), self.workdir))
+            os.chown(self.workdir / "tmp", self.account.uid, self.account.gid)
         self.conf = self.workdir / "nginx.conf"
-        self.conf.write_text(render(config.front_door, site, self.workdir), encoding="utf-8")
+        self.conf.write_text(render(config.front_door, site, self.workdir, self.account), encoding="utf-8")
         self.environ = child_environment(environ, config.pkcs11.pin_env)
+        self.log_max_bytes = config.front_door.log_max_megabytes * 1024 * 1024
         self.process: subprocess.Popen[bytes] | None = None
 
     def _command(self, *extra: str) -> list[str]:
@@ -288,6 +385,7 @@ class Nginx:
         check = subprocess.run(self._command("-t", "-q"), capture_output=True, env=self.environ, check=False)
         if check.returncode != 0:
             raise ConfigError(f"nginx refused its configuration {self.conf}: {self._errors(check.stderr)}")
+        admit(self.account, self.site.upstream)  # the application server listens on it by now
         self.process = spawn(self._command("-g", "daemon off;"), self.environ)
         if not wait_until_listening((self.site.host, self.site.port), self.alive):
             self.stop()
@@ -301,6 +399,22 @@ class Nginx:
         if self.alive():
             assert self.process is not None
             self.process.send_signal(signal.SIGHUP)
+
+    def rotate_logs(self) -> list[Path]:
+        """Size cap: ``access.log`` or ``error.log`` above ``front_door.log_max_megabytes`` becomes
+        ``*.log.1`` (replacing the previous one) and nginx reopens its logs (SIGUSR1, nothing dropped).
+        Called by the supervisors every few seconds; returns the logs it rotated."""
+        rotated = []
+        for name in ("access.log", "error.log"):
+            path = self.workdir / name
+            with contextlib.suppress(OSError):
+                if path.stat().st_size > self.log_max_bytes:
+                    os.replace(path, path.with_name(name + ".1"))
+                    rotated.append(path)
+        if rotated and self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGUSR1)
+        return rotated
 
     def stop(self) -> None:
         stop_child(self.process, signal.SIGQUIT)  # graceful: finish what is in flight

@@ -6,6 +6,7 @@ so that the responder process, and every worker it forks, never opens the token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from ca.frontdoor import (
     Nginx,
     Site,
     child_environment,
+    die_with_parent,
     spawn,
     stop_child,
     supervise,
@@ -41,6 +43,7 @@ from ocsp.signer_service import OnDemandSigner, SignerServer
 from ocsp.wsgi import signer_socket_path
 
 log = logging.getLogger(__name__)
+WORKERS_KILL_SECONDS = 10  # granian: how long a stopping worker may take before it is killed
 
 
 def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None = None) -> tuple[int, int]:
@@ -117,6 +120,19 @@ def wait_for_signer(path: Path, process_alive: Callable[[], bool], timeout: floa
     return False
 
 
+def granian_worker_app() -> Any:
+    """The app factory of granian's worker processes: each worker leaves the terminal's process group
+    first, so Ctrl-C reaches only granian's main process, which stops the workers with SIGTERM. (A worker
+    that got the terminal's SIGINT as well as its main's SIGTERM under load sometimes never finished
+    its graceful stop, and the service hung.) A worker still dies with the main process."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    die_with_parent()
+    from ocsp.wsgi import create_app
+
+    return create_app()
+
+
 def serve_responder(
     config: Config,
     *,
@@ -163,7 +179,7 @@ def serve_responder(
         {"uds": unix_socket, "uds_permissions": 0o600} if unix_socket is not None else {"address": host, "port": port}
     )
     Granian(
-        "ocsp.wsgi:create_app",
+        "ocsp.server:granian_worker_app",
         factory=True,
         **where,
         interface=Interfaces.WSGI,
@@ -173,6 +189,7 @@ def serve_responder(
         backpressure=256,
         log_access=False,
         respawn_failed_workers=True,
+        workers_kill_timeout=WORKERS_KILL_SECONDS,  # a worker that does not stop gracefully is killed
         # A client gets request_timeout_seconds to send its request head, which may not exceed 64 KiB.
         http1_settings=HTTP1Settings(header_read_timeout=timeout * 1000, max_buffer_size=64 * 1024),
     ).serve()
@@ -208,7 +225,9 @@ def serve_responder_front_door(
             raise ConfigError(f"the OCSP responder did not start on {sock}")
         nginx.start()
         log.info("OCSP front door: nginx on %s:%s -> responder on %s", host, port, sock)
-        stopped = supervise({"responder": lambda: responder.poll() is None, "nginx": nginx.alive, **alive})
+        stopped = supervise(
+            {"responder": lambda: responder.poll() is None, "nginx": nginx.alive, **alive}, nginx.rotate_logs
+        )
         raise ChargepkiError(f"the OCSP front door stopped: {stopped} exited")
     finally:
         nginx.stop()

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -24,12 +24,15 @@ from sqlalchemy.orm import Session
 
 from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.config import Config as PkiConfig
-from ca.config import Pkcs11Settings, find_softhsm_module, write_config
+from ca.config import EstSettings, Pkcs11Settings, find_softhsm_module, write_config
 from ca.keys.pkcs11_token import Token
 from ca.keys.softhsm import create_token, write_softhsm_conf
 from ca.store.engine import Store
 from ca.work import Work
 from ocsp.presign import Presigner
+
+if TYPE_CHECKING:
+    from tests.hostile import World
 
 PG_ADMIN = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("CHARGEPKI_REQUIRE_POSTGRES") == "1"
@@ -211,8 +214,7 @@ def session(store: Store) -> Iterator[Session]:
 
 
 @pytest.fixture
-def hierarchy(session: Session, token: Token) -> Hierarchy:
-    status = Presigner(token)
+def hierarchy(session: Session, token: Token, status: Presigner) -> Hierarchy:
     request = HierarchyRequest(organization="Acme Charging", country="DE", environment="production")
     return init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request)
 
@@ -231,3 +233,31 @@ def home(tmp_path: Path, db_url: str, token_settings: tuple[Pkcs11Settings, str]
 def status(token: Token) -> Presigner:
     """Pre-signs OCSP responses for what a test issues and revokes (per test: ids differ per database)."""
     return Presigner(token)
+
+
+# -- worlds for hostile input (tests.hostile.build_world) ---------------------------------------
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[World]:
+    """One installation shared by a module's tests, on each database: hierarchy, device CP-FUZZ-1 with a
+    secret, an issued certificate. EST settings from the module's ``WORLD_EST`` (default: the defaults)."""
+    from tests.hostile import build_world
+
+    tmp = tmp_path_factory.mktemp(f"world-{request.param}")
+    with database(request.param, tmp) as url:
+        built = build_world(tmp / "home", url, token_settings[0], getattr(request.module, "WORLD_EST", EstSettings()))
+        try:
+            yield built
+        finally:
+            built.close()
+
+
+@pytest.fixture
+def fresh_world(tmp_path: Path, db_url: str, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[World]:
+    """The same installation, new for each test (for tests that count failures or compare snapshots)."""
+    from tests.hostile import build_world
+
+    built = build_world(tmp_path / "home", db_url, token_settings[0])
+    yield built
+    built.close()

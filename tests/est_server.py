@@ -61,7 +61,7 @@ def start_server(
 
     ``process_group``: in a new session, so a test can kill the service with all its workers.
     ``direct``: without the front door (nginx), the application server itself on the port; the
-    front door's own tests (tests/test_front_door.py) pass False. ``environ``: extra variables.
+    front door's own tests (tests/e2e/test_front_door.py) pass False. ``environ``: extra variables.
     """
     log = home / f"{service}-{port}.log"
     if log.exists():  # a restart on the same port keeps the earlier run's log

@@ -11,7 +11,7 @@ the process is a finding too. At the end: executions, coverage and findings per 
 
 Targets run in-process against a real installation where they need one (SoftHSM2 token and
 SQLite in a temporary directory). The CLI is not here: one invocation costs ~30 ms, too slow
-for this loop; tests/test_hostile_cli.py covers it (HYPOTHESIS_PROFILE=fuzz for a long run).
+for this loop; tests/cli/test_hostile_cli.py covers it (HYPOTHESIS_PROFILE=fuzz for a long run).
 """
 
 from __future__ import annotations

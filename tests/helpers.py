@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository (tests live at any depth below it)
+CHARGEPKI = [sys.executable, "-c", "from cli.main import main; main()"]
+
+
+def chargepki(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, with none of this process's CHARGEPKI_ or SoftHSM settings."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("CHARGEPKI_", "SOFTHSM2"))}
+    environment.update(env or {})
+    return subprocess.run(
+        [*CHARGEPKI, "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 def make_key(kind: str = "ec-p256") -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
@@ -39,6 +59,13 @@ def make_csr(
         )
     algorithm = None if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+
+
+def b64csr(cn: str, key=None, organization: str | None = "Acme Charging", **kwargs) -> bytes:  # type: ignore[no-untyped-def]
+    """An EST request body: the DER CSR in base64 (RFC 7030 §4.2.1)."""
+    pem = make_csr(cn, organization=organization, key=key or make_key(), **kwargs)
+    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+    return base64.encodebytes(der)
 
 
 def pem(der: bytes) -> bytes:

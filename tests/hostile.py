@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
@@ -124,6 +125,19 @@ class Source:
 
     def choice(self, options: tuple[Any, ...] | list[Any]) -> Any:
         return options[self.integer(0, len(options) - 1)]
+
+
+class Drawn(Source):
+    """A mutator's randomness drawn through hypothesis (so failures shrink)."""
+
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def integer(self, low: int, high: int) -> int:
+        return self.data.draw(st.integers(low, high))
+
+    def raw(self, max_size: int) -> bytes:
+        return self.data.draw(st.binary(max_size=max_size))
 
 
 def mutate_bytes(data: bytes, source: Source, rounds: int = 4) -> bytes:

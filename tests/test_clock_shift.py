@@ -9,17 +9,17 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 # Tests that decide validity windows from the clock: expiry listing, issuer expiry, clamping,
 # expired re-enrollment, retirement after the last certificate expired, UTCTime/GeneralizedTime.
 DATE_SENSITIVE = [
-    "tests/test_issuance.py::test_expiry_listing_follows_the_clock",
-    "tests/test_issuance.py::test_validity_never_outlives_the_issuer",
-    "tests/test_issuance.py::test_an_expired_issuer_issues_nothing",
-    "tests/test_enrollment.py::test_reenrollment_with_an_expired_certificate_is_refused_by_the_core",
-    "tests/test_rotation.py::test_the_old_ca_retires_once_its_last_certificate_expired",
-    "tests/test_profiles.py::test_utctime_until_2049_and_generalizedtime_from_2050",
+    "tests/ca/issuance/test_issuance.py::test_expiry_listing_follows_the_clock",
+    "tests/ca/issuance/test_issuance.py::test_validity_never_outlives_the_issuer",
+    "tests/ca/issuance/test_issuance.py::test_an_expired_issuer_issues_nothing",
+    "tests/ca/enrollment/test_enrollment.py::test_reenrollment_with_an_expired_certificate_is_refused_by_the_core",
+    "tests/ca/authorities/test_rotation.py::test_the_old_ca_retires_once_its_last_certificate_expired",
+    "tests/ca/issuance/test_profiles.py::test_utctime_until_2049_and_generalizedtime_from_2050",
 ]
 
 

@@ -32,23 +32,11 @@ from ca.store.models import AuditEvent, Device
 from ca.work import Work
 from ocsp.certid import CertId
 from ocsp.requests import MalformedRequest, decode_get_path, parse_request
-from tests.hostile import Source, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
-from web.est import decode_client_cert_header, decode_pkcs10
+from tests.hostile import Drawn, bounded, est_body, make_seeds, mutate_bytes, one_line_error, resigned_csr
+from web.caller import decode_client_cert_header
+from web.est import decode_pkcs10
 
 SEEDS = make_seeds()
-
-
-class Drawn(Source):
-    """A mutator's randomness drawn through hypothesis (so failures shrink)."""
-
-    def __init__(self, data: st.DataObject) -> None:
-        self.data = data
-
-    def integer(self, low: int, high: int) -> int:
-        return self.data.draw(st.integers(low, high))
-
-    def raw(self, max_size: int) -> bytes:
-        return self.data.draw(st.binary(max_size=max_size))
 
 
 def refused_cleanly(exc: Exception) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests.helpers import ROOT
+
 FORBIDDEN = {"flask", "click", "werkzeug", "gunicorn", "web", "cli"}
 
 

@@ -1,7 +1,7 @@
 """Without PostgreSQL the PostgreSQL half skips with a message, and fails under CHARGEPKI_REQUIRE_POSTGRES=1.
 
 Runs pytest in a subprocess against a closed port, on two tests: one with the per-test ``db_url``
-fixture and one whose module-scoped fixture opens its database itself (``tests/test_est.py``).
+fixture and one whose module-scoped fixture opens its database itself (``tests/e2e/test_est.py``).
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.est_server import free_port
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).parent.parent
 TESTS = [
-    "tests/test_migrations.py::test_upgrade_is_idempotent[sqlite]",
-    "tests/test_migrations.py::test_upgrade_is_idempotent[postgresql]",
-    "tests/test_est.py::test_cacerts_is_the_chain_as_base64_pkcs7[postgresql]",
+    "tests/ca/store/test_migrations.py::test_upgrade_is_idempotent[sqlite]",
+    "tests/ca/store/test_migrations.py::test_upgrade_is_idempotent[postgresql]",
+    "tests/e2e/test_est.py::test_cacerts_is_the_chain_as_base64_pkcs7[postgresql]",
 ]
 
 

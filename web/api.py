@@ -21,13 +21,12 @@ from functools import wraps
 from typing import Any
 
 from cryptography import x509
-from flask import Blueprint, Flask, Response, current_app, g, request, url_for
+from flask import Blueprint, Flask, Response, g, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.audit.checkpoints import CheckpointTimer
-from ca.context import Pki
 from ca.enrollment.identity import check_identity
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
 from ca.registry import csms
@@ -37,10 +36,11 @@ from ca.status.certificates import ocpp_chain_pem, standing
 from ca.store.models import Certificate, CsmsSignJob, Device
 from ca.work import Work
 from ocsp.certid import issuer_hashes
-from ocsp.ocpp import OcppOcsp, find_by_hash, parse_hash_data
-from web.est import _client_address, _client_certificate, _enrollment_settings, _issuer, _status, _sweep
+from ocsp.ocpp import find_by_hash, parse_hash_data
+from web.caller import client_address, identify
 from web.openapi import DOCUMENT, check, path_validator, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
+from web.runtime import runtime, runtime_of
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 log = logging.getLogger("chargepki.api")
@@ -51,18 +51,6 @@ POLL_AFTER = "1"  # seconds a CSMS should wait before polling a pending job agai
 View = Callable[..., Response]
 
 
-def _pki() -> Pki:
-    return current_app.extensions["chargepki"]
-
-
-def _presented_token() -> str | None:
-    """``Authorization: Bearer TOKEN`` or ``X-API-Key: TOKEN`` (MaEVe-style clients send both)."""
-    authorization = request.authorization
-    if authorization is not None and authorization.type == "bearer" and authorization.token:
-        return authorization.token
-    return request.headers.get("X-API-Key") or None
-
-
 def _endpoint(operation: str) -> Callable[[View], View]:
     """Authenticate, run the view with (session, caller), turn any failure into JSON, audit the call."""
 
@@ -71,15 +59,17 @@ def _endpoint(operation: str) -> Callable[[View], View]:
         def wrapper(**kwargs: Any) -> Response:
             g.api_subject, g.api_outcome = None, {}
             caller: Caller | None = None
-            with _pki().store.session() as session:
+            worker = runtime()
+            g.api_address = client_address(worker.settings)  # the client behind the front door, not the proxy
+            with worker.pki.store.session() as session:
                 try:
-                    certificate_der, _binding = _client_certificate()
+                    presented = identify(worker.settings)
                     caller = authenticate_limited(
                         session,
-                        token=_presented_token(),
-                        certificate_der=certificate_der,
-                        address=_client_address(),
-                        limits=_enrollment_settings().limits,
+                        token=presented.token,
+                        certificate_der=presented.certificate_der,
+                        address=presented.address,
+                        limits=worker.enrollment.limits,
                     )
                     session.commit()  # end the read: other sessions (the OCSP signer) may write next
                     response = view(session, caller, **kwargs)
@@ -101,7 +91,7 @@ def _audit(session: Session, caller: Caller | None, operation: str, response: Re
             session,
             caller,
             operation,
-            address=_client_address(),
+            address=g.api_address,
             subject=g.api_subject,
             outcome={"status": response.status_code, **g.api_outcome},
         )
@@ -157,18 +147,19 @@ def sign(session: Session, caller: Caller) -> Response:
     if query.get("async") in ("1", "true"):
         job = enqueue(session, caller, station, certificate_type, body["csr"])
         g.api_outcome = {"job": job.public_id}
-        runner: JobRunner | None = current_app.extensions.get("chargepki.jobs")
+        runner = runtime().jobs
         if runner is not None:
             runner.wake()
         return _job_response(session, job)
-    _sweep(session)
+    worker = runtime()
+    worker.sweep(session)
     certificate = csms.sign(
-        Work(session, caller.actor, status=_status(), issuers=_issuer),
+        Work(session, caller.actor, status=worker.status(), issuers=worker.issuer),
         caller=caller,
         charging_station_id=station,
         certificate_type=certificate_type,
         csr=body["csr"].encode("utf-8"),
-        settings=_enrollment_settings(),
+        settings=worker.enrollment,
     )
     g.api_outcome = {"serial": certificate.serial}
     return json_body(_signed(session, certificate))
@@ -264,15 +255,6 @@ def _certificate_info(session: Session, caller: Caller, certificate: Certificate
 
 
 # -- OCSP ----------------------------------------------------------------------------------------------
-def _ocpp_ocsp() -> OcppOcsp:
-    ocsp = current_app.extensions.get("chargepki.ocpp_ocsp")
-    if ocsp is None:
-        pki = _pki()
-        ocsp = OcppOcsp(pki.store, _status(), rate=pki.config.ocsp.unknown_per_second)
-        current_app.extensions["chargepki.ocpp_ocsp"] = ocsp
-    return ocsp
-
-
 @api.post("/ocsp")
 @_endpoint("ocsp")
 def ocsp_status(session: Session, caller: Caller) -> Response:
@@ -281,7 +263,7 @@ def ocsp_status(session: Session, caller: Caller) -> Response:
         data["hashAlgorithm"], data["issuerNameHash"], data["issuerKeyHash"], data["serialNumber"]
     )
     g.api_subject = data["serialNumber"].upper()
-    answer = _ocpp_ocsp().answer(cert_id)
+    answer = runtime().ocpp_ocsp().answer(cert_id)
     g.api_outcome = {"response_status": answer.response_status, "certificate_status": answer.certificate_status}
     if answer.response_status == "unauthorized":
         raise NotFoundError("no CA of this installation has these issuer hashes", code="unknown_issuer")
@@ -357,20 +339,21 @@ class JobRunner:
 
     def run_once(self) -> str | None:
         """Claim and decide one job; None when there was none to claim."""
-        with self.app.app_context(), _pki().store.session() as session:
+        worker = runtime_of(self.app)
+        with self.app.app_context(), worker.pki.store.session() as session:
             job = claim_next(session)
             if job is None:
                 return None
-            work = Work(session, "system:csms-jobs", status=_status(), issuers=_issuer)
-            outcome = process(work, job=job, settings=_enrollment_settings())
+            work = Work(session, "system:csms-jobs", status=worker.status(), issuers=worker.issuer)
+            outcome = process(work, job=job, settings=worker.enrollment)
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome
 
     def checkpoint_if_due(self) -> None:
         if self._checkpoints is None or not self._checkpoints.due():
             return
-        with self.app.app_context(), _pki().store.session() as session:
-            pki = _pki()
+        pki = runtime_of(self.app).pki
+        with self.app.app_context(), pki.store.session() as session:
             self._checkpoints.run(session, pki.token, pki.config.home)
 
     def _run(self) -> None:

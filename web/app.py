@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import Flask, Response, request
+from flask import Response, request
 from werkzeug.exceptions import HTTPException
 
 from ca.config import EstSettings
@@ -19,22 +19,26 @@ from ca.context import Pki
 from web.api import JobRunner, api
 from web.est import est
 from web.responses import MAX_BODY, classify, error_response, json_error, text
+from web.runtime import WorkerApp, WorkerRuntime
 
 
-def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> Flask:
+def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> WorkerApp:
     """``run_jobs`` starts the thread that signs the CSMS API's asynchronous requests and writes the
-    periodic signed audit checkpoints (serving processes)."""
-    app = Flask("chargepki")
+    periodic signed audit checkpoints (serving processes).
+
+    The worker's state (the installation, settings, caches, the job runner) is one
+    :class:`web.runtime.WorkerRuntime`, made here and shared by the request threads and the runner.
+    """
+    app = WorkerApp("chargepki")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["chargepki"] = pki
-    app.extensions["chargepki.est"] = settings
+    app.runtime = WorkerRuntime.create(pki, settings)
     app.register_blueprint(est)
     app.register_blueprint(api)
     if run_jobs:
         every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
-        runner = app.extensions["chargepki.jobs"] = JobRunner(app, checkpoint_every=every)
-        runner.start()
+        app.runtime.jobs = JobRunner(app, checkpoint_every=every)
+        app.runtime.jobs.start()
 
     def is_api() -> bool:
         return request.path.startswith("/api/")

@@ -141,14 +141,9 @@ def _stop_background_work(_server: Any, worker: Any) -> None:
     """gunicorn's ``worker_exit`` hook: stop the job runner and close the installation before the
     interpreter shuts down. A runner thread still checking out a database connection then adds a
     finalizer while ``atexit`` walks them ("dictionary changed size during iteration")."""
-    app = getattr(worker, "wsgi", None)
-    extensions = getattr(app, "extensions", {})
-    runner = extensions.get("chargepki.jobs")
-    if runner is not None:
-        runner.close()
-    pki = extensions.get("chargepki")
-    if pki is not None:
-        pki.close()
+    runtime = getattr(getattr(worker, "wsgi", None), "runtime", None)
+    if runtime is not None:
+        runtime.close()
 
 
 class EstServer(BaseApplication):  # type: ignore[misc]
@@ -237,9 +232,11 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
                 log.info("front door: the CAs changed; nginx reloads %s", tls.client_cas)
                 nginx.reload()
 
-        stopped = supervise(
-            {"gunicorn": lambda: app.poll() is None, "nginx": nginx.alive}, refresh_bundle, BUNDLE_CHECK_SECONDS
-        )
+        def tick() -> None:
+            refresh_bundle()
+            nginx.rotate_logs()
+
+        stopped = supervise({"gunicorn": lambda: app.poll() is None, "nginx": nginx.alive}, tick, BUNDLE_CHECK_SECONDS)
         raise ChargepkiError(f"the EST front door stopped: {stopped} exited")
     finally:
         nginx.stop()

@@ -1,0 +1,199 @@
+"""Secrets never leave the places meant for them.
+
+A real first-run home (embedded SoftHSM2 token, PINs in 0600 files) serves EST and OCSP in
+their own processes; the test enrolls with one-time secrets, with wrong passwords and through
+an RA, issues secrets in a batch, runs commands with a wrong PIN and against a server whose
+PIN is wrong, then reads everything the services and commands wrote: every file in the home
+except the few that exist to hold a secret, the server logs, every audit column, the SQLite
+database bytes, CLI output and HTTP error bodies. None may contain a PIN, a one-time secret,
+a wrong password, a wrong PIN or private key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import tomllib
+from pathlib import Path
+
+import requests
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import text
+
+from ca.store.engine import Store
+from tests.est_server import free_port, start_server
+from tests.helpers import chargepki, make_csr, make_key
+
+ORG = "Secret Charging"
+PKCS10 = {"Content-Type": "application/pkcs10"}
+
+
+def _b64csr(serial: str, key=None) -> bytes:  # type: ignore[no-untyped-def]
+    pem = make_csr(serial, organization=ORG, key=key or make_key())
+    return base64.encodebytes(x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER))
+
+
+def _key_material(pem: str) -> list[str]:
+    """Distinctive pieces of a PEM private key: its base64 lines."""
+    return [line for line in pem.splitlines() if line and not line.startswith("-----")]
+
+
+def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: Path) -> None:
+    home = tmp_path / "var"
+    outputs: list[str] = []  # everything commands and servers said to a person
+
+    def cli(*args: str, env: dict[str, str] | None = None, keep: bool = True) -> str:
+        result = chargepki(home, *args, env={"CHARGEPKI_ORG": ORG, **(env or {})})
+        if keep:
+            outputs.append(result.stdout + result.stderr)
+        return result.stdout
+
+    cli("run", "--setup-only")
+    user_pin = (home / "softhsm" / "user.pin").read_text().strip()
+    so_pin = (home / "softhsm" / "so.pin").read_text().strip()
+    root_pem = cli("ca", "chain").split("-----END CERTIFICATE-----")[1] + "-----END CERTIFICATE-----\n"
+    root = tmp_path / "root.pem"
+    root.write_text(root_pem.lstrip())
+
+    # One-time secrets: printed once by `token issue` (that output is the one place they belong).
+    cli("device", "add", "CP-S-1")
+    cli("device", "add", "CP-S-2")
+    cli("device", "add", "CP-S-3")
+    secret = cli("token", "issue", "CP-S-1", keep=False).strip()
+    serials = tmp_path / "serials.txt"
+    serials.write_text("CP-S-3\n")
+    batch = tmp_path / "batch.csv"
+    cli("token", "issue-batch", "--file", str(serials), "--out", str(batch))
+    batch_secret = batch.read_text().splitlines()[1].split(",")[1]
+    ra_dir = tmp_path / "ra"
+    cli("ra", "add", "Line 1", "--out-dir", str(ra_dir))
+    ra_key = (ra_dir / "Line_1.key").read_text()
+
+    wrong_passwords = [f"WRONG-{secrets.token_hex(8)}" for _ in range(3)]
+    wrong_pin = f"WRONGPIN-{secrets.token_hex(8)}"
+    est = start_server(home, free_port())
+    ocsp = start_server(home, free_port(), service="ocsp")
+    answers: list[str] = []
+    try:
+        url = est.url
+        for password in wrong_passwords:
+            answers.append(
+                requests.post(
+                    f"{url}/simpleenroll", data=_b64csr("CP-S-1"), auth=("CP-S-1", password), headers=PKCS10,
+                    verify=str(root), timeout=30,
+                ).text
+            )  # fmt: skip
+        good = requests.post(
+            f"{url}/simpleenroll", data=_b64csr("CP-S-1"), auth=("CP-S-1", secret), headers=PKCS10,
+            verify=str(root), timeout=30,
+        )  # fmt: skip
+        assert good.status_code == 200, good.text
+        reused = requests.post(
+            f"{url}/simpleenroll", data=_b64csr("CP-S-1"), auth=("CP-S-1", secret), headers=PKCS10,
+            verify=str(root), timeout=30,
+        )  # fmt: skip
+        assert reused.status_code == 401
+        answers.append(reused.text)
+        by_ra = requests.post(
+            f"{url}/simpleenroll", data=_b64csr("CP-S-2"), headers=PKCS10, verify=str(root), timeout=30,
+            cert=(str(ra_dir / "Line_1.pem"), str(ra_dir / "Line_1.key")),
+        )  # fmt: skip
+        assert by_ra.status_code == 200, by_ra.text
+        ocsp_answer = requests.get(f"http://127.0.0.1:{ocsp.port}/ocsp/MAA=", timeout=30)
+        assert ocsp_answer.status_code == 200
+    finally:
+        est.stop()
+        ocsp.stop()
+
+    # A wrong PIN: from the environment for a command, from a PIN file for a server.
+    cli("issue", "--csr", str(_write_csr(tmp_path)), "--profile", "charger", env={"CHARGEPKI_PKCS11_PIN": wrong_pin})
+    assert "Error:" in outputs[-1] and "PIN" in outputs[-1], outputs[-1]  # refused, saying why
+    wrong_home = _home_with_wrong_pin(home, tmp_path / "wrong-home", wrong_pin)
+    wrong_est = start_server(wrong_home, free_port())
+    try:
+        refused = requests.post(
+            f"{wrong_est.url}/simpleenroll", data=_b64csr("CP-S-3"), auth=("CP-S-3", batch_secret), headers=PKCS10,
+            verify=str(root), timeout=30,
+        )  # fmt: skip
+        assert refused.status_code == 503, refused.text
+        answers.append(refused.text)
+    finally:
+        wrong_est.stop()
+    cli("crl", "publish")
+    cli("audit", "show", "--limit", "1000")
+    cli("audit", "verify")
+
+    forbidden = {
+        "the user PIN": user_pin,
+        "the SO PIN": so_pin,
+        "a one-time secret": secret,
+        "a batch secret": batch_secret,
+        "a wrong PIN": wrong_pin,
+        **{f"wrong password {i}": value for i, value in enumerate(wrong_passwords)},
+        **{f"RA key line {i}": line for i, line in enumerate(_key_material(ra_key))},
+        **{
+            f"EST TLS key line {i}": line
+            for i, line in enumerate(_key_material((home / "est" / "server.key").read_text()))
+        },
+        "a PEM private key": "PRIVATE KEY-----",
+    }
+    places = _everything_written(home, wrong_home) | {f"output {i}": o.encode() for i, o in enumerate(outputs)}
+    places |= {f"HTTP answer {i}": a.encode() for i, a in enumerate(answers)}
+    places["audit table"] = _audit_rows(home).encode()
+    assert "enrollment.refused" in places["audit table"].decode(), "the refusals were audited"
+    assert (home / "est").exists() and any(name.startswith("est-") for name in places)
+    leaks = [
+        f"{what} in {where}"
+        for where, data in places.items()
+        for what, value in forbidden.items()
+        if value.encode() in data
+    ]
+    assert not leaks, leaks
+
+
+def _write_csr(tmp_path: Path) -> Path:
+    path = tmp_path / "cp.csr"
+    path.write_bytes(make_csr("CP-S-9", organization=ORG))
+    return path
+
+
+def _home_with_wrong_pin(home: Path, other: Path, wrong_pin: str) -> Path:
+    """A second home on the same database and token whose PIN file holds a wrong PIN."""
+    other.mkdir(mode=0o700)
+    config = tomllib.loads((home / "chargepki.toml").read_text())
+    pin_file = other / "wrong.pin"
+    pin_file.write_text(wrong_pin + "\n")
+    pin_file.chmod(0o600)
+    config["pkcs11"]["pin_file"] = str(pin_file)
+    config["pkcs11"]["embedded"] = False
+    (other / "chargepki.toml").write_text(tomli_w.dumps(config))
+    shutil.copytree(home / "est", other / "est")  # the service's TLS identity, so no issuance is needed at start
+    return other
+
+
+# Files that exist to hold a secret: the PIN files, the token's own storage, the TLS key.
+_SECRET_HOLDERS = ("softhsm/user.pin", "softhsm/so.pin", "softhsm/tokens/", "est/server.key", "wrong.pin")
+
+
+def _everything_written(*homes: Path) -> dict[str, bytes]:
+    found = {}
+    for home in homes:
+        for path in home.rglob("*"):
+            relative = path.relative_to(home).as_posix()
+            if path.is_file() and not any(relative.startswith(holder) for holder in _SECRET_HOLDERS):
+                found[relative] = path.read_bytes()
+    return found
+
+
+def _audit_rows(home: Path) -> str:
+    store = Store(f"sqlite:///{home / 'chargepki.db'}", read_only=True)
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(text("SELECT actor, action, subject, details FROM audit_events")).all()
+    finally:
+        store.dispose()
+    return json.dumps([list(row) for row in rows])
