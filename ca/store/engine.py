@@ -316,7 +316,8 @@ class Store:
         if self.is_sqlite:
             gate = _WriterGate(Path(str(parsed.database)), busy_ms / 1000) if gated else None
             _sqlite_pragmas(self.engine, gate, immediate=not read_only, busy_ms=busy_ms)
-        self._sessions = sessionmaker(self.engine, class_=_Session, expire_on_commit=False)
+        # Read-only stores (autocommit, pre-ping kept) never retry: a statement there commits on its own.
+        self._sessions = sessionmaker(self.engine, class_=Session if read_only else _Session, expire_on_commit=False)
 
     def session(self) -> Session:
         return self._sessions()
