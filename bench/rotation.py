@@ -102,6 +102,7 @@ class Row:
     server_cpu: float
     peak_rss_mb: float
     errors: list[str] = field(default_factory=list)
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # seconds, by process name (nginx, python…)
 
     @property
     def rate(self) -> float:
@@ -290,6 +291,27 @@ def rss_mb(root: int) -> float:
     return total / 1024
 
 
+def cpu_by_name(root: int) -> dict[str, float]:
+    """User+system CPU seconds of a process tree, summed by process name (``comm``: nginx, python3…)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                text = handle.read()
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+        except (OSError, ValueError):
+            continue
+    return totals
+
+
 @contextmanager
 def memory_watch(root: int) -> Iterator[list[float]]:
     peak, stop = [0.0], threading.Event()
@@ -332,6 +354,7 @@ def run_row(name: str, chargers: list[Charger], clients: int, server: int, one: 
                 latencies.append(time.perf_counter() - started)
 
     cpu = tree_cpu_seconds(server)
+    by_name = cpu_by_name(server)
     started = time.perf_counter()
     with memory_watch(server) as peak:
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -340,7 +363,11 @@ def run_row(name: str, chargers: list[Charger], clients: int, server: int, one: 
         for thread in threads:
             thread.join()
     elapsed = time.perf_counter() - started
-    return Row(name, len(latencies), len(chargers), elapsed, latencies, tree_cpu_seconds(server) - cpu, peak[0], errors)
+    after = cpu_by_name(server)
+    split = {key: after[key] - by_name.get(key, 0.0) for key in after}
+    return Row(
+        name, len(latencies), len(chargers), elapsed, latencies, tree_cpu_seconds(server) - cpu, peak[0], errors, split
+    )
 
 
 def _received(status: int, body: bytes, charger: Charger, issuing: x509.Certificate) -> x509.Certificate:
@@ -696,6 +723,13 @@ def render(
             f"{row.percentile(0.99):.0f} | {row.server_cpu / max(row.ok, 1) * 1000:.1f} | {projected:.0f} min | "
             f"{row.peak_rss_mb:.0f} (idle {idle_rss:.0f}) |"
         )
+    for row in rows:
+        split = ", ".join(
+            f"{name} {seconds / max(row.ok, 1) * 1000:.1f}"
+            for name, seconds in sorted(row.cpu_by_process.items(), key=lambda item: -item[1])
+            if seconds > 0
+        )
+        lines.append(f"Server CPU ms/cert by process, {row.name}: {split}.")
     lines += [
         "",
         f"Campaign at the end: {counts}. Audit: {audit}.",
