@@ -47,7 +47,7 @@ from tests.helpers import make_csr, make_key
 
 
 @dataclass
-class Work:
+class Cost:
     """What one operation cost, counted."""
 
     statements: list[str] = field(default_factory=list)
@@ -74,8 +74,8 @@ class Work:
 
 
 @contextmanager
-def counted(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Work]:
-    work = Work()
+def counted(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cost]:
+    work = Cost()
     engine: Engine = store.engine
 
     def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -272,7 +272,7 @@ def _expected(design: dict[str, int], postgres: bool, notifies: int, audits: int
 
 
 def _check_common(
-    work: Work, postgres: bool, design: dict[str, int], notifies: int, transactions: int, audits: int = 0
+    work: Cost, postgres: bool, design: dict[str, int], notifies: int, transactions: int, audits: int = 0
 ) -> None:
     kinds = work.kinds()
     write_transactions = kinds.pop("BEGIN", 0)  # SQLite: BEGIN IMMEDIATE, sent by ca/store/engine.py
@@ -288,7 +288,7 @@ def _check_common(
         assert write_transactions == transactions, work.summary()
 
 
-def _check_enrollment(work: Work, postgres: bool, *, renewal: bool) -> None:
+def _check_enrollment(work: Cost, postgres: bool, *, renewal: bool) -> None:
     design = REENROLLMENT if renewal else ENROLLMENT
     audits = 2 if renewal else 1
     _check_common(work, postgres, design, notifies=audits, transactions=2, audits=audits)
@@ -300,7 +300,7 @@ def _check_enrollment(work: Work, postgres: bool, *, renewal: bool) -> None:
         assert work.statements[1] == "BEGIN IMMEDIATE", work.statements[:2]
 
 
-def _check_presign(work: Work, postgres: bool) -> None:
+def _check_presign(work: Cost, postgres: bool) -> None:
     _check_common(work, postgres, PRESIGN, notifies=1, transactions=1, audits=0)
     assert work.signatures == 1, work.summary()
     assert work.audit_entries == 0, work.summary()
