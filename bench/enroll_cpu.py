@@ -40,6 +40,7 @@ from ca.config import Config, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.registry.devices import add_device  # noqa: E402
 from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
 
 ORG = "Bench Charging"
 
@@ -117,11 +118,13 @@ def main() -> int:
         jobs = []
         with pki.store.session() as session:
             init_hierarchy(
-                session, pki.token(), HierarchyRequest(organization=ORG), actor="bench", status=Presigner(pki.token())
+                Work(session=session, actor="bench", status=Presigner(pki.token()), token=pki.token()),
+                request=HierarchyRequest(organization=ORG),
             )
             for n in range(args.count):
                 serial = f"CP-{n:06d}"
-                secret = issue_secret(session, add_device(session, serial, actor="bench"), actor="bench")
+                work = Work(session, "bench")
+                secret = issue_secret(work, device=add_device(work, serial=serial))
                 key = ec.generate_private_key(ec.SECP256R1())
                 name = x509.Name(
                     [

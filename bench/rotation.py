@@ -75,6 +75,7 @@ from ca.issuance.profiles import get_profile  # noqa: E402
 from ca.issuance.serials import format_serial, new_serial  # noqa: E402
 from ca.registry.csms import add_client, issue_token  # noqa: E402
 from ca.store.models import Authority, Certificate, Device, KeyOwner, OcspResponse  # noqa: E402
+from ca.work import Work  # noqa: E402
 from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
@@ -139,7 +140,9 @@ def populate(
     fleet: list[Charger] = []
     with pki.store.session() as session:
         status = Presigner(token, policy_from(pki.config.ocsp))
-        hierarchy = init_hierarchy(session, token, HierarchyRequest(organization=ORG), actor="bench", status=status)
+        hierarchy = init_hierarchy(
+            Work(session=session, actor="bench", status=status, token=token), request=HierarchyRequest(organization=ORG)
+        )
         authority = hierarchy.issuing
         issuer = issuer_for(authority, token)
         profile = get_profile("charger")

@@ -42,6 +42,7 @@ from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
 from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
+from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
 
@@ -157,7 +158,8 @@ def worker(store: Store, hierarchy: Hierarchy, token: Token) -> Worker:
 
 def _secret(store: Store, serial: str) -> str:
     with store.session() as session:
-        return issue_secret(session, add_device(session, serial, actor="test"), actor="test")
+        work = Work(session, "test")
+        return issue_secret(work, device=add_device(work, serial=serial))
 
 
 def _first_enrollment(worker: Worker, serial: str, secret: str | None = None) -> Certificate:
