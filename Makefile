@@ -11,7 +11,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-api fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse soak clean
+.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-api fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse bench-rotation soak clean
 
 setup: system-deps $(STAMP)
 
@@ -123,6 +123,12 @@ bench-abuse: setup
 # Hot-path lookups on 1,000,000 certificate rows, SQLite and PostgreSQL (bench/results-lookups.md).
 bench-lookups: setup
 	$(BIN)/python bench/lookups.py $(BENCH_LOOKUPS_ARGS)
+
+# Fleet rotation (issue 16): 100,000 chargers of issuing CA 1 in a store of 1,000,000 certificate rows
+# re-enroll after `ca rotate` by mTLS simplereenroll and /api/v1/sign relays (bench/results-rotation.md).
+# Smaller: BENCH_ROTATION_ARGS="--chargers 2000 --rows 50000"; PostgreSQL: add --postgresql.
+bench-rotation: setup
+	$(BIN)/python bench/rotation.py $(BENCH_ROTATION_ARGS)
 
 # Mixed load on loopback against `chargepki run`'s processes, bounded (SOAK_SECONDS, default 600).
 SOAK_SECONDS ?= 600

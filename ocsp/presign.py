@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from sqlalchemy import case, delete, func, or_, select, tuple_
+from sqlalchemy import bindparam, case, delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -62,6 +62,26 @@ def answerable(certificate: Certificate) -> bool:
     return certificate.status in ("valid", "revoked") and certificate.profile not in ROOT_PROFILES
 
 
+# Prepared once (issue 16): the statements of every pre-signing, with bound parameters.
+_CURRENT_SIGNER = (
+    select(Certificate.serial, Certificate.der, Certificate.key_label, Authority.rsa_padding)
+    .join(Authority, Authority.id == Certificate.authority_id)
+    .where(
+        Certificate.authority_id == bindparam("authority_id"),
+        Certificate.profile == "ocsp-signer",
+        Certificate.status == "valid",
+        Certificate.key_label.is_not(None),
+        Certificate.not_before <= bindparam("now", type_=Certificate.__table__.c.not_before.type),
+        Certificate.not_after > bindparam("now", type_=Certificate.__table__.c.not_after.type),
+    )
+    .order_by(Certificate.not_after.desc(), Certificate.id.desc())
+    .limit(1)
+)
+_STORED_ALGORITHMS = select(OcspResponse.hash_algorithm).where(
+    OcspResponse.authority_id == bindparam("authority_id"), OcspResponse.serial == bindparam("serial")
+)
+
+
 class Presigner:
     """Signs and stores OCSP responses with each CA's current delegated signer (keys in the token)."""
 
@@ -87,20 +107,7 @@ class Presigner:
     # -- who signs for a CA ----------------------------------------------------------------------
     def signer_for(self, session: Session, authority_id: int, now: datetime) -> ResponseSigner | None:
         """The CA's newest valid delegated signer whose key chargepki holds, or None."""
-        row = session.execute(
-            select(Certificate.serial, Certificate.der, Certificate.key_label, Authority.rsa_padding)
-            .join(Authority, Authority.id == Certificate.authority_id)
-            .where(
-                Certificate.authority_id == authority_id,
-                Certificate.profile == "ocsp-signer",
-                Certificate.status == "valid",
-                Certificate.key_label.is_not(None),
-                Certificate.not_before <= now,
-                Certificate.not_after > now,
-            )
-            .order_by(Certificate.not_after.desc(), Certificate.id.desc())
-            .limit(1)
-        ).first()
+        row = session.execute(_CURRENT_SIGNER, {"authority_id": authority_id, "now": now}).first()
         if row is None:
             return None
         signer = self._signers.get(row.serial)
@@ -149,9 +156,7 @@ class Presigner:
                 drop_responses(session, [certificate])
                 continue
             stored = session.scalars(
-                select(OcspResponse.hash_algorithm).where(
-                    OcspResponse.authority_id == certificate.authority_id, OcspResponse.serial == certificate.serial
-                )
+                _STORED_ALGORITHMS, {"authority_id": certificate.authority_id, "serial": certificate.serial}
             ).all()
             validity = self.validity_for(session, certificate.authority_id)
             for algorithm in dict.fromkeys([*self.policy.hashes, *stored]):
@@ -171,6 +176,20 @@ def drop_responses(session: Session, certificates: Iterable[Certificate]) -> Non
 
 
 _REPLACED = ("cert_status", "der", "this_update", "next_update", "signer_serial")
+_RESPONSES = OcspResponse.__table__
+
+
+def _upsert(dialect_insert):  # type: ignore[no-untyped-def]
+    statement = dialect_insert(_RESPONSES).values({column: bindparam(column) for column in _UPSERT_COLUMNS})
+    return statement.on_conflict_do_update(
+        index_elements=["authority_id", "serial", "hash_algorithm"],
+        set_={key: statement.excluded[key] for key in _REPLACED},
+    )
+
+
+_UPSERT_COLUMNS = ("authority_id", "serial", "hash_algorithm", *_REPLACED)
+# Prepared once: building an INSERT … ON CONFLICT per response cost more than running it (issue 16).
+_UPSERT = {"postgresql": _upsert(pg_insert), "sqlite": _upsert(sqlite_insert)}
 
 
 def upsert_response(
@@ -197,14 +216,7 @@ def upsert_response(
         "next_update": min(now + (validity or policy.validity), signer.not_after),
         "signer_serial": signer.serial,
     }
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert(OcspResponse).values(**values)
-    statement = statement.on_conflict_do_update(
-        index_elements=["authority_id", "serial", "hash_algorithm"],
-        set_={key: statement.excluded[key] for key in _REPLACED},
-    )
-    session.execute(statement)
+    session.execute(_UPSERT["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"], values)
 
 
 # -- refreshing ----------------------------------------------------------------------------------

@@ -1,23 +1,26 @@
 """Building and signing OCSP responses (RFC 6960 §4.2) with a delegated signer's key in the token.
 
-asn1crypto assembles the ``ResponseData`` because ``cryptography``'s ``OCSPResponseBuilder``
-takes one SingleResponse only, and a request naming several certificates must be answered in
-one response. The signature is made by the token through the same ``cryptography`` key
-objects that sign certificates, and every response is parsed back and its signature verified
-before it leaves this module.
+The response is written as DER directly (``cryptography``'s ``OCSPResponseBuilder`` takes one
+SingleResponse only, and a request naming several certificates must be answered in one
+response): the parts fixed per signer (ResponderID, signature algorithm, the signer's
+certificate) and per CertID hash algorithm are encoded once with asn1crypto and kept; only the
+times, the CertID, the status and the signature are encoded per response. Building the same
+response with asn1crypto objects field by field cost ~10× the signature itself (issue 16);
+``tests/ocsp/test_ocsp_der.py`` checks the bytes against asn1crypto's encoding and cryptography's parser.
+The signature is made by the token through the same ``cryptography`` key objects that sign
+certificates, and every signature is verified before the response leaves this module.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from asn1crypto import algos as asn1_algos
-from asn1crypto import core as asn1_core
-from asn1crypto import ocsp as asn1_ocsp
-from asn1crypto import x509 as asn1_x509
+from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -60,11 +63,14 @@ class ResponseSigner:
     rsa_padding: str | None = None  # pkcs1 | pss for RSA keys
 
     def __post_init__(self) -> None:
-        # Parsed once: re-parsing the certificate for every response cost most of the signing time.
-        object.__setattr__(self, "_asn1_certificate", asn1_x509.Certificate.load(self.certificate_der))
         object.__setattr__(
             self, "_key_hash", x509.SubjectKeyIdentifier.from_public_key(self.certificate.public_key()).digest
         )  # type: ignore[arg-type]
+        # The fixed parts of every response, encoded once: ResponderID byKey ([2] EXPLICIT OCTET
+        # STRING), the signature algorithm, and certs ([0] EXPLICIT SEQUENCE OF Certificate).
+        object.__setattr__(self, "_responder_id", _tlv(0xA2, _tlv(0x04, self._key_hash)))  # type: ignore[attr-defined]
+        object.__setattr__(self, "_algorithm_der", self._algorithm().dump())
+        object.__setattr__(self, "_certs_der", _tlv(0xA0, _tlv(0x30, self.certificate_der)))
 
     @property
     def not_after(self) -> datetime:
@@ -128,33 +134,70 @@ class ResponseSigner:
             raise ValueError("an OCSP response answers at least one CertID")
         this_update = _second(this_update)
         next_update = min(_second(next_update), self.not_after)  # never outlive the signer
-        tbs = asn1_ocsp.ResponseData(
-            {
-                "responder_id": asn1_ocsp.ResponderId(name="by_key", value=self.key_hash()),
-                "produced_at": this_update,
-                "responses": [_single(status, this_update, next_update) for status in statuses],
-            }
+        produced = _generalized_time(this_update)
+        # SingleResponse's thisUpdate and nextUpdate ([0] EXPLICIT), the same for every status.
+        times = produced + _tlv(0xA0, _generalized_time(next_update))
+        responses = b"".join(_single(status, times) for status in statuses)
+        tbs_der = _tlv(
+            0x30,
+            self._responder_id + produced + _tlv(0x30, responses),  # type: ignore[attr-defined]
         )
-        tbs_der = tbs.dump()
         signature = self._sign(tbs_der)
         try:
             self._verify(signature, tbs_der)
         except InvalidSignature:
             raise TokenError(f"the token's OCSP signature does not verify under signer {self.serial}") from None
-        basic = asn1_ocsp.BasicOCSPResponse(
-            {
-                "tbs_response_data": tbs,
-                "signature_algorithm": self._algorithm(),
-                "signature": signature,
-                "certs": [self._asn1_certificate],  # type: ignore[attr-defined]
-            }
+        basic = _tlv(
+            0x30,
+            tbs_der + self._algorithm_der + _tlv(0x03, b"\x00" + signature) + self._certs_der,  # type: ignore[attr-defined]
         )
-        return asn1_ocsp.OCSPResponse(
-            {
-                "response_status": "successful",
-                "response_bytes": {"response_type": "basic_ocsp_response", "response": basic},
-            }
-        ).dump()
+        # OCSPResponse: responseStatus successful, responseBytes [0] EXPLICIT {id-pkix-ocsp-basic, OCTET STRING}.
+        return _tlv(0x30, _SUCCESSFUL + _tlv(0xA0, _tlv(0x30, _ID_PKIX_OCSP_BASIC + _tlv(0x04, basic))))
+
+
+_SUCCESSFUL = bytes.fromhex("0a0100")  # ENUMERATED 0
+_ID_PKIX_OCSP_BASIC = bytes.fromhex("06092b0601050507300101")  # OID 1.3.6.1.5.5.7.48.1.1
+_GOOD = bytes.fromhex("8000")  # [0] IMPLICIT NULL
+_UNKNOWN = bytes.fromhex("8200")  # [2] IMPLICIT NULL
+
+
+def _length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((length,))
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(octets),)) + octets
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    """One DER element (a single-octet tag; lengths in definite form)."""
+    return bytes((tag,)) + _length(len(content)) + content
+
+
+def _generalized_time(moment: datetime) -> bytes:
+    """GeneralizedTime YYYYMMDDHHMMSSZ (the caller has dropped the fractions and made it UTC)."""
+    return _tlv(
+        0x18,
+        f"{moment.year:04d}{moment.month:02d}{moment.day:02d}{moment.hour:02d}"
+        f"{moment.minute:02d}{moment.second:02d}Z".encode(),
+    )
+
+
+def _integer(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("a certificate serial number is positive")
+    return _tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+@functools.cache
+def _hash_algorithm(name: str) -> bytes:
+    """A CertID's AlgorithmIdentifier as asn1crypto writes it (e.g. sha1 with NULL parameters)."""
+    return asn1_algos.DigestAlgorithm({"algorithm": name}).dump()
+
+
+@functools.cache
+def _reason(name: str) -> bytes:
+    """revocationReason [0] EXPLICIT CRLReason."""
+    return _tlv(0xA0, asn1_crl.CRLReason(_ASN1_REASONS[name]).dump())
 
 
 def _second(moment: datetime) -> datetime:
@@ -162,34 +205,30 @@ def _second(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
-def _single(status: SingleStatus, this_update: datetime, next_update: datetime) -> asn1_ocsp.SingleResponse:
+def _single(status: SingleStatus, times: bytes) -> bytes:
+    """One SingleResponse: CertID, status, then ``times`` (thisUpdate, nextUpdate) already encoded."""
     cert_id = status.cert_id
     if status.status == "good":
-        cert_status = asn1_ocsp.CertStatus(name="good", value=asn1_core.Null())
+        cert_status = _GOOD
     elif status.status == "unknown":
-        cert_status = asn1_ocsp.CertStatus(name="unknown", value=asn1_core.Null())
+        cert_status = _UNKNOWN
     elif status.status == "revoked":
         if status.revoked_at is None:
             raise ValueError("a revoked status needs its revocation time")
-        info: dict[str, object] = {"revocation_time": _second(status.revoked_at)}
+        info = _generalized_time(_second(status.revoked_at))
         if status.reason is not None and status.reason != "unspecified":
-            info["revocation_reason"] = _ASN1_REASONS[status.reason]
-        cert_status = asn1_ocsp.CertStatus(name="revoked", value=asn1_ocsp.RevokedInfo(info))
+            info += _reason(status.reason)
+        cert_status = _tlv(0xA1, info)  # [1] IMPLICIT RevokedInfo
     else:
         raise ValueError(f"unknown certificate status {status.status!r}")
-    return asn1_ocsp.SingleResponse(
-        {
-            "cert_id": {
-                "hash_algorithm": {"algorithm": cert_id.hash_algorithm},
-                "issuer_name_hash": cert_id.issuer_name_hash,
-                "issuer_key_hash": cert_id.issuer_key_hash,
-                "serial_number": cert_id.serial_number,
-            },
-            "cert_status": cert_status,
-            "this_update": this_update,
-            "next_update": next_update,
-        }
+    encoded_id = _tlv(
+        0x30,
+        _hash_algorithm(cert_id.hash_algorithm)
+        + _tlv(0x04, cert_id.issuer_name_hash)
+        + _tlv(0x04, cert_id.issuer_key_hash)
+        + _integer(cert_id.serial_number),
     )
+    return _tlv(0x30, encoded_id + cert_status + times)
 
 
 def etag(der: bytes) -> str:

@@ -28,8 +28,14 @@ class StatusSigner(Protocol):
         """
 
 
+_FEED = StatusFeed.__table__
+# Prepared once: this runs in every issuance and revocation (building it cost more than running it).
+_RAISE_COUNTER = update(_FEED).where(_FEED.c.id == 1).values(counter=_FEED.c.counter + 1)
+_NOTIFY = text("SELECT pg_notify(:channel, '')")
+
+
 def signal_change(session: Session) -> None:
     """Raise the change counter and, on PostgreSQL, NOTIFY; both take effect at commit."""
-    session.execute(update(StatusFeed).where(StatusFeed.id == 1).values(counter=StatusFeed.counter + 1))
+    session.execute(_RAISE_COUNTER)
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+        session.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})

@@ -3,7 +3,10 @@ which files a store may create, and how long it waits for a lock or a server."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ca.errors import StoreError
-from ca.store.engine import Store
+from ca.store.engine import Store, _WriterGate
+from tests.conftest import postgres_admin
 
 
 @pytest.fixture
@@ -93,3 +97,114 @@ def test_postgresql_connections_give_up_after_a_timeout() -> None:
         Store("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1").engine.url.query["connect_timeout"]
         == "1"
     )
+
+
+# -- the gate waits in the kernel, not in a poll (issue 16) -------------------------------------
+def _held_elsewhere(gate_path: Path) -> int:
+    """The writer lock taken through another open file description: to flock(), another process."""
+    descriptor = os.open(gate_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
+
+
+def test_a_waiting_writer_sleeps_until_the_lock_is_released(tmp_path: Path) -> None:
+    gate = _WriterGate(tmp_path / "w.db", timeout=10.0)
+    other = _held_elsewhere(gate.path)
+    outcome: dict[str, float | bool] = {}
+
+    def writer() -> None:
+        started = time.thread_time()
+        outcome["acquired"] = gate.acquire()
+        outcome["cpu"] = time.thread_time() - started
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.5)
+    assert "acquired" not in outcome, "the lock is held elsewhere"
+    released = time.monotonic()
+    fcntl.flock(other, fcntl.LOCK_UN)
+    thread.join(10)
+    assert outcome["acquired"] is True
+    # The old gate polled every 0.5 ms: ~1000 wake-ups in this wait. A blocking wait costs next to no CPU.
+    assert outcome["cpu"] < 0.05, f"{outcome['cpu']:.3f} s CPU spent waiting for the lock"
+    assert float(outcome["at"]) - released < 2.0
+    with pytest.raises(BlockingIOError):  # the gate holds it now
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    gate.release()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+
+
+def test_a_writer_that_gave_up_leaves_the_lock_to_the_others(tmp_path: Path) -> None:
+    gate = _WriterGate(tmp_path / "w.db", timeout=0.2)
+    other = _held_elsewhere(gate.path)
+    assert gate.acquire() is False, "bounded by the timeout"
+    assert not gate._threads.locked(), "the threads of this process are not held up either"
+    fcntl.flock(other, fcntl.LOCK_UN)
+    deadline = time.monotonic() + 5
+    while True:  # the helper obtains the lock for nobody and must hand it straight back
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the abandoned wait kept the lock"
+            time.sleep(0.01)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    assert gate.acquire() is True
+    gate.release()
+    os.close(other)
+
+
+def test_gated_threads_and_processes_take_turns(tmp_path: Path) -> None:
+    """Threads of two gates (as two processes) over one lock file: never two holders at once."""
+    gates = [_WriterGate(tmp_path / "w.db", timeout=10.0) for _ in range(2)]
+    inside, overlaps, turns = [0], [0], [0]
+    guard = threading.Lock()
+
+    def work(gate: _WriterGate) -> None:
+        for _ in range(50):
+            assert gate.acquire()
+            with guard:
+                inside[0] += 1
+                overlaps[0] += inside[0] > 1
+            time.sleep(0.0005)
+            with guard:
+                inside[0] -= 1
+                turns[0] += 1
+            gate.release()
+
+    threads = [threading.Thread(target=work, args=(gate,)) for gate in gates for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert turns[0] == 300 and overlaps[0] == 0
+
+
+# -- no pre-ping: a dead connection's first statement is retried --------------------------------
+def test_a_connection_the_server_dropped_is_replaced_without_a_ping(db_url: str) -> None:
+    if db_url.startswith("sqlite"):
+        pytest.skip("a server connection")
+    store = Store(db_url)
+    try:
+        with store.session() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with postgres_admin() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        pings = []
+        real_ping = store.engine.dialect.do_ping
+        store.engine.dialect.do_ping = lambda connection: pings.append(1) or real_ping(connection)  # type: ignore[method-assign]
+        with store.session() as session:  # the pooled connection is dead: retried on a new one
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+            session.commit()
+        assert pings == []
+        with store.session() as session:  # a statement later in a transaction is never replayed
+            session.execute(text("SELECT 1"))
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with postgres_admin() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(OperationalError):
+                session.execute(text("SELECT 1"))
+    finally:
+        store.dispose()

@@ -1,0 +1,181 @@
+"""CPU per enrollment of the core, without HTTP (issue 16): what `pipeline.enroll` itself costs.
+
+``--processes`` processes of ``--threads`` threads each (an EST server's workers and their threads)
+enroll ``--count`` registered devices by one-time secret through ``ca.enrollment.pipeline.enroll``,
+the function the web layer calls, with a real SoftHSM2 token; each child reports its own CPU
+seconds (user + system, ``RUSAGE_SELF``: every thread, SoftHSM2 and SQLite included) while
+enrolling, per certificate, the statements per certificate
+and the wall time. CPU per certificate, unlike the rate, stays meaningful on a loaded machine;
+the contention of several processes over one SQLite database is where the writer gate shows.
+
+    .venv/bin/python bench/enroll_cpu.py [--count 400] [--processes 2] [--threads 4] [--postgresql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)
+
+import psycopg  # noqa: E402
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+from sqlalchemy import event, func, select  # noqa: E402
+
+from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
+from ca.config import Config, embedded_defaults, write_config  # noqa: E402
+from ca.context import Pki  # noqa: E402
+from ca.registry.devices import add_device  # noqa: E402
+from ca.registry.secrets import issue_secret  # noqa: E402
+from ca.work import Work  # noqa: E402
+
+ORG = "Bench Charging"
+
+
+def child(home: str, jobs: list[tuple[str, str, bytes]], threads: int, out: multiprocessing.Queue) -> None:
+    from ca.authorities.issuers import default_issuing_ca, issuer_for
+    from ca.enrollment.pipeline import Credentials, enroll
+    from ocsp.presign import Presigner, policy_from
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
+    pki = Pki.open(Path(home), environ)
+    statements = [0]
+    event.listen(pki.store.engine, "before_cursor_execute", lambda *a: statements.__setitem__(0, statements[0] + 1))
+    status = Presigner(pki.token(), policy_from(pki.config.ocsp))
+    with pki.store.session() as session:
+        authority = default_issuing_ca(session, "production")
+        session.expunge(authority)
+    issuer = issuer_for(authority, pki.token())
+    failures = []
+    lock = threading.Lock()
+
+    def run(part: list[tuple[str, str, bytes]]) -> None:
+        for serial, secret, csr in part:
+            try:
+                with pki.store.session() as session:
+                    enroll(
+                        session,
+                        lambda _a: issuer,
+                        authority,
+                        csr,
+                        Credentials(username=serial, password=secret, address="192.0.2.1"),
+                        status=status,
+                    )
+            except Exception as exc:
+                with lock:
+                    failures.append(f"{serial}: {exc}")
+
+    statements[0] = 0
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    workers = [threading.Thread(target=run, args=(jobs[i::threads],)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out.put((statements[0], failures, cpu, time.perf_counter() - started))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--postgresql", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="chargepki-enroll-cpu-"))
+    home = work / "home"
+    defaults = embedded_defaults(home)
+    url, admin, schema = None, None, None
+    if args.postgresql:
+        admin = psycopg.connect(
+            os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"), autocommit=True
+        )
+        schema = f"cpu_{secrets.token_hex(4)}"
+        admin.execute(f"CREATE SCHEMA {schema}")
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    try:
+        write_config(Config(home=home, database_url=url or defaults.database_url, pkcs11=defaults.pkcs11))
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
+        pki = Pki.open(home, environ, create=True)
+        from ocsp.presign import Presigner
+
+        jobs = []
+        with pki.store.session() as session:
+            init_hierarchy(
+                Work(session=session, actor="bench", status=Presigner(pki.token()), token=pki.token()),
+                request=HierarchyRequest(organization=ORG),
+            )
+            for n in range(args.count):
+                serial = f"CP-{n:06d}"
+                work = Work(session, "bench")
+                secret = issue_secret(work, device=add_device(work, serial=serial))
+                key = ec.generate_private_key(ec.SECP256R1())
+                name = x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
+                        x509.NameAttribute(NameOID.COMMON_NAME, serial),
+                    ]
+                )
+                csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+                jobs.append((serial, secret, csr.public_bytes(serialization.Encoding.DER)))
+        pki.close()
+        context = multiprocessing.get_context("spawn")
+        out = context.Queue()
+        children = [
+            context.Process(target=child, args=(str(home), jobs[i :: args.processes], args.threads, out))
+            for i in range(args.processes)
+        ]
+        for process in children:
+            process.start()
+        results = [out.get() for _ in children]
+        for process in children:
+            process.join()
+        elapsed = max(r[3] for r in results)
+        cpu = sum(r[2] for r in results)
+        statements = sum(r[0] for r in results)
+        failures = [f for r in results for f in r[1]]
+        pki = Pki.open(home, environ)
+        with pki.store.session() as session:
+            from ca.store.models import Certificate
+
+            issued = session.scalar(
+                select(func.count())
+                .select_from(Certificate)
+                .where(Certificate.profile == "charger", Certificate.status == "valid")
+            )
+        pki.close()
+        load = os.getloadavg()
+        print(
+            f"{'PostgreSQL' if args.postgresql else 'SQLite'}: {issued}/{args.count} issued, {len(failures)} failures; "
+            f"{args.processes} processes x {args.threads} threads; CPU {cpu / args.count * 1000:.2f} ms/cert "
+            f"(enrolling only, start-up excluded); "
+            f"{statements / args.count:.1f} statements/cert; wall {elapsed:.1f} s; "
+            f"load {load[0]:.1f}"
+        )
+        for failure in failures[:5]:
+            print("  ", failure)
+        return 0 if issued == args.count else 1
+    finally:
+        if admin is not None:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

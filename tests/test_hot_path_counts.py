@@ -1,0 +1,308 @@
+"""Regression guard of the hot paths (issue 16): counted work, never time.
+
+For one EST-style enrollment (``simpleenroll`` with a one-time secret), one re-enrollment
+(``simplereenroll`` by the current certificate) and one OCSP pre-signing, on SQLite and on
+PostgreSQL, with a real SoftHSM2 token, this counts what the benchmark only reports as time:
+
+- SQL statements the application sends (``before_cursor_execute``), by kind;
+- transactions begun, committed and rolled back (engine events): on PostgreSQL each is a round
+  trip of its own (psycopg sends BEGIN/COMMIT separately), on SQLite each commit is an fsync;
+- pool pre-pings (a ``SELECT 1`` round trip per checkout on PostgreSQL when enabled);
+- signatures made in the token (a counting wrapper around ``Token.sign``);
+- audit entries written.
+
+The numbers are the design, written out below with the reason for each; a change that adds a
+statement, a commit or a signature to the hot path fails here, on any machine, however loaded.
+When a change removes work, lower the number (and say why in its comment).
+
+The worker's caches are warm, as in a running EST worker: one enrollment of another device
+first (the issuer binding, the presigner's signer/issuer-hash/validity caches, the pool).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import Engine
+
+from ca.authorities.hierarchy import Hierarchy
+from ca.authorities.issuers import issuer_for
+from ca.enrollment.pipeline import Credentials, enroll, reenroll
+from ca.keys.pkcs11_token import Token
+from ca.registry.devices import add_device
+from ca.registry.secrets import issue_secret
+from ca.store.engine import Store
+from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
+from ca.work import Work
+from ocsp.presign import Presigner
+from tests.helpers import make_csr, make_key
+
+
+@dataclass
+class Cost:
+    """What one operation cost, counted."""
+
+    statements: list[str] = field(default_factory=list)
+    begins: int = 0
+    commits: int = 0
+    rollbacks: int = 0
+    pings: int = 0
+    signatures: int = 0
+    audit_entries: int = 0
+
+    def kinds(self) -> Counter[str]:
+        return Counter(statement.split(None, 1)[0].upper() for statement in self.statements)
+
+    @property
+    def round_trips(self) -> int:
+        """Calls that cross to the database server (PostgreSQL) or into SQLite's locking (SQLite)."""
+        return len(self.statements) + self.begins + self.commits + self.rollbacks + self.pings
+
+    def summary(self) -> str:
+        return (
+            f"statements={len(self.statements)} {dict(self.kinds())} begins={self.begins} commits={self.commits} "
+            f"rollbacks={self.rollbacks} pings={self.pings} signatures={self.signatures} audit={self.audit_entries}"
+        )
+
+
+@contextmanager
+def counted(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cost]:
+    work = Cost()
+    engine: Engine = store.engine
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        work.statements.append(statement.strip())
+
+    def on_begin(_conn: Any) -> None:
+        work.begins += 1
+
+    def on_commit(_conn: Any) -> None:
+        work.commits += 1
+
+    def on_rollback(_conn: Any) -> None:
+        work.rollbacks += 1
+
+    real_ping = engine.dialect.do_ping
+
+    def ping(dbapi_connection: Any) -> bool:
+        work.pings += 1
+        return real_ping(dbapi_connection)
+
+    real_sign = Token.sign
+
+    def sign(self: Token, *args: Any, **kwargs: Any) -> bytes:
+        work.signatures += 1
+        return real_sign(self, *args, **kwargs)
+
+    with store.session() as probe:
+        audit_before = probe.scalar(select(func.count()).select_from(AuditEvent))
+    listeners = [
+        ("before_cursor_execute", on_statement),
+        ("begin", on_begin),
+        ("commit", on_commit),
+        ("rollback", on_rollback),
+    ]
+    for name, listener in listeners:
+        event.listen(engine, name, listener)
+    monkeypatch.setattr(engine.dialect, "do_ping", ping)
+    monkeypatch.setattr(Token, "sign", sign)
+    try:
+        yield work
+    finally:
+        for name, listener in listeners:
+            event.remove(engine, name, listener)
+        monkeypatch.undo()
+    with store.session() as probe:
+        work.audit_entries = probe.scalar(select(func.count()).select_from(AuditEvent)) - audit_before
+
+
+def _der(pem_csr: bytes) -> bytes:
+    return x509.load_pem_x509_csr(pem_csr).public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class Worker:
+    """An EST worker's long-lived state: the issuer cache, the presigner, the CA it serves (detached)."""
+
+    store: Store
+    token: Token
+    authority: Authority
+    status: Presigner
+    issuers: dict[int, Any] = field(default_factory=dict)
+
+    def issuer(self, authority: Authority) -> Any:
+        if authority.id not in self.issuers:
+            self.issuers[authority.id] = issuer_for(authority, self.token)
+        return self.issuers[authority.id]
+
+
+@pytest.fixture
+def worker(store: Store, hierarchy: Hierarchy, token: Token) -> Worker:
+    with store.session() as session:
+        authority = session.get(Authority, hierarchy.issuing.id)
+        assert authority is not None
+        session.expunge(authority)  # as web/est._authority keeps it
+    worker = Worker(store, token, authority, Presigner(token))
+    _first_enrollment(worker, "CP-WARM-1")  # warm caches, as in a worker that has served a request
+    return worker
+
+
+def _secret(store: Store, serial: str) -> str:
+    with store.session() as session:
+        work = Work(session, "test")
+        return issue_secret(work, device=add_device(work, serial=serial))
+
+
+def _first_enrollment(worker: Worker, serial: str, secret: str | None = None) -> Certificate:
+    secret = secret or _secret(worker.store, serial)
+    with worker.store.session() as session:
+        return enroll(
+            session,
+            worker.issuer,
+            worker.authority,
+            _der(make_csr(serial)),
+            Credentials(username=serial, password=secret, address="192.0.2.7"),
+            status=worker.status,
+        )
+
+
+def _reenrollment(worker: Worker, current: bytes, serial: str) -> Certificate:
+    with worker.store.session() as session:
+        return reenroll(
+            session,
+            worker.issuer,
+            worker.authority,
+            _der(make_csr(serial, key=make_key())),
+            Credentials(client_certificate=current, address="192.0.2.7"),
+            status=worker.status,
+        )
+
+
+def _is_postgres(store: Store) -> bool:
+    return not store.is_sqlite
+
+
+def test_one_enrollment_costs_what_it_was_designed_to(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = _secret(worker.store, "CP-COUNT-1")
+    with counted(worker.store, monkeypatch) as work:
+        row = _first_enrollment(worker, "CP-COUNT-1", secret)
+    assert row.status == "valid"
+    _check_enrollment(work, _is_postgres(worker.store), renewal=False)
+
+
+def test_one_reenrollment_costs_what_it_was_designed_to(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _first_enrollment(worker, "CP-COUNT-2")
+    with counted(worker.store, monkeypatch) as work:
+        row = _reenrollment(worker, first.der or b"", "CP-COUNT-2")
+    assert row.status == "valid"
+    with worker.store.session() as session:
+        assert session.get(Certificate, first.id).status == "revoked"  # superseded in the same transaction
+    _check_enrollment(work, _is_postgres(worker.store), renewal=True)
+
+
+def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    row = _first_enrollment(worker, "CP-COUNT-3")
+    with counted(worker.store, monkeypatch) as work, worker.store.session() as session:
+        worker.status.update(session, [row], datetime.now(UTC))
+        session.commit()
+    with worker.store.session() as session:
+        stored = session.scalars(select(OcspResponse).where(OcspResponse.serial == row.serial)).all()
+    assert [response.hash_algorithm for response in stored] == ["sha1"]
+    _check_presign(work, _is_postgres(worker.store))
+
+
+# -- the design ----------------------------------------------------------------------------------
+# One enrollment by a one-time secret (simpleenroll), statement by statement:
+#   read, outside any write transaction (SQLite: autocommit, no writer lock; ``auth_limits.standing``)
+#     1 SELECT auth_failures                      the caller's lockout standing (device + address keys)
+#   transaction 1, the reservation (committed before the token signs: the serial is taken)
+#     2 SELECT enrollment_secrets                 the secret is valid
+#     3 SELECT devices                            the registered device
+#     4 UPDATE enrollment_secrets                 the secret is spent (conditional: once)
+#     5 INSERT key_owners ... ON CONFLICT         one key, one identity
+#     6 INSERT certificates ... SELECT WHERE CA active   the pending row
+#   transaction 2, the record (one commit: certificate, audit entry, OCSP response, supersede)
+#     7 UPDATE audit_head RETURNING               the audit head's lock (queues writers)
+#     8 INSERT audit_events                       certificate.issued
+#     9 UPDATE audit_head                         its hash (PostgreSQL: 8 and 9 are one WITH … statement)
+#    10 UPDATE certificates WHERE pending AND CA active   the DER
+#    11 SELECT certificates JOIN authorities      the CA's current OCSP signer
+#    12 SELECT ocsp_responses                     hash algorithms already stored for the serial
+#    13 INSERT ocsp_responses ... ON CONFLICT     the presigned response
+#    14 UPDATE status_feed                        the change counter
+#       (PostgreSQL: + SELECT pg_notify)
+#    15 SELECT certificates                       older charger certificates to supersede (none)
+#    16 UPDATE devices                            enrollment closed
+# Token signatures: the certificate, and its OCSP response (sha1 CertID): 2. Audit entries: 1.
+ENROLLMENT = {"SELECT": 6, "INSERT": 4, "UPDATE": 6}
+# A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
+# the presented certificate by fingerprint, its CA (the ORM's lazy load of ``authority``) and the
+# device by primary key (+3 SELECT, -1 for the device by serial), and in transaction 2 the superseded
+# certificate: loaded (+1 SELECT), revoked (+1 UPDATE), audited (+2 UPDATE, +1 INSERT), its OCSP
+# response re-signed (+2 SELECT, +1 INSERT, +1 UPDATE; PostgreSQL +1 NOTIFY); no enrollment to close (-1 UPDATE).
+# Token signatures: the certificate, the new and the superseded OCSP responses: 3. Audit entries: 2.
+REENROLLMENT = {"SELECT": 10, "INSERT": 6, "UPDATE": 8}
+# One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
+# the stored hash algorithms, the upsert, the change counter (PostgreSQL: + NOTIFY). One signature.
+PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
+
+
+def _expected(design: dict[str, int], postgres: bool, notifies: int, audits: int) -> dict[str, int]:
+    """The design above is SQLite's statements; PostgreSQL also NOTIFYs (a SELECT pg_notify per status
+    change), and writes each audit entry and the head's new hash in one statement (``WITH … INSERT …
+    UPDATE``, ca/audit/chain.py) instead of an INSERT and an UPDATE."""
+    if not postgres:
+        return dict(design)
+    expected = {
+        **design,
+        "SELECT": design["SELECT"] + notifies,
+        "INSERT": design["INSERT"] - audits,
+        "UPDATE": design["UPDATE"] - audits,
+    }
+    if audits:
+        expected["WITH"] = audits
+    return expected
+
+
+def _check_common(
+    work: Cost, postgres: bool, design: dict[str, int], notifies: int, transactions: int, audits: int = 0
+) -> None:
+    kinds = work.kinds()
+    write_transactions = kinds.pop("BEGIN", 0)  # SQLite: BEGIN IMMEDIATE, sent by ca/store/engine.py
+    expected = _expected(design, postgres, notifies, audits)
+    assert dict(kinds) == expected, work.summary()
+    assert work.commits == transactions, work.summary()
+    # No pool pre-ping: a dead connection is retried instead (ca/store/engine._Session).
+    assert work.pings == 0, work.summary()
+    if postgres:
+        assert work.begins == transactions and work.rollbacks == 0, work.summary()
+        assert work.round_trips == sum(expected.values()) + 2 * transactions
+    else:
+        assert write_transactions == transactions, work.summary()
+
+
+def _check_enrollment(work: Cost, postgres: bool, *, renewal: bool) -> None:
+    design = REENROLLMENT if renewal else ENROLLMENT
+    audits = 2 if renewal else 1
+    _check_common(work, postgres, design, notifies=audits, transactions=2, audits=audits)
+    assert work.signatures == (3 if renewal else 2), work.summary()
+    assert work.audit_entries == (2 if renewal else 1), work.summary()
+    # The lockout check reads before any write transaction: on SQLite it takes no writer lock.
+    assert work.statements[0].startswith("SELECT auth_failures"), work.statements[:2]
+    if not postgres:
+        assert work.statements[1] == "BEGIN IMMEDIATE", work.statements[:2]
+
+
+def _check_presign(work: Cost, postgres: bool) -> None:
+    _check_common(work, postgres, PRESIGN, notifies=1, transactions=1, audits=0)
+    assert work.signatures == 1, work.summary()
+    assert work.audit_entries == 0, work.summary()
