@@ -124,7 +124,7 @@ bench-abuse: setup
 bench-lookups: setup
 	$(BIN)/python bench/lookups.py $(BENCH_LOOKUPS_ARGS)
 
-# Fleet rotation (issue 16): 100,000 chargers of issuing CA 1 in a store of 1,000,000 certificate rows
+# Fleet rotation: 100,000 chargers of issuing CA 1 in a store of 1,000,000 certificate rows
 # re-enroll after `ca rotate` by mTLS simplereenroll and /api/v1/sign relays (bench/results-rotation.md).
 # Smaller: BENCH_ROTATION_ARGS="--chargers 2000 --rows 50000"; PostgreSQL: add --postgresql.
 bench-rotation: setup

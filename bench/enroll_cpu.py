@@ -1,4 +1,4 @@
-"""CPU per enrollment of the core, without HTTP (issue 16): what `pipeline.enroll` itself costs.
+"""CPU per enrollment of the core, without HTTP: what `pipeline.enroll` itself costs.
 
 ``--processes`` processes of ``--threads`` threads each (an EST server's workers and their threads)
 enroll ``--count`` registered devices by one-time secret through ``ca.enrollment.pipeline.enroll``,

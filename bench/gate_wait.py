@@ -1,4 +1,4 @@
-"""What SQLite's writer gate costs a writer that waits (issue 16): CPU while waiting, and the hand-over.
+"""What SQLite's writer gate costs a writer that waits: CPU while waiting, and the hand-over.
 
 The lock is held through another open file description (to ``flock``, another process) for 100 ms
 while a writer waits at the gate; then released. Reported: the process CPU spent during each wait

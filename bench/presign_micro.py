@@ -1,4 +1,4 @@
-"""CPU per OCSP response built and signed by ``ocsp.signing.ResponseSigner`` (issue 16), without the token.
+"""CPU per OCSP response built and signed by ``ocsp.signing.ResponseSigner``, without the token.
 
 A software P-256 key stands in for the token key, so what is counted is this module's own work:
 building the ResponseData, the signature and its verification, and wrapping the response.

@@ -1,4 +1,4 @@
-"""Fleet rotation: every charger of issuing CA 1 re-enrolls onto its successor after `ca rotate` (issue 16).
+"""Fleet rotation: every charger of issuing CA 1 re-enrolls onto its successor after `ca rotate`.
 
 Set-up (not timed): a fresh home (SQLite, or ``--postgresql`` for a schema of the test server) with
 ``--chargers`` registered devices, each holding a real certificate from issuing CA 1 (signed in the
@@ -23,7 +23,7 @@ and new certificates parses, verifies under its delegated signer and says revoke
 campaign reads all devices re-enrolled, none pending; ``audit verify`` passes.
 
     .venv/bin/python bench/rotation.py --chargers 2000 --rows 50000           # a few minutes
-    .venv/bin/python bench/rotation.py                                        # issue 16's size:
+    .venv/bin/python bench/rotation.py                                        # the full size:
         100,000 chargers, 1,000,000 rows (`make bench-rotation`; set-up alone takes a while)
     add --postgresql for PostgreSQL; --out FILE appends the report (default bench/results-rotation.md)
 """

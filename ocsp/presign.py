@@ -62,7 +62,7 @@ def answerable(certificate: Certificate) -> bool:
     return certificate.status in ("valid", "revoked") and certificate.profile not in ROOT_PROFILES
 
 
-# Prepared once (issue 16): the statements of every pre-signing, with bound parameters.
+# Prepared once: the statements of every pre-signing, with bound parameters.
 _CURRENT_SIGNER = (
     select(Certificate.serial, Certificate.der, Certificate.key_label, Authority.rsa_padding)
     .join(Authority, Authority.id == Certificate.authority_id)
@@ -188,7 +188,7 @@ def _upsert(dialect_insert):  # type: ignore[no-untyped-def]
 
 
 _UPSERT_COLUMNS = ("authority_id", "serial", "hash_algorithm", *_REPLACED)
-# Prepared once: building an INSERT … ON CONFLICT per response cost more than running it (issue 16).
+# Prepared once: building an INSERT … ON CONFLICT per response cost more than running it.
 _UPSERT = {"postgresql": _upsert(pg_insert), "sqlite": _upsert(sqlite_insert)}
 
 

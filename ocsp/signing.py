@@ -5,7 +5,7 @@ SingleResponse only, and a request naming several certificates must be answered 
 response): the parts fixed per signer (ResponderID, signature algorithm, the signer's
 certificate) and per CertID hash algorithm are encoded once with asn1crypto and kept; only the
 times, the CertID, the status and the signature are encoded per response. Building the same
-response with asn1crypto objects field by field cost ~10× the signature itself (issue 16);
+response with asn1crypto objects field by field cost ~10× the signature itself;
 ``tests/ocsp/test_ocsp_der.py`` checks the bytes against asn1crypto's encoding and cryptography's parser.
 The signature is made by the token through the same ``cryptography`` key objects that sign
 certificates, and every signature is verified before the response leaves this module.

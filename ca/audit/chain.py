@@ -57,7 +57,7 @@ _EVENTS = AuditEvent.__table__
 _INSERT_EVENT = insert(_EVENTS)
 _EVENT_COLUMNS = ("seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash")
 # PostgreSQL: the entry and the head's new hash in one statement (a data-modifying CTE), one round trip
-# fewer while the head's row lock is held (issue 16). SQLite has no DML in a CTE: two statements there.
+# fewer while the head's row lock is held. SQLite has no DML in a CTE: two statements there.
 _APPENDED = insert(_EVENTS).values(
     {name: bindparam(f"e_{name}", type_=_EVENTS.c[name].type) for name in _EVENT_COLUMNS}  # e_: not audit_head's
 )

@@ -50,7 +50,7 @@ class _WriterGate:
     ``flock`` on ``<database>-writer.lock`` that other processes wait for. Both waits are bounded
     by the busy timeout, after which SQLite's own locking still decides (it alone guarantees safety).
 
-    The wait for the ``flock`` blocks in the kernel, never polls (issue 16: a 0.5 ms poll burnt CPU
+    The wait for the ``flock`` blocks in the kernel, never polls (a 0.5 ms poll burnt CPU
     and lost the lock's hand-over by up to 0.5 ms). ``flock`` itself has no timeout, so a blocking
     call is made by one helper thread per process (started on the first contended wait, gone after
     ``_HELPER_IDLE`` s without one), while the waiting writer waits on a condition with the timeout.
@@ -249,7 +249,7 @@ class _Session(Session):
     """A session that retries the first statement of a transaction once when its connection was dead.
 
     No pool pre-ping (a ``SELECT 1`` round trip on every checkout, ~11% of an enrollment's samples on
-    PostgreSQL in issue 16): a connection the server dropped (restart, idle timeout) fails its first
+    PostgreSQL): a connection the server dropped (restart, idle timeout) fails its first
     statement with a disconnect instead; SQLAlchemy then invalidates it and every older pooled
     connection, and this session rolls back and sends the statement again on a new connection.
     Only when nothing else happened in that transaction (first statement, no pending ORM changes),

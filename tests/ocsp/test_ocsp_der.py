@@ -1,4 +1,4 @@
-"""The OCSP response DER that ``ocsp.signing`` writes by hand (issue 16) against two independent oracles.
+"""The OCSP response DER that ``ocsp.signing`` writes by hand against two independent oracles.
 
 1. asn1crypto, as the previous implementation built every response: with a deterministic signature
    (RSA PKCS#1 v1.5) the whole OCSPResponse must be byte-for-byte what asn1crypto's objects encode.

@@ -1,4 +1,4 @@
-"""Regression guard of the hot paths (issue 16): counted work, never time.
+"""Regression guard of the hot paths: counted work, never time.
 
 For one EST-style enrollment (``simpleenroll`` with a one-time secret), one re-enrollment
 (``simplereenroll`` by the current certificate) and one OCSP pre-signing, on SQLite and on

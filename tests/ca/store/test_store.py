@@ -99,7 +99,7 @@ def test_postgresql_connections_give_up_after_a_timeout() -> None:
     )
 
 
-# -- the gate waits in the kernel, not in a poll (issue 16) -------------------------------------
+# -- the gate waits in the kernel, not in a poll -------------------------------------
 def _held_elsewhere(gate_path: Path) -> int:
     """The writer lock taken through another open file description: to flock(), another process."""
     descriptor = os.open(gate_path, os.O_RDWR | os.O_CREAT, 0o600)
