@@ -67,12 +67,10 @@ def child(home: str, jobs: list[tuple[str, str, bytes]], threads: int, out: mult
             try:
                 with pki.store.session() as session:
                     enroll(
-                        session,
-                        lambda _a: issuer,
-                        authority,
-                        csr,
-                        Credentials(username=serial, password=secret, address="192.0.2.1"),
-                        status=status,
+                        Work(session, "system:est", status=status, issuers=lambda _a: issuer),
+                        authority=authority,
+                        csr=csr,
+                        credentials=Credentials(username=serial, password=secret, address="192.0.2.1"),
                     )
             except Exception as exc:
                 with lock:

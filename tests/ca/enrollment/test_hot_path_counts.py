@@ -166,24 +166,20 @@ def _first_enrollment(worker: Worker, serial: str, secret: str | None = None) ->
     secret = secret or _secret(worker.store, serial)
     with worker.store.session() as session:
         return enroll(
-            session,
-            worker.issuer,
-            worker.authority,
-            _der(make_csr(serial)),
-            Credentials(username=serial, password=secret, address="192.0.2.7"),
-            status=worker.status,
+            Work(session, "system:est", status=worker.status, issuers=worker.issuer),
+            authority=worker.authority,
+            csr=_der(make_csr(serial)),
+            credentials=Credentials(username=serial, password=secret, address="192.0.2.7"),
         )
 
 
 def _reenrollment(worker: Worker, current: bytes, serial: str) -> Certificate:
     with worker.store.session() as session:
         return reenroll(
-            session,
-            worker.issuer,
-            worker.authority,
-            _der(make_csr(serial, key=make_key())),
-            Credentials(client_certificate=current, address="192.0.2.7"),
-            status=worker.status,
+            Work(session, "system:est", status=worker.status, issuers=worker.issuer),
+            authority=worker.authority,
+            csr=_der(make_csr(serial, key=make_key())),
+            credentials=Credentials(client_certificate=current, address="192.0.2.7"),
         )
 
 
