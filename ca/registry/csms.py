@@ -30,6 +30,7 @@ from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, RateLimitedError
 from ca.issuance.names import check_environment
+from ca.kinds import CertStatus
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
@@ -130,7 +131,7 @@ def set_enabled(
     if revoke:
         assert status is not None
         for certificate in client_certificates(session, client):
-            if certificate.status == "valid":
+            if certificate.status == CertStatus.VALID:
                 apply_revocation(session, certificate, "cessationOfOperation", actor=actor, status=status, now=now)
                 revoked.append(certificate)
         session.execute(update(CsmsToken).where(CsmsToken.client_id == client.id).values(revoked_at=now()))
