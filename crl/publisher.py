@@ -31,6 +31,7 @@ from ca.errors import ChargepkiError
 from ca.keys.pkcs11_token import Token
 from ca.kinds import CaStatus, CertStatus
 from ca.store.models import Authority, Certificate, StatusFeed
+from ca.work import Work
 from crl import der
 from crl.builder import build
 
@@ -203,7 +204,7 @@ def publish_all(
         names = [authority.name for authority in active if authority.environment == environment]
         write_bundle(directory, f"{environment}-crls.pem", names)
     if finished:
-        retire(session, finished, actor=actor, now=now())
+        retire(Work(session, actor, now=lambda: now()), authorities=finished)
     return published
 
 

@@ -474,34 +474,34 @@ def finished_authorities(session: Session, now: datetime) -> list[Authority]:
     return finished
 
 
-def retire(session: Session, authorities: list[Authority], *, actor: str, now: datetime) -> list[Authority]:
+def retire(work: Work, *, authorities: list[Authority]) -> list[Authority]:
     """Mark CAs retired (once each, audited): they sign no CRL, OCSP signer or certificate any more."""
     retired = []
-    for authority in authorities:
-        done = session.execute(
-            update(Authority)
-            .where(Authority.id == authority.id, Authority.status == CaStatus.ACTIVE)
-            .values(status=CaStatus.RETIRED)
-            .execution_options(synchronize_session=False)
-        )
-        if done.rowcount != 1:
-            continue  # another process retired it first
-        newer = successor(session, authority)
-        audit.record(
-            session,
-            "ca.retired",
-            actor=actor,
-            subject=authority.name,
-            now=lambda: now,
-            details={"environment": authority.environment, "successor": newer.name if newer else None},
-        )
-        retired.append(authority)
-    session.commit()
+    with work.transaction() as session:
+        for authority in authorities:
+            done = session.execute(
+                update(Authority)
+                .where(Authority.id == authority.id, Authority.status == CaStatus.ACTIVE)
+                .values(status=CaStatus.RETIRED)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:
+                continue  # another process retired it first
+            newer = successor(session, authority)
+            audit.record(
+                session,
+                "ca.retired",
+                actor=work.actor,
+                subject=authority.name,
+                now=work.now,
+                details={"environment": authority.environment, "successor": newer.name if newer else None},
+            )
+            retired.append(authority)
     for authority in retired:
-        session.refresh(authority)
+        work.session.refresh(authority)
     return retired
 
 
-def retire_finished(session: Session, *, actor: str, now: datetime) -> list[Authority]:
+def retire_finished(work: Work) -> list[Authority]:
     """Retire every superseded CA whose last certificate has expired; returns them."""
-    return retire(session, finished_authorities(session, now), actor=actor, now=now)
+    return retire(work, authorities=finished_authorities(work.session, work.now()))
