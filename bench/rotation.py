@@ -604,9 +604,9 @@ def main() -> int:
             new = default_issuing_ca(session, "production")
             new_id, issuing = new.id, x509.load_der_x509_certificate(new.certificate_der)
             chain_root = session.scalar(select(Authority.certificate_der).where(Authority.role == "root"))
-            relay = add_client(session, "bench-csms", environment="production", actor="bench")
+            relay = add_client(Work(session, "bench"), name="bench-csms", environment="production")
             session.commit()
-            api_token = issue_token(session, relay, actor="bench")
+            api_token = issue_token(Work(session, "bench"), client=relay)
             session.commit()
         pki.close()
         root = work / "root.pem"

@@ -32,6 +32,7 @@ from ca.clock import Clock, utcnow
 from ca.errors import InputError, PolicyError
 from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import token_private_key
+from ca.kinds import CertStatus
 from ca.ocpp_limits import FIRMWARE_CERTIFICATE_CHARS, FIRMWARE_SIGNATURE_CHARS
 from ca.store.models import Authority, Certificate
 
@@ -59,9 +60,9 @@ class FirmwareSignature:
 
 
 def _current(signer: Certificate, now: datetime, what: str) -> None:
-    if signer.status == "revoked":
+    if signer.status == CertStatus.REVOKED:
         raise PolicyError(f"{what} is revoked ({signer.revocation_reason}, {signer.revoked_at:%Y-%m-%d %H:%M:%SZ})")
-    if signer.status != "valid":
+    if signer.status != CertStatus.VALID:
         raise PolicyError(f"{what} was never issued ({signer.status})")
     if signer.not_after <= now:
         raise PolicyError(f"{what} expired on {signer.not_after:%Y-%m-%d}")

@@ -13,6 +13,7 @@ import click
 from ca.authorities.issuers import default_issuing_ca, get_authority
 from ca.context import Pki
 from ca.errors import InputError
+from ca.kinds import CaStatus
 from ca.store.models import Authority
 from ca.work import Work
 from ocsp.presign import Presigner, policy_from
@@ -84,7 +85,9 @@ def pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> 
 
 def note(authority: Authority) -> None:
     """Always say which environment a command acts on (stderr, so stdout stays clean PEM)."""
-    state = "" if authority.status == "active" else f" ({authority.status})"  # e.g. `ca chain --ca` of a revoked CA
+    state = (
+        "" if authority.status == CaStatus.ACTIVE else f" ({authority.status})"
+    )  # e.g. `ca chain --ca` of a revoked CA
     click.echo(f"[{authority.environment}] CA {authority.name}{state}", err=True)
 
 

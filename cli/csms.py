@@ -103,7 +103,7 @@ def csms_add(
     pki = state.pki()
     with pki.store.session() as session:
         environment = environment or default_issuing_ca(session, pki.config.est.default_environment).environment
-        client = add_client(session, name, environment=environment, actor=actor())
+        client = add_client(Work(session, actor()), name=name, environment=environment)
         message = f"[{client.environment}] CSMS {client.name} registered"
         if not no_certificate:
             message += ": " + _issue_certificate(state, session, client, csr_file, out_dir, validity)
@@ -128,7 +128,7 @@ def csms_certificate(state: State, name: str, csr_file: Any, out_dir: Path, vali
 def csms_token(state: State, name: str, replace: bool) -> None:
     """Print a new API token for a CSMS (shown once; only its hash is kept)."""
     with state.pki().store.session() as session:
-        token = issue_token(session, get_client(session, name), replace=replace, actor=actor())
+        token = issue_token(Work(session, actor()), client=get_client(session, name), replace=replace)
     click.echo(token)
 
 
@@ -159,7 +159,7 @@ def csms_disable(state: State, name: str, revoke: bool) -> None:
     """Refuse every further call of a CSMS (at once: credentials are checked on every call)."""
     with state.pki().store.session() as session:
         client, revoked = set_enabled(
-            session, name, False, actor=actor(), status=state.status() if revoke else None, revoke=revoke
+            Work(session, actor(), status=state.status() if revoke else None), name=name, enabled=False, revoke=revoke
         )
         click.echo(f"[{client.environment}] CSMS {client.name} disabled; revoked {len(revoked)} certificate(s)")
 
@@ -170,5 +170,5 @@ def csms_disable(state: State, name: str, revoke: bool) -> None:
 def csms_enable(state: State, name: str) -> None:
     """Allow a disabled CSMS again."""
     with state.pki().store.session() as session:
-        client, _ = set_enabled(session, name, True, actor=actor())
+        client, _ = set_enabled(Work(session, actor()), name=name, enabled=True)
         click.echo(f"[{client.environment}] CSMS {client.name} enabled")

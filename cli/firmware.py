@@ -21,6 +21,7 @@ from ca.errors import InputError
 from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
 from ca.issuance.names import ENVIRONMENTS
 from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.kinds import CertStatus
 from cli.common import State, actor, fmt_time, note, pass_state, table, utc_now
 from cli.params import DURATION
 
@@ -117,7 +118,7 @@ def signer_list(state: State, environment: str | None) -> None:
     with state.pki().store.session() as session:
         rows = []
         for signer in firmware_signers(session, environment):
-            shown = signer.status if signer.status != "valid" or signer.not_after > now else "expired"
+            shown = signer.status if signer.status != CertStatus.VALID or signer.not_after > now else "expired"
             rows.append(
                 [
                     signer.common_name or "-",

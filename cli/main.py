@@ -34,6 +34,7 @@ from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.names import ENVIRONMENTS
 from ca.issuance.profiles import PROFILES, Profile, check_issuer_role, get_profile
 from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.kinds import CaRole, CertStatus
 from ca.status.certificates import STATUSES, display_status, get_certificate, list_certificates
 from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
 from ca.store.models import Authority
@@ -391,7 +392,7 @@ def cert_show(state: State, serial: str) -> None:
             ("not after", fmt_time(certificate.not_after)),
             ("sha256", certificate.fingerprint_sha256 or "-"),
         ]
-        if certificate.status == "revoked":
+        if certificate.status == CertStatus.REVOKED:
             fields += [
                 ("revoked at", fmt_time(certificate.revoked_at)),
                 ("reason", certificate.revocation_reason or "-"),
@@ -433,7 +434,7 @@ def revoke_command(
             raise click.UsageError("--rotate applies to the certificate of an issuing CA")
         if impact is not None:
             authority = impact.authorities[0]
-            if rotate and authority.role != "issuing":
+            if rotate and authority.role != CaRole.ISSUING:
                 raise click.UsageError(f"--rotate rotates issuing CAs; {authority.name} is a {authority.role} CA")
             names = ", ".join(a.name for a in impact.authorities)
             click.echo(

@@ -14,6 +14,7 @@ from ca.authorities.v2g import V2gHierarchy, V2gRequest, current_sub_ca_2, impor
 from ca.enrollment.secc import issue_secc
 from ca.errors import InputError
 from ca.issuance.names import ENVIRONMENTS
+from ca.kinds import CaStatus
 from ca.work import Work
 from cli.common import State, actor, note, pass_state
 from cli.params import DURATION
@@ -34,7 +35,7 @@ def _read(path: Path, what: str) -> bytes:
 def _report(hierarchy: V2gHierarchy) -> None:
     click.echo(f"[{hierarchy.sub_ca_2.environment}] V2G hierarchy")
     root = hierarchy.root
-    held = " (external: its key is not here)" if root.status == "external" else ""
+    held = " (external: its key is not here)" if root.status == CaStatus.EXTERNAL else ""
     click.echo(f"  V2G root      {root.name}: {root.subject}{held}")
     click.echo(f"  CPO Sub-CA 1  {hierarchy.sub_ca_1.name}: {hierarchy.sub_ca_1.subject}")
     click.echo(f"  CPO Sub-CA 2  {hierarchy.sub_ca_2.name}: {hierarchy.sub_ca_2.subject}")

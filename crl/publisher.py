@@ -29,7 +29,9 @@ from ca.authorities.issuers import Issuer, issuer_for, list_authorities
 from ca.authorities.rotation import finished_authorities, retire
 from ca.errors import ChargepkiError
 from ca.keys.pkcs11_token import Token
+from ca.kinds import CaStatus, CertStatus
 from ca.store.models import Authority, Certificate, StatusFeed
+from ca.work import Work
 from crl import der
 from crl.builder import build
 
@@ -98,7 +100,7 @@ def revoked_rows(session: Session, authority: Authority, now: datetime) -> Itera
         _UtcText(table.c.revoked_at),
         table.c.revocation_reason,
         _UtcText(table.c.invalidity_date),
-    ).where(table.c.authority_id == authority.id, table.c.status == "revoked", table.c.not_after > now)
+    ).where(table.c.authority_id == authority.id, table.c.status == CertStatus.REVOKED, table.c.not_after > now)
     result = session.connection().execute(query)  # no stream_results: that strategy pre-fetches a row
     try:
         while batch := result.cursor.fetchmany(_BATCH):
@@ -193,7 +195,7 @@ def publish_all(
     (``ca.authorities.rotation``); later passes leave it out.
     """
     finished = finished_authorities(session, now())
-    active = [authority for authority in list_authorities(session) if authority.status == "active"]
+    active = [authority for authority in list_authorities(session) if authority.status == CaStatus.ACTIVE]
     published = [
         publish_crl(session, issuer_for(authority, token), authority, directory, now=now(), validity=validity)
         for authority in active
@@ -202,7 +204,7 @@ def publish_all(
         names = [authority.name for authority in active if authority.environment == environment]
         write_bundle(directory, f"{environment}-crls.pem", names)
     if finished:
-        retire(session, finished, actor=actor, now=now())
+        retire(Work(session, actor, now=lambda: now()), authorities=finished)
     return published
 
 
@@ -250,6 +252,6 @@ def revocation_summary(session: Session) -> tuple[int, int, str | None]:
             func.count(),
             func.count(case((table.c.revocation_reason == "certificateHold", 1))),
             func.max(_UtcText(table.c.revoked_at)),
-        ).where(table.c.status == "revoked")
+        ).where(table.c.status == CertStatus.REVOKED)
     ).one()
     return int(count), int(holds), None if latest is None else str(latest)

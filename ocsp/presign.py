@@ -24,6 +24,7 @@ from ca.errors import ChargepkiError
 from ca.issuance.profiles import ROOT_PROFILES, ca_profile
 from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import token_private_key
+from ca.kinds import CaStatus, CertStatus
 from ca.status.signal import signal_change
 from ca.store.models import Authority, Certificate, OcspResponse
 from ca.work import Work
@@ -50,9 +51,9 @@ class OcspPolicy:
 
 
 def certificate_status(certificate: Certificate, cert_id: CertId) -> SingleStatus:
-    if certificate.status == "revoked":
+    if certificate.status == CertStatus.REVOKED:
         return SingleStatus(cert_id, "revoked", certificate.revoked_at, certificate.revocation_reason)
-    if certificate.status == "valid":
+    if certificate.status == CertStatus.VALID:
         return SingleStatus(cert_id, "good")
     return SingleStatus(cert_id, "unknown")  # pending or aborted: never handed out
 
@@ -69,7 +70,7 @@ _CURRENT_SIGNER = (
     .where(
         Certificate.authority_id == bindparam("authority_id"),
         Certificate.profile == "ocsp-signer",
-        Certificate.status == "valid",
+        Certificate.status == CertStatus.VALID,
         Certificate.key_label.is_not(None),
         Certificate.not_before <= bindparam("now", type_=Certificate.__table__.c.not_before.type),
         Certificate.not_after > bindparam("now", type_=Certificate.__table__.c.not_after.type),
@@ -307,7 +308,7 @@ def rotate_signers(
     work = Work(session=session, actor=actor, status=presigner, token=presigner.token, now=lambda: now)
     # External CAs (an imported V2G root) have no key here: their own operator answers for them;
     # a retired CA (ca/rotation.py) has nothing left to answer for.
-    candidates = select(Authority).where(Authority.not_after > now, Authority.status == "active")
+    candidates = select(Authority).where(Authority.not_after > now, Authority.status == CaStatus.ACTIVE)
     for authority in session.scalars(candidates.order_by(Authority.id)):
         if authority_names and authority.name not in authority_names:
             continue

@@ -37,6 +37,7 @@ from ca.frontdoor import (
     upstream_socket,
     wait_until_listening,
 )
+from ca.work import Work
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.requests import MAX_REQUEST_BYTES
 from ocsp.signer_service import OnDemandSigner, SignerServer
@@ -53,7 +54,7 @@ def maintain(pki: Pki, presigner: Presigner, *, actor: str, now: datetime | None
     now = now or datetime.now(UTC)
     settings = pki.config.ocsp
     with pki.store.session() as session:
-        for authority in retire_finished(session, actor=actor, now=now):
+        for authority in retire_finished(Work(session, actor, now=lambda: now)):
             log.info("[%s] CA %s retired: its last certificate has expired", authority.environment, authority.name)
         rotated = rotate_signers(
             session, presigner, actor=actor, now=now, validity=timedelta(days=settings.signer_validity_days)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ca.errors import ChargepkiError
 from ca.issuance.serials import format_serial
+from ca.kinds import CaStatus
 from ca.store.engine import Store
 from ca.store.models import Authority, Certificate
 from ocsp.certid import CertId
@@ -96,7 +97,7 @@ class OnDemandSigner:
         now = self.now()
         with self.store.session() as session:
             served = {}
-            for authority_id in session.scalars(select(Authority.id).where(Authority.status != "external")):
+            for authority_id in session.scalars(select(Authority.id).where(Authority.status != CaStatus.EXTERNAL)):
                 for algorithm, hashes in self.presigner.issuer_hashes(session, authority_id).items():
                     served[(algorithm, hashes.name_hash, hashes.key_hash)] = authority_id
             authorities = {served.get((c.hash_algorithm, c.issuer_name_hash, c.issuer_key_hash)) for c in cert_ids}

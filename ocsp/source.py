@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ca.issuance.serials import format_serial
+from ca.kinds import CaStatus
 from ca.status.signal import NOTIFY_CHANNEL
 from ca.store.engine import Store
 from ca.store.models import Authority, StatusFeed
@@ -86,7 +87,7 @@ class StoreSource:
     def issuers(self) -> dict[IssuerKey, int]:
         """Every CA in the store under every CertID hash, to its id (retired CAs still answer;
         external ones, an imported V2G root, are answered by their own operator: unauthorized)."""
-        query = select(Authority.id, Authority.certificate_der).where(Authority.status != "external")
+        query = select(Authority.id, Authority.certificate_der).where(Authority.status != CaStatus.EXTERNAL)
         with self.store.engine.connect() as connection:
             rows = connection.execute(query).all()
         served: dict[IssuerKey, int] = {}

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from ca.audit.checkpoints import CheckpointTimer
 from ca.enrollment.identity import check_identity
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
+from ca.kinds import JobState
 from ca.registry import csms
 from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
@@ -178,9 +179,9 @@ def sign_job(session: Session, caller: Caller, job_id: str) -> Response:
 def _job_response(session: Session, job: CsmsSignJob) -> Response:
     location = url_for("api.sign_job", job_id=job.public_id)
     body: dict[str, Any] = {"jobId": job.public_id, "location": location}
-    if job.state == "signed":
+    if job.state == JobState.SIGNED:
         return json_body({**body, "status": "signed", **_signed(session, job_certificate(session, job))})
-    if job.state == "refused":
+    if job.state == JobState.REFUSED:
         return json_body({**body, "status": "refused", "error": job.error or "", "reason": job.reason or "refused"})
     return json_body({**body, "status": "pending"}, 202, {"Location": location, "Retry-After": POLL_AFTER})
 

@@ -34,6 +34,7 @@ from ca.enrollment.policy import Credentials
 from ca.enrollment.secc import enroll_secc
 from ca.errors import InputError, NotFoundError, PolicyError
 from ca.issuance.names import ENVIRONMENTS
+from ca.kinds import CaRole, CaStatus
 from ca.store.models import Authority, Certificate
 from ca.work import Work
 from web.caller import identify
@@ -81,9 +82,9 @@ def _find_authority(session: Session, label: str | None) -> Authority:
     authority = session.scalar(
         select(Authority).where(Authority.name == label, Authority.role.in_(("issuing", "v2g-sub-ca-2")))
     )
-    if authority is not None and authority.role == "issuing":
+    if authority is not None and authority.role == CaRole.ISSUING:
         return default_issuing_ca(session, authority.environment)  # the lineage, across rotations
-    if authority is None or authority.status != "active":
+    if authority is None or authority.status != CaStatus.ACTIVE:
         raise NotFoundError(f"no EST label {label!r}")
     return authority
 
@@ -153,7 +154,7 @@ def cacerts(label: str | None = None) -> Response:
     build the chain of an old certificate and of a new one alike. SECCs: the CPO Sub-CA 2's chain."""
     with runtime().pki.store.session() as session:
         authority = _authority(session, label)
-        if authority.role == "issuing":
+        if authority.role == CaRole.ISSUING:
             ders = environment_certificates(session, authority.environment)
         else:
             ders = [member.certificate_der for member in chain(session, authority)]
@@ -169,7 +170,7 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
         with pki.store.session() as session:
             worker.sweep(session)
             authority = _authority(session, label)
-            if authority.role == "v2g-sub-ca-2":  # SECC certificates: enroll and renew are one flow
+            if authority.role == CaRole.V2G_SUB_CA_2:  # SECC certificates: enroll and renew are one flow
                 operation = enroll_secc
             row = operation(
                 Work(session, "system:est", status=worker.status(), issuers=worker.issuer),

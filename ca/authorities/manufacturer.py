@@ -24,6 +24,7 @@ from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
 from ca.keys.keyspec import key_spec
+from ca.kinds import CertStatus
 from ca.store.models import Authority, Certificate
 from ca.work import Work
 
@@ -138,7 +139,7 @@ def add_firmware_signer(
         raise PolicyError(f"channel {channel!r} must be 1-32 lower-case letters, digits or '-' (e.g. stable, beta)")
     root = manufacturer_root(work.session, environment)
     for existing in work.session.scalars(_signers_query(root, name)):
-        if existing.status == "valid" and existing.not_after > work.now():
+        if existing.status == CertStatus.VALID and existing.not_after > work.now():
             raise ConflictError(
                 f"firmware signer {name!r} exists (serial {existing.serial}); revoke it first to replace it"
             )

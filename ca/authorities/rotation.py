@@ -39,6 +39,7 @@ from ca.clock import Clock, utcnow
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, subject_name
 from ca.keys.keyspec import key_spec
+from ca.kinds import CaRole, CaStatus, CertStatus
 from ca.store.models import Authority, Certificate
 from ca.work import Work
 
@@ -67,7 +68,7 @@ def successor(session: Session, authority: Authority) -> Authority | None:
 
 def check_can_issue(session: Session, authority: Authority) -> None:
     """Refuse new certificates from a retired or superseded CA (it only answers for what it issued)."""
-    if authority.status != "active":
+    if authority.status != CaStatus.ACTIVE:
         raise PolicyError(f"CA {authority.name} is {authority.status}: it issues nothing any more")
     newer = successor(session, authority) if authority.role in ROTATABLE_ROLES else None
     if newer is not None:
@@ -104,7 +105,7 @@ def _resolve(session: Session, ca_name: str | None, environment: str | None) -> 
     authority = get_authority(session, ca_name)
     if environment is not None and authority.environment != environment:
         raise InputError(f"CA {authority.name} belongs to environment {authority.environment}, not {environment}")
-    if authority.role != "issuing":
+    if authority.role != CaRole.ISSUING:
         raise InputError(f"CA {authority.name} is a {authority.role} CA; `ca rotate` rotates issuing CAs")
     return authority
 
@@ -331,7 +332,9 @@ def latest_rollover(session: Session, environment: str | None) -> Rollover:
         .limit(1)
     )
     issuing = session.scalar(
-        select(Authority).where(Authority.parent_id == new_root.id, Authority.role == "issuing").order_by(Authority.id)
+        select(Authority)
+        .where(Authority.parent_id == new_root.id, Authority.role == CaRole.ISSUING)
+        .order_by(Authority.id)
     )
     if old_with_new is None or issuing is None:
         raise NotFoundError(f"the rollover to {new_root.name} is incomplete in the store")
@@ -425,11 +428,15 @@ def environment_certificates(session: Session, environment: str | None, now: Clo
         .where(
             Authority.environment == newest.environment,
             Authority.role.in_(ROTATABLE_ROLES),
-            Authority.status == "active",
+            Authority.status == CaStatus.ACTIVE,
         )
         .order_by(Authority.id.desc())
     ).all()
-    for authority in [newest, *(a for a in active if a.role == "issuing"), *(a for a in active if a.role == "root")]:
+    for authority in [
+        newest,
+        *(a for a in active if a.role == CaRole.ISSUING),
+        *(a for a in active if a.role == CaRole.ROOT),
+    ]:
         for member in chain(session, authority):
             if member not in ordered:
                 ordered.append(member)
@@ -438,9 +445,9 @@ def environment_certificates(session: Session, environment: str | None, now: Clo
         .join(Authority, Authority.id == Certificate.authority_id)
         .where(
             Authority.environment == newest.environment,
-            Authority.status == "active",
+            Authority.status == CaStatus.ACTIVE,
             Certificate.profile == "root-link",
-            Certificate.status == "valid",
+            Certificate.status == CertStatus.VALID,
             Certificate.not_after > now(),
         )
         .order_by(Certificate.id)
@@ -454,7 +461,7 @@ def finished_authorities(session: Session, now: datetime) -> list[Authority]:
     finished = []
     candidates = session.scalars(
         select(Authority)
-        .where(Authority.status == "active", Authority.role.in_(ROTATABLE_ROLES))
+        .where(Authority.status == CaStatus.ACTIVE, Authority.role.in_(ROTATABLE_ROLES))
         .order_by(Authority.id)
     ).all()
     for authority in candidates:
@@ -467,34 +474,34 @@ def finished_authorities(session: Session, now: datetime) -> list[Authority]:
     return finished
 
 
-def retire(session: Session, authorities: list[Authority], *, actor: str, now: datetime) -> list[Authority]:
+def retire(work: Work, *, authorities: list[Authority]) -> list[Authority]:
     """Mark CAs retired (once each, audited): they sign no CRL, OCSP signer or certificate any more."""
     retired = []
-    for authority in authorities:
-        done = session.execute(
-            update(Authority)
-            .where(Authority.id == authority.id, Authority.status == "active")
-            .values(status="retired")
-            .execution_options(synchronize_session=False)
-        )
-        if done.rowcount != 1:
-            continue  # another process retired it first
-        newer = successor(session, authority)
-        audit.record(
-            session,
-            "ca.retired",
-            actor=actor,
-            subject=authority.name,
-            now=lambda: now,
-            details={"environment": authority.environment, "successor": newer.name if newer else None},
-        )
-        retired.append(authority)
-    session.commit()
+    with work.transaction() as session:
+        for authority in authorities:
+            done = session.execute(
+                update(Authority)
+                .where(Authority.id == authority.id, Authority.status == CaStatus.ACTIVE)
+                .values(status=CaStatus.RETIRED)
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:
+                continue  # another process retired it first
+            newer = successor(session, authority)
+            audit.record(
+                session,
+                "ca.retired",
+                actor=work.actor,
+                subject=authority.name,
+                now=work.now,
+                details={"environment": authority.environment, "successor": newer.name if newer else None},
+            )
+            retired.append(authority)
     for authority in retired:
-        session.refresh(authority)
+        work.session.refresh(authority)
     return retired
 
 
-def retire_finished(session: Session, *, actor: str, now: datetime) -> list[Authority]:
+def retire_finished(work: Work) -> list[Authority]:
     """Retire every superseded CA whose last certificate has expired; returns them."""
-    return retire(session, finished_authorities(session, now), actor=actor, now=now)
+    return retire(work, authorities=finished_authorities(work.session, work.now()))

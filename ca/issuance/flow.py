@@ -41,6 +41,7 @@ from ca.issuance.names import check_common_name, check_hostname, subject_name
 from ca.issuance.profiles import Profile, check_issuer_role
 from ca.issuance.serials import format_serial, new_serial
 from ca.keys.keyspec import describe_public_key
+from ca.kinds import CertStatus
 from ca.store.models import Authority, Certificate, KeyOwner
 from ca.work import Work
 
@@ -318,13 +319,13 @@ _CERTIFICATES = Certificate.__table__
 # The reservation's check spares the token a signature; the record's is the rule.
 _RECORD = (
     update(_CERTIFICATES)
-    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending", still_signs())
-    .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status="valid")
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == CertStatus.PENDING, still_signs())
+    .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status=CertStatus.VALID)
 )
 _ABORT = (
     update(_CERTIFICATES)
-    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == "pending")
-    .values(status="aborted")
+    .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == CertStatus.PENDING)
+    .values(status=CertStatus.ABORTED)
 )
 
 
@@ -518,7 +519,7 @@ def abandon_stale_pending(
     cutoff = now() - older_than
     stale = session.execute(
         select(_CERTIFICATES.c.id, _CERTIFICATES.c.serial)
-        .where(_CERTIFICATES.c.status == "pending", _CERTIFICATES.c.created_at < cutoff)
+        .where(_CERTIFICATES.c.status == CertStatus.PENDING, _CERTIFICATES.c.created_at < cutoff)
         .order_by(_CERTIFICATES.c.id)
         .limit(limit)
     ).all()

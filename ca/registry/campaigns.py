@@ -22,7 +22,7 @@ from ca import audit
 from ca.authorities.issuers import default_issuing_ca, get_authority
 from ca.clock import Clock, utcnow
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
-from ca.kinds import CaRole, CaStatus
+from ca.kinds import CaRole, CaStatus, CertStatus
 from ca.store.models import AuditEvent, Campaign, CampaignDevice, Certificate, Device
 from ca.work import Work
 
@@ -69,7 +69,7 @@ def _enlist(session: Session, campaign: Campaign, now: datetime) -> int:
         .where(
             _CERTIFICATES.c.authority_id == campaign.from_authority_id,
             _CERTIFICATES.c.profile == "charger",
-            _CERTIFICATES.c.status == "valid",
+            _CERTIFICATES.c.status == CertStatus.VALID,
             _CERTIFICATES.c.not_after > now,
             _CERTIFICATES.c.revoke_after.is_(None),
             _CERTIFICATES.c.device_id.is_not(None),

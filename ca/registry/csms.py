@@ -30,10 +30,10 @@ from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, RateLimitedError
 from ca.issuance.names import check_environment
+from ca.kinds import CertStatus
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
-from ca.status.signal import StatusSigner
 from ca.store.models import Certificate, CsmsClient, CsmsToken
 from ca.work import Work
 
@@ -65,15 +65,16 @@ def check_name(name: str) -> str:
     return name
 
 
-def add_client(session: Session, name: str, *, environment: str, actor: str, now: Clock = utcnow) -> CsmsClient:
+def add_client(work: Work, *, name: str, environment: str) -> CsmsClient:
     name = check_name(name)
     environment = check_environment(environment)
-    if session.scalar(select(CsmsClient.id).where(CsmsClient.name == name)) is not None:
-        raise ConflictError(f"CSMS {name} is already registered")
-    client = CsmsClient(name=name, environment=environment, enabled=True, created_at=now())
-    session.add(client)
-    audit.record(session, "csms.added", actor=actor, subject=name, now=now, details={"environment": environment})
-    session.commit()
+    with work.transaction() as session:
+        if session.scalar(select(CsmsClient.id).where(CsmsClient.name == name)) is not None:
+            raise ConflictError(f"CSMS {name} is already registered")
+        client = CsmsClient(name=name, environment=environment, enabled=True, created_at=work.now())
+        session.add(client)
+        details = {"environment": environment}
+        audit.record(session, "csms.added", actor=work.actor, subject=name, now=work.now, details=details)
     return client
 
 
@@ -113,36 +114,33 @@ def client_certificates(session: Session, client: CsmsClient) -> list[Certificat
     )
 
 
-def set_enabled(
-    session: Session,
-    name: str,
-    enabled: bool,
-    *,
-    actor: str,
-    status: StatusSigner | None = None,
-    revoke: bool = False,
-    now: Clock = utcnow,
-) -> tuple[CsmsClient, list[Certificate]]:
+def set_enabled(work: Work, *, name: str, enabled: bool, revoke: bool = False) -> tuple[CsmsClient, list[Certificate]]:
     """Enable or disable a CSMS (a disabled one is refused at once); optionally revoke its certificates."""
-    client = get_client(session, name)
-    client.enabled = enabled
-    revoked = []
-    if revoke:
-        assert status is not None
-        for certificate in client_certificates(session, client):
-            if certificate.status == "valid":
-                apply_revocation(session, certificate, "cessationOfOperation", actor=actor, status=status, now=now)
-                revoked.append(certificate)
-        session.execute(update(CsmsToken).where(CsmsToken.client_id == client.id).values(revoked_at=now()))
-    audit.record(
-        session,
-        "csms.enabled" if enabled else "csms.disabled",
-        actor=actor,
-        subject=client.name,
-        now=now,
-        details={"revoked": [c.serial for c in revoked]} if revoke else None,
-    )
-    session.commit()
+    with work.transaction() as session:
+        client = get_client(session, name)
+        client.enabled = enabled
+        revoked = []
+        if revoke:
+            for certificate in client_certificates(session, client):
+                if certificate.status == CertStatus.VALID:
+                    apply_revocation(
+                        session,
+                        certificate,
+                        "cessationOfOperation",
+                        actor=work.actor,
+                        status=work.signer(),
+                        now=work.now,
+                    )
+                    revoked.append(certificate)
+            session.execute(update(CsmsToken).where(CsmsToken.client_id == client.id).values(revoked_at=work.now()))
+        audit.record(
+            session,
+            "csms.enabled" if enabled else "csms.disabled",
+            actor=work.actor,
+            subject=client.name,
+            now=work.now,
+            details={"revoked": [c.serial for c in revoked]} if revoke else None,
+        )
     return client, revoked
 
 
@@ -150,23 +148,28 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue_token(session: Session, client: CsmsClient, *, replace: bool = False, actor: str, now: Clock = utcnow) -> str:
+def issue_token(work: Work, *, client: CsmsClient, replace: bool = False) -> str:
     """A new API token, returned once. ``replace`` revokes the client's other tokens in the same commit;
     without it the old ones keep working, so a CSMS can be switched over without a gap."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    at = now()
-    revoked = 0
-    if replace:
-        revoked = session.execute(
-            update(CsmsToken)
-            .where(CsmsToken.client_id == client.id, CsmsToken.revoked_at.is_(None))
-            .values(revoked_at=at)
-        ).rowcount
-    session.add(CsmsToken(client_id=client.id, token_hash=_token_hash(token), created_at=at))
-    audit.record(
-        session, "csms.token.issued", actor=actor, subject=client.name, now=now, details={"revoked_others": revoked}
-    )
-    session.commit()
+    at = work.now()
+    with work.transaction() as session:
+        revoked = 0
+        if replace:
+            revoked = session.execute(
+                update(CsmsToken)
+                .where(CsmsToken.client_id == client.id, CsmsToken.revoked_at.is_(None))
+                .values(revoked_at=at)
+            ).rowcount
+        session.add(CsmsToken(client_id=client.id, token_hash=_token_hash(token), created_at=at))
+        audit.record(
+            session,
+            "csms.token.issued",
+            actor=work.actor,
+            subject=client.name,
+            now=work.now,
+            details={"revoked_others": revoked},
+        )
     return token
 
 

@@ -22,6 +22,7 @@ from ca.clock import Clock, utcnow
 from ca.enrollment.policy import EnrollmentSettings
 from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, StoreError, TokenError, one_line
 from ca.issuance.csr import load_csr
+from ca.kinds import JobState
 from ca.registry.csms import Caller, caller_for, check_certificate_type, sign
 from ca.store.models import Certificate, CsmsSignJob
 from ca.work import Work
@@ -45,7 +46,7 @@ def enqueue(
         charging_station_id=charging_station_id,
         certificate_type=certificate_type,
         csr=csr,
-        state="queued",
+        state=JobState.QUEUED,
         attempts=0,
         created_at=now(),
     )
@@ -76,8 +77,10 @@ def job_certificate(session: Session, job: CsmsSignJob) -> Certificate:
 def _claimable(now: Clock, lease: timedelta, retry_delay: timedelta):  # type: ignore[no-untyped-def]
     at = now()
     return or_(
-        and_(_JOBS.c.state == "queued", or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at <= at - retry_delay)),
-        and_(_JOBS.c.state == "running", _JOBS.c.claimed_at <= at - lease),
+        and_(
+            _JOBS.c.state == JobState.QUEUED, or_(_JOBS.c.claimed_at.is_(None), _JOBS.c.claimed_at <= at - retry_delay)
+        ),
+        and_(_JOBS.c.state == JobState.RUNNING, _JOBS.c.claimed_at <= at - lease),
     )
 
 
@@ -103,7 +106,7 @@ def claim_next(
         taken = session.execute(
             update(_JOBS)
             .where(_JOBS.c.id == job_id, _claimable(now, lease, retry_delay))
-            .values(state="running", claim=claim, claimed_at=now(), attempts=_JOBS.c.attempts + 1)
+            .values(state=JobState.RUNNING, claim=claim, claimed_at=now(), attempts=_JOBS.c.attempts + 1)
         )
         session.commit()
         if taken.rowcount == 1:
@@ -134,8 +137,8 @@ def process(
     def mark_signed(row: Certificate) -> None:
         done = session.execute(
             update(_JOBS)
-            .where(_JOBS.c.id == job.id, _JOBS.c.claim == claim, _JOBS.c.state == "running")
-            .values(state="signed", certificate_id=row.id, finished_at=now(), claim=None)
+            .where(_JOBS.c.id == job.id, _JOBS.c.claim == claim, _JOBS.c.state == JobState.RUNNING)
+            .values(state=JobState.SIGNED, certificate_id=row.id, finished_at=now(), claim=None)
         )
         if done.rowcount != 1:
             raise ConflictError("another worker took this signing job over", code="job_reclaimed")
@@ -157,7 +160,7 @@ def process(
             _finish(session, job.id, claim, now, reason="ca_unavailable", error=one_line(exc))
             return "refused"
         session.execute(
-            update(_JOBS).where(_JOBS.c.id == job.id, _JOBS.c.claim == claim).values(state="queued", claim=None)
+            update(_JOBS).where(_JOBS.c.id == job.id, _JOBS.c.claim == claim).values(state=JobState.QUEUED, claim=None)
         )
         session.commit()
         return "retry"
@@ -173,7 +176,7 @@ def process(
 def _finish(session: Session, job_id: int, claim: str | None, now: Clock, *, reason: str, error: str) -> None:
     session.execute(
         update(_JOBS)
-        .where(_JOBS.c.id == job_id, _JOBS.c.claim == claim, _JOBS.c.state == "running")
-        .values(state="refused", reason=reason[:64], error=error[:512], finished_at=now(), claim=None)
+        .where(_JOBS.c.id == job_id, _JOBS.c.claim == claim, _JOBS.c.state == JobState.RUNNING)
+        .values(state=JobState.REFUSED, reason=reason[:64], error=error[:512], finished_at=now(), claim=None)
     )
     session.commit()

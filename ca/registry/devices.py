@@ -175,7 +175,7 @@ def current_certificate(session: Session, device: Device, now: Clock = utcnow) -
         .where(
             Certificate.device_id == device.id,
             Certificate.profile == "charger",
-            Certificate.status == "valid",
+            Certificate.status == CertStatus.VALID,
             Certificate.not_after > now(),
             Certificate.revoke_after.is_(None),
         )

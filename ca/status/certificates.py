@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from ca.authorities.issuers import chain
 from ca.errors import InputError, NotFoundError
 from ca.issuance.serials import parse_serial
+from ca.kinds import CertStatus
 from ca.store.models import Authority, Certificate
 
 STATUSES = ("valid", "expired", "revoked", "hold", "pending", "aborted")
@@ -20,9 +21,9 @@ STATUSES = ("valid", "expired", "revoked", "hold", "pending", "aborted")
 
 def display_status(certificate: Certificate, now: datetime) -> str:
     """What an operator means by status: expiry is derived from the clock, hold from the reason."""
-    if certificate.status == "revoked":
+    if certificate.status == CertStatus.REVOKED:
         return "hold" if certificate.revocation_reason == "certificateHold" else "revoked"
-    if certificate.status == "valid" and certificate.not_after <= now:
+    if certificate.status == CertStatus.VALID and certificate.not_after <= now:
         return "expired"
     return certificate.status
 
@@ -51,20 +52,24 @@ def list_certificates(
         if status not in STATUSES:
             raise InputError(f"unknown status {status!r} (known: {', '.join(STATUSES)})")
         if status == "valid":
-            query = query.where(Certificate.status == "valid", Certificate.not_after > now)
+            query = query.where(Certificate.status == CertStatus.VALID, Certificate.not_after > now)
         elif status == "expired":
-            query = query.where(Certificate.status == "valid", Certificate.not_after <= now)
+            query = query.where(Certificate.status == CertStatus.VALID, Certificate.not_after <= now)
         elif status == "hold":
-            query = query.where(Certificate.status == "revoked", Certificate.revocation_reason == "certificateHold")
+            query = query.where(
+                Certificate.status == CertStatus.REVOKED, Certificate.revocation_reason == "certificateHold"
+            )
         elif status == "revoked":
-            query = query.where(Certificate.status == "revoked", Certificate.revocation_reason != "certificateHold")
+            query = query.where(
+                Certificate.status == CertStatus.REVOKED, Certificate.revocation_reason != "certificateHold"
+            )
         else:
             query = query.where(Certificate.status == status)
     if expiring_within is not None:
         if expiring_within < timedelta(0):
             raise InputError("--expiring-within must not be negative")
         query = query.where(
-            Certificate.status == "valid",
+            Certificate.status == CertStatus.VALID,
             Certificate.not_after > now,
             Certificate.not_after <= now + expiring_within,
         )
@@ -93,7 +98,7 @@ def standing(certificate: Certificate, now: datetime) -> Standing:
     A certificate superseded with a grace period counts as revoked once the grace has ended, as
     enrollment already treats it, even before the sweep has written the revocation.
     """
-    if certificate.status == "revoked":
+    if certificate.status == CertStatus.REVOKED:
         return Standing("revoked", certificate.revocation_reason, certificate.revoked_at)
     if certificate.revoke_after is not None and certificate.revoke_after <= now:
         return Standing("revoked", "superseded", certificate.revoke_after)

@@ -70,7 +70,7 @@ def ca_impact(session: Session, certificate: Certificate, now: datetime) -> CaIm
     stranded = session.scalar(
         select(func.count(Certificate.id)).where(
             Certificate.authority_id.in_([a.id for a in authorities]),
-            Certificate.status == "valid",
+            Certificate.status == CertStatus.VALID,
             Certificate.not_after > now,
             Certificate.profile.not_in(_OWN_PROFILES),
         )
@@ -145,7 +145,7 @@ def apply_revocation(
     if certificate.profile in ROOT_PROFILES:
         raise ConflictError("a root certificate cannot be revoked; retire the hierarchy instead")
     held = certificate.revocation_reason == "certificateHold"
-    if certificate.status == "revoked" and (not held or reason == "certificateHold"):
+    if certificate.status == CertStatus.REVOKED and (not held or reason == "certificateHold"):
         raise ConflictError(f"certificate {certificate.serial} is already revoked ({certificate.revocation_reason})")
     at = now()
     if invalidity_date is not None and invalidity_date > at:

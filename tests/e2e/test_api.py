@@ -109,8 +109,8 @@ def deployment(
             )
             (tmp / "root.pem").write_bytes(_pem(hierarchy.root.certificate_der))
             (tmp / "issuing.pem").write_bytes(_pem(hierarchy.issuing.certificate_der))
-            client = add_client(session, "csms-e2e", environment="production", actor="test")
-            secret = issue_token(session, client, actor="test")
+            client = add_client(Work(session, "test"), name="csms-e2e", environment="production")
+            secret = issue_token(Work(session, "test"), client=client)
             key = make_key()
             issuer = issuer_for(default_issuing_ca(session, "production"), token)
             row = issue(

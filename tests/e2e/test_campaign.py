@@ -146,8 +146,8 @@ def site(request, tmp_path_factory, token: Token, token_settings: tuple[Pkcs11Se
         home = write_home(tmp / "home", url, token_settings[0], EstSettings(default_environment="production"))
         installation = Site(store, token, home, tmp)
         with store.session() as session:
-            client = add_client(session, "csms-1", environment="production", actor="test")
-            installation.csms_token = issue_token(session, client, actor="test")
+            client = add_client(Work(session, "test"), name="csms-1", environment="production")
+            installation.csms_token = issue_token(Work(session, "test"), client=client)
         try:
             yield installation
         finally:

@@ -308,7 +308,7 @@ def test_two_devices_racing_with_one_key_get_one_certificate(
             request=IssueRequest(get_profile("ra"), ra_key.public_key(), "station-ra"),
         )
         api_token = issue_token(
-            session, add_client(session, "csms-race", environment="production", actor="t"), actor="t"
+            Work(session, "t"), client=add_client(Work(session, "t"), name="csms-race", environment="production")
         )
     ra_cert = write(tmp_path / "ra.pem", pem(ra.der or b""))
     ra_key_file = write(

@@ -115,8 +115,8 @@ def api(
         for environment in ("production", "staging"):
             request = HierarchyRequest(organization=ORG, country="DE", environment=environment)
             init_hierarchy(Work(session=session, actor="test", status=status, token=token), request=request)
-        client = add_client(session, "csms-1", environment="production", actor="test")
-        secret = issue_token(session, client, actor="test")
+        client = add_client(Work(session, "test"), name="csms-1", environment="production")
+        secret = issue_token(Work(session, "test"), client=client)
     settings = EstSettings(
         default_environment="production", client_cert_header="X-SSL-Client-Cert", trusted_proxies=("127.0.0.1",)
     )
@@ -296,7 +296,9 @@ def test_async_sign_answers_202_then_the_job_is_signed_once(api: Api) -> None:
     assert ": OK" in _verify_chain(api, done.get_json()["certificateChain"])
     # Another CSMS cannot see the job.
     with api.pki.store.session() as session:
-        other = issue_token(session, add_client(session, "csms-2", environment="production", actor="test"), actor="t")
+        other = issue_token(
+            Work(session, "t"), client=add_client(Work(session, "test"), name="csms-2", environment="production")
+        )
     assert api.anonymous.get(location, headers={"Authorization": f"Bearer {other}"}).status_code == 404
     # A refusal is reported with its reason when polled.
     refused = api.sign("CP-UNKNOWN", make_csr("CP-UNKNOWN"), query="?async=1")
@@ -581,7 +583,7 @@ def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: 
     with api.pki.store.session() as session:
         old = default_issuing_ca(session, "staging")
         rotate_issuing_ca(Work(session, "test", status=api.status, token=token), environment="staging")
-        retire(session, [get_authority(session, old.name)], actor="test", now=datetime.now(UTC))
+        retire(Work(session, "test", now=lambda: datetime.now(UTC)), authorities=[get_authority(session, old.name)])
     answer = staging_client.post(
         "/api/v1/identity-check", json={"chargingStationId": staging, "clientCertificate": _pem(issued.der)}
     ).get_json()
@@ -590,7 +592,9 @@ def test_identity_check_refuses_certificates_under_a_revoked_or_retired_ca(api: 
 
 def _client_for(api: Api, name: str, environment: str) -> CheckedClient:
     with api.pki.store.session() as session:
-        secret = issue_token(session, add_client(session, name, environment=environment, actor="test"), actor="t")
+        secret = issue_token(
+            Work(session, "t"), client=add_client(Work(session, "test"), name=name, environment=environment)
+        )
     return CheckedClient(api.client.client, {"Authorization": f"Bearer {secret}"})
 
 
@@ -645,12 +649,12 @@ def test_every_endpoint_needs_credentials_and_says_so_in_json(api: Api) -> None:
     # X-API-Key carries the same token; a replaced token and a disabled CSMS stop working at once.
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers={"X-API-Key": api.token}).status_code == 404
     with api.pki.store.session() as session:
-        newer = issue_token(session, get_client(session, "csms-1"), replace=True, actor="test")
+        newer = issue_token(Work(session, "test"), client=get_client(session, "csms-1"), replace=True)
     assert api.client.get("/api/v1/certificates/" + "a" * 64).status_code == 401
     fresh = CheckedClient(api.client.client, {"Authorization": f"Bearer {newer}"})
     assert fresh.get("/api/v1/certificates/" + "a" * 64).status_code == 404
     with api.pki.store.session() as session:
-        set_enabled(session, "csms-1", False, actor="test")
+        set_enabled(Work(session, "test"), name="csms-1", enabled=False)
     assert fresh.get("/api/v1/certificates/" + "a" * 64).status_code == 401
 
 

@@ -229,7 +229,7 @@ def test_retired_and_expired_cas_sign_nothing(
     after_expiry = hierarchy.issuing.not_after + timedelta(days=1)
     with pytest.raises(PolicyError, match="expired"):
         issue(Work(session, "test", status=status, now=lambda: after_expiry), issuer=bound, request=request)
-    retire(session, [hierarchy.issuing], actor="test", now=datetime.now(UTC))
+    retire(Work(session, "test", now=lambda: datetime.now(UTC)), authorities=[hierarchy.issuing])
     with pytest.raises(PolicyError, match="retired: it signs nothing any more"):
         issue(
             Work(session, "test", status=status), issuer=bound, request=request

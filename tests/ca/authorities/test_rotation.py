@@ -187,7 +187,7 @@ def test_the_old_ca_retires_once_its_last_certificate_expired(
     publication = tmp_path / "pki"
 
     with freeze_time(start + timedelta(days=15)):  # one certificate left: the old CA still answers
-        assert retire_finished(session, actor="test", now=datetime.now(UTC)) == []
+        assert retire_finished(Work(session, "test", now=lambda: datetime.now(UTC))) == []
         revoke(Work(session, "test", status=status), serial=longer.serial, reason="keyCompromise")
         published = {p.authority for p in publish_all(session, token, publication)}
         assert old.name in published and new.name in published
@@ -228,8 +228,8 @@ def test_a_fresh_successor_does_not_retire_its_predecessor_at_once(
     """EST workers may still issue under the old CA for a few seconds after a rotation."""
     rotate_issuing_ca(Work(session=session, actor="test", status=status, token=token))
     now = datetime.now(UTC)
-    assert retire_finished(session, actor="test", now=now + RETIRE_GRACE / 2) == []
-    assert [a.name for a in retire_finished(session, actor="test", now=now + RETIRE_GRACE * 2)] == [
+    assert retire_finished(Work(session, "test", now=lambda: now + RETIRE_GRACE / 2)) == []
+    assert [a.name for a in retire_finished(Work(session, "test", now=lambda: now + RETIRE_GRACE * 2))] == [
         hierarchy.issuing.name
     ]
 

@@ -211,7 +211,7 @@ def installation(
             device_serial="CP-CUR",
         ).der
         api_token = issue_token(
-            session, add_client(session, "csms-1", environment="production", actor="test"), actor="test"
+            Work(session, "test"), client=add_client(Work(session, "test"), name="csms-1", environment="production")
         )
     client = create_app(pki, settings).test_client()
     yield Installation(
