@@ -40,6 +40,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "chain": "issuers",
         "channel_of": "manufacturer",
         "check_can_issue": "rotation",
+        "certified_token_key": "issuers",
         "check_can_sign": "issuers",
         "create": "factory",
         "create_leaf": "factory",

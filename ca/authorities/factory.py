@@ -31,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy.exc import IntegrityError
 
 from ca import audit
-from ca.authorities.issuers import SIGNING_STATUS, Issuer, key_sha1, public_key_sha256
+from ca.authorities.issuers import SIGNING_STATUS, Issuer, certified_token_key, key_sha1, public_key_sha256
 from ca.errors import ChargepkiError, ConflictError, PolicyError
 from ca.issuance.flow import BACKDATE, IssueRequest, build_certificate, issue, validity_window
 from ca.issuance.names import ca_common_name
@@ -283,14 +283,13 @@ def _new_ca(work: Work, keys: KeyTransaction, plan: Plan, ca: CaPlan, parent: Is
 def _held(work: Work, plan: Plan, ca: CaPlan) -> Issuer:
     """A CA certificate signed elsewhere for a key already in the token (the CSR's key)."""
     assert ca.certificate is not None and ca.key_label
-    token = work.keys()
-    token_public = token.public_key(ca.key_label)
-    if public_key_sha256(token_public) != public_key_sha256(ca.certificate.public_key()):
+    private_key = certified_token_key(work.keys(), ca.key_label, ca.certificate)
+    if private_key is None:
         raise PolicyError(f"the token key {ca.key_label!r} is not the key of the {ca.name} certificate")
     return Issuer(
         name=ca.name,
         subject=ca.certificate.subject,
-        private_key=token_private_key(token, ca.key_label, token_public),
+        private_key=private_key,
         spec=key_spec(ca.key_type),
         rsa_padding=ca.rsa_padding,
         organization=plan.organization,

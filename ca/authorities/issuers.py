@@ -220,20 +220,30 @@ def still_signs(authority_id: str = "signing_ca") -> Exists:
     )
 
 
+def certified_token_key(
+    token: Token, key_label: str, certificate: x509.Certificate
+) -> TokenECPrivateKey | TokenRSAPrivateKey | None:
+    """The token key labelled ``key_label`` when it is ``certificate``'s key; None when it is another."""
+    token_public = token.public_key(key_label)
+    if public_key_sha256(token_public) != public_key_sha256(certificate.public_key()):
+        return None
+    return token_private_key(token, key_label, token_public)
+
+
 def issuer_for(authority: Authority, token: Token) -> Issuer:
     """Bind a stored CA to its token key, refusing a CA that no longer signs and a token key that
     is not the CA's key. ``issuance.issue`` checks the status again in the issuing transaction."""
     check_can_sign(authority)
     certificate = x509.load_der_x509_certificate(authority.certificate_der)
-    token_public = token.public_key(authority.key_label)
-    if public_key_sha256(token_public) != public_key_sha256(certificate.public_key()):
+    private_key = certified_token_key(token, authority.key_label, certificate)
+    if private_key is None:
         raise TokenError(
             f"the key labelled {authority.key_label!r} in token {token.label!r} is not the key of CA {authority.name}"
         )
     return Issuer(
         name=authority.name,
         subject=certificate.subject,
-        private_key=token_private_key(token, authority.key_label, token_public),
+        private_key=private_key,
         spec=key_spec(authority.key_type),
         rsa_padding=authority.rsa_padding,
         organization=authority.organization,
