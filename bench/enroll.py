@@ -18,7 +18,6 @@ import argparse
 import base64
 import json
 import os
-import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -31,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,7 +39,7 @@ from cryptography.x509.oid import NameOID
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import free_port, tree_cpu_seconds, wait_for  # noqa: E402
+from bench.harness import free_port, postgres_schema, tree_cpu_seconds, wait_for  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
@@ -278,22 +276,6 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
     return result
 
 
-def postgres_url() -> tuple[str, Callable[[], None]] | None:
-    admin_url = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        return None
-    schema = f"bench_{secrets.token_hex(4)}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-
-    def drop() -> None:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
-
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}", drop
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -311,7 +293,7 @@ def main() -> int:
         cfssl(work, args.count, args.clients, True, tls=True),
         chargepki(work, args.count, args.clients, args.workers, None, "SQLite"),
     ]
-    pg = postgres_url()
+    pg = postgres_schema("bench")
     if pg is not None:
         try:
             results.append(chargepki(work, args.count, args.clients, args.workers, pg[0], "PostgreSQL"))

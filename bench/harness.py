@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -162,3 +163,23 @@ def machine() -> str:
     with open("/proc/meminfo") as handle:
         total = int(handle.readline().split()[1]) // 1024
     return f"{os.cpu_count()} CPUs ({model}), {total} MB RAM, {platform.system()} {platform.release()}"
+
+
+def postgres_schema(prefix: str) -> tuple[str, Callable[[], None]] | None:
+    """A fresh schema in the test PostgreSQL (``CHARGEPKI_TEST_PG``) and a call that drops it; None
+    when the server cannot be reached."""
+    import psycopg  # only the PostgreSQL runs need the driver loaded
+
+    admin_url = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        return None
+    schema = f"{prefix}_{secrets.token_hex(4)}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+
+    def drop() -> None:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}", drop

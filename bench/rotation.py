@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -64,7 +63,7 @@ sys.path[0] = str(ROOT)  # the repository, not bench/ (bench/ocsp.py would shado
 
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from bench.enroll import free_port, tree_cpu_seconds, wait_for  # noqa: E402
+from bench.harness import free_port, postgres_schema, tree_cpu_seconds, wait_for  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.authorities.issuers import default_issuing_ca, issuer_for  # noqa: E402
 from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
@@ -552,19 +551,6 @@ def campaign_counts(home: Path, environ: dict[str, str], old_name: str) -> dict[
 
 
 # -- main --------------------------------------------------------------------------------------------
-def postgres_schema() -> tuple[str, Callable[[], None]]:
-    admin_url = os.environ.get("CHARGEPKI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-    admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
-    schema = f"rotation_{secrets.token_hex(4)}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-
-    def drop() -> None:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
-
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}", drop
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chargers", type=int, default=100_000)
@@ -582,7 +568,10 @@ def main() -> int:
     drop: Callable[[], None] | None = None
     database_url = None
     if args.postgresql:
-        database_url, drop = postgres_schema()
+        schema = postgres_schema("rotation")
+        if schema is None:
+            raise SystemExit("PostgreSQL is not reachable (CHARGEPKI_TEST_PG)")
+        database_url, drop = schema
     started = time.monotonic()
 
     def log(message: str) -> None:
