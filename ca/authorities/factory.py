@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -316,9 +317,10 @@ def _link(work: Work, link: LinkPlan, signers: _Signers) -> x509.Certificate:
 
 def _authority_row(work: Work, issuer: Issuer, role: str, key_label: str, parent: Authority | None) -> Authority:
     """The stored form of a CA whose key is in the token."""
-    certificate = issuer.certificate
-    assert certificate is not None
-    return Authority(
+    assert issuer.certificate is not None
+    return _row(
+        work,
+        issuer.certificate,
         name=issuer.name,
         role=role,
         environment=issuer.environment,
@@ -328,25 +330,19 @@ def _authority_row(work: Work, issuer: Issuer, role: str, key_label: str, parent
         key_label=key_label,
         key_type=issuer.spec.name,
         rsa_padding=issuer.rsa_padding,
-        serial=format_serial(certificate.serial_number),
-        subject=certificate.subject.rfc4514_string(),
-        certificate_der=certificate.public_bytes(serialization.Encoding.DER),
-        key_sha1=key_sha1(certificate.public_key()).hex(),
         ocsp_url=issuer.ocsp_url,
         repository_url=issuer.repository_url,
-        not_before=certificate.not_valid_before_utc,
-        not_after=certificate.not_valid_after_utc,
         status=SIGNING_STATUS,
-        created_at=work.now(),
     )
 
 
 def _external_row(work: Work, plan: Plan, ca: CaPlan, parent: Authority | None) -> Authority:
     """A CA whose key is elsewhere (a V2G PKI operator's root): stored for chains, never signed with."""
-    certificate = ca.certificate
-    assert certificate is not None
-    organizations = certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return Authority(
+    assert ca.certificate is not None
+    organizations = ca.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return _row(
+        work,
+        ca.certificate,
         name=ca.name,
         role=ca.role,
         environment=plan.environment,
@@ -356,15 +352,22 @@ def _external_row(work: Work, plan: Plan, ca: CaPlan, parent: Authority | None) 
         key_label="",
         key_type=ca.key_type,
         rsa_padding=None,
+        ocsp_url=plan.ocsp_url,
+        repository_url=plan.repository_url,
+        status=EXTERNAL_STATUS,
+    )
+
+
+def _row(work: Work, certificate: x509.Certificate, **columns: Any) -> Authority:
+    """An ``authorities`` row: the given columns plus those read off the CA's certificate."""
+    return Authority(
+        **columns,
         serial=format_serial(certificate.serial_number),
         subject=certificate.subject.rfc4514_string()[:512],
         certificate_der=certificate.public_bytes(serialization.Encoding.DER),
         key_sha1=key_sha1(certificate.public_key()).hex(),
-        ocsp_url=plan.ocsp_url,
-        repository_url=plan.repository_url,
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
-        status=EXTERNAL_STATUS,
         created_at=work.now(),
     )
 
