@@ -255,6 +255,10 @@ def chargepki(work: Path, count: int, clients: int, workers: int, database_url: 
             return response.status_code == 200
 
         result = load(f"chargepki EST simpleenroll, {label}, {workers} workers", count, clients, enroll, process.pid)
+    except Exception:
+        print(f"--- the server's log ({log}), last lines:", file=sys.stderr)
+        print("\n".join(log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+        raise
     finally:
         process.terminate()
         process.wait(timeout=15)

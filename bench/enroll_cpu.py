@@ -9,11 +9,13 @@ and the wall time. CPU per certificate, unlike the rate, stays meaningful on a l
 the contention of several processes over one SQLite database is where the writer gate shows.
 
     .venv/bin/python bench/enroll_cpu.py [--count 400] [--processes 2] [--threads 4] [--postgresql]
+                                         [--profile PREFIX]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import multiprocessing
 import os
 import resource
@@ -45,9 +47,17 @@ from ca.work import Work  # noqa: E402
 ORG = "Bench Charging"
 
 
-def child(home: str, jobs: list[tuple[str, str, bytes]], threads: int, out: multiprocessing.Queue) -> None:
+def child(
+    home: str,
+    jobs: list[tuple[str, str, bytes]],
+    threads: int,
+    out: multiprocessing.Queue,
+    profile: str | None = None,
+    grouped: bool = True,
+) -> None:
     from ca.authorities.issuers import default_issuing_ca, issuer_for
     from ca.enrollment.pipeline import Credentials, enroll
+    from ca.store.group_commit import GroupCommit
     from ocsp.presign import Presigner, policy_from
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
@@ -61,13 +71,25 @@ def child(home: str, jobs: list[tuple[str, str, bytes]], threads: int, out: mult
     issuer = issuer_for(authority, pki.token())
     failures = []
     lock = threading.Lock()
+    commits = GroupCommit(pki.store.session) if grouped else None
 
     def run(part: list[tuple[str, str, bytes]]) -> None:
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
+        try:
+            enroll_all(part)
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile}.{os.getpid()}.{threading.get_ident()}")
+
+    def enroll_all(part: list[tuple[str, str, bytes]]) -> None:
         for serial, secret, csr in part:
             try:
                 with pki.store.session() as session:
                     enroll(
-                        Work(session, "system:est", status=status, issuers=lambda _a: issuer),
+                        Work(session, "system:est", status=status, issuers=lambda _a: issuer, commits=commits),
                         authority=authority,
                         csr=csr,
                         credentials=Credentials(username=serial, password=secret, address="192.0.2.1"),
@@ -85,8 +107,10 @@ def child(home: str, jobs: list[tuple[str, str, bytes]], threads: int, out: mult
     for worker in workers:
         worker.join()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    out.put((statements[0], failures, cpu, time.perf_counter() - started))
+    system = after.ru_stime - before.ru_stime
+    cpu = (after.ru_utime - before.ru_utime) + system
+    batches = (commits.stats.units / commits.stats.transactions) if commits and commits.stats.transactions else 1.0
+    out.put((statements[0], failures, cpu, time.perf_counter() - started, system, batches))
 
 
 def main() -> int:
@@ -95,6 +119,10 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--postgresql", action="store_true")
+    parser.add_argument("--no-group-commit", action="store_true", help="each request its own transactions")
+    parser.add_argument(
+        "--profile", metavar="PREFIX", help="cProfile every enrolling thread into PREFIX.<pid>.<thread>"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="chargepki-enroll-cpu-"))
     home = work / "home"
@@ -136,7 +164,10 @@ def main() -> int:
         context = multiprocessing.get_context("spawn")
         out = context.Queue()
         children = [
-            context.Process(target=child, args=(str(home), jobs[i :: args.processes], args.threads, out))
+            context.Process(
+                target=child,
+                args=(str(home), jobs[i :: args.processes], args.threads, out, args.profile, not args.no_group_commit),
+            )
             for i in range(args.processes)
         ]
         for process in children:
@@ -146,6 +177,7 @@ def main() -> int:
             process.join()
         elapsed = max(r[3] for r in results)
         cpu = sum(r[2] for r in results)
+        system = sum(r[4] for r in results)
         statements = sum(r[0] for r in results)
         failures = [f for r in results for f in r[1]]
         pki = Pki.open(home, environ)
@@ -162,8 +194,11 @@ def main() -> int:
         print(
             f"{'PostgreSQL' if args.postgresql else 'SQLite'}: {issued}/{args.count} issued, {len(failures)} failures; "
             f"{args.processes} processes x {args.threads} threads; CPU {cpu / args.count * 1000:.2f} ms/cert "
+            f"(of which kernel {system / args.count * 1000:.2f}) "
             f"(enrolling only, start-up excluded); "
-            f"{statements / args.count:.1f} statements/cert; wall {elapsed:.1f} s; "
+            f"{statements / args.count:.1f} statements/cert; "
+            f"{'no group commit' if args.no_group_commit else 'group commit'} "
+            f"({sum(r[5] for r in results) / len(results):.1f} writes per transaction); wall {elapsed:.1f} s; "
             f"load {load[0]:.1f}"
         )
         for failure in failures[:5]:

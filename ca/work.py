@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     from ca.authorities.issuers import Issuer
     from ca.keys.pkcs11_token import Token
     from ca.status.signal import StatusSigner
+    from ca.store.group_commit import GroupCommit
     from ca.store.models import Authority
 
+T = TypeVar("T")
 IssuerFactory = Callable[["Authority"], "Issuer"]
 
 
@@ -33,6 +35,7 @@ class Work:
 
     ``issuers`` binds a stored CA to its token key (services pass a cached factory; the CLI one
     over ``token``). ``status`` is told of every certificate change inside its transaction.
+    ``commits`` (services) lets ``write`` share transactions with concurrent requests.
     """
 
     session: Session
@@ -41,6 +44,7 @@ class Work:
     token: Token | None = None
     issuers: IssuerFactory | None = None
     now: Clock = utcnow
+    commits: GroupCommit | None = None
 
     def as_actor(self, actor: str) -> Work:
         """The same dependencies acting for someone else (e.g. the device a CSMS relays for)."""
@@ -64,6 +68,24 @@ class Work:
         if self.status is None:
             raise ConfigError("this operation changes certificate status and needs a status signer")
         return self.status
+
+    def write(self, unit: Callable[[Session], T]) -> T:
+        """One durable write step: ``unit`` runs with a session and its work is committed on return.
+
+        With ``commits``, when this session has begun nothing or only reads (``begin_reads``), the
+        unit joins the next group commit (``ca.store.group_commit``): its reads end here, then it
+        runs in a transaction shared with concurrent writers. Otherwise it runs in this session's
+        own transaction, which it commits. Either way a unit that raises leaves nothing behind.
+        """
+        from ca.store.engine import in_reads  # the store package imports this module
+
+        reads = in_reads(self.session)
+        if reads or (self.commits is not None and not self.session.in_transaction()):
+            self.session.commit()  # the reads: nothing to write, and no connection held while waiting
+            if self.commits is not None:
+                return self.commits.run(unit)
+        with self.transaction() as session:
+            return unit(session)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -134,17 +134,25 @@ class Presigner:
         return CertId(algorithm, issuer.name_hash, issuer.key_hash, int(certificate.serial, 16))
 
     # -- the StatusSigner seam -------------------------------------------------------------------
-    def update(self, session: Session, certificates: Sequence[Certificate], now: datetime) -> None:
-        """Re-sign the stored responses of ``certificates``; if the token fails, drop them instead."""
+    def update(
+        self, session: Session, certificates: Sequence[Certificate], now: datetime, *, fresh: bool = False
+    ) -> None:
+        """Re-sign the stored responses of ``certificates``; if the token fails, drop them instead.
+        ``fresh``: recorded in this transaction, nothing stored yet (no lookup of stored algorithms)."""
         try:
-            self.store(session, certificates, now)
+            self.store(session, certificates, now, fresh=fresh)
         except ChargepkiError as exc:
             log.warning("OCSP pre-signing failed, dropping stored responses instead: %s", exc)
             drop_responses(session, certificates)
         signal_change(session)
 
-    def store(self, session: Session, certificates: Iterable[Certificate], now: datetime) -> int:
-        """Sign and upsert a response per certificate and hash algorithm; returns how many."""
+    def store(
+        self, session: Session, certificates: Iterable[Certificate], now: datetime, *, fresh: bool = False
+    ) -> int:
+        """Sign and upsert a response per certificate and hash algorithm; returns how many.
+
+        Each certificate gets the policy's hash algorithms and those already stored for it (a client
+        asked for them); ``fresh`` certificates have none stored, so that lookup is skipped."""
         count = 0
         signers: dict[int, ResponseSigner | None] = {}
         for certificate in certificates:
@@ -156,9 +164,13 @@ class Presigner:
             if signer is None:  # no signer yet (init order) or none left: never serve a stale answer
                 drop_responses(session, [certificate])
                 continue
-            stored = session.scalars(
-                _STORED_ALGORITHMS, {"authority_id": certificate.authority_id, "serial": certificate.serial}
-            ).all()
+            stored = (
+                []
+                if fresh
+                else session.scalars(
+                    _STORED_ALGORITHMS, {"authority_id": certificate.authority_id, "serial": certificate.serial}
+                ).all()
+            )
             validity = self.validity_for(session, certificate.authority_id)
             for algorithm in dict.fromkeys([*self.policy.hashes, *stored]):
                 status = certificate_status(certificate, self.cert_id(session, certificate, algorithm))

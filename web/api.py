@@ -35,7 +35,6 @@ from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
 from ca.store.models import Certificate, CsmsSignJob, Device
-from ca.work import Work
 from ocsp.certid import issuer_hashes
 from ocsp.ocpp import find_by_hash, parse_hash_data
 from web.caller import client_address, identify
@@ -155,7 +154,7 @@ def sign(session: Session, caller: Caller) -> Response:
     worker = runtime()
     worker.sweep(session)
     certificate = csms.sign(
-        Work(session, caller.actor, status=worker.status(), issuers=worker.issuer),
+        worker.work(session, caller.actor),
         caller=caller,
         charging_station_id=station,
         certificate_type=certificate_type,
@@ -345,7 +344,7 @@ class JobRunner:
             job = claim_next(session)
             if job is None:
                 return None
-            work = Work(session, "system:csms-jobs", status=worker.status(), issuers=worker.issuer)
+            work = worker.work(session, "system:csms-jobs")
             outcome = process(work, job=job, settings=worker.enrollment)
             log.info("signing job %s: %s", job.public_id, outcome)
             return outcome

@@ -36,7 +36,6 @@ from ca.errors import InputError, NotFoundError, PolicyError
 from ca.issuance.names import ENVIRONMENTS
 from ca.kinds import CaRole, CaStatus
 from ca.store.models import Authority, Certificate
-from ca.work import Work
 from web.caller import identify
 from web.responses import UnsupportedMediaType
 from web.runtime import runtime
@@ -173,7 +172,7 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
             if authority.role == CaRole.V2G_SUB_CA_2:  # SECC certificates: enroll and renew are one flow
                 operation = enroll_secc
             row = operation(
-                Work(session, "system:est", status=worker.status(), issuers=worker.issuer),
+                worker.work(session, "system:est"),
                 authority=authority,
                 csr=csr,
                 credentials=credentials,

@@ -27,6 +27,7 @@ from ca.enrollment.auth_limits import AuthLimits
 from ca.enrollment.pipeline import EnrollmentSettings
 from ca.issuance.flow import abandon_stale_pending
 from ca.status.revocation import revoke_due
+from ca.store.group_commit import GroupCommit
 from ca.store.models import Authority
 from ca.work import Work
 from ocsp.ocpp import OcppOcsp
@@ -68,6 +69,7 @@ class WorkerRuntime:
     _issuers: dict[tuple[int, str], Issuer] = field(default_factory=dict, repr=False)
     _authorities: dict[str | None, tuple[float, Authority]] = field(default_factory=dict, repr=False)
     _last_sweep: float = field(default=0.0, repr=False)
+    _commits: GroupCommit | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, pki: Pki, settings: EstSettings) -> WorkerRuntime:
@@ -103,9 +105,18 @@ class WorkerRuntime:
                     )
         return self._ocpp_ocsp
 
+    def commits(self) -> GroupCommit:
+        """This worker's group commit: its request threads' issuing transactions, shared (one per worker)."""
+        if self._commits is None:
+            with self._lock:
+                if self._commits is None:
+                    self._commits = GroupCommit(self.pki.store.session)
+        return self._commits
+
     def work(self, session: Session, actor: str) -> Work:
-        """The context of a core flow run by this worker: its session, the pre-signer and the bound CAs."""
-        return Work(session=session, actor=actor, status=self.status(), issuers=self.issuer)
+        """The context of a core flow run by this worker: its session, the pre-signer, the bound CAs and
+        the group commit its writes share with the worker's other requests."""
+        return Work(session=session, actor=actor, status=self.status(), issuers=self.issuer, commits=self.commits())
 
     # -- EST labels ----------------------------------------------------------------------------------
     def authority(

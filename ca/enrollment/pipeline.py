@@ -44,6 +44,7 @@ from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.registry.devices import current_certificate
 from ca.registry.secrets import consume_secret, restore_secret
 from ca.status.certificates import intermediates_pem, pem_certificate
+from ca.store.engine import begin_reads
 from ca.store.models import Authority, Certificate
 from ca.work import IssuerFactory, Work  # Work.issuers: called only once every check passed
 
@@ -102,7 +103,7 @@ def sign_relayed(
     credentials: Credentials,
     settings: EnrollmentSettings = DEFAULTS,
     max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
-    before_commit: Callable[[Certificate], None] | None = None,
+    before_commit: Callable[[Session, Certificate], None] | None = None,
 ) -> Certificate:
     """A charger's CSR relayed by a CSMS (OCPP ``SignCertificate``), for the station it names.
 
@@ -112,7 +113,8 @@ def sign_relayed(
     the profile's key policy, one key one identity; the new certificate supersedes the old one.
     The certificate must also fit, with its sub-CAs, in OCPP's chain limit: checked on the signed
     bytes before the commit (``chain_too_long``; the certificate is then abandoned, never handed out).
-    ``before_commit`` runs last in the issuing transaction (an asynchronous job marks itself done there).
+    ``before_commit`` runs last in the issuing transaction, with its session (an asynchronous job
+    marks itself done there).
     """
     attempt = Attempt(
         authority,
@@ -164,6 +166,8 @@ def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("the enrollment pipeline owns its transactions: commit the caller's changes first")
     keys = _limit_keys(credentials)
+    if work.commits is not None:
+        begin_reads(session)  # the checks read without SQLite's writer lock; the writes are grouped
     standing = auth_limits.standing(session, settings.limits, keys, work.now())
     if standing.retry_after is not None:
         session.rollback()  # ends the lockout read, the only work of this refused request
@@ -173,11 +177,12 @@ def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
         )
     work = work.as_actor(_actor(credentials))
     subject, parsed, who = credentials.username, False, None
+    spent: list[tuple[str, str]] = []  # the secret, once a committed reservation spent it
     try:
         csr = read_csr(attempt.csr)
         subject, parsed = csr.common_name, True
         who = policy.authenticate(work, attempt, csr)
-        certificate = _issue(work, policy, attempt, csr, who)
+        certificate = _issue(work, policy, attempt, csr, who, spent)
     except ChargepkiError as exc:
         # The one place a refused request's work ends: the checks' reads (and whatever issue()
         # had not already rolled back itself). The refusal is then recorded on its own.
@@ -188,7 +193,7 @@ def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
         anonymous = credentials.principal is None and (
             not parsed or (isinstance(exc, AuthenticationError) and not presented)
         )
-        _refused(work, policy, attempt, exc, subject, who, keys if failed else None, anonymous)
+        _refused(work, policy, attempt, exc, subject, spent, keys if failed else None, anonymous)
         raise
     if standing.has_own_failures:
         try:
@@ -199,9 +204,12 @@ def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
     return certificate
 
 
-def _issue(work: Work, policy: Policy, attempt: Attempt, csr: CsrRequest, who: Authenticated) -> Certificate:
+def _issue(
+    work: Work, policy: Policy, attempt: Attempt, csr: CsrRequest, who: Authenticated, spent: list[tuple[str, str]]
+) -> Certificate:
     """The subject policy, then ``issue()`` with what commits alongside: the spent secret with the
-    reservation; the chain limit, the superseding and the caller's last step with the certificate."""
+    reservation (noted in ``spent`` once committed: only then is it this request's to give back);
+    the chain limit, the superseding and the caller's last step with the certificate."""
     session, authority = work.session, attempt.authority
     device = policy.subject.check(work, attempt, csr, who)
     if policy.channel_binding:
@@ -229,15 +237,19 @@ def _issue(work: Work, policy: Policy, attempt: Attempt, csr: CsrRequest, who: A
         ocpp_chain_check(session, authority, attempt.max_chain_chars) if attempt.max_chain_chars is not None else None
     )
 
-    def last_checks(row: Certificate) -> None:
+    def last_checks(tx: Work, row: Certificate) -> None:
         if fits_ocpp_chain is not None:
             fits_ocpp_chain(row)
-        policy.subject.supersede(work, attempt, device, row)
+        policy.subject.supersede(tx, attempt, device, row)
         if attempt.before_commit is not None:
-            attempt.before_commit(row)
+            attempt.before_commit(tx.session, row)
 
-    spend = _spender(work, who.secret) if who.secret is not None else None
-    return issue(work, issuer=issuer, request=request, with_reservation=spend, before_commit=last_checks)
+    secret = who.secret
+    spend = _spender(work, secret) if secret is not None else None
+    reserved = (lambda: spent.append(secret)) if secret is not None else None
+    return issue(
+        work, issuer=issuer, request=request, with_reservation=spend, on_reserved=reserved, before_commit=last_checks
+    )
 
 
 def _spender(work: Work, secret: tuple[str, str]) -> Callable[[Session], None]:
@@ -281,7 +293,7 @@ def _refused(
     attempt: Attempt,
     exc: ChargepkiError,
     subject: str | None,
-    who: Authenticated | None,
+    spent: list[tuple[str, str]],
     failed: list[auth_limits.Key] | None,
     anonymous: bool,
 ) -> None:
@@ -290,13 +302,14 @@ def _refused(
     ``failed``: the caller's keys, when the refusal was a failed authentication, counted against
     them in this transaction (which may start a lockout). ``anonymous``: the caller established
     no identity, so the refusal is counted into the per-address summary instead of an entry of
-    its own. A secret spent for this request is given back (the device did nothing wrong).
+    its own. A secret this request spent is given back (the device did nothing wrong); never one it
+    did not spend: a concurrent request with the same secret may have spent that one.
     """
     session, credentials = work.session, attempt.credentials
     try:
         with work.transaction():
-            if who is not None and who.secret is not None:
-                restore_secret(session, *who.secret, commit=False)
+            for secret in spent:
+                restore_secret(session, *secret, commit=False)
             if anonymous:
                 address, action = credentials.address, policy.refused
                 audit.count_noise(session, address=address, action=action, code=exc.code, now=work.now)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
+from sqlalchemy.orm import Session
+
 from ca.enrollment.auth_limits import AuthLimits
 from ca.errors import PolicyError
 from ca.issuance.csr import CsrRequest
@@ -66,7 +68,7 @@ class Attempt:
     secc_id: str | None = None
     validity: timedelta | None = None
     max_chain_chars: int | None = None
-    before_commit: Callable[[Certificate], None] | None = None
+    before_commit: Callable[[Session, Certificate], None] | None = None
 
 
 @dataclass(frozen=True)

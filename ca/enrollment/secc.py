@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from ca.authorities.v2g import current_sub_ca_2
 from ca.enrollment.authenticators import Relay, by_secc_client_certificate
 from ca.enrollment.pipeline import run
@@ -37,7 +39,7 @@ def issue_secc(
     validity: timedelta | None = None,
     settings: EnrollmentSettings = DEFAULTS,
     max_chain_chars: int | None = None,
-    before_commit: Callable[[Certificate], None] | None = None,
+    before_commit: Callable[[Session, Certificate], None] | None = None,
     address: str | None = None,
 ) -> Certificate:
     """Issue a ``v2g-secc`` certificate for ``secc_id`` (None: the CSR's CN) under ``environment``'s CPO Sub-CA 2.

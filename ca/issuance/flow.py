@@ -16,7 +16,7 @@ job marked done) in ``before_commit``. ORM changes still pending in the session 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -216,19 +216,26 @@ def issue(
     issuer: Issuer,
     request: IssueRequest,
     with_reservation: Callable[[Session], None] | None = None,
-    before_commit: Callable[[Certificate], None] | None = None,
+    on_reserved: Callable[[], None] | None = None,
+    before_commit: Callable[[Work, Certificate], None] | None = None,
 ) -> Certificate:
     """Issue and durably record one certificate under ``issuer``; return the committed row.
 
-    ``work.status`` pre-signs the new certificate's OCSP response in the same transaction;
+    Two write steps (``Work.write``: group-committed with concurrent requests in services), with the
+    token's signature between them: the reservation commits a ``pending`` row, so the serial is
+    taken before the token signs; the record commits the DER, its audit entry and its presigned
+    OCSP response together. The certificate is returned only after that commit.
+
+    ``work.status`` pre-signs the new certificate's OCSP response in the record's transaction;
     ``work.actor`` is audited as the issuer of the request.
     ``with_reservation`` runs first in the reservation's transaction (e.g. spending a one-time
-    secret: a ``ChargepkiError`` it raises refuses the request before any serial is taken).
-    ``before_commit`` runs inside the transaction that records the certificate, so what it
-    changes (superseding the previous certificate, closing enrollment) commits atomically with it;
-    a ``ChargepkiError`` it raises abandons the certificate (``aborted``) instead.
-    The row it receives joins the session only after that commit: change the store through
-    statements, not by setting attributes on it.
+    secret: a ``ChargepkiError`` it raises refuses the request before any serial is taken);
+    ``on_reserved`` is called once that transaction committed (what it did is then durable).
+    ``before_commit`` runs last in the record's transaction, with a ``Work`` on that transaction's
+    session (use it, not the caller's), so what it changes (superseding the previous certificate,
+    closing enrollment) commits atomically with it; a ``ChargepkiError`` it raises abandons the
+    certificate (``aborted``) instead. Both may run again after a rollback (``ca.store.group_commit``).
+    The row returned joins the caller's session only after the commit.
     Refuses (``RuntimeError``, a programming error) a session holding pending ORM changes: this
     function commits, and would otherwise commit the caller's work as a side effect.
     """
@@ -246,12 +253,15 @@ def issue(
     subject = subject_name(
         common_name, issuer.organization, issuer.country, profile.domain_component, request.organizational_unit
     )
+    pending = _pending_values(issuer, request, subject, common_name, validity, now)
+    identity = key_identity(profile.name, common_name, request.device_id)
 
-    try:
-        row = _reserve(session, issuer, request, subject, common_name, validity, now, with_reservation)
-    except BaseException:
-        session.rollback()  # the reservation's transaction, begun here: nothing of it stays
-        raise
+    def reserve(tx: Session) -> Certificate:
+        return _reserve(tx, issuer, pending, identity, now, with_reservation)
+
+    row = work.write(reserve)
+    if on_reserved is not None:
+        on_reserved()
     try:
         builder = build_certificate(
             profile, issuer, subject, request.public_key, int(row.serial, 16), validity, request.dns_names
@@ -260,57 +270,49 @@ def issue(
     except ChargepkiError as exc:
         _abandon(session, row, str(exc), actor, now)
         raise
-    # The ORM unit of work costs more than the rest of issuance: one UPDATE by primary key instead.
     row.der = certificate.public_bytes(serialization.Encoding.DER)
     row.fingerprint_sha256 = certificate.fingerprint(hashes.SHA256()).hex()
     row.status = "valid"
-    # The audit entry first: it takes the audit head's row lock, which every status change of a CA
-    # (revocation, retirement: they are audited) also takes. Checked after it, the CA's status is
-    # final until this commit, so no certificate commits under a CA after its revocation.
-    audit.record(
-        session,
-        "certificate.issued",
-        actor=actor,
-        subject=row.serial,
-        now=now,
-        details={
-            "profile": profile.name,
-            "ca": issuer.name,
-            "cn": common_name,
-            "key": key_type,
-            "not_after": validity.not_after.isoformat(),
-            "fingerprint": row.fingerprint_sha256,
-        },
-    )
-    recorded = session.execute(
-        _RECORD,
-        {
-            "row_id": row.id,
-            "der": row.der,
-            "fingerprint": row.fingerprint_sha256,
-            "signing_ca": issuer.authority_id,
-        },
-    )
-    if recorded.rowcount != 1:
-        # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
-        # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
-        refusal = _ca_refusal(session, issuer)
-        if refusal is not None:
-            _abandon(session, row, str(refusal), actor, now)
-            raise refusal
-        session.rollback()
-        raise StoreError(f"the reservation of serial {row.serial} was abandoned before it could be recorded")
-    status.update(session, [row], now())
-    if before_commit is not None:
-        try:
-            before_commit(row)
-        except ChargepkiError as exc:  # a last check refused it: nobody receives this certificate
-            _abandon(session, row, str(exc), actor, now)
-            raise
-    session.commit()
+    details = {
+        "profile": profile.name,
+        "ca": issuer.name,
+        "cn": common_name,
+        "key": key_type,
+        "not_after": validity.not_after.isoformat(),
+        "fingerprint": row.fingerprint_sha256,
+    }
+
+    def record(tx: Session) -> None:
+        # The audit entry first: it takes the audit head's row lock, which every status change of a
+        # CA (revocation, retirement: they are audited) also takes. Checked after it, the CA's status
+        # is final until this commit, so no certificate commits under a CA after its revocation.
+        audit.record(tx, "certificate.issued", actor=actor, subject=row.serial, now=now, details=details)
+        # The ORM unit of work costs more than the rest of issuance: one UPDATE by primary key instead.
+        values = {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256}
+        if tx.execute(_RECORD, {**values, "signing_ca": issuer.authority_id}).rowcount != 1:
+            # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
+            # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
+            raise _ca_refusal(tx, issuer) or _Swept(
+                f"the reservation of serial {row.serial} was abandoned before it could be recorded"
+            )
+        status.update(tx, [row], now(), fresh=True)  # recorded just now: no response stored yet
+        if before_commit is not None:
+            before_commit(replace(work, session=tx), row)
+
+    try:
+        work.write(record)
+    except _Swept as exc:
+        raise StoreError(str(exc)) from None
+    except ChargepkiError as exc:  # the CA stopped signing, or a last check refused: nobody receives it
+        _abandon(session, row, str(exc), actor, now)
+        raise
     make_transient_to_detached(row)  # every column is set: it joins the session as loaded, without a query
     session.add(row)
     return row
+
+
+class _Swept(ChargepkiError):
+    """The reservation was marked aborted by the sweeper before the record: nothing to abandon."""
 
 
 _CERTIFICATES = Certificate.__table__
@@ -423,24 +425,11 @@ def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
     return PolicyError(f"CA {issuer.name} is {status}: it signs nothing any more", code="ca_not_active")
 
 
-def _reserve(
-    session: Session,
-    issuer: Issuer,
-    request: IssueRequest,
-    subject: x509.Name,
-    common_name: str,
-    validity: Validity,
-    now: Clock,
-    with_reservation: Callable[[Session], None] | None = None,
-) -> Certificate:
-    """Claim the key for the request's identity and commit a ``pending`` row, so the serial is
-    taken before the token signs anything.
-
-    The commit carries exactly this transaction: ``with_reservation``'s statements (run first,
-    e.g. a consumed enrollment secret), the key claim and the row. ``issue`` rolls it back when
-    this raises. The returned row is not in the session yet (``issue`` adds it once it is recorded).
-    """
-    values: dict[str, Any] = {
+def _pending_values(
+    issuer: Issuer, request: IssueRequest, subject: x509.Name, common_name: str, validity: Validity, now: Clock
+) -> dict[str, Any]:
+    """The columns of the reserved row, all but its serial."""
+    return {
         "authority_id": issuer.authority_id,
         "profile": request.profile.name,
         "status": "pending",
@@ -459,20 +448,34 @@ def _reserve(
         "revoke_after": None,
         "created_at": now(),
     }
+
+
+def _reserve(
+    session: Session,
+    issuer: Issuer,
+    pending: dict[str, Any],
+    identity: str,
+    now: Clock,
+    with_reservation: Callable[[Session], None] | None = None,
+) -> Certificate:
+    """Claim the key for ``identity`` and insert a ``pending`` row, so the serial is taken before the
+    token signs anything; the caller's ``Work.write`` commits it.
+
+    The transaction carries ``with_reservation``'s statements (run first, e.g. a consumed
+    enrollment secret), the key claim and the row. The returned row is not in any session
+    (``issue`` adds it to the caller's once it is recorded).
+    """
     if with_reservation is not None:
         with_reservation(session)
-    _claim_key(
-        session, values["public_key_sha256"], key_identity(request.profile.name, common_name, request.device_id), now
-    )
+    _claim_key(session, pending["public_key_sha256"], identity, now)
     for _attempt in range(5):
-        values["serial"] = format_serial(new_serial())
+        values = {**pending, "serial": format_serial(new_serial())}
         row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
         if row_id is None:  # the CA stopped signing, or a serial collision (2^-159 per pair: never trust luck)
             refusal = _ca_refusal(session, issuer)
             if refusal is not None:
                 raise refusal
             continue
-        session.commit()
         return Certificate(id=row_id, **values)
     raise PolicyError("could not reserve a unique serial number")
 

@@ -290,7 +290,7 @@ def sign(
     csr: bytes,
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
     max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
-    before_commit: Callable[[Certificate], None] | None = None,
+    before_commit: Callable[[Session, Certificate], None] | None = None,
 ) -> Certificate:
     """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
     or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID, checked against ISO 15118

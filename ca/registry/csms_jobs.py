@@ -134,8 +134,8 @@ def process(
     session, now = work.session, work.now
     claim = job.claim
 
-    def mark_signed(row: Certificate) -> None:
-        done = session.execute(
+    def mark_signed(tx: Session, row: Certificate) -> None:
+        done = tx.execute(
             update(_JOBS)
             .where(_JOBS.c.id == job.id, _JOBS.c.claim == claim, _JOBS.c.state == JobState.RUNNING)
             .values(state=JobState.SIGNED, certificate_id=row.id, finished_at=now(), claim=None)

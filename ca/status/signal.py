@@ -20,8 +20,12 @@ NOTIFY_CHANNEL = "chargepki_status"
 
 
 class StatusSigner(Protocol):
-    def update(self, session: Session, certificates: Sequence[Certificate], now: datetime) -> None:
+    def update(
+        self, session: Session, certificates: Sequence[Certificate], now: datetime, *, fresh: bool = False
+    ) -> None:
         """Re-sign (or, failing that, drop) the stored responses of ``certificates`` and signal the change.
+
+        ``fresh``: the certificates were recorded in this transaction, so no response is stored yet.
 
         Runs inside the caller's transaction and never raises for a signing failure: a revocation
         must be recorded even when the token is away, and a dropped response is never served.

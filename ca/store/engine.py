@@ -226,6 +226,16 @@ def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool
 AUTOCOMMIT_READ = "chargepki_autocommit_read"
 
 
+def _refuse_writes_in_reads(engine: Engine) -> None:
+    """A connection opened for autocommit reads sends SELECTs only: outside a transaction a write
+    would commit on its own, half of a unit of work."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _reads_only(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if connection.get_execution_options().get(AUTOCOMMIT_READ) and statement.lstrip()[:6].upper() != "SELECT":
+            raise StoreError("a write was attempted in a connection opened for reads only (a programming error)")
+
+
 def read_outside_transaction(session: Session, statement: Any, parameters: dict[str, Any] | None = None) -> list[Any]:
     """The rows of a read-only ``statement`` that needs no transaction, without taking SQLite's writer lock.
 
@@ -243,6 +253,38 @@ def read_outside_transaction(session: Session, statement: Any, parameters: dict[
         rows = list(connection.execution_options(**{AUTOCOMMIT_READ: True}).execute(statement, parameters or {}).all())
         connection.rollback()  # nothing was begun in SQLite: ends SQLAlchemy's transaction only
     return rows
+
+
+_READS = "chargepki_reads_only"
+
+
+def begin_reads(session: Session) -> None:
+    """Begin ``session``'s transaction for reads only (checks before a group-committed write).
+
+    Its statements run in autocommit, each its own snapshot (as READ COMMITTED gives): on SQLite they
+    take no writer lock (a thread holding it while it waits for ``Work.write``'s shared transaction
+    would wait for itself), on PostgreSQL they cost no BEGIN and COMMIT round trips. Nothing may be
+    written in it (a write would commit on its own): the engine refuses anything but a SELECT there.
+    Does nothing when the session has begun already.
+    """
+    if session.in_transaction():
+        return
+    options: dict[str, Any] = {AUTOCOMMIT_READ: True}
+    if session.get_bind().dialect.name != "sqlite":
+        options["isolation_level"] = "AUTOCOMMIT"  # no BEGIN and COMMIT round trips for reads
+    session.connection(execution_options=options)
+    session.info[_READS] = session.get_transaction()
+
+
+def in_reads(session: Session) -> bool:
+    """True while ``session`` is in the transaction ``begin_reads`` began (refused with ORM changes:
+    nothing may be written in it)."""
+    began = session.info.get(_READS)
+    if began is None or not session.in_transaction() or began is not session.get_transaction():
+        return False
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("ORM changes in a transaction begun for reads only: they would never be written safely")
+    return True
 
 
 class _Session(Session):
@@ -313,6 +355,8 @@ class Store:
             )
         except (ImportError, SQLAlchemyError) as exc:
             raise StoreError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from None
+        if not read_only:
+            _refuse_writes_in_reads(self.engine)
         if self.is_sqlite:
             gate = _WriterGate(Path(str(parsed.database)), busy_ms / 1000) if gated else None
             _sqlite_pragmas(self.engine, gate, immediate=not read_only, busy_ms=busy_ms)

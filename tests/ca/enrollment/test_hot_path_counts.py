@@ -21,6 +21,7 @@ first (the issuer binding, the presigner's signer/issuer-hash/validity caches, t
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
 from ca.store.engine import Store
+from ca.store.group_commit import GroupCommit
 from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
 from ca.work import Work
 from ocsp.presign import Presigner
@@ -138,6 +140,7 @@ class Worker:
     authority: Authority
     status: Presigner
     issuers: dict[int, Any] = field(default_factory=dict)
+    commits: GroupCommit | None = None
 
     def issuer(self, authority: Authority) -> Any:
         if authority.id not in self.issuers:
@@ -166,7 +169,7 @@ def _first_enrollment(worker: Worker, serial: str, secret: str | None = None) ->
     secret = secret or _secret(worker.store, serial)
     with worker.store.session() as session:
         return enroll(
-            Work(session, "system:est", status=worker.status, issuers=worker.issuer),
+            Work(session, "system:est", status=worker.status, issuers=worker.issuer, commits=worker.commits),
             authority=worker.authority,
             csr=_der(make_csr(serial)),
             credentials=Credentials(username=serial, password=secret, address="192.0.2.7"),
@@ -176,7 +179,7 @@ def _first_enrollment(worker: Worker, serial: str, secret: str | None = None) ->
 def _reenrollment(worker: Worker, current: bytes, serial: str) -> Certificate:
     with worker.store.session() as session:
         return reenroll(
-            Work(session, "system:est", status=worker.status, issuers=worker.issuer),
+            Work(session, "system:est", status=worker.status, issuers=worker.issuer, commits=worker.commits),
             authority=worker.authority,
             csr=_der(make_csr(serial, key=make_key())),
             credentials=Credentials(client_certificate=current, address="192.0.2.7"),
@@ -193,6 +196,108 @@ def test_one_enrollment_costs_what_it_was_designed_to(worker: Worker, monkeypatc
         row = _first_enrollment(worker, "CP-COUNT-1", secret)
     assert row.status == "valid"
     _check_enrollment(work, _is_postgres(worker.store), renewal=False)
+
+
+def test_a_lone_group_committed_enrollment_costs_the_same(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a worker's group commit, alone: the same statements and signatures, the same two write
+    transactions, and the checks read before either (on SQLite: without the writer lock)."""
+    worker.commits = GroupCommit(worker.store.session)
+    secret = _secret(worker.store, "CP-COUNT-4")
+    with counted(worker.store, monkeypatch) as work:
+        row = _first_enrollment(worker, "CP-COUNT-4", secret)
+    assert row.status == "valid"
+    postgres = _is_postgres(worker.store)
+    kinds = work.kinds()
+    write_transactions = kinds.pop("BEGIN", 0)
+    assert dict(kinds) == _expected(ENROLLMENT, postgres, notifies=1, audits=1), work.summary()
+    assert worker.commits.stats.transactions == 2 and worker.commits.stats.largest == 1
+    # Three transactions begin: the reads (autocommit: no BEGIN or COMMIT reaches the database) and the
+    # two writes. No pre-ping, no rollback.
+    assert (work.begins, work.commits, work.rollbacks, work.pings) == (3, 3, 0, 0), work.summary()
+    assert work.signatures == 2 and work.audit_entries == 1, work.summary()
+    if not postgres:
+        assert write_transactions == 2
+        first_write = work.statements.index("BEGIN IMMEDIATE")
+        assert [s.split(None, 2)[1] for s in work.statements[:first_write]] == [
+            "auth_failures.kind,",
+            "enrollment_secrets.id",
+            "devices.id,",
+        ], work.statements[:first_write]
+
+
+def test_concurrent_enrollments_share_their_write_transactions(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight enrollments arriving while a transaction is being written: their eight reservations
+    commit together, and so do their eight records (each in a savepoint of its own): two commits
+    where alone they cost sixteen, with the same statements and signatures per certificate."""
+    commits = worker.commits = GroupCommit(worker.store.session)
+    serials = [f"CP-GROUP-{n}" for n in range(8)]
+    secrets = {serial: _secret(worker.store, serial) for serial in serials}
+    holds: list[threading.Event] = []
+
+    def hold() -> None:
+        """Occupy the committer with a transaction that waits until the test lets it go."""
+        started, release = threading.Event(), threading.Event()
+
+        def held(_session: Any) -> None:
+            started.set()
+            assert release.wait(30)
+
+        threading.Thread(target=commits.run, args=(held,)).start()
+        assert started.wait(30)
+        holds.append(release)
+
+    def release_when_queued() -> None:
+        while commits.waiting < len(serials):
+            threading.Event().wait(0.001)
+        holds[-1].set()
+
+    signed = threading.Barrier(len(serials), action=hold)  # after every signature, before any record
+    real_issuer = worker.issuer
+
+    def issuer(authority: Authority) -> Any:
+        bound = real_issuer(authority)
+
+        class Waiting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(bound, name)
+
+            def sign(self, builder: Any) -> Any:
+                certificate = bound.sign(builder)
+                signed.wait(30)
+                return certificate
+
+        return Waiting()
+
+    monkeypatch.setattr(worker, "issuer", issuer)
+    rows: dict[str, Certificate] = {}
+
+    def enroll_one(serial: str) -> None:
+        rows[serial] = _first_enrollment(worker, serial, secrets[serial])
+
+    with counted(worker.store, monkeypatch) as work:
+        hold()
+        threads = [threading.Thread(target=enroll_one, args=(serial,)) for serial in serials]
+        for thread in threads:
+            thread.start()
+        release_when_queued()  # the reservations, queued behind the first hold
+        while len(holds) < 2:  # the barrier's action holds the committer again once all have signed
+            threading.Event().wait(0.001)
+        release_when_queued()  # the records
+        for thread in threads:
+            thread.join(60)
+    assert sorted(rows) == serials and all(row.status == "valid" for row in rows.values())
+    assert commits.stats.transactions == 4 and commits.stats.largest == 8, commits.stats
+    # The two shared transactions (the holds began none), and each request's reads (which commit nothing).
+    assert work.commits == 2 + len(serials), work.summary()
+    assert work.signatures == 2 * len(serials) and work.audit_entries == len(serials)
+    kinds = work.kinds()
+    kinds.pop("BEGIN", None)
+    savepoints = kinds.pop("SAVEPOINT", 0)
+    released = kinds.pop("RELEASE", 0)
+    assert savepoints == released == 2 * len(serials)  # one per unit in each shared transaction
+    postgres = _is_postgres(worker.store)
+    per_certificate = _expected(ENROLLMENT, postgres, notifies=1, audits=1)
+    assert dict(kinds) == {kind: count * len(serials) for kind, count in per_certificate.items()}, work.summary()
 
 
 def test_one_reenrollment_costs_what_it_was_designed_to(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,21 +337,21 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 #     9 UPDATE audit_head                         its hash (PostgreSQL: 8 and 9 are one WITH … statement)
 #    10 UPDATE certificates WHERE pending AND CA active   the DER
 #    11 SELECT certificates JOIN authorities      the CA's current OCSP signer
-#    12 SELECT ocsp_responses                     hash algorithms already stored for the serial
-#    13 INSERT ocsp_responses ... ON CONFLICT     the presigned response
-#    14 UPDATE status_feed                        the change counter
+#       (no lookup of hash algorithms already stored for the serial: a new certificate has none)
+#    12 INSERT ocsp_responses ... ON CONFLICT     the presigned response
+#    13 UPDATE status_feed                        the change counter
 #       (PostgreSQL: + SELECT pg_notify)
-#    15 SELECT certificates                       older charger certificates to supersede (none)
-#    16 UPDATE devices                            enrollment closed
+#    14 SELECT certificates                       older charger certificates to supersede (none)
+#    15 UPDATE devices                            enrollment closed
 # Token signatures: the certificate, and its OCSP response (sha1 CertID): 2. Audit entries: 1.
-ENROLLMENT = {"SELECT": 6, "INSERT": 4, "UPDATE": 6}
+ENROLLMENT = {"SELECT": 5, "INSERT": 4, "UPDATE": 6}
 # A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
 # the presented certificate by fingerprint, its CA (the ORM's lazy load of ``authority``) and the
 # device by primary key (+3 SELECT, -1 for the device by serial), and in transaction 2 the superseded
 # certificate: loaded (+1 SELECT), revoked (+1 UPDATE), audited (+2 UPDATE, +1 INSERT), its OCSP
 # response re-signed (+2 SELECT, +1 INSERT, +1 UPDATE; PostgreSQL +1 NOTIFY); no enrollment to close (-1 UPDATE).
 # Token signatures: the certificate, the new and the superseded OCSP responses: 3. Audit entries: 2.
-REENROLLMENT = {"SELECT": 10, "INSERT": 6, "UPDATE": 8}
+REENROLLMENT = {"SELECT": 9, "INSERT": 6, "UPDATE": 8}
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
 # the stored hash algorithms, the upsert, the change counter (PostgreSQL: + NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}

@@ -1,0 +1,151 @@
+"""Group commit: concurrent writers of one process share a transaction, one commit and one fsync.
+
+An EST worker's threads each issue a certificate in two short write transactions (the serial's
+reservation, then the record). Alone, each transaction costs a writer-lock hand-over and an fsync
+on SQLite, a WAL flush and the audit head's row lock on PostgreSQL: under load, writers queue on
+those far longer than they run. ``GroupCommit.run`` lets whoever arrives while a transaction is
+being written wait for the next one, then runs everything that queued meanwhile in one
+transaction:
+
+- the first waiting thread becomes the *leader*: it opens a session, runs every queued unit in
+  it, each inside a savepoint (a unit that raises is rolled back alone and gets its exception),
+  commits once, and only then releases every caller with its result. Nobody sees success before
+  the commit that makes it durable;
+- a batch of one runs without a savepoint: a lone writer costs exactly what it did before;
+- when the shared transaction itself fails (the commit, a lost connection, a deadlock PostgreSQL
+  broke), nothing of it was written: each unit is run again in a transaction of its own, so one
+  caller's conflict never fails a neighbour that happened to share its batch. A unit must
+  therefore be safe to run again after a rollback (it only sends statements built from its
+  captured values).
+
+Units receive the batch's session and must use only it (not a session of their own), and must
+not commit, roll back or keep ORM objects they load: the session is closed after the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+MAX_BATCH = 64
+
+
+@dataclass(eq=False)
+class _Unit(Generic[T]):
+    work: Callable[[Session], T]
+    value: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass
+class GroupStats:
+    """What the committer did, counted (tests and benchmarks read it)."""
+
+    transactions: int = 0
+    units: int = 0
+    retried_alone: int = 0
+    largest: int = 0
+
+
+@dataclass(eq=False)
+class GroupCommit:
+    """One per process and store; thread-safe. ``sessions`` makes the batch's session."""
+
+    sessions: Callable[[], Session]
+    max_batch: int = MAX_BATCH
+    stats: GroupStats = field(default_factory=GroupStats)
+    _state: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()), repr=False)
+    _queue: list[_Unit[Any]] = field(default_factory=list, repr=False)
+    _writing: bool = field(default=False, repr=False)
+
+    @property
+    def waiting(self) -> int:
+        """Units queued for the next transaction (not the one being written)."""
+        with self._state:
+            return len(self._queue)
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in a committed transaction, possibly shared; return its value once committed."""
+        unit: _Unit[T] = _Unit(work)
+        with self._state:
+            self._queue.append(unit)
+        while True:
+            with self._state:
+                while not unit.done and self._writing:
+                    self._state.wait()
+                if unit.done:
+                    return unit.outcome()
+                self._writing = True  # this thread leads the next transaction
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                self._write(batch)
+            except BaseException as exc:  # e.g. closing the session failed: nobody is told of success
+                for queued in batch:
+                    if queued.error is None:
+                        queued.value, queued.error = None, exc
+                raise
+            finally:
+                with self._state:
+                    for queued in batch:
+                        queued.done = True
+                    self._writing = False
+                    self._state.notify_all()
+
+    def _write(self, batch: list[_Unit[Any]]) -> None:
+        session = self.sessions()
+        try:
+            try:
+                if len(batch) == 1:
+                    batch[0].value = batch[0].work(session)
+                else:
+                    for unit in batch:
+                        try:
+                            with session.begin_nested():
+                                unit.value = unit.work(session)
+                        except Exception as exc:  # this unit's own refusal or conflict: the others go on
+                            unit.error = exc
+                session.commit()
+            except BaseException as exc:
+                session.rollback()
+                if len(batch) == 1 or not isinstance(exc, Exception):
+                    for unit in batch:
+                        if unit.error is None or len(batch) == 1:
+                            unit.error, unit.value = exc, None
+                    return
+                self._alone(session, batch)
+                return
+            self._count(len(batch))
+        finally:
+            session.close()
+
+    def _alone(self, session: Session, batch: list[_Unit[Any]]) -> None:
+        """The shared transaction failed and wrote nothing: each unit again, in its own."""
+        for unit in batch:
+            unit.value, unit.error = None, None
+            try:
+                unit.value = unit.work(session)
+                session.commit()
+            except BaseException as exc:
+                session.rollback()
+                unit.error = exc
+            with self._state:
+                self.stats.retried_alone += 1
+            self._count(1)
+
+    def _count(self, units: int) -> None:
+        with self._state:
+            self.stats.transactions += 1
+            self.stats.units += units
+            self.stats.largest = max(self.stats.largest, units)
