@@ -8,15 +8,16 @@ being written wait for the next one, then runs everything that queued meanwhile 
 transaction:
 
 - the first waiting thread becomes the *leader*: it opens a session, runs every queued unit in
-  it, each inside a savepoint (a unit that raises is rolled back alone and gets its exception),
-  commits once, and only then releases every caller with its result. Nobody sees success before
-  the commit that makes it durable;
-- a batch of one runs without a savepoint: a lone writer costs exactly what it did before;
-- when the shared transaction itself fails (the commit, a lost connection, a deadlock PostgreSQL
-  broke), nothing of it was written: each unit is run again in a transaction of its own, so one
-  caller's conflict never fails a neighbour that happened to share its batch. A unit must
-  therefore be safe to run again after a rollback (it only sends statements built from its
-  captured values).
+  it, commits once, and only then releases every caller with its result. Nobody sees success
+  before the commit that makes it durable; a unit costs the statements it sends, nothing more;
+- when anything fails (a unit refuses, the commit fails, a connection is lost, PostgreSQL breaks
+  a deadlock), the whole transaction is rolled back, so nothing of it was written, and each unit
+  runs again in a transaction of its own: one caller's refusal or conflict never fails a
+  neighbour that happened to share its batch, and each gets its own outcome. Refusals inside
+  the write are rare (the checks run before it), so this costs less than a savepoint per unit
+  (two statements, round trips on PostgreSQL); a client provoking them only undoes the batching.
+  A unit must therefore be safe to run again after a rollback (it only sends statements built
+  from its captured values).
 
 Units receive the batch's session and must use only it (not a session of their own), and must
 not commit, roll back or keep ORM objects they load: the session is closed after the batch.
@@ -107,24 +108,16 @@ class GroupCommit:
         session = self.sessions()
         try:
             try:
-                if len(batch) == 1:
-                    batch[0].value = batch[0].work(session)
-                else:
-                    for unit in batch:
-                        try:
-                            with session.begin_nested():
-                                unit.value = unit.work(session)
-                        except Exception as exc:  # this unit's own refusal or conflict: the others go on
-                            unit.error = exc
+                for unit in batch:
+                    unit.value = unit.work(session)
                 session.commit()
             except BaseException as exc:
                 session.rollback()
                 if len(batch) == 1 or not isinstance(exc, Exception):
                     for unit in batch:
-                        if unit.error is None or len(batch) == 1:
-                            unit.error, unit.value = exc, None
+                        unit.value, unit.error = None, exc
                     return
-                self._alone(session, batch)
+                self._alone(session, batch)  # nothing of the batch was written: each unit on its own
                 return
             self._count(len(batch))
         finally:

@@ -88,7 +88,9 @@ def test_writers_that_queue_meanwhile_share_the_next_transaction(table: Store) -
     assert _rows(table) == {"first": 0, **{f"k{i}": i for i in range(7)}}
 
 
-def test_a_unit_that_refuses_is_rolled_back_alone(table: Store) -> None:
+def test_a_unit_that_refuses_fails_alone_and_its_neighbours_are_written(table: Store) -> None:
+    """The shared transaction is rolled back and every unit runs again by itself."""
+
     def refuses(session: Session) -> str:
         _insert("refused")(session)
         raise ConflictError("no", code="test_refusal")
@@ -98,6 +100,7 @@ def test_a_unit_that_refuses_is_rolled_back_alone(table: Store) -> None:
     assert outcomes[1:2] == ["a"] and outcomes[3] == "b"
     assert isinstance(outcomes[2], ConflictError)
     assert set(_rows(table)) == {"first", "a", "b"}  # nothing of the refused unit, all of the others
+    assert commits.stats.retried_alone == 3
 
 
 def test_a_conflict_between_two_units_of_one_batch_lets_exactly_one_win(table: Store) -> None:
