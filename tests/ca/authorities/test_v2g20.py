@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,6 +42,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.store.models import AuditEvent, Certificate, KeyOwner, OcspResponse
 from ca.work import Work
+from cli.main import cli
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key, openssl, pem, pkilint_findings, write
 from web.app import create_app
@@ -535,3 +537,62 @@ def test_est_issues_15118_20_leaves_under_the_v2g20_label(est_client) -> None:  
     assert refused.status_code == 403 and "ec-p256 is not allowed for profile v2g20-secc" in refused.get_data(
         as_text=True
     )
+
+
+# -- the CLI: an external -20 root in two steps, without Sub-CA 1 ---------------------------------------
+def _cli(home: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=False)
+
+
+def _ok(home: Path, *args: str) -> Result:
+    result = _cli(home, *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_external_15118_20_root_without_sub_ca_1(home: Path, tmp_path: Path) -> None:
+    csr_path = tmp_path / "sub-ca-2.csr"
+    refused = _cli(home, "v2g", "init", "--org", ORG, "--without-sub-ca-1", "--external-root-csr", str(csr_path))
+    assert refused.exit_code != 0 and "--without-sub-ca-1 is for ISO 15118-20" in refused.stderr
+    step_one = _ok(
+        home, "v2g", "init", "--iso", ISO20, "--without-sub-ca-1", "--org", ORG, "--country", "DE",
+        "--external-root-csr", str(csr_path),
+    ).output  # fmt: skip
+    assert "CPO Sub-CA 2 key generated in the token" in step_one
+    assert "next: chargepki v2g init --iso 15118-20 --environment production --import-subca1 CERT" in step_one
+    external = ExternalRoot()
+    certificate = write(tmp_path / "sub-ca-2.pem", external.sign(csr_path.read_bytes()) + external.pem())
+    refused = _cli(home, "v2g", "init", "--import-subca1", str(certificate))  # forgot --iso: the -2 hierarchy
+    assert refused.exit_code != 0 and "another ISO 15118 version (--iso 15118-20)" in refused.stderr
+    output = _ok(home, "v2g", "init", "--iso", ISO20, "--import-subca1", str(certificate)).output
+    assert "V2G hierarchy (ISO 15118-20)" in output and "external: its key is not here" in output
+    assert "CPO Sub-CA 1  none" in output
+    chain = x509.load_pem_x509_certificates(
+        _ok(home, "ca", "chain", "--ca", "production-cpo20-sub-ca2-1").stdout.encode()
+    )
+    assert [_single(c.subject, NameOID.COMMON_NAME) for c in chain] == [
+        "Acme Charging Production 15118-20 CPO Sub-CA 2",
+        "External 15118-20 V2G Root CA",
+    ]
+    key = make_key("ec-p521")
+    csr = write(tmp_path / "secc.csr", make_csr(SECC_ID, key=key))
+    out = tmp_path / "secc.pem"
+    _ok(home, "v2g", "issue", "--iso", ISO20, "--csr", str(csr), "--secc-id", SECC_ID, "--out", str(out))
+    leaf, sub2 = x509.load_pem_x509_certificates(out.read_bytes())  # the root is the EV's: not sent
+    _p521_sha512(leaf)
+    root_der = external.certificate.public_bytes(serialization.Encoding.DER)
+    _verify(
+        tmp_path,
+        root_der,
+        [sub2.public_bytes(serialization.Encoding.DER)],
+        leaf.public_bytes(serialization.Encoding.DER),
+        "sslserver",
+    )
+    # The generic `issue` finds the -20 Sub-CA 2 for the -20 leaf profile.
+    other = write(tmp_path / "other.csr", make_csr("DE*ACM*E0002*1", key=make_key("ec-p521")))
+    issued = _ok(home, "issue", "--profile", "v2g20-secc", "--csr", str(other))
+    assert "[production] CA production-cpo20-sub-ca2-1" in issued.stderr
+    _ok(home, "crl", "publish")  # the external root is left out; Sub-CA 2's CRL is signed with SHA-512
+    crl = x509.load_der_x509_crl((home / "pki" / "production-cpo20-sub-ca2-1.crl").read_bytes())
+    assert crl.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA512
+    assert crl.is_signature_valid(sub2.public_key())  # type: ignore[arg-type]
