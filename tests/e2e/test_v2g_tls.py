@@ -9,6 +9,7 @@ P-256 one. Loopback only, free ports.
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import subprocess
 import time
@@ -28,6 +29,16 @@ from tests.est_server import free_port, start_server
 from tests.helpers import make_csr, make_key, openssl, write
 
 ORG = "Acme Charging"
+
+
+def _pkilint(tool: str, *args: str) -> str:
+    """pkilint's findings at NOTICE and above for a CRL or an OCSP response (empty: nothing)."""
+    from pkilint.bin import lint_crl, lint_ocsp_response
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        {"crl": lint_crl, "ocsp": lint_ocsp_response}[tool].main(["lint", *args])
+    return out.getvalue().strip()
 
 
 def run(home: Path, *args: str) -> Result:
@@ -239,6 +250,8 @@ def test_secc_leaves_serve_tls_1_3_and_tls_1_2_to_an_ev_that_trusts_only_the_v2g
         )  # fmt: skip
         assert "verify OK" in result.stdout + result.stderr, result.stderr
         assert "ecdsa-with-SHA512" in result.stdout
+        crl = str(home / "pki" / f"{name}.crl")
+        assert _pkilint("crl", "-t", "CRL", "-p", "PKIX", "-s", "NOTICE", crl) == "", name
 
     server = start_server(home, free_port(), service="ocsp")
     url = f"http://127.0.0.1:{server.port}/ocsp"
@@ -255,6 +268,7 @@ def test_secc_leaves_serve_tls_1_3_and_tls_1_2_to_an_ev_that_trusts_only_the_v2g
                 )
                 assert response.signature_algorithm_oid == expected
                 sizes.setdefault(secc.name, []).append(len(path.read_bytes()))
+                assert _pkilint("ocsp", "-s", "NOTICE", str(path)) == "", path
                 if index == 0:
                     secc.staple = path
     finally:

@@ -43,7 +43,7 @@ from ca.registry.devices import add_device
 from ca.store.models import AuditEvent, Certificate, KeyOwner, OcspResponse
 from ca.work import Work
 from cli.main import cli
-from ocsp.presign import Presigner
+from ocsp.presign import Presigner, rotate_signers
 from tests.helpers import make_csr, make_key, openssl, pem, pkilint_findings, write
 from web.app import create_app
 
@@ -197,6 +197,14 @@ def test_the_15118_20_hierarchy_is_p521_with_sha512_in_both_shapes(
         assert row.next_update - row.this_update == timedelta(days=14)
         (signer,) = response.certificates
         signer.public_key().verify(response.signature, response.tbs_response_bytes, ec.ECDSA(hashes.SHA512()))
+    # Rotated signers are P-521 again and keep three response lifetimes.
+    rotated = rotate_signers(
+        session, status, actor="test", now=datetime.now(UTC), validity=timedelta(days=30), force=True
+    )
+    assert {authority.id for authority, _ in rotated} == set(cas)
+    for _, row in rotated:
+        _p521_sha512(x509.load_der_x509_certificate(row.der or b""))
+        assert row.not_after - row.not_before == timedelta(days=42)
 
 
 def test_the_15118_2_and_15118_20_hierarchies_are_distinct_cas_in_one_environment(
