@@ -17,6 +17,10 @@ class CaRole(StrEnum):
     V2G_ROOT = "v2g-root"
     V2G_SUB_CA_1 = "v2g-sub-ca-1"  # CPO Sub-CA 1 (pathLen 1)
     V2G_SUB_CA_2 = "v2g-sub-ca-2"  # CPO Sub-CA 2: signs SECC leaves
+    # ISO 15118-20 (secp521r1): a hierarchy of its own beside the -2 one (migration 0011)
+    V2G20_ROOT = "v2g20-root"
+    V2G20_SUB_CA_1 = "v2g20-sub-ca-1"  # optional in -20
+    V2G20_SUB_CA_2 = "v2g20-sub-ca-2"  # under Sub-CA 1 or directly under the root: signs -20 SECC leaves
 
 
 class CaStatus(StrEnum):

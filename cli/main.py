@@ -32,7 +32,7 @@ from ca.errors import ChargepkiError, one_line
 from ca.issuance.csr import read_csr
 from ca.issuance.flow import issue, request_from_csr
 from ca.issuance.names import ENVIRONMENTS
-from ca.issuance.profiles import PROFILES, Profile, check_issuer_role, get_profile
+from ca.issuance.profiles import PROFILES, V2G_VERSIONS, Profile, check_issuer_role, get_profile
 from ca.keys.keyspec import ALL_KEY_TYPES
 from ca.kinds import CaRole, CertStatus
 from ca.status.certificates import STATUSES, display_status, get_certificate, list_certificates
@@ -323,8 +323,9 @@ def _issuer_of(session: Any, profile: Profile, ca_name: str | None, environment:
     """--ca, else the CA of the environment that issues this profile (OCPP issuing CA, CPO Sub-CA 2…)."""
     if ca_name or "issuing" in profile.issuer_roles:
         return pick_issuing(session, ca_name, environment)
-    if "v2g-sub-ca-2" in profile.issuer_roles:
-        return current_sub_ca_2(session, environment)
+    for version in V2G_VERSIONS.values():
+        if version.sub_ca_2 in profile.issuer_roles:
+            return current_sub_ca_2(session, environment, version.iso)
     return manufacturer_root(session, environment)
 
 

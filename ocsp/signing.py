@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ca.errors import TokenError
+from ca.keys.keyspec import public_key_signature_hash
 from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey
 from ca.status.revocation import REASONS
 from ocsp.certid import CertId
@@ -77,10 +78,8 @@ class ResponseSigner:
         return self.certificate.not_valid_after_utc
 
     def _hash(self) -> hashes.HashAlgorithm:
-        key = self.certificate.public_key()
-        if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1":
-            return hashes.SHA384()
-        return hashes.SHA256()
+        """The signer key's hash, by the rule every CA signature follows (P-521: SHA-512)."""
+        return public_key_signature_hash(self.certificate.public_key())
 
     def _algorithm(self) -> asn1_algos.SignedDigestAlgorithm:
         hash_name = self._hash().name

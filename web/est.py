@@ -3,8 +3,9 @@
 A label names an issuing CA (``production-issuing-1``) or an environment (``staging``); either
 way charger enrollment uses the environment's newest issuing CA, so a device configured with a
 CA's name follows its rotations (``ca/rotation.py``). A CPO Sub-CA 2's name
-(``production-cpo-sub-ca2-1``), or ``v2g`` for the default environment's, enrolls ISO 15118 SECC
-certificates instead. Requests and responses are base64-encoded DER with the content types of
+(``production-cpo-sub-ca2-1``), or ``v2g`` for the default environment's, enrolls ISO 15118-2 SECC
+certificates instead; an ISO 15118-20 CPO Sub-CA 2's name (``production-cpo20-sub-ca2-1``), or
+``v2g20``, ISO 15118-20 SECC certificates. Requests and responses are base64-encoded DER with the content types of
 RFC 7030 §4; the enrollment logic itself lives in ``ca.enrollment`` (``pipeline`` for chargers,
 ``secc`` for SECCs).
 """
@@ -34,6 +35,7 @@ from ca.enrollment.policy import Credentials
 from ca.enrollment.secc import enroll_secc
 from ca.errors import InputError, NotFoundError, PolicyError
 from ca.issuance.names import ENVIRONMENTS
+from ca.issuance.profiles import ISO15118_2, ISO15118_20, V2G_VERSIONS
 from ca.kinds import CaRole, CaStatus
 from ca.store.models import Authority, Certificate
 from web.caller import identify
@@ -43,7 +45,8 @@ from web.runtime import runtime
 est = Blueprint("est", __name__)
 PREFIXES = ("/.well-known/est", "/.well-known/est/<label>")
 PKCS7_MIME = "application/pkcs7-mime; smime-type=certs-only"
-V2G_LABEL = "v2g"
+V2G_LABELS = {"v2g": ISO15118_2, "v2g20": ISO15118_20}  # the default environment's CPO Sub-CA 2, per version
+SUB_CA_2_ROLES = tuple(version.sub_ca_2 for version in V2G_VERSIONS.values())  # labels that enroll SECCs
 
 
 def _routes(operation: str, methods: list[str]):  # type: ignore[no-untyped-def]
@@ -76,10 +79,10 @@ def _find_authority(session: Session, label: str | None) -> Authority:
         return default_issuing_ca(session, label)
     if not _LABEL.match(label):  # never send a NUL or a novel to the database (PostgreSQL refuses NULs)
         raise NotFoundError(f"no EST label {label[:64]!r}")
-    if label == V2G_LABEL:
-        return current_sub_ca_2(session, settings.default_environment)
+    if label in V2G_LABELS:
+        return current_sub_ca_2(session, settings.default_environment, V2G_LABELS[label])
     authority = session.scalar(
-        select(Authority).where(Authority.name == label, Authority.role.in_(("issuing", "v2g-sub-ca-2")))
+        select(Authority).where(Authority.name == label, Authority.role.in_((CaRole.ISSUING, *SUB_CA_2_ROLES)))
     )
     if authority is not None and authority.role == CaRole.ISSUING:
         return default_issuing_ca(session, authority.environment)  # the lineage, across rotations
@@ -169,7 +172,7 @@ def _enroll(label: str | None, operation: Callable[..., Certificate]) -> Respons
         with pki.store.session() as session:
             worker.sweep(session)
             authority = _authority(session, label)
-            if authority.role == CaRole.V2G_SUB_CA_2:  # SECC certificates: enroll and renew are one flow
+            if authority.role in SUB_CA_2_ROLES:  # SECC certificates: enroll and renew are one flow
                 operation = enroll_secc
             row = operation(
                 worker.work(session, "system:est"),
@@ -217,8 +220,8 @@ class _CsrAttrs(core.SequenceOf):
 
 
 _EC_PUBLIC_KEY = "1.2.840.10045.2.1"
-_CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34"}
-_ECDSA_OIDS = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3"}
+_CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34", "secp521r1": "1.3.132.0.35"}
+_ECDSA_OIDS = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"}
 
 
 @_routes("csrattrs", ["GET"])

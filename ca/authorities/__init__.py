@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "CSR_ACTION": "v2g",
+        "CSR_ACTIONS": "v2g",
         "CaPlan": "factory",
         "Created": "factory",
         "Hierarchy": "hierarchy",
@@ -31,6 +32,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "Rollover": "rotation",
         "Rotation": "rotation",
         "SIGNING_STATUS": "issuers",
+        "V2G20_ROLES": "v2g",
         "V2G_ROLES": "v2g",
         "V2gHierarchy": "v2g",
         "V2gRequest": "v2g",
@@ -60,6 +62,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "init_v2g": "v2g",
         "install_certificate": "rotation",
         "iso15118_problems": "v2g",
+        "iso_option": "v2g",
         "issuer_for": "issuers",
         "key_sha1": "issuers",
         "key_transaction": "factory",

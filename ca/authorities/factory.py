@@ -51,6 +51,9 @@ _SIGNER_NAMES = {
     "v2g-root": "V2G Root OCSP",
     "v2g-sub-ca-1": "CPO Sub-CA 1 OCSP",
     "v2g-sub-ca-2": "CPO Sub-CA 2 OCSP",
+    "v2g20-root": "15118-20 V2G Root OCSP",
+    "v2g20-sub-ca-1": "15118-20 CPO Sub-CA 1 OCSP",
+    "v2g20-sub-ca-2": "15118-20 CPO Sub-CA 2 OCSP",
 }
 EXTERNAL_STATUS = "external"  # a CA whose key is elsewhere: in chains, never signed with here
 
@@ -429,7 +432,8 @@ def _leaf(work: Work, keys: KeyTransaction, issuer: Issuer, leaf: Leaf) -> Certi
 
 
 def ocsp_signer(authority: Authority, validity: timedelta | None = None) -> Leaf:
-    """The delegated OCSP signer of ``authority``: same key type as the CA, named after its role."""
+    """The delegated OCSP signer of ``authority``: same key type as the CA (the ``ocsp-signer`` profile
+    allows its CA's key type: P-521 under an ISO 15118-20 CA), named after its role."""
     kind = _SIGNER_NAMES.get(authority.role, "OCSP Signer")
     return Leaf(
         profile="ocsp-signer",

@@ -1,13 +1,19 @@
-"""The ISO 15118 Plug & Charge (V2G) hierarchy of one environment:
-V2G root → CPO Sub-CA 1 (pathLen 1) → CPO Sub-CA 2 (pathLen 0) → SECC leaves (``ca/secc.py``).
+"""The ISO 15118 Plug & Charge (V2G) hierarchies of one environment:
+V2G root → CPO Sub-CA 1 (pathLen 1) → CPO Sub-CA 2 (pathLen 0) → SECC leaves (``ca/enrollment/secc.py``).
+
+Two of them can stand side by side, one per ISO 15118 version (``profiles.V2G_VERSIONS``, chosen
+by ``V2gRequest.iso``): ISO 15118-2 (roles ``v2g-*``, secp256r1 with ECDSA-SHA256) and ISO 15118-20
+(roles ``v2g20-*``, secp521r1 with ECDSA-SHA512), distinct sets of CAs since their curves differ.
+ISO 15118-20 allows the Sub-CA 1 to be left out (``V2gRequest.sub_ca_1=False``): root → Sub-CA 2.
 
 Either chargepki holds every key (``init_v2g``), or the V2G root belongs to someone else (a
-V2G PKI operator): then ``request_sub_ca_1`` generates the Sub-CA 1 key in the token and writes
-a CSR, and ``import_sub_ca_1`` takes the certificate that root returned, checks it against the
-ISO 15118-2 profile, stores the external root (status ``external``: no key here, nobody here
-answers for it) and creates Sub-CA 2 under it. Every CA chargepki holds gets its own delegated
-OCSP signer, whose responses live 14 days (``profiles.ocsp_validity``) so that chargers can
-staple them to the EV.
+V2G PKI operator): then ``request_sub_ca_1`` generates the key of the CPO CA directly under that
+root (Sub-CA 1; Sub-CA 2 when there is no Sub-CA 1) in the token and writes a CSR, and
+``import_sub_ca_1`` takes the certificate that root returned, checks it against the version's
+profile, stores the external root (status ``external``: no key here, nobody here answers for it)
+and creates Sub-CA 2 under it when it is not the imported CA itself. Every CA chargepki holds gets
+its own delegated OCSP signer, whose responses live 14 days (``profiles.ocsp_validity``) so that
+chargers can staple them to the EV.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from datetime import timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 from sqlalchemy import select
@@ -31,15 +37,45 @@ from ca.clock import Clock, utcnow
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, check_country, check_environment, check_organization, subject_name
-from ca.issuance.profiles import PROFILES, Profile
+from ca.issuance.profiles import (
+    ISO15118_2,
+    ISO15118_20,
+    PROFILES,
+    V2G_VERSIONS,
+    Profile,
+    V2gVersion,
+    v2g_version,
+    v2g_version_of,
+)
 from ca.keys.keyspec import key_spec
 from ca.keys.token_keys import token_private_key
 from ca.store.models import AuditEvent, Authority, Certificate
 from ca.work import Work
 
-V2G_ROLES = ("v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2")
-CSR_ACTION = "v2g.sub_ca_1.requested"  # the audit entry that remembers which token key a CSR was for
+V2G_ROLES = V2G_VERSIONS[ISO15118_2].roles  # the ISO 15118-2 hierarchy's
+V2G20_ROLES = V2G_VERSIONS[ISO15118_20].roles
+# The audit entries that remember which token key a CSR for an external root was for, by the CPO
+# CA it asks for (Sub-CA 2 only when a -20 hierarchy has no Sub-CA 1).
+CSR_ACTION = "v2g.sub_ca_1.requested"
+CSR_ACTIONS = {"sub-ca-1": CSR_ACTION, "sub-ca-2": "v2g.sub_ca_2.requested"}
 MAX_PEM = 64 * 1024
+# What follows the environment in each CA's name, and the title in its CN, per role.
+_NAMES = {
+    "v2g-root": "v2g-root-1",
+    "v2g-sub-ca-1": "cpo-sub-ca1-1",
+    "v2g-sub-ca-2": "cpo-sub-ca2-1",
+    "v2g20-root": "v2g20-root-1",
+    "v2g20-sub-ca-1": "cpo20-sub-ca1-1",
+    "v2g20-sub-ca-2": "cpo20-sub-ca2-1",
+}
+_TITLES = {
+    "v2g-root": "V2G Root CA",
+    "v2g-sub-ca-1": "CPO Sub-CA 1",
+    "v2g-sub-ca-2": "CPO Sub-CA 2",
+    "v2g20-root": "15118-20 V2G Root CA",
+    "v2g20-sub-ca-1": "15118-20 CPO Sub-CA 1",
+    "v2g20-sub-ca-2": "15118-20 CPO Sub-CA 2",
+}
 
 
 @dataclass(frozen=True)
@@ -52,27 +88,39 @@ class V2gRequest:
     root_validity: timedelta | None = None
     sub_ca_1_validity: timedelta | None = None
     sub_ca_2_validity: timedelta | None = None
+    iso: str = ISO15118_2  # which hierarchy: "15118-2" or "15118-20" (``profiles.V2G_VERSIONS``)
+    sub_ca_1: bool = True  # False: root → Sub-CA 2 (ISO 15118-20 only)
 
 
 @dataclass(frozen=True)
 class V2gHierarchy:
     root: Authority  # status "external" when imported
-    sub_ca_1: Authority
+    sub_ca_1: Authority | None  # None: an ISO 15118-20 hierarchy without Sub-CA 1
     sub_ca_2: Authority
     ocsp_signers: list[Certificate]  # one per CA whose key chargepki holds
+    iso: str = ISO15118_2
 
 
 def _names(environment: str) -> dict[str, str]:
-    return {
-        "v2g-root": f"{environment}-v2g-root-1",
-        "v2g-sub-ca-1": f"{environment}-cpo-sub-ca1-1",
-        "v2g-sub-ca-2": f"{environment}-cpo-sub-ca2-1",
-    }
+    return {role: f"{environment}-{suffix}" for role, suffix in _NAMES.items()}
 
 
 def _subject(organization: str, environment: str, role: str, country: str | None) -> x509.Name:
-    title = {"v2g-root": "V2G Root CA", "v2g-sub-ca-1": "CPO Sub-CA 1", "v2g-sub-ca-2": "CPO Sub-CA 2"}[role]
-    return subject_name(ca_common_name(organization, environment, title), organization, country, "V2G")
+    return subject_name(ca_common_name(organization, environment, _TITLES[role]), organization, country, "V2G")
+
+
+def iso_option(version: V2gVersion) -> str:
+    """How the CLI names a version after `chargepki v2g …` (nothing for the default, ISO 15118-2)."""
+    return "" if version.iso == ISO15118_2 else f" --iso {version.iso}"
+
+
+def _version(request: V2gRequest) -> V2gVersion:
+    version = v2g_version(request.iso)
+    if not request.sub_ca_1 and not version.sub_ca_1_optional:
+        raise InputError(f"{version.title} requires a CPO Sub-CA 1 (only ISO 15118-20 may leave it out)")
+    if not request.sub_ca_1 and request.sub_ca_1_validity is not None:
+        raise InputError("a Sub-CA 1 validity was given for a hierarchy without Sub-CA 1")
+    return version
 
 
 def _checked(request: V2gRequest) -> tuple[str, str, str | None]:
@@ -83,31 +131,36 @@ def _checked(request: V2gRequest) -> tuple[str, str, str | None]:
     )
 
 
-def _refuse_existing(session: Session, environment: str) -> None:
-    existing = any_ca(session, environment, V2G_ROLES)
+def _refuse_existing(session: Session, environment: str, version: V2gVersion) -> None:
+    existing = any_ca(session, environment, version.roles)
     if existing is not None:
-        raise ConflictError(f"environment {environment!r} already has a V2G hierarchy (CA {existing})")
+        what = "a V2G hierarchy" if version.iso == ISO15118_2 else f"an {version.title} V2G hierarchy"
+        raise ConflictError(f"environment {environment!r} already has {what} (CA {existing})")
 
 
 def init_v2g(work: Work, *, request: V2gRequest) -> V2gHierarchy:
-    """V2G root, CPO Sub-CA 1 and CPO Sub-CA 2 with keys in the token, and an OCSP signer for each."""
+    """V2G root, CPO Sub-CA 1 (unless ``request.sub_ca_1`` is False: ISO 15118-20 only) and CPO
+    Sub-CA 2 of ``request.iso``'s version, keys in the token, and an OCSP signer for each."""
+    version = _version(request)
     environment, organization, country = _checked(request)
-    _refuse_existing(work.session, environment)
+    _refuse_existing(work.session, environment, version)
     names = _names(environment)
-    cas = (
-        CaPlan("v2g-root", names["v2g-root"], _subject(organization, environment, "v2g-root", country),
-               validity=request.root_validity),
-        CaPlan("v2g-sub-ca-1", names["v2g-sub-ca-1"], _subject(organization, environment, "v2g-sub-ca-1", country),
-               parent="v2g-root", validity=request.sub_ca_1_validity),
-        CaPlan("v2g-sub-ca-2", names["v2g-sub-ca-2"], _subject(organization, environment, "v2g-sub-ca-2", country),
-               parent="v2g-sub-ca-1", validity=request.sub_ca_2_validity),
-    )  # fmt: skip
-    plan = _plan(request, environment, organization, country, cas, "v2g.hierarchy.created")
-    return _hierarchy(create(work, plan=plan))
+
+    def ca(role: str, parent: str | None, validity: timedelta | None) -> CaPlan:
+        subject = _subject(organization, environment, role, country)
+        return CaPlan(role, names[role], subject, parent=parent, validity=validity, key_type=version.key_type)
+
+    cas = [ca(version.root, None, request.root_validity)]
+    if request.sub_ca_1:
+        cas.append(ca(version.sub_ca_1, version.root, request.sub_ca_1_validity))
+    cas.append(ca(version.sub_ca_2, version.sub_ca_1 if request.sub_ca_1 else version.root, request.sub_ca_2_validity))
+    plan = _plan(request, version, environment, organization, country, tuple(cas), "v2g.hierarchy.created")
+    return _hierarchy(create(work, plan=plan), version)
 
 
 def _plan(
     request: V2gRequest,
+    version: V2gVersion,
     environment: str,
     organization: str,
     country: str | None,
@@ -116,8 +169,11 @@ def _plan(
 ) -> Plan:
     def details(created: Created) -> dict[str, object]:
         return {
-            authority.role: {"name": authority.name, "serial": authority.serial, "status": authority.status}
-            for authority in created.authorities.values()
+            "iso": version.iso,
+            **{
+                authority.role: {"name": authority.name, "serial": authority.serial, "status": authority.status}
+                for authority in created.authorities.values()
+            },
         }
 
     return Plan(
@@ -130,42 +186,59 @@ def _plan(
         action=action,
         audit_subject=environment,
         details=details,
-        conflict=f"the V2G hierarchy of {environment!r} was created concurrently",
+        conflict=_conflict(version, environment),
     )
 
 
-def _hierarchy(created: Created) -> V2gHierarchy:
+def _conflict(version: V2gVersion, environment: str) -> str:
+    return f"the {version.title} V2G hierarchy of {environment!r} was created concurrently"
+
+
+def _hierarchy(created: Created, version: V2gVersion) -> V2gHierarchy:
     """The result; one OCSP signer per CA whose key is here, Sub-CA 2's first."""
     return V2gHierarchy(
-        created["v2g-root"], created["v2g-sub-ca-1"], created["v2g-sub-ca-2"], list(created.ocsp_signers.values())
+        created[version.root],
+        created.authorities.get(version.sub_ca_1),
+        created[version.sub_ca_2],
+        list(created.ocsp_signers.values()),
+        version.iso,
     )
 
 
 # -- an external V2G root: CSR out, certificate in -------------------------------------------------
-def request_sub_ca_1(work: Work, *, request: V2gRequest) -> bytes:
-    """Generate the CPO Sub-CA 1 key in the token and return a PEM CSR for the external V2G root.
+def _top_role(version: V2gVersion, sub_ca_1: bool) -> str:
+    """The CPO CA directly under the V2G root: Sub-CA 1, or Sub-CA 2 in a hierarchy without one."""
+    return version.sub_ca_1 if sub_ca_1 else version.sub_ca_2
 
-    The audit entry written here records the key's label and fingerprint; ``import_sub_ca_1``
-    finds the key again from the certificate's public key.
+
+def request_sub_ca_1(work: Work, *, request: V2gRequest) -> bytes:
+    """Generate the key of the CPO CA under an external V2G root in the token (CPO Sub-CA 1; Sub-CA 2
+    when ``request.sub_ca_1`` is False) and return a PEM CSR for that root.
+
+    The key and the CSR's signature follow ``request.iso`` (ISO 15118-20: P-521, ecdsa-with-SHA512).
+    The audit entry written here records the key's label and fingerprint and which CA it is for;
+    ``import_sub_ca_1`` finds the key again from the certificate's public key.
     """
+    version = _version(request)
     environment, organization, country = _checked(request)
-    _refuse_existing(work.session, environment)
-    conflict = f"the V2G hierarchy of {environment!r} was created concurrently"
-    with key_transaction(work, conflict) as keys, work.transaction() as session:
-        label, public_key = keys.generate(key_spec("ec-p256"), _names(environment)["v2g-sub-ca-1"])
+    _refuse_existing(work.session, environment, version)
+    role = _top_role(version, request.sub_ca_1)
+    spec = key_spec(version.key_type)
+    with key_transaction(work, _conflict(version, environment)) as keys, work.transaction() as session:
+        label, public_key = keys.generate(spec, _names(environment)[role])
         key = token_private_key(keys.token, label, public_key)  # type: ignore[arg-type]
-        profile = PROFILES["v2g-sub-ca-1"]
+        profile = PROFILES[role]
         csr = (
             x509.CertificateSigningRequestBuilder()
-            .subject_name(_subject(organization, environment, "v2g-sub-ca-1", country))
+            .subject_name(_subject(organization, environment, role, country))
             # What we ask the root to certify (it decides; import checks what it decided).
             .add_extension(x509.BasicConstraints(ca=True, path_length=profile.path_length), critical=True)
             .add_extension(_ca_key_usage(), critical=True)
-            .sign(key, hashes.SHA256())
+            .sign(key, spec.signature_hash)
         )
         audit.record(
             session,
-            CSR_ACTION,
+            CSR_ACTIONS["sub-ca-1" if request.sub_ca_1 else "sub-ca-2"],
             actor=work.actor,
             subject=environment,
             now=work.now,
@@ -175,6 +248,8 @@ def request_sub_ca_1(work: Work, *, request: V2gRequest) -> bytes:
                 "organization": organization,
                 "country": country,
                 "subject": csr.subject.rfc4514_string(),
+                "iso": version.iso,
+                "role": role,
             },
         )
     return csr.public_bytes(serialization.Encoding.PEM)
@@ -210,14 +285,25 @@ def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
         ) from None
 
 
+_ECDSA = {
+    "sha256": (SignatureAlgorithmOID.ECDSA_WITH_SHA256, "ecdsa-with-SHA256"),
+    "sha512": (SignatureAlgorithmOID.ECDSA_WITH_SHA512, "ecdsa-with-SHA512"),
+}
+
+
 def iso15118_problems(certificate: x509.Certificate, profile: Profile, now: Clock = utcnow) -> list[str]:
-    """What in a V2G CA certificate breaks the ISO 15118-2 profile (empty: nothing)."""
+    """What in a V2G CA certificate breaks the profile of its ISO 15118 version (empty: nothing):
+    ISO 15118-2 secp256r1 and ecdsa-with-SHA256, ISO 15118-20 secp521r1 and ecdsa-with-SHA512."""
+    version = v2g_version_of(profile.name)
+    assert version is not None, f"{profile.name} is not a V2G CA profile"
+    spec = key_spec(version.key_type)
     problems = []
     key = certificate.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-        problems.append("the key is not secp256r1")
-    if certificate.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-        problems.append("the signature is not ecdsa-with-SHA256")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != spec.curve_name:
+        problems.append(f"the key is not {spec.curve_name}")
+    algorithm, algorithm_name = _ECDSA[spec.signature_hash.name]
+    if certificate.signature_algorithm_oid != algorithm:
+        problems.append(f"the signature is not {algorithm_name}")
     if certificate.version != x509.Version.v3:
         problems.append("not an X.509 v3 certificate")
     try:
@@ -253,7 +339,7 @@ def _requested_key(session: Session, environment: str, certificate: x509.Certifi
     fingerprint = public_key_sha256(certificate.public_key())
     events = session.scalars(
         select(AuditEvent)
-        .where(AuditEvent.action == CSR_ACTION, AuditEvent.subject == environment)
+        .where(AuditEvent.action.in_(tuple(CSR_ACTIONS.values())), AuditEvent.subject == environment)
         .order_by(AuditEvent.seq.desc())
     )
     for event in events:
@@ -274,13 +360,17 @@ def audit_details(event: AuditEvent) -> dict[str, object]:
 def import_sub_ca_1(
     work: Work, *, request: V2gRequest, certificate_data: bytes, root_data: bytes | None = None
 ) -> V2gHierarchy:
-    """Install the external root's Sub-CA 1 certificate (followed by the V2G root in the same file,
-    or the root in ``root_data``), check both, and create CPO Sub-CA 2 and the OCSP signers.
+    """Install the certificate the external root returned for the ``request_sub_ca_1`` CSR (followed
+    by the V2G root in the same file, or the root in ``root_data``), check both against
+    ``request.iso``'s profile, and create CPO Sub-CA 2 under it (unless it is Sub-CA 2 itself: a
+    -20 hierarchy without Sub-CA 1) and the OCSP signers.
 
-    The CPO's organisation and country are the ones the CSR was made with (``request``'s are ignored).
+    The CPO's organisation and country, and which CA the certificate is for, are the ones the CSR
+    was made with (``request``'s organisation, country and ``sub_ca_1`` are ignored).
     """
+    version = v2g_version(request.iso)
     environment = check_environment(request.environment)
-    _refuse_existing(work.session, environment)
+    _refuse_existing(work.session, environment, version)
     certificates = load_certificates(certificate_data, "the Sub-CA 1 certificate file")
     if root_data is not None:
         certificates += load_certificates(root_data, "the V2G root file")
@@ -288,24 +378,42 @@ def import_sub_ca_1(
         raise InputError(
             f"expected the Sub-CA 1 certificate and the V2G root certificate, found {len(certificates)} certificate(s)"
         )
-    sub_1_certificate, root_certificate = certificates
-    _check_external_chain(sub_1_certificate, root_certificate, work.now)
-    requested = _requested_key(work.session, environment, sub_1_certificate)
+    top_certificate, root_certificate = certificates
+    requested = _requested_key(work.session, environment, top_certificate)
+    # Entries written before ISO 15118-20 was supported name no role: they were Sub-CA 1 CSRs.
+    role = str(requested.get("role") or V2G_VERSIONS[ISO15118_2].sub_ca_1)
+    if role not in version.roles:
+        other = v2g_version_of(role)
+        hint = f" (--iso {other.iso})" if other is not None else ""
+        raise PolicyError(f"this certificate is for a key requested for another ISO 15118 version{hint}")
+    _check_external_chain(top_certificate, root_certificate, PROFILES[role], work.now)
     organization = str(requested["organization"])
     country = str(requested["country"]) if requested.get("country") else None
     names = _names(environment)
-    cas = (
-        CaPlan("v2g-root", names["v2g-root"], root_certificate.subject, certificate=root_certificate),  # external
-        CaPlan("v2g-sub-ca-1", names["v2g-sub-ca-1"], sub_1_certificate.subject, parent="v2g-root",
-               certificate=sub_1_certificate, key_label=str(requested["key_label"])),
-        CaPlan("v2g-sub-ca-2", names["v2g-sub-ca-2"], _subject(organization, environment, "v2g-sub-ca-2", country),
-               parent="v2g-sub-ca-1", validity=request.sub_ca_2_validity),
-    )  # fmt: skip
-    plan = _plan(request, environment, organization, country, cas, "v2g.hierarchy.imported")
-    return _hierarchy(create(work, plan=plan))
+    key_type = version.key_type
+    cas = [
+        CaPlan(version.root, names[version.root], root_certificate.subject, certificate=root_certificate,
+               key_type=key_type),  # external
+        CaPlan(role, names[role], top_certificate.subject, parent=version.root, certificate=top_certificate,
+               key_label=str(requested["key_label"]), key_type=key_type),
+    ]  # fmt: skip
+    if role == version.sub_ca_1:
+        subject = _subject(organization, environment, version.sub_ca_2, country)
+        cas.append(
+            CaPlan(version.sub_ca_2, names[version.sub_ca_2], subject, parent=role,
+                   validity=request.sub_ca_2_validity, key_type=key_type)
+        )  # fmt: skip
+    elif request.sub_ca_2_validity is not None:
+        raise InputError("the external V2G root signed CPO Sub-CA 2 itself: a Sub-CA 2 validity does not apply")
+    plan = _plan(request, version, environment, organization, country, tuple(cas), "v2g.hierarchy.imported")
+    return _hierarchy(create(work, plan=plan), version)
 
 
-def _check_external_chain(sub_1: x509.Certificate, root: x509.Certificate, now: Clock) -> None:
+def _check_external_chain(top: x509.Certificate, root: x509.Certificate, profile: Profile, now: Clock) -> None:
+    """The external root and the CPO CA it signed (``profile``: Sub-CA 1's, or Sub-CA 2's)."""
+    version = v2g_version_of(profile.name)
+    assert version is not None
+    what = "Sub-CA 1" if profile.name == version.sub_ca_1 else "Sub-CA 2"
     if root.issuer != root.subject:
         raise PolicyError("the V2G root certificate is not self-signed")
     try:
@@ -313,36 +421,37 @@ def _check_external_chain(sub_1: x509.Certificate, root: x509.Certificate, now: 
     except (InvalidSignature, ValueError, TypeError):
         raise PolicyError("the V2G root certificate's self-signature does not verify") from None
     try:
-        sub_1.verify_directly_issued_by(root)
+        top.verify_directly_issued_by(root)
     except (InvalidSignature, ValueError, TypeError):
-        raise PolicyError("the Sub-CA 1 certificate is not signed by this V2G root") from None
-    for certificate, profile, what in (
-        (root, PROFILES["v2g-root"], "V2G root"),
-        (sub_1, PROFILES["v2g-sub-ca-1"], "Sub-CA 1"),
-    ):
-        problems = iso15118_problems(certificate, profile, now)
+        raise PolicyError(f"the {what} certificate is not signed by this V2G root") from None
+    for certificate, checked, name in ((root, PROFILES[version.root], "V2G root"), (top, profile, what)):
+        problems = iso15118_problems(certificate, checked, now)
         if problems:
-            raise PolicyError(f"the {what} certificate breaks the ISO 15118-2 profile: {'; '.join(problems)}")
+            raise PolicyError(f"the {name} certificate breaks the {version.title} profile: {'; '.join(problems)}")
 
 
 # -- finding the CAs ---------------------------------------------------------------------------
-def v2g_environments(session: Session) -> list[str]:
-    return environments(session, V2G_ROLES)
+def v2g_environments(session: Session, iso: str = ISO15118_2) -> list[str]:
+    """The environments with a V2G hierarchy of ISO 15118 version ``iso``."""
+    return environments(session, v2g_version(iso).roles)
 
 
-def current_sub_ca_2(session: Session, environment: str | None) -> Authority:
-    """The newest active CPO Sub-CA 2 of ``environment`` (or of the only environment with V2G CAs)."""
+def current_sub_ca_2(session: Session, environment: str | None, iso: str = ISO15118_2) -> Authority:
+    """The newest active CPO Sub-CA 2 of version ``iso``'s hierarchy in ``environment`` (or in the only
+    environment with such a hierarchy): the CA every new SECC leaf of that version comes from."""
+    version = v2g_version(iso)
+    what = "" if version.iso == ISO15118_2 else f"{version.title} "
     if environment is None:
         environment = only_environment(
             session,
-            V2G_ROLES,
-            missing="no V2G hierarchy yet: run `chargepki v2g init --org NAME` first",
-            several="several environments have V2G CAs ({known}): choose one with --environment",
+            version.roles,
+            missing=f"no {what}V2G hierarchy yet: run `chargepki v2g init{iso_option(version)} --org NAME` first",
+            several=f"several environments have {what}V2G CAs ({{known}}): choose one with --environment",
         )
-    authority = newest_active(session, "v2g-sub-ca-2", check_environment(environment))
+    authority = newest_active(session, version.sub_ca_2, check_environment(environment))
     if authority is None:
         raise NotFoundError(
-            f"no active CPO Sub-CA 2 in environment {environment!r}: run `chargepki v2g init --environment "
-            f"{environment}` first"
+            f"no active {what}CPO Sub-CA 2 in environment {environment!r}: run `chargepki v2g init"
+            f"{iso_option(version)} --environment {environment}` first"
         )
     return authority

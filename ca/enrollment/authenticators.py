@@ -17,6 +17,7 @@ from ca.enrollment.policy import Attempt, Authenticated
 from ca.errors import AuthenticationError, PolicyError
 from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity
+from ca.issuance.profiles import SECC_PROFILES
 from ca.kinds import CertStatus
 from ca.registry.secrets import secret_is_valid
 from ca.store.models import Authority, Certificate, Device
@@ -122,12 +123,12 @@ class Relay:
         return Authenticated("relay", registered_device(work.session, station))
 
 
-SECC_CLIENTS = ("ra", "charger", "v2g-secc")
+SECC_CLIENTS = ("ra", "charger", *SECC_PROFILES)
 
 
 def by_secc_client_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
     """EST under a V2G label: an RA's certificate (any SECC ID), the station's current charger
-    certificate (its SECC IDs), or the SECC certificate being renewed (the same SECC ID)."""
+    certificate (its SECC IDs), or an SECC certificate of either ISO 15118 version (the same SECC ID)."""
     der = attempt.credentials.client_certificate
     if der is None:
         raise AuthenticationError(
@@ -139,7 +140,7 @@ def by_secc_client_certificate(work: Work, attempt: Attempt, csr: CsrRequest) ->
         raise AuthenticationError("the client certificate is not an RA, charger or SECC certificate issued here")
     check_current(work, caller, attempt.authority, f"{caller.profile} client certificate")
     device = work.session.get(Device, caller.device_id) if caller.device_id is not None else None
-    if caller.profile == "v2g-secc":
+    if caller.profile in SECC_PROFILES:  # either version's leaf renews (or starts) the same SECC ID's
         return Authenticated(
             "secc-client", device, caller.common_name, "does not match the SECC certificate being renewed"
         )

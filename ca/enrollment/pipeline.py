@@ -37,9 +37,8 @@ from ca.enrollment.subjects import CHARGER
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, PolicyError, RateLimitedError
 from ca.issuance.csr import CsrRequest, read_csr
 from ca.issuance.flow import issue, request_from_csr
-from ca.issuance.profiles import get_profile
+from ca.issuance.profiles import get_profile, v2g_version_of
 from ca.keys.keyspec import KeySpec, key_spec
-from ca.kinds import CaRole
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.registry.devices import current_certificate
 from ca.registry.secrets import consume_secret, restore_secret
@@ -130,8 +129,10 @@ def sign_relayed(
 
 def requested_key(authority: Authority) -> KeySpec:
     """The EC key type to ask clients of ``authority`` for (EST ``csrattrs``): the CA's own curve
-    when its leaves may use it, else the first EC type the leaf profile allows."""
-    profile = get_profile("v2g-secc" if authority.role == CaRole.V2G_SUB_CA_2 else "charger")
+    when its leaves may use it, else the first EC type the leaf profile allows (a CPO Sub-CA 2's
+    leaves: its ISO 15118 version's SECC profile)."""
+    version = v2g_version_of(authority.role)
+    profile = get_profile(version.secc if version is not None and authority.role == version.sub_ca_2 else "charger")
     if authority.key_type in profile.key_types and key_spec(authority.key_type).curve_name is not None:
         return key_spec(authority.key_type)
     return key_spec(next(name for name in profile.key_types if key_spec(name).curve_name is not None))

@@ -2,11 +2,13 @@
 
 A rule checks, before anything is signed, what the certificate's CN may be and for which
 device, and says what a new certificate supersedes in the issuing transaction: at most one
-current charger certificate per device, and one current SECC certificate per SECC ID.
+current charger certificate per device, and one current SECC certificate per SECC ID and ISO
+15118 version (a station holds an ISO 15118-2 and an ISO 15118-20 leaf side by side).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import bindparam, select, update
@@ -18,7 +20,8 @@ from ca.enrollment.policy import Attempt, Authenticated
 from ca.errors import ConflictError, PolicyError
 from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity, check_secc_id
-from ca.kinds import CaRole, CaStatus, CertStatus
+from ca.issuance.profiles import ISO15118_2, V2G_VERSIONS, V2gVersion
+from ca.kinds import CaStatus, CertStatus
 from ca.status.revocation import apply_revocation
 from ca.store.models import Authority, Certificate, Device
 from ca.work import Work
@@ -87,11 +90,19 @@ class ChargerRule:
             set_committed_value(device, "enrollment_open", False)
 
 
+@dataclass(frozen=True)
 class SeccRule:
-    """Profile ``v2g-secc``: the CN is an SECC ID (ISO 15118 syntax), under a CPO Sub-CA 2; a
-    station cannot take over another station's SECC ID."""
+    """The SECC leaf profile of one ISO 15118 version (``v2g-secc``, ``v2g20-secc``): the CN is an
+    SECC ID (ISO 15118 syntax), under that version's CPO Sub-CA 2; a station cannot take over
+    another station's SECC ID (in either version); a new leaf supersedes the SECC ID's previous
+    leaf of the same version only."""
 
-    profile = "v2g-secc"
+    profile: str
+    issuer_role: str  # the version's CPO Sub-CA 2
+
+    @classmethod
+    def of(cls, version: V2gVersion) -> SeccRule:
+        return cls(version.secc, version.sub_ca_2)
 
     def check(self, work: Work, attempt: Attempt, csr: CsrRequest, who: Authenticated) -> Device | None:
         who.expect(csr.common_name)
@@ -99,11 +110,11 @@ class SeccRule:
         if csr.common_name != secc_id:
             raise PolicyError(f"the CSR's CN {csr.common_name!r} is not the SECC ID {secc_id!r}", code="cn_mismatch")
         authority = attempt.authority
-        if authority.role != CaRole.V2G_SUB_CA_2 or authority.status != CaStatus.ACTIVE:
-            raise PolicyError(f"CA {authority.name} does not issue SECC certificates")
+        if authority.role != self.issuer_role or authority.status != CaStatus.ACTIVE:
+            raise PolicyError(f"CA {authority.name} does not issue {self.profile} SECC certificates")
         if who.device is not None:
             check_device(who.device, authority)
-            for current in current_secc(work.session, authority, secc_id):
+            for current in current_secc(work.session, authority, secc_id, versions=tuple(V2G_VERSIONS.values())):
                 if current.device_id is not None and current.device_id != who.device.id:
                     raise ConflictError(
                         f"SECC ID {secc_id!r} is certified for another charging station", code="secc_id_taken"
@@ -111,22 +122,33 @@ class SeccRule:
         return who.device
 
     def supersede(self, work: Work, attempt: Attempt, device: Device | None, new: Certificate) -> None:
-        _retire(work, attempt, current_secc(work.session, attempt.authority, new.common_name or "", exclude_id=new.id))
+        olders = current_secc(work.session, attempt.authority, new.common_name or "", exclude_id=new.id)
+        _retire(work, attempt, olders)
 
 
-def current_secc(session: Session, authority: Authority, secc_id: str, exclude_id: int = 0) -> list[Certificate]:
-    """Valid SECC certificates of ``secc_id`` under the environment's Sub-CA 2s.
+def current_secc(
+    session: Session,
+    authority: Authority,
+    secc_id: str,
+    exclude_id: int = 0,
+    *,
+    versions: tuple[V2gVersion, ...] | None = None,
+) -> list[Certificate]:
+    """Valid SECC certificates of ``secc_id`` under the Sub-CA 2s of ``authority``'s environment and
+    ISO 15118 version (``versions``: of these versions instead).
 
     ``exclude_id`` leaves the certificate being issued out: it must not be loaded into the session
     before ``issue`` attaches it after the commit.
     """
+    if versions is None:
+        versions = tuple(v for v in V2G_VERSIONS.values() if v.sub_ca_2 == authority.role)
     sub_cas = select(Authority.id).where(
-        Authority.environment == authority.environment, Authority.role == CaRole.V2G_SUB_CA_2
+        Authority.environment == authority.environment, Authority.role.in_([v.sub_ca_2 for v in versions])
     )
     return list(
         session.scalars(
             select(Certificate).where(
-                Certificate.profile == "v2g-secc",
+                Certificate.profile.in_([v.secc for v in versions]),
                 Certificate.common_name == secc_id,
                 Certificate.status == CertStatus.VALID,
                 Certificate.authority_id.in_(sub_cas),
@@ -137,4 +159,5 @@ def current_secc(session: Session, authority: Authority, secc_id: str, exclude_i
 
 
 CHARGER = ChargerRule()
-SECC = SeccRule()
+SECC_RULES = {iso: SeccRule.of(version) for iso, version in V2G_VERSIONS.items()}
+SECC = SECC_RULES[ISO15118_2]

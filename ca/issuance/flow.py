@@ -57,12 +57,14 @@ class Validity:
     not_after: datetime
 
 
-def check_key(profile: Profile, public_key: CertificatePublicKeyTypes) -> str:
-    """The key's type name, or a ``PolicyError`` saying what the profile allows instead."""
+def check_key(profile: Profile, public_key: CertificatePublicKeyTypes, issuer_key_type: str | None = None) -> str:
+    """The key's type name, or a ``PolicyError`` (``key_not_allowed``) saying what the profile allows
+    instead; ``issuer_key_type``: the issuing CA's, which some profiles also allow (OCSP signers)."""
     kind = describe_public_key(public_key)
-    if kind not in profile.key_types:
+    allowed = profile.allowed_key_types(issuer_key_type)
+    if kind not in allowed:
         raise PolicyError(
-            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(profile.key_types)})",
+            f"key type {kind} is not allowed for profile {profile.name} (allowed: {', '.join(allowed)})",
             code="key_not_allowed",
         )
     return kind
@@ -168,10 +170,14 @@ def build_certificate(
 
 def key_identity(profile: str, common_name: str | None, device_id: int | None) -> str:
     """Who a certified key belongs to (one key, one identity): a registered device, whatever it asks
-    for as a charger; an SECC by its SECC ID, whoever asks; anything else by profile and CN.
-    Migration 0008 computes the same for the certificates issued before it."""
+    for as a charger; an SECC by its SECC ID, whoever asks, once per ISO 15118 version (a station
+    holds an ISO 15118-2 and an ISO 15118-20 leaf, each with a key of its own: a key certified for
+    one version is refused for the other); anything else by profile and CN.
+    Migration 0008 computes the same for the certificates issued before it (there were no -20 ones)."""
     if profile == "v2g-secc":
         return f"secc:{common_name or ''}"
+    if profile == "v2g20-secc":
+        return f"secc20:{common_name or ''}"
     if device_id is not None:
         return f"device:{device_id}"
     return f"{profile}:{common_name or ''}"
@@ -244,7 +250,7 @@ def issue(
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("issue() commits its own transactions: commit or roll back the caller's changes first")
     profile = request.profile
-    key_type = check_key(profile, request.public_key)
+    key_type = check_key(profile, request.public_key, issuer.spec.name)
     common_name = check_common_name(profile.common_name, request.common_name)
     assert issuer.certificate is not None and issuer.authority_id is not None, "roots are made by init"
     if issuer.role is not None:

@@ -17,6 +17,7 @@ from ca.keys.keyspec import ALL_KEY_TYPES
 DAY = timedelta(days=1)
 YEAR = 365 * DAY
 ISO15118_KEY_TYPES = ("ec-p256",)  # ISO 15118-2: secp256r1 with ECDSA-SHA256, every certificate of the chain
+ISO15118_20_KEY_TYPES = ("ec-p521",)  # ISO 15118-20: secp521r1 with ECDSA-SHA512, every certificate of the chain
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,15 @@ class Profile:
     # CA profiles: OCSP responses about what this CA issues live at least this long (stapled by
     # chargers to the EV, refreshed about weekly); None means the [ocsp] validity_hours setting.
     ocsp_validity: timedelta | None = None
+    # The issuing CA's own key type is allowed too (delegated OCSP signers have their CA's key, so
+    # an ISO 15118-20 CA's signer is P-521 while no OCPP CA's can be).
+    issuer_key_type: bool = False
+
+    def allowed_key_types(self, issuer_key_type: str | None = None) -> tuple[str, ...]:
+        """The key types a certificate of this profile may certify under a CA with ``issuer_key_type``."""
+        if self.issuer_key_type and issuer_key_type is not None and issuer_key_type not in self.key_types:
+            return (*self.key_types, issuer_key_type)
+        return self.key_types
 
 
 PROFILES: dict[str, Profile] = {
@@ -109,6 +119,7 @@ PROFILES: dict[str, Profile] = {
             key_usage=frozenset({"digital_signature"}),
             extended_key_usage=(ExtendedKeyUsageOID.OCSP_SIGNING,),
             ocsp_no_check=True,
+            issuer_key_type=True,
             crl_distribution_point=False,  # nocheck: clients do not check its revocation
             # Every response carries this certificate, and whoever checks it already has the CA's
             # certificate: caIssuers would only add bytes (V2G responses are stapled to EVs).
@@ -224,6 +235,70 @@ PROFILES: dict[str, Profile] = {
             issuer_roles=("v2g-sub-ca-2",),
             domain_component="CPO",
         ),
+        # -- ISO 15118-20: the same chain on secp521r1 with ECDSA-SHA512; Sub-CA 1 is optional, so a
+        # Sub-CA 2 is issued by Sub-CA 1 or directly by the root. Same extensions and lifetimes as -2.
+        Profile(
+            name="v2g20-root",
+            description="ISO 15118-20 V2G root CA (DC=V2G, secp521r1)",
+            key_types=ISO15118_20_KEY_TYPES,
+            default_validity=20 * YEAR,
+            max_validity=40 * YEAR,
+            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
+            ca=True,
+            aia_ca_issuers=False,
+            crl_distribution_point=False,
+            from_csr=False,
+            domain_component="V2G",
+            ocsp_validity=14 * DAY,
+        ),
+        Profile(
+            name="v2g20-sub-ca-1",
+            description="ISO 15118-20 CPO Sub-CA 1 (pathLen 1, at most 4 years; optional in -20)",
+            key_types=ISO15118_20_KEY_TYPES,
+            default_validity=4 * YEAR,
+            max_validity=4 * YEAR + DAY,
+            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
+            ca=True,
+            path_length=1,
+            aia_ocsp=True,
+            aia_ca_issuers=False,
+            crl_distribution_point=False,
+            from_csr=False,
+            issuer_roles=("v2g20-root",),
+            domain_component="V2G",
+            ocsp_validity=14 * DAY,
+        ),
+        Profile(
+            name="v2g20-sub-ca-2",
+            description="ISO 15118-20 CPO Sub-CA 2 (pathLen 0, at most 2 years), issues -20 SECC certificates",
+            key_types=ISO15118_20_KEY_TYPES,
+            default_validity=YEAR,
+            max_validity=2 * YEAR,
+            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
+            ca=True,
+            path_length=0,
+            aia_ocsp=True,
+            aia_ca_issuers=False,
+            crl_distribution_point=False,
+            from_csr=False,
+            issuer_roles=("v2g20-sub-ca-1", "v2g20-root"),
+            domain_component="V2G",
+            ocsp_validity=14 * DAY,
+        ),
+        Profile(
+            name="v2g20-secc",
+            description="ISO 15118-20 SECC leaf (CN = SECC ID, DC=CPO, secp521r1, TLS 1.3, short-lived)",
+            key_types=ISO15118_20_KEY_TYPES,
+            default_validity=60 * DAY,
+            max_validity=90 * DAY,
+            key_usage=frozenset({"digital_signature", "key_agreement"}),
+            common_name="secc",
+            aia_ocsp=True,
+            aia_ca_issuers=False,
+            crl_distribution_point=False,
+            issuer_roles=("v2g20-sub-ca-2",),
+            domain_component="CPO",
+        ),
         Profile(
             name="root-link",
             description="root rollover link: one root's name and key certified by the other root (ca/rotation.py)",
@@ -246,9 +321,66 @@ CA_ROLE_PROFILES: dict[str, str] = {
     "v2g-root": "v2g-root",
     "v2g-sub-ca-1": "v2g-sub-ca-1",
     "v2g-sub-ca-2": "v2g-sub-ca-2",
+    "v2g20-root": "v2g20-root",
+    "v2g20-sub-ca-1": "v2g20-sub-ca-1",
+    "v2g20-sub-ca-2": "v2g20-sub-ca-2",
 }
 # Self-signed: nobody answers for their status, and they cannot be revoked (retire the hierarchy).
-ROOT_PROFILES = frozenset({"root", "manufacturer-root", "v2g-root"})
+ROOT_PROFILES = frozenset({"root", "manufacturer-root", "v2g-root", "v2g20-root"})
+
+
+@dataclass(frozen=True)
+class V2gVersion:
+    """One ISO 15118 version's V2G PKI as data: its CA roles (each also the name of the CA's
+    profile), its SECC leaf profile and the key type of every certificate in its chain.
+
+    The versions are distinct sets of CAs (different curves), side by side in one environment:
+    a station holds one SECC leaf of each, never with the same key.
+    """
+
+    iso: str  # what operators and callers name it by: "15118-2", "15118-20"
+    root: str
+    sub_ca_1: str
+    sub_ca_2: str
+    secc: str  # the leaf profile
+    key_type: str
+    sub_ca_1_optional: bool  # ISO 15118-20 allows root → Sub-CA 2 → leaf
+
+    @property
+    def roles(self) -> tuple[str, str, str]:
+        return (self.root, self.sub_ca_1, self.sub_ca_2)
+
+    @property
+    def title(self) -> str:
+        return f"ISO {self.iso}"
+
+
+ISO15118_2 = "15118-2"
+ISO15118_20 = "15118-20"
+V2G_VERSIONS: dict[str, V2gVersion] = {
+    version.iso: version
+    for version in (
+        V2gVersion(ISO15118_2, "v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2", "v2g-secc", "ec-p256", False),
+        V2gVersion(ISO15118_20, "v2g20-root", "v2g20-sub-ca-1", "v2g20-sub-ca-2", "v2g20-secc", "ec-p521", True),
+    )
+}
+SECC_PROFILES = tuple(version.secc for version in V2G_VERSIONS.values())
+
+
+def v2g_version(iso: str) -> V2gVersion:
+    """The ISO 15118 version named ``iso`` ("15118-2", "15118-20"); an ``InputError`` otherwise."""
+    try:
+        return V2G_VERSIONS[iso]
+    except KeyError:
+        raise InputError(f"unknown ISO 15118 version {iso!r} (known: {', '.join(V2G_VERSIONS)})") from None
+
+
+def v2g_version_of(role_or_profile: str) -> V2gVersion | None:
+    """The ISO 15118 version a V2G CA role or SECC profile belongs to (None: not a V2G one)."""
+    for version in V2G_VERSIONS.values():
+        if role_or_profile in (*version.roles, version.secc):
+            return version
+    return None
 
 
 def get_profile(name: str) -> Profile:

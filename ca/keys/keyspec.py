@@ -25,15 +25,29 @@ class KeySpec:
 
     @property
     def signature_hash(self) -> hashes.HashAlgorithm:
-        """SHA-384 for P-384 (matching strength), SHA-256 otherwise (what chargers verify)."""
-        if self.curve_name == "secp384r1":
-            return hashes.SHA384()
-        return hashes.SHA256()
+        """The hash this key signs with: see ``curve_signature_hash``."""
+        return curve_signature_hash(self.curve_name)
 
     def curve(self) -> ec.EllipticCurve:
         if self.curve_name is None:
             raise ValueError(f"{self.name} is not an elliptic-curve key type")
         return _CURVES[self.curve_name]()
+
+
+def curve_signature_hash(curve_name: str | None) -> hashes.HashAlgorithm:
+    """The one rule for the hash a CA key signs with (certificates, CRLs, OCSP responses, CSRs):
+    the curve's matching strength, RFC 5758 §3.2 (P-384: ecdsa-with-SHA384, P-521:
+    ecdsa-with-SHA512, as ISO 15118-20 asks); SHA-256 for P-256 and RSA (what chargers verify)."""
+    if curve_name == "secp384r1":
+        return hashes.SHA384()
+    if curve_name == "secp521r1":
+        return hashes.SHA512()
+    return hashes.SHA256()
+
+
+def public_key_signature_hash(key: PublicKeyTypes) -> hashes.HashAlgorithm:
+    """``curve_signature_hash`` for the key itself (an OCSP signer's certificate key)."""
+    return curve_signature_hash(key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else None)
 
 
 _CURVES: dict[str, type[ec.EllipticCurve]] = {
@@ -47,13 +61,16 @@ KEY_SPECS: dict[str, KeySpec] = {
     for spec in (
         KeySpec("ec-p256", "ec", 256, "secp256r1"),
         KeySpec("ec-p384", "ec", 384, "secp384r1"),
+        KeySpec("ec-p521", "ec", 521, "secp521r1"),
         KeySpec("rsa-2048", "rsa", 2048),
         KeySpec("rsa-3072", "rsa", 3072),
         KeySpec("rsa-4096", "rsa", 4096),
     )
 }
 
-ALL_KEY_TYPES = tuple(KEY_SPECS)
+# P-521 is known (ISO 15118-20's curve) but only the profiles that name it accept it: it is not in
+# ALL_KEY_TYPES, so the OCPP hierarchy, its leaves, manufacturer and firmware keys never use it.
+ALL_KEY_TYPES = tuple(name for name in KEY_SPECS if name != "ec-p521")
 EC_KEY_TYPES = ("ec-p256", "ec-p384")
 
 

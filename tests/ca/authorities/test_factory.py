@@ -72,6 +72,7 @@ def work(session: Session, token: Token) -> Work:
 CA_FLOWS: dict[str, Callable[[Work], object]] = {
     "init": lambda w: init_hierarchy(w, request=HierarchyRequest(organization=ORG, environment="staging")),
     "v2g": lambda w: init_v2g(w, request=V2gRequest(organization=ORG, country="DE")),
+    "v2g20": lambda w: init_v2g(w, request=V2gRequest(organization=ORG, iso="15118-20", sub_ca_1=False)),
     "manufacturer": lambda w: init_manufacturer(w, request=ManufacturerRequest(organization=ORG)),
     "rotate": lambda w: rotate_issuing_ca(w, environment="production"),
     "rollover": lambda w: rollover_root(w, environment="production"),

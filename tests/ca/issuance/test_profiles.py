@@ -98,7 +98,12 @@ def issued(request: pytest.FixtureRequest, issued_by_kind) -> dict[str, Path]:
 
 # The manufacturer and ISO 15118 hierarchies have their own tests
 # (tests/ca/test_firmware.py, tests/ca/authorities/test_v2g.py).
-OTHER_HIERARCHIES = {"manufacturer-root", "firmware-signer", "v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2", "v2g-secc"}
+OTHER_HIERARCHIES = {
+    "manufacturer-root",
+    "firmware-signer",
+    *("v2g-root", "v2g-sub-ca-1", "v2g-sub-ca-2", "v2g-secc"),
+    *("v2g20-root", "v2g20-sub-ca-1", "v2g20-sub-ca-2", "v2g20-secc"),
+}
 
 
 def test_every_profile_is_covered() -> None:

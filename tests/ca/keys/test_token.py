@@ -22,7 +22,7 @@ from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
 from tests.conftest import new_token_settings
 
-KEY_TYPES = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
+KEY_TYPES = ["ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,19 @@ def test_ecdsa_signatures_are_der_and_verify(keys: dict, kind: str, algorithm: h
     signature = key.sign(b"tbs", ec.ECDSA(algorithm))
     assert signature[0] == 0x30, "X.509 needs a DER SEQUENCE, not the token's raw r||s"
     key.public_key().verify(signature, b"tbs", ec.ECDSA(algorithm))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("ec-p256", "sha256"), ("ec-p384", "sha384"), ("ec-p521", "sha512")])
+def test_each_curve_signs_with_its_rfc_5758_hash_in_the_token(keys: dict, kind: str, expected: str) -> None:
+    """SoftHSM2 has only CKM_ECDSA: the digest is made here, the token signs it. P-521 (ISO 15118-20)
+    signs SHA-512 digests: the r||s halves are 66 octets each, and the DER signature verifies."""
+    spec = key_spec(kind)
+    assert spec.signature_hash.name == expected
+    key = keys[kind]
+    signature = key.sign(b"tbs", ec.ECDSA(spec.signature_hash))
+    assert signature[0] == 0x30
+    key.public_key().verify(signature, b"tbs", ec.ECDSA(spec.signature_hash))
+    assert key.curve.name == spec.curve_name
 
 
 def test_ecdsa_accepts_prehashed_digests(keys: dict) -> None:
