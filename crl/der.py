@@ -73,8 +73,9 @@ def serial_hex(serial: int) -> str:
 
 
 # One entry: serial (int, or hex text without leading zeros as the store keeps it), revocation
-# time (datetime, or UTC text "YYYY-MM-DD HH:MM:SS" as the store hands it out, anything after the
-# seconds ignored), RFC 5280 reason name or None, invalidity date (same two forms) or None.
+# time (datetime, or UTC text: the 14 digits "YYYYMMDDHHMMSS" the publisher's query hands out, or
+# "YYYY-MM-DD HH:MM:SS" with anything after the seconds ignored), RFC 5280 reason name or None,
+# invalidity date (same forms) or None.
 Entry = tuple[int | str, datetime | str, str | None, datetime | str | None]
 
 
@@ -102,7 +103,10 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
         octets = fromhex(text)
         if len(octets) > 20 or octets == b"\x00":
             raise ValueError(f"serial {serial} is not positive or longer than 20 octets (RFC 5280 §4.1.2.2)")
-        when = revoked_at[:19].translate(digits) if type(revoked_at) is str else utc_digits(revoked_at)  # type: ignore[arg-type]
+        if type(revoked_at) is str:
+            when = revoked_at if len(revoked_at) == 14 else revoked_at[:19].translate(digits)  # type: ignore[union-attr]
+        else:
+            when = utc_digits(revoked_at)  # type: ignore[arg-type]
         if len(when) != 14:
             raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
         # RFC 5280 §5.1.2.6: UTCTime for 1950-2049, GeneralizedTime otherwise
@@ -112,7 +116,10 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
         except KeyError:
             raise ValueError(f"unknown revocation reason {reason!r}") from None
         if invalidity is not None:
-            since = invalidity[:19].translate(digits) if type(invalidity) is str else utc_digits(invalidity)  # type: ignore[arg-type]
+            if type(invalidity) is str:
+                since = invalidity if len(invalidity) == 14 else invalidity[:19].translate(digits)  # type: ignore[union-attr]
+            else:
+                since = utc_digits(invalidity)  # type: ignore[arg-type]
             if len(since) != 14:
                 raise ValueError(f"invalidity date {invalidity!r} is not YYYY-MM-DD HH:MM:SS")
             extensions += _INVALIDITY_PREFIX + since.encode() + b"Z"
