@@ -10,6 +10,9 @@ Under each base of ``est.opcp_bases`` (default ``""``, the host root, and ``/.we
     answer: base64 PKCS#7 certs-only with that version's CPO Sub-CA 2, Sub-CA 1 (when there is one) and
     V2G root, in this order: the providers build the chain from it, and CitrineOS takes the last
     certificate as the root.
+``POST {base}/cpo/oauth/token``
+    OAuth 2.0 client credentials for clients that fetch their bearer token first (CitrineOS):
+    ``client_id`` = the CSMS's name, ``client_secret`` = its API token, which is the access token.
 
 A path without a version is ISO 15118-2. The caller is a CSMS client of the CSMS API, authenticated by
 its API token (``Authorization: Bearer`` and/or ``X-API-Key``, which must agree when both are sent) or
@@ -28,6 +31,7 @@ import hmac
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, Flask, Response, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,14 +42,14 @@ from ca.authorities.issuers import chain
 from ca.authorities.v2g import current_sub_ca_2
 from ca.clock import utcnow
 from ca.enrollment.secc import issue_secc
-from ca.errors import AuthenticationError, ConflictError, NotFoundError
+from ca.errors import AuthenticationError, ChargepkiError, ConflictError, InputError, NotFoundError
 from ca.issuance.profiles import ISO15118_2, ISO15118_20
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.registry.csms import Caller, authenticate_limited
 from ca.store.models import Authority
 from web.caller import client_address, client_certificate
 from web.est import PKCS7_MIME, _request_body, decode_pkcs10
-from web.responses import json_error
+from web.responses import API_REALM, UnsupportedMediaType, classify, json_body, json_error
 from web.runtime import runtime
 
 opcp = Blueprint("opcp", __name__)
@@ -216,3 +220,67 @@ def cacerts(version: str | None) -> Response:
         return _pkcs7([member.certificate_der for member in chain(session, sub_ca_2)])
 
     return _call("cacerts", view)
+
+
+# -- OAuth 2.0 client credentials ------------------------------------------------------------------------
+TOKEN_LIFETIME = 3600  # seconds a client may keep the access token before asking again (it never changes)
+_OAUTH_CODES = {  # chargepki's codes in RFC 6749 §5.2's words; any other refusal is invalid_request
+    "unauthenticated": "invalid_client",
+    "unsupported_grant_type": "unsupported_grant_type",
+    "rate_limited": "rate_limited",  # 429 with Retry-After: no OAuth word for a lockout
+}
+
+
+@opcp.post("/oauth/token")
+def oauth_token() -> Response:
+    """RFC 6749 §4.4: ``grant_type=client_credentials``, ``client_id`` = the CSMS's name and ``client_secret``
+    = one of its API tokens (form body, or HTTP Basic as §2.3.1 allows). The access token is that API token
+    itself: nothing is minted or stored, so revoking the API token (``csms token --replace``, ``csms
+    disable --revoke``) ends it. Failed secrets count towards the address's lockout like a wrong token."""
+    worker = runtime()
+    address = client_address(worker.settings)
+    caller: Caller | None = None
+    outcome: dict[str, Any] = {}
+    with worker.pki.store.session() as session:
+        try:
+            if request.mimetype != "application/x-www-form-urlencoded":
+                raise UnsupportedMediaType("Content-Type must be application/x-www-form-urlencoded")
+            form = dict(parse_qsl(_request_body().decode("utf-8", "replace")))  # 413 from the limit on
+            if form.get("grant_type") != "client_credentials":
+                raise InputError("grant_type must be client_credentials", code="unsupported_grant_type")
+            name, secret = form.get("client_id"), form.get("client_secret")
+            try:
+                basic = request.authorization
+            except ValueError:  # werkzeug on a non-ASCII Basic value
+                raise AuthenticationError("malformed Authorization header") from None
+            if basic is not None and basic.type == "basic":
+                name, secret = basic.username, basic.password
+            outcome["subject"] = (name or "")[:64] or None
+            found = authenticate_limited(
+                session, token=secret or None, certificate_der=None, address=address, limits=worker.enrollment.limits
+            )
+            session.commit()
+            if not name or not hmac.compare_digest(found.name.encode(), name.encode()):
+                raise AuthenticationError("unknown, revoked or disabled CSMS credentials")
+            caller = found
+            response = json_body(
+                {"access_token": secret, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME},
+                headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+            )
+        except Exception as exc:
+            session.rollback()
+            response = _oauth_error(exc)
+            outcome["reason"] = (response.get_json(silent=True) or {}).get("error")
+        _audit(session, caller, "token", address, {"status": response.status_code, **outcome})
+    return response
+
+
+def _oauth_error(exc: Exception) -> Response:
+    """RFC 6749 §5.2's shape: ``{"error": code, "error_description": message}``."""
+    status, message, code, headers = classify(exc)
+    if isinstance(exc, ChargepkiError) and status < 500:
+        code = _OAUTH_CODES.get(code, "invalid_request")
+    if status == 401:
+        headers = {**headers, "WWW-Authenticate": API_REALM}
+    headers = {**headers, "Cache-Control": "no-store", "Pragma": "no-cache"}
+    return json_body({"error": code, "error_description": message}, status, headers)

@@ -3,9 +3,10 @@ loopback, set up with the CLI only (`init`, `v2g init` for ISO 15118-2 and ISO 1
 `csms add`, `csms token`), called by a client that does what MaEVe's OPCP provider does
 (`manager/services/charge_station_certificate_provider.go`: both token headers, one line of base64 DER
 CSR, the leaf from `simpleenroll`, a leaf-first PEM chain built from `cacerts` by issuer name, one retry)
-and as CitrineOS's Hubject client does (`Authorization: Bearer` only, the chain is `cacerts` less its last
-certificate, which is the V2G root). OpenSSL verifies each chain strictly against the V2G root `ca chain`
-prints. Every refusal is a clear 4xx, audited, nothing issued. SQLite and PostgreSQL.
+and as CitrineOS's Hubject client does (an OAuth 2.0 client-credentials token, then `Authorization:
+Bearer` only; the chain is `cacerts` less its last certificate, which is the V2G root). OpenSSL verifies
+each chain strictly against the V2G root `ca chain` prints. Every refusal is a clear 4xx, audited,
+nothing issued. SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -219,7 +220,16 @@ def test_a_maeve_provider_enrolls_through_the_front_door(site: Site, version: st
 
 
 def test_a_citrineos_client_enrolls_on_the_well_known_paths(site: Site) -> None:
-    token = f"Bearer {site.token}"
+    """Its newest Hubject client: an OAuth 2.0 client-credentials token first, then the version-less paths."""
+    form = {"grant_type": "client_credentials", "client_id": "csms-maeve", "client_secret": site.token}
+    response = requests.post(
+        f"{site.url}/.well-known/cpo/oauth/token",
+        data=form | {"audience": site.url},
+        verify=str(site.tls_root),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    token = f"Bearer {response.json()['access_token']}"
     pem = make_csr("DE*ACM*E5001*1", key=make_key())
     body = b"".join(line for line in pem.splitlines() if not line.startswith(b"-----"))  # extractEncodedContentFromCSR
     headers = {"Accept": "application/pkcs10", "Authorization": token, "Content-Type": "application/pkcs10"}

@@ -387,3 +387,72 @@ def test_bases_are_configurable(tmp_path: Path, opcp: Opcp) -> None:
         (home / "chargepki.toml").write_text(f"[est]\nopcp_bases = {value}\n")
         with pytest.raises(ConfigError, match="opcp_bases"):
             load_config(home, {})
+
+
+def _token_request(opcp: Opcp, form: dict[str, str] | str, address: str = "127.0.0.1", **headers: str) -> Any:
+    """As CitrineOS's Hubject client fetches its token: a form body, client credentials, the audience."""
+    body = form if isinstance(form, str) else "&".join(f"{k}={v}" for k, v in form.items())
+    headers = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    return opcp.call("POST", "/.well-known/cpo/oauth/token", headers=headers, body=body.encode(), address=address)
+
+
+def test_oauth_client_credentials_give_the_api_token_as_access_token(opcp: Opcp) -> None:
+    form = {"grant_type": "client_credentials", "client_id": "csms-opcp", "client_secret": opcp.token}
+    response = _token_request(opcp, {**form, "audience": "https://chargepki.example"})
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    answer = response.get_json()
+    assert answer == {"access_token": opcp.token, "token_type": "Bearer", "expires_in": 3600}
+    # CitrineOS then sends "Authorization: Bearer <access_token>".
+    headers = {"Authorization": f"{answer['token_type']} {answer['access_token']}"}
+    assert len(_certificates(opcp.call("GET", "/.well-known/cpo/cacerts", headers=headers))) == 3
+    basic = base64.b64encode(f"csms-opcp:{opcp.token}".encode()).decode()
+    response = _token_request(opcp, {"grant_type": "client_credentials"}, Authorization=f"Basic {basic}")
+    assert response.get_json()["access_token"] == opcp.token
+    entry = opcp.entries("csms.opcp.token")[-1]
+    assert (entry.actor, entry.subject, _details(entry)["status"]) == ("csms:csms-opcp", "csms-opcp", 200)
+    assert opcp.token not in entry.details
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "error"),
+    [
+        ("wrong secret", 401, "invalid_client"),
+        ("another CSMS's name", 401, "invalid_client"),
+        ("no secret", 401, "invalid_client"),
+        ("password grant", 400, "unsupported_grant_type"),
+        ("JSON body", 415, "invalid_request"),
+        ("malformed Basic", 401, "invalid_client"),
+    ],
+)
+def test_oauth_refusals_are_rfc_6749_errors(opcp: Opcp, case: str, status: int, error: str) -> None:
+    form = {"grant_type": "client_credentials", "client_id": "csms-opcp", "client_secret": opcp.token}
+    headers: dict[str, str] = {}
+    if case == "wrong secret":
+        form["client_secret"] = "cpk_guess"
+    elif case == "another CSMS's name":
+        form["client_id"] = "csms-staging"
+    elif case == "no secret":
+        del form["client_secret"]
+    elif case == "password grant":
+        form["grant_type"] = "password"
+    elif case == "JSON body":
+        headers["Content-Type"] = "application/json"
+    elif case == "malformed Basic":
+        headers["Authorization"] = "Basic w6k="  # "é": werkzeug refuses non-ASCII
+    response = _token_request(opcp, form, next(_addresses), **headers)
+    answer = response.get_json()
+    assert response.status_code == status and answer["error"] == error, answer
+    assert "\n" not in answer["error_description"] and response.headers["Cache-Control"] == "no-store"
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == API_REALM
+    assert opcp.token not in response.get_data(as_text=True)
+
+
+def test_wrong_client_secrets_lock_the_address_out(opcp: Opcp) -> None:
+    address = next(_addresses)
+    guess = {"grant_type": "client_credentials", "client_id": "csms-opcp", "client_secret": "cpk_guess"}
+    for _ in range(3):
+        assert _token_request(opcp, guess, address).status_code == 401
+    right = {**guess, "client_secret": opcp.token}
+    locked = _token_request(opcp, right, address)
+    assert locked.status_code == 429 and locked.get_json()["error"] == "rate_limited" and locked.headers["Retry-After"]
