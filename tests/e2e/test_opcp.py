@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ def site(
             tokens.append(_cli(home, "csms", "token", name).strip().splitlines()[-1])
         _cli(home, "csms", "disable", "csms-off")
         server = start_server(home, free_port(), workers=1, direct=False)  # behind the front door (nginx)
+        _until_answering(f"https://localhost:{server.port}/.well-known/est/cacerts", tls_root)
         try:
             yield Site(home, server, store, tls_root, v2g_roots, tokens[0], tokens[1], tmp)
         finally:
@@ -189,6 +191,20 @@ def site(
             store.dispose()
         log = server.log.read_text(errors="replace")
         assert "Traceback" not in log, log[-3000:]
+
+
+def _until_answering(url: str, tls_root: Path, timeout: float = 30.0) -> None:
+    """Once the port accepts connections, also wait for an HTTPS answer through nginx (under load, the
+    first request right after start-up was once refused)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(url, verify=str(tls_root), timeout=5)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _verify(site: Site, version: str, pem_chain: str, name: str) -> x509.Certificate:
