@@ -10,6 +10,7 @@ run time; it is never a command-line argument and never stored in the database.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -98,6 +99,9 @@ class EstSettings:
     auth_lockout_seconds: int = 900
     # A connection silent (or not reading) this long in the middle of a request is closed (slowloris).
     request_timeout_seconds: int = 10
+    # OPCP-compatible CPO EST for CSMSs with a Hubject provider (web/opcp.py): {base}/cpo/simpleenroll/…
+    # and {base}/cpo/cacerts/… under each of these bases ("": the host root); an empty list turns it off.
+    opcp_bases: tuple[str, ...] = ("", "/.well-known")
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,7 @@ _EST_TYPES: dict[str, type] = {
     "auth_failure_window_seconds": int,
     "auth_lockout_seconds": int,
     "request_timeout_seconds": int,
+    "opcp_bases": list,
 }
 _OCSP_TYPES: dict[str, type] = {
     "host": str,
@@ -326,6 +331,7 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
 
 
 _AUDIT_TYPES: dict[str, type] = {"checkpoint_interval_seconds": int}
+_OPCP_BASE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 
 
 def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, type]) -> _T:
@@ -354,7 +360,16 @@ def _est_settings(table: object) -> EstSettings:
     for key in ("auth_failure_window_seconds", "auth_lockout_seconds", "workers", "request_timeout_seconds"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{CONFIG_NAME}: est.{key} must be positive")
-    return settings
+    bases = tuple(base.rstrip("/") for base in settings.opcp_bases)  # "/" is the host root, as ""
+    for base in bases:
+        if (base and not _OPCP_BASE.fullmatch(base)) or base == "/api" or base.startswith("/api/"):
+            raise ConfigError(
+                f"{CONFIG_NAME}: est.opcp_bases: {base!r} must be empty (the host root) or a path such as "
+                '"/.well-known" (letters, digits, ".", "_", "~", "-" between slashes), outside /api'
+            )
+    if len(set(bases)) != len(bases):
+        raise ConfigError(f"{CONFIG_NAME}: est.opcp_bases lists a base twice")
+    return replace(settings, opcp_bases=bases)
 
 
 def _ocsp_settings(table: object) -> OcspSettings:

@@ -4,7 +4,7 @@
 installation and the EST settings) is passed in, so tests build apps the same way.
 Every failure becomes a 4xx (or 503 with ``Retry-After`` while the token or the database is
 unavailable), never an HTML page or a traceback: plain text for EST, whose clients show it
-to people, and JSON ``{"error", "reason"}`` under ``/api/``, whose callers are programs.
+to people, and JSON ``{"error", "reason"}`` under ``/api/`` and OPCP's ``/cpo/``, whose callers are programs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ca.config import EstSettings
 from ca.context import Pki
 from web.api import JobRunner, api
 from web.est import est
+from web.opcp import owns, register
 from web.responses import MAX_BODY, classify, error_response, json_error, text
 from web.runtime import WorkerApp, WorkerRuntime
 
@@ -35,13 +36,14 @@ def create_app(pki: Pki, settings: EstSettings, *, run_jobs: bool = False) -> Wo
     app.runtime = WorkerRuntime.create(pki, settings)
     app.register_blueprint(est)
     app.register_blueprint(api)
+    register(app, settings.opcp_bases)  # OPCP-compatible CPO EST (web/opcp.py)
     if run_jobs:
         every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
         app.runtime.jobs = JobRunner(app, checkpoint_every=every)
         app.runtime.jobs.start()
 
     def is_api() -> bool:
-        return request.path.startswith("/api/")
+        return request.path.startswith("/api/") or owns(request.path)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -44,7 +44,8 @@ def check_secc_id(value: str) -> str:
     if len(value) > UB_COMMON_NAME or not _SECC_ID.match(value):
         raise PolicyError(
             f"{value!r} is not an SECC ID (ISO 15118 EVSE ID such as DE*ABC*E1234*1: country, operator, "
-            "E or S, then letters and digits; at most 64 characters)"
+            "E or S, then letters and digits; at most 64 characters)",
+            code="bad_secc_id",
         )
     return value
 

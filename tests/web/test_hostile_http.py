@@ -1,11 +1,12 @@
-"""Hostile requests through the real application stacks, in process (hypothesis).
+"""Hostile requests through the real application stacks, in process (hypothesis): EST, OPCP and OCSP.
 
 EST: the Flask app of ``serve est`` (its test client) in front of a real installation
 (SoftHSM2 token, CA hierarchy, a registered device with a one-time secret), on SQLite and
-PostgreSQL. OCSP: the WSGI app of ``serve ocsp`` (called under wsgiref's validator) with its
-on-demand signer in a thread. Properties: never a 5xx, never a traceback, every error one line
-of text, no hang; a refused request leaves the database as it was (refusal audit entries
-apart) and never spends the secret.
+PostgreSQL; the OPCP CPO EST in the same app, with and without a CSMS token. OCSP: the WSGI app
+of ``serve ocsp`` (called under wsgiref's validator) with its on-demand signer in a thread.
+Properties: never a 5xx, never a traceback, every error one line (text for EST, JSON for OPCP),
+no hang; a refused request leaves the database as it was (refusal audit entries apart) and never
+spends the secret.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tests.hostile import (
     generated_csr,
     mutate_bytes,
     ocsp_environ,
+    one_line_error,
     resigned_csr,
     snapshot,
     unchanged,
@@ -212,3 +214,64 @@ def test_the_fuzz_world_really_enrolls(world: World, client) -> None:
     with world.pki.store.session() as session:
         assert session.scalar(select(Certificate).where(Certificate.common_name == DEVICE)) is not None
         session.commit()
+
+
+# -- the OPCP CPO EST (web/opcp.py) ------------------------------------------------------------------------
+OPCP_PATHS = (
+    "/cpo/simpleenroll",
+    "/cpo/simpleenroll/ISO15118-2",
+    "/.well-known/cpo/simpleenroll/ISO15118-20",
+    "/cpo/simpleenroll/ISO15118-3",
+    "/cpo/cacerts/ISO15118-20",
+    "/.well-known/cpo/oauth/token",
+    "/cpo/x/y",
+)
+OPCP_TYPES = (*CONTENT_TYPES, "application/x-www-form-urlencoded")
+
+
+@pytest.fixture(scope="module")
+def csms_token(world: World) -> str:
+    from ca.registry.csms import add_client, issue_token
+
+    with world.pki.store.session() as session:
+        client = add_client(Work(session, "fuzz"), name="csms-fuzz", environment="production")
+        return issue_token(Work(session, "fuzz"), client=client)
+
+
+@given(
+    st.data(),
+    st.sampled_from(["POST", "POST", "GET", "PUT", "HEAD"]),
+    st.sampled_from(OPCP_PATHS),
+    st.sampled_from(OPCP_TYPES),
+    st.sampled_from(["none", "right", "wrong", "disagreeing", "drawn"]),
+)
+def test_opcp_never_fails_on_hostile_requests_and_issues_nothing(
+    world: World, client, csms_token: str, data, method: str, path: str, content_type: str, credentials: str
+) -> None:
+    """The world has no V2G hierarchy: whatever arrives, nothing is issued; never a 5xx; every error a
+    one-line JSON body (``error`` + ``reason``, or OAuth's ``error`` + ``error_description``)."""
+    body = est_body(world.seeds, Drawn(data))
+    if path.endswith("/token") and data.draw(st.booleans()):
+        body = f"grant_type=client_credentials&client_id=csms-fuzz&client_secret={csms_token}".encode() + body
+    headers = {"Content-Type": content_type}
+    if credentials == "right":
+        headers |= {"X-API-Key": csms_token, "Authorization": f"Bearer {csms_token}"}
+    elif credentials == "wrong":
+        headers["Authorization"] = "Bearer cpk_wrong"
+    elif credentials == "disagreeing":
+        headers |= {"X-API-Key": csms_token, "Authorization": "Bearer cpk_other"}
+    elif credentials == "drawn":
+        headers |= {"X-API-Key": data.draw(HEADER_TEXT), "Authorization": data.draw(HEADER_TEXT)}
+    before = snapshot(world.pki.store)
+    before.pop("audit_other")  # an authenticated call is audited, refused or not
+    with bounded(10):
+        response = client.open(path, method=method, data=body, headers=headers)
+    what = f"{method} {path} ({credentials}, {content_type!r})"
+    assert response.status_code < 500, (what, response.get_data(as_text=True)[:200])
+    if response.status_code >= 400 and method != "HEAD":
+        answer = response.get_json(silent=True)
+        assert response.mimetype == "application/json" and isinstance(answer, dict), (what, response.get_data()[:200])
+        one_line_error(answer.get("error_description") or answer["error"], what)
+    after = snapshot(world.pki.store)
+    after.pop("audit_other")
+    assert after == before, what

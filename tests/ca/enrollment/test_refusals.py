@@ -1,13 +1,14 @@
 """One enrollment pipeline: every enrollment route × every refusal, in-process (Flask test client).
 
 Each route (EST with a one-time secret, EST through an RA, EST re-enrollment, EST under the V2G
-label, the CSMS API for charger and for SECC certificates, and the CSMS API's relayed signing
-through an asynchronous job) is walked through every refusal (bad authentication, a bad CSR,
-wrong CN, wrong O, a key the profile refuses, an unregistered, disabled or locked-out device, a
-revoked credential, a key certified for someone else); each step checks the HTTP status, the
-machine-readable code (the JSON ``reason``, and the ``code`` of the refusal's audit entry), the
-audit entries and the failure count. A refusal a route cannot produce is named with the reason,
-so adding a refusal forces a decision for every route. SQLite and PostgreSQL.
+label, the CSMS API for charger and for SECC certificates, the CSMS API's relayed signing
+through an asynchronous job, and the OPCP CPO EST's simpleenroll) is walked through every refusal
+(bad authentication, a bad CSR, wrong CN, wrong O, a key the profile refuses, an unregistered,
+disabled or locked-out device, a revoked credential, a key certified for someone else); each step
+checks the HTTP status, the machine-readable code (the JSON ``reason``, and the ``code`` of the
+refusal's audit entry), the audit entries and the failure count. A refusal a route cannot produce
+is named with the reason, so adding a refusal forces a decision for every route. SQLite and
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class Installation:
     revoked_charger: bytes  # CP-REV's charger certificate, revoked
     withdrawn: str  # CP-WD's one-time secret, withdrawn
     audit_before: dict[str, int] = field(default_factory=dict)
+    api_token: str = ""  # csms-1's
+
+    def opcp(self, csr: bytes, token: str | None = None) -> Any:
+        """OPCP's simpleenroll as MaEVe sends it: both token headers, the DER CSR in base64."""
+        token = token or self.api_token
+        headers = {"Content-Type": "application/pkcs10", "X-API-Key": token, "Authorization": f"Bearer {token}"}
+        body = base64.b64encode(csr if csr == BAD_CSR else _der(csr))
+        return self.client.post("/cpo/simpleenroll/ISO15118-2", data=body, headers=headers)
 
     def est(self, operation: str, csr: bytes, *, label: str = "", cert: bytes | None = None, basic: str = "") -> Any:
         headers = {"Content-Type": "application/pkcs10"}
@@ -229,6 +238,7 @@ def installation(
         revoked_ra,
         revoked_charger,
         withdrawn,
+        api_token=api_token,
     )
     pki.close()
 
@@ -495,11 +505,35 @@ def _api_route(certificate_type: str, action: str, cn: str, *, asynchronous: boo
     return route
 
 
+def _opcp_route() -> Route:
+    """OPCP's simpleenroll: the pipeline's refusal, then the call, are audited."""
+    cn = "DE*ACM*E0005*1"
+    audited = ("v2g.refused", "csms.opcp.simpleenroll")
+    no_station = "OPCP names no charging station, so no device is checked (docs/opcp.md)"
+    return {
+        "unauthenticated": Step(lambda w: w.opcp(make_csr(cn), token="cpk_wrong"), 401, "unauthenticated", (), noise=1),
+        "bad_csr": Step(lambda w: w.opcp(BAD_CSR), 400, "bad_csr", audited),
+        "cn_mismatch": "the SECC ID is the CSR's CN",
+        "wrong_organization": Step(lambda w: w.opcp(make_csr(cn, EVIL_O)), 403, "wrong_organization", audited),
+        "key_not_allowed": Step(
+            lambda w: w.opcp(make_csr(cn, key=make_key("rsa-1024"))), 403, "key_not_allowed", audited
+        ),
+        "device_not_registered": no_station,
+        "device_disabled": no_station,
+        "revoked_credential": "the CSMS's token is checked before the pipeline (a revoked token is an "
+        "unauthenticated call, as above)",
+        "key_reuse": Step(lambda w: w.opcp(make_csr(cn, key=w.taken_key)), 409, "key_reuse", audited),
+        "rate_limited": "wrong tokens lock the address out before the pipeline (tests/web/test_opcp_app.py); an "
+        "authenticated CSMS is never locked out",
+    }
+
+
 ROUTES: dict[str, Route] = {
     **_est_routes(),
     "api-charger": _api_route("ChargingStationCertificate", "csms.sign.refused", "CP-CUR"),
     "api-secc": _api_route("V2GCertificate", "v2g.refused", "DE*ACM*E0004*1"),
     "api-relayed-job": _api_route("ChargingStationCertificate", "csms.sign.refused", "CP-CUR", asynchronous=True),
+    "opcp-secc": _opcp_route(),
 }
 
 
@@ -526,7 +560,7 @@ def test_every_refusal_of_every_enrollment_route(installation: Installation, rou
             if event.action.endswith(".refused"):
                 # a lockout step's refusals are the failed authentications that started it
                 assert details["code"] == ("unauthenticated" if refusal == "rate_limited" else step.code), where
-            elif event.action == "csms.api.sign" and details["status"] >= 400:
+            elif event.action in ("csms.api.sign", "csms.opcp.simpleenroll") and details["status"] >= 400:
                 assert details["reason"] == step.code, where
         if refusal == "rate_limited":
             assert "Retry-After" in response.headers and "too many failed authentications" in response.text
