@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class State:
         self.home = home
         self._pki: Pki | None = None
         self._status: Presigner | None = None
+        self.json_output = False  # --json: an error becomes a JSON document on stdout too (cli.main)
 
     def pki(self, *, create: bool = False) -> Pki:
         if self._pki is None:
@@ -75,6 +78,27 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+JSON_HELP = "Print one JSON document on stdout instead (fields and exit codes: docs/cli-json.md)."
+
+
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        state = ctx.find_object(State)
+        if state is not None:
+            state.json_output = True
+    return value
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json`` (passed as ``as_json``): one JSON document on stdout, nothing else there."""
+    return click.option("--json", "as_json", is_flag=True, callback=_remember_json, help=JSON_HELP)(function)
+
+
+def emit_json(document: Any) -> None:
+    """The command's one JSON document (UTF-8, keys in the documented order)."""
+    click.echo(json.dumps(document, indent=2, ensure_ascii=False))
 
 
 def pick_issuing(session: Any, ca_name: str | None, environment: str | None) -> Authority:

@@ -170,7 +170,7 @@ def device_reset(state: State, serial: str) -> None:
 # -- one-time secrets ------------------------------------------------------------------------------
 @click.group("token")
 def token_group() -> None:
-    """One-time enrollment secrets (EST HTTP Basic passwords)."""
+    """One-time enrollment secrets (EST HTTP Basic passwords); `token doctor` checks the PKCS#11 token."""
 
 
 _KEEP_OLDER = click.option(

@@ -39,9 +39,21 @@ from ca.status.certificates import STATUSES, display_status, get_certificate, li
 from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
 from ca.store.models import Authority
 from ca.work import Work
-from cli.common import State, actor, check_writable, fmt_time, note, pass_state, pick_issuing, table, utc_now
+from cli.common import (
+    State,
+    actor,
+    check_writable,
+    emit_json,
+    fmt_time,
+    note,
+    pass_state,
+    pick_issuing,
+    table,
+    utc_now,
+)
 from cli.crl import crl
 from cli.csms import csms
+from cli.doctor import token_doctor
 from cli.enrollment import device, ra, serve, token_group
 from cli.firmware import firmware, manufacturer
 from cli.ocsp import ocsp
@@ -57,22 +69,31 @@ class ChargepkiGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ChargepkiError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _failure(ctx, exc.code, str(exc)) from None
         except SQLAlchemyError as exc:
-            raise click.ClickException(f"database error: {one_line(exc)}") from None
+            raise _failure(ctx, "database", f"database error: {one_line(exc)}") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except UnicodeError as exc:  # an argument or file that is not UTF-8 (found by fuzzing)
-            raise click.ClickException(f"not valid UTF-8 text ({exc.reason} at position {exc.start})") from None
+            message = f"not valid UTF-8 text ({exc.reason} at position {exc.start})"
+            raise _failure(ctx, "bad_request", message) from None
         except OSError as exc:  # a path that cannot be read or written: the operator's to fix, not a crash
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise _failure(ctx, "io", f"{where}{exc.strerror or exc}") from None
         except Exception as exc:
             if os.environ.get("CHARGEPKI_DEBUG"):
                 raise
-            raise click.ClickException(
-                f"internal error ({type(exc).__name__}: {exc}); set CHARGEPKI_DEBUG=1 for details"
-            ) from None
+            message = f"internal error ({type(exc).__name__}: {exc}); set CHARGEPKI_DEBUG=1 for details"
+            raise _failure(ctx, "internal", message) from None
+
+
+def _failure(ctx: click.Context, code: str, message: str) -> click.ClickException:
+    """``Error: <message>`` on stderr and exit status 1; under ``--json`` also ``{"error": …}`` on stdout,
+    so a script reading stdout always gets one JSON document (docs/cli-json.md)."""
+    state = ctx.obj if isinstance(ctx.obj, State) else None
+    if state is not None and state.json_output:
+        emit_json({"error": {"code": code, "message": message}})
+    return click.ClickException(message)
 
 
 @click.group(cls=ChargepkiGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -515,6 +536,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
 
 for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign):
     cli.add_command(group)
+token_group.add_command(token_doctor)
 ca.add_command(ca_rotate)
 ca.add_command(ca_rollover_root)
 

@@ -51,6 +51,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "get_profile": "profiles",
         "issue": "flow",
         "key_identity": "flow",
+        "key_types_in_use": "profiles",
         "load_csr": "csr",
         "new_serial": "serials",
         "parse_serial": "serials",

@@ -12,7 +12,7 @@ from datetime import timedelta
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from ca.errors import InputError, PolicyError
-from ca.keys.keyspec import ALL_KEY_TYPES
+from ca.keys.keyspec import ALL_KEY_TYPES, KEY_SPECS
 
 DAY = timedelta(days=1)
 YEAR = 365 * DAY
@@ -381,6 +381,13 @@ def v2g_version_of(role_or_profile: str) -> V2gVersion | None:
         if role_or_profile in (*version.roles, version.secc):
             return version
     return None
+
+
+def key_types_in_use() -> tuple[str, ...]:
+    """Every key type some profile allows (``ec-p521`` too, which only the ISO 15118-20 profiles name), in
+    ``KEY_SPECS`` order: what the token must generate and sign with."""
+    allowed = {key_type for profile in PROFILES.values() for key_type in profile.key_types}
+    return tuple(key_type for key_type in KEY_SPECS if key_type in allowed)
 
 
 def get_profile(name: str) -> Profile:

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
     {
         "ALL_KEY_TYPES": "keyspec",
         "EC_KEY_TYPES": "keyspec",
+        "Finding": "doctor",
         "KEY_SPECS": "keyspec",
         "KeyMissing": "pkcs11_token",
         "KeySpec": "keyspec",
@@ -24,6 +25,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "create_token": "softhsm",
         "curve_signature_hash": "keyspec",
         "describe_public_key": "keyspec",
+        "diagnose": "doctor",
         "key_spec": "keyspec",
         "new_key_label": "pkcs11_token",
         "public_key_signature_hash": "keyspec",

@@ -470,6 +470,26 @@ class Token:
                 if found is not None:
                     found.destroy()
 
+    def key_labels(self, prefix: str = "") -> set[str]:
+        """Labels of the key objects (either half of a pair) starting with ``prefix``: what temporary
+        keys an interrupted run may have left behind (`token doctor` and its tests look)."""
+        with self.session() as session:
+            found: set[str] = set()
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for key in session.get_objects({Attribute.CLASS: object_class}):
+                    label = str(key[Attribute.LABEL] or "")
+                    if label.startswith(prefix):
+                        found.add(label)
+            return found
+
+    def close(self) -> None:
+        """End this object's session (the token logs the process out with its last session)."""
+        with _CALL_LOCK:
+            if self._stale():  # after a fork or a re-initialisation the handle is not ours to close
+                self._session, self._signing_keys = None, {}
+            else:
+                self._drop_session()
+
     # -- helpers ------------------------------------------------------------------------
     @staticmethod
     def _find(session: Any, object_class: ObjectClass, label: str) -> Any:
