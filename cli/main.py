@@ -58,6 +58,7 @@ from cli.enrollment import device, ra, serve, token_group
 from cli.firmware import firmware, manufacturer
 from cli.ocsp import ocsp
 from cli.params import DURATION, UTC_DATETIME
+from cli.report import report
 from cli.rotation import ca_rollover_root, ca_rotate, campaign
 from cli.v2g import v2g
 
@@ -534,7 +535,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign):
+for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign, report):
     cli.add_command(group)
 token_group.add_command(token_doctor)
 ca.add_command(ca_rotate)

@@ -1,4 +1,4 @@
-"""The tamper-evident audit log: the hash chain, anonymous-noise summaries and signed checkpoints.
+"""The tamper-evident audit log: the hash chain, anonymous-noise summaries, signed checkpoints and exports.
 
 Public names are re-exported lazily (PEP 562), so importing the package never
 imports all of its modules and cycles between packages cannot form at import time.
@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "FILE_NAME": "checkpoints",
         "GENESIS": "chain",
         "NOISE": "chain",
+        "SignedExport": "exports",
         "VerifyResult": "chain",
         "audit_public_key": "checkpoints",
         "checkpoint": "checkpoints",
@@ -27,6 +28,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "log": "checkpoints",
         "periodic_checkpoint": "checkpoints",
         "record": "chain",
+        "sign_export": "exports",
         "verify": "chain",
     },
 )

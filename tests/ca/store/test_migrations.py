@@ -20,18 +20,30 @@ from ca import audit
 from ca.audit import checkpoints
 from ca.authorities.hierarchy import Hierarchy, HierarchyRequest, init_hierarchy
 from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.authorities.rotation import rotate_issuing_ca
 from ca.enrollment.pipeline import Credentials, enroll, reenroll
 from ca.errors import PolicyError
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
 from ca.kinds import CaRole, CaStatus, CertStatus, JobState
+from ca.registry.campaigns import start_campaign
 from ca.registry.devices import add_device, get_device
 from ca.registry.secrets import issue_secret
+from ca.reports import campaigns, expiring, inventory
 from ca.status.certificates import get_certificate, list_certificates
 from ca.status.revocation import revoke, revoke_due
 from ca.store.engine import Store
-from ca.store.models import AuditHead, Authority, Base, Certificate, Device, EnrollmentSecret, OcspResponse
+from ca.store.models import (
+    AuditEvent,
+    AuditHead,
+    Authority,
+    Base,
+    Certificate,
+    Device,
+    EnrollmentSecret,
+    OcspResponse,
+)
 from ca.work import Work
 from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
 from ocsp.presign import Presigner, refresh
@@ -535,3 +547,101 @@ def test_every_hot_path_statement_uses_an_index(
         "certificate by serial", "OCSP responder",
     }  # fmt: skip
     assert set(checked) == expected, checked  # every path sent statements that were checked
+
+
+# -- the operations reports ---------------------------------------------------------------------
+def _whole_reads(store: Store, statement: str, parameters: object, growing: set[str]) -> tuple[set[str], list[str]]:
+    """(growing tables read whole, whole reads that repeat). A read repeats on a nested loop's inner side
+    (once per outer row): what makes a report quadratic. One pass over a table is what counting all its
+    rows costs, or a hash join's build side; PostgreSQL may make two (a hash join on a second alias)."""
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if store.is_sqlite:
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            scans = [row[3].split()[1] for row in cursor.fetchall() if row[3].startswith("SCAN ")]
+            tables = [name for name in scans if name in growing]
+            # SQLite joins are nested loops in plan order: only the outermost loop may walk a whole table.
+            return set(tables), [f"SCAN {name} inside a loop" for name in tables[1:]]
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+        plan = cursor.fetchone()[0]
+        whole: dict[str, int] = {}
+        problems: list[str] = []
+        nodes = [(plan[0]["Plan"], False)]
+        while nodes:
+            node, repeated = nodes.pop()
+            for child in node.get("Plans", []):
+                inner = node["Node Type"] == "Nested Loop" and child.get("Parent Relationship") == "Inner"
+                nodes.append((child, repeated or inner))
+            table = node.get("Relation Name")
+            kind = node["Node Type"]
+            if table in growing and (
+                kind == "Seq Scan" or (kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node)
+            ):
+                whole[table] = whole.get(table, 0) + 1
+                if repeated:
+                    problems.append(f"{kind} on {table} inside a nested loop")
+        return set(whole), problems
+    finally:
+        raw.rollback()
+        raw.close()
+
+
+def test_report_statements_use_indexes(
+    large_store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    """`report expiring` reads one index range of (status, not_after); `report campaign` finds refusals by
+    the audit action's index; neither, nor `report inventory` (which counts every row, so reads each
+    table once), ever reads a table once per row of another."""
+    rotate_issuing_ca(Work(session, "test", status=status, token=token), ca_name=hierarchy.issuing.name)
+    started, size = start_campaign(Work(session, "test"), from_ca=hierarchy.issuing.name)
+    assert size == FLEET // 4
+    # An audit log of a fleet's size, so that the refusal lookup of campaign progress meets a real choice.
+    now = datetime.now(UTC)
+    entries = [
+        {"seq": 1_000_000 + n, "at": now - timedelta(minutes=n), "actor": "est", "action": "certificate.issued",
+         "subject": f"{n:X}", "details": "{}", "prev_hash": "0" * 64, "hash": "0" * 64}
+        for n in range(FLEET)
+    ]  # fmt: skip
+    session.execute(insert(AuditEvent), entries)
+    session.commit()
+    growing = GROWING | {"campaign_devices"}
+    with large_store.engine.begin() as connection:
+        for table in ("campaign_devices", "audit_events"):
+            connection.exec_driver_sql(f"ANALYZE {table}")
+
+    recorded: list[tuple[str, str, object]] = []
+    current = ["set-up"]
+
+    def record(_conn, _cursor, statement: str, parameters: object, _context, executemany: bool) -> None:
+        if not executemany:
+            recorded.append((current[0], statement, parameters))
+
+    event.listen(large_store.engine, "before_cursor_execute", record)
+    try:
+        current[0] = "expiring"
+        assert expiring(session, now, within=timedelta(days=30), profile="charger").tables[0].rows
+        expiring(session, now, within=timedelta(days=30), environment="production")
+        current[0] = "campaign"
+        assert campaigns(session, now).tables[0].rows[0][5] == FLEET // 4
+        assert len(campaigns(session, now, name=str(started.id)).tables[1].rows) == FLEET // 4
+        current[0] = "inventory"
+        counted = inventory(session, now)
+        assert sum(row[-1] for row in counted.tables[1].rows) >= FLEET
+    finally:
+        event.remove(large_store.engine, "before_cursor_execute", record)
+
+    # What each report may not read whole: the table its filter selects from.
+    selective = {"expiring": {"certificates"}, "campaign": {"audit_events"}, "inventory": set()}
+    problems, checked = [], set()
+    for operation, statement, parameters in recorded:
+        verb = statement.lstrip().split(None, 1)[0].upper()
+        if verb not in ("SELECT", "UPDATE", "DELETE") or not any(table in statement for table in growing):
+            continue
+        checked.add(operation)
+        flat = " ".join(statement.split())[:300]
+        whole, repeated = _whole_reads(large_store, statement, parameters, growing)
+        problems += [f"{operation}: {problem} in {flat}" for problem in repeated]
+        problems += [f"{operation}: {table} read whole in {flat}" for table in whole & selective[operation]]
+    assert problems == [], "\n".join(problems)
+    assert checked == {"expiring", "campaign", "inventory"}
