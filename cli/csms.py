@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.clock import iso_utc
 from ca.errors import InputError
 from ca.issuance.csr import read_csr
 from ca.issuance.flow import IssueRequest, issue, request_from_csr
@@ -21,7 +22,7 @@ from ca.issuance.profiles import get_profile
 from ca.registry.csms import add_client, get_client, issue_token, list_clients, set_enabled
 from ca.store.models import CsmsClient
 from ca.work import Work
-from cli.common import State, actor, fmt_time, note, pass_state, table
+from cli.common import State, actor, emit_json, fmt_time, json_option, note, pass_state, table
 from cli.enrollment import _write_private
 from cli.params import DURATION
 
@@ -133,10 +134,25 @@ def csms_token(state: State, name: str, replace: bool) -> None:
 
 
 @csms.command("list")
+@json_option
 @pass_state
-def csms_list(state: State) -> None:
+def csms_list(state: State, as_json: bool) -> None:
     """List CSMSs with their environment, state, usable tokens and current certificates."""
     with state.pki().store.session() as session:
+        if as_json:
+            clients = [
+                {
+                    "name": s.client.name,
+                    "environment": s.client.environment,
+                    "enabled": s.client.enabled,
+                    "usable_tokens": s.tokens,
+                    "current_certificates": s.certificates,
+                    "registered_at": iso_utc(s.client.created_at),
+                }
+                for s in list_clients(session, datetime.now(UTC))
+            ]
+            emit_json({"csms_clients": clients})
+            return
         rows = [
             [
                 s.client.name,

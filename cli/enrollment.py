@@ -35,7 +35,8 @@ from ca.registry.secrets import issue_secret, issue_secrets, withdraw_secrets
 from ca.status.certificates import display_status
 from ca.status.revocation import REASONS
 from ca.work import Work
-from cli.common import State, actor, check_writable, fmt_time, note, pass_state, table
+from cli import views
+from cli.common import State, actor, check_writable, emit_json, fmt_time, json_option, note, pass_state, table
 from cli.params import DURATION
 
 
@@ -95,10 +96,16 @@ def device_import(state: State, csv_file: Path, environment: str) -> None:
 @device.command("list")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS))
 @click.option("--limit", type=click.IntRange(min=1))
+@json_option
 @pass_state
-def device_list(state: State, environment: str | None, limit: int | None) -> None:
+def device_list(state: State, environment: str | None, limit: int | None, as_json: bool) -> None:
     """List registered devices."""
     with state.pki().store.session() as session:
+        if as_json:
+            emit_json(
+                {"devices": [views.device(d) for d in list_devices(session, environment=environment, limit=limit)]}
+            )
+            return
         rows = [
             [
                 d.serial,
@@ -114,12 +121,23 @@ def device_list(state: State, environment: str | None, limit: int | None) -> Non
 
 @device.command("show")
 @click.argument("serial")
+@json_option
 @pass_state
-def device_show(state: State, serial: str) -> None:
+def device_show(state: State, serial: str, as_json: bool) -> None:
     """A device and its certificates with their states."""
     now = datetime.now(UTC)
     with state.pki().store.session() as session:
         found = get_device(session, serial)
+        if as_json:
+            certificates = device_certificates(session, found)
+            devices = {found.id: found.serial}
+            emit_json(
+                {
+                    **views.device(found),
+                    "certificates": [views.certificate(c, now, devices) for c in certificates],
+                }
+            )
+            return
         click.echo(f"serial:           {found.serial}")
         click.echo(f"model:            {found.model or '-'}")
         click.echo(f"environment:      {found.environment}")

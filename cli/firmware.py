@@ -17,12 +17,13 @@ from ca.authorities.manufacturer import (
     init_manufacturer,
     manufacturer_root,
 )
+from ca.clock import iso_utc
 from ca.errors import InputError
 from ca.firmware import digest_stream, lines, sign_firmware, verify_firmware
 from ca.issuance.names import ENVIRONMENTS
 from ca.keys.keyspec import ALL_KEY_TYPES
 from ca.kinds import CertStatus
-from cli.common import State, actor, fmt_time, note, pass_state, table, utc_now
+from cli.common import State, actor, emit_json, fmt_time, json_option, note, pass_state, table, utc_now
 from cli.params import DURATION
 
 
@@ -111,14 +112,26 @@ def signer_add(state: State, name: str, channel: str, environment: str | None, v
 
 @signer_group.command("list")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@json_option
 @pass_state
-def signer_list(state: State, environment: str | None) -> None:
+def signer_list(state: State, environment: str | None, as_json: bool) -> None:
     """List firmware signers, newest first (revoke one with `chargepki revoke SERIAL`)."""
     now = utc_now()
     with state.pki().store.session() as session:
-        rows = []
+        rows, found = [], []
         for signer in firmware_signers(session, environment):
             shown = signer.status if signer.status != CertStatus.VALID or signer.not_after > now else "expired"
+            found.append(
+                {
+                    "name": signer.common_name,
+                    "channel": channel_of(signer),
+                    "environment": signer.authority.environment,
+                    "serial": signer.serial,
+                    "status": shown,
+                    "not_before": iso_utc(signer.not_before),
+                    "not_after": iso_utc(signer.not_after),
+                }
+            )
             rows.append(
                 [
                     signer.common_name or "-",
@@ -129,6 +142,9 @@ def signer_list(state: State, environment: str | None) -> None:
                     fmt_time(signer.not_after),
                 ]
             )
+    if as_json:
+        emit_json({"firmware_signers": found})
+        return
     table(["NAME", "CHANNEL", "ENVIRONMENT", "SERIAL", "STATUS", "NOT AFTER"], rows)
 
 
@@ -190,11 +206,15 @@ def firmware_sign(state: State, file: Path, signer_name: str, environment: str |
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also check this CRL of the manufacturer root (as published by `crl publish`).",
 )
+@json_option
 @pass_state
 def firmware_verify(
-    state: State, file: Path, signature_file: Path, certificate_file: Path, crl_file: Path | None
+    state: State, file: Path, signature_file: Path, certificate_file: Path, crl_file: Path | None, as_json: bool
 ) -> None:
-    """Check FILE's signature, its certificate's chain to the manufacturer root, validity and revocation."""
+    """Check FILE's signature, its certificate's chain to the manufacturer root, validity and revocation.
+
+    A refusal is an error (exit status 1; with --json, {"error": …} on stdout).
+    """
     digest = _digest(file)
     signature = _read(signature_file, "the signature")
     certificate = _read(certificate_file, "the signing certificate")
@@ -202,6 +222,18 @@ def firmware_verify(
     with state.pki().store.session() as session:
         verified = verify_firmware(session, digest, signature, certificate, crl=crl)
         note(verified.root)
+        if as_json:
+            emit_json(
+                {
+                    "ok": True,
+                    "file": file.name,
+                    "signer": verified.signer.common_name,
+                    "channel": verified.channel,
+                    "serial": verified.signer.serial,
+                    "root": verified.root.name,
+                }
+            )
+            return
         click.echo(
             f"OK: {file.name} signed by {verified.signer.common_name} ({verified.channel}), "
             f"serial {verified.signer.serial}, under {verified.root.name}"

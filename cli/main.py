@@ -39,12 +39,14 @@ from ca.status.certificates import STATUSES, display_status, get_certificate, li
 from ca.status.revocation import REASONS, ca_impact, parse_reason, revoke, unhold
 from ca.store.models import Authority
 from ca.work import Work
+from cli import views
 from cli.common import (
     State,
     actor,
     check_writable,
     emit_json,
     fmt_time,
+    json_option,
     note,
     pass_state,
     pick_issuing,
@@ -259,10 +261,14 @@ def ca() -> None:
 
 @ca.command("list")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@json_option
 @pass_state
-def ca_list(state: State, environment: str | None) -> None:
+def ca_list(state: State, environment: str | None, as_json: bool) -> None:
     """List the CAs, their keys and validity."""
     with state.pki().store.session() as session:
+        if as_json:
+            emit_json({"authorities": [views.authority(a) for a in list_authorities(session, environment)]})
+            return
         rows = [
             [a.name, a.role, a.environment, a.key_type, fmt_time(a.not_after), a.status, a.subject]
             for a in list_authorities(session, environment)
@@ -368,6 +374,7 @@ def cert() -> None:
 @click.option("--profile", type=click.Choice(list(PROFILES)))
 @click.option("--ca", "ca_name", help="Only certificates issued by this CA.")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
+@json_option
 @pass_state
 def cert_list(
     state: State,
@@ -376,35 +383,36 @@ def cert_list(
     profile: str | None,
     ca_name: str | None,
     limit: int | None,
+    as_json: bool,
 ) -> None:
     """List certificates, soonest expiring first."""
     now = utc_now()
     with state.pki().store.session() as session:
         authority = get_authority(session, ca_name) if ca_name else None
         window = timedelta(days=expiring_within) if expiring_within is not None else None
-        rows = [
-            [c.serial, c.profile, display_status(c, now), fmt_time(c.not_after), c.subject]
-            for c in list_certificates(
-                session,
-                now,
-                status=status,
-                expiring_within=window,
-                profile=profile,
-                authority=authority,
-                limit=limit,
-            )
-        ]
+        found = list_certificates(
+            session, now, status=status, expiring_within=window, profile=profile, authority=authority, limit=limit
+        )
+        if as_json:
+            devices = views.device_serials(session, found)
+            emit_json({"certificates": [views.certificate(c, now, devices) for c in found]})
+            return
+        rows = [[c.serial, c.profile, display_status(c, now), fmt_time(c.not_after), c.subject] for c in found]
     table(["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "SUBJECT"], rows)
 
 
 @cert.command("show")
 @click.argument("serial")
+@json_option
 @pass_state
-def cert_show(state: State, serial: str) -> None:
+def cert_show(state: State, serial: str, as_json: bool) -> None:
     """Show one certificate (serial in hex) and its PEM."""
     now = utc_now()
     with state.pki().store.session() as session:
         certificate = get_certificate(session, serial)
+        if as_json:
+            emit_json(views.certificate_detail(certificate, now, views.device_serials(session, [certificate])))
+            return
         fields = [
             ("serial", certificate.serial),
             ("subject", certificate.subject),
@@ -495,18 +503,32 @@ def audit_group() -> None:
 
 
 @audit_group.command("verify")
+@json_option
 @pass_state
-def audit_verify(state: State) -> None:
+def audit_verify(state: State, as_json: bool) -> None:
     """Check the hash chain and every signed checkpoint; exit 1 naming the first broken entry."""
     pki = state.pki()
     with pki.store.session() as session:
         result = audit.verify(session)
-        if not result.ok:
-            raise click.ClickException(f"audit log broken: {result.problem}")
-        signed = checkpoints.verify(session, pki.token, pki.config.home)
-    if not signed.ok:
-        raise click.ClickException(f"audit log broken: {signed.problem}")
-    click.echo(f"audit log intact: {result.entries} entries, {signed.checkpoints} signed checkpoints")
+        signed = checkpoints.verify(session, pki.token, pki.config.home) if result.ok else None
+    problem = result.problem if not result.ok else (signed.problem if signed is not None else None)
+    broken = result.broken_seq if not result.ok else (signed.broken_seq if signed is not None else None)
+    if as_json:
+        emit_json(
+            {
+                "ok": problem is None,
+                "entries": result.entries,
+                "checkpoints": signed.checkpoints if signed is not None else None,
+                "problem": problem,
+                "broken_seq": broken,
+            }
+        )
+    if problem is not None:
+        click.echo(f"Error: audit log broken: {problem}", err=True)
+        raise click.exceptions.Exit(1)
+    if not as_json:
+        assert signed is not None
+        click.echo(f"audit log intact: {result.entries} entries, {signed.checkpoints} signed checkpoints")
 
 
 @audit_group.command("checkpoint")
@@ -524,10 +546,15 @@ def audit_checkpoint(state: State) -> None:
 @click.option("--action", help="Only this action, e.g. certificate.issued.")
 @click.option("--subject", help="Only entries about this subject (e.g. a serial).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
 @pass_state
-def audit_show(state: State, action: str | None, subject: str | None, limit: int) -> None:
+def audit_show(state: State, action: str | None, subject: str | None, limit: int, as_json: bool) -> None:
     """List the newest audit entries, oldest first."""
     with state.pki().store.session() as session:
+        if as_json:
+            entries = audit.events(session, action=action, subject=subject, limit=limit)
+            emit_json({"entries": [views.audit_entry(e) for e in entries]})
+            return
         rows = [
             [str(e.seq), fmt_time(e.at), e.actor, e.action, e.subject or "-", e.details]
             for e in audit.events(session, action=action, subject=subject, limit=limit)

@@ -6,16 +6,19 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ca.authorities.rotation import last_expiry, latest_rollover, rollover_files, rollover_root, rotate_issuing_ca
+from ca.clock import iso_utc
 from ca.errors import InputError
 from ca.issuance.names import ENVIRONMENTS
 from ca.keys.keyspec import ALL_KEY_TYPES
 from ca.registry.campaigns import STATES, Progress, get_campaign, list_campaigns, progress, start_campaign
+from ca.store.models import Campaign
 from ca.work import Work
-from cli.common import State, actor, fmt_time, note, pass_state, table
+from cli.common import State, actor, emit_json, fmt_time, json_option, note, pass_state, table
 from cli.params import DURATION
 
 
@@ -152,13 +155,39 @@ def _show_counts(result: Progress) -> None:
 @click.option("--show", type=click.Choice(STATES), help="Also list the devices in this state, with the reason.")
 @click.option("--watch", is_flag=True, help="Keep the progress bar moving until no device is pending.")
 @click.option("--interval", type=DURATION, default="1m", show_default=True)
+@json_option
 @pass_state
 def campaign_status(
-    state: State, campaign_id: int | None, from_ca: str | None, show: str | None, watch: bool, interval: timedelta
+    state: State,
+    campaign_id: int | None,
+    from_ca: str | None,
+    show: str | None,
+    watch: bool,
+    interval: timedelta,
+    as_json: bool,
 ) -> None:
-    """Progress: devices re-enrolled onto the new CA, still pending, failed (with --show, which and why)."""
+    """Progress: devices re-enrolled onto the new CA, still pending, failed (with --show, which and why).
+
+    With --json, every device and its state (only those in the --show state, if given).
+    """
+    if as_json and watch:
+        raise click.UsageError("--watch redraws a progress bar; --json prints the progress once")
     with state.pki().store.session() as session:
         selected = get_campaign(session, campaign_id, from_ca)
+        if as_json:
+            result = progress(session, selected)
+            emit_json(
+                {
+                    **_campaign(selected, result.total),
+                    **{name: result.count(name) for name in STATES},
+                    "device_states": [
+                        {"device": d.serial, "state": d.state, "detail": d.detail}
+                        for d in result.devices
+                        if show is None or d.state == show
+                    ],
+                }
+            )
+            return
         note(selected.from_authority)
         click.echo(
             f"campaign {selected.id}: {selected.from_authority.name} -> {selected.to_authority.name}, "
@@ -185,11 +214,27 @@ def campaign_status(
             )
 
 
+def _campaign(selected: Campaign, devices: int) -> dict[str, Any]:
+    return {
+        "id": selected.id,
+        "environment": selected.environment,
+        "from_ca": selected.from_authority.name,
+        "to_ca": selected.to_authority.name,
+        "started_at": iso_utc(selected.started_at),
+        "started_by": selected.actor,
+        "devices": devices,
+    }
+
+
 @campaign.command("list")
+@json_option
 @pass_state
-def campaign_list(state: State) -> None:
+def campaign_list(state: State, as_json: bool) -> None:
     """Every campaign, newest first."""
     with state.pki().store.session() as session:
+        if as_json:
+            emit_json({"campaigns": [_campaign(c, size) for c, size in list_campaigns(session)]})
+            return
         rows = [
             [
                 str(c.id),

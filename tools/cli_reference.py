@@ -45,6 +45,9 @@ Conventions shared by every command:
 - Commands that act on a CA print `[environment] CA name` on stderr, so stdout stays clean PEM.
 - **Errors** are one line on stderr (`Error: …`) with exit status 1 (2 for usage errors), never
   a traceback (`CHARGEPKI_DEBUG=1` re-raises unexpected ones for developers).
+- **Machine-readable output**: `--json` on every list, show, status and verify command (and
+  `--format json` on the reports) prints one JSON document on stdout and nothing else; its fields
+  and the exit statuses are in [cli-json.md](cli-json.md).
 - There is deliberately no `--pin` option (command-line arguments show in `ps`): the PIN comes
   from the environment or a 0600 file, see [operations.md](operations.md#configuration).
 
@@ -53,7 +56,7 @@ Which guide explains each group: `init`, `issue`, `ca`, `cert`, `revoke`, `unhol
 `serve est`: [est.md](est.md); `csms`: [csms-api.md](csms-api.md); `crl`, `ocsp`, `serve ocsp`:
 [revocation.md](revocation.md); `v2g`: [v2g.md](v2g.md); `manufacturer`, `firmware`:
 [firmware.md](firmware.md); `campaign`, `ca rotate`, `ca rollover-root`: [rotation.md](rotation.md);
-`audit`: [audit.md](audit.md); `run`, `db`: [operations.md](operations.md).
+`audit`: [audit.md](audit.md); `run`, `db`, `report`, `token doctor`: [operations.md](operations.md).
 """
 
 
