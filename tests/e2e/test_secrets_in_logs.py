@@ -3,7 +3,8 @@
 A real first-run home (embedded SoftHSM2 token, PINs in 0600 files) serves EST and OCSP in
 their own processes; the test enrolls with one-time secrets, with wrong passwords and through
 an RA, issues secrets in a batch, runs commands with a wrong PIN and against a server whose
-PIN is wrong, then reads everything the services and commands wrote: every file in the home
+PIN is wrong, checks the token with `token doctor`, prints the JSON views and signs a report,
+then reads everything the services and commands wrote: every file in the home
 except the few that exist to hold a secret, the server logs, every audit column, the SQLite
 database bytes, CLI output and HTTP error bodies. None may contain a PIN, a one-time secret,
 a wrong password, a wrong PIN or private key material.
@@ -14,7 +15,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import shlex
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -127,6 +130,25 @@ def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: 
     cli("audit", "show", "--limit", "1000")
     cli("audit", "verify")
 
+    # The operations commands: the token doctor (which reads the PIN and logs in), the JSON views and a
+    # signed report. They say where the PIN comes from, never what it is.
+    cli("token", "doctor")
+    assert "token doctor: the token is ready" in outputs[-1], outputs[-1]
+    cli("token", "doctor", "--json", env={"CHARGEPKI_PKCS11_PIN": wrong_pin})
+    assert "CKR_PIN_INCORRECT" in outputs[-1] and "CHARGEPKI_PKCS11_PIN" in outputs[-1]
+    for command in (
+        ("device", "list", "--json"), ("device", "show", "CP-S-1", "--json"), ("cert", "list", "--json"),
+        ("audit", "show", "--limit", "1000", "--json"), ("audit", "verify", "--json"), ("ca", "list", "--json"),
+        ("report", "expiring", "--format", "json"), ("report", "inventory", "--format", "csv"),
+    ):  # fmt: skip
+        printed = cli(*command)
+        assert printed, command
+        if "--json" in command or "json" in command:
+            json.loads(printed)  # one JSON document on stdout, nothing else
+    export = tmp_path / "inventory.json"
+    cli("report", "inventory", "--format", "json", "--out", str(export), "--sign")
+    assert "Verified OK" in _openssl_verify(outputs[-1])
+
     forbidden = {
         "the user PIN": user_pin,
         "the SO PIN": so_pin,
@@ -142,6 +164,7 @@ def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: 
         "a PEM private key": "PRIVATE KEY-----",
     }
     places = _everything_written(home, wrong_home) | {f"output {i}": o.encode() for i, o in enumerate(outputs)}
+    places |= {path.name: path.read_bytes() for path in tmp_path.glob("inventory.json*")}
     places |= {f"HTTP answer {i}": a.encode() for i, a in enumerate(answers)}
     places["audit table"] = _audit_rows(home).encode()
     assert "enrollment.refused" in places["audit table"].decode(), "the refusals were audited"
@@ -153,6 +176,13 @@ def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: 
         if value.encode() in data
     ]
     assert not leaks, leaks
+
+
+def _openssl_verify(output: str) -> str:
+    """Run the `verify: openssl …` command a signed report printed; its stdout."""
+    (line,) = [line for line in output.splitlines() if line.startswith("verify: ")]
+    done = subprocess.run(shlex.split(line.removeprefix("verify: ")), capture_output=True, text=True, timeout=60)
+    return done.stdout
 
 
 def _write_csr(tmp_path: Path) -> Path:
