@@ -675,6 +675,8 @@ def test_ocpp_2_1_bad_input_is_refused_with_a_reason_audited_and_nothing_issued(
     assert _certificate_count(api) == before  # nothing issued
     refused = [json.loads(e.details) for e in api.audit("v2g.refused")]
     assert [r["code"] for r in refused][-2:] == ["key_not_allowed", "key_not_allowed"]
+    signs = [json.loads(e.details) for e in api.audit("csms.api.sign")][-6:]
+    assert [c["reason"] for c in signs] == [r for _, _, r in cases[:6]]
     calls = [json.loads(e.details) for e in api.audit("csms.api.certificate-chain-status")]
     assert [c["reason"] for c in calls] == [r for _, _, r in cases[6:14]]
     assert all(c["status"] >= 400 for c in calls)
