@@ -21,6 +21,9 @@ class CaRole(StrEnum):
     V2G20_ROOT = "v2g20-root"
     V2G20_SUB_CA_1 = "v2g20-sub-ca-1"  # optional in -20
     V2G20_SUB_CA_2 = "v2g20-sub-ca-2"  # under Sub-CA 1 or directly under the root: signs -20 SECC leaves
+    # A vehicle manufacturer's root, imported (status external) for chargers to install with OCPP 2.1's
+    # InstallCertificate(OEMRootCertificate): never signs here, never in a chain (migration 0012)
+    OEM_ROOT = "oem-root"
 
 
 class CaStatus(StrEnum):

@@ -1,7 +1,9 @@
-"""CLI for the CSMS API's clients: register a CSMS, give it a certificate or a token, list, disable."""
+"""CLI for the CSMS API's clients: register a CSMS, give it a certificate or a token, list, disable;
+and what a CSMS installs on its stations: imported OEM roots and the InstallCertificate bundle."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from ca.authorities.issuers import default_issuing_ca, issuer_for
+from ca.authorities.oem import import_oem_root, oem_roots, remove_oem_root
+from ca.authorities.rotation import INSTALL_CERTIFICATE_TYPES, install_certificates
 from ca.clock import iso_utc
 from ca.errors import InputError
 from ca.issuance.csr import read_csr
@@ -22,6 +26,7 @@ from ca.issuance.profiles import get_profile
 from ca.registry.csms import add_client, get_client, issue_token, list_clients, set_enabled
 from ca.store.models import CsmsClient
 from ca.work import Work
+from cli import views
 from cli.common import State, actor, emit_json, fmt_time, json_option, note, pass_state, table
 from cli.enrollment import _write_private
 from cli.params import DURATION
@@ -188,3 +193,90 @@ def csms_enable(state: State, name: str) -> None:
     with state.pki().store.session() as session:
         client, _ = set_enabled(Work(session, actor()), name=name, enabled=True)
         click.echo(f"[{client.environment}] CSMS {client.name} enabled")
+
+
+# -- what stations install: OEM roots and the InstallCertificate bundle ------------------------------
+@csms.group("oem-root")
+def oem_root() -> None:
+    """Vehicle manufacturers' roots that stations install as OCPP 2.1 OEMRootCertificate."""
+
+
+@oem_root.command("add")
+@click.argument("certificate_file", metavar="FILE", type=click.File("rb"))
+@click.option(
+    "--environment", type=click.Choice(ENVIRONMENTS), help="Default: est.default_environment, or the only one."
+)
+@pass_state
+def oem_root_add(state: State, certificate_file: Any, environment: str | None) -> None:
+    """Import an OEM root (PEM or DER): self-signed, CA:TRUE, valid now; listed in the environment's
+    InstallCertificate bundle (`csms install-certificates`, GET /api/v1/install-certificates)."""
+    pki = state.pki()
+    with pki.store.session() as session:
+        environment = environment or default_issuing_ca(session, pki.config.est.default_environment).environment
+        data = certificate_file.read()
+        root = import_oem_root(Work(session, actor()), environment=environment, certificate_data=data)
+        until = fmt_time(root.not_after)
+        click.echo(f"[{root.environment}] OEM root {root.name} imported: {root.subject} (until {until})")
+
+
+@oem_root.command("list")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS))
+@json_option
+@pass_state
+def oem_root_list(state: State, environment: str | None, as_json: bool) -> None:
+    """List the imported OEM roots (removed ones show as retired)."""
+    with state.pki().store.session() as session:
+        if as_json:
+            emit_json({"oem_roots": [views.authority(a) for a in oem_roots(session, environment)]})
+            return
+        rows = [
+            [
+                a.name,
+                a.environment,
+                a.key_type,
+                fmt_time(a.not_after),
+                "removed" if a.status == "retired" else "in bundle",
+                a.subject,
+            ]
+            for a in oem_roots(session, environment)
+        ]
+    table(["NAME", "ENVIRONMENT", "KEY", "NOT AFTER", "STATE", "SUBJECT"], rows)
+
+
+@oem_root.command("remove")
+@click.argument("name")
+@pass_state
+def oem_root_remove(state: State, name: str) -> None:
+    """Take an OEM root out of the bundle (kept as retired for the record; stations delete it themselves)."""
+    with state.pki().store.session() as session:
+        root = remove_oem_root(Work(session, actor()), name=name)
+        click.echo(f"[{root.environment}] OEM root {root.name} removed from the bundle")
+
+
+@csms.command("install-certificates")
+@click.option(
+    "--environment", type=click.Choice(ENVIRONMENTS), help="Default: est.default_environment, or the only one."
+)
+@click.option(
+    "--ocpp",
+    type=click.Choice(INSTALL_CERTIFICATE_TYPES),
+    default="2.1",
+    show_default=True,
+    help="2.0.1 leaves OEM roots out (its InstallCertificate has no OEMRootCertificate).",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON here (default: stdout).")
+@pass_state
+def csms_install_certificates(state: State, environment: str | None, ocpp: str, out: Path | None) -> None:
+    """The roots a station of the environment should hold, as a JSON list of InstallCertificateRequest
+    payloads: CSMS roots, ISO 15118-2/-20 V2G roots, the manufacturer root, OEM roots."""
+    pki = state.pki()
+    with pki.store.session() as session:
+        environment = environment or default_issuing_ca(session, pki.config.est.default_environment).environment
+        bundle = install_certificates(session, environment, ocpp=ocpp)
+        text = json.dumps([entry.payload for entry in bundle], indent=2) + "\n"
+        summary = ", ".join(f"{entry.certificate_type} {entry.authority.name}" for entry in bundle)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"[{environment}] {len(bundle)} InstallCertificate payload(s) in {out}: {summary}", err=True)

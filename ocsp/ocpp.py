@@ -5,6 +5,8 @@ SHA256/384/512, issuer name and key hashes in hex, serial in hex without leading
 hands the CSMS an ``OCSPRequestDataType`` to turn into an OCSP response for the charger. Both are
 answered here from what the OCSP side already has: the CAs' CertID hashes, the pre-signed
 responses, and (in a process that holds the token) the on-demand signer for what is missing.
+OCPP 2.1 also names a root by such hash data (``hashRootCertificate``: ``find_root``), and asks
+for a whole chain's status (``ocsp.chain_status``, whose OCSP answers are ``OcppOcsp.answer``'s).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import binascii
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from ca.errors import InputError
 from ca.issuance.serials import format_serial
+from ca.kinds import CaRole
 from ca.ocpp_limits import SERIAL_NUMBER_CHARS
 from ca.store.engine import Store
 from ca.store.models import Authority, Certificate
@@ -69,8 +73,10 @@ def parse_hash_data(hash_algorithm: str, issuer_name_hash: str, issuer_key_hash:
 
 
 def find_authority(session: Session, cert_id: CertId) -> Authority | None:
-    """The CA whose name and key hash to the CertID's issuer fields (a handful of CAs: hashed each time)."""
-    for authority in session.scalars(select(Authority).order_by(Authority.id)):
+    """The CA whose name and key hash to the CertID's issuer fields (a handful of CAs: hashed each time);
+    an imported OEM root is not a CA of this installation."""
+    query = select(Authority).where(Authority.role != CaRole.OEM_ROOT)
+    for authority in session.scalars(query.order_by(Authority.id)):
         for hashed in issuer_hashes(x509.load_der_x509_certificate(authority.certificate_der)):
             if (hashed.hash_algorithm, hashed.name_hash, hashed.key_hash) == (
                 cert_id.hash_algorithm,
@@ -95,11 +101,32 @@ def find_by_hash(session: Session, cert_id: CertId) -> Certificate | None:
     )
 
 
+def find_root(session: Session, cert_id: CertId, environment: str | None = None) -> Authority | None:
+    """The root certificate a ``CertificateHashDataType`` names (OCPP 2.1 ``hashRootCertificate``): a
+    self-signed CA of ``environment`` whose own name and key hash to the issuer fields (its issuer is
+    itself) and whose serial is the serial. Any root: OCPP, V2G (own or external), manufacturer, OEM."""
+    query = select(Authority).where(
+        Authority.parent_id.is_(None), Authority.serial == format_serial(cert_id.serial_number)
+    )
+    if environment is not None:
+        query = query.where(Authority.environment == environment)
+    wanted = (cert_id.hash_algorithm, cert_id.issuer_name_hash, cert_id.issuer_key_hash)
+    for authority in session.scalars(query.order_by(Authority.id)):
+        certificate = x509.load_der_x509_certificate(authority.certificate_der)
+        if certificate.issuer != certificate.subject:
+            continue
+        for hashed in issuer_hashes(certificate):
+            if (hashed.hash_algorithm, hashed.name_hash, hashed.key_hash) == wanted:
+                return authority
+    return None
+
+
 @dataclass(frozen=True)
 class OcspAnswer:
     der: bytes
     response_status: str  # successful | unauthorized | tryLater | …
     certificate_status: str | None  # good | revoked | unknown, when successful
+    next_update: datetime | None = None  # the response's nextUpdate, when successful
 
 
 class _Uncached:
@@ -157,7 +184,7 @@ class OcppOcsp:
         status = response.response_status
         if status != ocsp.OCSPResponseStatus.SUCCESSFUL:
             return OcspAnswer(der, _camel(status.name), None)
-        return OcspAnswer(der, "successful", response.certificate_status.name.lower())
+        return OcspAnswer(der, "successful", response.certificate_status.name.lower(), response.next_update_utc)
 
 
 def _camel(name: str) -> str:

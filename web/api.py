@@ -27,16 +27,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.audit.checkpoints import CheckpointTimer
+from ca.authorities.rotation import OCPP_21, install_certificates
 from ca.enrollment.identity import check_identity
 from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one_line
 from ca.kinds import JobState
+from ca.ocpp_limits import OCSP_RESULT_CHARS
 from ca.registry import csms
 from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
-from ca.store.models import Certificate, CsmsSignJob, Device
+from ca.store.models import Authority, Certificate, CsmsSignJob, Device
 from ocsp.certid import issuer_hashes
-from ocsp.ocpp import find_by_hash, parse_hash_data
+from ocsp.chain_status import StatusRequest
+from ocsp.ocpp import find_by_hash, find_root, parse_hash_data
 from web.caller import client_address, identify
 from web.openapi import DOCUMENT, check, path_validator, query_validator, validator
 from web.responses import UnsupportedMediaType, json_body, json_error
@@ -125,14 +128,37 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
-def _signed(session: Session, certificate: Certificate) -> dict[str, Any]:
+def _signed(
+    session: Session, certificate: Certificate, certificate_type: str, request_id: int | None
+) -> dict[str, Any]:
+    """What CertificateSignedRequest needs (certificateType, certificateChain, requestId), and more."""
+    signed: dict[str, Any] = {"certificateType": certificate_type}
+    if request_id is not None:
+        signed["requestId"] = request_id
     return {
-        "certificateType": "ChargingStationCertificate",
+        **signed,
         "certificateChain": ocpp_chain_pem(session, certificate),
         "serialNumber": certificate.serial,
         "fingerprintSha256": certificate.fingerprint_sha256,
         "notAfter": _iso(certificate.not_after),
     }
+
+
+def _root(session: Session, caller: Caller, hash_data: dict[str, str] | None) -> Authority | None:
+    """The root an OCPP 2.1 ``hashRootCertificate`` names among the caller's environment's (None: not given)."""
+    if hash_data is None:
+        return None
+    cert_id = parse_hash_data(
+        hash_data["hashAlgorithm"], hash_data["issuerNameHash"], hash_data["issuerKeyHash"], hash_data["serialNumber"]
+    )
+    root = find_root(session, cert_id, caller.environment)
+    session.commit()  # end the read
+    if root is None:
+        raise NotFoundError(
+            "hashRootCertificate names no root certificate of this CSMS's environment", code="unknown_root"
+        )
+    g.api_outcome = {**g.api_outcome, "root": root.name}
+    return root
 
 
 # -- signing -------------------------------------------------------------------------------------------
@@ -143,10 +169,15 @@ def sign(session: Session, caller: Caller) -> Response:
     body = _json_request("SignRequest")
     station = body["chargingStationId"]
     certificate_type = body.get("certificateType", "ChargingStationCertificate")
+    request_id = body.get("requestId")
     g.api_subject = station
+    g.api_outcome = {"certificate_type": certificate_type}
+    if request_id is not None:
+        g.api_outcome["request_id"] = request_id
+    root = _root(session, caller, body.get("hashRootCertificate"))
     if query.get("async") in ("1", "true"):
-        job = enqueue(session, caller, station, certificate_type, body["csr"])
-        g.api_outcome = {"job": job.public_id}
+        job = enqueue(session, caller, station, certificate_type, body["csr"], request_id=request_id, root=root)
+        g.api_outcome = {**g.api_outcome, "job": job.public_id}
         runner = runtime().jobs
         if runner is not None:
             runner.wake()
@@ -160,9 +191,10 @@ def sign(session: Session, caller: Caller) -> Response:
         certificate_type=certificate_type,
         csr=body["csr"].encode("utf-8"),
         settings=worker.enrollment,
+        root=root,
     )
-    g.api_outcome = {"serial": certificate.serial}
-    return json_body(_signed(session, certificate))
+    g.api_outcome = {**g.api_outcome, "serial": certificate.serial}
+    return json_body(_signed(session, certificate, certificate_type, request_id))
 
 
 @api.get("/sign/<job_id>")
@@ -179,7 +211,10 @@ def _job_response(session: Session, job: CsmsSignJob) -> Response:
     location = url_for("api.sign_job", job_id=job.public_id)
     body: dict[str, Any] = {"jobId": job.public_id, "location": location}
     if job.state == JobState.SIGNED:
-        return json_body({**body, "status": "signed", **_signed(session, job_certificate(session, job))})
+        signed = _signed(session, job_certificate(session, job), job.certificate_type, job.request_id)
+        return json_body({**body, "status": "signed", **signed})
+    if job.request_id is not None:
+        body["requestId"] = job.request_id
     if job.state == JobState.REFUSED:
         return json_body({**body, "status": "refused", "error": job.error or "", "reason": job.reason or "refused"})
     return json_body({**body, "status": "pending"}, 202, {"Location": location, "Retry-After": POLL_AFTER})
@@ -235,16 +270,7 @@ def _certificate_info(session: Session, caller: Caller, certificate: Certificate
         if device is None
         else {"chargingStationId": device.serial, "enabled": device.enabled, "environment": device.environment},
         "certificateChain": ocpp_chain_pem(session, certificate),
-        "certificateHashData": [
-            {
-                "hashAlgorithm": hashed.hash_algorithm.upper(),
-                "issuerNameHash": hashed.name_hash.hex(),
-                "issuerKeyHash": hashed.key_hash.hex(),
-                "serialNumber": certificate.serial,
-            }
-            for hashed in issuer_hashes(x509.load_der_x509_certificate(authority.certificate_der))
-            if hashed.hash_algorithm != "sha1"  # OCPP 2.0.1 knows SHA256/384/512 only
-        ],
+        "certificateHashData": _hash_data(authority, certificate),
     }
     if state.status == "revoked":
         info["revocationReason"] = state.reason
@@ -252,6 +278,20 @@ def _certificate_info(session: Session, caller: Caller, certificate: Certificate
             info["revocationTime"] = _iso(state.revoked_at)
     g.api_outcome = {"serial": certificate.serial, "status": state.status}
     return info
+
+
+def _hash_data(issuer: Authority, certificate: Certificate | Authority) -> list[dict[str, str]]:
+    """OCPP's CertificateHashData of ``certificate`` (issued by ``issuer``; a root is its own issuer), per algorithm."""
+    return [
+        {
+            "hashAlgorithm": hashed.hash_algorithm.upper(),
+            "issuerNameHash": hashed.name_hash.hex(),
+            "issuerKeyHash": hashed.key_hash.hex(),
+            "serialNumber": certificate.serial,
+        }
+        for hashed in issuer_hashes(x509.load_der_x509_certificate(issuer.certificate_der))
+        if hashed.hash_algorithm != "sha1"  # OCPP 2.0.1 and 2.1 know SHA256/384/512 only
+    ]
 
 
 # -- OCSP ----------------------------------------------------------------------------------------------
@@ -269,13 +309,64 @@ def ocsp_status(session: Session, caller: Caller) -> Response:
         raise NotFoundError("no CA of this installation has these issuer hashes", code="unknown_issuer")
     if answer.response_status != "successful":
         raise StoreError(f"the OCSP signer answered {answer.response_status}", code="try_later")
+    ocsp_result = base64.b64encode(answer.der).decode("ascii")
+    if len(ocsp_result) > OCSP_RESULT_CHARS:  # OCPP 2.1's limit; never near it (about 1500 characters)
+        raise StoreError(f"the OCSP response has {len(ocsp_result)} characters in base64", code="ocsp_result_too_long")
+    return json_body(
+        {"ocspResult": ocsp_result, "responseStatus": "successful", "certificateStatus": answer.certificate_status}
+    )
+
+
+@api.post("/certificate-chain-status")
+@_endpoint("certificate-chain-status")
+def certificate_chain_status(session: Session, caller: Caller) -> Response:
+    """OCPP 2.1 GetCertificateChainStatus: the request's shape in, the response's shape out."""
+    entries = _json_request("CertificateChainStatusRequest")["certificateStatusRequests"]
+    requests = []
+    for entry in entries:
+        data = entry["certificateHashData"]
+        cert_id = parse_hash_data(
+            data["hashAlgorithm"], data["issuerNameHash"], data["issuerKeyHash"], data["serialNumber"]
+        )
+        requests.append(StatusRequest(entry["source"], cert_id))
+    g.api_subject = ",".join(entry["certificateHashData"]["serialNumber"].upper() for entry in entries)
+    statuses = runtime().chain_status().answer(session, requests, datetime.now(UTC))
+    g.api_outcome = {"statuses": [f"{s.source} {s.status} ({s.detail})" for s in statuses]}
     return json_body(
         {
-            "ocspResult": base64.b64encode(answer.der).decode("ascii"),
-            "responseStatus": "successful",
-            "certificateStatus": answer.certificate_status,
+            "certificateStatus": [
+                {
+                    "certificateHashData": entry["certificateHashData"],
+                    "source": status.source,
+                    "status": status.status,
+                    "nextUpdate": _iso(status.next_update),
+                }
+                for entry, status in zip(entries, statuses, strict=True)
+            ]
         }
     )
+
+
+# -- what stations install -----------------------------------------------------------------------------
+@api.get("/install-certificates")
+@_endpoint("install-certificates")
+def install_certificates_view(session: Session, caller: Caller) -> Response:
+    query = _query("/api/v1/install-certificates", "get")
+    version = query.get("ocppVersion", OCPP_21)
+    g.api_subject = caller.environment
+    bundle = install_certificates(session, caller.environment, ocpp=version)
+    entries = [
+        {
+            **entry.payload,
+            "name": entry.authority.name,
+            "notAfter": _iso(entry.authority.not_after),
+            "certificateHashData": _hash_data(entry.authority, entry.authority),
+        }
+        for entry in bundle
+    ]
+    session.commit()  # end the read
+    g.api_outcome = {"roots": [f"{entry['certificateType']} {entry['name']}" for entry in entries]}
+    return json_body({"environment": caller.environment, "ocppVersion": version, "installCertificates": entries})
 
 
 # -- identity check ------------------------------------------------------------------------------------

@@ -14,8 +14,22 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
+from ca.authorities.rotation import INSTALL_CERTIFICATE_TYPES, OCPP_21
 from ca.errors import InputError
-from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS, CSR_CHARS, IDENTITY_CHARS, SERIAL_NUMBER_CHARS
+from ca.ocpp_limits import (
+    CERTIFICATE_CHAIN_CHARS,
+    CHAIN_STATUS_ENTRIES,
+    CSR_CHARS,
+    IDENTITY_CHARS,
+    OCSP_RESULT_CHARS,
+    REQUEST_ID_MAX,
+    REQUEST_ID_MIN,
+    RESPONDER_URL_CHARS,
+    SERIAL_NUMBER_CHARS,
+    STATUS_URL_CHARS,
+    STATUS_URLS,
+)
+from ca.registry.csms import CERTIFICATE_TYPES
 
 _HEX = "^[0-9A-Fa-f]+$"
 # The path parameters exactly as web/api.py reads them: a SHA-256 fingerprint in hex, either case,
@@ -39,8 +53,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "malformed JSON, unknown or missing field, bad value, unreadable CSR or certificate",
         401: "no or wrong CSMS credentials (`WWW-Authenticate: Bearer`)",
         403: "refused by policy (the reason says which rule)",
-        404: "not found",
-        409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured` …)",
+        404: "not found (`unknown_issuer`, `unknown_root`, `unknown_certificate` …)",
+        409: "conflicts with the CA's state (`key_reuse`, `v2g_not_configured`, `root_not_current` …)",
         413: "body larger than 32 KiB",
         415: "Content-Type is not application/json",
         429: "too many failed authentications from this address (API tokens) or with this client "
@@ -101,8 +115,20 @@ _HASH_DATA = {
     ],
 }
 
+_REQUEST_ID = {
+    "type": "integer",
+    "minimum": REQUEST_ID_MIN,
+    "maximum": REQUEST_ID_MAX,
+    "description": "OCPP 2.1 requestId (an OCPP integer: 32 bits), echoed in the answer for CertificateSigned",
+}
 _SIGNED_FIELDS = {
-    "certificateChain": {"type": "string", "description": "PEM, leaf first, sub-CAs after, root omitted"},
+    "certificateType": {"enum": list(CERTIFICATE_TYPES), "description": "what was asked for"},
+    "requestId": {**_REQUEST_ID, "description": "the request's requestId, when it had one (OCPP 2.1)"},
+    "certificateChain": {
+        "type": "string",
+        "maxLength": CERTIFICATE_CHAIN_CHARS,
+        "description": "PEM, leaf first, sub-CAs after, root omitted",
+    },
     "serialNumber": {"type": "string", "description": "upper-case hex without leading zeros"},
     "fingerprintSha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     "notAfter": _TIME,
@@ -126,17 +152,27 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "chargingStationId": {"type": "string", "minLength": 1, "maxLength": IDENTITY_CHARS},
             "certificateType": {
-                "enum": ["ChargingStationCertificate", "V2GCertificate"],
+                "enum": list(CERTIFICATE_TYPES),
                 "default": "ChargingStationCertificate",
+                "description": "V2GCertificate: an ISO 15118-2 SECC leaf; V2G20Certificate (OCPP 2.1): an "
+                "ISO 15118-20 SECC leaf (P-521)",
             },
             "csr": {"type": "string", "minLength": 1, "maxLength": CSR_CHARS, "description": "PEM PKCS#10"},
+            "requestId": _REQUEST_ID,
+            "hashRootCertificate": {
+                **_ref("CertificateHashData"),
+                "description": "OCPP 2.1: the root to sign under, as its own CertificateHashData (issuer "
+                "hashes of the self-signed root, its serial): a root of the CSMS's environment of the "
+                "certificate type's hierarchy (the OCPP root, the ISO 15118-2 or the ISO 15118-20 V2G root); "
+                "404 unknown_root, 400 root_type_mismatch, 409 root_not_current",
+            },
         },
     },
     "SignResult": {
         "type": "object",
         "additionalProperties": False,
-        "required": ["certificateType", *_SIGNED_FIELDS],
-        "properties": {"certificateType": {"const": "ChargingStationCertificate"}, **_SIGNED_FIELDS},
+        "required": ["certificateType", "certificateChain", "serialNumber", "fingerprintSha256", "notAfter"],
+        "properties": _SIGNED_FIELDS,
     },
     "SignJob": {
         "type": "object",
@@ -147,7 +183,6 @@ SCHEMAS: dict[str, Any] = {
             "jobId": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
             "status": {"enum": ["pending", "signed", "refused"]},
             "location": {"type": "string", "description": "where to poll"},
-            "certificateType": {"const": "ChargingStationCertificate"},
             **_SIGNED_FIELDS,
             "error": _STRING,
             "reason": _STRING,
@@ -213,7 +248,15 @@ SCHEMAS: dict[str, Any] = {
                 "description": "OCPP OCSPRequestDataType",
                 "additionalProperties": False,
                 "required": [*_HASH_DATA["required"], "responderURL"],
-                "properties": {**_HASH_DATA["properties"], "responderURL": {"type": "string", "maxLength": 512}},
+                "properties": {
+                    **_HASH_DATA["properties"],
+                    "responderURL": {
+                        "type": "string",
+                        "maxLength": RESPONDER_URL_CHARS,
+                        "description": "accepted and ignored (this is the responder); up to 2000 characters "
+                        "as in OCPP 2.1 (OCPP 2.0.1: 512)",
+                    },
+                },
                 "allOf": _HASH_DATA["allOf"],
             }
         },
@@ -223,9 +266,111 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["ocspResult", "responseStatus"],
         "properties": {
-            "ocspResult": {"type": "string", "description": "base64 DER OCSPResponse (OCPP ocspResult)"},
+            "ocspResult": {
+                "type": "string",
+                "maxLength": OCSP_RESULT_CHARS,
+                "description": "base64 DER OCSPResponse (OCPP ocspResult; at most 18000 characters as in OCPP "
+                "2.1, about 1500 in practice, within OCPP 2.0.1's 5500)",
+            },
             "responseStatus": {"enum": ["successful"]},
             "certificateStatus": {"enum": ["good", "revoked", "unknown"]},
+        },
+    },
+    "CertificateChainStatusRequest": {
+        "type": "object",
+        "description": "OCPP 2.1 GetCertificateChainStatusRequest (M07) as the CSMS relays it",
+        "additionalProperties": False,
+        "required": ["certificateStatusRequests"],
+        "properties": {
+            "certificateStatusRequests": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": CHAIN_STATUS_ENTRIES,
+                REASONS: {"maxItems": "too_many_entries", "minItems": "no_entries"},
+                "items": _ref("CertificateStatusRequestInfo"),
+            }
+        },
+    },
+    "CertificateStatusRequestInfo": {
+        "type": "object",
+        "description": "OCPP 2.1 CertificateStatusRequestInfoType: one certificate and where its status comes from",
+        "additionalProperties": False,
+        "required": ["certificateHashData", "source", "urls"],
+        "properties": {
+            "certificateHashData": _ref("CertificateHashData"),
+            "source": {"enum": ["CRL", "OCSP"], "description": "OCSP: the CA's OCSP response; CRL: its published CRL"},
+            "urls": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": STATUS_URLS,
+                REASONS: {"maxItems": "too_many_urls"},
+                "items": {"type": "string", "maxLength": STATUS_URL_CHARS, REASONS: {"maxLength": "field_too_long"}},
+                "description": "the source's URLs from the certificate; accepted and ignored (this CA is the source)",
+            },
+        },
+    },
+    "CertificateChainStatusResult": {
+        "type": "object",
+        "description": "OCPP 2.1 GetCertificateChainStatusResponse: one entry per request entry, in order",
+        "additionalProperties": False,
+        "required": ["certificateStatus"],
+        "properties": {
+            "certificateStatus": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": CHAIN_STATUS_ENTRIES,
+                "items": {
+                    "type": "object",
+                    "description": "OCPP 2.1 CertificateStatusType",
+                    "additionalProperties": False,
+                    "required": ["certificateHashData", "source", "status", "nextUpdate"],
+                    "properties": {
+                        "certificateHashData": _ref("CertificateHashData"),
+                        "source": {"enum": ["CRL", "OCSP"]},
+                        "status": {
+                            "enum": ["Good", "Revoked", "Unknown", "Failed"],
+                            "description": "Failed: the source cannot answer (no current CRL published, an "
+                            "external CA, the OCSP signer unavailable)",
+                        },
+                        "nextUpdate": {
+                            **_TIME,
+                            "description": "the OCSP response's or the CRL's nextUpdate; a minute ahead when Failed",
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "InstallCertificates": {
+        "type": "object",
+        "description": "the roots a station of the CSMS's environment should hold, as InstallCertificate payloads",
+        "additionalProperties": False,
+        "required": ["environment", "ocppVersion", "installCertificates"],
+        "properties": {
+            "environment": _STRING,
+            "ocppVersion": {"enum": list(INSTALL_CERTIFICATE_TYPES)},
+            "installCertificates": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["certificateType", "certificate", "name", "notAfter", "certificateHashData"],
+                    "properties": {
+                        "certificateType": {
+                            "enum": list(INSTALL_CERTIFICATE_TYPES[OCPP_21]),
+                            "description": "InstallCertificateRequest.certificateType",
+                        },
+                        "certificate": {"type": "string", "description": "InstallCertificateRequest.certificate (PEM)"},
+                        "name": {"type": "string", "description": "the CA's name here, e.g. production-v2g20-root-1"},
+                        "notAfter": _TIME,
+                        "certificateHashData": {
+                            "type": "array",
+                            "description": "as GetInstalledCertificateIds reports it, per hash algorithm",
+                            "items": _ref("CertificateHashData"),
+                        },
+                    },
+                },
+            },
         },
     },
     "IdentityCheckRequest": {
@@ -267,9 +412,11 @@ DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "chargepki CSMS API",
         "version": "1",
-        "description": "What a CSMS (OCPP 2.0.1 / 1.6-security) asks its CA: signing relayed CSRs, "
-        "certificate lookups by OCPP hash data or fingerprint, OCSP responses for GetCertificateStatus, "
-        "and the identity check every charger connection needs. Errors are JSON {error, reason}.",
+        "description": "What a CSMS (OCPP 2.1 / 2.0.1 / 1.6-security) asks its CA: signing relayed CSRs "
+        "(chargers, ISO 15118-2 and -20 SECC leaves), certificate lookups by OCPP hash data or fingerprint, "
+        "OCSP responses for GetCertificateStatus, chain status for GetCertificateChainStatus, the roots "
+        "stations install, and the identity check every charger connection needs. Errors are JSON "
+        "{error, reason}.",
     },
     "components": {
         "securitySchemes": {
@@ -297,7 +444,7 @@ DOCUMENT: dict[str, Any] = {
                 "responses": {
                     "200": _json("SignResult", "signed"),
                     "202": _json("SignJob", "accepted for signing; poll `location` (also the Location header)"),
-                    **_errors(400, 401, 403, 409, 413, 415, 503),
+                    **_errors(400, 401, 403, 404, 409, 413, 415, 503),
                 },
             }
         },
@@ -354,6 +501,35 @@ DOCUMENT: dict[str, Any] = {
                     "200": _json("OcspResult", "a signed OCSP response"),
                     **_errors(400, 401, 404, 413, 415, 503),
                 },
+            }
+        },
+        "/api/v1/certificate-chain-status": {
+            "post": {
+                "summary": "OCPP 2.1 GetCertificateChainStatus: 1-4 certificates, each by OCSP or by the published CRL",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CertificateChainStatusRequest")}},
+                },
+                "responses": {
+                    "200": _json("CertificateChainStatusResult", "a status per entry, in order"),
+                    **_errors(400, 401, 404, 413, 415, 503),
+                },
+            }
+        },
+        "/api/v1/install-certificates": {
+            "get": {
+                "summary": "The roots a station should hold, as InstallCertificate payloads (CSMS, V2G, "
+                "manufacturer and OEM roots)",
+                "parameters": [
+                    {
+                        "name": "ocppVersion",
+                        "in": "query",
+                        "required": False,
+                        "description": "2.1 (the default) or 2.0.1, whose InstallCertificate has no OEMRootCertificate",
+                        "schema": {"enum": list(INSTALL_CERTIFICATE_TYPES)},
+                    }
+                ],
+                "responses": {"200": _json("InstallCertificates", "the bundle"), **_errors(400, 401, 404, 503)},
             }
         },
         "/api/v1/identity-check": {

@@ -30,6 +30,7 @@ from ca.status.revocation import revoke_due
 from ca.store.group_commit import GroupCommit
 from ca.store.models import Authority
 from ca.work import Work
+from ocsp.chain_status import ChainStatus
 from ocsp.ocpp import OcppOcsp
 from ocsp.presign import Presigner, policy_from
 
@@ -66,6 +67,7 @@ class WorkerRuntime:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _status: Presigner | None = field(default=None, repr=False)
     _ocpp_ocsp: OcppOcsp | None = field(default=None, repr=False)
+    _chain_status: ChainStatus | None = field(default=None, repr=False)
     _issuers: dict[tuple[int, str], Issuer] = field(default_factory=dict, repr=False)
     _authorities: dict[str | None, tuple[float, Authority]] = field(default_factory=dict, repr=False)
     _last_sweep: float = field(default=0.0, repr=False)
@@ -104,6 +106,15 @@ class WorkerRuntime:
                         self.pki.store, self.status(), rate=self.pki.config.ocsp.unknown_per_second
                     )
         return self._ocpp_ocsp
+
+    def chain_status(self) -> ChainStatus:
+        """OCPP 2.1's GetCertificateChainStatus: OCSP as ``ocpp_ocsp``, CRLs as published in ``<home>/pki``."""
+        if self._chain_status is None:
+            ocsp = self.ocpp_ocsp()
+            with self._lock:
+                if self._chain_status is None:
+                    self._chain_status = ChainStatus(ocsp, self.pki.config.home / "pki")
+        return self._chain_status
 
     def commits(self) -> GroupCommit:
         """This worker's group commit: its request threads' issuing transactions, shared (one per worker)."""

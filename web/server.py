@@ -46,6 +46,7 @@ from ca.frontdoor import (
 )
 from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
 from ca.issuance.profiles import get_profile
+from ca.kinds import CaRole
 from ca.work import Work
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
@@ -121,9 +122,11 @@ def client_ca_bundle_path(pki: Pki) -> Path:
 
 
 def client_ca_bundle(session: Session) -> bytes:
+    """Every CA's certificate but the imported OEM roots (trust anchors for stations, never for clients here)."""
     return b"".join(
         x509.load_der_x509_certificate(a.certificate_der).public_bytes(serialization.Encoding.PEM)
         for a in list_authorities(session)
+        if a.role != CaRole.OEM_ROOT
     )
 
 

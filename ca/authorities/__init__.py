@@ -1,5 +1,6 @@
 """The CAs: a stored CA bound to its token key (`Issuer`), the CA factory every hierarchy (OCPP,
-ISO 15118, manufacturer), rotation, root rollover and token-held leaf is made by, and finding CAs.
+ISO 15118, manufacturer), rotation, root rollover and token-held leaf is made by, finding CAs,
+imported OEM roots and the InstallCertificate bundle.
 
 Public names are re-exported lazily (PEP 562), so importing the package never
 imports all of its modules and cycles between packages cannot form at import time.
@@ -60,7 +61,11 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "init_hierarchy": "hierarchy",
         "init_manufacturer": "manufacturer",
         "init_v2g": "v2g",
+        "import_oem_root": "oem",
         "install_certificate": "rotation",
+        "install_certificates": "rotation",
+        "INSTALL_CERTIFICATE_TYPES": "rotation",
+        "Installable": "rotation",
         "iso15118_problems": "v2g",
         "iso_option": "v2g",
         "issuer_for": "issuers",
@@ -73,9 +78,12 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "manufacturer_root": "manufacturer",
         "newest_active": "issuers",
         "ocsp_signer": "factory",
+        "oem_root_problems": "oem",
+        "oem_roots": "oem",
         "only_environment": "issuers",
         "public_key_sha256": "issuers",
         "record_ca_certificate": "factory",
+        "remove_oem_root": "oem",
         "request_sub_ca_1": "v2g",
         "retire": "rotation",
         "retire_finished": "rotation",

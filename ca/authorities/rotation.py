@@ -40,6 +40,7 @@ from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
 from ca.issuance.names import ca_common_name, subject_name
 from ca.keys.keyspec import key_spec
 from ca.kinds import CaRole, CaStatus, CertStatus
+from ca.ocpp_limits import INSTALL_CERTIFICATE_CHARS, INSTALL_CERTIFICATE_CHARS_21
 from ca.store.models import Authority, Certificate
 from ca.work import Work
 
@@ -49,7 +50,19 @@ ROTATABLE_ROLES = ("root", "issuing")  # the charger PKI; other hierarchies have
 RETIRE_GRACE = timedelta(hours=1)
 # Certificates a CA signs for its own operation: they do not keep it alive.
 _OWN_PROFILES = ("ocsp-signer", "root")
-OCPP_CERTIFICATE_MAX = 5500  # InstallCertificateRequest.certificate is string[0..5500]
+OCPP_CERTIFICATE_MAX = INSTALL_CERTIFICATE_CHARS  # InstallCertificateRequest.certificate is string[0..5500] in 2.0.1
+OCPP_201, OCPP_21 = "2.0.1", "2.1"
+# InstallCertificateUseEnumType per OCPP version (2.1 adds OEMRootCertificate).
+INSTALL_CERTIFICATE_TYPES = {
+    OCPP_201: ("V2GRootCertificate", "MORootCertificate", "CSMSRootCertificate", "ManufacturerRootCertificate"),
+    OCPP_21: (
+        "V2GRootCertificate",
+        "MORootCertificate",
+        "ManufacturerRootCertificate",
+        "CSMSRootCertificate",
+        "OEMRootCertificate",
+    ),
+}
 
 
 # -- finding the current CAs ------------------------------------------------------------------------
@@ -345,12 +358,76 @@ def _pem(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
 
 
-def install_certificate(certificate_der: bytes) -> dict[str, str]:
-    """An OCPP 2.0.1 InstallCertificateRequest payload installing a CSMS root."""
+def install_certificate(
+    certificate_der: bytes, certificate_type: str = "CSMSRootCertificate", *, ocpp: str = OCPP_201
+) -> dict[str, str]:
+    """An OCPP InstallCertificateRequest payload (``ocpp``: "2.0.1", the default, or "2.1"): a CSMS root
+    unless ``certificate_type`` says otherwise; ``OEMRootCertificate`` exists in OCPP 2.1 only."""
+    if ocpp not in INSTALL_CERTIFICATE_TYPES:
+        raise InputError(f"unknown OCPP version {ocpp!r} (known: {', '.join(INSTALL_CERTIFICATE_TYPES)})")
+    if certificate_type not in INSTALL_CERTIFICATE_TYPES[ocpp]:
+        raise InputError(
+            f"OCPP {ocpp} InstallCertificate knows no certificateType {certificate_type!r} "
+            f"(known: {', '.join(INSTALL_CERTIFICATE_TYPES[ocpp])})"
+        )
     pem = _pem(certificate_der)
-    if len(pem) > OCPP_CERTIFICATE_MAX:
-        raise PolicyError(f"the certificate's PEM has {len(pem)} characters; OCPP allows {OCPP_CERTIFICATE_MAX}")
-    return {"certificateType": "CSMSRootCertificate", "certificate": pem}
+    limit = OCPP_CERTIFICATE_MAX if ocpp == OCPP_201 else INSTALL_CERTIFICATE_CHARS_21
+    if len(pem) > limit:
+        raise PolicyError(f"the certificate's PEM has {len(pem)} characters; OCPP {ocpp} allows {limit}")
+    return {"certificateType": certificate_type, "certificate": pem}
+
+
+@dataclass(frozen=True)
+class Installable:
+    """One root a charging station of the environment should hold, and how InstallCertificate names it."""
+
+    certificate_type: str  # InstallCertificateUseEnumType
+    authority: Authority
+    payload: dict[str, str]  # the InstallCertificateRequest
+
+
+# Which roots a station installs under which InstallCertificateUseEnumType, in the bundle's order.
+# (MORootCertificate, a mobility operator's root, is not this CA's to hand out.)
+_INSTALLED_ROLES = (
+    ("CSMSRootCertificate", (CaRole.ROOT,)),
+    ("V2GRootCertificate", (CaRole.V2G_ROOT, CaRole.V2G20_ROOT)),
+    ("ManufacturerRootCertificate", (CaRole.MANUFACTURER,)),
+    ("OEMRootCertificate", (CaRole.OEM_ROOT,)),
+)
+
+
+def install_certificates(
+    session: Session, environment: str | None, *, ocpp: str = OCPP_21, now: Clock = utcnow
+) -> list[Installable]:
+    """The environment's trust bundle for charging stations as InstallCertificate payloads: its
+    unexpired OCPP roots still in service (``CSMSRootCertificate``: the root that certifies the CSMS's
+    TLS server; both during a root rollover, newest first), its ISO 15118-2 and -20 V2G roots (own
+    or external; ``V2GRootCertificate``), its manufacturer root (``ManufacturerRootCertificate``)
+    and, for OCPP 2.1, the OEM roots an operator imported (``OEMRootCertificate``)."""
+    if ocpp not in INSTALL_CERTIFICATE_TYPES:
+        raise InputError(f"unknown OCPP version {ocpp!r} (known: {', '.join(INSTALL_CERTIFICATE_TYPES)})")
+    if environment is None:
+        environment = default_issuing_ca(session, None).environment
+    moment = now()
+    bundle = []
+    for certificate_type, roles in _INSTALLED_ROLES:
+        if certificate_type not in INSTALL_CERTIFICATE_TYPES[ocpp]:
+            continue
+        roots = session.scalars(
+            select(Authority)
+            .where(
+                Authority.environment == environment,
+                Authority.role.in_(roles),
+                Authority.parent_id.is_(None),
+                Authority.status.in_((CaStatus.ACTIVE, CaStatus.EXTERNAL)),
+                Authority.not_after > moment,
+            )
+            .order_by(Authority.id.desc() if certificate_type == "CSMSRootCertificate" else Authority.id)
+        )
+        for root in roots:
+            payload = install_certificate(root.certificate_der, certificate_type, ocpp=ocpp)
+            bundle.append(Installable(certificate_type, root, payload))
+    return bundle
 
 
 def rollover_files(session: Session, rollover: Rollover) -> dict[str, bytes]:
@@ -371,6 +448,10 @@ def rollover_files(session: Session, rollover: Rollover) -> dict[str, bytes]:
         "old-root.pem": _pem(old_root.certificate_der).encode(),
         "new-issuing-chain.pem": "".join(_pem(der) for der in new_chain).encode(),
         "csms-trusted-roots.pem": (_pem(old_root.certificate_der) + _pem(new_root.certificate_der)).encode(),
+        "install-certificates.json": (
+            json.dumps([entry.payload for entry in install_certificates(session, new_root.environment)], indent=2)
+            + "\n"
+        ).encode(),
     }
     files["README.txt"] = _ORDER.format(
         environment=new_root.environment,
@@ -406,6 +487,12 @@ is the request payload as it is):
 
 4. Move the stations' own certificates onto {issuing}:
    `chargepki campaign start --from-ca <old issuing CA>`, then `chargepki campaign status`.
+
+install-certificates.json lists, as OCPP 2.1 InstallCertificate payloads, every root a station of
+{environment} should hold now: both CSMS roots (CSMSRootCertificate), the ISO 15118-2 and -20 V2G
+roots (V2GRootCertificate), the manufacturer root (ManufacturerRootCertificate) and the OEM roots
+imported with `chargepki csms oem-root add` (OEMRootCertificate; OCPP 2.1 stations only). Push the
+ones a station lacks (GetInstalledCertificateIds tells); the numbered files above come first.
 
 old-with-new.pem (the old root's key, signed by the new root) lets a relying party that trusts
 only the new root verify certificates still issued under the old root: add it to chains served

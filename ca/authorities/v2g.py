@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from ca import audit
 from ca.authorities.factory import CaPlan, Created, Plan, create, key_transaction
-from ca.authorities.issuers import any_ca, environments, newest_active, only_environment, public_key_sha256
+from ca.authorities.issuers import any_ca, chain, environments, newest_active, only_environment, public_key_sha256
 from ca.clock import Clock, utcnow
 from ca.config import DEFAULT_OCSP_URL, DEFAULT_REPOSITORY_URL
 from ca.errors import ConflictError, InputError, NotFoundError, PolicyError
@@ -49,6 +49,7 @@ from ca.issuance.profiles import (
 )
 from ca.keys.keyspec import key_spec
 from ca.keys.token_keys import token_private_key
+from ca.kinds import CaStatus
 from ca.store.models import AuditEvent, Authority, Certificate
 from ca.work import Work
 
@@ -436,10 +437,27 @@ def v2g_environments(session: Session, iso: str = ISO15118_2) -> list[str]:
     return environments(session, v2g_version(iso).roles)
 
 
-def current_sub_ca_2(session: Session, environment: str | None, iso: str = ISO15118_2) -> Authority:
+def current_sub_ca_2(
+    session: Session, environment: str | None, iso: str = ISO15118_2, *, root: Authority | None = None
+) -> Authority:
     """The newest active CPO Sub-CA 2 of version ``iso``'s hierarchy in ``environment`` (or in the only
-    environment with such a hierarchy): the CA every new SECC leaf of that version comes from."""
+    environment with such a hierarchy): the CA every new SECC leaf of that version comes from. With
+    ``root`` (a V2G root an OCPP 2.1 SignCertificate named), the newest one whose chain ends there."""
     version = v2g_version(iso)
+    if root is not None:
+        under = session.scalars(
+            select(Authority)
+            .where(
+                Authority.environment == root.environment,
+                Authority.role == version.sub_ca_2,
+                Authority.status == CaStatus.ACTIVE,
+            )
+            .order_by(Authority.id.desc())
+        )
+        for candidate in under:
+            if chain(session, candidate)[-1].id == root.id:
+                return candidate
+        raise NotFoundError(f"no active {version.title} CPO Sub-CA 2 under the V2G root {root.name}")
     what = "" if version.iso == ISO15118_2 else f"{version.title} "
     if environment is None:
         environment = only_environment(

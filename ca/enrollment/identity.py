@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from ca.authorities.issuers import chain
 from ca.clock import Clock, utcnow
 from ca.errors import InputError
-from ca.kinds import CaStatus
+from ca.kinds import CaRole, CaStatus
 from ca.status.certificates import standing
 from ca.store.models import Authority, Certificate, Device
 
@@ -58,7 +58,8 @@ def _attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
 def _issuing_authority(session: Session, leaf: x509.Certificate) -> Authority | None:
     """The CA of this installation whose key signed ``leaf`` (matched by name, proven by signature)."""
     issuer_der = leaf.issuer.public_bytes()
-    for authority in session.scalars(select(Authority).order_by(Authority.id)):
+    # An imported OEM root is a trust anchor handed to stations, not a CA of this installation.
+    for authority in session.scalars(select(Authority).where(Authority.role != CaRole.OEM_ROOT).order_by(Authority.id)):
         certificate = x509.load_der_x509_certificate(authority.certificate_der)
         if certificate.subject.public_bytes() != issuer_der:
             continue

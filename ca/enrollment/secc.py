@@ -79,6 +79,7 @@ def issue_secc(
     before_commit: Callable[[Session, Certificate], None] | None = None,
     address: str | None = None,
     iso: str = ISO15118_2,
+    root: Authority | None = None,
 ) -> Certificate:
     """Issue an SECC certificate for ``secc_id`` (None: the CSR's CN) under ``environment``'s CPO Sub-CA 2
     of ISO 15118 version ``iso``: ``"15118-2"`` (profile ``v2g-secc``, P-256 keys; the default) or
@@ -93,10 +94,12 @@ def issue_secc(
     ID and version is superseded (revoked now, or after ``settings.supersede_grace``); the other
     version's stays. ``max_chain_chars``: OCPP's chain limit, when the certificate goes out through
     OCPP. Refusals are ``ChargepkiError``s with a ``code``, audited as ``v2g.refused``; a missing
-    hierarchy of that version is a ``NotFoundError``, an unknown ``iso`` an ``InputError``.
+    hierarchy of that version is a ``NotFoundError``, an unknown ``iso`` an ``InputError``. ``root``: the
+    V2G root of that version the leaf must chain to (OCPP 2.1's ``hashRootCertificate``, resolved and
+    checked by the caller); by default the environment's newest Sub-CA 2 of the version signs.
     """
     policies = secc_policies(iso)
-    authority = current_sub_ca_2(work.session, environment, iso)
+    authority = current_sub_ca_2(work.session, environment, iso, root=root)
     attempt = Attempt(
         authority,
         csr,

@@ -20,8 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca import audit
-from ca.authorities.issuers import default_issuing_ca
-from ca.authorities.v2g import v2g_environments
+from ca.authorities.issuers import chain, default_issuing_ca
+from ca.authorities.v2g import iso_option, v2g_environments
 from ca.clock import Clock, utcnow
 from ca.enrollment import auth_limits
 from ca.enrollment.auth_limits import AuthLimits
@@ -30,16 +30,24 @@ from ca.enrollment.policy import Credentials, EnrollmentSettings
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ConflictError, InputError, NotFoundError, RateLimitedError
 from ca.issuance.names import check_environment
-from ca.kinds import CertStatus
+from ca.issuance.profiles import ISO15118_2, ISO15118_20, V2G_VERSIONS, v2g_version
+from ca.kinds import CaRole, CaStatus, CertStatus
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
-from ca.store.models import Certificate, CsmsClient, CsmsToken
+from ca.store.models import Authority, Certificate, CsmsClient, CsmsToken
 from ca.work import Work
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
 TOKEN_PREFIX = "cpk_"  # lets secret scanners and operators recognise a chargepki API token
-CERTIFICATE_TYPES = ("ChargingStationCertificate", "V2GCertificate")  # OCPP 2.0.1 CertificateSigningUseEnumType
+# OCPP 2.1 CertificateSigningUseEnumType (2.0.1 knows the first two): what each signs, and under which root role.
+CERTIFICATE_TYPES = ("ChargingStationCertificate", "V2GCertificate", "V2G20Certificate")
+SECC_VERSIONS = {"V2GCertificate": ISO15118_2, "V2G20Certificate": ISO15118_20}  # the ISO 15118 version of each
+ROOT_ROLES = {
+    "ChargingStationCertificate": CaRole.ROOT,
+    "V2GCertificate": V2G_VERSIONS[ISO15118_2].root,
+    "V2G20Certificate": V2G_VERSIONS[ISO15118_20].root,
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 
@@ -274,11 +282,45 @@ def check_certificate_type(session: Session, caller: Caller, certificate_type: s
     """
     if certificate_type not in CERTIFICATE_TYPES:
         raise InputError(f"certificateType must be one of {', '.join(CERTIFICATE_TYPES)}", code="bad_certificate_type")
-    if certificate_type == "V2GCertificate" and caller.environment not in v2g_environments(session):
+    iso = SECC_VERSIONS.get(certificate_type)
+    if iso is not None and caller.environment not in v2g_environments(session, iso):
+        version = v2g_version(iso)
         raise ConflictError(
-            f"no V2G (ISO 15118) hierarchy in environment {caller.environment!r}: run `chargepki v2g init` first",
+            f"no {version.title} V2G hierarchy in environment {caller.environment!r}: "
+            f"run `chargepki v2g init{iso_option(version)}` first",
             code="v2g_not_configured",
         )
+
+
+def check_root(session: Session, caller: Caller, certificate_type: str, root: Authority) -> None:
+    """The root an OCPP 2.1 ``hashRootCertificate`` named must be a root of the caller's environment
+    (``unknown_root``), of the hierarchy ``certificate_type`` is signed in (``root_type_mismatch``:
+    the OCPP root for a charger, the ISO 15118-2 or -20 V2G root for an SECC leaf) and still in
+    service: for a charger, the root of the issuing CA new certificates come from (``root_not_current``).
+    """
+    if root.environment != caller.environment or root.parent_id is not None:
+        raise NotFoundError(
+            "hashRootCertificate names no root certificate of this CSMS's environment", code="unknown_root"
+        )
+    wanted = ROOT_ROLES[certificate_type]
+    if root.role != wanted:
+        raise InputError(
+            f"hashRootCertificate names {root.name}, a {root.role} root; a {certificate_type} is signed under "
+            f"a {wanted} root",
+            code="root_type_mismatch",
+        )
+    if root.status not in (CaStatus.ACTIVE, CaStatus.EXTERNAL):
+        message = f"the root {root.name} is {root.status}: nothing is signed under it"
+        raise ConflictError(message, code="root_not_current")
+    if certificate_type == "ChargingStationCertificate":
+        issuing = default_issuing_ca(session, caller.environment)
+        current = chain(session, issuing)[-1]
+        if current.id != root.id:
+            raise ConflictError(
+                f"new charger certificates come from {issuing.name} under {current.name}, not under {root.name} "
+                "(install the current root on the station first)",
+                code="root_not_current",
+            )
 
 
 def sign(
@@ -291,14 +333,20 @@ def sign(
     settings: EnrollmentSettings = _DEFAULT_SETTINGS,
     max_chain_chars: int = CERTIFICATE_CHAIN_CHARS,
     before_commit: Callable[[Session, Certificate], None] | None = None,
+    root: Authority | None = None,
 ) -> Certificate:
     """Sign a charger's CSR relayed by ``caller`` with its environment's issuing CA (all EST checks apply),
-    or, for ``V2GCertificate``, an SECC certificate (CN = the SECC ID, checked against ISO 15118
-    syntax and against the station owning it) under its CPO Sub-CA 2. Both are routes of the
-    enrollment pipeline, acting as ``caller``; the chain must fit OCPP's limit."""
+    or, for ``V2GCertificate`` (ISO 15118-2) and ``V2G20Certificate`` (ISO 15118-20), an SECC
+    certificate (CN = the SECC ID, checked against ISO 15118 syntax and against the station owning
+    it) under that version's CPO Sub-CA 2. All are routes of the enrollment pipeline, acting as
+    ``caller``; the chain must fit OCPP's limit. ``root``: the root an OCPP 2.1 ``hashRootCertificate``
+    named (``check_root``); for an SECC leaf, the Sub-CA 2 under it signs."""
     check_certificate_type(work.session, caller, certificate_type)
+    if root is not None:
+        check_root(work.session, caller, certificate_type, root)
     work = work.as_actor(caller.actor)
-    if certificate_type == "V2GCertificate":
+    iso = SECC_VERSIONS.get(certificate_type)
+    if iso is not None:
         return issue_secc(
             work,
             environment=caller.environment,
@@ -308,6 +356,8 @@ def sign(
             max_chain_chars=max_chain_chars,
             before_commit=before_commit,
             address=caller.address,
+            iso=iso,
+            root=root,
         )
     return sign_relayed(
         work,

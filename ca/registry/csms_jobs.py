@@ -23,8 +23,8 @@ from ca.enrollment.policy import EnrollmentSettings
 from ca.errors import ChargepkiError, ConfigError, ConflictError, NotFoundError, StoreError, TokenError, one_line
 from ca.issuance.csr import load_csr
 from ca.kinds import JobState
-from ca.registry.csms import Caller, caller_for, check_certificate_type, sign
-from ca.store.models import Certificate, CsmsSignJob
+from ca.registry.csms import Caller, caller_for, check_certificate_type, check_root, sign
+from ca.store.models import Authority, Certificate, CsmsSignJob
 from ca.work import Work
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
@@ -35,10 +35,22 @@ _JOBS = CsmsSignJob.__table__
 
 
 def enqueue(
-    session: Session, caller: Caller, charging_station_id: str, certificate_type: str, csr: str, *, now: Clock = utcnow
+    session: Session,
+    caller: Caller,
+    charging_station_id: str,
+    certificate_type: str,
+    csr: str,
+    *,
+    request_id: int | None = None,
+    root: Authority | None = None,
+    now: Clock = utcnow,
 ) -> CsmsSignJob:
-    """Store a request to be signed; what can be refused at once (type, an unreadable CSR) is refused now."""
+    """Store a request to be signed; what can be refused at once (type, a root of the wrong kind, an
+    unreadable CSR) is refused now. ``request_id`` (OCPP 2.1) is kept to be echoed when the job is read;
+    ``root`` (OCPP 2.1 ``hashRootCertificate``) is checked again when the job is signed."""
     check_certificate_type(session, caller, certificate_type)
+    if root is not None:
+        check_root(session, caller, certificate_type, root)
     load_csr(csr.encode("utf-8"))
     job = CsmsSignJob(
         public_id=secrets.token_hex(16),
@@ -46,6 +58,8 @@ def enqueue(
         charging_station_id=charging_station_id,
         certificate_type=certificate_type,
         csr=csr,
+        request_id=request_id,
+        root_id=root.id if root is not None else None,
         state=JobState.QUEUED,
         attempts=0,
         created_at=now(),
@@ -145,6 +159,7 @@ def process(
 
     try:
         caller = caller_for(session, job.client_id)
+        root = session.get(Authority, job.root_id) if job.root_id is not None else None
         sign(
             work,
             caller=caller,
@@ -153,6 +168,7 @@ def process(
             csr=job.csr.encode("utf-8"),
             settings=settings,
             before_commit=mark_signed,
+            root=root,
         )
     except (TokenError, StoreError, ConfigError, SQLAlchemyError) as exc:
         session.rollback()

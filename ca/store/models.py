@@ -325,6 +325,9 @@ class CsmsSignJob(Base):
     charging_station_id: Mapped[str] = mapped_column(String(64))
     certificate_type: Mapped[str] = mapped_column(String(32))
     csr: Mapped[str] = mapped_column(Text)
+    # OCPP 2.1 SignCertificateRequest: the requestId to echo, and the root hashRootCertificate named
+    request_id: Mapped[int | None] = mapped_column(Integer)
+    root_id: Mapped[int | None] = mapped_column(ForeignKey("authorities.id"))
     state: Mapped[str] = mapped_column(String(16))  # a JobState
     claim: Mapped[str | None] = mapped_column(String(32))
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

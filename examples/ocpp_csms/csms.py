@@ -1,5 +1,6 @@
-"""A small OCPP 2.0.1 CSMS on security profile 3 (TLS with client certificates) that uses
-chargepki as its CA, built on the `ocpp` library (mobilityhouse) and `websockets`.
+"""A small OCPP 2.1 and 2.0.1 CSMS on security profile 3 (TLS with client certificates) that uses
+chargepki as its CA, built on the `ocpp` library (mobilityhouse) and `websockets`. The WebSocket
+subprotocol the station offers decides the version (`ocpp2.1` preferred, `ocpp2.0.1`).
 
 What it shows, in the order a charger meets it:
 1. TLS: the charger must present a certificate that chains to chargepki's root.
@@ -13,6 +14,14 @@ What it shows, in the order a charger meets it:
    is pushed to the charger with `CertificateSigned`. A refusal is logged with chargepki's reason.
 4. `GetCertificateStatus`: the charger's `ocspRequestData` goes to `POST /api/v1/ocsp` and the
    base64 DER OCSP response comes back as `ocspResult` (`Accepted`), or `Failed` with the reason.
+OCPP 2.1 stations also get:
+5. After `BootNotification`, the roots they should hold (`GET /api/v1/install-certificates`: CSMS,
+   V2G -2/-20, manufacturer and OEM roots), each pushed with `InstallCertificate`.
+6. `SignCertificate` with `V2GCertificate` (ISO 15118-2) or `V2G20Certificate` (ISO 15118-20),
+   `requestId` and `hashRootCertificate` passed on to `POST /api/v1/sign`; `CertificateSigned`
+   carries the `requestId` back.
+7. `GetCertificateChainStatus` (M07): the request goes to `POST /api/v1/certificate-chain-status`
+   as it is and its answer back as it is; a refusal answers every entry `Failed`.
 
 Run (see docs/csms-api.md):
     python examples/ocpp_csms/csms.py --port 9000 --cert csms.pem --key csms.key \
@@ -29,13 +38,15 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import requests
-from ocpp.routing import on
+from ocpp import v21
+from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
+from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call, call_result
 from ocpp.v201.datatypes import StatusInfoType
 from websockets.asyncio.server import ServerConnection, serve
@@ -78,48 +89,100 @@ class ChargepkiApi:
         answer = self._post("identity-check", {"chargingStationId": station_id, "clientCertificate": certificate_pem})
         return bool(answer["allowed"]), str(answer.get("reason", ""))
 
-    def sign(self, station_id: str, csr_pem: str, certificate_type: str) -> str:
-        body = {"chargingStationId": station_id, "certificateType": certificate_type, "csr": csr_pem}
-        return str(self._post("sign", body)["certificateChain"])
+    def sign(
+        self,
+        station_id: str,
+        csr_pem: str,
+        certificate_type: str,
+        request_id: int | None = None,
+        hash_root: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The signed answer: certificateChain, certificateType and (OCPP 2.1) requestId among others."""
+        body: dict[str, Any] = {"chargingStationId": station_id, "certificateType": certificate_type, "csr": csr_pem}
+        if request_id is not None:
+            body["requestId"] = request_id
+        if hash_root is not None:
+            body["hashRootCertificate"] = hash_root
+        return self._post("sign", body)
 
     def ocsp(self, request_data: dict[str, str]) -> str:
         """OCPP OCSPRequestDataType (camelCase) → the base64 DER OCSP response."""
         return str(self._post("ocsp", {"ocspRequestData": request_data})["ocspResult"])
 
+    def chain_status(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """OCPP 2.1 certificateStatusRequests (camelCase) → certificateStatus (camelCase)."""
+        answer = self._post("certificate-chain-status", {"certificateStatusRequests": entries})
+        return list(answer["certificateStatus"])
 
-class Station(ChargePoint):
-    """One connected charging station."""
+    def install_certificates(self) -> list[dict[str, Any]]:
+        """The roots a station of this CSMS's environment should hold (OCPP 2.1 InstallCertificate payloads)."""
+        response = requests.get(
+            f"{self.base}/api/v1/install-certificates",
+            headers={"Authorization": f"Bearer {self.token}"},
+            verify=self.ca_file,
+            timeout=30,
+        )
+        document: dict[str, Any] = response.json()
+        if response.status_code >= 400:
+            raise Refused(document.get("reason", str(response.status_code)), document.get("error", ""))
+        return list(document["installCertificates"])
+
+
+class StationHandlers:
+    """What a connected station is answered, in both versions; ``call`` and ``result`` are the
+    version's message modules (``ocpp.v201``, ``ocpp.v21``)."""
+
+    call_module: Any = call
+    result: Any = call_result
+    version = "2.0.1"
 
     def __init__(self, station_id: str, connection: ServerConnection, api: ChargepkiApi) -> None:
-        super().__init__(station_id, connection)
+        super().__init__(station_id, connection)  # type: ignore[call-arg]
+        self.id: str = station_id
         self.api = api
         self.tasks: set[asyncio.Task[None]] = set()
 
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     @on("BootNotification")
     def on_boot_notification(self, charging_station: dict[str, Any], reason: str, **_: Any) -> Any:
-        log.info("boot %s (%s, %s)", self.id, charging_station.get("model"), reason)
-        return call_result.BootNotification(current_time=datetime.now(UTC).isoformat(), interval=300, status="Accepted")
+        log.info("boot %s (%s, %s, OCPP %s)", self.id, charging_station.get("model"), reason, self.version)
+        return self.result.BootNotification(current_time=datetime.now(UTC).isoformat(), interval=300, status="Accepted")
 
     @on("Heartbeat")
     def on_heartbeat(self, **_: Any) -> Any:
-        return call_result.Heartbeat(current_time=datetime.now(UTC).isoformat())
+        return self.result.Heartbeat(current_time=datetime.now(UTC).isoformat())
 
     @on("SignCertificate")
-    def on_sign_certificate(self, csr: str, certificate_type: str | None = None, **_: Any) -> Any:
+    def on_sign_certificate(
+        self,
+        csr: str,
+        certificate_type: str | None = None,
+        request_id: int | None = None,
+        hash_root_certificate: dict[str, str] | None = None,
+        **_: Any,
+    ) -> Any:
         kind = certificate_type or "ChargingStationCertificate"
-        task = asyncio.get_running_loop().create_task(self._sign_and_push(csr, kind))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return call_result.SignCertificate(status="Accepted")
+        hash_root = snake_to_camel_case(hash_root_certificate) if hash_root_certificate else None
+        self._spawn(self._sign_and_push(csr, kind, request_id, hash_root))
+        return self.result.SignCertificate(status="Accepted")
 
-    async def _sign_and_push(self, csr: str, kind: str) -> None:
+    async def _sign_and_push(
+        self, csr: str, kind: str, request_id: int | None, hash_root: dict[str, str] | None
+    ) -> None:
         try:
-            chain = await asyncio.to_thread(self.api.sign, self.id, csr, kind)
+            signed = await asyncio.to_thread(self.api.sign, self.id, csr, kind, request_id, hash_root)
         except (Refused, requests.RequestException, ValueError) as exc:
             log.warning("SignCertificate from %s refused by the CA: %s", self.id, exc)
             return
-        result = await self.call(call.CertificateSigned(certificate_chain=chain, certificate_type=kind))
-        log.info("CertificateSigned to %s: %s", self.id, result.status)
+        fields: dict[str, Any] = {"certificate_chain": signed["certificateChain"], "certificate_type": kind}
+        if request_id is not None:  # OCPP 2.1 only: 2.0.1 stations send none
+            fields["request_id"] = request_id
+        result = await self.call(self.call_module.CertificateSigned(**fields))  # type: ignore[attr-defined]
+        log.info("CertificateSigned to %s: %s (%s, requestId %s)", self.id, result.status, kind, request_id)
 
     @on("GetCertificateStatus")
     async def on_get_certificate_status(self, ocsp_request_data: dict[str, str], **_: Any) -> Any:
@@ -136,13 +199,66 @@ class Station(ChargePoint):
         except Refused as exc:
             log.warning("GetCertificateStatus from %s refused by the CA: %s", self.id, exc)
             info = StatusInfoType(reason_code=exc.reason[:20], additional_info=str(exc)[:512])
-            return call_result.GetCertificateStatus(status="Failed", status_info=info)
+            return self.result.GetCertificateStatus(status="Failed", status_info=info)
         except (requests.RequestException, ValueError, KeyError) as exc:
             log.warning("GetCertificateStatus from %s: the CA is unavailable: %s", self.id, exc)
             info = StatusInfoType(reason_code="CAUnavailable", additional_info=type(exc).__name__)
-            return call_result.GetCertificateStatus(status="Failed", status_info=info)
+            return self.result.GetCertificateStatus(status="Failed", status_info=info)
         log.info("GetCertificateStatus for %s: serial %s answered", self.id, request_data["serialNumber"])
-        return call_result.GetCertificateStatus(status="Accepted", ocsp_result=ocsp_result)
+        return self.result.GetCertificateStatus(status="Accepted", ocsp_result=ocsp_result)
+
+
+class Station(StationHandlers, ChargePoint):
+    """One connected OCPP 2.0.1 charging station."""
+
+
+class Station21(StationHandlers, v21.ChargePoint):
+    """One connected OCPP 2.1 charging station: the 2.0.1 handlers on 2.1's messages, and what 2.1 adds."""
+
+    call_module = v21.call
+    result = v21.call_result
+    version = "2.1"
+
+    @after("BootNotification")
+    def install_roots(self, **_: Any) -> None:
+        """Once the boot is answered: push the roots the station should hold (InstallCertificate)."""
+        self._spawn(self._install_roots())
+
+    async def _install_roots(self) -> None:
+        try:
+            bundle = await asyncio.to_thread(self.api.install_certificates)
+        except (Refused, requests.RequestException, ValueError, KeyError) as exc:
+            log.warning("no roots to install on %s: %s", self.id, exc)
+            return
+        for entry in bundle:
+            install = self.call_module.InstallCertificate(
+                certificate_type=entry["certificateType"], certificate=entry["certificate"]
+            )
+            answer = await self.call(install)  # type: ignore[attr-defined]
+            log.info(
+                "InstallCertificate %s %s on %s: %s", entry["certificateType"], entry["name"], self.id, answer.status
+            )
+
+    @on("GetCertificateChainStatus")
+    async def on_get_certificate_chain_status(self, certificate_status_requests: list[dict[str, Any]], **_: Any) -> Any:
+        entries = snake_to_camel_case(certificate_status_requests)  # the API speaks OCPP's names
+        try:
+            statuses = await asyncio.to_thread(self.api.chain_status, entries)
+        except (Refused, requests.RequestException, ValueError, KeyError) as exc:
+            # The response has no status of its own: every entry Failed, to be asked again in a minute.
+            log.warning("GetCertificateChainStatus from %s refused by the CA: %s", self.id, exc)
+            again = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+            statuses = [
+                {"certificateHashData": entry["certificateHashData"], "source": entry["source"], "status": "Failed",
+                 "nextUpdate": again}
+                for entry in entries
+            ]  # fmt: skip
+        summary = ", ".join(f"{status['source']} {status['status']}" for status in statuses)
+        log.info("GetCertificateChainStatus for %s: %s", self.id, summary)
+        return self.result.GetCertificateChainStatus(certificate_status=camel_to_snake_case(statuses))
+
+
+STATIONS: dict[str, type[StationHandlers]] = {"ocpp2.1": Station21, "ocpp2.0.1": Station}  # preferred first
 
 
 def station_id_of(path: str) -> str:
@@ -190,16 +306,17 @@ async def main(args: argparse.Namespace) -> None:
         return None
 
     async def handler(connection: ServerConnection) -> None:
-        station = Station(station_id_of(connection.request.path if connection.request else ""), connection, api)
-        log.info("connected %s", station.id)
+        kind = STATIONS.get(connection.subprotocol or "", Station)
+        station = kind(station_id_of(connection.request.path if connection.request else ""), connection, api)
+        log.info("connected %s (%s)", station.id, connection.subprotocol)
         try:
-            await station.start()
+            await station.start()  # type: ignore[attr-defined]
         except ConnectionClosed as exc:
             log.info("disconnected %s (%s)", station.id, exc.rcvd.code if exc.rcvd else "no close frame")
 
     tls = make_server_tls(args.cert, args.key, args.client_ca)
     async with serve(
-        handler, args.host, args.port, ssl=tls, subprotocols=["ocpp2.0.1"], process_request=check_identity
+        handler, args.host, args.port, ssl=tls, subprotocols=list(STATIONS), process_request=check_identity
     ) as server:
         log.info("CSMS listening on wss://%s:%d/ocpp/<stationId>", args.host, args.port)
         await server.serve_forever()

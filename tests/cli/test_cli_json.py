@@ -152,6 +152,7 @@ def _commands(installation: dict[str, Any]) -> dict[str, list[str]]:
         "chargepki device list --json": ["device", "list", "--json"],
         "chargepki device show SERIAL --json": ["device", "show", "CP-1", "--json"],
         "chargepki csms list --json": ["csms", "list", "--json"],
+        "chargepki csms oem-root list --json": ["csms", "oem-root", "list", "--json"],
         "chargepki campaign list --json": ["campaign", "list", "--json"],
         "chargepki campaign status --json": ["campaign", "status", "--json"],
         "chargepki audit show --json": ["audit", "show", "--json"],

@@ -1,10 +1,14 @@
 """examples/ocpp_csms, the whole story on loopback: real `chargepki serve est` (EST + CSMS API),
-the example CSMS (OCPP 2.0.1 over TLS with client certificates) and the charger simulator.
+the example CSMS (OCPP 2.1 and 2.0.1 over TLS with client certificates, by WebSocket subprotocol) and
+the charger simulators.
 
 Chargers enroll at the "factory" over EST, connect with their certificates, get a verified OCSP
 response for them through OCPP GetCertificateStatus (the CSMS asks `POST /api/v1/ocsp`) and renew
 through OCPP SignCertificate / CertificateSigned; a revoked charger and an impostor (station A's valid
-certificate used to connect as station B) are refused before the WebSocket upgrade.
+certificate used to connect as station B) are refused before the WebSocket upgrade. An OCPP 2.1
+station installs the roots the CSMS pushes, obtains an ISO 15118-2 and an ISO 15118-20 SECC
+certificate (V2GCertificate, V2G20Certificate, with requestId and hashRootCertificate) and checks
+both chains with GetCertificateChainStatus.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ca.config import EstSettings, Pkcs11Settings
 from ca.store.engine import Store
@@ -87,6 +94,9 @@ def story(
         chain = _cli(home, "ca", "chain")  # issuing CA, then root
         client_ca = write(tmp / "chain.pem", chain.encode())
         root = write(tmp / "root.pem", _cli(home, "ca", "chain", "--ca", "production-root-1").encode())
+        for iso in ("15118-2", "15118-20"):  # both V2G hierarchies, for the OCPP 2.1 station
+            _cli(home, "v2g", "init", "--iso", iso, "--org", "Acme Charging", "--country", "DE")
+        _cli(home, "csms", "oem-root", "add", str(write(tmp / "oem-root.pem", _oem_root())))
         _cli(home, "csms", "add", "example-csms", "--no-certificate")
         api_token = _cli(home, "csms", "token", "example-csms").strip().split()[-1]
         # The CSMS's own TLS certificate (its key is the CSMS's, generated here).
@@ -146,6 +156,7 @@ def test_a_charger_enrolls_connects_and_renews_through_sign_certificate(story: S
     assert renewed.stdout.count("GetCertificateStatus Accepted, OCSP says good") == 2  # the old one, then the new
     log = story.csms_log.read_text()
     assert "CertificateSigned to CP-OCPP-1: Accepted" in log
+    assert "connected CP-OCPP-1 (ocpp2.0.1)" in log  # the subprotocol chose the OCPP 2.0.1 handlers
     assert f"GetCertificateStatus for CP-OCPP-1: serial {second.serial_number:X} answered" in log
     # The renewal superseded the factory certificate: it no longer opens a connection.
     assert "superseded" in _cli(story.home, "cert", "show", f"{first.serial_number:x}")
@@ -163,6 +174,57 @@ def test_an_impostor_and_a_revoked_charger_are_refused_before_the_upgrade(story:
     refused = story.connect("CP-OCPP-R", revoked)
     assert refused.returncode == 3 and "revoked" in refused.stderr, refused.stderr
     assert "refused CP-OCPP-B: cn_mismatch" in story.csms_log.read_text()
+
+
+def _oem_root() -> bytes:
+    """A vehicle manufacturer's root, for the CSMS to install as OEMRootCertificate."""
+    key = ec.generate_private_key(ec.SECP521R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example Motors OEM Root")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA512())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def test_an_ocpp_2_1_station_obtains_both_secc_certificates_and_checks_their_chains(story: Story) -> None:
+    station = "CP-OCPP21-1"
+    directory = story.enroll(station)
+    _cli(story.home, "crl", "publish")  # the sub-CAs' status comes from the published CRLs
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "charger21.py"), "--csms", f"wss://localhost:{story.csms_port}/ocpp",
+         "--root", str(story.root), "--id", station, "--dir", str(directory), "--secc-id", "DE*ACM*E2100*1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "BootNotification Accepted (OCPP 2.1)" in out
+    for kind in ("CSMSRootCertificate", "OEMRootCertificate"):
+        assert f"installed {kind}" in out, out
+    assert out.count("installed V2GRootCertificate") == 2
+    assert "SignCertificate V2GCertificate requestId 1 Accepted" in out
+    assert "SignCertificate V2G20Certificate requestId 2 Accepted" in out
+    for iso, curve, digest in (("15118-2", "secp256r1", "sha256"), ("15118-20", "secp521r1", "sha512")):
+        leaf, *sub_cas = x509.load_pem_x509_certificates((directory / f"secc-{iso}.pem").read_bytes())
+        assert leaf.public_key().curve.name == curve  # type: ignore[union-attr]
+        assert leaf.signature_hash_algorithm is not None and leaf.signature_hash_algorithm.name == digest
+        assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "DE*ACM*E2100*1"
+        assert len(sub_cas) == 2  # Sub-CA 2 and Sub-CA 1; the V2G root is the EV's trust anchor
+        assert out.count(f"{iso} chain status ") == 3
+        assert f"{iso} chain status {leaf.serial_number:X} by OCSP: Good" in out
+    assert out.count(" by CRL: Good") == 4 and "Failed" not in out
+    log = story.csms_log.read_text()
+    assert f"connected {station} (ocpp2.1)" in log
+    assert f"CertificateSigned to {station}: Accepted (V2G20Certificate, requestId 2)" in log
+    assert f"GetCertificateChainStatus for {station}: OCSP Good, CRL Good, CRL Good" in log
 
 
 def _load(name: str) -> ModuleType:
@@ -189,3 +251,25 @@ def test_get_certificate_status_fails_with_the_ca_s_reason_when_the_api_refuses(
     answer = asyncio.run(station.on_get_certificate_status(ocsp_request_data=data))
     assert answer.status == "Failed" and answer.ocsp_result is None
     assert answer.status_info.reason_code == "unknown_issuer"
+
+
+def test_get_certificate_chain_status_answers_every_entry_failed_when_the_api_refuses() -> None:
+    csms = _load("csms")
+
+    class RefusingApi:
+        def chain_status(self, entries: list[dict[str, object]]) -> list[dict[str, object]]:
+            assert set(entries[0]) == {"certificateHashData", "source", "urls"}  # OCPP's names for the API
+            assert set(entries[0]["certificateHashData"]) == {  # type: ignore[arg-type]
+                "hashAlgorithm", "issuerNameHash", "issuerKeyHash", "serialNumber"
+            }  # fmt: skip
+            raise csms.Refused("unknown_issuer", "no CA of this installation has these issuer hashes")
+
+    station = csms.Station21("CP-X", None, RefusingApi())
+    data = {"hash_algorithm": "SHA256", "issuer_name_hash": "00" * 32, "issuer_key_hash": "00" * 32,
+            "serial_number": "1"}  # fmt: skip
+    entries = [{"certificate_hash_data": data, "source": source, "urls": ["http://x/"]} for source in ("OCSP", "CRL")]
+    answer = asyncio.run(station.on_get_certificate_chain_status(certificate_status_requests=entries))
+    assert [entry["status"] for entry in answer.certificate_status] == ["Failed", "Failed"]
+    assert [entry["source"] for entry in answer.certificate_status] == ["OCSP", "CRL"]
+    assert answer.certificate_status[0]["certificate_hash_data"] == data
+    assert datetime.fromisoformat(answer.certificate_status[0]["next_update"]) > datetime.now(UTC)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, assume, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
-from jsonschema import Draft202012Validator
+from jsonschema import Draft6Validator, Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from sqlalchemy import select, update
 
@@ -37,6 +38,7 @@ from ca import audit
 from ca.audit import checkpoints
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
 from ca.authorities.issuers import default_issuing_ca, get_authority, issuer_for
+from ca.authorities.oem import import_oem_root
 from ca.authorities.rotation import retire, rotate_issuing_ca
 from ca.authorities.v2g import V2gRequest, init_v2g
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
@@ -53,6 +55,8 @@ from ca.registry.devices import add_device, disable_device, get_device
 from ca.status.revocation import revoke
 from ca.store.models import AuditCheckpoint, AuditEvent, Certificate, CsmsSignJob
 from ca.work import Work
+from crl.publisher import publish_all
+from ocsp.certid import issuer_hashes
 from ocsp.ocpp import parse_hash_data
 from ocsp.presign import Presigner
 from tests.api_helpers import CHECKED, CheckedClient
@@ -495,6 +499,306 @@ def test_ocsp_answers_from_the_store_or_signs_on_demand(api: Api) -> None:
     assert (foreign.status_code, foreign.get_json()["reason"]) == (404, "unknown_issuer")
 
 
+# -- OCPP 2.1 ------------------------------------------------------------------------------------------
+def ocpp21_schema(name: str) -> dict[str, Any]:
+    """A JSON schema shipped with the `ocpp` library for OCPP 2.1 (``ocpp/v21/schemas``)."""
+    return json.loads((resources.files("ocpp") / "v21" / "schemas" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _ocpp21_valid(name: str, instance: object) -> None:
+    """``instance`` is what an OCPP 2.1 message of that schema may carry, as the library's schema says."""
+    Draft6Validator(ocpp21_schema(name)).validate(instance)
+
+
+def _root_hash(authority: Any, algorithm: str = "SHA256", serial: str | None = None) -> dict[str, str]:
+    """A root's own CertificateHashData (OCPP 2.1 hashRootCertificate): it is its own issuer."""
+    (hashed,) = [
+        h
+        for h in issuer_hashes(x509.load_der_x509_certificate(authority.certificate_der))
+        if h.hash_algorithm == algorithm.lower()
+    ]
+    return {
+        "hashAlgorithm": algorithm,
+        "issuerNameHash": hashed.name_hash.hex(),
+        "issuerKeyHash": hashed.key_hash.hex(),
+        "serialNumber": serial or authority.serial,
+    }
+
+
+@dataclass
+class V2g:
+    v2: Any  # the ISO 15118-2 hierarchy
+    v20: Any  # the ISO 15118-20 hierarchy (root → Sub-CA 2)
+    ocpp_root: Any
+    staging_root: Any
+
+
+def _with_v2g(api: Api, token: Token) -> V2g:
+    with api.pki.store.session() as session:
+        work = Work(session=session, actor="test", status=api.status, token=token)
+        v2 = init_v2g(work, request=V2gRequest(organization=ORG, country="DE"))
+        v20 = init_v2g(work, request=V2gRequest(organization=ORG, country="DE", iso="15118-20", sub_ca_1=False))
+        ocpp_root = default_issuing_ca(session, "production").parent
+        staging_root = default_issuing_ca(session, "staging").parent
+        for row in (v2.root, v20.root, v20.sub_ca_2, ocpp_root, staging_root):
+            session.refresh(row)
+        session.expunge_all()
+        session.commit()
+    return V2g(v2, v20, ocpp_root, staging_root)
+
+
+def _certificate_count(api: Api) -> int:
+    with api.pki.store.session() as session:
+        count = len(session.scalars(select(Certificate.id).where(Certificate.status == "valid")).all())
+        session.commit()
+    return count
+
+
+def test_ocpp_2_1_sign_certificate_v2g20_with_request_id_and_a_chosen_root(api: Api, token: Token) -> None:
+    station = api.register()
+    v2g = _with_v2g(api, token)
+    secc_id = "DE*ACM*E2101*1"
+    key = make_key("ec-p521")
+    response = api.sign(
+        station, make_csr(secc_id, key=key), certificateType="V2G20Certificate", requestId=4711,
+        hashRootCertificate=_root_hash(v2g.v20.root, "SHA384"),
+    )  # fmt: skip
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert (answer["certificateType"], answer["requestId"]) == ("V2G20Certificate", 4711)
+    # What the CSMS passes on is a valid OCPP 2.1 CertificateSignedRequest as it is.
+    signed = {k: answer[k] for k in ("certificateChain", "certificateType", "requestId")}
+    _ocpp21_valid("CertificateSignedRequest", signed)
+    leaf, sub_ca_2 = _pems(answer["certificateChain"])  # -20 without Sub-CA 1: leaf, Sub-CA 2; root omitted
+    root = x509.load_der_x509_certificate(v2g.v20.root.certificate_der)
+    leaf.verify_directly_issued_by(sub_ca_2)
+    sub_ca_2.verify_directly_issued_by(root)
+    assert leaf.signature_hash_algorithm is not None and leaf.signature_hash_algorithm.name == "sha512"
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == secc_id
+    # The same SECC ID under ISO 15118-2, its own key, under the -2 root chosen by hash (any algorithm).
+    for algorithm in ("SHA256", "SHA512"):
+        v2 = api.sign(
+            station, make_csr(secc_id), certificateType="V2GCertificate", requestId=-7,
+            hashRootCertificate=_root_hash(v2g.v2.root, algorithm),
+        )  # fmt: skip
+        assert v2.status_code == 200, v2.get_json()
+        assert (v2.get_json()["certificateType"], v2.get_json()["requestId"]) == ("V2GCertificate", -7)
+        assert len(_pems(v2.get_json()["certificateChain"])) == 3
+    # Without a root, each type signs under its version's newest Sub-CA 2; without requestId none is echoed.
+    plain = api.sign(station, make_csr("DE*ACM*E2102*1", key=make_key("ec-p521")), certificateType="V2G20Certificate")
+    assert plain.status_code == 200 and "requestId" not in plain.get_json()
+    # A charger certificate may name the OCPP root it is signed under (the current one).
+    charger = api.sign(station, make_csr(station), requestId=1, hashRootCertificate=_root_hash(v2g.ocpp_root))
+    assert charger.status_code == 200 and charger.get_json()["certificateType"] == "ChargingStationCertificate"
+    # Each type takes only a root of its hierarchy, of this CSMS's environment.
+    before = _certificate_count(api)
+    refusals = [
+        (api.sign(station, make_csr(secc_id), certificateType="V2GCertificate",
+                  hashRootCertificate=_root_hash(v2g.v20.root)), 400, "root_type_mismatch"),
+        (api.sign(station, make_csr(secc_id, key=make_key("ec-p521")), certificateType="V2G20Certificate",
+                  hashRootCertificate=_root_hash(v2g.v2.root)), 400, "root_type_mismatch"),
+        (api.sign(station, make_csr(station), hashRootCertificate=_root_hash(v2g.v20.root)), 400, "root_type_mismatch"),
+        (api.sign(station, make_csr(secc_id), certificateType="V2GCertificate",
+                  hashRootCertificate=_root_hash(v2g.ocpp_root)), 400, "root_type_mismatch"),
+        (api.sign(station, make_csr(station), hashRootCertificate=_root_hash(v2g.staging_root)), 404, "unknown_root"),
+        (api.sign(station, make_csr(station), hashRootCertificate=_root_hash(v2g.ocpp_root, serial="1A")), 404,
+         "unknown_root"),
+        (api.sign(station, make_csr(secc_id, key=make_key("ec-p521")), certificateType="V2G20Certificate",
+                  hashRootCertificate=_root_hash(v2g.v20.sub_ca_2)), 404, "unknown_root"),  # not a root
+    ]  # fmt: skip
+    for number, (refused, status, reason) in enumerate(refusals):
+        assert (refused.status_code, refused.get_json()["reason"]) == (status, reason), (number, refused.get_json())
+    assert _certificate_count(api) == before
+    audited = [json.loads(e.details) for e in api.audit("csms.api.sign")][-len(refusals) :]
+    assert [a["reason"] for a in audited] == [reason for _, _, reason in refusals]
+
+    # Asynchronously: requestId in every answer, the root checked at once and again when signed.
+    queued = api.sign(
+        station, make_csr("DE*ACM*E2103*1", key=make_key("ec-p521")), query="?async=1",
+        certificateType="V2G20Certificate", requestId=99, hashRootCertificate=_root_hash(v2g.v20.root),
+    )  # fmt: skip
+    assert queued.status_code == 202 and queued.get_json()["requestId"] == 99
+    assert api.client.get(queued.headers["Location"]).get_json()["requestId"] == 99
+    assert api.runner().run_once() == "signed"
+    done = api.client.get(queued.headers["Location"]).get_json()
+    assert (done["status"], done["certificateType"], done["requestId"]) == ("signed", "V2G20Certificate", 99)
+    mismatched = api.sign(
+        station, make_csr(secc_id), query="?async=1", certificateType="V2GCertificate",
+        hashRootCertificate=_root_hash(v2g.v20.root),
+    )  # fmt: skip
+    assert (mismatched.status_code, mismatched.get_json()["reason"]) == (400, "root_type_mismatch")
+
+
+def test_ocpp_2_1_bad_input_is_refused_with_a_reason_audited_and_nothing_issued(api: Api, token: Token) -> None:
+    station = api.register()
+    # Without an ISO 15118-20 hierarchy: a state the operator fixes, at once also asynchronously.
+    for query in ("", "?async=1"):
+        missing = api.sign(station, make_csr("DE*ACM*E2201*1", key=make_key("ec-p521")), query=query,
+                           certificateType="V2G20Certificate")  # fmt: skip
+        assert (missing.status_code, missing.get_json()["reason"]) == (409, "v2g_not_configured")
+    _with_v2g(api, token)
+    signed, _ = api.signed(station)
+    info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
+    entry = {"certificateHashData": info["certificateHashData"][0], "source": "OCSP", "urls": ["http://x/ocsp"]}
+    before = _certificate_count(api)
+
+    def chain_status(entries: Any) -> Any:
+        return api.client.post("/api/v1/certificate-chain-status", json={"certificateStatusRequests": entries})
+
+    unknown_issuer = {**entry, "certificateHashData": {**entry["certificateHashData"], "issuerKeyHash": "00" * 32}}
+    cases = [
+        (api.sign(station, make_csr("DE*ACM*E2202*1", key=make_key("ec-p256")), certificateType="V2G20Certificate"),
+         403, "key_not_allowed"),  # a -20 CSR with a P-256 key
+        (api.sign(station, make_csr("DE*ACM*E2203*1", key=make_key("ec-p521")), certificateType="V2GCertificate"),
+         403, "key_not_allowed"),  # a -2 CSR with a P-521 key
+        (api.sign(station, make_csr(station), hashRootCertificate=_hash_data_only("SHA256")), 404,
+         "unknown_root"),
+        (api.sign(station, make_csr(station), requestId=2**31), 400, "bad_value"),
+        (api.sign(station, make_csr(station), requestId="1"), 400, "bad_value"),
+        (api.sign(station, make_csr(station), requestId=1.5), 400, "bad_value"),
+        (chain_status([entry] * 5), 400, "too_many_entries"),
+        (chain_status([]), 400, "no_entries"),
+        (chain_status([{**entry, "urls": ["http://x/" + "a" * 2000]}]), 400, "field_too_long"),
+        (chain_status([{**entry, "urls": ["http://x/ocsp"] * 6}]), 400, "too_many_urls"),
+        (chain_status([{**entry, "urls": []}]), 400, "bad_value"),
+        (chain_status([{**entry, "source": "OCSP+CRL"}]), 400, "bad_value"),
+        (chain_status([entry, unknown_issuer]), 404, "unknown_issuer"),
+        (chain_status([{**entry, "extra": 1}]), 400, "unknown_field"),
+        (api.client.post("/api/v1/ocsp", json={"ocspRequestData": {**_hash("SHA256"), "responderURL": "h" * 2001}}),
+         400, "bad_value"),
+        (api.client.get("/api/v1/install-certificates?ocppVersion=1.6"), 400, "bad_value"),
+    ]  # fmt: skip
+    for number, (response, status, reason) in enumerate(cases):
+        assert (response.status_code, response.get_json()["reason"]) == (status, reason), (number, response.get_json())
+        assert response.get_json()["error"]
+    assert _certificate_count(api) == before  # nothing issued
+    refused = [json.loads(e.details) for e in api.audit("v2g.refused")]
+    assert [r["code"] for r in refused][-2:] == ["key_not_allowed", "key_not_allowed"]
+    signs = [json.loads(e.details) for e in api.audit("csms.api.sign")][-6:]
+    assert [c["reason"] for c in signs] == [r for _, _, r in cases[:6]]
+    calls = [json.loads(e.details) for e in api.audit("csms.api.certificate-chain-status")]
+    assert [c["reason"] for c in calls] == [r for _, _, r in cases[6:14]]
+    assert all(c["status"] >= 400 for c in calls)
+    # 2.0.1-sized fields stay accepted: a 512-character responderURL, the 2.0.1 certificate types.
+    data = {**info["certificateHashData"][0], "responderURL": "h" * 512}
+    assert api.client.post("/api/v1/ocsp", json={"ocspRequestData": data}).status_code == 200
+
+
+def test_ocpp_2_1_certificate_chain_status_by_ocsp_and_by_the_published_crl(api: Api) -> None:
+    station = api.register()
+    signed, _ = api.signed(station)
+    info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
+    with api.pki.store.session() as session:
+        issuing = default_issuing_ca(session, "production")
+        issuing_hash = _root_hash(issuing.parent, serial=issuing.serial)  # the issuing CA, named under its root
+        issuing_name = issuing.name
+        session.commit()
+    leaf_hash = info["certificateHashData"][1]  # SHA384: any of the three
+
+    def ask(*entries: tuple[dict[str, str], str]) -> list[dict[str, Any]]:
+        body = {
+            "certificateStatusRequests": [
+                {"certificateHashData": data, "source": source, "urls": ["http://127.0.0.1:8081/ocsp"]}
+                for data, source in entries
+            ]
+        }
+        _ocpp21_valid("GetCertificateChainStatusRequest", body)
+        response = api.client.post("/api/v1/certificate-chain-status", json=body)
+        assert response.status_code == 200, response.get_json()
+        _ocpp21_valid("GetCertificateChainStatusResponse", response.get_json())  # forwarded as it is
+        statuses = response.get_json()["certificateStatus"]
+        assert [s["certificateHashData"] for s in statuses] == [data for data, _ in entries]
+        assert [s["source"] for s in statuses] == [source for _, source in entries]
+        return statuses
+
+    now = datetime.now(UTC)
+    # No CRL published yet: the CRL entries cannot be answered; OCSP answers at once.
+    first = ask((leaf_hash, "OCSP"), (issuing_hash, "OCSP"), (leaf_hash, "CRL"), (issuing_hash, "CRL"))
+    assert [s["status"] for s in first] == ["Good", "Good", "Failed", "Failed"]
+    ocsp_next = datetime.fromisoformat(first[0]["nextUpdate"])
+    assert now < ocsp_next <= now + timedelta(days=8)
+    assert now < datetime.fromisoformat(first[2]["nextUpdate"]) <= now + timedelta(minutes=2)  # Failed: soon
+
+    publish_all_crls(api)
+    published = ask((leaf_hash, "CRL"), (issuing_hash, "CRL"))
+    assert [s["status"] for s in published] == ["Good", "Good"]
+    crl = x509.load_der_x509_crl((api.pki.config.home / "pki" / f"{issuing_name}.crl").read_bytes())
+    assert datetime.fromisoformat(published[0]["nextUpdate"]) == crl.next_update_utc
+
+    # Revoked: OCSP says so at once, the CRL once republished.
+    with api.pki.store.session() as session:
+        revoke(Work(session, "test", status=api.status), serial=signed["serialNumber"], reason="keyCompromise")
+    assert [s["status"] for s in ask((leaf_hash, "OCSP"), (leaf_hash, "CRL"))] == ["Revoked", "Good"]
+    publish_all_crls(api)
+    assert [s["status"] for s in ask((leaf_hash, "OCSP"), (leaf_hash, "CRL"))] == ["Revoked", "Revoked"]
+
+    # A serial the CA never issued is Unknown by either source.
+    never = {**leaf_hash, "serialNumber": "ABC"}
+    assert [s["status"] for s in ask((never, "OCSP"), (never, "CRL"))] == ["Unknown", "Unknown"]
+    # A CRL file that is not the CA's (tampered, or a link planted there) vouches for nothing.
+    path = api.pki.config.home / "pki" / f"{issuing_name}.crl"
+    path.write_bytes(path.read_bytes()[:-8] + b"\x00" * 8)
+    assert ask((leaf_hash, "CRL"))[0]["status"] == "Failed"
+    path.unlink()
+    other = next(p for p in (api.pki.config.home / "pki").glob("*.crl") if p != path)
+    path.symlink_to(other)
+    assert ask((leaf_hash, "CRL"))[0]["status"] == "Failed"
+    calls = [json.loads(e.details) for e in api.audit("csms.api.certificate-chain-status")]
+    assert calls[-1]["status"] == 200 and calls[-1]["statuses"][0].startswith("CRL Failed")
+
+
+def publish_all_crls(api: Api) -> None:
+    with api.pki.store.session() as session:
+        publish_all(session, api.pki.token(), api.pki.config.home / "pki")
+
+
+def test_ocpp_2_1_install_certificates_lists_every_root_a_station_needs(api: Api, token: Token) -> None:
+    bundle = api.client.get("/api/v1/install-certificates").get_json()
+    assert (bundle["environment"], bundle["ocppVersion"]) == ("production", "2.1")
+    assert [e["certificateType"] for e in bundle["installCertificates"]] == ["CSMSRootCertificate"]
+    v2g = _with_v2g(api, token)
+    oem = _self_signed_ca("Example Motors OEM Root")
+    with api.pki.store.session() as session:
+        imported = import_oem_root(Work(session, "test"), environment="production", certificate_data=oem)
+        imported_name = imported.name
+    entries = api.client.get("/api/v1/install-certificates").get_json()["installCertificates"]
+    assert [(e["certificateType"], e["name"]) for e in entries] == [
+        ("CSMSRootCertificate", v2g.ocpp_root.name),
+        ("V2GRootCertificate", v2g.v2.root.name),
+        ("V2GRootCertificate", v2g.v20.root.name),
+        ("OEMRootCertificate", imported_name),
+    ]
+    for entry in entries:  # each is an OCPP 2.1 InstallCertificateRequest as it is
+        _ocpp21_valid("InstallCertificateRequest", {k: entry[k] for k in ("certificateType", "certificate")})
+    assert entries[-1]["certificate"].encode() == oem
+    # The hash data is what GetInstalledCertificateIds reports, and names the root for hashRootCertificate.
+    assert _root_hash(v2g.v20.root) in entries[2]["certificateHashData"]
+    older = api.client.get("/api/v1/install-certificates?ocppVersion=2.0.1").get_json()
+    assert "OEMRootCertificate" not in {e["certificateType"] for e in older["installCertificates"]}
+    staging = _client_for(api, "csms-staging", "staging").get("/api/v1/install-certificates").get_json()
+    assert [(e["certificateType"], e["name"]) for e in staging["installCertificates"]] == [
+        ("CSMSRootCertificate", v2g.staging_root.name)
+    ]
+
+
+def _self_signed_ca(name: str) -> bytes:
+    key = make_key("ec-p384")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(days=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
 # -- identity check ------------------------------------------------------------------------------------
 def _pem(der: bytes | None) -> str:
     return x509.load_der_x509_certificate(der or b"").public_bytes(serialization.Encoding.PEM).decode()
@@ -624,6 +928,8 @@ def test_every_endpoint_needs_credentials_and_says_so_in_json(api: Api) -> None:
         ("GET", "/api/v1/certificates/by-hash?hashAlgorithm=SHA256", None),
         ("POST", "/api/v1/ocsp", {}),
         ("POST", "/api/v1/identity-check", {}),
+        ("POST", "/api/v1/certificate-chain-status", {}),
+        ("GET", "/api/v1/install-certificates", None),
     ]
     for method, path, body in calls:
         for headers in (
@@ -644,7 +950,15 @@ def test_every_endpoint_needs_credentials_and_says_so_in_json(api: Api) -> None:
     assert sum(json.loads(summary.details)["count"] for summary in summaries) == len(calls) * 4
     assert {key for summary in summaries for key in json.loads(summary.details)["refusals"]} == {
         f"csms.api.{operation} unauthenticated"
-        for operation in ("sign", "sign-job", "lookup", "ocsp", "identity-check")
+        for operation in (
+            "sign",
+            "sign-job",
+            "lookup",
+            "ocsp",
+            "identity-check",
+            "certificate-chain-status",
+            "install-certificates",
+        )
     }
     # X-API-Key carries the same token; a replaced token and a disabled CSMS stop working at once.
     assert api.anonymous.get("/api/v1/certificates/" + "a" * 64, headers={"X-API-Key": api.token}).status_code == 404
@@ -858,6 +1172,10 @@ def _hash(algorithm: str, *, name: str | None = None, serial: str = "1A") -> dic
     }
 
 
+def _hash_data_only(algorithm: str) -> dict[str, str]:
+    return {k: v for k, v in _hash(algorithm).items() if k != "responderURL"}
+
+
 def _query(data: dict[str, str]) -> str:
     return "&".join(f"{k}={v}" for k, v in data.items() if k != "responderURL")
 
@@ -877,6 +1195,68 @@ def test_the_openapi_document_is_valid_served_and_documents_every_route(api: Api
                 routes.add((path, method.lower()))
     documented = {(path, method) for path, item in DOCUMENT["paths"].items() for method in item}
     assert routes == documented
+
+
+def test_the_document_follows_the_ocpp_2_1_schemas_of_the_ocpp_library() -> None:
+    """Field names, enums and limits as OCPP 2.1's JSON schemas (shipped with the `ocpp` library) have
+    them; the API is stricter only where OCPP leaves a value open (hex digits, a 32-bit integer)."""
+    schemas = DOCUMENT["components"]["schemas"]
+
+    def definitions(name: str) -> dict[str, Any]:
+        return ocpp21_schema(name)["definitions"]
+
+    sign = ocpp21_schema("SignCertificateRequest")
+    ours = schemas["SignRequest"]["properties"]
+    assert set(sign["properties"]) - {"customData"} <= set(ours)
+    assert (
+        ours["certificateType"]["enum"]
+        == definitions("SignCertificateRequest")["CertificateSigningUseEnumType"]["enum"]
+    )
+    assert ours["csr"]["maxLength"] == sign["properties"]["csr"]["maxLength"]
+    assert sign["properties"]["requestId"]["type"] == ours["requestId"]["type"] == "integer"
+    ocpp_hash = definitions("SignCertificateRequest")["CertificateHashDataType"]
+    hash_data = schemas["CertificateHashData"]
+    assert hash_data["required"] == ocpp_hash["required"]
+    assert (
+        hash_data["properties"]["hashAlgorithm"]["enum"]
+        == definitions("SignCertificateRequest")["HashAlgorithmEnumType"]["enum"]
+    )
+    for field in ("issuerNameHash", "issuerKeyHash", "serialNumber"):
+        assert hash_data["properties"][field]["maxLength"] == ocpp_hash["properties"][field]["maxLength"]
+    signed = ocpp21_schema("CertificateSignedRequest")["properties"]
+    result = schemas["SignResult"]["properties"]
+    assert result["certificateChain"]["maxLength"] == signed["certificateChain"]["maxLength"] == 10000
+    assert result["certificateType"]["enum"] == ours["certificateType"]["enum"]
+
+    request = ocpp21_schema("GetCertificateChainStatusRequest")
+    entries = request["properties"]["certificateStatusRequests"]
+    ours_entries = schemas["CertificateChainStatusRequest"]["properties"]["certificateStatusRequests"]
+    assert (ours_entries["minItems"], ours_entries["maxItems"]) == (entries["minItems"], entries["maxItems"]) == (1, 4)
+    info = definitions("GetCertificateChainStatusRequest")["CertificateStatusRequestInfoType"]
+    ours_info = schemas["CertificateStatusRequestInfo"]
+    assert set(info["properties"]) - {"customData"} == set(ours_info["properties"])
+    assert sorted(info["required"]) == sorted(ours_info["required"])
+    assert (
+        ours_info["properties"]["source"]["enum"]
+        == definitions("GetCertificateChainStatusRequest")["CertificateStatusSourceEnumType"]["enum"]
+    )
+    urls, ours_urls = info["properties"]["urls"], ours_info["properties"]["urls"]
+    assert (ours_urls["minItems"], ours_urls["maxItems"]) == (urls["minItems"], urls["maxItems"])
+    assert ours_urls["items"]["maxLength"] == urls["items"]["maxLength"] == 2000
+    response = definitions("GetCertificateChainStatusResponse")
+    ours_status = schemas["CertificateChainStatusResult"]["properties"]["certificateStatus"]["items"]
+    assert set(response["CertificateStatusType"]["properties"]) - {"customData"} == set(ours_status["properties"])
+    assert sorted(response["CertificateStatusType"]["required"]) == sorted(ours_status["required"])
+    assert ours_status["properties"]["status"]["enum"] == response["CertificateStatusEnumType"]["enum"]
+
+    status_response = ocpp21_schema("GetCertificateStatusResponse")["properties"]["ocspResult"]
+    assert schemas["OcspResult"]["properties"]["ocspResult"]["maxLength"] == status_response["maxLength"] == 18000
+    ocsp_request = definitions("GetCertificateStatusRequest")["OCSPRequestDataType"]["properties"]["responderURL"]
+    ocsp_data = schemas["OcspRequest"]["properties"]["ocspRequestData"]["properties"]
+    assert ocsp_data["responderURL"]["maxLength"] == ocsp_request["maxLength"] == 2000
+    install = definitions("InstallCertificateRequest")["InstallCertificateUseEnumType"]["enum"]
+    item = schemas["InstallCertificates"]["properties"]["installCertificates"]["items"]["properties"]
+    assert item["certificateType"]["enum"] == install and "OEMRootCertificate" in install
 
 
 # -- the document states exactly what the API accepts ---------------------------------------------------
@@ -1005,7 +1385,17 @@ def test_the_api_refuses_exactly_the_schema_invalid_cert_ids_and_fingerprints(ap
 
 
 # -- a short schema-driven fuzz --------------------------------------------------------------------------
-_SCHEMA_REASONS = {"bad_value", "unknown_field", "missing_field", "bad_hash", "bad_serial"}
+_SCHEMA_REASONS = {
+    "bad_value",
+    "unknown_field",
+    "missing_field",
+    "bad_hash",
+    "bad_serial",
+    "too_many_entries",
+    "no_entries",
+    "too_many_urls",
+    "field_too_long",
+}
 
 
 def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
@@ -1025,6 +1415,8 @@ def _requests(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         # on the length (almost never met); draw that many of the characters the pattern takes instead.
         alphabet = [c for c in string.printable if Validator({"pattern": schema["pattern"]}).is_valid(c * size)]
         return st.text(alphabet=alphabet, min_size=size, max_size=size)
+    if schema.get("type") == "array":
+        return st.lists(_requests(schema["items"]), min_size=schema.get("minItems", 0), max_size=schema["maxItems"])
     if schema.get("type") != "object":
         return from_schema({k: v for k, v in schema.items() if not k.startswith("x-") and k != "description"})
     conditions = [branch for branch in schema.get("allOf", []) if "if" in branch]
@@ -1094,6 +1486,18 @@ def test_schema_valid_requests_are_never_refused_by_the_schema_nor_answered_5xx(
             real["job"],
             lambda job_id: api.client.get(f"/api/v1/sign/{quote(job_id, safe='')}"),
         ),
+        (
+            "/api/v1/certificate-chain-status",
+            _ref_schema("CertificateChainStatusRequest"),
+            real["chain-status"],
+            lambda body: api.client.post("/api/v1/certificate-chain-status", json=body),
+        ),
+        (
+            "/api/v1/install-certificates",
+            _query_schema("/api/v1/install-certificates"),
+            real["install-certificates"],
+            lambda query: api.client.get(f"/api/v1/install-certificates?{urlencode(query)}"),
+        ),
     ]
     budget = float(os.environ.get("API_FUZZ_SECONDS") or 0) / len(operations)
     for path, schema, examples, call in operations:
@@ -1105,9 +1509,21 @@ def _path_schema(path: str) -> dict[str, Any]:
     return DOCUMENT["paths"][path]["get"]["parameters"][0]["schema"]
 
 
+def _query_schema(path: str) -> dict[str, Any]:
+    """A GET operation's (non-exploded) query parameters as the object the API validates them as."""
+    parameters = DOCUMENT["paths"][path]["get"]["parameters"]
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [p["name"] for p in parameters if p.get("required")],
+        "properties": {p["name"]: p["schema"] for p in parameters},
+    }
+
+
 def _real_requests(api: Api) -> dict[str, list[Any]]:
     """Requests that succeed against this installation: a signed charger's hash data and fingerprint,
-    its identity check, a CSR of another registered station, a pending signing job."""
+    its identity check, a CSR of another registered station (also naming its root, OCPP 2.1), a pending
+    signing job, its chain status by OCSP and by the published CRL, the InstallCertificate bundle."""
     station, signer = api.register(), api.register()
     signed, _key = api.signed(station)
     info = api.client.get(f"/api/v1/certificates/{signed['fingerprintSha256']}").get_json()
@@ -1115,6 +1531,15 @@ def _real_requests(api: Api) -> dict[str, list[Any]]:
     fingerprint = signed["fingerprintSha256"]
     colons = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
     job = api.sign(signer, make_csr(signer), query="?async=1").get_json()["jobId"]  # no runner: stays pending
+    with api.pki.store.session() as session:
+        root = default_issuing_ca(session, "production").parent
+        root_hash = _root_hash(root, "SHA512")
+        session.commit()
+    publish_all_crls(api)
+    chain_status = [
+        {"certificateHashData": data, "source": source, "urls": ["http://127.0.0.1:8081/ocsp"]}
+        for data, source in zip(hash_data, ("OCSP", "CRL", "OCSP"), strict=True)
+    ]
     return {
         "ocsp": [{"ocspRequestData": {**data, "responderURL": "http://127.0.0.1:8081/ocsp"}} for data in hash_data],
         "by-hash": hash_data,
@@ -1127,8 +1552,16 @@ def _real_requests(api: Api) -> dict[str, list[Any]]:
                 "csr": make_csr(signer).decode(),
                 "certificateType": "ChargingStationCertificate",
             },
+            {  # OCPP 2.1: requestId and the (current) root to sign under
+                "chargingStationId": signer,
+                "csr": make_csr(signer).decode(),
+                "requestId": 2**31 - 1,
+                "hashRootCertificate": root_hash,
+            },
         ],
         "job": [job],
+        "chain-status": [{"certificateStatusRequests": chain_status}, {"certificateStatusRequests": chain_status[:1]}],
+        "install-certificates": [{}, {"ocppVersion": "2.0.1"}, {"ocppVersion": "2.1"}],
     }
 
 

@@ -270,6 +270,7 @@ def test_rollover_records_links_and_serves_both_chains(
     assert sorted(n for n in files if n.endswith(".json")) == [
         "01-InstallCertificate-link.json",
         "02-InstallCertificate-new-root.json",
+        "install-certificates.json",  # the environment's whole bundle (tests/ca/authorities/test_oem_roots.py)
     ]
     # Nothing but the two new CAs, their signers and the links was created.
     assert [a.name for a in session.scalars(select(Authority).order_by(Authority.id))] == [
