@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -109,3 +110,22 @@ def openssl_verify_against_chain(chain_pem: str, leaf: Path, *purpose: str) -> s
     root_path = write(leaf.parent / "root.pem", root.public_bytes(serialization.Encoding.PEM))
     extra = ["-purpose", purpose[0]] if purpose else []
     return openssl("verify", "-CAfile", str(root_path), "-untrusted", str(issuing_path), *extra, str(leaf))
+
+
+def oem_root_pem() -> bytes:
+    """A vehicle manufacturer's root, for the CSMS to install as OEMRootCertificate."""
+    key = ec.generate_private_key(ec.SECP521R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example Motors OEM Root")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA512())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)

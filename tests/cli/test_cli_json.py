@@ -28,7 +28,7 @@ from ca.store.engine import Store
 from ca.work import Work
 from cli.main import cli
 from ocsp.presign import Presigner
-from tests.helpers import ROOT, make_key
+from tests.helpers import ROOT, make_key, oem_root_pem
 
 DOC = ROOT / "docs" / "cli-json.md"
 SECTION = re.compile(r"^(#+) (.+)$", re.MULTILINE)
@@ -133,7 +133,10 @@ def installation(home: Path, db_url: str, token: Token, tmp_path: Path) -> dict[
     csms_token = run(home, "csms", "token", "CSMS-1").stdout.strip()
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(b"firmware image\n" * 100)
+    oem_root = tmp_path / "oem-root.pem"
+    oem_root.write_bytes(oem_root_pem())
     for step in (
+        ("csms", "oem-root", "add", str(oem_root)),
         ("ca", "rotate"),
         ("campaign", "start", "--from-ca", "production-issuing-1"),
         ("firmware", "sign", str(firmware), "--signer", "fw1"),

@@ -22,15 +22,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ca.config import EstSettings, Pkcs11Settings
@@ -38,7 +37,7 @@ from ca.store.engine import Store
 from cli.main import cli
 from tests.conftest import database
 from tests.est_server import EstServer, free_port, start_server, write_home
-from tests.helpers import ROOT, make_csr, make_key, write
+from tests.helpers import ROOT, make_csr, make_key, oem_root_pem, write
 
 EXAMPLE = ROOT / "examples" / "ocpp_csms"
 
@@ -96,7 +95,7 @@ def story(
         root = write(tmp / "root.pem", _cli(home, "ca", "chain", "--ca", "production-root-1").encode())
         for iso in ("15118-2", "15118-20"):  # both V2G hierarchies, for the OCPP 2.1 station
             _cli(home, "v2g", "init", "--iso", iso, "--org", "Acme Charging", "--country", "DE")
-        _cli(home, "csms", "oem-root", "add", str(write(tmp / "oem-root.pem", _oem_root())))
+        _cli(home, "csms", "oem-root", "add", str(write(tmp / "oem-root.pem", oem_root_pem())))
         _cli(home, "csms", "add", "example-csms", "--no-certificate")
         api_token = _cli(home, "csms", "token", "example-csms").strip().split()[-1]
         # The CSMS's own TLS certificate (its key is the CSMS's, generated here).
@@ -174,25 +173,6 @@ def test_an_impostor_and_a_revoked_charger_are_refused_before_the_upgrade(story:
     refused = story.connect("CP-OCPP-R", revoked)
     assert refused.returncode == 3 and "revoked" in refused.stderr, refused.stderr
     assert "refused CP-OCPP-B: cn_mismatch" in story.csms_log.read_text()
-
-
-def _oem_root() -> bytes:
-    """A vehicle manufacturer's root, for the CSMS to install as OEMRootCertificate."""
-    key = ec.generate_private_key(ec.SECP521R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example Motors OEM Root")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA512())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
 
 
 def test_an_ocpp_2_1_station_obtains_both_secc_certificates_and_checks_their_chains(story: Story) -> None:
