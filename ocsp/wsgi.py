@@ -20,6 +20,7 @@ from typing import Any
 
 from ca.config import Config, OcspSettings, load_config, resolve_home
 from ca.store.engine import Store
+from metrics.instruments import configure_from_environment, instruments
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
 from ocsp.responder import MALFORMED, Answer, Responder
 from ocsp.signer_service import SignerClient
@@ -61,10 +62,15 @@ class OcspApp:
         self.repository_prefix = repository_path.rstrip("/") + "/"
         self.repository_dir = repository_dir
         self.max_age = max_age
+        self._counted: dict[tuple[str, str], Any] = {}  # (status, source) → its counter (metrics)
+        self._in_flight: Any = None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+        if self._in_flight is None:
+            self._in_flight = instruments().in_flight.labels("ocsp")
+        self._in_flight.inc()
         try:
             if path == self.path or path.startswith(self.prefix):
                 return self._ocsp(environ, start_response, method, path)
@@ -75,7 +81,18 @@ class OcspApp:
             return _text(start_response, "404 Not Found", f"nothing here; OCSP is at {self.path}")
         except Exception:
             log.exception("OCSP responder failed on %s %s", method, path[:200])
-            return self._send(start_response, Answer(INTERNAL_ERROR), method)
+            return self._send(start_response, self._count(Answer(INTERNAL_ERROR)), method)
+        finally:
+            self._in_flight.dec()
+
+    def _count(self, answer: Answer) -> Answer:
+        """Count the answer by status and source (chargepki_ocsp_requests_total)."""
+        key = (answer.status, answer.source)
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = instruments().ocsp_requests.labels(*key)
+        counter.inc()
+        return answer
 
     # -- OCSP ------------------------------------------------------------------------------------
     def _ocsp(self, environ: dict[str, Any], start_response: StartResponse, method: str, path: str) -> list[bytes]:
@@ -94,14 +111,14 @@ class OcspApp:
                     start_response, "413 Content Too Large", f"OCSP requests are at most {MAX_REQUEST_BYTES} bytes"
                 )
             body = environ["wsgi.input"].read(length)
-            return self._send(start_response, self.responder.answer(body), method)
+            return self._send(start_response, self._count(self.responder.answer(body)), method)
         if method in ("GET", "HEAD"):
             encoded = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
             try:
                 der = decode_get_path(encoded)
             except MalformedRequest:
-                return self._send(start_response, MALFORMED, method)
-            answer = self.responder.answer(der)
+                return self._send(start_response, self._count(MALFORMED), method)
+            answer = self._count(self.responder.answer(der))
             if answer.cache is not None and environ.get("HTTP_IF_NONE_MATCH") == answer.cache.etag:
                 start_response("304 Not Modified", self._cache_headers(answer))
                 return []
@@ -197,6 +214,7 @@ def create_app() -> OcspApp:
 
     ``CHARGEPKI_OCSP_NO_SIGNER=1`` runs a responder that answers only from the store.
     """
+    configure_from_environment()  # the service's multiprocess metrics directory, when it has one
     config = load_config(resolve_home(None, os.environ), os.environ)
     no_signer = os.environ.get("CHARGEPKI_OCSP_NO_SIGNER") == "1"
     return build_app(config, signer_socket=None if no_signer else signer_socket_path(config))
