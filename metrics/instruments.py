@@ -19,9 +19,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 
 from ca import observe
+
+disable_created_metrics()  # no *_created series: the multiprocess files have none either
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds: issuance is a few ms to a few hundred ms (two commits and a token signature, under load).

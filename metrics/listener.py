@@ -153,35 +153,31 @@ def exporting(config: Config, service: str, environ: Mapping[str, str], *, token
     listener checks the token (it then keeps the PIN; otherwise it gets an environment without it).
     """
     settings = config.metrics
-    if not settings.enabled:
+    sock = bind(settings, service) if settings.enabled else None
+    if sock is None:
+        # Off, or another process has the port: perhaps a second `serve ocsp` of this home, whose
+        # directory is then not ours to empty. The workers count in memory, unserved.
         configure(None)
         yield None
         return
-    directory = prepare_directory(multiprocess_dir(config, service))
+    directory = prepare_directory(multiprocess_dir(config, service))  # the port is ours: so is the directory
     configure(directory)
-    sock = bind(settings, service)
-    process = None
-    if sock is not None:
-        environment = {**environ, MULTIPROC_ENV: str(directory)}
-        if not token:
-            environment = child_environment(environment, config.pkcs11.pin_env)
-        command = [sys.executable, "-m", "metrics.exporter", "--home", str(config.home), "--service", service]
-        command += ["--fd", str(sock.fileno())]
-        if token:
-            command.append("--token")
-        process = subprocess.Popen(
-            command,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            pass_fds=(sock.fileno(),),
-            preexec_fn=die_with_parent,
-        )
-        sock.close()  # the listener's now
-        log.info("metrics of %s on http://%s:%s/metrics", service, settings.address, settings.port(service))
+    environment = {**environ, MULTIPROC_ENV: str(directory)}
+    if not token:
+        environment = child_environment(environment, config.pkcs11.pin_env)
+    command = [sys.executable, "-m", "metrics.exporter", "--home", str(config.home), "--service", service]
+    command += ["--fd", str(sock.fileno())]
+    if token:
+        command.append("--token")
+    process = subprocess.Popen(
+        command, env=environment, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=die_with_parent
+    )
+    sock.close()  # the listener's now
+    log.info("metrics of %s on http://%s:%s/metrics", service, settings.address, settings.port(service))
     try:
         yield directory
     finally:
-        if process is not None and process.poll() is None:
+        if process.poll() is None:
             process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
                 process.wait(5)
