@@ -45,6 +45,9 @@ LOCKOUT_KINDS = (DEVICE, CERTIFICATE, ADDRESS, API_TOKEN, API_CERTIFICATE)
 # Responses whose nextUpdate passed longer ago than this are not looked at one by one (below).
 OCSP_LOOKBACK = timedelta(days=1)
 TOKEN_CHECK_SECONDS = 5.0  # the token is checked at most this often, whatever the cache of the store values
+# Campaign progress reads every member's certificates (bench/metrics_cost.py: seconds for 100,000 devices);
+# campaigns run for weeks, so it is recomputed at most this often, whatever cache_seconds says.
+CAMPAIGN_SECONDS = 300.0
 
 _CERTIFICATES = Certificate.__table__
 _RESPONSES = OcspResponse.__table__
@@ -217,6 +220,8 @@ class StoreCollector(Collector):
         self._lock = threading.Lock()
         self._cached: list[Metric] = []
         self._at = -math.inf
+        self._campaigns: list[tuple[int, str, int, int, dict[str, int]]] = []
+        self._campaigns_at = -math.inf
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # one computation at a time; the scrapes waiting for it get its result
@@ -286,10 +291,16 @@ class StoreCollector(Collector):
             "Devices of each open re-enrollment campaign by state (reenrolled, pending, failed).",
             ["campaign", "environment", "from_ca", "to_ca", "state"],
         )
-        for campaign, states in open_campaigns(session, now):
-            names = (cas.get(campaign.from_authority_id, ("?",))[0], cas.get(campaign.to_authority_id, ("?",))[0])
+        if time.monotonic() - self._campaigns_at >= CAMPAIGN_SECONDS:
+            self._campaigns = [
+                (c.id, c.environment, c.from_authority_id, c.to_authority_id, states)
+                for c, states in open_campaigns(session, now)
+            ]
+            self._campaigns_at = time.monotonic()
+        for campaign, environment, from_id, to_id, states in self._campaigns:
+            names = (cas.get(from_id, ("?",))[0], cas.get(to_id, ("?",))[0])
             for state, count in states.items():
-                devices.add_metric([str(campaign.id), campaign.environment, *names, state], count)
+                devices.add_metric([str(campaign), environment, *names, state], count)
         yield devices
 
     def _crl(self, session: Session, now: datetime, cas: dict[int, tuple[str, str, str]]) -> Iterable[Metric]:
