@@ -46,7 +46,8 @@ LOCKOUT_KINDS = (DEVICE, CERTIFICATE, ADDRESS, API_TOKEN, API_CERTIFICATE)
 OCSP_LOOKBACK = timedelta(days=1)
 TOKEN_CHECK_SECONDS = 5.0  # the token is checked at most this often, whatever the cache of the store values
 # Campaign progress reads every member's certificates (bench/metrics_cost.py: seconds for 100,000 devices);
-# campaigns run for weeks, so it is recomputed at most this often, whatever cache_seconds says.
+# campaigns run for weeks, so it is recomputed in the background at most this often, whatever
+# cache_seconds says, and a scrape never waits for it (it serves the last result).
 CAMPAIGN_SECONDS = 300.0
 
 _CERTIFICATES = Certificate.__table__
@@ -70,8 +71,9 @@ def expiring_certificates(
     """(environment, profile) → certificates expiring within each of ``EXPIRY_WINDOWS`` days.
 
     Valid certificates not superseded by a renewal (``revoke_after`` is set when one was): what
-    needs renewing. One range of ``ix_certificates_status_not_after`` (status, not_after), grouped:
-    the cost grows with the certificates expiring within 90 days, not with the table.
+    needs renewing. One range of ``ix_certificates_status_not_after`` (status, not_after, and since
+    migration 0012 the grouped columns, so the index alone answers), grouped: the cost grows with
+    the certificates expiring within 90 days, not with the table.
     """
     c = _CERTIFICATES.c
     horizon = now + timedelta(days=EXPIRY_WINDOWS[-1])
@@ -222,6 +224,7 @@ class StoreCollector(Collector):
         self._at = -math.inf
         self._campaigns: list[tuple[int, str, int, int, dict[str, int]]] = []
         self._campaigns_at = -math.inf
+        self._campaigns_running = False
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # one computation at a time; the scrapes waiting for it get its result
@@ -291,17 +294,28 @@ class StoreCollector(Collector):
             "Devices of each open re-enrollment campaign by state (reenrolled, pending, failed).",
             ["campaign", "environment", "from_ca", "to_ca", "state"],
         )
-        if time.monotonic() - self._campaigns_at >= CAMPAIGN_SECONDS:
-            self._campaigns = [
-                (c.id, c.environment, c.from_authority_id, c.to_authority_id, states)
-                for c, states in open_campaigns(session, now)
-            ]
-            self._campaigns_at = time.monotonic()
+        if time.monotonic() - self._campaigns_at >= CAMPAIGN_SECONDS and not self._campaigns_running:
+            self._campaigns_running = True
+            threading.Thread(target=self._count_campaigns, name="metrics-campaigns", daemon=True).start()
         for campaign, environment, from_id, to_id, states in self._campaigns:
             names = (cas.get(from_id, ("?",))[0], cas.get(to_id, ("?",))[0])
             for state, count in states.items():
                 devices.add_metric([str(campaign), environment, *names, state], count)
         yield devices
+
+    def _count_campaigns(self) -> None:
+        """The open campaigns' devices by state, in a thread of its own (its own session)."""
+        try:
+            with self.store.session() as session:
+                self._campaigns = [
+                    (c.id, c.environment, c.from_authority_id, c.to_authority_id, states)
+                    for c, states in open_campaigns(session, self.now())
+                ]
+        except (SQLAlchemyError, ChargepkiError) as exc:
+            log.warning("metrics: cannot read the campaigns: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        finally:
+            self._campaigns_at = time.monotonic()
+            self._campaigns_running = False
 
     def _crl(self, session: Session, now: datetime, cas: dict[int, tuple[str, str, str]]) -> Iterable[Metric]:
         assert self.crl_files is not None
