@@ -124,7 +124,7 @@ def instruments() -> Instruments:
         ),
         in_flight=Gauge(
             "chargepki_http_requests_in_flight",
-            "Requests being answered by the application server's workers now.",
+            "Requests being answered by the EST and CSMS API workers now.",
             ["service"],
             multiprocess_mode="livesum",
             registry=None,

@@ -62,15 +62,13 @@ class OcspApp:
         self.repository_prefix = repository_path.rstrip("/") + "/"
         self.repository_dir = repository_dir
         self.max_age = max_age
-        self._counted: dict[tuple[str, str], Any] = {}  # (status, source) → its counter (metrics)
-        self._in_flight: Any = None
+        # (status, source) → its counter. One increment per answer is all the hot path pays for
+        # metrics (a write to this worker's file in the multiprocess directory, a few µs).
+        self._counted: dict[tuple[str, str], Any] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
-        if self._in_flight is None:
-            self._in_flight = instruments().in_flight.labels("ocsp")
-        self._in_flight.inc()
         try:
             if path == self.path or path.startswith(self.prefix):
                 return self._ocsp(environ, start_response, method, path)
@@ -82,8 +80,6 @@ class OcspApp:
         except Exception:
             log.exception("OCSP responder failed on %s %s", method, path[:200])
             return self._send(start_response, self._count(Answer(INTERNAL_ERROR)), method)
-        finally:
-            self._in_flight.dec()
 
     def _count(self, answer: Answer) -> Answer:
         """Count the answer by status and source (chargepki_ocsp_requests_total)."""
