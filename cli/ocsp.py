@@ -119,7 +119,7 @@ def serve_ocsp(
     socket_path = signer_socket_path(config)
     metrics = contextlib.ExitStack()
     if unix_socket is None:  # the workers' and the signer's metrics directory, and the listener (keyless)
-        metrics.enter_context(exporting(config, "ocsp", pki.environ, token=False))
+        metrics.enter_context(exporting(config, "ocsp", pki.environ))
     if not no_signer and not signer_alive(socket_path):
         command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "ocsp", "signer"]
         signer = subprocess.Popen(command, preexec_fn=die_with_parent)

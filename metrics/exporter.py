@@ -1,11 +1,11 @@
 """The listener process of ``serve est`` / ``serve ocsp`` (started by ``metrics.listener.exporting``).
 
-    python -m metrics.exporter --home HOME --service est|ocsp --fd N [--token]
+    python -m metrics.exporter --home HOME --service est|ocsp --fd N
 
 Serves, on the listening socket it inherited as descriptor N: the service's workers' values
-(``PROMETHEUS_MULTIPROC_DIR``), the store-derived values of the service (read-only store, cached)
-and, with ``--token``, the token's health. It holds no request worker and signs nothing; it ends
-when its service does (SIGTERM, or its parent gone).
+(``PROMETHEUS_MULTIPROC_DIR``: their counts, and their token checks) and the store-derived values
+of the service (read-only store, cached). It holds no request worker, no token and no PIN; it
+ends when its service does (SIGTERM, or its parent gone).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from ca.config import load_config, resolve_home
-from ca.context import Pki
 from ca.store.engine import Store
 from metrics.instruments import MULTIPROC_ENV
 from metrics.listener import Workers, serve_in_thread
-from metrics.store import StoreCollector, TokenCollector
+from metrics.store import StoreCollector
 
 PARENT_CHECK_SECONDS = 1.0
 
@@ -35,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", required=True)
     parser.add_argument("--service", choices=["est", "ocsp"], required=True)
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--token", action="store_true")
     args = parser.parse_args(argv)
     parent = os.getppid()
     stop = threading.Event()
@@ -46,10 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     registry.register(Workers(Path(os.environ[MULTIPROC_ENV])))
     store = Store(config.database_url, read_only=True)
     registry.register(StoreCollector(args.service, store, cache_seconds=config.metrics.cache_seconds))
-    pki = None
-    if args.token:
-        pki = Pki(config, os.environ, create=False)
-        registry.register(TokenCollector(config.pkcs11.token_label, pki.token))
     server = serve_in_thread(socket.socket(fileno=args.fd), registry)
     try:
         while not stop.wait(PARENT_CHECK_SECONDS):
@@ -59,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         server.shutdown()
         server.server_close()
         store.dispose()
-        if pki is not None:
-            pki.close()
     return 0
 
 

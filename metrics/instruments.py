@@ -14,15 +14,21 @@ words, URL rules): never a serial, a subject, a secret or anything a client sent
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 
 from ca import observe
+from ca.errors import ChargepkiError
+from ca.keys.pkcs11_token import Token
 
+log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: the multiprocess files have none either
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -31,6 +37,7 @@ ISSUANCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # Seconds: one token signature is sub-millisecond (SoftHSM2, EC) to tens of ms (network HSM, RSA-4096);
 # a CRL of a million entries is hashed by the token too.
 SIGNING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+TOKEN_CHECK_SECONDS = 5.0  # how often a signing process checks its token for chargepki_token_up
 
 _lock = threading.Lock()
 _mode: str | None = None  # the directory values are written to, "" in memory; None: not configured yet
@@ -77,6 +84,7 @@ class Instruments:
     http_requests: Counter
     in_flight: Gauge
     ocsp_requests: Counter
+    token_up: Gauge
 
     def register(self, registry: CollectorRegistry) -> None:
         """Serve this process's own values from ``registry`` (single-process mode: the CRL publisher)."""
@@ -136,6 +144,13 @@ def instruments() -> Instruments:
             ["status", "source"],
             registry=None,
         ),
+        token_up=Gauge(
+            "chargepki_token_up",
+            "1 when the PKCS#11 token answered the signing processes' session check (the least over them).",
+            ["token"],
+            multiprocess_mode="livemin",
+            registry=None,
+        ),
     )
 
 
@@ -157,6 +172,34 @@ class Recorder:
 
 
 RECORDER = Recorder()
+
+
+def watch_token(label: str, token: Callable[[], Token], every: float = TOKEN_CHECK_SECONDS) -> threading.Thread:
+    """Check this process's token every ``every`` seconds (``Token.check``: a few random bytes on the
+    logged-in session) into ``chargepki_token_up``, from a daemon thread. Only processes that sign
+    run it, so no other process needs the PIN. ``token`` opens (or returns) the process's token."""
+    gauge = instruments().token_up.labels(label)
+
+    def check() -> None:
+        up: int | None = None
+        while True:
+            try:
+                token().check()
+                now = 1
+            except ChargepkiError as exc:
+                if up != 0:  # once per change (the service audits token.unavailable with the reason)
+                    log.warning("token %s does not answer: %s", label, exc)
+                now = 0
+            except Exception:
+                log.exception("token check failed")
+                now = 0
+            gauge.set(now)
+            up = now
+            time.sleep(every)
+
+    thread = threading.Thread(target=check, name="metrics-token-check", daemon=True)
+    thread.start()
+    return thread
 
 
 def record_core_events() -> None:

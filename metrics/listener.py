@@ -37,8 +37,8 @@ from ca.config import Config, MetricsSettings
 from ca.frontdoor import child_environment, die_with_parent, run_dir
 from ca.keys.pkcs11_token import Token
 from ca.store.engine import Store
-from metrics.instruments import MULTIPROC_ENV, configure, instruments, record_core_events
-from metrics.store import StoreCollector, TokenCollector
+from metrics.instruments import MULTIPROC_ENV, configure, instruments, record_core_events, watch_token
+from metrics.store import StoreCollector
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,12 @@ def worker_exited(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def exporting(config: Config, service: str, environ: Mapping[str, str], *, token: bool) -> Iterator[Path | None]:
+def exporting(config: Config, service: str, environ: Mapping[str, str]) -> Iterator[Path | None]:
     """While the block runs, ``service`` (``est``, ``ocsp``) records into its emptied multiprocess
     directory and a listener process serves it; yields the directory (None: metrics off).
 
-    The directory is set for this process and every child started inside the block. ``token``: the
-    listener checks the token (it then keeps the PIN; otherwise it gets an environment without it).
+    The directory is set for this process and every child started inside the block. The listener
+    gets an environment without the PIN: it signs nothing and opens no token.
     """
     settings = config.metrics
     sock = bind(settings, service) if settings.enabled else None
@@ -162,13 +162,9 @@ def exporting(config: Config, service: str, environ: Mapping[str, str], *, token
         return
     directory = prepare_directory(multiprocess_dir(config, service))  # the port is ours: so is the directory
     configure(directory)
-    environment = {**environ, MULTIPROC_ENV: str(directory)}
-    if not token:
-        environment = child_environment(environment, config.pkcs11.pin_env)
+    environment = child_environment({**environ, MULTIPROC_ENV: str(directory)}, config.pkcs11.pin_env)
     command = [sys.executable, "-m", "metrics.exporter", "--home", str(config.home), "--service", service]
     command += ["--fd", str(sock.fileno())]
-    if token:
-        command.append("--token")
     process = subprocess.Popen(
         command, env=environment, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=die_with_parent
     )
@@ -184,8 +180,8 @@ def exporting(config: Config, service: str, environ: Mapping[str, str], *, token
 
 
 def serve_publisher(config: Config, directory: Path, token: Callable[[], Token]) -> _Server | None:
-    """``crl publish --watch``'s listener, a thread of the publisher: its token signatures (in this
-    process's memory), the published CRLs of ``directory`` and the token's health. None: metrics off."""
+    """``crl publish --watch``'s listener, a thread of the publisher: its token signatures and token
+    checks (in this process's memory) and the published CRLs of ``directory``. None: metrics off."""
     settings = config.metrics
     if not settings.enabled:
         return None
@@ -196,8 +192,9 @@ def serve_publisher(config: Config, directory: Path, token: Callable[[], Token])
         return None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(instruments().signing)
+    registry.register(instruments().token_up)
+    watch_token(config.pkcs11.token_label, token)
     store = Store(config.database_url, read_only=True)
     registry.register(StoreCollector("crl", store, cache_seconds=settings.cache_seconds, publication_dir=directory))
-    registry.register(TokenCollector(config.pkcs11.token_label, token))
     log.info("metrics of crl on http://%s:%s/metrics", settings.address, settings.port("crl"))
     return serve_in_thread(sock, registry)

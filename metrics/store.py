@@ -5,9 +5,12 @@ scrapes in between get the values of the last computation, and concurrent scrape
 computation instead of each running the queries. What each service's listener reads:
 
 - ``est``: certificates expiring within 7, 30 and 90 days per environment and profile, active
-  lockouts per key kind, the progress of open re-enrollment campaigns, and the token's health;
+  lockouts per key kind, the progress of open re-enrollment campaigns;
 - ``ocsp``: the least remaining validity of the stored responses the refresher keeps current;
-- ``crl``: number, age, remaining validity and size of each active CA's published CRL, and the token.
+- ``crl``: number, age, remaining validity and size of each active CA's published CRL.
+
+The token's health is not read here: the processes that sign check their own token
+(``metrics.instruments.watch_token``), so no listener needs the PIN.
 
 Costs at 1,000,000 certificate rows: ``bench/metrics_cost.py`` (docs/performance.md).
 """
@@ -32,7 +35,6 @@ from sqlalchemy.orm import Session
 
 from ca.enrollment.auth_limits import ADDRESS, API_CERTIFICATE, API_TOKEN, CERTIFICATE, DEVICE
 from ca.errors import ChargepkiError
-from ca.keys.pkcs11_token import Token
 from ca.kinds import CaStatus, CertStatus
 from ca.registry.campaigns import STATES, progress
 from ca.store.engine import Store
@@ -44,7 +46,6 @@ EXPIRY_WINDOWS = (7, 30, 90)  # days
 LOCKOUT_KINDS = (DEVICE, CERTIFICATE, ADDRESS, API_TOKEN, API_CERTIFICATE)
 # Responses whose nextUpdate passed longer ago than this are not looked at one by one (below).
 OCSP_LOOKBACK = timedelta(days=1)
-TOKEN_CHECK_SECONDS = 5.0  # the token is checked at most this often, whatever the cache of the store values
 # Campaign progress reads every member's certificates (bench/metrics_cost.py: seconds for 100,000 devices);
 # campaigns run for weeks, so it is recomputed in the background at most this often, whatever
 # cache_seconds says, and a scrape never waits for it (it serves the last result).
@@ -343,33 +344,3 @@ class StoreCollector(Collector):
             if facts.size is not None:
                 size.add_metric(key, facts.size)
         yield from (number, age, remaining, size)
-
-
-class TokenCollector(Collector):
-    """``chargepki_token_up``: a cheap round trip on the token's session (``Token.check``), at most every
-    ``TOKEN_CHECK_SECONDS``. ``token`` opens (or returns) the process's token and raises while it cannot."""
-
-    def __init__(self, label: str, token: Callable[[], Token], every: float = TOKEN_CHECK_SECONDS) -> None:
-        self.label = label
-        self.token = token
-        self.every = every
-        self._lock = threading.Lock()
-        self._up = 0
-        self._at = -math.inf
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            if time.monotonic() - self._at >= self.every:
-                try:
-                    self.token().check()
-                    self._up = 1
-                except ChargepkiError as exc:
-                    log.warning("metrics: token check failed: %s", exc)
-                    self._up = 0
-                self._at = time.monotonic()
-            up = self._up
-        family = _gauge(
-            "chargepki_token_up", "1 when the PKCS#11 token answered a session check (a few random bytes).", ["token"]
-        )
-        family.add_metric([self.label], up)
-        yield family

@@ -39,7 +39,7 @@ from ca.frontdoor import (
     wait_until_listening,
 )
 from ca.work import Work
-from metrics.instruments import record_core_events
+from metrics.instruments import record_core_events, watch_token
 from metrics.listener import worker_exited
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.requests import MAX_REQUEST_BYTES
@@ -90,6 +90,7 @@ def run_signer(pki: Pki, *, stop: threading.Event | None = None) -> None:
     """Serve on-demand signatures on the socket and refresh stored responses until ``stop``."""
     stop = stop or threading.Event()
     record_core_events()  # token signatures into the OCSP service's metrics (serve ocsp's directory)
+    watch_token(pki.config.pkcs11.token_label, pki.token)  # and the token's health (the responder has none)
     settings = pki.config.ocsp
     presigner = Presigner(pki.token(), policy_from(settings))
     path = signer_socket_path(pki.config)

@@ -48,7 +48,7 @@ from ca.frontdoor import (
 from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
 from ca.issuance.profiles import get_profile
 from ca.work import Work
-from metrics.instruments import record_core_events
+from metrics.instruments import record_core_events, watch_token
 from metrics.listener import exporting, worker_exited
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
@@ -174,6 +174,7 @@ class EstServer(BaseApplication):  # type: ignore[misc]
         # still boot (and answer 503) rather than fail, which would make gunicorn stop the service.
         pki = Pki.open(self.home, self.environ, check_schema=False)
         record_core_events()  # into the service's multiprocess directory (docs/metrics.md)
+        watch_token(pki.config.pkcs11.token_label, pki.token)  # chargepki_token_up, from this worker
         app = create_app(pki, self.settings, run_jobs=True)
         instrument(app)
         return app
@@ -220,7 +221,7 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
     command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "serve", "est", "--direct"]
     command += ["--unix-socket", str(sock), "--workers", str(workers)]
     metrics = contextlib.ExitStack()
-    metrics.enter_context(exporting(config, "est", pki.environ, token=True))  # workers' directory, listener
+    metrics.enter_context(exporting(config, "est", pki.environ))  # the workers' directory, the listener
     app = spawn(command)  # with this process's environment: gunicorn signs, so it needs the PIN
     try:
         if not wait_until_listening(str(sock), lambda: app.poll() is None, timeout=60):
@@ -311,5 +312,5 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path
     if unix_socket is not None:  # behind the front door, whose process runs the metrics listener
         EstServer(home, pki.environ, options, settings).run()
         return
-    with exporting(pki.config, "est", pki.environ, token=True):
+    with exporting(pki.config, "est", pki.environ):
         EstServer(home, pki.environ, options, settings).run()

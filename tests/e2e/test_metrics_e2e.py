@@ -276,9 +276,13 @@ def test_ocsp_requests_by_status_and_source(services: Services) -> None:
             "chargepki_ocsp_requests_total", **labels
         )
 
-    # Each of the two workers reads the store once, then answers from its memory.
     assert delta(status="successful", source="store") + delta(status="successful", source="cache") == 10
-    assert delta(status="successful", source="store") >= 1 and delta(status="successful", source="cache") >= 5
+    assert delta(status="successful", source="store") >= 1
+    if services.store.is_sqlite:
+        # Each of the two workers reads the store once, then answers from its memory. (On PostgreSQL
+        # every schema of the shared test database NOTIFYs on the same channel: other tests' status
+        # changes empty these responders' caches at any moment.)
+        assert delta(status="successful", source="cache") >= 5
     assert delta(status="successful", source="signer") == 1
     assert delta(status="malformed_request", source="none") == 1
     assert delta() == 12
@@ -306,7 +310,7 @@ def test_store_derived_values(services: Services) -> None:
     ocsp_side = services.scrape("ocsp")
     remaining = ocsp_side.value("chargepki_ocsp_response_min_remaining_seconds")
     assert 11 * 3600 < remaining <= 24 * 3600
-    assert "chargepki_token_up" not in ocsp_side.families  # the responder's side holds no token
+    assert ocsp_side.value("chargepki_token_up") == 1  # checked by the signer: the responder holds no token
     crl = services.scrape("crl")
     for ca in ("production-root-1", "production-issuing-1"):
         assert crl.value("chargepki_crl_number", ca=ca, environment="production") > 1_700_000_000
@@ -392,10 +396,11 @@ def test_no_secret_or_pin_in_any_exposition_or_the_keyless_listener(services: Se
             assert secret not in text
         assert "not-the-secret" not in text and "wrong-" not in text
         assert not re.search(r'="[0-9A-F]{30,40}"', text), "no serial in a label"
-    children_of = Path(f"/proc/{services.ocsp.process.pid}/task/{services.ocsp.process.pid}/children")
-    listeners = [int(pid) for pid in children_of.read_text().split() if _is_listener(int(pid))]
-    assert len(listeners) == 1
-    assert services.pin.encode() not in Path(f"/proc/{listeners[0]}/environ").read_bytes()
+    for server in (services.est, services.ocsp):  # the listeners sign nothing: they never see the PIN
+        children_of = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        listeners = [int(pid) for pid in children_of.read_text().split() if _is_listener(int(pid))]
+        assert len(listeners) == 1
+        assert services.pin.encode() not in Path(f"/proc/{listeners[0]}/environ").read_bytes()
 
 
 def _is_listener(pid: int) -> bool:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from ca.authorities.rotation import rotate_issuing_ca
 from ca.config import CONFIG_NAME, load_config
 from ca.enrollment.auth_limits import AuthLimits, record_failure, request_keys
 from ca.enrollment.pipeline import Credentials, enroll, reenroll
-from ca.errors import AuthenticationError, ConfigError
+from ca.errors import AuthenticationError, ConfigError, TokenError
 from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
 from ca.keys.pkcs11_token import Token
@@ -38,7 +39,7 @@ from ca.store.models import CampaignDevice, Certificate, OcspResponse
 from ca.work import Work
 from crl.publisher import publish_crl
 from metrics import instruments as instruments_module
-from metrics.instruments import Recorder, configure, instruments
+from metrics.instruments import Recorder, configure, instruments, watch_token
 from metrics.listener import Workers, bind, prepare_directory
 from metrics.store import (
     CrlFiles,
@@ -168,6 +169,31 @@ def test_the_pipeline_reports_enrollments_and_refusals_with_their_codes(
 def test_the_token_check_is_a_round_trip(token: Token) -> None:
     token.check()
     assert token.health.failure is None
+
+
+def test_a_signing_process_checks_its_token_from_a_thread(token: Token) -> None:
+    configure(None)
+    tokens: list[Token | None] = [token]
+
+    def current() -> Token:
+        if tokens[0] is None:
+            raise TokenError("token 't' became unavailable: gone")
+        return tokens[0]
+
+    watch_token("t-watch", current, every=0.05)
+    gauge = instruments().token_up.labels("t-watch")
+    _until(lambda: gauge._value.get() == 1)
+    tokens[0] = None
+    _until(lambda: gauge._value.get() == 0)
+    tokens[0] = token
+    _until(lambda: gauge._value.get() == 1)
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def test_the_recorder_counts_into_its_process(tmp_path: Path) -> None:
