@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, generate_latest
@@ -415,3 +418,16 @@ def test_the_store_collector_caches_and_says_when_the_store_is_away(tmp_path: Pa
         == first.split(b"chargepki_metrics_collect_seconds")[1]
     ), "within cache_seconds the same computation is served"
     gone.dispose()
+
+
+# -- the documents -------------------------------------------------------------------------------------
+def test_the_alert_rules_parse_and_pass_promtool() -> None:
+    """Which metrics they use is checked against running services (tests/e2e/test_metrics_e2e.py)."""
+    path = Path(__file__).resolve().parent.parent.parent / "docs" / "prometheus-alerts.yml"
+    rules = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert all(rule["expr"] and rule["alert"] for group in rules["groups"] for rule in group["rules"])
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    checked = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
