@@ -167,6 +167,24 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus metrics listeners (``[metrics]``): one per service, loopback only by default,
+    each served by a process or thread of its own, never by the request workers (docs/metrics.md)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"  # never behind the front door; expose further on purpose only
+    est_port: int = 9810  # serve est
+    ocsp_port: int = 9811  # serve ocsp (the responder, its workers and its signer)
+    crl_port: int = 9812  # crl publish --watch
+    # Store-derived values (expiring certificates, lockouts, campaigns, OCSP and CRL freshness) are
+    # computed at a scrape at most this often; scrapes in between get the last values.
+    cache_seconds: int = 15
+
+    def port(self, service: str) -> int:
+        return {"est": self.est_port, "ocsp": self.ocsp_port, "crl": self.crl_port}[service]
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
@@ -177,6 +195,7 @@ class Config:
     ocsp: OcspSettings = OcspSettings()
     front_door: FrontDoorSettings = FrontDoorSettings()
     audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def config_path(self) -> Path:
@@ -267,6 +286,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         front_door=_front_door_settings(data.get("front_door", {})),
         audit=_audit_settings(data.get("audit", {})),
+        metrics=_metrics_settings(data.get("metrics", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -332,6 +352,14 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
 
 _AUDIT_TYPES: dict[str, type] = {"checkpoint_interval_seconds": int}
 _OPCP_BASE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+_METRICS_TYPES: dict[str, type] = {
+    "enabled": bool,
+    "address": str,
+    "est_port": int,
+    "ocsp_port": int,
+    "crl_port": int,
+    "cache_seconds": int,
+}
 
 
 def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, type]) -> _T:
@@ -415,6 +443,20 @@ def _audit_settings(table: object) -> AuditSettings:
     return settings
 
 
+def _metrics_settings(table: object) -> MetricsSettings:
+    settings = _table_settings(table, "metrics", MetricsSettings(), _METRICS_TYPES)
+    ports = (settings.est_port, settings.ocsp_port, settings.crl_port)
+    if not all(0 < port < 65536 for port in ports):
+        raise ConfigError(f"{CONFIG_NAME}: metrics.est_port, ocsp_port and crl_port must be between 1 and 65535")
+    if len(set(ports)) != len(ports):
+        raise ConfigError(f"{CONFIG_NAME}: metrics.est_port, ocsp_port and crl_port must differ")
+    if not settings.address:
+        raise ConfigError(f"{CONFIG_NAME}: metrics.address must not be empty")
+    if settings.cache_seconds < 0:
+        raise ConfigError(f"{CONFIG_NAME}: metrics.cache_seconds must be 0 (no cache) or positive")
+    return settings
+
+
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     settings = config.pkcs11
     if environ.get("CHARGEPKI_PKCS11_MODULE"):
@@ -456,6 +498,7 @@ def write_config(config: Config) -> Path:
         "ocsp": _table(config.ocsp),
         "front_door": _table(config.front_door),
         "audit": _table(config.audit),
+        "metrics": _table(config.metrics),
     }
     ensure_home(config.home)
     _write_document(config.config_path, document, settings.pin_env)

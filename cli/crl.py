@@ -17,6 +17,7 @@ from ca.store.engine import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter
+from metrics.listener import serve_publisher
 
 _POLL_SECONDS = 0.5  # a revocation reaches the published CRL within about a second
 _RETRY_SECONDS = 5.0
@@ -73,6 +74,8 @@ def crl_publish(
     # across every process that does, ca/checkpoints.py).
     every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
     checkpoint_timer = CheckpointTimer(every, name="CRL publisher") if watch else None
+    # A watching publisher serves its metrics (published CRLs, token, signatures) from a thread of its own.
+    listener = serve_publisher(pki.config, target, pki.token) if watch else None
     try:
         while True:
             if watcher is not None:
@@ -111,6 +114,8 @@ def crl_publish(
                         click.echo(f"audit checkpoint at entry {made.seq}")
             time.sleep(_POLL_SECONDS)
     finally:
+        if listener is not None:
+            listener.shutdown()
         if watcher is not None:
             watcher.dispose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from ca.frontdoor import die_with_parent
 from cli.common import State, actor, pass_state
 from cli.enrollment import DIRECT_HELP, front_door_enabled, serve
 from cli.params import DURATION
+from metrics.listener import exporting
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.server import (
     maintain,
@@ -115,11 +117,15 @@ def serve_ocsp(
     proxied = unix_socket is None and front_door_enabled(pki, direct)
     signer = None
     socket_path = signer_socket_path(config)
+    metrics = contextlib.ExitStack()
+    if unix_socket is None:  # the workers' and the signer's metrics directory, and the listener (keyless)
+        metrics.enter_context(exporting(config, "ocsp", pki.environ))
     if not no_signer and not signer_alive(socket_path):
         command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "ocsp", "signer"]
         signer = subprocess.Popen(command, preexec_fn=die_with_parent)
         if not wait_for_signer(socket_path, lambda: signer.poll() is None):
             signer.terminate()
+            metrics.close()
             raise click.ClickException(f"the on-demand OCSP signer did not start (socket {socket_path})")
     pki.close()
     if unix_socket is None:
@@ -153,3 +159,4 @@ def serve_ocsp(
         if signer is not None:
             signer.terminate()
             signer.wait(10)
+        metrics.close()

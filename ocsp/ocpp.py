@@ -147,6 +147,10 @@ class _Uncached:
         found = self.source.response(authority_id, cert_id.serial_number, cert_id.hash_algorithm)
         return found if found is not None and found.next_update > time.time() else None
 
+    def lookup(self, authority_id: int, cert_id: CertId) -> tuple[Stored | None, bool]:
+        """``CachedSource.lookup``'s shape: the stored response, never from a cache."""
+        return self.response(authority_id, cert_id), False
+
 
 class _InProcessSigner:
     """The on-demand signer called directly (it is in this process, with the token) instead of over its socket."""

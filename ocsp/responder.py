@@ -17,11 +17,33 @@ from ocsp.signer_service import SignerClient, SignerUnavailable
 from ocsp.signing import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
 from ocsp.source import CachedSource, SourceUnavailable, Stored, stored
 
+# OCSPResponseStatus (RFC 6960 §4.2.1) by its ENUMERATED value, as the metrics name them.
+_STATUS_NAMES = {
+    0: "successful",
+    1: "malformed_request",
+    2: "internal_error",
+    3: "try_later",
+    5: "sig_required",
+    6: "unauthorized",
+}
+
 
 @dataclass(frozen=True)
 class Answer:
     body: bytes
     cache: Stored | None = None  # None: an error status, not to be cached
+    source: str = "none"  # cache | store | signer | none (an error status made here)
+
+    @property
+    def status(self) -> str:
+        """The responseStatus, read from the DER's first bytes (SEQUENCE, then ENUMERATED of length 1)."""
+        body = self.body
+        if len(body) < 5 or body[0] != 0x30:
+            return "unknown"
+        start = 2 if body[1] < 0x80 else 2 + (body[1] & 0x7F)
+        if body[start : start + 2] != b"\x0a\x01" or len(body) <= start + 2:
+            return "unknown"
+        return _STATUS_NAMES.get(body[start + 2], "unknown")
 
 
 MALFORMED = Answer(MALFORMED_REQUEST)
@@ -44,9 +66,9 @@ class Responder:
             if None in authorities:
                 return UNAUTHORIZED_ANSWER  # RFC 6960 §2.3: not a CA this responder serves
             if len(cert_ids) == 1:
-                found = self.source.response(authorities[0], cert_ids[0])  # type: ignore[arg-type]
+                found, hit = self.source.lookup(authorities[0], cert_ids[0])  # type: ignore[arg-type]
                 if found is not None:
-                    return Answer(found.der, found)
+                    return Answer(found.der, found, "cache" if hit else "store")
         except SourceUnavailable:
             return TRY_LATER_ANSWER
         return self._on_demand(der)
@@ -58,7 +80,7 @@ class Responder:
             body = self.signer.sign(der)
         except SignerUnavailable:
             return TRY_LATER_ANSWER
-        return Answer(body, _cache_facts(body))
+        return Answer(body, _cache_facts(body), "signer")
 
 
 def _cache_facts(body: bytes) -> Stored | None:

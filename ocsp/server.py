@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import socket
 import sys
@@ -38,6 +39,8 @@ from ca.frontdoor import (
     wait_until_listening,
 )
 from ca.work import Work
+from metrics.instruments import record_core_events, watch_token
+from metrics.listener import worker_exited
 from ocsp.presign import Presigner, policy_from, refresh, rotate_signers
 from ocsp.requests import MAX_REQUEST_BYTES
 from ocsp.signer_service import OnDemandSigner, SignerServer
@@ -86,6 +89,8 @@ def signer_alive(path: Path) -> bool:
 def run_signer(pki: Pki, *, stop: threading.Event | None = None) -> None:
     """Serve on-demand signatures on the socket and refresh stored responses until ``stop``."""
     stop = stop or threading.Event()
+    record_core_events()  # token signatures into the OCSP service's metrics (serve ocsp's directory)
+    watch_token(pki.config.pkcs11.token_label, pki.token)  # and the token's health (the responder has none)
     settings = pki.config.ocsp
     presigner = Presigner(pki.token(), policy_from(settings))
     path = signer_socket_path(pki.config)
@@ -129,6 +134,9 @@ def granian_worker_app() -> Any:
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     die_with_parent()
+    # At the worker's exit (multiprocessing runs its finalizers, not atexit): its live gauges leave the
+    # metrics' sums. A worker killed outright is swept by the listener instead (metrics/listener.py).
+    multiprocessing.util.Finalize(None, worker_exited, args=(os.getpid(),), exitpriority=0)
     from ocsp.wsgi import create_app
 
     return create_app()
@@ -169,6 +177,7 @@ def serve_responder(
             "--limit-request-line", "8190",
             "--limit-request-fields", "50",
             "--limit-request-field_size", "8190",
+            "--config", "python:metrics.gunicorn_hooks",  # child_exit: a worker's live gauges leave the sums
             "ocsp.wsgi:create_app()",
         ]  # fmt: skip
         os.execv(sys.executable, arguments)

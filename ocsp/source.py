@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ca.issuance.serials import format_serial
 from ca.kinds import CaStatus
-from ca.status.signal import NOTIFY_CHANNEL
+from ca.status.signal import CHANNEL_SQL
 from ca.store.engine import Store
 from ca.store.models import Authority, StatusFeed
 from ocsp.certid import CertId, issuer_hashes
@@ -166,27 +166,31 @@ class CachedSource:
         return issuers.get((cert_id.hash_algorithm, cert_id.issuer_name_hash, cert_id.issuer_key_hash))
 
     def response(self, authority_id: int, cert_id: CertId) -> Stored | None:
+        return self.lookup(authority_id, cert_id)[0]
+
+    def lookup(self, authority_id: int, cert_id: CertId) -> tuple[Stored | None, bool]:
+        """The stored response, and whether it came from this process's memory (a cache hit)."""
         key = (authority_id, cert_id.serial_number, cert_id.hash_algorithm)
         now = time.time()
         hit = self._entries.get(key)
         if hit is not None and now < hit[1]:
-            return hit[0]
+            return hit[0], True
         generation = self._generation
         try:
             found = self.source.response(*key)
         except (SourceUnavailable, SQLAlchemyError) as exc:
             if hit is not None and now < hit[0].next_update:
-                return hit[0]  # stale-if-error: still within its own validity
+                return hit[0], True  # stale-if-error: still within its own validity
             raise SourceUnavailable(str(exc)) from None
         if found is None or found.next_update <= now:
-            return None  # past nextUpdate is never served: the on-demand signer answers instead
+            return None, False  # past nextUpdate is never served: the on-demand signer answers instead
         with self._lock:
             # A change signalled while we read may have made ``found`` stale: then do not keep it.
             if generation == self._generation:
                 if len(self._entries) >= self.max_entries:
                     self._entries.pop(next(iter(self._entries)))  # oldest first (insertion order)
                 self._entries[key] = (found, min(found.next_update, now + self.ttl))
-        return found
+        return found, False
 
     # -- invalidation (watcher thread) -----------------------------------------------------------
     def invalidate(self) -> None:
@@ -240,7 +244,8 @@ class CachedSource:
         try:
             connection = raw.driver_connection
             connection.autocommit = True  # type: ignore[union-attr]
-            connection.execute(f"LISTEN {NOTIFY_CHANNEL}")  # type: ignore[union-attr]
+            channel = connection.execute(f"SELECT {CHANNEL_SQL}").fetchone()[0]  # type: ignore[union-attr]
+            connection.execute(f'LISTEN "{channel}"')  # type: ignore[union-attr]
             last = self._poll(last)
             while not self._stop.is_set():
                 notified = False

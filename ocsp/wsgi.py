@@ -20,6 +20,7 @@ from typing import Any
 
 from ca.config import Config, OcspSettings, load_config, resolve_home
 from ca.store.engine import Store
+from metrics.instruments import configure_from_environment, instruments
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
 from ocsp.responder import MALFORMED, Answer, Responder
 from ocsp.signer_service import SignerClient
@@ -61,6 +62,9 @@ class OcspApp:
         self.repository_prefix = repository_path.rstrip("/") + "/"
         self.repository_dir = repository_dir
         self.max_age = max_age
+        # (status, source) → its counter. One increment per answer is all the hot path pays for
+        # metrics (a write to this worker's file in the multiprocess directory, a few µs).
+        self._counted: dict[tuple[str, str], Any] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
@@ -75,7 +79,16 @@ class OcspApp:
             return _text(start_response, "404 Not Found", f"nothing here; OCSP is at {self.path}")
         except Exception:
             log.exception("OCSP responder failed on %s %s", method, path[:200])
-            return self._send(start_response, Answer(INTERNAL_ERROR), method)
+            return self._send(start_response, self._count(Answer(INTERNAL_ERROR)), method)
+
+    def _count(self, answer: Answer) -> Answer:
+        """Count the answer by status and source (chargepki_ocsp_requests_total)."""
+        key = (answer.status, answer.source)
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = instruments().ocsp_requests.labels(*key)
+        counter.inc()
+        return answer
 
     # -- OCSP ------------------------------------------------------------------------------------
     def _ocsp(self, environ: dict[str, Any], start_response: StartResponse, method: str, path: str) -> list[bytes]:
@@ -94,14 +107,14 @@ class OcspApp:
                     start_response, "413 Content Too Large", f"OCSP requests are at most {MAX_REQUEST_BYTES} bytes"
                 )
             body = environ["wsgi.input"].read(length)
-            return self._send(start_response, self.responder.answer(body), method)
+            return self._send(start_response, self._count(self.responder.answer(body)), method)
         if method in ("GET", "HEAD"):
             encoded = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
             try:
                 der = decode_get_path(encoded)
             except MalformedRequest:
-                return self._send(start_response, MALFORMED, method)
-            answer = self.responder.answer(der)
+                return self._send(start_response, self._count(MALFORMED), method)
+            answer = self._count(self.responder.answer(der))
             if answer.cache is not None and environ.get("HTTP_IF_NONE_MATCH") == answer.cache.etag:
                 start_response("304 Not Modified", self._cache_headers(answer))
                 return []
@@ -197,6 +210,7 @@ def create_app() -> OcspApp:
 
     ``CHARGEPKI_OCSP_NO_SIGNER=1`` runs a responder that answers only from the store.
     """
+    configure_from_environment()  # the service's multiprocess metrics directory, when it has one
     config = load_config(resolve_home(None, os.environ), os.environ)
     no_signer = os.environ.get("CHARGEPKI_OCSP_NO_SIGNER") == "1"
     return build_app(config, signer_socket=None if no_signer else signer_socket_path(config))

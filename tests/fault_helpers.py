@@ -146,9 +146,17 @@ def ocsp_answer(port: int, certificate: x509.Certificate, issuer: x509.Certifica
 
 
 def children(pid: int) -> list[int]:
-    """The direct child processes of ``pid`` (gunicorn's workers of its master)."""
+    """The direct child processes of ``pid`` (gunicorn's workers of its master), without the service's
+    metrics listener (a child too, when it got its port)."""
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(child) for child in text.split()]
+    return [int(child) for child in text.split() if not _is_metrics_listener(int(child))]
+
+
+def _is_metrics_listener(pid: int) -> bool:
+    try:
+        return b"metrics.exporter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 class TcpProxy:

@@ -12,7 +12,7 @@ from tests.helpers import ROOT
 FORBIDDEN = {"flask", "click", "werkzeug", "gunicorn", "web", "cli"}
 
 
-@pytest.mark.parametrize("package", ["ca", "ocsp", "crl"])
+@pytest.mark.parametrize("package", ["ca", "ocsp", "crl", "metrics"])
 def test_core_packages_import_no_interface_framework(package: str) -> None:
     for path in (ROOT / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -45,7 +45,7 @@ def _package(module: str) -> str:
 
 def _modules() -> list[tuple[str, Path]]:
     out = []
-    for top in ("ca", "ocsp", "crl", "web", "cli"):
+    for top in ("ca", "ocsp", "crl", "web", "cli", "metrics"):
         for path in (ROOT / top).rglob("*.py"):
             if "migrations" in path.parts:
                 continue
@@ -59,7 +59,7 @@ def test_no_module_reaches_into_another_packages_private_names() -> None:
     offenders = []
     for module, path in _modules():
         for imported, names in _imports(path):
-            if imported.split(".")[0] not in {"ca", "ocsp", "crl", "web", "cli"}:
+            if imported.split(".")[0] not in {"ca", "ocsp", "crl", "web", "cli", "metrics"}:
                 continue
             if _package(imported) == _package(module if path.name != "__init__.py" else module + ".x"):
                 continue
@@ -68,7 +68,17 @@ def test_no_module_reaches_into_another_packages_private_names() -> None:
 
 
 # The foundations import nothing above them: the token and the store know no certificates' rules.
-FOUNDATIONS = {"ca.keys", "ca.store", "ca.kinds", "ca.clock", "ca.errors", "ca.config", "ca.ocpp_limits", "ca.lazy"}
+FOUNDATIONS = {
+    "ca.keys",
+    "ca.store",
+    "ca.kinds",
+    "ca.clock",
+    "ca.errors",
+    "ca.config",
+    "ca.ocpp_limits",
+    "ca.lazy",
+    "ca.observe",
+}
 
 
 @pytest.mark.parametrize("package", ["ca.keys", "ca.store"])
@@ -87,3 +97,11 @@ def test_the_core_imports_no_status_service() -> None:
         if module.startswith("ca"):
             for imported, _ in _imports(path):
                 assert imported.split(".")[0] not in {"ocsp", "crl"}, f"{module} imports {imported}"
+
+
+def test_the_core_knows_no_metrics_library() -> None:
+    """ca/ reports events through ca.observe; metrics/ (prometheus_client) is above it."""
+    for module, path in _modules():
+        if module.startswith("ca"):
+            for imported, _ in _imports(path):
+                assert imported.split(".")[0] not in {"metrics", "prometheus_client"}, f"{module} imports {imported}"

@@ -10,6 +10,7 @@ decides what each one may do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
@@ -48,8 +49,11 @@ from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue
 from ca.issuance.profiles import get_profile
 from ca.kinds import CaRole
 from ca.work import Work
+from metrics.instruments import record_core_events, watch_token
+from metrics.listener import exporting, worker_exited
 from ocsp.presign import Presigner, policy_from
 from web.app import create_app
+from web.metrics import instrument
 from web.responses import MAX_BODY
 from web.workers import TIMEOUT_ENV, ssl_context
 
@@ -149,6 +153,11 @@ def _stop_background_work(_server: Any, worker: Any) -> None:
         runtime.close()
 
 
+def _worker_gone(_server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook (in the master): the worker's live gauges leave the metrics' sums."""
+    worker_exited(worker.pid)
+
+
 class EstServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured in code; each worker opens the installation after the fork."""
 
@@ -167,7 +176,11 @@ class EstServer(BaseApplication):  # type: ignore[misc]
         # The master checked the schema; a worker (re)started while the database is away must
         # still boot (and answer 503) rather than fail, which would make gunicorn stop the service.
         pki = Pki.open(self.home, self.environ, check_schema=False)
-        return create_app(pki, self.settings, run_jobs=True)
+        record_core_events()  # into the service's multiprocess directory (docs/metrics.md)
+        watch_token(pki.config.pkcs11.token_label, pki.token)  # chargepki_token_up, from this worker
+        app = create_app(pki, self.settings, run_jobs=True)
+        instrument(app)
+        return app
 
 
 def behind_front_door(settings: EstSettings) -> EstSettings:
@@ -210,6 +223,8 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
     nginx = Nginx(config, site, pki.environ)  # finds nginx (clear error) before anything starts
     command = [sys.executable, "-m", "cli.main", "--home", str(config.home), "serve", "est", "--direct"]
     command += ["--unix-socket", str(sock), "--workers", str(workers)]
+    metrics = contextlib.ExitStack()
+    metrics.enter_context(exporting(config, "est", pki.environ))  # the workers' directory, the listener
     app = spawn(command)  # with this process's environment: gunicorn signs, so it needs the PIN
     try:
         if not wait_until_listening(str(sock), lambda: app.poll() is None, timeout=60):
@@ -244,6 +259,7 @@ def serve_est_front_door(pki: Pki, *, host: str, port: int, workers: int) -> Non
     finally:
         nginx.stop()
         stop_child(app)
+        metrics.close()
         pki.close()
 
 
@@ -272,6 +288,7 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path
         # gunicornc's control socket, per installation (gunicorn's default under ~ is shared by all)
         "control_socket": str(pki.config.home / "run" / "gunicorn-est.ctl"),
         "worker_exit": _stop_background_work,
+        "child_exit": _worker_gone,
     }
     (pki.config.home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     if unix_socket is not None:
@@ -295,4 +312,8 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path
         abandon_stale_pending(session, actor="system:est")  # what a crash left behind (workers sweep too)
     home = pki.config.home
     pki.close()  # the workers open their own connections and token sessions after the fork
-    EstServer(home, pki.environ, options, settings).run()
+    if unix_socket is not None:  # behind the front door, whose process runs the metrics listener
+        EstServer(home, pki.environ, options, settings).run()
+        return
+    with exporting(pki.config, "est", pki.environ):
+        EstServer(home, pki.environ, options, settings).run()

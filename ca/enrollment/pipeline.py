@@ -29,7 +29,7 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca import audit
+from ca import audit, observe
 from ca.enrollment import auth_limits
 from ca.enrollment.authenticators import Relay, by_current_certificate, by_secret_or_ra
 from ca.enrollment.policy import DEFAULTS, Attempt, Authenticated, Credentials, EnrollmentSettings, Policy
@@ -162,7 +162,25 @@ def run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
     presents (``auth_limits.request_keys``), so guesses made with one method never lock out
     another. A caller that established no identity is only counted into its address's
     per-minute summary (``audit.count_noise``), never an entry of its own.
+
+    Each run's outcome goes to the process's observers (``ca.observe``): the route, the CA's
+    environment, the profile, and the refusal's code (``unavailable`` for a database failure).
     """
+    # The loaded value, never a query (a refusal's rollback expires the object; the hot path is counted).
+    environment = str(getattr(attempt.authority, "__dict__", {}).get("environment") or "unknown")
+    try:
+        certificate = _run(work, policy, attempt)
+    except ChargepkiError as exc:
+        observe.enrollment(policy.name, environment, policy.subject.profile, exc.code)
+        raise
+    except SQLAlchemyError:
+        observe.enrollment(policy.name, environment, policy.subject.profile, "unavailable")
+        raise
+    observe.enrollment(policy.name, environment, policy.subject.profile, None)
+    return certificate
+
+
+def _run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
     session, credentials, settings = work.session, attempt.credentials, attempt.settings
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("the enrollment pipeline owns its transactions: commit the caller's changes first")

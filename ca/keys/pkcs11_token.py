@@ -33,6 +33,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from ca import observe
 from ca.errors import ChargepkiError, TokenError
 from ca.keys.keyspec import KeySpec
 
@@ -449,17 +450,33 @@ class Token:
             return {name: bool(key[attribute]) for name, attribute in names.items()}
 
     def sign(self, label: str, mechanism: Mechanism, data: bytes, param: Any = None) -> bytes:
+        started = time.perf_counter()
         with self.session() as session:
             # Object handles live as long as the session; finding the key each time costs more than signing.
             key = self._signing_keys.get(label)
             if key is None:
                 key = self._signing_keys[label] = self._require(session, ObjectClass.PRIVATE_KEY, label)
             try:
-                return bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
+                signature = bytes(key.sign(data, mechanism=mechanism, mechanism_param=param))
             except _TOKEN_TROUBLE:
                 raise
             except p11.PKCS11Error as exc:
                 raise TokenError(f"signing with {label!r} failed in {self.label!r}: {_describe(exc)}") from None
+        observe.signed(mechanism.name, time.perf_counter() - started)
+        return signature
+
+    def check(self) -> None:
+        """A cheap round trip on the logged-in session (8 random bytes from the token), logging in again
+        first when the session was lost; ``TokenError`` when the token does not answer (health updated)."""
+        with self.session() as session:
+            try:
+                session.generate_random(64)
+            except _TOKEN_TROUBLE:
+                raise
+            except (p11.FunctionNotSupported, p11.RandomNoRNG):
+                pass  # a token without a generator: having a session is all this can say
+            except p11.PKCS11Error as exc:
+                raise TokenError(f"token {self.label!r} does not answer: {_describe(exc)}") from None
 
     def destroy_key(self, label: str) -> None:
         """Remove both halves of a key pair (used to roll back a failed CA creation)."""

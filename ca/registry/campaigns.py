@@ -177,11 +177,13 @@ def _refusals(session: Session, since: datetime) -> dict[str, str]:
     return reasons
 
 
-def progress(session: Session, campaign: Campaign, now: Clock = utcnow) -> Progress:
-    """Where every device of the campaign stands now (late joiners are enlisted first)."""
+def progress(session: Session, campaign: Campaign, now: Clock = utcnow, *, enlist: bool = True) -> Progress:
+    """Where every device of the campaign stands now (late joiners are enlisted first, unless
+    ``enlist`` is false: a read-only look, as the metrics take it)."""
     moment = now()
-    _enlist(session, campaign, moment)
-    session.commit()
+    if enlist:
+        _enlist(session, campaign, moment)
+        session.commit()
     # Per device: the newest charger certificate from the old CA (an EST worker that had not seen
     # the rotation yet may have renewed it there once more) and the newest from any other CA.
     # Aggregates and primary-key joins only, so no plan goes quadratic on a large fleet, even

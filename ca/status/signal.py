@@ -17,6 +17,10 @@ from sqlalchemy.orm import Session
 from ca.store.models import Certificate, StatusFeed
 
 NOTIFY_CHANNEL = "chargepki_status"
+# The channel is per schema: PostgreSQL's NOTIFY reaches every session of the database, and two
+# installations (or test runs) in schemas of one database must not empty each other's caches.
+# Sender and listener compute it on their own connection, whose search_path names the schema.
+CHANNEL_SQL = f"'{NOTIFY_CHANNEL}_' || substr(md5(current_schema()), 1, 16)"
 
 
 class StatusSigner(Protocol):
@@ -35,11 +39,11 @@ class StatusSigner(Protocol):
 _FEED = StatusFeed.__table__
 # Prepared once: this runs in every issuance and revocation (building it cost more than running it).
 _RAISE_COUNTER = update(_FEED).where(_FEED.c.id == 1).values(counter=_FEED.c.counter + 1)
-_NOTIFY = text("SELECT pg_notify(:channel, '')")
+_NOTIFY = text(f"SELECT pg_notify({CHANNEL_SQL}, '')")
 
 
 def signal_change(session: Session) -> None:
     """Raise the change counter and, on PostgreSQL, NOTIFY; both take effect at commit."""
     session.execute(_RAISE_COUNTER)
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL})
+        session.execute(_NOTIFY)
