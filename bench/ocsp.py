@@ -660,6 +660,8 @@ def table(runs: Sequence[Run], baseline: Run) -> list[str]:
 
 
 def summary(result: Propagation) -> str:
+    if not result.first_ms:  # --revocations 0: throughput only
+        return f"| {result.name} | 0 | – | – | – | – | – | {result.regressions} |"
     return (
         f"| {result.name} | {len(result.first_ms)} | {statistics.median(result.first_ms):.0f} | "
         f"{max(result.first_ms):.0f} | {statistics.median(result.all_ms):.0f} | {max(result.all_ms):.0f} | "
@@ -1030,7 +1032,7 @@ def report_propagation(args: argparse.Namespace, results: Results) -> list[str]:
         summary(one),
         summary(two),
         "",
-        f"Max over both scenarios (every connection revoked): {max(max(one.all_ms), max(two.all_ms)):.0f} ms.",
+        f"Max over both scenarios (every connection revoked): {max([*one.all_ms, *two.all_ms], default=0):.0f} ms.",
     ]
 
 
