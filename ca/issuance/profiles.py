@@ -6,7 +6,7 @@ profile means adding an entry here, not a subclass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
@@ -235,69 +235,43 @@ PROFILES: dict[str, Profile] = {
             issuer_roles=("v2g-sub-ca-2",),
             domain_component="CPO",
         ),
-        # -- ISO 15118-20: the same chain on secp521r1 with ECDSA-SHA512; Sub-CA 1 is optional, so a
-        # Sub-CA 2 is issued by Sub-CA 1 or directly by the root. Same extensions and lifetimes as -2.
-        Profile(
-            name="v2g20-root",
-            description="ISO 15118-20 V2G root CA (DC=V2G, secp521r1)",
-            key_types=ISO15118_20_KEY_TYPES,
-            default_validity=20 * YEAR,
-            max_validity=40 * YEAR,
-            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
-            ca=True,
-            aia_ca_issuers=False,
-            crl_distribution_point=False,
-            from_csr=False,
-            domain_component="V2G",
-            ocsp_validity=14 * DAY,
+    )
+}
+
+
+def _iso15118_20(name: str, description: str, issuer_roles: tuple[str, ...] | None = None) -> Profile:
+    """An ISO 15118-20 profile: its ISO 15118-2 counterpart (``v2g-…``) on secp521r1 with ECDSA-SHA512,
+    with the same extensions and lifetimes; only the names, key types and issuers differ."""
+    counterpart = PROFILES[name.replace("v2g20-", "v2g-")]
+    return replace(
+        counterpart,
+        name=name,
+        description=description,
+        key_types=ISO15118_20_KEY_TYPES,
+        issuer_roles=counterpart.issuer_roles if issuer_roles is None else issuer_roles,
+    )
+
+
+# -- ISO 15118-20: the same chain on secp521r1; Sub-CA 1 is optional, so a Sub-CA 2 is issued by
+# Sub-CA 1 or directly by the root. Then the root rollover's link profile.
+PROFILES.update(
+    (profile.name, profile)
+    for profile in (
+        _iso15118_20("v2g20-root", "ISO 15118-20 V2G root CA (DC=V2G, secp521r1)"),
+        _iso15118_20(
+            "v2g20-sub-ca-1",
+            "ISO 15118-20 CPO Sub-CA 1 (pathLen 1, at most 4 years; optional in -20)",
+            ("v2g20-root",),
         ),
-        Profile(
-            name="v2g20-sub-ca-1",
-            description="ISO 15118-20 CPO Sub-CA 1 (pathLen 1, at most 4 years; optional in -20)",
-            key_types=ISO15118_20_KEY_TYPES,
-            default_validity=4 * YEAR,
-            max_validity=4 * YEAR + DAY,
-            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
-            ca=True,
-            path_length=1,
-            aia_ocsp=True,
-            aia_ca_issuers=False,
-            crl_distribution_point=False,
-            from_csr=False,
-            issuer_roles=("v2g20-root",),
-            domain_component="V2G",
-            ocsp_validity=14 * DAY,
+        _iso15118_20(
+            "v2g20-sub-ca-2",
+            "ISO 15118-20 CPO Sub-CA 2 (pathLen 0, at most 2 years), issues -20 SECC certificates",
+            ("v2g20-sub-ca-1", "v2g20-root"),
         ),
-        Profile(
-            name="v2g20-sub-ca-2",
-            description="ISO 15118-20 CPO Sub-CA 2 (pathLen 0, at most 2 years), issues -20 SECC certificates",
-            key_types=ISO15118_20_KEY_TYPES,
-            default_validity=YEAR,
-            max_validity=2 * YEAR,
-            key_usage=frozenset({"key_cert_sign", "crl_sign"}),
-            ca=True,
-            path_length=0,
-            aia_ocsp=True,
-            aia_ca_issuers=False,
-            crl_distribution_point=False,
-            from_csr=False,
-            issuer_roles=("v2g20-sub-ca-1", "v2g20-root"),
-            domain_component="V2G",
-            ocsp_validity=14 * DAY,
-        ),
-        Profile(
-            name="v2g20-secc",
-            description="ISO 15118-20 SECC leaf (CN = SECC ID, DC=CPO, secp521r1, TLS 1.3, short-lived)",
-            key_types=ISO15118_20_KEY_TYPES,
-            default_validity=60 * DAY,
-            max_validity=90 * DAY,
-            key_usage=frozenset({"digital_signature", "key_agreement"}),
-            common_name="secc",
-            aia_ocsp=True,
-            aia_ca_issuers=False,
-            crl_distribution_point=False,
-            issuer_roles=("v2g20-sub-ca-2",),
-            domain_component="CPO",
+        _iso15118_20(
+            "v2g20-secc",
+            "ISO 15118-20 SECC leaf (CN = SECC ID, DC=CPO, secp521r1, TLS 1.3, short-lived)",
+            ("v2g20-sub-ca-2",),
         ),
         Profile(
             name="root-link",
@@ -311,7 +285,8 @@ PROFILES: dict[str, Profile] = {
             issuer_roles=("root",),
         ),
     )
-}
+)
+
 
 # The profile of each CA role's own certificate.
 CA_ROLE_PROFILES: dict[str, str] = {
