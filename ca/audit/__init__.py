@@ -9,6 +9,7 @@ from ca.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
+        "ACTIVITY": "chain",
         "AUDIT_KEY_LABEL": "checkpoints",
         "Checkpoint": "checkpoints",
         "CheckpointTimer": "checkpoints",
@@ -20,6 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "VerifyResult": "chain",
         "audit_public_key": "checkpoints",
         "checkpoint": "checkpoints",
+        "count_activity": "chain",
         "count_noise": "chain",
         "entry_hash": "chain",
         "events": "chain",
