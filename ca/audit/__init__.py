@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "CheckpointResult": "checkpoints",
         "FILE_NAME": "checkpoints",
         "GENESIS": "chain",
+        "LatestCheckpoint": "checkpoints",
         "NOISE": "chain",
         "SignedExport": "exports",
         "VerifyResult": "chain",

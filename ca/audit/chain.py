@@ -288,14 +288,25 @@ def flush_all_noise(session: Session, now: Callable[[], datetime] = lambda: date
 
 
 def events(
-    session: Session, *, action: str | None = None, subject: str | None = None, limit: int = 100
+    session: Session,
+    *,
+    action: str | None = None,
+    subject: str | None = None,
+    actor: str | None = None,
+    before: int | None = None,
+    limit: int = 100,
 ) -> list[AuditEvent]:
-    """The newest ``limit`` entries (optionally filtered), oldest first, counted noise summarised first."""
+    """The newest ``limit`` entries (optionally filtered; ``before``: with a smaller sequence number, the
+    next page back), oldest first, counted noise summarised first."""
     flush_all_noise(session)
     query = select(AuditEvent)
     if action:
         query = query.where(AuditEvent.action == action)
     if subject:
         query = query.where(AuditEvent.subject == subject)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if before is not None:
+        query = query.where(AuditEvent.seq < before)
     rows = session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit)).all()
     return list(reversed(rows))
