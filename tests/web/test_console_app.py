@@ -20,7 +20,7 @@ from ca.issuance.flow import IssueRequest, issue
 from ca.issuance.profiles import get_profile
 from ca.registry.admins import issue_login_link
 from ca.registry.campaigns import start_campaign
-from ca.registry.devices import add_device, disable_device, get_device
+from ca.registry.devices import add_device, disable_device
 from ca.status.revocation import revoke
 from ca.store.models import AuditEvent, Certificate
 from ca.work import Work
