@@ -43,7 +43,7 @@ def admin_cert(
     check_admin_name(name)
     written = issue_client_certificate(
         state, "admin", name, csr_file=csr_file, out_dir=out_dir, validity=validity, environment=environment,
-        ca_name=ca_name,
+        ca_name=ca_name, what="admin",
     )  # fmt: skip
     click.echo(f"admin {name}: {written}")
 

@@ -317,7 +317,7 @@ def ra_add(
     """Issue an RA client certificate; writes NAME.pem (and NAME.key when no CSR was given)."""
     written = issue_client_certificate(
         state, "ra", name, csr_file=csr_file, out_dir=out_dir, validity=validity, environment=environment,
-        ca_name=ca_name,
+        ca_name=ca_name, what="RA",
     )  # fmt: skip
     click.echo(f"RA {name}: {written}")
 
@@ -332,9 +332,11 @@ def issue_client_certificate(
     validity: timedelta | None,
     environment: str | None,
     ca_name: str | None,
+    what: str,
 ) -> str:
     """A client certificate of ``profile_name`` with CN = ``name`` from an issuing CA: from a CSR, or for a
-    key generated here (written 0600 next to it). Files ``NAME.pem`` (and ``NAME.key``); says what it wrote."""
+    key generated here (written 0600 next to it). Files ``NAME.pem`` (and ``NAME.key``); says what it wrote.
+    ``what`` names the holder in errors (RA, admin)."""
     profile = get_profile(profile_name)
     out_dir.mkdir(parents=True, exist_ok=True)  # before anything is issued
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
@@ -349,7 +351,7 @@ def issue_client_certificate(
         if csr_file is not None:
             request = request_from_csr(profile, read_csr(csr_file.read()), issuer, validity)
             if request.common_name != name:
-                raise InputError(f"the CSR's CN {request.common_name!r} is not the name {name!r}")
+                raise InputError(f"the CSR's CN {request.common_name!r} is not the {what} name {name!r}")
         else:
             key = ec.generate_private_key(ec.SECP256R1())
             request = IssueRequest(profile, key.public_key(), name, validity=validity)
