@@ -35,12 +35,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/chargepki run
 
-# The examples' tests drive real peers: Debian's nginx (examples/nginx) and curl.
+# The examples' tests drive real peers: Debian's nginx (examples/nginx) and curl; the fleet console's
+# browser test drives Debian's headless chromium through its chromedriver.
 test-deps:
-	@if ! { $(NGINX_FOUND); } || ! command -v curl >/dev/null; then \
-	  echo "installing Debian packages for the tests: nginx-light curl"; \
+	@if ! { $(NGINX_FOUND); } || ! command -v curl >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing Debian packages for the tests: nginx-light curl chromium chromium-driver"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl chromium chromium-driver; \
 	fi
 
 # One pytest worker per core; a test file stays on one worker, so its module-scoped servers start once.

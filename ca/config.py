@@ -185,6 +185,22 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """The read-only fleet console (``[console]``): its own HTTPS listener, loopback by default."""
+
+    enabled: bool = True  # started by `chargepki run`
+    host: str = "127.0.0.1"  # an admin listener: expose further on purpose only
+    port: int = 8444
+    workers: int = 1
+    threads: int = 4
+    session_minutes: int = 30  # a session opened by a login link ends this long after the login
+    login_link_minutes: int = 10  # a login link printed by `console login-link` is usable this long, once
+    # The origin printed in login links (default https://<est.server_names[0]>:<port>).
+    public_url: str | None = None
+    request_timeout_seconds: int = 10  # a connection stalled mid-request is closed (slowloris)
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     database_url: str
@@ -196,6 +212,7 @@ class Config:
     front_door: FrontDoorSettings = FrontDoorSettings()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @property
     def config_path(self) -> Path:
@@ -287,6 +304,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
         front_door=_front_door_settings(data.get("front_door", {})),
         audit=_audit_settings(data.get("audit", {})),
         metrics=_metrics_settings(data.get("metrics", {})),
+        console=_console_settings(data.get("console", {})),
         database_url=_string(database, "url", config.database_url, "database"),
         pkcs11=settings,
         ocsp_url=_string(urls, "ocsp", config.ocsp_url, "urls"),
@@ -359,6 +377,19 @@ _METRICS_TYPES: dict[str, type] = {
     "ocsp_port": int,
     "crl_port": int,
     "cache_seconds": int,
+}
+
+
+_CONSOLE_TYPES: dict[str, type] = {
+    "enabled": bool,
+    "host": str,
+    "port": int,
+    "workers": int,
+    "threads": int,
+    "session_minutes": int,
+    "login_link_minutes": int,
+    "public_url": str,
+    "request_timeout_seconds": int,
 }
 
 
@@ -457,6 +488,22 @@ def _metrics_settings(table: object) -> MetricsSettings:
     return settings
 
 
+def _console_settings(table: object) -> ConsoleSettings:
+    settings = _table_settings(table, "console", ConsoleSettings(), _CONSOLE_TYPES)
+    if not 0 < settings.port < 65536:
+        raise ConfigError(f"{CONFIG_NAME}: console.port must be between 1 and 65535")
+    for key in ("workers", "threads", "session_minutes", "login_link_minutes", "request_timeout_seconds"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: console.{key} must be positive")
+    if settings.login_link_minutes > 60:
+        raise ConfigError(f"{CONFIG_NAME}: console.login_link_minutes must be at most 60")
+    if settings.session_minutes > 24 * 60:
+        raise ConfigError(f"{CONFIG_NAME}: console.session_minutes must be at most 1440 (a day)")
+    if settings.public_url is not None and not settings.public_url.startswith("https://"):
+        raise ConfigError(f"{CONFIG_NAME}: console.public_url must start with https://")
+    return settings
+
+
 def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     settings = config.pkcs11
     if environ.get("CHARGEPKI_PKCS11_MODULE"):
@@ -499,6 +546,7 @@ def write_config(config: Config) -> Path:
         "front_door": _table(config.front_door),
         "audit": _table(config.audit),
         "metrics": _table(config.metrics),
+        "console": _table(config.console),
     }
     ensure_home(config.home)
     _write_document(config.config_path, document, settings.pin_env)

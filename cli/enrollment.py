@@ -315,7 +315,29 @@ def ra_add(
     ca_name: str | None,
 ) -> None:
     """Issue an RA client certificate; writes NAME.pem (and NAME.key when no CSR was given)."""
-    profile = get_profile("ra")
+    written = issue_client_certificate(
+        state, "ra", name, csr_file=csr_file, out_dir=out_dir, validity=validity, environment=environment,
+        ca_name=ca_name, what="RA",
+    )  # fmt: skip
+    click.echo(f"RA {name}: {written}")
+
+
+def issue_client_certificate(
+    state: State,
+    profile_name: str,
+    name: str,
+    *,
+    csr_file: Any,
+    out_dir: Path,
+    validity: timedelta | None,
+    environment: str | None,
+    ca_name: str | None,
+    what: str,
+) -> str:
+    """A client certificate of ``profile_name`` with CN = ``name`` from an issuing CA: from a CSR, or for a
+    key generated here (written 0600 next to it). Files ``NAME.pem`` (and ``NAME.key``); says what it wrote.
+    ``what`` names the holder in errors (RA, admin)."""
+    profile = get_profile(profile_name)
     out_dir.mkdir(parents=True, exist_ok=True)  # before anything is issued
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     for suffix in (".pem", ".key"):
@@ -329,7 +351,7 @@ def ra_add(
         if csr_file is not None:
             request = request_from_csr(profile, read_csr(csr_file.read()), issuer, validity)
             if request.common_name != name:
-                raise InputError(f"the CSR's CN {request.common_name!r} is not the RA name {name!r}")
+                raise InputError(f"the CSR's CN {request.common_name!r} is not the {what} name {name!r}")
         else:
             key = ec.generate_private_key(ec.SECP256R1())
             request = IssueRequest(profile, key.public_key(), name, validity=validity)
@@ -343,9 +365,8 @@ def ra_add(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ).decode(),
         )
-    click.echo(
-        f"RA {name}: serial {row.serial}, certificate {out_dir / (stem + '.pem')}"
-        + (f", key {out_dir / (stem + '.key')}" if key is not None else "")
+    return f"serial {row.serial}, certificate {out_dir / (stem + '.pem')}" + (
+        f", key {out_dir / (stem + '.key')}" if key is not None else ""
     )
 
 
@@ -387,3 +408,20 @@ def serve_est_command(
         serve_est_front_door(pki, host=host, port=port, workers=workers)
     else:
         serve_est(pki, host=host, port=port, workers=workers)
+
+
+@serve.command("console")
+@click.option("--host", help="Listen address (default: console.host in the config, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Listen port (default: console.port, 8444).")
+@click.option("--workers", type=click.IntRange(min=1), help="gunicorn worker processes (default: console.workers).")
+@pass_state
+def serve_console_command(state: State, host: str | None, port: int | None, workers: int | None) -> None:
+    """The read-only fleet console over HTTPS (admin certificate or `console login-link`)."""
+    from web.console.server import serve_console
+
+    pki = state.pki()
+    settings = pki.config.console
+    serve_console(
+        pki, host=host or settings.host, port=port if port is not None else settings.port,
+        workers=workers or settings.workers,
+    )  # fmt: skip

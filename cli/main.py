@@ -53,6 +53,7 @@ from cli.common import (
     table,
     utc_now,
 )
+from cli.console import console
 from cli.crl import crl
 from cli.csms import csms
 from cli.doctor import token_doctor
@@ -217,15 +218,24 @@ def run(state: State, org: str, setup_only: bool) -> None:
 
     settings = pki.config.est
     home = str(pki.config.home)
-    # OCSP (with its signer and refresher) and the CRL publisher run beside EST, stopped with it.
+    # OCSP (with its signer and refresher), the CRL publisher and the fleet console run beside EST,
+    # stopped with it.
     children = [
         subprocess.Popen([sys.executable, "-m", "cli.main", "--home", home, "serve", "ocsp"]),
         subprocess.Popen([sys.executable, "-m", "cli.main", "--home", home, "crl", "publish", "--watch"]),
     ]
+    if pki.config.console.enabled:
+        children.append(subprocess.Popen([sys.executable, "-m", "cli.main", "--home", home, "serve", "console"]))
     click.echo(
         f"EST: https://{settings.server_names[0]}:{settings.port}/.well-known/est/ (trust anchor: chargepki ca chain)",
         err=True,
     )
+    if pki.config.console.enabled:
+        click.echo(
+            f"console: https://{settings.server_names[0]}:{pki.config.console.port}/ "
+            "(log in: chargepki console login-link --name YOU)",
+            err=True,
+        )
     try:
         serve = serve_est_front_door if front_door_enabled(pki, direct=False) else serve_est
         serve(pki, host=settings.host, port=settings.port, workers=settings.workers)
@@ -562,7 +572,7 @@ def audit_show(state: State, action: str | None, subject: str | None, limit: int
     table(["SEQ", "AT", "ACTOR", "ACTION", "SUBJECT", "DETAILS"], rows)
 
 
-for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign, report):
+for group in (device, token_group, ra, serve, crl, ocsp, csms, v2g, manufacturer, firmware, campaign, report, console):
     cli.add_command(group)
 token_group.add_command(token_doctor)
 ca.add_command(ca_rotate)

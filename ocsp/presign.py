@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.x509.ocsp import load_der_ocsp_response
 from sqlalchemy import bindparam, case, delete, func, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -230,6 +231,39 @@ def upsert_response(
         "signer_serial": signer.serial,
     }
     session.execute(_UPSERT["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"], values)
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """What the responder answers now for one certificate and CertID hash, read from the stored DER."""
+
+    hash_algorithm: str
+    cert_status: str  # good | revoked | unknown
+    this_update: datetime
+    next_update: datetime | None
+    revocation_reason: str | None
+    signer_serial: str
+
+
+def stored_answers(session: Session, certificate: Certificate) -> list[StoredAnswer]:
+    """The pre-signed responses the responder serves for ``certificate`` (one per CertID hash), as their
+    DER says (not as the row's columns say: what a relying party receives is the DER)."""
+    rows = session.scalars(
+        select(OcspResponse)
+        .where(OcspResponse.authority_id == certificate.authority_id, OcspResponse.serial == certificate.serial)
+        .order_by(OcspResponse.hash_algorithm)
+    ).all()
+    answers = []
+    for row in rows:
+        response = load_der_ocsp_response(row.der)
+        reason = response.revocation_reason
+        answers.append(
+            StoredAnswer(
+                row.hash_algorithm, response.certificate_status.name.lower(), response.this_update_utc,
+                response.next_update_utc, reason.name if reason is not None else None, row.signer_serial,
+            )
+        )  # fmt: skip
+    return answers
 
 
 # -- refreshing ----------------------------------------------------------------------------------

@@ -83,9 +83,10 @@ def _needs_renewal(certificate_file: Path, names: tuple[str, ...]) -> bool:
     return remaining < lifetime / 3 or set(san.get_values_for_type(x509.DNSName)) != set(names)
 
 
-def prepare_tls(pki: Pki, settings: EstSettings) -> dict[str, str]:
-    """Server certificate (leaf + issuing CA), its key, and the bundle of CAs accepted from clients."""
-    directory = pki.config.home / "est"
+def prepare_tls(pki: Pki, settings: EstSettings, service: str = "est") -> dict[str, str]:
+    """Server certificate (leaf + issuing CA), its key, and the bundle of CAs accepted from clients,
+    in ``<home>/<service>/`` (EST and the console each have their own TLS key)."""
+    directory = pki.config.home / service
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     certificate_file, key_file, clients_file = (
         directory / name for name in ("server.pem", "server.key", "client-ca.pem")
@@ -103,7 +104,7 @@ def prepare_tls(pki: Pki, settings: EstSettings) -> dict[str, str]:
                 validity=SERVER_VALIDITY,
             )
             status = Presigner(pki.token(), policy_from(pki.config.ocsp))
-            row = issue(Work(session, "system:est", status=status), issuer=issuer, request=request)
+            row = issue(Work(session, f"system:{service}", status=status), issuer=issuer, request=request)
             chain_pem = x509.load_der_x509_certificate(row.der or b"").public_bytes(serialization.Encoding.PEM)
             chain_pem += x509.load_der_x509_certificate(authority.certificate_der).public_bytes(
                 serialization.Encoding.PEM

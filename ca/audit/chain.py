@@ -11,6 +11,8 @@ credentials were checked) are noise an attacker can send at line rate: ``count_n
 them in ``audit_noise`` (one upsert) and ``flush_noise`` writes one summary entry
 (``anonymous.refused``) per address and minute with the count per action and code, deleting
 exactly the rows it summarised in the same transaction, so nothing is lost or counted twice.
+A known actor's frequent, harmless events (the fleet console's page views) are counted the same
+way by ``count_activity`` and summarised as ``activity.summary`` per actor, address and minute.
 """
 
 from __future__ import annotations
@@ -168,8 +170,9 @@ def _stream(session: Session, batch: int) -> Iterator[Any]:
 
 
 NOISE = "anonymous.refused"
+ACTIVITY = "activity.summary"
 _NOISE = AuditNoise.__table__
-_NOISE_KEY = (_NOISE.c.address, _NOISE.c.minute, _NOISE.c.action, _NOISE.c.code)
+_NOISE_KEY = (_NOISE.c.address, _NOISE.c.minute, _NOISE.c.action, _NOISE.c.code, _NOISE.c.actor)
 _COUNT_NOISE = {
     "sqlite": sqlite_insert(_NOISE).on_conflict_do_update(
         index_elements=list(_NOISE_KEY), set_={"count": _NOISE.c.count + 1}
@@ -200,11 +203,36 @@ def count_noise(
     waiting for a row after taking the head, while a flush holding that row waits for the head,
     was a deadlock on PostgreSQL).
     """
+    _count(session, "", address, action, code, now)
+
+
+def count_activity(
+    session: Session,
+    *,
+    actor: str,
+    address: str | None,
+    action: str,
+    code: str,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Count a known actor's frequent event (a console page view: ``action`` and the page as ``code``),
+    summarised per actor, address and minute like the noise; in the caller's transaction."""
+    if not actor:
+        raise ValueError("count_activity needs an actor (anonymous events are count_noise's)")
+    _count(session, actor, address, action, code, now)
+
+
+def _count(
+    session: Session, actor: str, address: str | None, action: str, code: str, now: Callable[[], datetime]
+) -> None:
     minute = _minute(now())
     session.execute(
         _COUNT_NOISE[session.get_bind().dialect.name],
-        {"address": (address or "?")[:128], "minute": minute, "action": action[:64], "code": code[:64], "count": 1},
-    )
+        {
+            "address": (address or "?")[:128], "minute": minute, "action": action[:64], "code": code[:64],
+            "actor": actor[:128], "count": 1,
+        },
+    )  # fmt: skip
     flush_noise(session, before=minute, now=now)
 
 
@@ -216,7 +244,7 @@ def flush_noise(
     # A flush never waits for a row: rows another transaction holds (a count in flight, another
     # flush) are skipped and left for the next flush; the only lock it waits for is the audit head,
     # taken last. A count waits at most for a row's holder, which never waits for a row in turn.
-    query = select(_NOISE).order_by(_NOISE.c.minute, _NOISE.c.address, _NOISE.c.action, _NOISE.c.code)
+    query = select(_NOISE).order_by(_NOISE.c.minute, _NOISE.c.address, _NOISE.c.action, _NOISE.c.code, _NOISE.c.actor)
     if before is not None:
         query = query.where(_NOISE.c.minute < before)
     if session.get_bind().dialect.name == "postgresql":
@@ -225,24 +253,29 @@ def flush_noise(
     rows = session.execute(query).all()
     if not rows:
         return 0
-    summaries: dict[tuple[str, datetime], dict[str, int]] = {}
+    summaries: dict[tuple[str, str, datetime], dict[str, int]] = {}
     for row in rows:
-        refusals = summaries.setdefault((row.address, row.minute), {})
+        counted = summaries.setdefault((row.actor, row.address, row.minute), {})
         key = f"{row.action} {row.code}"
-        refusals[key] = refusals.get(key, 0) + row._mapping["count"]
-    for (address, minute), refusals in summaries.items():
+        counted[key] = counted.get(key, 0) + row._mapping["count"]
+    for (actor, address, minute), counted in summaries.items():
+        # the anonymous ones' details keep their name ("refusals"); a known actor's are its "events"
         record(
             session,
-            NOISE,
-            actor=f"anonymous@{address}"[:128],
+            ACTIVITY if actor else NOISE,
+            actor=actor or f"anonymous@{address}"[:128],
             subject=address,
             now=now,
-            details={"minute": minute.isoformat(), "count": sum(refusals.values()), "refusals": refusals},
+            details={
+                "minute": minute.isoformat(),
+                "count": sum(counted.values()),
+                "events" if actor else "refusals": counted,
+            },
         )
     # Exactly the rows read: a row another writer added since is left for the next flush.
     session.execute(
         _FORGET_NOISE,
-        [{f"k_{key}": getattr(row, key) for key in ("address", "minute", "action", "code")} for row in rows],
+        [{f"k_{key}": getattr(row, key) for key in ("address", "minute", "action", "code", "actor")} for row in rows],
     )
     return len(summaries)
 
@@ -255,14 +288,25 @@ def flush_all_noise(session: Session, now: Callable[[], datetime] = lambda: date
 
 
 def events(
-    session: Session, *, action: str | None = None, subject: str | None = None, limit: int = 100
+    session: Session,
+    *,
+    action: str | None = None,
+    subject: str | None = None,
+    actor: str | None = None,
+    before: int | None = None,
+    limit: int = 100,
 ) -> list[AuditEvent]:
-    """The newest ``limit`` entries (optionally filtered), oldest first, counted noise summarised first."""
+    """The newest ``limit`` entries (optionally filtered; ``before``: with a smaller sequence number, the
+    next page back), oldest first, counted noise summarised first."""
     flush_all_noise(session)
     query = select(AuditEvent)
     if action:
         query = query.where(AuditEvent.action == action)
     if subject:
         query = query.where(AuditEvent.subject == subject)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if before is not None:
+        query = query.where(AuditEvent.seq < before)
     rows = session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit)).all()
     return list(reversed(rows))

@@ -218,6 +218,42 @@ class CheckpointResult:
     broken_seq: int | None = None  # the first entry that can no longer be trusted
 
 
+@dataclass(frozen=True)
+class LatestCheckpoint:
+    """The newest checkpoint in the database and whether it still holds (``problem`` None)."""
+
+    checkpoint: Checkpoint
+    problem: str | None
+
+
+def _signed_by(made: Checkpoint, public_key: ec.EllipticCurvePublicKey) -> bool:
+    try:
+        if made.key_sha256 != _key_sha256(public_key):
+            return False
+        public_key.verify(base64.b64decode(made.signature), made.message(), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def latest(session: Session, public_key: Callable[[], ec.EllipticCurvePublicKey]) -> LatestCheckpoint | None:
+    """The newest checkpoint, checked on its own: signed by the audit key, and its entry still has the
+    signed hash. Cheap enough for every view of the console's audit page; ``audit verify`` checks all.
+    ``public_key`` is asked for only when there is a checkpoint."""
+    row = session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1)).first()
+    if row is None:
+        session.commit()
+        return None
+    made = Checkpoint(row.seq, row.hash, row.at, row.key_sha256, row.signature)
+    found = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == made.seq)) if made.seq else audit.GENESIS
+    session.commit()
+    if not _signed_by(made, public_key()):
+        return LatestCheckpoint(made, f"the checkpoint of entry {made.seq} is not signed by the audit key")
+    if found != (made.hash if made.seq else audit.GENESIS):
+        return LatestCheckpoint(made, f"entry {made.seq} is not the one the checkpoint signed")
+    return LatestCheckpoint(made, None)
+
+
 def verify(session: Session, token: Callable[[], Token], home: Path | None) -> CheckpointResult:
     """Every checkpoint (database and file) carries a good signature by the token's audit key, and
     the chain still reaches each one with the same hash. Run after ``audit.verify`` passed.
@@ -233,13 +269,8 @@ def verify(session: Session, token: Callable[[], Token], home: Path | None) -> C
     if not checkpoints:
         return CheckpointResult(True, 0)
     public_key = audit_public_key(token())
-    key = _key_sha256(public_key)
     for made in checkpoints:
-        try:
-            if made.key_sha256 != key:
-                raise InvalidSignature
-            public_key.verify(base64.b64decode(made.signature), made.message(), ec.ECDSA(hashes.SHA256()))
-        except (InvalidSignature, ValueError):
+        if not _signed_by(made, public_key):
             return CheckpointResult(
                 False,
                 len(checkpoints),

@@ -160,6 +160,16 @@ PROFILES: dict[str, Profile] = {
             aia_ocsp=True,
         ),
         Profile(
+            name="admin",
+            description="operator client certificate for the read-only fleet console (mTLS; CN = the admin's name)",
+            key_types=ALL_KEY_TYPES,
+            default_validity=90 * DAY,
+            max_validity=365 * DAY,  # a person's access: renewed often, and revoked when they leave
+            key_usage=frozenset({"digital_signature"}),
+            extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+            aia_ocsp=True,
+        ),
+        Profile(
             name="firmware-signer",
             description="firmware signing certificate (codeSigning) for OCPP SignedUpdateFirmware",
             key_types=("ec-p256",),  # ECDSA P-256 with SHA-256: what charging stations verify

@@ -1,4 +1,5 @@
-"""Who may ask for certificates: devices, one-time secrets, CSMS clients and their jobs, re-enrollment campaigns.
+"""Who may ask for certificates: devices, one-time secrets, CSMS clients and their jobs, re-enrollment campaigns;
+and who may read the fleet console (admins).
 
 Public names are re-exported lazily (PEP 562), so importing the package never
 imports all of its modules and cycles between packages cannot form at import time.
@@ -9,6 +10,7 @@ from ca.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
+        "ADMIN_PROFILE": "admins",
         "CERTIFICATE_TYPES": "csms",
         "Caller": "csms",
         "ClientSummary": "csms",
@@ -24,6 +26,12 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "STATES": "campaigns",
         "TOKEN_PREFIX": "csms",
         "add_client": "csms",
+        "admin_actor": "admins",
+        "certificate_admin": "admins",
+        "check_admin_name": "admins",
+        "issue_login_link": "admins",
+        "session_admin": "admins",
+        "spend_login_link": "admins",
         "add_device": "devices",
         "authenticate": "csms",
         "authenticate_limited": "csms",

@@ -162,6 +162,36 @@ def list_devices(session: Session, *, environment: str | None = None, limit: int
     return list(session.scalars(query))
 
 
+DEVICE_STATES = ("enabled", "disabled")
+
+
+def search_devices(
+    session: Session,
+    *,
+    serial: str | None = None,
+    model: str | None = None,
+    state: str | None = None,
+    environment: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Device], bool]:
+    """Devices whose serial starts with ``serial`` (the unique index's range), of ``model``, ``state``
+    (enabled or disabled) and ``environment``, by serial; and whether more follow this page."""
+    query = select(Device).order_by(Device.serial)
+    if serial:
+        query = query.where(Device.serial.startswith(serial.strip(), autoescape=True))
+    if model:
+        query = query.where(Device.model == model)
+    if state is not None:
+        if state not in DEVICE_STATES:
+            raise InputError(f"unknown device state {state!r} (known: {', '.join(DEVICE_STATES)})")
+        query = query.where(Device.enabled.is_(state == "enabled"))
+    if environment:
+        query = query.where(Device.environment == environment)
+    found = list(session.scalars(query.offset(offset).limit(limit + 1)))
+    return found[:limit], len(found) > limit
+
+
 def device_certificates(session: Session, device: Device) -> list[Certificate]:
     return list(
         session.scalars(select(Certificate).where(Certificate.device_id == device.id).order_by(Certificate.created_at))

@@ -20,6 +20,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "Campaign": "models",
         "CampaignDevice": "models",
         "Certificate": "models",
+        "ConsoleLink": "models",
+        "ConsoleSession": "models",
         "CsmsClient": "models",
         "CsmsSignJob": "models",
         "CsmsToken": "models",

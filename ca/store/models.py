@@ -251,10 +251,12 @@ class AuditHead(Base):
 
 
 class AuditNoise(Base):
-    """Refusals of callers that established no identity, counted per address, minute, action and code.
+    """Frequent events counted per actor, address, minute, action and code instead of chained one by one:
+    refusals of callers that established no identity (``actor`` empty) and the fleet console's page
+    views (``actor`` the admin).
 
-    One upsert per refusal instead of one hash-chained entry; ``audit.flush_noise`` turns a
-    minute's rows into one summary entry per address and deletes them in the same transaction.
+    One upsert per event instead of one hash-chained entry; ``audit.flush_noise`` turns a
+    minute's rows into one summary entry per actor and address and deletes them in the same transaction.
     """
 
     __tablename__ = "audit_noise"
@@ -264,6 +266,7 @@ class AuditNoise(Base):
     action: Mapped[str] = mapped_column(String(64), primary_key=True)
     code: Mapped[str] = mapped_column(String(64), primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128), primary_key=True, server_default="")
 
 
 class AuditCheckpoint(Base):
@@ -370,3 +373,30 @@ class CampaignDevice(Base):
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"))
     joined_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ConsoleLink(Base):
+    """A one-time login link of the fleet console (``chargepki console login-link``): only the token's
+    SHA-256 is kept; ``used_at`` is set by the one conditional UPDATE that spends it."""
+
+    __tablename__ = "console_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ConsoleSession(Base):
+    """A fleet console session opened by a login link: the cookie's random id is kept as its SHA-256."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[str] = mapped_column(String(64))
+    link_id: Mapped[int] = mapped_column(ForeignKey("console_links.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -3,7 +3,8 @@
 A real first-run home (embedded SoftHSM2 token, PINs in 0600 files) serves EST and OCSP in
 their own processes; the test enrolls with one-time secrets, with wrong passwords and through
 an RA, issues secrets in a batch, runs commands with a wrong PIN and against a server whose
-PIN is wrong, checks the token with `token doctor`, prints the JSON views and signs a report,
+PIN is wrong, checks the token with `token doctor`, prints the JSON views and signs a report, logs in
+to the fleet console with a one-time link and an admin certificate and views its pages,
 then reads everything the services and commands wrote: every file in the home
 except the few that exist to hold a secret, the server logs, every audit column, the SQLite
 database bytes, CLI output and HTTP error bodies. None may contain a PIN, a one-time secret,
@@ -126,6 +127,38 @@ def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: 
         answers.append(refused.text)
     finally:
         wrong_est.stop()
+    # The fleet console: a login link (printed once, by that command) spent over HTTPS, pages viewed with the
+    # session and with an admin certificate; the link's token, the cookie and the admin's key stay out of
+    # every log, page and audit entry.
+    admin_dir = tmp_path / "admin"
+    cli("console", "admin-cert", "--name", "alice", "--out", str(admin_dir))
+    admin_key = (admin_dir / "alice.key").read_text()
+    link = cli("console", "login-link", "--name", "alice", keep=False).strip()
+    login_token = link.split("token=", 1)[1]
+    console = start_server(home, free_port(), service="console", workers=1, direct=False)
+    try:
+        base = f"https://localhost:{console.port}"
+        browser = requests.Session()
+        answers.append(browser.get(f"{base}/login?token={login_token}", verify=str(root), timeout=30).text.replace(
+            login_token, ""  # the login form carries the token back to the one who holds it: its only place
+        ))  # fmt: skip
+        logged_in = browser.post(f"{base}/login", data={"token": login_token}, verify=str(root), timeout=30)
+        assert logged_in.status_code == 200 and "alice (login link)" in logged_in.text, logged_in.text[:300]
+        session_cookie = browser.cookies.get("chargepki_console")
+        assert session_cookie
+        for path in ("/", "/devices", "/devices/CP-S-1", "/audit", "/campaigns", "/audit?action=secret.issued"):
+            page = browser.get(base + path, verify=str(root), timeout=30)
+            assert page.status_code == 200, path
+            answers.append(page.text)
+        by_certificate = requests.get(
+            f"{base}/audit", cert=(str(admin_dir / "alice.pem"), str(admin_dir / "alice.key")), verify=str(root),
+            timeout=30,
+        )  # fmt: skip
+        assert by_certificate.status_code == 200
+        answers.append(by_certificate.text)
+        answers.append(requests.post(f"{base}/login", data={"token": login_token}, verify=str(root), timeout=30).text)
+    finally:
+        console.stop()
     cli("crl", "publish")
     cli("audit", "show", "--limit", "1000")
     cli("audit", "verify")
@@ -162,6 +195,13 @@ def test_no_secret_reaches_a_log_an_audit_entry_an_error_or_an_output(tmp_path: 
             for i, line in enumerate(_key_material((home / "est" / "server.key").read_text()))
         },
         "a PEM private key": "PRIVATE KEY-----",
+        "a console login link's token": login_token,
+        "a console session cookie": session_cookie,
+        **{f"admin key line {i}": line for i, line in enumerate(_key_material(admin_key))},
+        **{
+            f"console TLS key line {i}": line
+            for i, line in enumerate(_key_material((home / "console" / "server.key").read_text()))
+        },
     }
     places = _everything_written(home, wrong_home) | {f"output {i}": o.encode() for i, o in enumerate(outputs)}
     places |= {path.name: path.read_bytes() for path in tmp_path.glob("inventory.json*")}
@@ -206,7 +246,9 @@ def _home_with_wrong_pin(home: Path, other: Path, wrong_pin: str) -> Path:
 
 
 # Files that exist to hold a secret: the PIN files, the token's own storage, the TLS key.
-_SECRET_HOLDERS = ("softhsm/user.pin", "softhsm/so.pin", "softhsm/tokens/", "est/server.key", "wrong.pin")
+_SECRET_HOLDERS = (
+    "softhsm/user.pin", "softhsm/so.pin", "softhsm/tokens/", "est/server.key", "console/server.key", "wrong.pin",
+)  # fmt: skip
 
 
 def _everything_written(*homes: Path) -> dict[str, bytes]:

@@ -33,8 +33,12 @@ LEAF_REQUESTS = {
     "ocsp-signer": {"common_name": "Acme OCSP Signer"},
     "ra": {"common_name": "Factory Station Shenzhen 1"},
     "csms-client": {"common_name": "Acme CSMS eu-west"},
+    "admin": {"common_name": "alice"},
 }
-OPENSSL_PURPOSE = {"charger": "sslclient", "csms-server": "sslserver", "ra": "sslclient", "csms-client": "sslclient"}
+OPENSSL_PURPOSE = {
+    "charger": "sslclient", "csms-server": "sslserver", "ra": "sslclient", "csms-client": "sslclient",
+    "admin": "sslclient",
+}  # fmt: skip
 
 
 def _issue_all(session: Session, token: Token, hierarchy: Hierarchy, leaf_key: str) -> dict[str, bytes]:
