@@ -287,6 +287,24 @@ def in_reads(session: Session) -> bool:
     return True
 
 
+def _core_only(session: Session, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``Session.execute`` would hand this call straight to the connection: a statement
+    without ORM entities, in a transaction already begun, with no options, binds or ORM events."""
+    if len(args) not in (1, 2) or kwargs.get("execution_options") or kwargs.get("bind_arguments"):
+        return False
+    if kwargs.get("_parent_execute_state") is not None or kwargs.get("_add_event") is not None:
+        return False
+    statement = args[0]
+    propagate = getattr(statement, "_propagate_attrs", None)
+    return (
+        propagate is not None
+        and not propagate
+        and not statement._execution_options
+        and session.in_transaction()
+        and not session.dispatch.do_orm_execute
+    )
+
+
 class _Session(Session):
     """A session that retries the first statement of a transaction once when its connection was dead.
 
@@ -300,6 +318,12 @@ class _Session(Session):
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         if self.in_transaction() or not self._is_clean():
+            if _core_only(self, args, kwargs):
+                # A Core statement (built on tables, or text) inside a transaction: what the ORM does
+                # for it is exactly this (no autoflush, no loading), minus ~40 µs of option merging
+                # and event dispatch per statement, a tenth of an enrollment's CPU over its statements.
+                result = self.connection().execute(args[0], args[1] if len(args) > 1 else None)
+                return result.scalar() if kwargs.get("_scalar_result") else result
             return super()._execute_internal(*args, **kwargs)
         try:
             return super()._execute_internal(*args, **kwargs)

@@ -7,15 +7,18 @@ import fcntl
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from ca.errors import StoreError
 from ca.store.engine import Store, _WriterGate
-from tests.conftest import postgres_admin
+from ca.store.models import Device
+from tests.conftest import MigratedSchema, postgres_admin
 
 
 @pytest.fixture
@@ -207,4 +210,42 @@ def test_a_connection_the_server_dropped_is_replaced_without_a_ping(db_url: str)
             with pytest.raises(OperationalError):
                 session.execute(text("SELECT 1"))
     finally:
+        store.dispose()
+
+
+# -- Core statements inside a transaction go straight to the connection --------------------------
+def test_core_statements_in_a_transaction_skip_the_orm_but_not_its_semantics(
+    db_url: str, migrated_schema: MigratedSchema
+) -> None:
+    """Same rows, same scalars, same transaction, same errors; ORM statements still load objects,
+    and calls with options still take the ORM's path."""
+    migrated_schema.apply(db_url)
+    store = Store(db_url)
+    devices = Device.__table__
+    new = {"environment": "production", "created_at": datetime(2026, 1, 1, tzinfo=UTC)}
+    through_orm: list[object] = []
+    real = Session._execute_internal
+    try:
+        Session._execute_internal = lambda self, *a, **k: through_orm.append(a[0]) or real(self, *a, **k)  # type: ignore[method-assign]
+        with store.session() as session:
+            session.execute(text("SELECT 1"))  # the first statement begins the transaction the ORM's way
+            through_orm.clear()
+            session.execute(insert(devices).values(serial="CP-FAST-1", **new))
+            assert session.scalar(select(func.count()).select_from(devices)) == 1
+            assert session.execute(select(devices.c.serial, devices.c.created_at)).all() == [
+                ("CP-FAST-1", datetime(2026, 1, 1, tzinfo=UTC))
+            ]
+            assert through_orm == []  # three Core statements, none through the ORM
+            device = session.scalar(select(Device).where(Device.serial == "CP-FAST-1"))
+            assert isinstance(device, Device) and device.enrollment_open and len(through_orm) == 1
+            session.execute(select(func.count()).select_from(devices), execution_options={"yield_per": 10})
+            assert len(through_orm) == 2  # options: the ORM's path
+            session.rollback()
+        with store.session() as session:  # rolled back with the transaction, like any statement in it
+            assert session.scalar(select(func.count()).select_from(devices)) == 0
+            session.execute(insert(devices).values(serial="CP-DUP", **new))
+            with pytest.raises(IntegrityError):  # errors arrive wrapped, as from the ORM's path
+                session.execute(insert(devices).values(serial="CP-DUP", **new))
+    finally:
+        Session._execute_internal = real  # type: ignore[method-assign]
         store.dispose()
