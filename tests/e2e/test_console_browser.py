@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from ca.config import load_config
 from tests.est_server import EstServer, free_port, start_server
+from tests.fault_helpers import children
 from tests.helpers import chargepki
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -70,7 +72,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     site.cli("revoke", site.revoked_serial, "--reason", "keyCompromise")
     site.cli("console", "admin-cert", "--name", "alice", "--out", str(site.admin_dir))
     site.cli("audit", "checkpoint")
-    site.server = start_server(home, free_port(), service="console", workers=1, direct=False)
+    # The PIN in the environment, as with a real HSM: the server reads the audit key, then drops it.
+    pin = load_config(home, {}).pkcs11.read_pin({})
+    site.server = start_server(
+        home, free_port(), service="console", workers=1, direct=False, environ={"CHARGEPKI_PKCS11_PIN": pin}
+    )
     try:
         yield site
     finally:
@@ -199,3 +205,12 @@ def test_an_admin_certificate_opens_the_console_without_a_link(site: Site) -> No
 def test_page_views_reach_the_audit_log_in_summary(site: Site) -> None:
     shown = json.loads(site.cli("audit", "show", "--action", "activity.summary", "--json"))["entries"]
     assert shown and {entry["actor"] for entry in shown} == {"admin:alice"}
+
+
+def test_the_console_and_its_workers_hold_no_pin(site: Site) -> None:
+    """The server reads the audit key's public half before it forks; no console process keeps the PIN."""
+    pids = [site.server.process.pid, *children(site.server.process.pid)]
+    assert len(pids) >= 2
+    for pid in pids:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environment if v.startswith(b"CHARGEPKI_PKCS11_PIN=")], pid
