@@ -75,6 +75,26 @@ class Pkcs11Settings:
 
 
 @dataclass(frozen=True)
+class DatabaseSettings:
+    """How every PostgreSQL connection bounds its waits (``[database]``, beside ``url``).
+
+    A server that stopped answering (a silent partition, a crashed host) must fail a request within
+    seconds instead of hanging it: libpq's ``connect_timeout``, TCP keepalives on idle connections,
+    ``tcp_user_timeout`` on unacknowledged writes, and server-side statement and lock timeouts. A
+    parameter the URL sets itself wins over these (an operator's explicit choice). SQLite ignores
+    them: its lock wait is the URL's ``?timeout=`` seconds.
+    """
+
+    connect_timeout_seconds: int = 5  # libpq connect_timeout, per host of a multi-host URL
+    statement_timeout_ms: int = 15_000  # server-side; 0 = none (migrations always run without)
+    lock_timeout_ms: int = 10_000  # a row or table lock waited for longer fails the statement; 0 = none
+    tcp_user_timeout_ms: int = 5_000  # data sent but unacknowledged this long: the connection is dead
+    keepalives_idle_seconds: int = 5  # an idle connection is probed after this long …
+    keepalives_interval_seconds: int = 2  # … every this many seconds …
+    keepalives_count: int = 3  # … and declared dead after this many unanswered probes
+
+
+@dataclass(frozen=True)
 class EstSettings:
     """The EST service (``[est]`` in the config file)."""
 
@@ -189,6 +209,7 @@ class Config:
     home: Path
     database_url: str
     pkcs11: Pkcs11Settings
+    database: DatabaseSettings = DatabaseSettings()
     ocsp_url: str = DEFAULT_OCSP_URL
     repository_url: str = DEFAULT_REPOSITORY_URL
     est: EstSettings = EstSettings()
@@ -282,6 +303,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
     return replace(
         config,
+        database=_database_settings({key: value for key, value in database.items() if key != "url"}),
         est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         front_door=_front_door_settings(data.get("front_door", {})),
@@ -294,6 +316,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
 
 
+_DATABASE_TYPES: dict[str, type] = {name: int for name in DatabaseSettings.__dataclass_fields__}
 _EST_TYPES: dict[str, type] = {
     "host": str,
     "port": int,
@@ -378,6 +401,18 @@ def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, 
             value = tuple(value)
         values[key] = value
     return replace(defaults, **values)  # type: ignore[type-var]
+
+
+def _database_settings(table: object) -> DatabaseSettings:
+    settings = _table_settings(table, "database", DatabaseSettings(), _DATABASE_TYPES)
+    positive = ("connect_timeout_seconds", "keepalives_idle_seconds", "keepalives_interval_seconds", "keepalives_count")
+    for key in positive:
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: database.{key} must be positive")
+    for key in ("statement_timeout_ms", "lock_timeout_ms", "tcp_user_timeout_ms"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{CONFIG_NAME}: database.{key} must be 0 (none) or positive")
+    return settings
 
 
 def _est_settings(table: object) -> EstSettings:
@@ -491,7 +526,7 @@ def write_config(config: Config) -> Path:
     if settings.softhsm_conf is not None:
         pkcs11["softhsm_conf"] = str(settings.softhsm_conf)
     document = {
-        "database": {"url": config.database_url},
+        "database": {"url": config.database_url} | _table(config.database),
         "pkcs11": pkcs11,
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
         "est": _table(config.est),

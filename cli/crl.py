@@ -69,7 +69,7 @@ def crl_publish(
     published_summary = summary
     due = 0.0
     # Polls read in autocommit: on SQLite they must not take the write lock twice a second.
-    watcher = Store(pki.config.database_url, read_only=True) if watch else None
+    watcher = Store(pki.config.database_url, read_only=True, settings=pki.config.database) if watch else None
     # A long-running publisher also signs the audit chain's periodic checkpoints (one per interval
     # across every process that does, ca/checkpoints.py).
     every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)

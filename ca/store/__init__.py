@@ -28,7 +28,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "KeyOwner": "models",
         "MIGRATIONS": "engine",
         "OcspResponse": "models",
-        "PG_CONNECT_TIMEOUT": "engine",
+        "postgres_parameters": "engine",
         "StatusFeed": "models",
         "Store": "engine",
         "UTCDateTime": "models",
