@@ -143,6 +143,14 @@ class OcspSettings:
     refresh_interval_seconds: int = 300
     signer_validity_days: int = 30  # delegated signer certificates, rotated when a third is left
     request_timeout_seconds: int = 10  # to read a request's headers (granian), or per read/write (gunicorn)
+    # The store lost (stopped, partitioned): a cached good is served at most this long after the last
+    # moment the responder knew its cache current, then tryLater; permanent revocations until nextUpdate.
+    stale_bound_seconds: int = 10
+    store_timeout_ms: int = 2000  # a responder's read of the store taking longer fails (tryLater)
+    standby_poll_ms: int = 500  # on a hot standby (no LISTEN there): how often the change counter is read
+    # Where the keyless responder reads (e.g. a hot standby on this host); default [database] url.
+    # The on-demand signer and everything else write through [database] url.
+    database_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -351,6 +359,10 @@ _OCSP_TYPES: dict[str, type] = {
     "refresh_interval_seconds": int,
     "signer_validity_days": int,
     "request_timeout_seconds": int,
+    "stale_bound_seconds": int,
+    "store_timeout_ms": int,
+    "standby_poll_ms": int,
+    "database_url": str,
 }
 
 
@@ -451,9 +463,17 @@ def _ocsp_settings(table: object) -> OcspSettings:
         "unknown_per_second",
         "workers",
         "request_timeout_seconds",
+        "store_timeout_ms",
+        "standby_poll_ms",
     ):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{CONFIG_NAME}: ocsp.{key} must be positive")
+    # The watcher confirms the cache about once a second, each read bounded by store_timeout_ms.
+    if settings.stale_bound_seconds * 1000 < max(1000, settings.standby_poll_ms) + settings.store_timeout_ms + 1000:
+        raise ConfigError(
+            f"{CONFIG_NAME}: ocsp.stale_bound_seconds must exceed store_timeout_ms and standby_poll_ms "
+            "(and one second) by at least a second: a store that merely answers slowly would look lost"
+        )
     if settings.refresh_interval_seconds >= settings.validity_hours * 3600 / 2:
         raise ConfigError(f"{CONFIG_NAME}: ocsp.refresh_interval_seconds must be under half of validity_hours")
     return settings
