@@ -185,6 +185,16 @@ class FrontDoorSettings:
 
 
 @dataclass(frozen=True)
+class CrlSettings:
+    """The CRL publishers (``[crl]``): ``crl publish --watch`` on several hosts elects one writer."""
+
+    # The writer's lease (crl/leader.py): renewed every third of it; a follower takes over at most
+    # this long (plus a second) after the leader's last renewal when the leader died or was cut off.
+    # Keep it above the longest publication pass, or a slow pass loses the lease half way.
+    leader_lease_seconds: int = 15
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     """The audit log (``[audit]`` in the config file)."""
 
@@ -223,6 +233,7 @@ class Config:
     est: EstSettings = EstSettings()
     ocsp: OcspSettings = OcspSettings()
     front_door: FrontDoorSettings = FrontDoorSettings()
+    crl: CrlSettings = CrlSettings()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
 
@@ -315,6 +326,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
         est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         front_door=_front_door_settings(data.get("front_door", {})),
+        crl=_crl_settings(data.get("crl", {})),
         audit=_audit_settings(data.get("audit", {})),
         metrics=_metrics_settings(data.get("metrics", {})),
         database_url=_string(database, "url", config.database_url, "database"),
@@ -386,6 +398,7 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
 
 
 _AUDIT_TYPES: dict[str, type] = {"checkpoint_interval_seconds": int}
+_CRL_TYPES: dict[str, type] = {"leader_lease_seconds": int}
 _OPCP_BASE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 _METRICS_TYPES: dict[str, type] = {
     "enabled": bool,
@@ -491,6 +504,13 @@ def _front_door_settings(table: object) -> FrontDoorSettings:
     return settings
 
 
+def _crl_settings(table: object) -> CrlSettings:
+    settings = _table_settings(table, "crl", CrlSettings(), _CRL_TYPES)
+    if settings.leader_lease_seconds < 3:
+        raise ConfigError(f"{CONFIG_NAME}: crl.leader_lease_seconds must be at least 3")
+    return settings
+
+
 def _audit_settings(table: object) -> AuditSettings:
     settings = _table_settings(table, "audit", AuditSettings(), _AUDIT_TYPES)
     if settings.checkpoint_interval_seconds <= 0:
@@ -552,6 +572,7 @@ def write_config(config: Config) -> Path:
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
         "front_door": _table(config.front_door),
+        "crl": _table(config.crl),
         "audit": _table(config.audit),
         "metrics": _table(config.metrics),
     }

@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "Base": "models",
         "Campaign": "models",
         "CampaignDevice": "models",
+        "CrlLeader": "models",
         "Certificate": "models",
         "CsmsClient": "models",
         "CsmsSignJob": "models",

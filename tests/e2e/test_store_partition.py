@@ -67,9 +67,9 @@ def _issue(home: Path, name: str, tmp: Path) -> x509.Certificate:
 
 def _revoke_directly(home: Path, url: str, certificate: x509.Certificate) -> None:
     """Revoke through the database's own address, not the partitioned one."""
+    serial = format(certificate.serial_number, "X")
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "--home", str(home), "revoke", format(certificate.serial_number, "X")]
-        + ["--reason", "keyCompromise"],
+        [sys.executable, "-m", "cli.main", "--home", str(home), "revoke", serial, "--reason", "keyCompromise"],
         capture_output=True,
         text=True,
         env=service_environment(CHARGEPKI_DATABASE_URL=url),
