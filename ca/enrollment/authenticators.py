@@ -10,16 +10,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from ca.authorities.issuers import public_key_sha256
 from ca.enrollment.policy import Attempt, Authenticated
 from ca.errors import AuthenticationError, PolicyError
 from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity
 from ca.issuance.profiles import SECC_PROFILES
 from ca.kinds import CertStatus
-from ca.registry.secrets import secret_is_valid
+from ca.registry.secrets import REPEAT_WINDOW, repeated_enrollment, secret_is_valid
 from ca.store.models import Authority, Certificate, Device
 from ca.work import Work
 
@@ -78,16 +79,19 @@ def by_secret_or_ra(work: Work, attempt: Attempt, csr: CsrRequest) -> Authentica
         raise AuthenticationError(
             "credentials required: HTTP Basic (device serial and one-time secret) or an RA client certificate"
         )
-    if not _plausible_serial(credentials.username) or not secret_is_valid(
-        work.session, credentials.username, credentials.password, now=work.now
-    ):
+    if not _plausible_serial(credentials.username):
         raise AuthenticationError("unknown device or wrong, used or expired secret")
-    return Authenticated(
-        "secret",
-        expected_cn=credentials.username,
-        mismatch=f"is not the authenticated device {credentials.username!r}",
-        secret=(credentials.username, credentials.password),
-    )
+    mismatch = f"is not the authenticated device {credentials.username!r}"
+    if not secret_is_valid(work.session, credentials.username, credentials.password, now=work.now):
+        key = public_key_sha256(csr.public_key)
+        repeated = repeated_enrollment(
+            work.session, credentials.username, credentials.password, key, attempt.authority.id, now=work.now
+        )
+        if repeated is None:
+            raise AuthenticationError("unknown device or wrong, used or expired secret")
+        return Authenticated("secret", expected_cn=credentials.username, mismatch=mismatch, repeated=repeated)
+    secret = (credentials.username, credentials.password)
+    return Authenticated("secret", expected_cn=credentials.username, mismatch=mismatch, secret=secret)
 
 
 def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:
@@ -98,10 +102,58 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
     current = stored_certificate(work.session, der)
     if current is None or current.profile != "charger" or current.device_id is None:
         raise AuthenticationError("the client certificate is not a charger certificate issued here")
-    check_current(work, current, attempt.authority, "client certificate")
+    mismatch = "does not match the certificate being renewed"
+    try:
+        check_current(work, current, attempt.authority, "client certificate")
+    except AuthenticationError:
+        repeated = _repeated_renewal(work, current, csr, attempt.authority)
+        if repeated is None:
+            raise
+        return Authenticated("certificate", None, current.common_name, mismatch, repeated=repeated)
     device = work.session.get(Device, current.device_id)
     assert device is not None
-    return Authenticated("certificate", device, current.common_name, "does not match the certificate being renewed")
+    return Authenticated("certificate", device, current.common_name, mismatch)
+
+
+def _repeated_renewal(work: Work, presented: Certificate, csr: CsrRequest, authority: Authority) -> int | None:
+    """The certificate that renewed ``presented`` for the CSR's very key in the last ``REPEAT_WINDOW``,
+    when ``presented`` stopped being current because of it (superseded), or None.
+
+    A re-enrollment supersedes the old certificate in the transaction that issues the new one; a
+    retry of it (its server died before answering) presents the old certificate again. Refusing it
+    would strand the charger with a revoked certificate and a new one it never received. The caller
+    proved the old key (TLS) and the new one (the CSR): it gets the certificate issued for it."""
+    since = work.now() - REPEAT_WINDOW
+    superseded = presented.revocation_reason == "superseded" or presented.revoke_after is not None
+    if not superseded:
+        return None
+    return work.session.execute(
+        _RENEWED,
+        {
+            "device_id": presented.device_id,
+            "key": public_key_sha256(csr.public_key),
+            "authority_id": authority.id,
+            "since": since,
+            "presented": presented.id,
+        },
+    ).scalar()
+
+
+_CERTIFICATES = Certificate.__table__
+_RENEWED = (
+    select(_CERTIFICATES.c.id)
+    .where(
+        _CERTIFICATES.c.device_id == bindparam("device_id"),
+        _CERTIFICATES.c.public_key_sha256 == bindparam("key"),
+        _CERTIFICATES.c.authority_id == bindparam("authority_id"),
+        _CERTIFICATES.c.profile == "charger",
+        _CERTIFICATES.c.status == CertStatus.VALID,
+        _CERTIFICATES.c.id > bindparam("presented"),
+        _CERTIFICATES.c.created_at > bindparam("since", type_=_CERTIFICATES.c.created_at.type),
+    )
+    .order_by(_CERTIFICATES.c.id.desc())
+    .limit(1)
+)
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,11 @@ def _run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
         csr = read_csr(attempt.csr)
         subject, parsed = csr.common_name, True
         who = policy.authenticate(work, attempt, csr)
-        certificate = _issue(work, policy, attempt, csr, who, spent)
+        if who.repeated is not None:
+            who.expect(csr.common_name)
+            certificate = _repeated(work, policy, who.repeated)
+        else:
+            certificate = _issue(work, policy, attempt, csr, who, spent)
     except ChargepkiError as exc:
         # The one place a refused request's work ends: the checks' reads (and whatever issue()
         # had not already rolled back itself). The refusal is then recorded on its own.
@@ -220,6 +224,27 @@ def _run(work: Work, policy: Policy, attempt: Attempt) -> Certificate:
                 auth_limits.forget(session, keys)
         except SQLAlchemyError:
             pass  # the certificate is committed; a stale count only costs the device a retry
+    return certificate
+
+
+def _repeated(work: Work, policy: Policy, certificate_id: int) -> Certificate:
+    """A retried request whose first attempt committed (``repeated_enrollment``): the certificate it
+    produced, issued once; the repeat is audited in a transaction of its own."""
+    session = work.session
+    certificate = session.get(Certificate, certificate_id)
+    assert certificate is not None
+    serial, common_name = certificate.serial, certificate.common_name
+    session.expunge(certificate)  # handed back as loaded: the audit's commit must not expire it
+    session.rollback()  # ends the checks' reads
+    with work.transaction():
+        audit.record(
+            session,
+            "certificate.resent",
+            actor=work.actor,
+            subject=common_name,
+            now=work.now,
+            details={"serial": serial, "route": policy.name, "reason": "a repeated request of an issued certificate"},
+        )
     return certificate
 
 

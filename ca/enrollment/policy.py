@@ -81,6 +81,7 @@ class Authenticated:
     expected_cn: str | None = None
     mismatch: str = ""  # how a CSR's other CN is refused: "the CSR's CN 'X' <mismatch>"
     secret: tuple[str, str] | None = None  # (serial, secret): spent in the reservation's transaction
+    repeated: int | None = None  # a retried request: the id of the certificate its spent secret produced
 
     def expect(self, common_name: str) -> None:
         """Refuse (``cn_mismatch``) a CSR whose CN is not the one these credentials allow."""

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import PolicyError
-from ca.store.models import Device, EnrollmentSecret
+from ca.store.models import Certificate, Device, EnrollmentSecret
 from ca.work import Work
 
 MAX_TTL = timedelta(days=90)
@@ -92,6 +92,47 @@ _RESTORE = (
     .where(_SECRETS.c.secret_hash == bindparam("digest"), _SECRETS.c.device_id == _DEVICE_ID)
     .values(used_at=None)
 )
+
+
+# How long after spending its secret a repeated request still gets the certificate it produced.
+REPEAT_WINDOW = timedelta(minutes=15)
+_CERTIFICATES = Certificate.__table__
+_REPEATED = (
+    select(_CERTIFICATES.c.id)
+    .join(_SECRETS, _SECRETS.c.device_id == _CERTIFICATES.c.device_id)
+    .where(
+        _SECRETS.c.device_id == _DEVICE_ID,
+        _SECRETS.c.secret_hash == bindparam("digest"),
+        _SECRETS.c.used_at > bindparam("since", type_=_SECRETS.c.used_at.type),
+        _CERTIFICATES.c.public_key_sha256 == bindparam("key"),
+        _CERTIFICATES.c.authority_id == bindparam("authority_id"),
+        _CERTIFICATES.c.profile == "charger",
+        _CERTIFICATES.c.status == "valid",
+    )
+    .order_by(_CERTIFICATES.c.id.desc())
+    .limit(1)
+)
+
+
+def repeated_enrollment(
+    session: Session, serial: str, secret: str, public_key_sha256: str, authority_id: int, *, now: Clock = utcnow
+) -> int | None:
+    """The certificate (its id) that this device's secret, spent in the last ``REPEAT_WINDOW``,
+    already produced for this very key under this CA, or None.
+
+    A load balancer retries a request whose server died after the commit but before the answer;
+    the secret is spent by then, and refusing would strand a factory station's device. The same
+    secret and a CSR signed by the same private key (its proof of possession was checked) ask for
+    what was already issued: handing back that certificate issues nothing and reveals nothing the
+    caller does not hold."""
+    parameters = {
+        "serial": serial,
+        "digest": _hash(secret),
+        "since": now() - REPEAT_WINDOW,
+        "key": public_key_sha256,
+        "authority_id": authority_id,
+    }
+    return session.execute(_REPEATED, parameters).scalar()
 
 
 def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = utcnow, commit: bool = True) -> bool:

@@ -214,6 +214,17 @@ def test_a_secret_works_only_once(fleet: Fleet) -> None:
     assert again.status_code == 401 and again.headers["WWW-Authenticate"].startswith('Basic realm="chargepki EST"')
 
 
+def test_a_retried_request_gets_the_certificate_its_first_attempt_produced(fleet: Fleet) -> None:
+    """What a load balancer does when the first server died after its commit: the same request again."""
+    serial, secret = fleet.register()
+    body = b64csr(serial, key=make_key())
+    first = fleet.post("simpleenroll", body, auth=(serial, secret))
+    again = fleet.post("simpleenroll", body, auth=(serial, secret))
+    assert (first.status_code, again.status_code) == (200, 200), again.text
+    assert certificate_from(again) == certificate_from(first)
+    assert fleet.enroll(serial, secret).status_code == 401, "another key: the secret is used"
+
+
 def test_twenty_parallel_enrollments_with_one_secret_yield_one_certificate(fleet: Fleet) -> None:
     serial, secret = fleet.register()
     bodies = [b64csr(serial) for _ in range(20)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ca.authorities.hierarchy import Hierarchy
@@ -15,8 +17,9 @@ from ca.enrollment.pipeline import Credentials, EnrollmentSettings, enroll, reen
 from ca.errors import AuthenticationError
 from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
-from ca.registry.secrets import issue_secret
+from ca.registry.secrets import REPEAT_WINDOW, issue_secret
 from ca.status.revocation import revoke_due
+from ca.store.models import AuditEvent, Certificate
 from ca.work import Work
 from ocsp.presign import Presigner
 from tests.helpers import make_csr, make_key
@@ -131,3 +134,77 @@ def test_the_pipeline_owns_its_transactions_and_refuses_a_session_with_pending_c
     assert device.model == "changed, not committed", "the caller's change is still the caller's"
     session.rollback()
     assert enroll(work, **arguments).status == "valid"
+
+
+# -- a retried request (its first attempt committed, its answer lost) -----------------------------
+def test_a_repeated_request_gets_back_what_its_spent_secret_produced_and_nothing_more(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    """A load balancer retries a request whose server died after the commit: the same secret with a
+    CSR of the same key gets the certificate already issued (issued once, the repeat audited); another
+    key, another CA or a repeat after ``REPEAT_WINDOW`` is refused as a used secret."""
+    issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
+    device = add_device(Work(session, "test"), serial="CP-RETRY")
+    secret = issue_secret(Work(session, "test"), device=device)
+    key = make_key()
+
+    def attempt(csr_key=key, *, authority=hierarchy.issuing, now=lambda: datetime.now(UTC)):  # type: ignore[no-untyped-def]
+        return enroll(
+            Work(session, "system:est", status=status, issuers=issuers, now=now),
+            authority=authority,
+            csr=_der(make_csr("CP-RETRY", key=csr_key)),
+            credentials=Credentials(username="CP-RETRY", password=secret),
+        )
+
+    first = attempt()
+    again = attempt()
+    assert (again.id, again.serial, again.der) == (first.id, first.serial, first.der)
+    assert session.scalar(select(func.count()).select_from(Certificate).where(Certificate.device_id == device.id)) == 1
+    resent = session.scalars(select(AuditEvent).where(AuditEvent.action == "certificate.resent")).all()
+    assert [(e.subject, json.loads(e.details)["serial"]) for e in resent] == [("CP-RETRY", first.serial)]
+    with pytest.raises(AuthenticationError, match="used or expired secret"):
+        attempt(make_key())  # another key: a used secret, not a repeat
+    with pytest.raises(AuthenticationError, match="used or expired secret"):
+        attempt(authority=hierarchy.root)  # another CA: what this one issued is no answer there
+    later = datetime.now(UTC) + REPEAT_WINDOW + timedelta(minutes=1)
+    with pytest.raises(AuthenticationError, match="used or expired secret"):
+        attempt(now=lambda: later)
+    assert session.scalar(select(func.count()).select_from(Certificate).where(Certificate.device_id == device.id)) == 1
+
+
+def test_a_repeated_renewal_gets_back_its_successor_instead_of_stranding_the_charger(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    """The old certificate was superseded (revoked) in the transaction that issued its successor; a
+    retry presenting it again with the new key's CSR gets that successor, once; a CSR of any other
+    key, or the retry after ``REPEAT_WINDOW``, is refused as a revoked client certificate."""
+    issuers = lambda authority: issuer_for(authority, token)  # noqa: E731
+    device = add_device(Work(session, "test"), serial="CP-RENEW-RETRY")
+    secret = issue_secret(Work(session, "test"), device=device)
+    first = enroll(
+        Work(session, "test", status=status, issuers=issuers),
+        authority=hierarchy.issuing,
+        csr=_der(make_csr("CP-RENEW-RETRY")),
+        credentials=Credentials(username="CP-RENEW-RETRY", password=secret),
+    )
+    new_key = make_key()
+
+    def renew(key=new_key, *, now=lambda: datetime.now(UTC)):  # type: ignore[no-untyped-def]
+        return reenroll(
+            Work(session, "system:est", status=status, issuers=issuers, now=now),
+            authority=hierarchy.issuing,
+            csr=_der(make_csr("CP-RENEW-RETRY", key=key)),
+            credentials=Credentials(client_certificate=first.der),
+        )
+
+    renewed = renew()
+    session.refresh(first)
+    assert (first.status, first.revocation_reason) == ("revoked", "superseded")
+    assert renew().serial == renewed.serial
+    with pytest.raises(AuthenticationError, match="revoked"):
+        renew(make_key())
+    later = datetime.now(UTC) + REPEAT_WINDOW + timedelta(minutes=1)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        renew(now=lambda: later)
+    charger = select(func.count()).select_from(Certificate).where(Certificate.device_id == device.id)
+    assert session.scalar(charger) == 2
