@@ -52,6 +52,7 @@ from bench.lookups import (  # noqa: E402
     serial,
     sqlite_database,
 )
+from ca import reports  # noqa: E402
 from ca.store.engine import Store  # noqa: E402
 from ca.store.models import AuthFailure, Authority, Campaign, CampaignDevice, Certificate  # noqa: E402
 from metrics.store import (  # noqa: E402
@@ -224,6 +225,15 @@ def measure(url: str, fleet: MetricsFleet, calls: int) -> list[Timing]:
             lambda s: ocsp_least_remaining(s, now()),
         )
         query("open campaigns' devices by state (`open_campaigns`)", lambda s: open_campaigns(s, now()))
+        query(
+            "the fleet console's overview page: inventory of the environment, the 20 soonest of the 30-day "
+            "renewals and their count, revocations per day (`ca.reports`)",
+            lambda s: (
+                reports.inventory(s, now(), environment="production"),
+                reports.expiring(s, now(), within=timedelta(days=30), environment="production", limit=20),
+                reports.revocations_per_day(s, now(), days=30, environment="production"),
+            ),
+        )
         for service in ("est", "ocsp"):
             registry = CollectorRegistry(auto_describe=False)
             collector = StoreCollector(service, store, cache_seconds=0)

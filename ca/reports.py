@@ -54,6 +54,7 @@ class Report:
     tables: list[Table]
     csv: Table  # CSV holds one table: one of ``tables``, or their union (inventory)
     notes: list[str] = field(default_factory=list)  # lines above the text table
+    total: int | None = None  # expiring with a limit: how many there are in all
 
 
 # -- expiring ------------------------------------------------------------------------------------
@@ -70,11 +71,14 @@ def expiring(
     within: timedelta,
     environment: str | None = None,
     profile: str | None = None,
+    limit: int | None = None,
 ) -> Report:
     """Valid certificates whose ``not_after`` falls in ``(now, now + within]``, soonest first.
 
     A certificate a re-enrollment already superseded (``revoke_after`` set: revoked when its grace
     period ends) is left out: its device has its successor, nothing needs renewing.
+    ``limit``: only the soonest ``limit`` rows, and the count of all in the note and ``total`` (a
+    page that shows the first few must not load a fleet's month of renewals, tens of thousands).
     """
     if within <= timedelta(0):
         raise InputError("--within must be longer than zero")
@@ -92,25 +96,29 @@ def expiring(
             Certificate.not_after <= until,
             Certificate.revoke_after.is_(None),
         )
-        .order_by(Certificate.not_after, Certificate.id)
     )  # fmt: skip
     if environment is not None:
         query = query.where(Authority.environment == environment)
     if profile is not None:
         query = query.where(Certificate.profile == profile)
-    rows = [(*row, (row[-1] - now) // timedelta(days=1)) for row in session.execute(query)]
+    total = None
+    if limit is not None:
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+    ordered = query.order_by(Certificate.not_after, Certificate.id).limit(limit)
+    rows = [(*row, (row[-1] - now) // timedelta(days=1)) for row in session.execute(ordered)]
     session.commit()  # end the read (SQLite keeps its lock until then)
+    total = len(rows) if total is None else total
     table = Table("certificates", EXPIRING_COLUMNS, rows)
     filters = (("environment", environment), ("profile", profile))
     scope = ", ".join(f"{name} {value}" for name, value in filters if value)
-    note = f"{len(rows)} valid certificate(s) expiring by {iso_utc(until)}" + (f" ({scope})" if scope else "")
+    note = f"{total} valid certificate(s) expiring by {iso_utc(until)}" + (f" ({scope})" if scope else "")
     parameters = {
         "within_seconds": int(within.total_seconds()),
         "until": until,
         "environment": environment,
         "profile": profile,
     }
-    return Report("expiring", now, parameters, [table], table, [note])
+    return Report("expiring", now, parameters, [table], table, [note], total=total)
 
 
 # -- inventory -----------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def test_expiring_lists_valid_certificates_in_the_window_soonest_first(session: 
     with pytest.raises(InputError):
         expiring(session, now, within=timedelta(0))
 
+    first = expiring(session, now, within=timedelta(days=400), limit=1)  # a page's few, and the count of all
+    assert [row[0] for row in first.tables[0].rows] == serials[:1]
+    assert first.total == len(serials) > 1 and first.notes[0].startswith(f"{len(serials)} valid certificate(s)")
+
 
 def test_inventory_counts_devices_and_certificates_by_status(session: Session, fleet: dict[str, str]) -> None:
     report = inventory(session, datetime.now(UTC))
