@@ -75,6 +75,26 @@ class Pkcs11Settings:
 
 
 @dataclass(frozen=True)
+class DatabaseSettings:
+    """How every PostgreSQL connection bounds its waits (``[database]``, beside ``url``).
+
+    A server that stopped answering (a silent partition, a crashed host) must fail a request within
+    seconds instead of hanging it: libpq's ``connect_timeout``, TCP keepalives on idle connections,
+    ``tcp_user_timeout`` on unacknowledged writes, and server-side statement and lock timeouts. A
+    parameter the URL sets itself wins over these (an operator's explicit choice). SQLite ignores
+    them: its lock wait is the URL's ``?timeout=`` seconds.
+    """
+
+    connect_timeout_seconds: int = 5  # libpq connect_timeout, per host of a multi-host URL
+    statement_timeout_ms: int = 15_000  # server-side; 0 = none (migrations always run without)
+    lock_timeout_ms: int = 10_000  # a row or table lock waited for longer fails the statement; 0 = none
+    tcp_user_timeout_ms: int = 5_000  # data sent but unacknowledged this long: the connection is dead
+    keepalives_idle_seconds: int = 5  # an idle connection is probed after this long …
+    keepalives_interval_seconds: int = 2  # … every this many seconds …
+    keepalives_count: int = 3  # … and declared dead after this many unanswered probes
+
+
+@dataclass(frozen=True)
 class EstSettings:
     """The EST service (``[est]`` in the config file)."""
 
@@ -123,6 +143,14 @@ class OcspSettings:
     refresh_interval_seconds: int = 300
     signer_validity_days: int = 30  # delegated signer certificates, rotated when a third is left
     request_timeout_seconds: int = 10  # to read a request's headers (granian), or per read/write (gunicorn)
+    # The store lost (stopped, partitioned): a cached good is served at most this long after the last
+    # moment the responder knew its cache current, then tryLater; permanent revocations until nextUpdate.
+    stale_bound_seconds: int = 10
+    store_timeout_ms: int = 2000  # a responder's read of the store taking longer fails (tryLater)
+    standby_poll_ms: int = 500  # on a hot standby (no LISTEN there): how often the change counter is read
+    # Where the keyless responder reads (e.g. a hot standby on this host); default [database] url.
+    # The on-demand signer and everything else write through [database] url.
+    database_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,16 @@ class FrontDoorSettings:
     # not root, else nobody); they reach only the application sockets (home and run dir 0710 for its group).
     user: str = ""
     log_max_megabytes: int = 64  # access.log / error.log are rotated to .1 beyond this (nginx reopens them)
+
+
+@dataclass(frozen=True)
+class CrlSettings:
+    """The CRL publishers (``[crl]``): ``crl publish --watch`` on several hosts elects one writer."""
+
+    # The writer's lease (crl/leader.py): renewed every third of it; a follower takes over at most
+    # this long (plus a second) after the leader's last renewal when the leader died or was cut off.
+    # Keep it above the longest publication pass, or a slow pass loses the lease half way.
+    leader_lease_seconds: int = 15
 
 
 @dataclass(frozen=True)
@@ -189,11 +227,13 @@ class Config:
     home: Path
     database_url: str
     pkcs11: Pkcs11Settings
+    database: DatabaseSettings = DatabaseSettings()
     ocsp_url: str = DEFAULT_OCSP_URL
     repository_url: str = DEFAULT_REPOSITORY_URL
     est: EstSettings = EstSettings()
     ocsp: OcspSettings = OcspSettings()
     front_door: FrontDoorSettings = FrontDoorSettings()
+    crl: CrlSettings = CrlSettings()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
 
@@ -282,9 +322,11 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
     return replace(
         config,
+        database=_database_settings({key: value for key, value in database.items() if key != "url"}),
         est=_est_settings(data.get("est", {})),
         ocsp=_ocsp_settings(data.get("ocsp", {})),
         front_door=_front_door_settings(data.get("front_door", {})),
+        crl=_crl_settings(data.get("crl", {})),
         audit=_audit_settings(data.get("audit", {})),
         metrics=_metrics_settings(data.get("metrics", {})),
         database_url=_string(database, "url", config.database_url, "database"),
@@ -294,6 +336,7 @@ def _apply_file(config: Config, data: Mapping[str, object]) -> Config:
     )
 
 
+_DATABASE_TYPES: dict[str, type] = {name: int for name in DatabaseSettings.__dataclass_fields__}
 _EST_TYPES: dict[str, type] = {
     "host": str,
     "port": int,
@@ -328,6 +371,10 @@ _OCSP_TYPES: dict[str, type] = {
     "refresh_interval_seconds": int,
     "signer_validity_days": int,
     "request_timeout_seconds": int,
+    "stale_bound_seconds": int,
+    "store_timeout_ms": int,
+    "standby_poll_ms": int,
+    "database_url": str,
 }
 
 
@@ -351,6 +398,7 @@ _FRONT_DOOR_TYPES: dict[str, type] = {
 
 
 _AUDIT_TYPES: dict[str, type] = {"checkpoint_interval_seconds": int}
+_CRL_TYPES: dict[str, type] = {"leader_lease_seconds": int}
 _OPCP_BASE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 _METRICS_TYPES: dict[str, type] = {
     "enabled": bool,
@@ -378,6 +426,18 @@ def _table_settings(table: object, name: str, defaults: _T, types: Mapping[str, 
             value = tuple(value)
         values[key] = value
     return replace(defaults, **values)  # type: ignore[type-var]
+
+
+def _database_settings(table: object) -> DatabaseSettings:
+    settings = _table_settings(table, "database", DatabaseSettings(), _DATABASE_TYPES)
+    positive = ("connect_timeout_seconds", "keepalives_idle_seconds", "keepalives_interval_seconds", "keepalives_count")
+    for key in positive:
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{CONFIG_NAME}: database.{key} must be positive")
+    for key in ("statement_timeout_ms", "lock_timeout_ms", "tcp_user_timeout_ms"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{CONFIG_NAME}: database.{key} must be 0 (none) or positive")
+    return settings
 
 
 def _est_settings(table: object) -> EstSettings:
@@ -416,9 +476,17 @@ def _ocsp_settings(table: object) -> OcspSettings:
         "unknown_per_second",
         "workers",
         "request_timeout_seconds",
+        "store_timeout_ms",
+        "standby_poll_ms",
     ):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{CONFIG_NAME}: ocsp.{key} must be positive")
+    # The watcher confirms the cache about once a second, each read bounded by store_timeout_ms.
+    if settings.stale_bound_seconds * 1000 < max(1000, settings.standby_poll_ms) + settings.store_timeout_ms + 1000:
+        raise ConfigError(
+            f"{CONFIG_NAME}: ocsp.stale_bound_seconds must exceed store_timeout_ms and standby_poll_ms "
+            "(and one second) by at least a second: a store that merely answers slowly would look lost"
+        )
     if settings.refresh_interval_seconds >= settings.validity_hours * 3600 / 2:
         raise ConfigError(f"{CONFIG_NAME}: ocsp.refresh_interval_seconds must be under half of validity_hours")
     return settings
@@ -433,6 +501,13 @@ def _front_door_settings(table: object) -> FrontDoorSettings:
             continue  # off
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{CONFIG_NAME}: front_door.{key} must be positive")
+    return settings
+
+
+def _crl_settings(table: object) -> CrlSettings:
+    settings = _table_settings(table, "crl", CrlSettings(), _CRL_TYPES)
+    if settings.leader_lease_seconds < 3:
+        raise ConfigError(f"{CONFIG_NAME}: crl.leader_lease_seconds must be at least 3")
     return settings
 
 
@@ -491,12 +566,13 @@ def write_config(config: Config) -> Path:
     if settings.softhsm_conf is not None:
         pkcs11["softhsm_conf"] = str(settings.softhsm_conf)
     document = {
-        "database": {"url": config.database_url},
+        "database": {"url": config.database_url} | _table(config.database),
         "pkcs11": pkcs11,
         "urls": {"ocsp": config.ocsp_url, "repository": config.repository_url},
         "est": _table(config.est),
         "ocsp": _table(config.ocsp),
         "front_door": _table(config.front_door),
+        "crl": _table(config.crl),
         "audit": _table(config.audit),
         "metrics": _table(config.metrics),
     }

@@ -35,7 +35,7 @@ class Pki:
     _token_error: tuple[float, TokenError] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.store = Store(self.config.database_url, create=self.create)
+        self.store = Store(self.config.database_url, create=self.create, settings=self.config.database)
 
     @classmethod
     def open(cls, home: Path, environ: Mapping[str, str], *, create: bool = False, check_schema: bool = True) -> Pki:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
 import click
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ca.audit.checkpoints import CheckpointTimer
 from ca.errors import ChargepkiError
 from ca.store.engine import Store
 from cli.common import State, pass_state
 from cli.params import DURATION
+from crl.leader import Lease, NotLeader, holder_name
 from crl.publisher import DEFAULT_VALIDITY, publish_all, revocation_summary, status_counter
 from metrics.listener import serve_publisher
 
@@ -47,7 +49,8 @@ def crl() -> None:
     "--watch",
     is_flag=True,
     help="Keep running: republish within a second of any revocation, and every --interval; "
-    "sign audit checkpoints every [audit] checkpoint_interval_seconds.",
+    "sign audit checkpoints every [audit] checkpoint_interval_seconds. Several watching publishers "
+    "(one per host) elect one writer through a lease in the database ([crl] leader_lease_seconds).",
 )
 @click.option("--interval", type=DURATION, default="5m", show_default=True)
 @click.option(
@@ -69,16 +72,26 @@ def crl_publish(
     published_summary = summary
     due = 0.0
     # Polls read in autocommit: on SQLite they must not take the write lock twice a second.
-    watcher = Store(pki.config.database_url, read_only=True) if watch else None
+    watcher = Store(pki.config.database_url, read_only=True, settings=pki.config.database) if watch else None
     # A long-running publisher also signs the audit chain's periodic checkpoints (one per interval
     # across every process that does, ca/checkpoints.py).
     every = timedelta(seconds=pki.config.audit.checkpoint_interval_seconds)
     checkpoint_timer = CheckpointTimer(every, name="CRL publisher") if watch else None
     # A watching publisher serves its metrics (published CRLs, token, signatures) from a thread of its own.
     listener = serve_publisher(pki.config, target, pki.token) if watch else None
+    # Several watching publishers (one per host) elect one writer through a lease in the database.
+    lease = Lease(holder_name(), pki.config.crl.leader_lease_seconds) if watch else None
+    leading = False
     try:
         while True:
-            if watcher is not None:
+            if lease is not None and watcher is not None and _lead(pki.store, watcher, lease) != leading:
+                leading = not leading
+                if leading:
+                    click.echo(f"leading: this publisher writes the CRLs (lease term {lease.term})")
+                    due, published_summary = 0.0, None  # publish at once: the last leader may have missed some
+                else:
+                    click.echo("following: another publisher holds the CRL writer lease")
+            if watcher is not None and leading:
                 try:
                     with watcher.session() as reader:
                         if (latest := status_counter(reader)) != counter:
@@ -87,10 +100,15 @@ def crl_publish(
                     click.echo(f"cannot read the database, retrying: {str(exc.orig).strip()[:200]}", err=True)
                     time.sleep(_RETRY_SECONDS)
                     continue
-            if watcher is None or summary != published_summary or time.monotonic() >= due:
+            if watcher is None or (leading and (summary != published_summary or time.monotonic() >= due)):
                 try:
                     with pki.store.session() as session:
-                        results = publish_all(session, pki.token(), target, validity=validity)
+                        results = publish_all(session, pki.token(), target, validity=validity, lease=lease)
+                except NotLeader as exc:
+                    click.echo(f"publication stopped: {exc}", err=True)
+                    if lease is not None:
+                        lease.drop()
+                    continue
                 except (ChargepkiError, OperationalError) as exc:
                     if watcher is None:
                         raise
@@ -114,10 +132,33 @@ def crl_publish(
                         click.echo(f"audit checkpoint at entry {made.seq}")
             time.sleep(_POLL_SECONDS)
     finally:
+        if lease is not None and lease.held():
+            with suppress(SQLAlchemyError), pki.store.session() as session:
+                lease.release(session)  # a follower takes over at once
         if listener is not None:
             listener.shutdown()
         if watcher is not None:
             watcher.dispose()
+
+
+def _lead(store: Store, watcher: Store, lease: Lease) -> bool:
+    """Renew the lease when leading (every third of it), else look at it every ``crl.leader.FOLLOWER_CHECK``
+    seconds and claim it when it is free. Whether this publisher leads now: a leader that cannot
+    reach the database leads until its own deadline, never longer."""
+    if not lease.renewal_due():
+        return True
+    if not lease.held() and not lease.look_due():
+        return False
+    try:
+        if not lease.held():
+            with watcher.session() as reader:  # a read first: followers never queue for the write lock
+                if not lease.free(reader):
+                    return False
+        with store.session() as session:
+            lease.claim(session)
+    except SQLAlchemyError as exc:
+        click.echo(f"cannot reach the CRL writer lease: {str(exc).strip().splitlines()[0][:200]}", err=True)
+    return lease.held()
 
 
 def _run_hook(command: str) -> None:

@@ -34,6 +34,7 @@ from ca.store.models import Authority, Certificate, StatusFeed
 from ca.work import Work
 from crl import der
 from crl.builder import build
+from crl.leader import Lease, NotLeader
 
 DEFAULT_VALIDITY = timedelta(days=7)
 _BATCH = 10_000  # rows fetched at a time while the CRL is built
@@ -52,14 +53,21 @@ class Published:
     replaced: bool  # False when a racing publisher had already written a newer CRL
 
 
-def next_crl_number(session: Session, authority: Authority, now: datetime) -> int:
-    """Raise and commit the CA's CRL number: max(last + 1, now in Unix seconds)."""
+def next_crl_number(session: Session, authority: Authority, now: datetime, *, lease: Lease | None = None) -> int:
+    """Raise and commit the CA's CRL number: max(last + 1, now in Unix seconds).
+
+    With ``lease`` (``crl publish --watch``) the same statement requires the lease still held, so
+    a leader that lost it cannot allocate a number: ``NotLeader``.
+    """
     clock = int(now.timestamp())
     bumped = case((Authority.crl_number + 1 > clock, Authority.crl_number + 1), else_=clock)
-    number = session.execute(
-        update(Authority).where(Authority.id == authority.id).values(crl_number=bumped).returning(Authority.crl_number)
-    ).scalar_one()
+    statement = update(Authority).where(Authority.id == authority.id)
+    if lease is not None:
+        statement = statement.where(lease.fence())
+    number = session.execute(statement.values(crl_number=bumped).returning(Authority.crl_number)).scalar_one_or_none()
     session.commit()
+    if number is None:
+        raise NotLeader("this publisher no longer holds the CRL writer lease; another one publishes")
     return int(number)
 
 
@@ -150,12 +158,13 @@ def publish_crl(
     *,
     now: datetime,
     validity: timedelta = DEFAULT_VALIDITY,
+    lease: Lease | None = None,
 ) -> Published:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PublishError(f"cannot create {directory}: {exc.strerror or exc}") from None
-    number = next_crl_number(session, authority, now)
+    number = next_crl_number(session, authority, now, lease=lease)
     this_update = now.astimezone(UTC).replace(microsecond=0)
     crl, entries = build(
         issuer,
@@ -192,18 +201,22 @@ def publish_all(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     validity: timedelta = DEFAULT_VALIDITY,
     actor: str = "system:crl-publisher",
+    lease: Lease | None = None,
 ) -> list[Published]:
     """One CRL per active CA of every environment (roots cover their issuing CAs), then each
     environment's bundle ``<environment>-crls.pem``: every CRL of its chains in one file, which
     TLS servers that check the whole chain (nginx ``ssl_crl``) need.
 
     A superseded CA whose last certificate has expired gets this final CRL and is then retired
-    (``ca.authorities.rotation``); later passes leave it out.
+    (``ca.authorities.rotation``); later passes leave it out. ``lease``: each CRL number is allocated
+    only while it is held (``NotLeader`` otherwise, the pass stops).
     """
     finished = finished_authorities(session, now())
     active = [authority for authority in list_authorities(session) if authority.status == CaStatus.ACTIVE]
     published = [
-        publish_crl(session, issuer_for(authority, token), authority, directory, now=now(), validity=validity)
+        publish_crl(
+            session, issuer_for(authority, token), authority, directory, now=now(), validity=validity, lease=lease
+        )
         for authority in active
     ]
     for environment in sorted({authority.environment for authority in active}):

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(resolve_home(args.home, os.environ), os.environ)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Workers(Path(os.environ[MULTIPROC_ENV])))
-    store = Store(config.database_url, read_only=True)
+    store = Store(config.database_url, read_only=True, settings=config.database)
     registry.register(StoreCollector(args.service, store, cache_seconds=config.metrics.cache_seconds))
     server = serve_in_thread(socket.socket(fileno=args.fd), registry)
     try:

@@ -189,7 +189,13 @@ def read_published(directory: Path, name: str) -> tuple[bytes, float] | None:
 def build_app(config: Config, *, signer_socket: Path | None) -> OcspApp:
     """The responder for one installation: a read-only store, its cache and the signer's socket."""
     settings: OcspSettings = config.ocsp
-    source = CachedSource(StoreSource(Store(config.database_url, read_only=True)), max_entries=settings.cache_entries)
+    store = Store(settings.database_url or config.database_url, read_only=True, settings=config.database)
+    source = CachedSource(
+        StoreSource(store, read_timeout=settings.store_timeout_ms / 1000),
+        max_entries=settings.cache_entries,
+        stale_bound=settings.stale_bound_seconds,
+        standby_poll=settings.standby_poll_ms / 1000,
+    )
     responder = Responder(source, SignerClient(signer_socket) if signer_socket is not None else None)
     return OcspApp(
         responder,

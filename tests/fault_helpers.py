@@ -226,3 +226,85 @@ class TcpProxy:
             for sock in (source, destination):
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class SilentProxy:
+    """A forwarder to PostgreSQL that can fall silent: ``partition`` stops forwarding in both
+    directions without closing anything (no FIN, no RST: what a dropped link looks like to a
+    process whose kernel still acknowledges), new connections are accepted and held; ``heal``
+    forwards again, what waited included, as TCP's retransmissions would after a partition.
+
+    Loopback cannot drop packets, so TCP keepalives and ``tcp_user_timeout`` never fire here (the
+    proxy's kernel acknowledges): what this tests is the application's own deadlines.
+    """
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, direct_url: str) -> str:
+        return direct_url.replace(f"{self.target[0]}:{self.target[1]}", f"127.0.0.1:{self.port}")
+
+    def partition(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._open.set()
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        self._open.wait()  # a connection made during the partition reaches the server after it
+        if self._closed:
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._sockets += [client, upstream]
+        for source, destination in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(source, destination), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, destination: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._open.wait()  # partitioned: hold the bytes (unsent, unanswered) until healed
+                destination.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, destination):
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

@@ -8,8 +8,9 @@ SQLite URL sets how long a writer waits for the lock (default 30 s) before the r
 
 Only first-run set-up may create an SQLite file: anywhere else a missing file is an error
 (``mode=rw``), never a new empty database that makes every certificate look unknown and the
-audit log look intact. PostgreSQL connections give up after ``connect_timeout`` (default 5 s)
-so an unreachable server fails a request instead of hanging it.
+audit log look intact. PostgreSQL connections carry the bounds of ``[database]``
+(``postgres_parameters``: connect timeout, TCP keepalives and user timeout, statement and lock
+timeouts), so an unreachable or silent server fails a request instead of hanging it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,36 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ca.config import DatabaseSettings
 from ca.errors import StoreError, one_line
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30000
-PG_CONNECT_TIMEOUT = "5"  # seconds, unless the URL says otherwise
+
+
+def postgres_parameters(query: Mapping[str, Any], settings: DatabaseSettings) -> dict[str, str]:
+    """The libpq parameters ``settings`` add to a URL whose query is ``query``.
+
+    Each parameter the URL sets itself wins (an operator's explicit choice, e.g. keepalives off
+    for a proxy that handles them); ``statement_timeout`` and ``lock_timeout`` go into libpq's
+    ``options`` after whatever the URL's ``options`` already hold, unless those name them.
+    """
+    wanted = {
+        "connect_timeout": settings.connect_timeout_seconds,
+        "keepalives": 1,
+        "keepalives_idle": settings.keepalives_idle_seconds,
+        "keepalives_interval": settings.keepalives_interval_seconds,
+        "keepalives_count": settings.keepalives_count,
+        "tcp_user_timeout": settings.tcp_user_timeout_ms,
+    }
+    added = {name: str(value) for name, value in wanted.items() if name not in query}
+    options = query.get("options", "")
+    options = " ".join(options) if isinstance(options, tuple) else str(options)
+    server = {"statement_timeout": settings.statement_timeout_ms, "lock_timeout": settings.lock_timeout_ms}
+    extra = [f"-c {name}={value}" for name, value in server.items() if name not in options]
+    if extra:
+        added["options"] = " ".join([options, *extra]).strip()
+    return added
 
 
 class _WriterGate:
@@ -313,9 +340,12 @@ class _Session(Session):
 class Store:
     """An engine plus a session factory; the one object a process needs to reach the database."""
 
-    def __init__(self, url: str, *, read_only: bool = False, create: bool = True) -> None:
+    def __init__(
+        self, url: str, *, read_only: bool = False, create: bool = True, settings: DatabaseSettings | None = None
+    ) -> None:
         """``read_only`` (OCSP responders) reads in autocommit: no write lock, no transaction held.
-        ``create=False`` refuses to create a missing SQLite file (read-only stores never create one)."""
+        ``create=False`` refuses to create a missing SQLite file (read-only stores never create one).
+        ``settings``: the PostgreSQL connections' timeouts (default: ``DatabaseSettings()``)."""
         try:
             parsed = make_url(url)
         except ArgumentError:
@@ -342,8 +372,9 @@ class Store:
                 engine_url = parsed.set(database=f"file:{quote(str(parsed.database))}").update_query_dict(
                     {"mode": "rw", "uri": "true"}
                 )
-        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-            engine_url = engine_url.update_query_dict({"connect_timeout": PG_CONNECT_TIMEOUT})
+        self.settings = settings or DatabaseSettings()
+        if parsed.get_backend_name() == "postgresql":
+            engine_url = engine_url.update_query_dict(postgres_parameters(parsed.query, self.settings))
         try:
             options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if read_only else {}
             gated = file_db and not read_only
@@ -392,6 +423,9 @@ class Store:
                 connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
             try:
                 with connection.begin():
+                    if not self.is_sqlite:  # a migration may rewrite a large table: no statement or lock bound
+                        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                        connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
                     config.attributes["connection"] = connection
                     command.upgrade(config, revision)
                     if self.is_sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").first()):

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -202,6 +203,19 @@ class StatusFeed(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     counter: Mapped[int] = mapped_column(BigInteger)
+
+
+class CrlLeader(Base):
+    """The lease of the one CRL writer (one row): who holds it, until when in the database's clock
+    (Unix seconds), and its term, which rises at every change of holder (crl/leader.py)."""
+
+    __tablename__ = "crl_leader"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_crl_leader_one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    term: Mapped[int] = mapped_column(BigInteger)
+    expires: Mapped[float] = mapped_column(Float)
 
 
 class AuthFailure(Base):

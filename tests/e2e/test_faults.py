@@ -463,7 +463,8 @@ def test_the_responder_serves_its_cached_responses_until_next_update_while_the_s
     tmp_path: Path, token: Token
 ) -> None:
     """Stale-if-error: past the cache's TTL, with the store unreachable, a cached response is still
-    served until its own nextUpdate (the signed bytes a client may itself cache that long)."""
+    served within the stale bound (a good one) or until its own nextUpdate (a permanent revocation:
+    tests/ocsp/test_ocsp.py, tests/e2e/test_store_partition.py)."""
     with database("postgresql", tmp_path) as url:
         direct = Store(url)
         direct.upgrade()

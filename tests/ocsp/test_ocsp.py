@@ -329,6 +329,45 @@ def test_without_its_store_the_responder_says_try_later(tmp_path: Path) -> None:
     source.close()
 
 
+def test_with_its_store_lost_only_permanent_revocations_outlive_the_stale_bound(
+    store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    """The store lost: every cached answer is served while the last confirmation is within the
+    stale bound; past it, good and certificateHold (which can still change) are tryLater, a
+    permanent revocation is served until its nextUpdate. Uncached ones are tryLater at once."""
+    rows = {reason: _issue(session, hierarchy, token, status, cn=f"CP-{n}") for n, reason in enumerate(REASONS)}
+    for reason, row in rows.items():
+        if reason != "good":
+            revoke(Work(session, "test", status=status), serial=row.serial, reason=reason)
+    uncached = _issue(session, hierarchy, token, status, cn="CP-NEW")
+    now = [0.0]
+    reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
+    source = CachedSource(StoreSource(reader), stale_bound=10.0, clock=lambda: now[0])
+    responder = Responder(source, None)
+    try:
+        served = {
+            reason: responder.answer(_request(*_certificates(hierarchy, row))).body for reason, row in rows.items()
+        }
+        assert _verified(served["keyCompromise"], hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+        source.close()  # the watcher stops confirming …
+        source._watcher.join(timeout=30)  # type: ignore[union-attr]
+        source.lost("test")  # … and the store is lost (the circuit is open: no store read follows)
+        now[0] = 9.0  # within the bound: everything cached is served
+        for reason, row in rows.items():
+            assert responder.answer(_request(*_certificates(hierarchy, row))).body == served[reason]
+        assert responder.answer(_request(*_certificates(hierarchy, uncached))).body == TRY_LATER
+        now[0] = 11.0  # past it
+        for reason, row in rows.items():
+            expected = served[reason] if reason == "keyCompromise" else TRY_LATER
+            assert responder.answer(_request(*_certificates(hierarchy, row))).body == expected, reason
+    finally:
+        source.close()
+        reader.dispose()
+
+
+REASONS = ("good", "keyCompromise", "certificateHold")
+
+
 def test_without_its_signer_the_responder_says_try_later(
     store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, tmp_path: Path
 ) -> None:

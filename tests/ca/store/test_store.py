@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from ca.errors import StoreError
+from ca.config import DatabaseSettings, load_config
+from ca.errors import ConfigError, StoreError
 from ca.store.engine import Store, _WriterGate
-from tests.conftest import postgres_admin
+from tests.conftest import _postgres_url, postgres_admin
 
 
 @pytest.fixture
@@ -97,6 +99,47 @@ def test_postgresql_connections_give_up_after_a_timeout() -> None:
         Store("postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1").engine.url.query["connect_timeout"]
         == "1"
     )
+
+
+def test_every_postgresql_connection_carries_the_configured_bounds_and_the_url_wins(tmp_path: Path) -> None:
+    """Keepalives and TCP user timeout on the client's socket, statement and lock timeouts in the
+    session; a parameter the URL sets itself (here keepalives_idle, lock_timeout) is kept."""
+    admin = postgres_admin()
+    admin.close()
+    settings = DatabaseSettings(statement_timeout_ms=4321, lock_timeout_ms=1234, tcp_user_timeout_ms=2500)
+    url = _postgres_url("public")
+    own = url + "&keepalives_idle=9&options=-c%20lock_timeout%3D777"
+    for given, idle, lock in ((url, 5, "1234ms"), (own, 9, "777ms")):
+        store = Store(given, settings=settings)
+        try:
+            with store.engine.connect() as connection:
+                assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "4321ms"
+                assert connection.exec_driver_sql("SHOW lock_timeout").scalar() == lock
+                sock = socket.socket(fileno=os.dup(connection.connection.dbapi_connection.fileno()))  # type: ignore[union-attr]
+                try:
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 2
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500
+                finally:
+                    sock.detach()
+        finally:
+            store.dispose()
+    # Migrations run without either bound (a table rewrite may take long): tested by their own tests.
+
+
+def test_database_settings_are_read_from_the_file_and_checked(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    settings = '[database]\nurl = "sqlite:///x.db"\nstatement_timeout_ms = 0\nkeepalives_count = 5\n'
+    (home / "chargepki.toml").write_text(settings)
+    config = load_config(home, {})
+    assert config.database == DatabaseSettings(statement_timeout_ms=0, keepalives_count=5)
+    for bad in ("keepalives_count = 0", "lock_timeout_ms = -1", 'connect_timeout_seconds = "3"', "nonsense = 1"):
+        (home / "chargepki.toml").write_text(f"[database]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_config(home, {})
 
 
 # -- the gate waits in the kernel, not in a poll -------------------------------------
