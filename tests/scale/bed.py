@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from ca.config import Config, EstSettings, OcspSettings, Pkcs11Settings, find_softhsm_module, write_config
 from ca.keys.softhsm import write_softhsm_conf
 from tests.scale.delay_proxy import set_delay
@@ -35,9 +37,17 @@ TOKEN_LABEL = "scale"
 EST_PORT, OCSP_PORT, LB_PORT = 8443, 8081, 8443
 # host -> last octet of its address on the bed's /24
 HOSTS = {
-    "db1": 11, "db2": 12, "lb": 20, "est1": 21, "est2": 22, "ocsp1": 31, "ocsp2": 32,
-    "crl1": 41, "crl2": 42, "client": 50,
-}  # fmt: skip
+    "db1": 11,
+    "db2": 12,
+    "lb": 20,
+    "est1": 21,
+    "est2": 22,
+    "ocsp1": 31,
+    "ocsp2": 32,
+    "crl1": 41,
+    "crl2": 42,
+    "client": 50,
+}
 EST_NODES, OCSP_NODES, CRL_NODES = ("est1", "est2"), ("ocsp1", "ocsp2"), ("crl1", "crl2")
 ADMIN_HOST = "est1"  # where the operator's CLI runs (revocations, device registration)
 
@@ -60,14 +70,22 @@ class Bed:
     proxies: dict[str, Path] = field(default_factory=dict)  # delay proxy name -> its delay file
 
     # -- running chargepki ---------------------------------------------------------------------
-    def cli(self, host: str, home: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, host: str, home: Path, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """The CLI on a host, as an operator there would run it."""
         result = subprocess.run(
             ["ip", "netns", "exec", self.net.hosts[host].netns, *CHARGEPKI, "--home", str(home), *args],
-            capture_output=True, text=True, env=clean_environment(), cwd=ROOT, timeout=timeout,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=clean_environment(),
+            cwd=ROOT,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"chargepki {' '.join(args)} on {host} exited {result.returncode}: {result.stdout}{result.stderr}")
+            raise RuntimeError(
+                f"chargepki {' '.join(args)} on {host} exited {result.returncode}: {result.stdout}{result.stderr}"
+            )
         return result
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -77,8 +95,12 @@ class Bed:
         """``tests.scale.client`` on the client host; its JSON answer."""
         result = subprocess.run(
             ["ip", "netns", "exec", self.net.hosts["client"].netns, PYTHON, "-m", "tests.scale.client", *args],
-            capture_output=True, text=True, env=clean_environment(), cwd=ROOT, timeout=timeout,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=clean_environment(),
+            cwd=ROOT,
+            timeout=timeout,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"client {args[0]} failed: {result.stderr[-3000:]}")
         return json.loads(result.stdout)
@@ -87,8 +109,12 @@ class Bed:
         """The same, in the background; call the result to wait for its answer."""
         process = subprocess.Popen(
             ["ip", "netns", "exec", self.net.hosts["client"].netns, PYTHON, "-m", "tests.scale.client", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_environment(), cwd=ROOT,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_environment(),
+            cwd=ROOT,
+        )
 
         def result(timeout: float = 300) -> Any:
             out, err = process.communicate(timeout=timeout)
@@ -101,8 +127,13 @@ class Bed:
     def start_service(self, name: str, argv: list[str], *, port: int | None = None) -> Proc:
         """A chargepki service of a node (``name`` is the host), ready when its port listens."""
         home = self.homes[name]
-        proc = self.procs.start(name, self.net.hosts[name].netns, [*CHARGEPKI, "--home", str(home), *argv],
-                                env=clean_environment(), cwd=ROOT)  # fmt: skip
+        proc = self.procs.start(
+            name,
+            self.net.hosts[name].netns,
+            [*CHARGEPKI, "--home", str(home), *argv],
+            env=clean_environment(),
+            cwd=ROOT,
+        )
         self.services[name] = proc
         if port is not None:
             self.wait_listening(name, port, proc)
@@ -157,16 +188,45 @@ class Bed:
     def revoke(self, serial: str, host: str = ADMIN_HOST) -> float:
         """Revoke on ``host`` with the operator's CLI; the wall-clock time its ``main()`` returned,
         right after the commit (an atexit hook stamps it, so interpreter start-up is not counted)."""
-        stamped = [PYTHON, "-c", "import atexit, time; atexit.register(lambda: print('returned-at', time.time())); "
-                   "from cli.main import main; main()"]  # fmt: skip
+        stamped = [
+            PYTHON,
+            "-c",
+            "import atexit, time; atexit.register(lambda: print('returned-at', time.time())); "
+            "from cli.main import main; main()",
+        ]
         result = subprocess.run(
-            ["ip", "netns", "exec", self.net.hosts[host].netns, *stamped, "--home", str(self.homes["admin"]),
-             "revoke", serial, "--reason", "keyCompromise"],
-            capture_output=True, text=True, env=clean_environment(), cwd=ROOT, timeout=120,
-        )  # fmt: skip
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.net.hosts[host].netns,
+                *stamped,
+                "--home",
+                str(self.homes["admin"]),
+                "revoke",
+                serial,
+                "--reason",
+                "keyCompromise",
+            ],
+            capture_output=True,
+            text=True,
+            env=clean_environment(),
+            cwd=ROOT,
+            timeout=120,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"revoke {serial} on {host} failed: {result.stdout}{result.stderr}")
         return float(result.stdout.rsplit("returned-at", 1)[1])
+
+    def crl(self, node: str) -> x509.CertificateRevocationList | None:
+        """The issuing CA's CRL as a publisher node last wrote it (None before its first)."""
+        assert self.issuing is not None
+        issuer = x509.load_pem_x509_certificate(self.issuing.read_bytes()).subject
+        for path in (self.homes[node] / "pki").glob("*.crl"):
+            crl = x509.load_der_x509_crl(path.read_bytes())
+            if crl.issuer == issuer:
+                return crl
+        return None
 
     def delay(self, name: str, seconds: float) -> None:
         set_delay(self.proxies[name], seconds)
@@ -185,19 +245,31 @@ def _create_token(home: Path) -> Pkcs11Settings:
         descriptor = os.open(home / "softhsm" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as handle:
             handle.write(pin + "\n")
-    run("softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", user_pin, "--so-pin", so_pin,
-        env={**clean_environment(), "SOFTHSM2_CONF": str(conf)})  # fmt: skip
+    run(
+        "softhsm2-util",
+        "--init-token",
+        "--free",
+        "--label",
+        TOKEN_LABEL,
+        "--pin",
+        user_pin,
+        "--so-pin",
+        so_pin,
+        env={**clean_environment(), "SOFTHSM2_CONF": str(conf)},
+    )
     return _token_settings(home)
 
 
 def _token_settings(home: Path) -> Pkcs11Settings:
     return Pkcs11Settings(
-        module=find_softhsm_module(), token_label=TOKEN_LABEL, pin_file=home / "softhsm" / "user.pin",
+        module=find_softhsm_module(),
+        token_label=TOKEN_LABEL,
+        pin_file=home / "softhsm" / "user.pin",
         softhsm_conf=home / "softhsm" / "softhsm2.conf",
-    )  # fmt: skip
+    )
 
 
-def _node_home(bed: Bed, name: str, url: str) -> Path:
+def _node_home(bed: Bed, name: str) -> Path:
     """A node's own home: its own copy of the token, its own addresses, the shared database."""
     home = bed.directory / "homes" / name
     source = bed.homes["admin"] / "softhsm"
@@ -207,18 +279,26 @@ def _node_home(bed: Bed, name: str, url: str) -> Path:
     for pin in ("user.pin", "so.pin"):
         shutil.copy2(source / pin, home / "softhsm" / pin)
     write_softhsm_conf(home / "softhsm" / "softhsm2.conf")
+    bed.homes[name] = home
+    configure_node(bed, name)
+    return home
+
+
+def configure_node(bed: Bed, name: str, *, ocsp_reads: str | None = None) -> None:
+    """The node's ``chargepki.toml``: the multi-host URL of the cluster; ``ocsp_reads``, where a
+    responder reads instead (``[ocsp] database_url``, e.g. a hot standby). Defaults otherwise."""
     address = bed.net.address(name)
     write_config(
         Config(
-            home=home, database_url=url, pkcs11=_token_settings(home),
+            home=bed.homes[name],
+            database_url=bed.pg.url(),
+            pkcs11=_token_settings(bed.homes[name]),
             ocsp_url=f"http://{bed.net.address('ocsp1')}:{OCSP_PORT}/ocsp",
             repository_url=f"http://{bed.net.address('ocsp1')}:{OCSP_PORT}/pki",
             est=EstSettings(host=address, port=EST_PORT, server_names=(SERVER_NAME,), workers=2),
-            ocsp=OcspSettings(host=address, port=OCSP_PORT, workers=2),
+            ocsp=OcspSettings(host=address, port=OCSP_PORT, workers=2, database_url=ocsp_reads),
         )
-    )  # fmt: skip
-    bed.homes[name] = home
-    return home
+    )
 
 
 def _haproxy_config(bed: Bed) -> Path:
@@ -229,8 +309,10 @@ def _haproxy_config(bed: Bed) -> Path:
     lb = bed.directory / "lb"
     lb.mkdir(mode=0o700)
     est_home = bed.homes["est1"]
-    (lb / "service.pem").write_bytes((est_home / "est" / "server.pem").read_bytes() + (est_home / "est" / "server.key").read_bytes())
+    service = (est_home / "est" / "server.pem").read_bytes() + (est_home / "est" / "server.key").read_bytes()
+    (lb / "service.pem").write_bytes(service)
     assert bed.root is not None
+    verify_name = f"verifyhost {SERVER_NAME} sni str({SERVER_NAME})"
     servers = "".join(f"    server {name} {bed.net.address(name)}:{EST_PORT}\n" for name in EST_NODES)
     config = lb / "haproxy.cfg"
     config.write_text(
@@ -253,14 +335,14 @@ defaults
     retry-on conn-failure empty-response response-timeout
 
 frontend est
-    bind {bed.net.address('lb')}:{LB_PORT} ssl crt {lb}/service.pem
+    bind {bed.net.address("lb")}:{LB_PORT} ssl crt {lb}/service.pem
     default_backend est_nodes
 
 backend est_nodes
     balance roundrobin
     option httpchk GET /.well-known/est/cacerts
     http-check expect status 200
-    default-server check inter 500ms fall 2 rise 2 ssl verify required ca-file {bed.root} verifyhost {SERVER_NAME} sni str({SERVER_NAME})
+    default-server check inter 500ms fall 2 rise 2 ssl verify required ca-file {bed.root} {verify_name}
 {servers}"""
     )
     return config
@@ -271,9 +353,13 @@ def start_delay_proxy(bed: Bed, name: str, host: str, listen_port: int, target: 
     delay_file = bed.directory / f"delay-{name}"
     set_delay(delay_file, 0)
     bed.proxies[name] = delay_file
-    proc = bed.procs.start(f"delay-{name}", bed.net.hosts[host].netns,
-                           [PYTHON, "-m", "tests.scale.delay_proxy", f"127.0.0.1:{listen_port}", target, str(delay_file)],
-                           env=clean_environment(), cwd=ROOT)  # fmt: skip
+    proc = bed.procs.start(
+        f"delay-{name}",
+        bed.net.hosts[host].netns,
+        [PYTHON, "-m", "tests.scale.delay_proxy", f"127.0.0.1:{listen_port}", target, str(delay_file)],
+        env=clean_environment(),
+        cwd=ROOT,
+    )
     bed.wait_listening(host, listen_port, proc)
     return f"127.0.0.1:{listen_port}"
 
@@ -306,13 +392,16 @@ def build(bed: Bed) -> None:
     bed.admin("db", "upgrade")
     ocsp, repository = (f"http://{bed.net.address('ocsp1')}:{OCSP_PORT}{path}" for path in ("/ocsp", "/pki"))
     bed.admin("init", "--org", ORG, "--ocsp-url", ocsp, "--crl-url", repository)
+    # The audit key is made by the first checkpoint: made here, before the token is copied to the
+    # nodes, or it would exist only in the copy of whichever node checkpointed first.
+    bed.admin("audit", "checkpoint")
     chain = bed.admin("ca", "chain").stdout.split("-----END CERTIFICATE-----\n")
     bed.issuing = bed.directory / "issuing.pem"
     bed.issuing.write_text(chain[0] + "-----END CERTIFICATE-----\n")
     bed.root = bed.directory / "root.pem"
     bed.root.write_text(chain[1] + "-----END CERTIFICATE-----\n")
     for name in (*EST_NODES, *OCSP_NODES, *CRL_NODES):
-        _node_home(bed, name, url)
+        _node_home(bed, name)
 
     for name in EST_NODES:
         bed.start_service(name, ["serve", "est", "--direct"], port=EST_PORT)
@@ -324,8 +413,7 @@ def build(bed: Bed) -> None:
         bed.start_service(name, ["serve", "ocsp", "--direct"], port=OCSP_PORT)
     for name in CRL_NODES:
         bed.start_service(name, ["crl", "publish", "--watch", "--interval", "5m"])
-    for name in CRL_NODES:
-        wait_for(lambda name=name: any((bed.homes[name] / "pki").glob("*.crl")), f"first CRL on {name}")  # type: ignore[misc]
+    wait_for(lambda: any(bed.crl(name) is not None for name in CRL_NODES), "a first CRL (from the publishers' leader)")
 
 
 def wait_for(condition: object, what: str, timeout: float = 60, pause: float = 0.2) -> float:
@@ -336,4 +424,3 @@ def wait_for(condition: object, what: str, timeout: float = 60, pause: float = 0
             return time.monotonic() - began
         time.sleep(pause)
     raise AssertionError(f"{what}: not within {timeout:.0f} s")
-

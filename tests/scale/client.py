@@ -43,7 +43,9 @@ class _Named(HTTPAdapter):
 
 def _csr(serial: str) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, serial)])
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, serial)]
+    )
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
     return base64.encodebytes(csr.public_bytes(serialization.Encoding.DER))
 
@@ -59,23 +61,51 @@ def enroll(args: argparse.Namespace) -> list[dict[str, Any]]:
     began = time.monotonic()
 
     def one(index: int, serial: str, secret: str) -> dict[str, Any]:
+        """As a charger does: the same request again (same key, same secret) when no answer came."""
         time.sleep(max(0.0, began + index * args.interval - time.monotonic()))
         started = time.time()
-        result: dict[str, Any] = {"device": serial, "started": started}
-        try:
-            response = session.post(
-                f"{args.url}/simpleenroll", data=_csr(serial), auth=(serial, secret),
-                headers={"Content-Type": "application/pkcs10"}, verify=args.root, timeout=args.timeout,
-            )  # fmt: skip
+        body = _csr(serial)
+        result: dict[str, Any] = {"device": serial, "started": started, "attempts": 0}
+        while result["attempts"] <= args.retries:
+            result["attempts"] += 1
+            try:
+                response = session.post(
+                    f"{args.url}/simpleenroll",
+                    data=body,
+                    auth=(serial, secret),
+                    headers={"Content-Type": "application/pkcs10"},
+                    verify=args.root,
+                    timeout=args.timeout,
+                )
+            except requests.RequestException as exc:
+                result["status"] = type(exc).__name__
+                time.sleep(1)
+                continue
             result["status"] = response.status_code
             if response.status_code == 200:
                 (certificate,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(response.content))
                 result["serial"] = format(certificate.serial_number, "x")
                 (out / f"{serial}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-            else:
-                result["body"] = response.text[:300]
-        except requests.RequestException as exc:
-            result["status"] = type(exc).__name__
+                if args.again:  # the same request once more, as after an answer lost on its way back
+                    again = session.post(
+                        f"{args.url}/simpleenroll",
+                        data=body,
+                        auth=(serial, secret),
+                        headers={"Content-Type": "application/pkcs10"},
+                        verify=args.root,
+                        timeout=args.timeout,
+                    )
+                    result["again_status"] = again.status_code
+                    if again.status_code == 200:
+                        (repeated,) = pkcs7.load_der_pkcs7_certificates(base64.b64decode(again.content))
+                        result["again_serial"] = format(repeated.serial_number, "x")
+                    else:
+                        result["again_body"] = again.text[:300]
+                break
+            result["body"] = response.text[:300]
+            if response.status_code not in (502, 503, 504):
+                break
+            time.sleep(1)
         result["seconds"] = round(time.time() - started, 3)
         return result
 
@@ -91,38 +121,43 @@ def _status(content: bytes) -> str:
 
 
 def ask(args: argparse.Namespace) -> dict[str, Any]:
-    """Ask every responder about the certificate again and again: every answer with its time and
-    latency, until each has said ``--until`` (if given) or ``--duration`` seconds passed."""
+    """Ask each responder about the certificate again and again, each in a loop of its own (a slow
+    one does not hold the others back): every answer with the time it was asked, its latency and
+    the status, until each has said ``--until`` (if given; ``first``: when that answer arrived)
+    or ``--duration`` seconds passed."""
     certificate = x509.load_pem_x509_certificate(Path(args.cert).read_bytes())
     issuer = x509.load_pem_x509_certificate(Path(args.issuer).read_bytes())
-    der = ocsp.OCSPRequestBuilder().add_certificate(certificate, issuer, hashes.SHA1()).build().public_bytes(
-        serialization.Encoding.DER
+    der = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(certificate, issuer, hashes.SHA1())
+        .build()
+        .public_bytes(serialization.Encoding.DER)
     )
     answers: dict[str, list[tuple[float, float, str]]] = {url: [] for url in args.url}
     first: dict[str, float] = {}
-    pending = set(args.url)
     ends = time.monotonic() + args.duration
 
-    def one(url: str) -> None:
-        started = time.time()
-        try:
-            response = requests.post(
-                url, data=der, headers={"Content-Type": "application/ocsp-request"}, timeout=args.timeout
-            )
-            status = _status(response.content) if response.status_code == 200 else f"http-{response.status_code}"
-        except requests.Timeout:
-            status = "timeout"
-        except (requests.RequestException, ValueError) as exc:
-            status = f"error-{type(exc).__name__}"
-        answers[url].append((round(started, 3), round(time.time() - started, 3), status))
-        if status == args.until and url not in first:
-            first[url] = started
-            pending.discard(url)
+    def loop(url: str) -> None:
+        while time.monotonic() < ends:
+            started = time.time()
+            try:
+                response = requests.post(
+                    url, data=der, headers={"Content-Type": "application/ocsp-request"}, timeout=args.timeout
+                )
+                status = _status(response.content) if response.status_code == 200 else f"http-{response.status_code}"
+            except requests.Timeout:
+                status = "timeout"
+            except (requests.RequestException, ValueError) as exc:
+                status = f"error-{type(exc).__name__}"
+            answered = time.time()
+            answers[url].append((round(started, 3), round(answered - started, 3), status))
+            if status == args.until:
+                first[url] = answered
+                return
+            time.sleep(args.pause)
 
     with ThreadPoolExecutor(len(args.url)) as pool:
-        while time.monotonic() < ends and (pending or not args.until):
-            list(pool.map(one, [url for url in args.url if not args.until or url in pending]))
-            time.sleep(args.pause)
+        list(pool.map(loop, args.url))
     return {"first": first, "answers": answers}
 
 
@@ -138,6 +173,8 @@ def main() -> None:
     enrolling.add_argument("--concurrency", type=int, default=4)
     enrolling.add_argument("--interval", type=float, default=0.0)
     enrolling.add_argument("--timeout", type=float, default=60)
+    enrolling.add_argument("--retries", type=int, default=0)
+    enrolling.add_argument("--again", action="store_true")
     asking = commands.add_parser("ask")
     asking.add_argument("--url", action="append", required=True)
     asking.add_argument("--issuer", required=True)

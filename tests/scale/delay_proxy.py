@@ -10,6 +10,7 @@ changes the delay of live connections by rewriting it (``set_delay``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,10 +50,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     except ConnectionError:
         pass
     queue.put_nowait((loop.time() + _delay(delay_file), b""))
-    try:
+    with contextlib.suppress(ConnectionError):
         await sender
-    except ConnectionError:
-        pass
 
 
 async def main(listen: str, target: str, delay_file: Path) -> None:

@@ -22,6 +22,7 @@ SUBNET = "10.77.0"  # /24; the bed's own, reachable only inside the outer namesp
 OUTSIDE = "1.1.1.1"  # any address off the bed: no namespace here may have a route to it
 BRIDGE = "br0"
 NFT_TABLE = "scale"  # bridge-family table in the outer namespace: the pair cuts and the loss
+FORWARD_HOOK = "type filter hook forward priority 0; policy accept;"
 
 
 def run(*argv: str, check: bool = True, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -78,9 +79,14 @@ class Processes:
         command = ["ip", "netns", "exec", netns, *(["runuser", "-u", user, "--"] if user else []), *argv]
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         proc = Proc(name, netns, list(argv), popen, log)
         self.running.append(proc)
         return proc
@@ -147,7 +153,9 @@ class Net:
         self.hosts: dict[str, Host] = {}
         self.created: list[str] = []
 
-    def exec(self, host: str | None, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, host: str | None, *argv: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """A short command inside a host's namespace (``None``: the outer one)."""
         netns = self.outer if host is None else self.hosts[host].netns
         return run("ip", "netns", "exec", netns, *argv, check=check, timeout=timeout)
@@ -159,9 +167,15 @@ class Net:
         self.exec(None, "ip", "link", "add", BRIDGE, "type", "bridge")
         self.exec(None, "ip", "link", "set", BRIDGE, "up")
         run(
-            "ip", "netns", "exec", self.outer, "nft", "-f", "-",
-            input=f"table bridge {NFT_TABLE} {{\n chain forward {{ type filter hook forward priority 0; policy accept; }}\n}}\n",
-        )  # fmt: skip
+            "ip",
+            "netns",
+            "exec",
+            self.outer,
+            "nft",
+            "-f",
+            "-",
+            input=f"table bridge {NFT_TABLE} {{\n chain forward {{ {FORWARD_HOOK} }}\n}}\n",
+        )
         self.assert_isolated(None)
 
     def assert_isolated(self, host: str | None) -> None:
@@ -257,7 +271,9 @@ class Net:
 def netem_available(net: Net, host: str) -> bool:
     """Whether this kernel has netem (it usually has not here: delays go through ``delay_proxy``)."""
     netns = net.hosts[host].netns
-    added = run("ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
+    added = run(
+        "ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False
+    )
     if added.returncode == 0:
         run("ip", "netns", "exec", netns, "tc", "qdisc", "del", "dev", "lo", "root", check=False)
     return added.returncode == 0

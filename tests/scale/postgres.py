@@ -24,7 +24,6 @@ class PgNode:
     data: Path
     sockets: Path
     proc: Proc | None = None
-    synchronous_standby: bool = False  # commit waits for a standby (the primary's setting only)
 
 
 class Postgres:
@@ -56,8 +55,19 @@ class Postgres:
         """The primary's cluster: checksums on (pg_rewind needs them or wal_log_hints), trust on the bed's subnet."""
         node = self.nodes[self.primary]
         self._directories(node)
-        self._as_postgres(node.host, str(PG_BIN / "initdb"), "-D", str(node.data), "-U", "postgres",
-                          "--data-checksums", "--auth-local=trust", "--auth-host=trust", "-E", "UTF8")  # fmt: skip
+        self._as_postgres(
+            node.host,
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(node.data),
+            "-U",
+            "postgres",
+            "--data-checksums",
+            "--auth-local=trust",
+            "--auth-host=trust",
+            "-E",
+            "UTF8",
+        )
         subnet = self.net.address(node.host).rsplit(".", 1)[0] + ".0/24"
         with (node.data / "pg_hba.conf").open("a") as hba:
             hba.write(f"host all all {subnet} trust\nhost replication all {subnet} trust\n")
@@ -69,12 +79,20 @@ class Postgres:
 
     def start(self, name: str) -> None:
         node = self.nodes[name]
-        options = ["-c", f"listen_addresses={self.net.address(name)}", "-c", f"unix_socket_directories={node.sockets}",
-                   "-c", f"port={PORT}"]  # fmt: skip
-        if node.synchronous_standby:
-            options += ["-c", "synchronous_standby_names=*", "-c", "synchronous_commit=on"]
-        node.proc = self.procs.start(f"postgres-{name}", self.net.hosts[name].netns,
-                                     [str(PG_BIN / "postgres"), "-D", str(node.data), *options], user="postgres")  # fmt: skip
+        options = [
+            "-c",
+            f"listen_addresses={self.net.address(name)}",
+            "-c",
+            f"unix_socket_directories={node.sockets}",
+            "-c",
+            f"port={PORT}",
+        ]
+        node.proc = self.procs.start(
+            f"postgres-{name}",
+            self.net.hosts[name].netns,
+            [str(PG_BIN / "postgres"), "-D", str(node.data), *options],
+            user="postgres",
+        )
         self.wait_ready(name)
 
     def wait_ready(self, name: str, timeout: float = 60) -> None:
@@ -83,8 +101,9 @@ class Postgres:
         while time.monotonic() < deadline:
             if node.proc is not None and not node.proc.alive():
                 raise RuntimeError(f"postgres on {name} exited: {node.proc.tail()}")
-            ready = self.net.exec(name, str(PG_BIN / "pg_isready"), "-h", self.net.address(name), "-p", str(PORT),
-                                  "-t", "1", check=False)  # fmt: skip
+            ready = self.net.exec(
+                name, str(PG_BIN / "pg_isready"), "-h", self.net.address(name), "-p", str(PORT), "-t", "1", check=False
+            )
             if ready.returncode == 0:
                 return
             time.sleep(0.2)
@@ -93,17 +112,27 @@ class Postgres:
     def psql(self, name: str, sql: str, *, database: str = DATABASE) -> str:
         """One statement over the node's Unix socket; the rows unaligned, one a line."""
         node = self.nodes[name]
-        return self.net.exec(name, str(PG_BIN / "psql"), "-h", str(node.sockets), "-p", str(PORT), "-U", "postgres",
-                             "-d", database, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql).stdout.strip()  # fmt: skip
+        return self.net.exec(
+            name,
+            str(PG_BIN / "psql"),
+            "-h",
+            str(node.sockets),
+            "-p",
+            str(PORT),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ).stdout.strip()
 
     def create_database(self) -> None:
         self.psql(self.primary, f"CREATE ROLE {ROLE} LOGIN", database="postgres")
         self.psql(self.primary, f"CREATE DATABASE {DATABASE} OWNER {ROLE}", database="postgres")
-
-    def start_primary(self) -> None:
-        """Synchronous replication once the replica is attached: a commit the primary confirmed is
-        on the replica too, so a kill -9 of the primary loses nothing a client received."""
-        self.start(self.primary)
 
     def basebackup_replica(self) -> None:
         """The replica's data directory from the primary, with ``standby.signal`` and ``primary_conninfo`` (-R)."""
@@ -111,15 +140,32 @@ class Postgres:
         if node.data.exists():
             shutil.rmtree(node.data)
         self._directories(node)
-        self._as_postgres(node.host, str(PG_BIN / "pg_basebackup"), "-h", self.net.address(self.primary),
-                          "-p", str(PORT), "-U", "postgres", "-D", str(node.data), "-R", "-X", "stream",
-                          "-c", "fast")  # fmt: skip
+        self._as_postgres(
+            node.host,
+            str(PG_BIN / "pg_basebackup"),
+            "-h",
+            self.net.address(self.primary),
+            "-p",
+            str(PORT),
+            "-U",
+            "postgres",
+            "-D",
+            str(node.data),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        )
         with (node.data / "postgresql.auto.conf").open("a") as conf:
-            conf.write(f"primary_conninfo = 'host={self.net.address(self.primary)} port={PORT} user=postgres "
-                       f"application_name={node.host}'\n")  # fmt: skip
+            conf.write(
+                f"primary_conninfo = 'host={self.net.address(self.primary)} port={PORT} user=postgres "
+                f"application_name={node.host}'\n"
+            )
 
     def make_synchronous(self) -> None:
-        """Restart-free: the primary waits for any standby from now on."""
+        """From now on the primary's commits wait for the standby (restart-free): a commit a client
+        saw confirmed is on the replica too, so a kill -9 of the primary loses nothing received."""
         self.psql(self.primary, "ALTER SYSTEM SET synchronous_standby_names = '*'")
         self.psql(self.primary, "SELECT pg_reload_conf()")
 
@@ -158,10 +204,25 @@ class Postgres:
         """The old primary (stopped) follows the new one: ``pg_rewind`` (it runs crash recovery
         itself after a kill -9), a fresh basebackup when rewinding is refused. Returns which."""
         node = self.nodes[self.replica]
+        # A promotion without a checkpoint leaves the new timeline out of the control file, and
+        # pg_rewind would find "the same timeline, no rewind required" and leave the old WAL in place.
+        self.psql(self.primary, "CHECKPOINT")
         source = f"host={self.net.address(self.primary)} port={PORT} user=postgres dbname=postgres"
-        rewound = self.net.exec(node.host, "runuser", "-u", "postgres", "--", str(PG_BIN / "pg_rewind"),
-                                "--target-pgdata", str(node.data), "--source-server", source,
-                                "--write-recovery-conf", check=False, timeout=300)  # fmt: skip
+        rewound = self.net.exec(
+            node.host,
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(PG_BIN / "pg_rewind"),
+            "--target-pgdata",
+            str(node.data),
+            "--source-server",
+            source,
+            "--write-recovery-conf",
+            check=False,
+            timeout=300,
+        )
         how = "pg_rewind"
         if rewound.returncode != 0:
             how = f"basebackup (pg_rewind: {rewound.stderr.strip().splitlines()[-1:]})"
@@ -178,7 +239,9 @@ class Postgres:
 
 def check_tools() -> None:
     """The PostgreSQL 15 server binaries (Debian's postgresql-15) must be where Debian puts them."""
-    missing = [tool for tool in ("initdb", "postgres", "pg_basebackup", "pg_rewind", "pg_ctl") if not (PG_BIN / tool).exists()]
+    missing = [
+        tool for tool in ("initdb", "postgres", "pg_basebackup", "pg_rewind", "pg_ctl") if not (PG_BIN / tool).exists()
+    ]
     if missing:
         raise RuntimeError(f"PostgreSQL 15 binaries missing in {PG_BIN}: {missing} (apt-get install postgresql-15)")
     run("id", "postgres")
