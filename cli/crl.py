@@ -81,7 +81,7 @@ def crl_publish(
     listener = serve_publisher(pki.config, target, pki.token) if watch else None
     # Several watching publishers (one per host) elect one writer through a lease in the database.
     lease = Lease(holder_name(), pki.config.crl.leader_lease_seconds) if watch else None
-    leading = False
+    leading: bool | None = None  # not known yet: the first look is reported either way
     try:
         while True:
             if lease is not None and watcher is not None and _lead(pki.store, watcher, lease) != leading:
