@@ -305,7 +305,9 @@ def _haproxy_config(bed: Bed) -> Path:
     """TLS ends at the balancer (the service certificate), re-encrypted to the nodes, verified
     against the CA; health checks every 500 ms; a failed connection, an empty answer or a
     timed-out one is retried, on another node (``option redispatch``). HAProxy retries a request
-    only when it holds all of it: ``option http-buffer-request`` waits for the whole body first."""
+    only when it holds all of it: ``option http-buffer-request`` waits for the whole body first.
+    docs/deployment.md advises only ``conn-failure 503`` for EST while a retried enrollment that
+    was already committed is refused; the bed keeps the wider set to exercise that path."""
     lb = bed.directory / "lb"
     lb.mkdir(mode=0o700)
     est_home = bed.homes["est1"]
@@ -332,7 +334,7 @@ defaults
     retries 3
     option redispatch 1
     option http-buffer-request
-    retry-on conn-failure empty-response response-timeout
+    retry-on conn-failure empty-response response-timeout 503
 
 frontend est
     bind {bed.net.address("lb")}:{LB_PORT} ssl crt {lb}/service.pem

@@ -20,6 +20,7 @@ from cryptography import x509
 
 from ca.config import CrlSettings, OcspSettings
 from tests.scale.bed import CRL_NODES, OCSP_NODES, SERVER_NAME, Bed, configure_node, start_delay_proxy, wait_for
+from tests.scale.net import netem_available
 
 pytestmark = pytest.mark.scale
 FIGURES: dict[str, Any] = {}
@@ -35,6 +36,9 @@ def record(bed: Bed, name: str, **figures: Any) -> None:
 
 
 def test_no_namespace_of_the_bed_has_a_route_out(bed: Bed) -> None:
+    """Hosts reach each other over the bridge and nothing else; the kernel's netem is reported
+    (absent here: delays go through tests/scale/delay_proxy.py)."""
+    record(bed, "kernel", netem=netem_available(bed.net, "client"), hosts=len(bed.net.hosts))
     bed.net.assert_isolated(None)
     for host in bed.net.hosts:
         bed.net.assert_isolated(host)
