@@ -18,6 +18,8 @@ from tests.scale.bed import Bed, build
 from tests.scale.net import Net, Processes
 from tests.scale.postgres import Postgres
 
+LAST_RUN = Path(tempfile.gettempdir()) / "chargepki-scale-last"
+
 
 def _usable() -> str | None:
     if sys.platform != "linux":
@@ -30,14 +32,14 @@ def _usable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def bed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+def bed(request: pytest.FixtureRequest) -> Iterator[Bed]:
     if reason := _usable():
         pytest.skip(reason)
     # PostgreSQL runs as `postgres`, which cannot enter pytest's 0700 temporary tree: a directory of our own.
     directory = Path(tempfile.mkdtemp(prefix="chargepki-scale-"))
     directory.chmod(0o711)
-    logs = tmp_path_factory.mktemp("scale-logs")
-    (directory / "logs").symlink_to(logs)
+    logs = directory / "logs"
+    logs.mkdir()
     net = Net(f"cps{secrets.token_hex(3)}")
     procs = Processes(logs)
     bed = Bed(directory, net, procs, Postgres(net, procs, directory, ("db1", "db2")))
@@ -45,9 +47,13 @@ def bed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     def teardown() -> None:
         procs.stop_all()
         net.destroy()
+        # The logs and figures.json outlive the bed (pytest's own temporary tree is pruned by later runs).
+        kept = LAST_RUN
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(logs, kept, dirs_exist_ok=True)
         if os.environ.get("CHARGEPKI_SCALE_KEEP") != "1":
             shutil.rmtree(directory, ignore_errors=True)
-        print(f"\nscale bed logs: {logs}")
+        print(f"\nscale bed logs and figures: {kept}")
 
     request.addfinalizer(teardown)
     build(bed)
