@@ -46,6 +46,32 @@ def test_no_namespace_of_the_bed_has_a_route_out(bed: Bed) -> None:
     assert bed.net.exec("client", "ping", "-c", "1", "-W", "1", "1.1.1.1", check=False).returncode != 0
 
 
+def test_the_faults_do_what_they_say(bed: Bed) -> None:
+    """Each fault function, checked from the client host against ocsp1 (and ocsp2 untouched)."""
+    net = bed.net
+
+    def ping(host: str) -> bool:
+        return net.exec("client", "ping", "-c", "1", "-W", "1", net.address(host), check=False).returncode == 0
+
+    def connect(host: str) -> int:
+        """124: the TCP handshake hung (a silent drop); 0: connected; 1: refused or unreachable."""
+        probe = f"exec 3<>/dev/tcp/{net.address(host)}/8081"
+        return net.exec("client", "timeout", "2", "bash", "-c", probe, check=False).returncode
+
+    assert ping("ocsp1") and connect("ocsp1") == 0
+    with net.cut_pair("client", "ocsp1"):
+        assert not ping("ocsp1") and ping("ocsp2")
+        assert connect("ocsp1") == 124  # silent: no RST, no ICMP
+    with net.cut("ocsp1"):
+        assert not ping("ocsp1") and ping("ocsp2")
+    with net.loss(100, "ocsp1"):
+        assert not ping("ocsp1") and ping("ocsp2")
+    with net.limit_bandwidth("ocsp1", "1mbit"):
+        assert "tbf" in net.exec("ocsp1", "tc", "qdisc", "show", "dev", "eth0").stdout
+    assert "tbf" not in net.exec("ocsp1", "tc", "qdisc", "show", "dev", "eth0").stdout
+    assert ping("ocsp1") and connect("ocsp1") == 0  # every fault healed
+
+
 def test_a_revocation_on_one_node_reaches_both_responders_on_other_hosts(bed: Bed) -> None:
     """Both responders have answered (and cached) ``good``; the operator revokes on the EST host;
     each responder says ``revoked`` soon after, through the change signal alone."""
