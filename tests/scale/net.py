@@ -227,34 +227,47 @@ class Net:
         handle = added.stdout.rsplit("# handle", 1)[1].split()[0]
         fault.undo.append(self._outer("nft", "delete", "rule", "bridge", NFT_TABLE, "forward", "handle", handle))
 
+    def _fault(self, description: str, *expressions: str) -> Fault:
+        """A fault of nftables rules on the bridge, all or none (a rule that fails removes the others)."""
+        fault = Fault(description)
+        try:
+            for expression in expressions:
+                self._rule(fault, expression)
+        except BaseException:
+            fault.heal()
+            raise
+        return fault
+
     def cut_pair(self, first: str, second: str) -> Fault:
         """Packets between two hosts silently dropped in both directions (no RST, no ICMP): a partition."""
         a, b = self.address(first), self.address(second)
-        fault = Fault(f"{first} and {second} partitioned")
-        self._rule(fault, f"ip saddr {a} ip daddr {b} drop")
-        self._rule(fault, f"ip saddr {b} ip daddr {a} drop")
-        return fault
+        return self._fault(
+            f"{first} and {second} partitioned", f"ip saddr {a} ip daddr {b} drop", f"ip saddr {b} ip daddr {a} drop"
+        )
 
     def loss(self, percent: int, host: str | None = None) -> Fault:
         """``percent`` % of the frames on the bridge (or to and from ``host``) dropped at random."""
-        fault = Fault(f"{percent}% loss" + (f" at {host}" if host else ""))
+        chance = "" if percent >= 100 else f"numgen random mod 100 < {percent} "
         if host is None:
-            self._rule(fault, f"numgen random mod 100 < {percent} drop")
-        else:
-            address = self.address(host)
-            self._rule(fault, f"ip saddr {address} numgen random mod 100 < {percent} drop")
-            self._rule(fault, f"ip daddr {address} numgen random mod 100 < {percent} drop")
-        return fault
+            return self._fault(f"{percent}% loss", f"{chance}drop")
+        address = self.address(host)
+        return self._fault(
+            f"{percent}% loss at {host}", f"ip saddr {address} {chance}drop", f"ip daddr {address} {chance}drop"
+        )
 
     def limit_bandwidth(self, name: str, rate: str = "1mbit") -> Fault:
         """A token bucket (tc tbf) on both ends of the host's link: ``rate`` each way."""
         host = self.hosts[name]
         fault = Fault(f"{name} limited to {rate}")
         tbf = ("tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
-        run("ip", "netns", "exec", host.netns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf)
-        fault.undo.append(["ip", "netns", "exec", host.netns, "tc", "qdisc", "del", "dev", "eth0", "root"])
-        run(*self._outer("tc", "qdisc", "add", "dev", host.veth, "root", *tbf))
-        fault.undo.append(self._outer("tc", "qdisc", "del", "dev", host.veth, "root"))
+        try:
+            run("ip", "netns", "exec", host.netns, "tc", "qdisc", "add", "dev", "eth0", "root", *tbf)
+            fault.undo.append(["ip", "netns", "exec", host.netns, "tc", "qdisc", "del", "dev", "eth0", "root"])
+            run(*self._outer("tc", "qdisc", "add", "dev", host.veth, "root", *tbf))
+            fault.undo.append(self._outer("tc", "qdisc", "del", "dev", host.veth, "root"))
+        except BaseException:
+            fault.heal()
+            raise
         return fault
 
     @contextlib.contextmanager
