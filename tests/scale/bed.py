@@ -91,7 +91,7 @@ class Bed:
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cli(ADMIN_HOST, self.homes["admin"], *args, check=check)
 
-    def client(self, *args: str, timeout: float = 300) -> dict | list:  # type: ignore[type-arg]
+    def client(self, *args: str, timeout: float = 300) -> Any:
         """``tests.scale.client`` on the client host; its JSON answer."""
         result = subprocess.run(
             ["ip", "netns", "exec", self.net.hosts["client"].netns, PYTHON, "-m", "tests.scale.client", *args],
@@ -418,11 +418,11 @@ def build(bed: Bed) -> None:
     wait_for(lambda: any(bed.crl(name) is not None for name in CRL_NODES), "a first CRL (from the publishers' leader)")
 
 
-def wait_for(condition: object, what: str, timeout: float = 60, pause: float = 0.2) -> float:
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60, pause: float = 0.2) -> float:
     """Poll ``condition()`` until true (a generous hang guard, not a timing assertion); seconds waited."""
     began = time.monotonic()
     while time.monotonic() - began < timeout:
-        if condition():  # type: ignore[operator]
+        if condition():
             return time.monotonic() - began
         time.sleep(pause)
     raise AssertionError(f"{what}: not within {timeout:.0f} s")

@@ -4,7 +4,8 @@ One bed for the module (tests/scale/bed.py): PostgreSQL primary + synchronous st
 two EST nodes behind HAProxy, two OCSP responders, two CRL publishers, a client; each host a
 network namespace inside an outer one with no route out. The scenarios run in file order and
 share it; the failover comes late and the final accounting last. Figures are printed and written to
-``<logs>/figures.json``; timings are never asserted beyond generous hang guards.
+``figures.json`` beside the logs (``/tmp/chargepki-scale-last``); timings are never asserted beyond
+generous hang guards.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from ca.config import CrlSettings, OcspSettings
+from ca.config import CrlSettings, DatabaseSettings, OcspSettings
 from tests.scale.bed import CRL_NODES, OCSP_NODES, SERVER_NAME, Bed, configure_node, start_delay_proxy, wait_for
 from tests.scale.net import netem_available
 
@@ -26,10 +27,13 @@ pytestmark = pytest.mark.scale
 FIGURES: dict[str, Any] = {}
 STALE_BOUND = OcspSettings().stale_bound_seconds  # the defaults are what the bed runs with
 LEASE = CrlSettings().leader_lease_seconds
+# The longest a responder's answer may take while its store is lost: a worker opening a new
+# connection waits connect_timeout on each host of the multi-host URL, then the read deadline.
+HANG_GUARD = DatabaseSettings().connect_timeout_seconds * 2 + OcspSettings().store_timeout_ms / 1000 + 3
 
 
 def record(bed: Bed, name: str, **figures: Any) -> None:
-    """A scenario's figures: printed (``-s``) and kept in ``<logs>/figures.json`` for docs/scale-out.md."""
+    """A scenario's figures: printed (``-s``) and kept in ``figures.json`` for docs/scale-out.md."""
     FIGURES[name] = figures
     print(f"\nFIGURE {name}: {json.dumps(figures)}")
     (bed.directory / "logs" / "figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
@@ -80,7 +84,7 @@ def test_a_revocation_on_one_node_reaches_both_responders_on_other_hosts(bed: Be
     urls = [bed.ocsp_url(node) for node in ("ocsp1", "ocsp2")]
     ask = ["ask", "--issuer", str(bed.issuing), "--cert", str(leaf)] + [f"--url={url}" for url in urls]
     seen = bed.client(*ask, "--until", "good", "--duration", "30")
-    assert set(seen["first"]) == set(urls), seen  # type: ignore[call-overload]
+    assert set(seen["first"]) == set(urls), seen
     watching = bed.client_async(*ask, "--until", "revoked", "--duration", "60")
     time.sleep(1.5)  # the client is up and asking (its answers are still good)
     committed = bed.revoke(serial)
@@ -90,7 +94,7 @@ def test_a_revocation_on_one_node_reaches_both_responders_on_other_hosts(bed: Be
         bed,
         "revocation_reaches_responders",
         seconds_from_commit_to_first_revoked={url: round(first - committed, 3) for url, first in seen["first"].items()},
-        answers_before={url: len(answers) for url, answers in seen["answers"].items()},
+        questions_asked={url: len(answers) for url, answers in seen["answers"].items()},
     )
 
 
@@ -98,12 +102,13 @@ RECEIVED: list[int] = []  # serials of every certificate a client or the operato
 
 
 def _enroll(
-    bed: Bed, prefix: str, count: int, *options: str, interval: float = 0.2
+    bed: Bed, prefix: str, count: int, *options: str, interval: float = 0.2, devices: Path | None = None
 ) -> Callable[[], list[dict[str, Any]]]:
-    """``count`` new devices enrolling through the balancer from the client host, in the background;
-    each retries twice when no answer came (a charger does), with the same key and secret."""
+    """``count`` new devices (or those ``devices`` names, registered before) enrolling through the
+    balancer from the client host, in the background; each retries twice when no answer came (a
+    charger does), with the same key and secret."""
     assert bed.root is not None
-    devices = bed.register(prefix, count)
+    devices = devices or bed.register(prefix, count)
     return bed.client_async(
         "enroll",
         "--url",
@@ -127,6 +132,7 @@ def _enroll(
 
 
 def _received(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Remember what the client received (for the final accounting); return the failures."""
     ok = [r for r in results if r["status"] == 200]
     RECEIVED.extend(int(r["serial"], 16) for r in ok)
     return [r for r in results if r["status"] != 200]
@@ -156,17 +162,20 @@ def test_enrollments_through_the_balancer_all_succeed_while_one_est_node_is_cut(
 
 
 def test_bad_weather_loss_and_a_narrow_link_slow_things_down_but_lose_nothing(bed: Bed) -> None:
-    """5 % of the frames on the bridge dropped at random and the client's link limited to 1 Mbit/s
-    (tc tbf): enrollments still all succeed, and a revocation still reaches both responders."""
+    """The chargers' side in bad weather: 5 % of the client host's frames dropped at random and its
+    link limited to 1 Mbit/s (tc tbf): enrollments still all succeed, and a revocation still reaches
+    both responders. (The database network stays clean: there, a lost SYN or two can exceed
+    ``connect_timeout`` and fail an operator's command.)"""
     assert bed.issuing is not None
     leaf, serial = bed.issue("CP-WEATHER")
     RECEIVED.append(int(serial, 16))
     urls = [bed.ocsp_url(node) for node in OCSP_NODES]
+    devices = bed.register("WEATHER", 10)
     with bed.net.faults() as faults:
-        faults.append(bed.net.loss(5))
+        faults.append(bed.net.loss(5, "client"))
         faults.append(bed.net.limit_bandwidth("client", "1mbit"))
         began = time.monotonic()
-        failed = _received(_enroll(bed, "WEATHER", 10, interval=0.1)())
+        failed = _received(_enroll(bed, "WEATHER", 10, interval=0.1, devices=devices)())
         enroll_seconds = time.monotonic() - began
         ask = ["ask", "--issuer", str(bed.issuing), "--cert", str(leaf), "--timeout", "10"]
         watching = bed.client_async(*ask, *(f"--url={url}" for url in urls), "--until", "revoked", "--duration", "60")
@@ -210,7 +219,7 @@ def _cached_good(bed: Bed, name: str) -> tuple[Path, str]:
     leaf, serial = bed.issue(name)
     RECEIVED.append(int(serial, 16))
     seen = bed.client(*_ocsp_ask(bed, leaf, *OCSP_NODES), "--until", "good", "--duration", "30")
-    assert len(seen["first"]) == len(OCSP_NODES), seen  # type: ignore[call-overload]
+    assert len(seen["first"]) == len(OCSP_NODES), seen
     return leaf, serial
 
 
@@ -227,7 +236,7 @@ def test_a_responder_cut_off_from_postgresql_says_try_later_within_the_bound_and
         committed = bed.revoke(serial)
         seen = bed.client(*_ocsp_ask(bed, leaf, "ocsp2"), "--duration", str(STALE_BOUND + 12), "--timeout", "30")
     healed_at = time.time()
-    answers = seen["answers"][bed.ocsp_url("ocsp2")]  # type: ignore[call-overload]
+    answers = seen["answers"][bed.ocsp_url("ocsp2")]
     recovered = bed.client(*_ocsp_ask(bed, leaf, "ocsp2"), "--until", "revoked", "--duration", "90")
     goods = [started for started, _, status in answers if status == "good"]
     later = [started for started, _, status in answers if status == "try_later"]
@@ -240,11 +249,11 @@ def test_a_responder_cut_off_from_postgresql_says_try_later_within_the_bound_and
         first_try_later_seconds_after_cut=round(min(later) - cut_at, 2) if later else None,
         slowest_answer_seconds=max(latency for _, latency, _ in answers),
         statuses={status: sum(1 for a in answers if a[2] == status) for status in {a[2] for a in answers}},
-        revoked_seconds_after_heal=round(recovered["first"].get(bed.ocsp_url("ocsp2"), float("nan")) - healed_at, 2),  # type: ignore[union-attr]
+        revoked_seconds_after_heal=round(recovered["first"].get(bed.ocsp_url("ocsp2"), float("nan")) - healed_at, 2),
     )
     assert later, "never said tryLater while cut off from the store"
     assert not goods or max(goods) - cut_at <= STALE_BOUND + 3, "served good past the stale bound"
-    assert max(latency for _, latency, _ in answers) < 10, "an answer hung"
+    assert max(latency for _, latency, _ in answers) < HANG_GUARD, "an answer hung"
     assert {status for _, _, status in answers} <= {"good", "try_later", "revoked"}, answers
     assert bed.ocsp_url("ocsp2") in recovered["first"], "still not revoked after the partition healed"
 
