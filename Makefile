@@ -65,7 +65,7 @@ clock-deps:
 # The scale-out bed (tests/scale/, docs/scale-out.md): hosts as network namespaces inside one with no
 # route out, a PostgreSQL 15 primary and streaming replica, two EST nodes behind HAProxy, two OCSP
 # responders, two CRL publishers, and faults (cuts, partitions, loss, tbf, failover). Needs root;
-# about 4 minutes on 2 cores. Logs and the figures it measured (figures.json): /tmp/chargepki-scale-last/.
+# 3 to 4 minutes on 2 cores. Logs and the figures it measured (figures.json): /tmp/chargepki-scale-last/.
 PG15_BIN := /usr/lib/postgresql/15/bin
 scale-deps:
 	@if [ ! -x /usr/sbin/nft ] || [ ! -x /usr/sbin/haproxy ] || [ ! -x /usr/bin/ping ] || [ ! -x $(PG15_BIN)/initdb ]; then \
