@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from cryptography import x509
 
 from ca.config import Config, EstSettings, OcspSettings, Pkcs11Settings, find_softhsm_module, write_config
 from ca.keys.softhsm import write_softhsm_conf
+from tests.helpers import make_csr
 from tests.scale.delay_proxy import set_delay
 from tests.scale.net import Net, Proc, Processes, run
 from tests.scale.postgres import Postgres, check_tools
@@ -68,6 +69,7 @@ class Bed:
     issuing: Path | None = None  # the issuing CA's certificate (PEM)
     root: Path | None = None  # the root's (PEM): the clients' trust anchor
     proxies: dict[str, Path] = field(default_factory=dict)  # delay proxy name -> its delay file
+    _clients: int = 0  # client runs so far (names their logs and answers)
 
     # -- running chargepki ---------------------------------------------------------------------
     def cli(
@@ -93,34 +95,27 @@ class Bed:
 
     def client(self, *args: str, timeout: float = 300) -> Any:
         """``tests.scale.client`` on the client host; its JSON answer."""
-        result = subprocess.run(
-            ["ip", "netns", "exec", self.net.hosts["client"].netns, PYTHON, "-m", "tests.scale.client", *args],
-            capture_output=True,
-            text=True,
-            env=clean_environment(),
-            cwd=ROOT,
-            timeout=timeout,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"client {args[0]} failed: {result.stderr[-3000:]}")
-        return json.loads(result.stdout)
+        return self.client_async(*args)(timeout)
 
-    def client_async(self, *args: str) -> Callable[[], Any]:
-        """The same, in the background; call the result to wait for its answer."""
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", self.net.hosts["client"].netns, PYTHON, "-m", "tests.scale.client", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    def client_async(self, *args: str) -> Callable[..., Any]:
+        """The same in the background, through the process helper (a process group, a log, killed at
+        teardown if still running); call the result to wait for the answer."""
+        self._clients += 1
+        answer = self.directory / f"client-{self._clients}.json"
+        proc = self.procs.start(
+            f"client-{self._clients}-{args[0]}",
+            self.net.hosts["client"].netns,
+            [PYTHON, "-m", "tests.scale.client", "--answer", str(answer), *args],
             env=clean_environment(),
             cwd=ROOT,
         )
 
         def result(timeout: float = 300) -> Any:
-            out, err = process.communicate(timeout=timeout)
-            if process.returncode != 0:
-                raise RuntimeError(f"client {args[0]} failed: {err[-3000:]}")
-            return json.loads(out)
+            code = proc.popen.wait(timeout=timeout)
+            self.procs.stop(proc)
+            if code != 0:
+                raise RuntimeError(f"client {args[0]} exited {code}: {proc.tail()}")
+            return json.loads(answer.read_text())
 
         return result
 
@@ -151,6 +146,7 @@ class Bed:
         raise RuntimeError(f"{proc.name} does not listen on {port}: {proc.tail()}")
 
     def restart_service(self, name: str) -> Proc:
+        """The node's service stopped (its whole process group) and started again with the same arguments."""
         old = self.services[name]
         self.procs.stop(old)
         port = {**dict.fromkeys(EST_NODES, EST_PORT), **dict.fromkeys(OCSP_NODES, OCSP_PORT)}.get(name)
@@ -176,8 +172,6 @@ class Bed:
 
     def issue(self, name: str) -> tuple[Path, str]:
         """A charger certificate issued by the operator's CLI; its file and hex serial."""
-        from tests.helpers import make_csr
-
         csr = self.directory / f"{name}.csr"
         csr.write_bytes(make_csr(name, organization=ORG))
         leaf = self.directory / f"{name}.pem"
@@ -230,10 +224,6 @@ class Bed:
 
     def delay(self, name: str, seconds: float) -> None:
         set_delay(self.proxies[name], seconds)
-
-    def logs(self) -> Iterator[tuple[str, str]]:
-        for log in sorted((self.directory / "logs").glob("*.log")):
-            yield log.name, log.read_text(errors="replace")
 
 
 # -- building it -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What the bed's client host does, run inside its namespace (``python -m tests.scale.client …``):
-enrollments through the load balancer, OCSP questions to the responders. Prints one JSON document.
+enrollments through the load balancer, OCSP questions to the responders. One JSON document on
+stdout or into ``--answer FILE``.
 
 Times are ``time.time()``: every namespace shares the machine's clock, so the test compares them
 with the moment a revocation committed on another host.
@@ -163,6 +164,7 @@ def ask(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.scale.client")
+    parser.add_argument("--answer", help="write the JSON document here instead of stdout")
     commands = parser.add_subparsers(dest="command", required=True)
     enrolling = commands.add_parser("enroll")
     enrolling.add_argument("--url", required=True)
@@ -184,8 +186,11 @@ def main() -> None:
     asking.add_argument("--pause", type=float, default=0.02)
     asking.add_argument("--timeout", type=float, default=15)
     args = parser.parse_args()
-    result = enroll(args) if args.command == "enroll" else ask(args)
-    print(json.dumps(result))
+    result = json.dumps(enroll(args) if args.command == "enroll" else ask(args))
+    if args.answer:
+        Path(args.answer).write_text(result)
+    else:
+        print(result)
 
 
 if __name__ == "__main__":
