@@ -11,7 +11,7 @@ SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CHARGEPKI_HOME ?= $(CURDIR)/var
 
-.PHONY: setup system-deps test-deps clock-deps test-clock run test lint fuzz fuzz-api fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse bench-rotation soak clean
+.PHONY: setup system-deps test-deps clock-deps scale-deps test-clock test-scale run test lint fuzz fuzz-api fuzz-props bench bench-crl bench-ocsp bench-lookups bench-abuse bench-rotation soak clean
 
 setup: system-deps $(STAMP)
 
@@ -62,6 +62,21 @@ clock-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime gcc libc6-dev; \
 	fi
+
+# The scale-out bed (tests/scale/, docs/scale-out.md): hosts as network namespaces inside one with no
+# route out, a PostgreSQL 15 primary and streaming replica, two EST nodes behind HAProxy, two OCSP
+# responders, two CRL publishers, and faults (cuts, partitions, loss, tbf, failover). Needs root;
+# 3 to 4 minutes on 2 cores. Logs and the figures it measured (figures.json): /tmp/chargepki-scale-last/.
+PG15_BIN := /usr/lib/postgresql/15/bin
+scale-deps:
+	@if [ ! -x /usr/sbin/nft ] || [ ! -x /usr/sbin/haproxy ] || [ ! -x /usr/bin/ping ] || [ ! -x $(PG15_BIN)/initdb ]; then \
+	  echo "installing Debian packages for the scale-out bed: nftables haproxy iputils-ping postgresql-15"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables haproxy iputils-ping postgresql-15; \
+	fi
+
+test-scale: setup scale-deps
+	$(SUDO) $(BIN)/pytest -m scale -s tests/scale $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""The scale-out test bed: hosts as network namespaces inside an outer namespace with no route out."""
