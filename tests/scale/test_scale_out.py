@@ -194,12 +194,6 @@ def test_bad_weather_loss_and_a_narrow_link_slow_things_down_but_lose_nothing(be
     assert set(seen["first"]) == set(urls), seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EST retry idempotency is missing: the same simpleenroll again (same CSR, same one-time "
-    "secret) after its answer was lost is refused (401, the secret is spent) instead of returning the "
-    "certificate already issued",
-)
 def test_an_enrollment_sent_again_after_a_lost_answer_gets_the_same_certificate(bed: Bed) -> None:
     """What a retry through the balancer amounts to when a node issued the certificate but died
     before its answer left: the identical request arrives again, on another node."""
