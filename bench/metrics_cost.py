@@ -226,10 +226,11 @@ def measure(url: str, fleet: MetricsFleet, calls: int) -> list[Timing]:
         )
         query("open campaigns' devices by state (`open_campaigns`)", lambda s: open_campaigns(s, now()))
         query(
-            "the fleet console's overview page: inventory of the environment, the 20 soonest of the 30-day "
-            "renewals and their count, revocations per day (`ca.reports`)",
+            "the fleet console's overview page: certificates by status and devices by model of the environment, "
+            "the 20 soonest of the 30-day renewals and their count, revocations per day (`ca.reports`)",
             lambda s: (
-                reports.inventory(s, now(), environment="production"),
+                reports.certificates_by_status(s, now(), "production"),
+                reports.device_counts(s, "production"),
                 reports.expiring(s, now(), within=timedelta(days=30), environment="production", limit=20),
                 reports.revocations_per_day(s, now(), days=30, environment="production"),
             ),

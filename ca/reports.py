@@ -136,12 +136,38 @@ def _display_status(now: datetime) -> Any:
     )
 
 
-def inventory(session: Session, now: datetime, *, environment: str | None = None) -> Report:
-    """Devices per environment, model and state; certificates per environment, CA, profile, device model
-    and status (valid, expired, revoked, hold, pending, aborted)."""
+def _device_counts(environment: str | None) -> Any:
     devices = select(Device.environment, Device.model, Device.enabled, func.count()).group_by(
         Device.environment, Device.model, Device.enabled
     )
+    return devices if environment is None else devices.where(Device.environment == environment)
+
+
+def certificates_by_status(session: Session, now: datetime, environment: str) -> dict[str, int]:
+    """An environment's certificates per displayed status (the inventory's statuses), without the
+    inventory's join to the devices: one grouped pass over the certificates of its CAs."""
+    status = _display_status(now).label("status")
+    per_certificate = (
+        select(status)
+        .join(Authority, Authority.id == Certificate.authority_id)
+        .where(Authority.environment == environment)
+    ).subquery()
+    rows = session.execute(select(per_certificate.c.status, func.count()).group_by(per_certificate.c.status)).all()
+    session.commit()
+    return {str(name): int(count) for name, count in rows}
+
+
+def device_counts(session: Session, environment: str) -> list[tuple[str, str | None, bool, int]]:
+    """An environment's devices per model and state, as the inventory counts them."""
+    rows = [tuple(r) for r in session.execute(_device_counts(environment))]
+    session.commit()
+    return sorted(rows, key=lambda r: (r[0], r[1] or "", not r[2]))  # type: ignore[return-value]
+
+
+def inventory(session: Session, now: datetime, *, environment: str | None = None) -> Report:
+    """Devices per environment, model and state; certificates per environment, CA, profile, device model
+    and status (valid, expired, revoked, hold, pending, aborted)."""
+    devices = _device_counts(environment)
     # Per row first, then grouped: grouping by the CASE itself would bind ``now`` twice, which
     # PostgreSQL does not recognise as the same expression.
     per_certificate = (
@@ -156,7 +182,6 @@ def inventory(session: Session, now: datetime, *, environment: str | None = None
         .outerjoin(Device, Device.id == Certificate.device_id)
     )
     if environment is not None:
-        devices = devices.where(Device.environment == environment)
         per_certificate = per_certificate.where(Authority.environment == environment)
     rows = per_certificate.subquery()
     groups = (rows.c.environment, rows.c.ca, rows.c.profile, rows.c.device_model, rows.c.status)

@@ -22,7 +22,7 @@ from ca.keys.pkcs11_token import Token
 from ca.registry.campaigns import start_campaign
 from ca.registry.devices import add_device, get_device
 from ca.reports import campaigns as campaign_report
-from ca.reports import expiring, inventory, render
+from ca.reports import certificates_by_status, device_counts, expiring, inventory, render
 from ca.status.revocation import revoke
 from ca.store.models import Certificate
 from ca.work import Work
@@ -89,6 +89,11 @@ def test_expiring_lists_valid_certificates_in_the_window_soonest_first(session: 
 
 def test_inventory_counts_devices_and_certificates_by_status(session: Session, fleet: dict[str, str]) -> None:
     report = inventory(session, datetime.now(UTC))
+    by_status: dict[str, int] = {}  # the console's lighter counts agree with the inventory's
+    for *_, status, count in inventory(session, datetime.now(UTC), environment="production").tables[1].rows:
+        by_status[status] = by_status.get(status, 0) + count
+    assert certificates_by_status(session, datetime.now(UTC), "production") == by_status
+    assert device_counts(session, "production") == inventory(session, datetime.now(UTC)).tables[0].rows
     devices = {(r[0], r[1], r[2]): r[3] for r in report.tables[0].rows}
     assert devices == {("production", "Wallbox 22", True): 2, ("production", "Pole 11", True): 2,
                        ("production", None, True): 1}  # fmt: skip

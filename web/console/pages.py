@@ -39,15 +39,12 @@ def overview() -> str:
     environment = choice(args, "environment", ENVIRONMENTS) or (present[0] if present else ENVIRONMENTS[0])
     now = utcnow()
     authorities = list_authorities(session, environment)
-    inventory = reports.inventory(session, now, environment=environment)
-    by_status = dict.fromkeys(STATUSES, 0)
-    for *_, status, count in inventory.tables[1].rows:
-        by_status[status] = by_status.get(status, 0) + count
+    by_status = dict.fromkeys(STATUSES, 0) | reports.certificates_by_status(session, now, environment)
     expiring = reports.expiring(session, now, within=EXPIRING_WINDOW, environment=environment, limit=EXPIRING_SHOWN)
     chart = revocation_chart(reports.revocations_per_day(session, now, days=CHART_DAYS, environment=environment))
     return render_template(
         "overview.html", environment=environment, environments=present or list(ENVIRONMENTS), now=now,
-        authorities=authorities, by_status=by_status, devices=inventory.tables[0].rows,
+        authorities=authorities, by_status=by_status, devices=reports.device_counts(session, environment),
         expiring=expiring.tables[0].rows, expiring_total=expiring.total,
         window_days=EXPIRING_WINDOW.days, chart=chart,
     )  # fmt: skip
