@@ -4,6 +4,9 @@ Each entry's hash covers the previous entry's hash and the entry's own canonical
 so editing, deleting or reordering any row breaks the chain at that row. The one-row
 ``audit_head`` names the last entry; appending updates it first, which makes concurrent
 writers queue up instead of forking the chain, and lets ``verify`` notice a cut-off tail.
+Within one transaction the head is locked after its first entry, so the entries after it chain
+on the tail this transaction wrote (``ca.store.transaction_state``) instead of reading the head
+again: a group-committed batch of issuances pays for the head's lock once, not once per entry.
 Callers must never pass secrets in ``details``.
 
 Refusals of callers that established no identity (no credentials, or refused before the
@@ -30,6 +33,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ca.store.models import AuditEvent, AuditHead, AuditNoise
+from ca.store.transaction_state import transaction_state
 
 GENESIS = "0" * 64
 
@@ -55,6 +59,7 @@ def entry_hash(
 _HEAD = AuditHead.__table__
 _ADVANCE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1).returning(_HEAD.c.seq, _HEAD.c.hash)
 _SET_HEAD_HASH = update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("hash"))
+_SET_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
 _EVENTS = AuditEvent.__table__
 _INSERT_EVENT = insert(_EVENTS)
 _EVENT_COLUMNS = ("seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash")
@@ -67,6 +72,11 @@ _APPENDED = _APPENDED.returning(_EVENTS.c.hash).cte("appended")
 _INSERT_EVENT_AND_SET_HEAD = (
     update(_HEAD).where(_HEAD.c.id == 1).values(hash=select(_APPENDED.c.hash).scalar_subquery())
 )
+# A later entry of the same transaction: the head's lock is already held, its seq moves with the hash.
+_INSERT_EVENT_AND_MOVE_HEAD = (
+    update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("h_seq"), hash=select(_APPENDED.c.hash).scalar_subquery())
+)
+_TAIL = "audit.tail"  # this transaction's last entry: (seq, hash)
 
 
 def record(
@@ -81,10 +91,16 @@ def record(
     """Append an entry in the caller's transaction (it commits or rolls back with the work it records).
 
     Call it last before committing: the head row stays locked until the commit. Returns the sequence number.
+    The first entry of a transaction advances the head (its lock); a later one of the same transaction
+    chains on the tail it remembers and moves the head in the statement that writes it.
     """
     session.flush()
-    head = session.execute(_ADVANCE_HEAD).one()
-    seq, prev_hash = head.seq, head.hash
+    tail = transaction_state(session).get(_TAIL)
+    if tail is None:
+        head = session.execute(_ADVANCE_HEAD).one()
+        seq, prev_hash = head.seq, head.hash
+    else:
+        seq, prev_hash = tail[0] + 1, tail[1]
     at = now().astimezone(UTC)
     text = json.dumps(details or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = entry_hash(prev_hash, seq, at, actor, action, subject, text)
@@ -100,10 +116,18 @@ def record(
         "hash": digest,
     }
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_INSERT_EVENT_AND_SET_HEAD, {f"e_{name}": value for name, value in entry.items()})
-        return seq
-    session.execute(_INSERT_EVENT, entry)
-    session.execute(_SET_HEAD_HASH, {"hash": digest})
+        parameters = {f"e_{name}": value for name, value in entry.items()}
+        if tail is None:
+            session.execute(_INSERT_EVENT_AND_SET_HEAD, parameters)
+        else:
+            session.execute(_INSERT_EVENT_AND_MOVE_HEAD, {**parameters, "h_seq": seq})
+    else:
+        session.execute(_INSERT_EVENT, entry)
+        if tail is None:
+            session.execute(_SET_HEAD_HASH, {"hash": digest})
+        else:
+            session.execute(_SET_HEAD, {"seq": seq, "hash": digest})
+    transaction_state(session)[_TAIL] = (seq, digest)
     return seq
 
 

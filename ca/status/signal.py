@@ -15,6 +15,7 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from ca.store.models import Certificate, StatusFeed
+from ca.store.transaction_state import transaction_state
 
 NOTIFY_CHANNEL = "chargepki_status"
 # The channel is per schema: PostgreSQL's NOTIFY reaches every session of the database, and two
@@ -42,8 +43,19 @@ _RAISE_COUNTER = update(_FEED).where(_FEED.c.id == 1).values(counter=_FEED.c.cou
 _NOTIFY = text(f"SELECT pg_notify({CHANNEL_SQL}, '')")
 
 
+_SIGNALLED = "status.signalled"
+
+
 def signal_change(session: Session) -> None:
-    """Raise the change counter and, on PostgreSQL, NOTIFY; both take effect at commit."""
+    """Raise the change counter and, on PostgreSQL, NOTIFY; both take effect at commit.
+
+    Once per transaction: listeners react to the counter having moved and PostgreSQL delivers a
+    transaction's identical notifications once, so a batch of issuances sharing a transaction
+    signals once (``ca.store.transaction_state``)."""
+    done = transaction_state(session)
+    if done.get(_SIGNALLED):
+        return
     session.execute(_RAISE_COUNTER)
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_NOTIFY)
+    transaction_state(session)[_SIGNALLED] = True
