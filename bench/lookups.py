@@ -62,6 +62,7 @@ RESPONSE_COLUMNS = (
 )  # fmt: skip
 DEVICE_COLUMNS = ("id", "serial", "model", "environment", "enabled", "enrollment_open", "created_at")
 SECRET_COLUMNS = ("id", "device_id", "secret_hash", "expires_at", "created_at")
+KEY_OWNER_COLUMNS = ("public_key_sha256", "identity", "created_at")
 
 
 # -- the data set: every key derives from the row number, so lookups can pick any row ------------
@@ -112,6 +113,10 @@ class Fleet:
             self.now, self.now + timedelta(days=3650), SIGNER,
         )  # fmt: skip
 
+    def key_owner(self, n: int) -> tuple:
+        """Every certified key is claimed by its device's identity, as issuance leaves it."""
+        return (hashlib.sha256(b"key%d" % n).hexdigest(), f"device:{n // 2 + 1}", self.now)
+
     def device(self, d: int) -> tuple:
         return (d + 1, device_serial(d), "Wallbox 22", "production", True, False, self.now)
 
@@ -134,7 +139,7 @@ def _text(moment: datetime | None) -> str | None:
     return None if moment is None else moment.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-LOADED = ("devices", "enrollment_secrets", "certificates", "ocsp_responses")
+LOADED = ("devices", "enrollment_secrets", "certificates", "ocsp_responses", "key_owners")
 
 
 def load_sqlite(path: Path, fleet: Fleet) -> None:
@@ -205,6 +210,7 @@ def _tables(fleet: Fleet) -> list[tuple[str, tuple[str, ...], Callable[[int], tu
         ("enrollment_secrets", SECRET_COLUMNS, fleet.secret, fleet.devices),
         ("certificates", CERTIFICATE_COLUMNS, fleet.certificate, fleet.rows),
         ("ocsp_responses", RESPONSE_COLUMNS, fleet.response, fleet.rows),
+        ("key_owners", KEY_OWNER_COLUMNS, fleet.key_owner, fleet.rows),
     ]
 
 
