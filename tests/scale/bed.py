@@ -296,8 +296,8 @@ def _haproxy_config(bed: Bed) -> Path:
     against the CA; health checks every 500 ms; a failed connection, an empty answer or a
     timed-out one is retried, on another node (``option redispatch``). HAProxy retries a request
     only when it holds all of it: ``option http-buffer-request`` waits for the whole body first.
-    docs/deployment.md advises only ``conn-failure 503`` for EST while a retried enrollment that
-    was already committed is refused; the bed keeps the wider set to exercise that path."""
+    A retried enrollment whose first attempt committed gets that certificate again (EST answers
+    repeats), so the wider set of docs/deployment.md is safe and the bed uses it."""
     lb = bed.directory / "lb"
     lb.mkdir(mode=0o700)
     est_home = bed.homes["est1"]
