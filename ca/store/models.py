@@ -127,7 +127,8 @@ class Certificate(Base):
         Index("ix_certificates_authority_serial", "authority_id", "serial"),
         # (status, not_after) ranges; the other columns make the metrics' expiry count index-only (0012)
         Index("ix_certificates_status_not_after", "status", "not_after", "authority_id", "profile", "revoke_after"),
-        Index("ix_certificates_profile_authority", "profile", "authority_id"),  # a CA's OCSP signers
+        # a CA's current OCSP signer (ocsp.presign): three equal columns, then the order
+        Index("ix_certificates_profile_authority", "profile", "authority_id", "status", "not_after"),
         CheckConstraint(sql_in("status", CertStatus), name="ck_certificates_status"),
     )
 
