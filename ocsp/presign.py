@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.ocsp import load_der_ocsp_response
-from sqlalchemy import bindparam, case, delete, func, or_, select, tuple_
+from sqlalchemy import bindparam, case, delete, func, literal_column, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -73,7 +73,7 @@ _CURRENT_SIGNER = (
     .join_from(Certificate.__table__, Authority.__table__, _CAS.id == _CERTS.authority_id)
     .where(
         _CERTS.authority_id == bindparam("authority_id"),
-        _CERTS.profile == "ocsp-signer",
+        _CERTS.profile == literal_column("'ocsp-signer'"),  # a literal: the partial index's predicate
         _CERTS.status == CertStatus.VALID,
         _CERTS.key_label.is_not(None),
         _CERTS.not_before <= bindparam("now", type_=_CERTS.not_before.type),

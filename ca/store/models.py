@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
@@ -127,8 +128,15 @@ class Certificate(Base):
         Index("ix_certificates_authority_serial", "authority_id", "serial"),
         # (status, not_after) ranges; the other columns make the metrics' expiry count index-only (0012)
         Index("ix_certificates_status_not_after", "status", "not_after", "authority_id", "profile", "revoke_after"),
-        # a CA's current OCSP signer (ocsp.presign): three equal columns, then the order
-        Index("ix_certificates_profile_authority", "profile", "authority_id", "status", "not_after"),
+        Index("ix_certificates_profile_authority", "profile", "authority_id"),  # a CA's OCSP signers
+        # a CA's current OCSP signer (ocsp.presign, which names the profile as a literal to use it)
+        Index(
+            "ix_certificates_ocsp_signers",
+            "authority_id",
+            "not_after",
+            sqlite_where=text("profile = 'ocsp-signer'"),
+            postgresql_where=text("profile = 'ocsp-signer'"),
+        ),
         CheckConstraint(sql_in("status", CertStatus), name="ck_certificates_status"),
     )
 

@@ -1,10 +1,10 @@
 """The current-signer lookup that every issuance and revocation runs reads a handful of index
 entries, however many certificates the CA has issued.
 
-A timing-free guard: the database's own query plan. With the plain (profile, authority_id)
-index SQLite (no statistics unless someone runs ANALYZE) walked every valid unexpired
-certificate through (status, not_after) instead: ~25 ms per lookup at 1,000,000 rows, twice per
-re-enrollment under the writer lock (bench/rotation.py).
+A timing-free guard: the database's own query plan. Without the partial index of signers SQLite
+(no statistics unless someone runs ANALYZE) walked every valid unexpired certificate through
+(status, not_after): ~25 ms per lookup at 1,000,000 rows, twice per re-enrollment under the
+writer lock (bench/rotation.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ca.kinds import CertStatus
 from ca.store.models import Certificate
 from ocsp.presign import _CURRENT_SIGNER, Presigner
 
-INDEX = "ix_certificates_profile_authority"
+INDEX = "ix_certificates_ocsp_signers"
 
 
 def _fleet(session: Session, authority_id: int, count: int) -> None:
@@ -69,7 +69,10 @@ def test_the_current_signer_is_found_through_its_own_index(
     authority_id = hierarchy.issuing.id
     _fleet(session, authority_id, 3000)
     plan = _plan(session, authority_id)
-    assert INDEX in plan, plan
-    assert "ix_certificates_status_not_after" not in plan, plan
+    if session.get_bind().dialect.name == "sqlite":
+        assert INDEX in plan, plan
+    else:  # with statistics PostgreSQL may as well take (profile, authority_id): a handful of rows either way
+        assert INDEX in plan or "ix_certificates_profile_authority" in plan, plan
+    assert "ix_certificates_status_not_after" not in plan and "Seq Scan on certificates" not in plan, plan
     signer = status.signer_for(session, authority_id, datetime.now(UTC))  # and it finds the signer
     assert signer is not None and signer.serial == hierarchy.ocsp_signer.serial
