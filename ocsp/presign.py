@@ -87,6 +87,18 @@ _STORED_ALGORITHMS = select(OcspResponse.hash_algorithm).where(
 )
 
 
+@dataclass(frozen=True)
+class PreparedAnswers:
+    """A certificate's responses signed ahead of its record (``Presigner.prepare``)."""
+
+    serial: str
+    status: str
+    signer: ResponseSigner
+    this_update: datetime
+    validity: timedelta
+    answers: tuple[tuple[str, str, bytes], ...]  # (hash algorithm, status, DER)
+
+
 class Presigner:
     """Signs and stores OCSP responses with each CA's current delegated signer (keys in the token)."""
 
@@ -138,17 +150,77 @@ class Presigner:
         return CertId(algorithm, issuer.name_hash, issuer.key_hash, int(certificate.serial, 16))
 
     # -- the StatusSigner seam -------------------------------------------------------------------
+    def prepare(self, session: Session, certificate: Certificate, now: datetime) -> PreparedAnswers | None:
+        """Sign a just-issued certificate's responses before its record's transaction (``update``
+        with ``prepared`` stores them there): the signing and building leave the one-writer section
+        (SQLite's writer lock, the audit head's row lock), where each of an enrollment's steps
+        makes every other writer wait. None when it cannot (no signer, token trouble): ``update``
+        then signs in the transaction, as without it."""
+        if not answerable(certificate):
+            return None
+        try:
+            signer = self.signer_for(session, certificate.authority_id, now)
+            if signer is None:
+                return None
+            validity = self.validity_for(session, certificate.authority_id)
+            answers = []
+            for algorithm in self.policy.hashes:
+                status = certificate_status(certificate, self.cert_id(session, certificate, algorithm))
+                answers.append(
+                    (algorithm, status.status, signer.sign([status], this_update=now, next_update=now + validity))
+                )
+        except ChargepkiError as exc:
+            log.warning("OCSP pre-signing ahead of the record failed; signing in its transaction: %s", exc)
+            return None
+        return PreparedAnswers(certificate.serial, certificate.status, signer, now, validity, tuple(answers))
+
     def update(
-        self, session: Session, certificates: Sequence[Certificate], now: datetime, *, fresh: bool = False
+        self,
+        session: Session,
+        certificates: Sequence[Certificate],
+        now: datetime,
+        *,
+        fresh: bool = False,
+        prepared: PreparedAnswers | None = None,
     ) -> None:
         """Re-sign the stored responses of ``certificates``; if the token fails, drop them instead.
-        ``fresh``: recorded in this transaction, nothing stored yet (no lookup of stored algorithms)."""
+        ``fresh``: recorded in this transaction, nothing stored yet (no lookup of stored algorithms).
+        ``prepared`` (``prepare``'s, for a fresh certificate) is stored as it is when its signer is
+        still the CA's current one in this transaction; otherwise it is signed here after all."""
         try:
-            self.store(session, certificates, now, fresh=fresh)
+            if prepared is None or not self._store_prepared(session, certificates, now, prepared):
+                self.store(session, certificates, now, fresh=fresh)
         except ChargepkiError as exc:
             log.warning("OCSP pre-signing failed, dropping stored responses instead: %s", exc)
             drop_responses(session, certificates)
         signal_change(session)
+
+    def _store_prepared(
+        self, session: Session, certificates: Sequence[Certificate], now: datetime, prepared: PreparedAnswers
+    ) -> bool:
+        if len(certificates) != 1:
+            return False
+        certificate = certificates[0]
+        if (certificate.serial, certificate.status) != (prepared.serial, prepared.status):
+            return False
+        # The rule is the signer current *in this transaction*: a signer rotated or revoked since
+        # ``prepare`` read it must not answer for the new certificate.
+        current = self.signer_for(session, certificate.authority_id, now)
+        if current is None or current.serial != prepared.signer.serial:
+            return False
+        for algorithm, status, der in prepared.answers:
+            upsert_response(
+                session,
+                certificate,
+                algorithm,
+                status,
+                der,
+                prepared.signer,
+                prepared.this_update,
+                self.policy,
+                validity=prepared.validity,
+            )
+        return True
 
     def store(
         self, session: Session, certificates: Iterable[Certificate], now: datetime, *, fresh: bool = False

@@ -43,6 +43,8 @@ from ca.issuance.profiles import Profile, check_issuer_role
 from ca.issuance.serials import format_serial, new_serial
 from ca.keys.keyspec import describe_public_key
 from ca.kinds import CertStatus
+from ca.status.signal import StatusSigner
+from ca.store.engine import begin_reads
 from ca.store.models import Authority, Certificate, KeyOwner
 from ca.work import Work
 
@@ -290,6 +292,8 @@ def issue(
         "fingerprint": row.fingerprint_sha256,
     }
 
+    prepared = _prepare_answers(session, status, row, now)
+
     def record(tx: Session) -> None:
         # The audit entry first: it takes the audit head's row lock, which every status change of a
         # CA (revocation, retirement: they are audited) also takes. Checked after it, the CA's status
@@ -303,7 +307,8 @@ def issue(
             raise _ca_refusal(tx, issuer) or _Swept(
                 f"the reservation of serial {row.serial} was abandoned before it could be recorded"
             )
-        status.update(tx, [row], now(), fresh=True)  # recorded just now: no response stored yet
+        # Recorded just now, so no response is stored yet: the one signed ahead is stored, or signed here.
+        status.update(tx, [row], now(), fresh=True, prepared=prepared)
         if before_commit is not None:
             before_commit(replace(work, session=tx), row)
 
@@ -318,6 +323,17 @@ def issue(
     session.add(row)
     observe.issued(profile.name, time.perf_counter() - started)
     return row
+
+
+def _prepare_answers(session: Session, status: StatusSigner, row: Certificate, now: Clock) -> Any:
+    """The new certificate's OCSP responses, signed before the record's transaction (reads only:
+    on SQLite no writer lock is taken for them). None when that fails: the record signs them."""
+    begin_reads(session)
+    try:
+        return status.prepare(session, row, now())
+    except SQLAlchemyError:  # the store is away: the record will say so, or sign when it is back
+        session.rollback()
+        return None
 
 
 class _Swept(ChargepkiError):

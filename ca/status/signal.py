@@ -1,15 +1,17 @@
 """The seam between the core and revocation status: who is told when a certificate changes.
 
 Issuance, revocation and release call a ``StatusSigner`` inside their own transaction, so the
-pre-signed OCSP response commits (or is dropped) together with the change it describes. The
-core only defines the seam and the change signal; ``ocsp.presign`` implements the signing.
+pre-signed OCSP response commits (or is dropped) together with the change it describes; a new
+certificate's responses may be signed just before its record's transaction (``prepare``), so the
+signing is not done while other writers wait, and are stored in it. The core only defines the
+seam and the change signal; ``ocsp.presign`` implements the signing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
@@ -25,12 +27,25 @@ CHANNEL_SQL = f"'{NOTIFY_CHANNEL}_' || substr(md5(current_schema()), 1, 16)"
 
 
 class StatusSigner(Protocol):
+    def prepare(self, session: Session, certificate: Certificate, now: datetime) -> Any:
+        """Sign a just-issued certificate's responses ahead of its record's transaction, reading in
+        ``session`` (begun for reads); what it returns goes to ``update``'s ``prepared``, or None.
+
+        Never raises for a signing failure: ``update`` then signs in the transaction."""
+
     def update(
-        self, session: Session, certificates: Sequence[Certificate], now: datetime, *, fresh: bool = False
+        self,
+        session: Session,
+        certificates: Sequence[Certificate],
+        now: datetime,
+        *,
+        fresh: bool = False,
+        prepared: Any = None,
     ) -> None:
         """Re-sign (or, failing that, drop) the stored responses of ``certificates`` and signal the change.
 
         ``fresh``: the certificates were recorded in this transaction, so no response is stored yet.
+        ``prepared``: what ``prepare`` signed for the one fresh certificate, stored when still right.
 
         Runs inside the caller's transaction and never raises for a signing failure: a revocation
         must be recorded even when the token is away, and a dropped response is never served.

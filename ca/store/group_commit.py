@@ -89,10 +89,12 @@ class GroupCommit:
                 if unit.done:
                     return unit.outcome()
                 self._writing = True  # this thread leads the next transaction
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            batch: list[_Unit[Any]] = []
             try:
                 self._write(batch)
             except BaseException as exc:  # e.g. closing the session failed: nobody is told of success
+                if not batch:  # failed before taking the queue (the transaction could not begin)
+                    batch.extend(self._take())
                 for queued in batch:
                     if queued.error is None:
                         queued.value, queued.error = None, exc
@@ -104,9 +106,21 @@ class GroupCommit:
                     self._writing = False
                     self._state.notify_all()
 
+    def _take(self) -> list[_Unit[Any]]:
+        with self._state:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        return batch
+
     def _write(self, batch: list[_Unit[Any]]) -> None:
+        """Begin, then take what queued (into ``batch``), run it, commit.
+
+        The queue is taken only once the transaction has begun: on SQLite beginning takes the writer
+        lock, which another process may hold for a while, and whatever queued meanwhile joins this
+        transaction instead of waiting for the next one (fewer, larger commits under load)."""
         session = self.sessions()
         try:
+            session.connection()
+            batch.extend(self._take())
             try:
                 for unit in batch:
                     unit.value = unit.work(session)

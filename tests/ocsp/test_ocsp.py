@@ -89,6 +89,73 @@ def test_issuance_stores_a_signed_good_response(
     assert stored.next_update - stored.this_update == OcspPolicy().validity
 
 
+def test_a_new_certificates_response_is_signed_before_its_record_and_stored_with_it(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issuance signs the response ahead of the record's transaction, so no other writer waits for
+    the token, and stores exactly those bytes in it: two signatures, the certificate's and this one."""
+    ahead: list[bytes] = []
+    prepare = status.prepare
+
+    def spy(*args: object, **kwargs: object) -> object:
+        prepared = prepare(*args, **kwargs)  # type: ignore[arg-type]
+        assert prepared is not None
+        ahead.extend(der for _algorithm, _status, der in prepared.answers)
+        return prepared
+
+    monkeypatch.setattr(status, "prepare", spy)
+    signatures = _count_signatures(monkeypatch)
+    row = _issue(session, hierarchy, token, status)
+    stored = _stored(session, row)
+    assert stored is not None and [stored.der] == ahead and len(signatures) == 2
+    assert _verified(stored.der, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_a_response_signed_ahead_by_a_signer_rotated_meanwhile_is_signed_again_in_the_record(
+    store: Store,
+    session: Session,
+    hierarchy: Hierarchy,
+    token: Token,
+    status: Presigner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rule is the signer current in the record's own transaction: when a rotation committed
+    between the signing ahead and the record, the new signer answers for the new certificate."""
+    prepare = status.prepare
+    rotated: list[Certificate] = []
+
+    def prepare_then_rotate(*args: object, **kwargs: object) -> object:
+        prepared = prepare(*args, **kwargs)  # type: ignore[arg-type]
+        monkeypatch.setattr(status, "prepare", prepare)  # once: the rotation issues a signer itself
+        with store.session() as other:
+            now = datetime.now(UTC)
+            done = rotate_signers(other, status, actor="test", now=now, validity=timedelta(days=30), force=True)
+            rotated.extend(signer for authority, signer in done if authority.role == "issuing")
+            other.commit()
+        return prepared
+
+    monkeypatch.setattr(status, "prepare", prepare_then_rotate)
+    row = _issue(session, hierarchy, token, status)
+    (new_signer,) = rotated
+    stored = _stored(session, row)
+    assert stored is not None and stored.signer_serial == new_signer.serial != hierarchy.ocsp_signer.serial
+    response = ocsp.load_der_ocsp_response(stored.der)
+    assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert response.certificates[0].serial_number == int(new_signer.serial, 16)
+
+
+def _count_signatures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    made: list[object] = []
+    real = Token.sign
+
+    def sign(self: Token, *args: object, **kwargs: object) -> bytes:
+        made.append(args)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Token, "sign", sign)
+    return made
+
+
 def test_revocation_re_signs_in_the_same_transaction_and_signals(
     session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
 ) -> None:

@@ -41,7 +41,7 @@ from ca.enrollment.pipeline import Credentials, enroll, reenroll
 from ca.keys.pkcs11_token import Token
 from ca.registry.devices import add_device
 from ca.registry.secrets import issue_secret
-from ca.store.engine import Store
+from ca.store.engine import AUTOCOMMIT_READ, Store
 from ca.store.group_commit import GroupCommit
 from ca.store.models import AuditEvent, Authority, Certificate, OcspResponse
 from ca.work import Work
@@ -55,11 +55,14 @@ class Cost:
 
     statements: list[str] = field(default_factory=list)
     begins: int = 0
+    reads: int = 0  # transactions begun for reads only, in autocommit: nothing reaches the database
     commits: int = 0
     rollbacks: int = 0
     pings: int = 0
     signatures: int = 0
+    signatures_in_writes: int = 0  # made by a thread with a write transaction open: other writers waited
     audit_entries: int = 0
+    writing: set[int] = field(default_factory=set)  # the threads with a write transaction open
 
     def kinds(self) -> Counter[str]:
         return Counter(statement.split(None, 1)[0].upper() for statement in self.statements)
@@ -71,8 +74,10 @@ class Cost:
 
     def summary(self) -> str:
         return (
-            f"statements={len(self.statements)} {dict(self.kinds())} begins={self.begins} commits={self.commits} "
-            f"rollbacks={self.rollbacks} pings={self.pings} signatures={self.signatures} audit={self.audit_entries}"
+            f"statements={len(self.statements)} {dict(self.kinds())} reads={self.reads} begins={self.begins} "
+            f"commits={self.commits} "
+            f"rollbacks={self.rollbacks} pings={self.pings} signatures={self.signatures} "
+            f"(in writes {self.signatures_in_writes}) audit={self.audit_entries}"
         )
 
 
@@ -81,17 +86,35 @@ def counted(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cost]:
     work = Cost()
     engine: Engine = store.engine
 
+    postgres = not store.is_sqlite
+
     def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         work.statements.append(statement.strip())
+        if statement.strip() == "BEGIN IMMEDIATE":  # SQLite: the writer lock is taken here
+            work.writing.add(threading.get_ident())
 
-    def on_begin(_conn: Any) -> None:
+    # Reads begun by ``begin_reads`` run in autocommit: SQLAlchemy begins and ends a transaction for
+    # them, but no BEGIN, COMMIT or ROLLBACK reaches the database. Counted apart, as ``reads``.
+    def reads(conn: Any) -> bool:
+        return bool(conn.get_execution_options().get(AUTOCOMMIT_READ))
+
+    def on_begin(conn: Any) -> None:
+        if reads(conn):
+            work.reads += 1
+            return
         work.begins += 1
+        if postgres:  # SQLite: at BEGIN IMMEDIATE, above
+            work.writing.add(threading.get_ident())
 
-    def on_commit(_conn: Any) -> None:
-        work.commits += 1
+    def on_commit(conn: Any) -> None:
+        if not reads(conn):
+            work.commits += 1
+            work.writing.discard(threading.get_ident())
 
-    def on_rollback(_conn: Any) -> None:
-        work.rollbacks += 1
+    def on_rollback(conn: Any) -> None:
+        if not reads(conn):
+            work.rollbacks += 1
+            work.writing.discard(threading.get_ident())
 
     real_ping = engine.dialect.do_ping
 
@@ -103,6 +126,7 @@ def counted(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cost]:
 
     def sign(self: Token, *args: Any, **kwargs: Any) -> bytes:
         work.signatures += 1
+        work.signatures_in_writes += threading.get_ident() in work.writing
         return real_sign(self, *args, **kwargs)
 
     with store.session() as probe:
@@ -211,9 +235,10 @@ def test_a_lone_group_committed_enrollment_costs_the_same(worker: Worker, monkey
     write_transactions = kinds.pop("BEGIN", 0)
     assert dict(kinds) == _expected(ENROLLMENT, postgres, notifies=1, audits=1), work.summary()
     assert worker.commits.stats.transactions == 2 and worker.commits.stats.largest == 1
-    # Three transactions begin: the reads (autocommit: no BEGIN or COMMIT reaches the database) and the
-    # two writes. No pre-ping, no rollback.
-    assert (work.begins, work.commits, work.rollbacks, work.pings) == (3, 3, 0, 0), work.summary()
+    # Two write transactions, and reads before each (autocommit: no BEGIN or COMMIT reaches the database):
+    # the checks, and the OCSP signer for the response signed ahead of the record. No pre-ping, no rollback.
+    assert (work.reads, work.begins, work.commits, work.rollbacks, work.pings) == (2, 2, 2, 0, 0), work.summary()
+    assert work.signatures_in_writes == 0, work.summary()
     assert work.signatures == 2 and work.audit_entries == 1, work.summary()
     if not postgres:
         assert write_transactions == 2
@@ -288,8 +313,10 @@ def test_concurrent_enrollments_share_their_write_transactions(worker: Worker, m
             thread.join(60)
     assert sorted(rows) == serials and all(row.status == "valid" for row in rows.values())
     assert commits.stats.transactions == 4 and commits.stats.largest == 8, commits.stats
-    # The two shared transactions (the holds began none), and each request's reads (which commit nothing).
-    assert work.commits == 2 + len(serials), work.summary()
+    # The two shared transactions and the two holds' (the committer begins before it takes the queue);
+    # each request's reads commit nothing. No signature while its thread had a write transaction open.
+    assert work.commits == 4 and work.reads == 2 * len(serials), work.summary()
+    assert work.signatures_in_writes == 0, work.summary()
     assert work.signatures == 2 * len(serials) and work.audit_entries == len(serials)
     kinds = work.kinds()
     kinds.pop("BEGIN", None)
@@ -334,29 +361,35 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 #     4 UPDATE enrollment_secrets                 the secret is spent (conditional: once)
 #     5 INSERT key_owners ... ON CONFLICT         one key, one identity
 #     6 INSERT certificates ... SELECT WHERE CA active   the pending row
+#   between them, reads only (SQLite: no writer lock): the token signs the certificate, and then its OCSP
+#   response ahead of the record, so no other writer waits for either signature
+#     7 SELECT certificates JOIN authorities      the CA's current OCSP signer
 #   transaction 2, the record (one commit: certificate, audit entry, OCSP response, supersede)
-#     7 UPDATE audit_head RETURNING               the audit head's lock (queues writers); once per
+#     8 UPDATE audit_head RETURNING               the audit head's lock (queues writers); once per
 #                                                 transaction: a later entry in it chains on the tail
-#     8 INSERT audit_events                       certificate.issued
-#     9 UPDATE audit_head                         its hash (PostgreSQL: 8 and 9 are one WITH … statement)
-#    10 UPDATE certificates WHERE pending AND CA active   the DER
-#    11 SELECT certificates JOIN authorities      the CA's current OCSP signer
+#     9 INSERT audit_events                       certificate.issued
+#    10 UPDATE audit_head                         its hash (PostgreSQL: 9 and 10 are one WITH … statement)
+#    11 UPDATE certificates WHERE pending AND CA active   the DER
+#    12 SELECT certificates JOIN authorities      the CA's current OCSP signer, again: the response signed
+#                                                 ahead is stored only if its signer is still the current one
 #       (no lookup of hash algorithms already stored for the serial: a new certificate has none)
-#    12 INSERT ocsp_responses ... ON CONFLICT     the presigned response
-#    13 UPDATE status_feed                        the change counter, once per transaction
+#    13 INSERT ocsp_responses ... ON CONFLICT     the presigned response
+#    14 UPDATE status_feed                        the change counter, once per transaction
 #       (PostgreSQL: + SELECT pg_notify, once per transaction)
-#    14 SELECT certificates                       older charger certificates to supersede (none)
-#    15 UPDATE devices                            enrollment closed
-# Token signatures: the certificate, and its OCSP response (sha1 CertID): 2. Audit entries: 1.
-ENROLLMENT = {"SELECT": 5, "INSERT": 4, "UPDATE": 6}
+#    15 SELECT certificates                       older charger certificates to supersede (none)
+#    16 UPDATE devices                            enrollment closed
+# Token signatures: the certificate, and its OCSP response (sha1 CertID): 2, none in a write transaction.
+# Audit entries: 1.
+ENROLLMENT = {"SELECT": 6, "INSERT": 4, "UPDATE": 6}
 # A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
 # the presented certificate by fingerprint, its CA (the ORM's lazy load of ``authority``) and the
 # device by primary key (+3 SELECT, -1 for the device by serial), and in transaction 2 the superseded
 # certificate: loaded (+1 SELECT), revoked (+1 UPDATE), audited (+1 INSERT, +1 UPDATE: the head, already
 # locked by the first entry, moves with the second's hash), its OCSP response re-signed (+2 SELECT,
 # +1 INSERT; the change counter and NOTIFY once per transaction); no enrollment to close (-1 UPDATE).
-# Token signatures: the certificate, the new and the superseded OCSP responses: 3. Audit entries: 2.
-REENROLLMENT = {"SELECT": 9, "INSERT": 6, "UPDATE": 6}
+# Token signatures: the certificate, the new and the superseded OCSP responses: 3, of which only the
+# superseded one's in a write transaction (its revocation and new response commit together). Audit entries: 2.
+REENROLLMENT = {"SELECT": 10, "INSERT": 6, "UPDATE": 6}
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
 # the stored hash algorithms, the upsert, the change counter (PostgreSQL: + NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
@@ -401,6 +434,7 @@ def _check_enrollment(work: Cost, postgres: bool, *, renewal: bool) -> None:
     audits = 2 if renewal else 1
     _check_common(work, postgres, design, notifies=1, transactions=2, audits=audits)
     assert work.signatures == (3 if renewal else 2), work.summary()
+    assert work.signatures_in_writes == (1 if renewal else 0), work.summary()
     assert work.audit_entries == (2 if renewal else 1), work.summary()
     # The lockout check reads before any write transaction: on SQLite it takes no writer lock.
     assert work.statements[0].startswith("SELECT auth_failures"), work.statements[:2]
