@@ -7,8 +7,10 @@ PostgreSQL, with a real SoftHSM2 token, this counts what the benchmark only repo
 - SQL statements the application sends (``before_cursor_execute``), by kind;
 - transactions begun, committed and rolled back (engine events): on PostgreSQL each is a round
   trip of its own (psycopg sends BEGIN/COMMIT separately), on SQLite each commit is an fsync;
+  reads begun by ``begin_reads`` run in autocommit, reach no BEGIN or COMMIT, and count apart;
 - pool pre-pings (a ``SELECT 1`` round trip per checkout on PostgreSQL when enabled);
-- signatures made in the token (a counting wrapper around ``Token.sign``);
+- signatures made in the token (a counting wrapper around ``Token.sign``), and how many of them
+  the signing thread made with a write transaction open (every other writer waits for those);
 - audit entries written.
 
 The numbers are the design, written out below with the reason for each; a change that adds a
