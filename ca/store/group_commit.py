@@ -114,12 +114,16 @@ class GroupCommit:
     def _write(self, batch: list[_Unit[Any]]) -> None:
         """Begin, then take what queued (into ``batch``), run it, commit.
 
-        The queue is taken only once the transaction has begun: on SQLite beginning takes the writer
+        On SQLite the queue is taken only once the transaction has begun: beginning takes the writer
         lock, which another process may hold for a while, and whatever queued meanwhile joins this
-        transaction instead of waiting for the next one (fewer, larger commits under load)."""
+        transaction instead of waiting for the next one (fewer, larger commits under load). Elsewhere
+        beginning locks nothing (the first statement sends BEGIN), and that first statement must stay
+        the one the session retries on a connection the server dropped (``ca.store.engine._Session``).
+        """
         session = self.sessions()
         try:
-            session.connection()
+            if session.get_bind().dialect.name == "sqlite":
+                session.connection()
             batch.extend(self._take())
             try:
                 for unit in batch:

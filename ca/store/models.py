@@ -116,6 +116,9 @@ class EnrollmentSecret(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+_SIGNERS = text("profile = 'ocsp-signer'")  # the partial index's predicate (migration 0016)
+
+
 class Certificate(Base):
     """Every certificate chargepki ever signed or reserved a serial for.
 
@@ -134,8 +137,8 @@ class Certificate(Base):
             "ix_certificates_ocsp_signers",
             "authority_id",
             "not_after",
-            sqlite_where=text("profile = 'ocsp-signer'"),
-            postgresql_where=text("profile = 'ocsp-signer'"),
+            sqlite_where=_SIGNERS,
+            postgresql_where=_SIGNERS,
         ),
         CheckConstraint(sql_in("status", CertStatus), name="ck_certificates_status"),
     )

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from ca.config import DatabaseSettings, load_config
 from ca.errors import ConfigError, StoreError
 from ca.store.engine import Store, _WriterGate
+from ca.store.group_commit import GroupCommit
 from ca.store.models import Device
 from tests.conftest import MigratedSchema, _postgres_url, postgres_admin
 
@@ -252,6 +253,24 @@ def test_a_connection_the_server_dropped_is_replaced_without_a_ping(db_url: str)
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             with pytest.raises(OperationalError):
                 session.execute(text("SELECT 1"))
+    finally:
+        store.dispose()
+
+
+def test_a_group_committed_write_on_a_dropped_connection_is_retried_without_a_ping(db_url: str) -> None:
+    """The group commit's leader hands its first statement to the same retry: a lone write after a
+    server restart succeeds on a new connection instead of failing its caller."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a server connection")
+    store = Store(db_url)
+    try:
+        with store.session() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with postgres_admin() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        commits = GroupCommit(store.session)
+        assert commits.run(lambda tx: tx.execute(text("SELECT pg_backend_pid()")).scalar_one()) != pid
+        assert commits.stats.retried_alone == 0  # the statement was retried, not the unit
     finally:
         store.dispose()
 
