@@ -133,6 +133,38 @@ def tree_cpu_seconds(pid: int) -> float:
     return cpu_seconds(descendants(pid))
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine spent so far (all of /proc/stat's cpu line but idle
+    and iowait): with a server's own tree, what its clients and its database took beside it."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / CLOCK_TICKS
+
+
+def program_cpu_seconds(name: str) -> float:
+    """CPU seconds so far of every process whose program is ``name`` (``postgres``: the database's
+    backends, WAL writer and checkpointer, whoever started them)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError), open(f"/proc/{entry}/comm") as handle:
+                if handle.read().strip() == name:
+                    pids.append(int(entry))
+    return cpu_seconds(pids)
+
+
+def tree_cpu_by_kind(pid: int) -> dict[str, float]:
+    """``tree_cpu_seconds`` split by what each process is (nginx, python, or its program's name):
+    where a service's CPU per request goes between the front door and the workers."""
+    split: dict[str, float] = {}
+    for each in descendants(pid):
+        command = cmdline(each)
+        kind = "nginx" if "nginx" in command else "python" if "python" in command else Path(command.split(" ")[0]).name
+        split[kind] = split.get(kind, 0.0) + cpu_seconds([each])
+    return split
+
+
 def rss_mb(pid: int) -> float | None:
     """Resident memory in MB, None once the process is gone."""
     with suppress(OSError), open(f"/proc/{pid}/status") as handle:

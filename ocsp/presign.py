@@ -27,6 +27,7 @@ from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import token_private_key
 from ca.kinds import CaStatus, CertStatus
 from ca.status.signal import signal_change
+from ca.store.engine import begin_reads
 from ca.store.models import Authority, Certificate, OcspResponse
 from ca.work import Work
 from ocsp.certid import CertId, IssuerHashes, issuer_hashes
@@ -106,6 +107,7 @@ class Presigner:
         self.token = token
         self.policy = policy or OcspPolicy()
         self._signers: dict[str, ResponseSigner] = {}  # by signer serial
+        self._current: dict[int, ResponseSigner] = {}  # by CA: the signer its last lookup found
         self._issuers: dict[int, dict[str, IssuerHashes]] = {}
         self._validities: dict[int, timedelta] = {}
 
@@ -126,6 +128,7 @@ class Presigner:
         """The CA's newest valid delegated signer whose key chargepki holds, or None."""
         row = session.execute(_CURRENT_SIGNER, {"authority_id": authority_id, "now": now}).first()
         if row is None:
+            self._current.pop(authority_id, None)
             return None
         signer = self._signers.get(row.serial)
         if signer is None:
@@ -133,7 +136,19 @@ class Presigner:
             key = token_private_key(self.token, row.key_label, certificate.public_key())
             signer = ResponseSigner(authority_id, row.serial, certificate, row.der, key, row.rsa_padding)
             self._signers[row.serial] = signer
+        self._current[authority_id] = signer
         return signer
+
+    def _likely_signer(self, session: Session, authority_id: int, now: datetime) -> ResponseSigner | None:
+        """``prepare``'s guess at the CA's current signer: the one its last lookup in this process found,
+        while that one's certificate is within its validity; read otherwise (``begin_reads``: no writer
+        lock). A guess made stale by a rotation or revocation elsewhere costs one signature more, never
+        a wrong answer: the record reads the current signer again in its own transaction."""
+        signer = self._current.get(authority_id)
+        if signer is not None and signer.certificate.not_valid_before_utc <= now < signer.not_after:
+            return signer
+        begin_reads(session)
+        return self.signer_for(session, authority_id, now)
 
     def issuer_hashes(self, session: Session, authority_id: int) -> dict[str, IssuerHashes]:
         hashes = self._issuers.get(authority_id)
@@ -155,13 +170,17 @@ class Presigner:
         with ``prepared`` stores them there): the signing and building leave the one-writer section
         (SQLite's writer lock, the audit head's row lock), where each of an enrollment's steps
         makes every other writer wait. None when it cannot (no signer, token trouble): ``update``
-        then signs in the transaction, as without it."""
+        then signs in the transaction, as without it. Usually reads nothing (``_likely_signer``);
+        what it reads, it reads in ``session`` begun for reads (a session in a transaction of its
+        own is the caller's to keep out: ``ca.issuance.flow``)."""
         if not answerable(certificate):
             return None
         try:
-            signer = self.signer_for(session, certificate.authority_id, now)
+            signer = self._likely_signer(session, certificate.authority_id, now)
             if signer is None:
                 return None
+            if certificate.authority_id not in self._validities or certificate.authority_id not in self._issuers:
+                begin_reads(session)  # a CA's first certificate in this process: its role and name are read
             validity = self.validity_for(session, certificate.authority_id)
             answers = []
             for algorithm in self.policy.hashes:

@@ -294,12 +294,10 @@ def serve_est(pki: Pki, *, host: str, port: int, workers: int, unix_socket: Path
     (pki.config.home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     if unix_socket is not None:
         unix_socket.unlink(missing_ok=True)  # left by a killed run
-        # 0600 socket: only the installation's owner (the proxy) connects; log the client, not the proxy
-        options.update(
-            bind=f"unix:{unix_socket}",
-            umask=0o077,
-            access_log_format='%({x-forwarded-for}i)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"',
-        )
+        # 0600 socket: only the installation's owner (the proxy) connects. No access log of its own:
+        # nginx's access.log already has every request, with the client's address and the ones the
+        # application never saw; a second line per request cost ~2% of an enrollment's CPU.
+        options.update(bind=f"unix:{unix_socket}", umask=0o077, accesslog=None)
     if settings.tls:
         tls = prepare_tls(pki, settings)
         options.update(

@@ -44,7 +44,7 @@ from ca.issuance.serials import format_serial, new_serial
 from ca.keys.keyspec import describe_public_key
 from ca.kinds import CertStatus
 from ca.status.signal import StatusSigner
-from ca.store.engine import begin_reads, in_reads
+from ca.store.engine import in_reads
 from ca.store.models import Authority, Certificate, KeyOwner
 from ca.work import Work
 
@@ -326,12 +326,12 @@ def issue(
 
 
 def _prepare_answers(session: Session, status: StatusSigner, row: Certificate, now: Clock) -> Any:
-    """The new certificate's OCSP responses, signed before the record's transaction (reads only:
-    on SQLite no writer lock is taken for them). None when that fails, or when the caller's session
-    is inside a transaction (whose work is not this function's to end): the record signs them."""
+    """The new certificate's OCSP responses, signed before the record's transaction (what it reads,
+    it reads in ``session`` begun for reads: on SQLite no writer lock is taken for them). None when
+    that fails, or when the caller's session is inside a transaction (whose work is not this
+    function's to end): the record signs them."""
     if session.in_transaction() and not in_reads(session):
         return None
-    begin_reads(session)
     try:
         return status.prepare(session, row, now())
     except SQLAlchemyError:  # the store is away: the record will say so, or sign when it is back

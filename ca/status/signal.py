@@ -28,8 +28,10 @@ CHANNEL_SQL = f"'{NOTIFY_CHANNEL}_' || substr(md5(current_schema()), 1, 16)"
 
 class StatusSigner(Protocol):
     def prepare(self, session: Session, certificate: Certificate, now: datetime) -> Any:
-        """Sign a just-issued certificate's responses ahead of its record's transaction, reading in
-        ``session`` (begun for reads); what it returns goes to ``update``'s ``prepared``, or None.
+        """Sign a just-issued certificate's responses ahead of its record's transaction; what it
+        must read, it reads in ``session`` after ``ca.store.engine.begin_reads`` (the caller has no
+        transaction open in it, or one begun for reads). What it returns goes to ``update``'s
+        ``prepared``, or None.
 
         Never raises for a signing failure: ``update`` then signs in the transaction."""
 

@@ -144,6 +144,42 @@ def test_a_response_signed_ahead_by_a_signer_rotated_meanwhile_is_signed_again_i
     assert response.certificates[0].serial_number == int(new_signer.serial, 16)
 
 
+def test_a_signer_rotated_and_revoked_by_another_process_never_answers_for_a_new_certificate(
+    store: Store,
+    session: Session,
+    hierarchy: Hierarchy,
+    token: Token,
+    status: Presigner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The signing ahead reads nothing: it takes the signer this process's last lookup found. When
+    another process rotated the signers and revoked the old one since, that guess is wrong once:
+    the record finds the new signer in its transaction and signs again (one signature more), and
+    from then on the guess is the new signer."""
+    _issue(session, hierarchy, token, status, cn="CP-1")  # this worker now knows the CA's signer
+    old = hierarchy.ocsp_signer.serial
+    with store.session() as other:  # e.g. `chargepki ocsp rotate` and a revocation, from the CLI
+        elsewhere = Presigner(token)
+        done = rotate_signers(
+            other, elsewhere, actor="test", now=datetime.now(UTC), validity=timedelta(days=30), force=True
+        )
+        other.commit()
+        (new_signer,) = [signer for authority, signer in done if authority.role == "issuing"]
+        revoke(Work(other, "test", status=elsewhere), serial=old, reason="keyCompromise")
+
+    signatures = _count_signatures(monkeypatch)
+    row = _issue(session, hierarchy, token, status, cn="CP-2")
+    stored = _stored(session, row)
+    assert stored is not None and stored.signer_serial == new_signer.serial != old
+    assert _verified(stored.der, hierarchy).certificates[0].serial_number == int(new_signer.serial, 16)
+    assert len(signatures) == 3  # the certificate, the response by the old signer (discarded), by the new
+
+    signatures.clear()
+    row = _issue(session, hierarchy, token, status, cn="CP-3")
+    stored = _stored(session, row)
+    assert stored is not None and stored.signer_serial == new_signer.serial and len(signatures) == 2
+
+
 def _count_signatures(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     made: list[object] = []
     real = Token.sign
