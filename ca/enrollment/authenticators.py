@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from ca.authorities.issuers import public_key_sha256
 from ca.enrollment.policy import Attempt, Authenticated
@@ -26,9 +26,18 @@ from ca.work import Work
 
 
 def stored_certificate(session: Session, der: bytes) -> Certificate | None:
-    """This installation's record of a presented certificate (by SHA-256 fingerprint)."""
+    """This installation's record of a presented certificate (by SHA-256 fingerprint), with its CA
+    loaded in the same statement: every caller checks the CA's environment (``check_current``)."""
     fingerprint = hashlib.sha256(der).hexdigest()
-    return session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == fingerprint))
+    return session.scalar(_BY_FINGERPRINT, {"fingerprint": fingerprint})
+
+
+# Prepared once (a re-enrollment's first statement): the certificate and its CA in one round trip.
+_BY_FINGERPRINT = (
+    select(Certificate)
+    .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
+    .options(joinedload(Certificate.authority))
+)
 
 
 def registered_device(session: Session, serial: str) -> Device:

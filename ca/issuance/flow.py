@@ -445,6 +445,42 @@ def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> 
         raise ConflictError("this public key is already certified for another identity", code="key_reuse")
 
 
+# PostgreSQL: the key claim and the pending row in one round trip. The claim (a data-modifying WITH:
+# it runs once, to completion, whatever the INSERT does) returns the key's owner, and the row is
+# inserted only when that owner is this identity and the CA still signs; when nothing is inserted,
+# ``_reserve`` reads which of the three it was (the claim's effect is visible in the transaction).
+_CLAIM = (
+    postgresql_insert(_KEY_OWNERS)
+    .values(_CLAIM_VALUES)
+    .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
+    .returning(_KEY_OWNERS.c.identity)
+    .cte("claim")
+)
+_CLAIM_AND_INSERT_PENDING = (
+    postgresql_insert(_CERTIFICATES)
+    .from_select(
+        _PENDING_COLUMNS,
+        _PENDING_SOURCE.where(select(_CLAIM.c.identity).scalar_subquery() == _CLAIM_VALUES["identity"]),
+    )
+    .on_conflict_do_nothing()
+    .returning(_CERTIFICATES.c.id)
+)
+
+
+def _claim_and_insert_pending(session: Session, values: dict[str, Any], identity: str, now: Clock) -> int | None:
+    """PostgreSQL: ``_claim_key`` and ``_insert_pending`` in one statement, with their outcomes: the id,
+    or None when the CA stopped signing or the serial is taken; ``key_reuse`` as ``_claim_key`` says it."""
+    parameters = {**values, "claim_key": values["public_key_sha256"], "claim_identity": identity, "claim_at": now()}
+    row_id = session.execute(_CLAIM_AND_INSERT_PENDING, parameters).scalar()
+    if row_id is None:
+        owner = session.scalar(
+            select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == values["public_key_sha256"])
+        )
+        if owner != identity:
+            raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+    return row_id
+
+
 def _ca_refusal(session: Session, issuer: Issuer) -> PolicyError | None:
     """Why ``issuer``'s CA may not sign any more (read after a guarded statement matched nothing)."""
     status = session.scalar(select(Authority.status).where(Authority.id == issuer.authority_id))
@@ -495,10 +531,16 @@ def _reserve(
     """
     if with_reservation is not None:
         with_reservation(session)
-    _claim_key(session, pending["public_key_sha256"], identity, now)
+    claimed = session.get_bind().dialect.name != "postgresql"
+    if claimed:
+        _claim_key(session, pending["public_key_sha256"], identity, now)
     for _attempt in range(5):
         values = {**pending, "serial": format_serial(new_serial())}
-        row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
+        if claimed:
+            row_id = _insert_pending(session, {**values, "signing_ca": issuer.authority_id})
+        else:  # PostgreSQL: the claim goes with the first attempt (one round trip fewer)
+            row_id = _claim_and_insert_pending(session, {**values, "signing_ca": issuer.authority_id}, identity, now)
+            claimed = True
         if row_id is None:  # the CA stopped signing, or a serial collision (2^-159 per pair: never trust luck)
             refusal = _ca_refusal(session, issuer)
             if refusal is not None:

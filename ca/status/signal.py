@@ -57,7 +57,12 @@ class StatusSigner(Protocol):
 _FEED = StatusFeed.__table__
 # Prepared once: this runs in every issuance and revocation (building it cost more than running it).
 _RAISE_COUNTER = update(_FEED).where(_FEED.c.id == 1).values(counter=_FEED.c.counter + 1)
-_NOTIFY = text(f"SELECT pg_notify({CHANNEL_SQL}, '')")
+# PostgreSQL: the counter and the NOTIFY in one round trip. A data-modifying WITH runs exactly once,
+# to completion, whether or not the query reads it (PostgreSQL manual, "WITH Queries", 7.8.4).
+_RAISE_COUNTER_AND_NOTIFY = text(
+    f"WITH raised AS (UPDATE status_feed SET counter = counter + 1 WHERE id = 1 RETURNING counter) "
+    f"SELECT pg_notify({CHANNEL_SQL}, '')"
+)
 
 
 _SIGNALLED = "status.signalled"
@@ -72,7 +77,8 @@ def signal_change(session: Session) -> None:
     done = transaction_state(session)
     if done.get(_SIGNALLED):
         return
-    session.execute(_RAISE_COUNTER)
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_NOTIFY)
+        session.execute(_RAISE_COUNTER_AND_NOTIFY)
+    else:
+        session.execute(_RAISE_COUNTER)
     transaction_state(session)[_SIGNALLED] = True

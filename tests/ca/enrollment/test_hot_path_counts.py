@@ -235,7 +235,7 @@ def test_a_lone_group_committed_enrollment_costs_the_same(worker: Worker, monkey
     postgres = _is_postgres(worker.store)
     kinds = work.kinds()
     write_transactions = kinds.pop("BEGIN", 0)
-    assert dict(kinds) == _expected(ENROLLMENT, postgres, notifies=1, audits=1), work.summary()
+    assert dict(kinds) == _expected(ENROLLMENT, postgres, notifies=1, audits=1, claims=1), work.summary()
     assert worker.commits.stats.transactions == 2 and worker.commits.stats.largest == 1
     # Two write transactions, and the checks read before them (autocommit: no BEGIN or COMMIT reaches the
     # database); the response signed ahead reads nothing (its signer is the worker's last one). No pre-ping,
@@ -326,12 +326,11 @@ def test_concurrent_enrollments_share_their_write_transactions(worker: Worker, m
     kinds = work.kinds()
     kinds.pop("BEGIN", None)
     postgres = _is_postgres(worker.store)
-    per_certificate = _expected(ENROLLMENT, postgres, notifies=1, audits=1)
+    per_certificate = _expected(ENROLLMENT, postgres, notifies=1, audits=1, claims=1)
     shared = {kind: count * len(serials) for kind, count in per_certificate.items()}
     once = len(serials) - 1  # statements the other seven would have repeated
-    shared["UPDATE"] -= once * 2  # the audit head's advance (its lock), the change counter
-    if postgres:
-        shared["SELECT"] -= once  # NOTIFY
+    shared["UPDATE"] -= once  # the audit head's advance (its lock)
+    shared["WITH" if postgres else "UPDATE"] -= once  # the change counter (PostgreSQL: with NOTIFY)
     assert dict(kinds) == shared, work.summary()
 
 
@@ -365,7 +364,8 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 #     3 SELECT devices                            the registered device
 #     4 UPDATE enrollment_secrets                 the secret is spent (conditional: once)
 #     5 INSERT key_owners ... ON CONFLICT         one key, one identity
-#     6 INSERT certificates ... SELECT WHERE CA active   the pending row
+#     6 INSERT certificates ... SELECT WHERE CA active   the pending row (PostgreSQL: 5 and 6 are one
+#                                                 WITH … statement, the row inserted only if the claim won)
 #   between them, no statement: the token signs the certificate, and then its OCSP response ahead of the
 #   record (by the signer the worker's last lookup found, still within its validity), so no other writer
 #   waits for either signature
@@ -381,49 +381,55 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 #       (no lookup of hash algorithms already stored for the serial: a new certificate has none)
 #    12 INSERT ocsp_responses ... ON CONFLICT     the presigned response
 #    13 UPDATE status_feed                        the change counter, once per transaction
-#       (PostgreSQL: + SELECT pg_notify, once per transaction)
+#       (PostgreSQL: with NOTIFY, in one WITH … statement)
 #    14 SELECT certificates                       older charger certificates to supersede (none)
 #    15 UPDATE devices                            enrollment closed
 # Token signatures: the certificate, and its OCSP response (sha1 CertID): 2, none in a write transaction.
 # Audit entries: 1.
 ENROLLMENT = {"SELECT": 5, "INSERT": 4, "UPDATE": 6}
 # A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
-# the presented certificate by fingerprint, its CA (the ORM's lazy load of ``authority``) and the
-# device by primary key (+3 SELECT, -1 for the device by serial), and in transaction 2 the superseded
+# the presented certificate by fingerprint with its CA (one statement: ``stored_certificate`` joins it) and
+# the device by primary key (+2 SELECT, -1 for the device by serial), and in transaction 2 the superseded
 # certificate: loaded (+1 SELECT), revoked (+1 UPDATE), audited (+1 INSERT, +1 UPDATE: the head, already
 # locked by the first entry, moves with the second's hash), its OCSP response re-signed (+2 SELECT,
 # +1 INSERT; the change counter and NOTIFY once per transaction); no enrollment to close (-1 UPDATE).
 # Token signatures: the certificate, the new and the superseded OCSP responses: 3, of which only the
 # superseded one's in a write transaction (its revocation and new response commit together). Audit entries: 2.
-REENROLLMENT = {"SELECT": 9, "INSERT": 6, "UPDATE": 6}
+REENROLLMENT = {"SELECT": 8, "INSERT": 6, "UPDATE": 6}
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
-# the stored hash algorithms, the upsert, the change counter (PostgreSQL: + NOTIFY). One signature.
+# the stored hash algorithms, the upsert, the change counter (PostgreSQL: with NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
 
 
-def _expected(design: dict[str, int], postgres: bool, notifies: int, audits: int) -> dict[str, int]:
-    """The design above is SQLite's statements; PostgreSQL also NOTIFYs (a SELECT pg_notify per status
-    change), and writes each audit entry and the head's new hash in one statement (``WITH … INSERT …
-    UPDATE``, ca/audit/chain.py) instead of an INSERT and an UPDATE."""
+def _expected(design: dict[str, int], postgres: bool, notifies: int, audits: int, claims: int = 0) -> dict[str, int]:
+    """The design above is SQLite's statements; PostgreSQL writes each audit entry and the head's new
+    hash in one statement (``WITH … INSERT … UPDATE``, ca/audit/chain.py) instead of an INSERT and an
+    UPDATE, raises the change counter and NOTIFYs in one (``WITH … UPDATE … SELECT pg_notify``,
+    ca/status/signal.py) instead of the UPDATE alone, and claims the key and inserts the pending row
+    in one (``WITH … INSERT … INSERT``, ca/issuance/flow.py) when the design has a reservation."""
     if not postgres:
         return dict(design)
     expected = {
         **design,
-        "SELECT": design["SELECT"] + notifies,
-        "INSERT": design["INSERT"] - audits,
-        "UPDATE": design["UPDATE"] - audits,
+        "INSERT": design["INSERT"] - audits - 2 * claims,
+        "UPDATE": design["UPDATE"] - audits - notifies,
     }
-    if audits:
-        expected["WITH"] = audits
-    return expected
+    expected["WITH"] = audits + notifies + claims
+    return {kind: count for kind, count in expected.items() if count}
 
 
 def _check_common(
-    work: Cost, postgres: bool, design: dict[str, int], notifies: int, transactions: int, audits: int = 0
+    work: Cost,
+    postgres: bool,
+    design: dict[str, int],
+    notifies: int,
+    transactions: int,
+    audits: int = 0,
+    claims: int = 0,
 ) -> None:
     kinds = work.kinds()
     write_transactions = kinds.pop("BEGIN", 0)  # SQLite: BEGIN IMMEDIATE, sent by ca/store/engine.py
-    expected = _expected(design, postgres, notifies, audits)
+    expected = _expected(design, postgres, notifies, audits, claims)
     assert dict(kinds) == expected, work.summary()
     assert work.commits == transactions, work.summary()
     # No pool pre-ping: a dead connection is retried instead (ca/store/engine._Session).
@@ -438,7 +444,7 @@ def _check_common(
 def _check_enrollment(work: Cost, postgres: bool, *, renewal: bool) -> None:
     design = REENROLLMENT if renewal else ENROLLMENT
     audits = 2 if renewal else 1
-    _check_common(work, postgres, design, notifies=1, transactions=2, audits=audits)
+    _check_common(work, postgres, design, notifies=1, transactions=2, audits=audits, claims=1)
     assert work.signatures == (3 if renewal else 2), work.summary()
     assert work.signatures_in_writes == (1 if renewal else 0), work.summary()
     assert work.audit_entries == (2 if renewal else 1), work.summary()
