@@ -36,7 +36,9 @@ from ca.registry import csms
 from ca.registry.csms import Caller, authenticate_limited, record_call
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
+from ca.store.engine import begin_reads
 from ca.store.models import Authority, Certificate, CsmsSignJob, Device
+from ca.work import Work
 from ocsp.certid import issuer_hashes
 from ocsp.chain_status import StatusRequest
 from ocsp.ocpp import find_by_hash, find_root, parse_hash_data
@@ -67,6 +69,7 @@ def _endpoint(operation: str) -> Callable[[View], View]:
             with worker.pki.store.session() as session:
                 try:
                     presented = identify(worker.settings)
+                    begin_reads(session)  # on SQLite, checking credentials takes no writer lock
                     caller = authenticate_limited(
                         session,
                         token=presented.token,
@@ -80,7 +83,7 @@ def _endpoint(operation: str) -> Callable[[View], View]:
                     session.rollback()
                     response = json_error(exc)
                     g.api_outcome = {**g.api_outcome, "reason": (response.get_json(silent=True) or {}).get("reason")}
-                _audit(session, caller, operation, response)
+                _audit(worker.work(session, caller.actor if caller else "anonymous"), caller, operation, response)
             return response
 
         return wrapper
@@ -88,10 +91,13 @@ def _endpoint(operation: str) -> Callable[[View], View]:
     return decorate
 
 
-def _audit(session: Session, caller: Caller | None, operation: str, response: Response) -> None:
+def _audit(work: Work, caller: Caller | None, operation: str, response: Response) -> None:
+    """The call's audit entry (or noise count), group-committed with concurrent requests' writes;
+    whatever the view read ends first (on SQLite, a read transaction holds the writer lock)."""
     try:
+        work.session.commit()
         record_call(
-            session,
+            work,
             caller,
             operation,
             address=g.api_address,
@@ -99,7 +105,7 @@ def _audit(session: Session, caller: Caller | None, operation: str, response: Re
             outcome={"status": response.status_code, **g.api_outcome},
         )
     except SQLAlchemyError as exc:  # the answer stands; the database is already reported as 503 if it was the cause
-        session.rollback()
+        work.session.rollback()
         log.warning("could not audit a CSMS API call: %s", type(exc).__name__)
 
 
@@ -184,6 +190,8 @@ def sign(session: Session, caller: Caller) -> Response:
         return _job_response(session, job)
     worker = runtime()
     worker.sweep(session)
+    session.commit()  # end what was read so far: the signing's checks read without SQLite's writer lock,
+    begin_reads(session)  # and its writes join the group commit, as on the EST routes
     certificate = csms.sign(
         worker.work(session, caller.actor),
         caller=caller,
@@ -194,6 +202,8 @@ def sign(session: Session, caller: Caller) -> Response:
         root=root,
     )
     g.api_outcome = {**g.api_outcome, "serial": certificate.serial}
+    session.commit()  # the session holds the certificate only (nothing to write, nothing expires)
+    begin_reads(session)  # so the chain is read without the writer lock too
     return json_body(_signed(session, certificate, certificate_type, request_id))
 
 

@@ -37,16 +37,16 @@ from flask import Blueprint, Flask, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ca import audit
 from ca.authorities.issuers import chain
 from ca.authorities.v2g import current_sub_ca_2
-from ca.clock import utcnow
 from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, InputError, NotFoundError
 from ca.issuance.profiles import ISO15118_2, ISO15118_20
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
-from ca.registry.csms import Caller, authenticate_limited
+from ca.registry.csms import Caller, authenticate_limited, record_call
+from ca.store.engine import begin_reads
 from ca.store.models import Authority
+from ca.work import Work
 from web.caller import client_address, client_certificate
 from web.est import PKCS7_MIME, _request_body, decode_pkcs10
 from web.responses import API_REALM, UnsupportedMediaType, classify, json_body, json_error
@@ -137,6 +137,7 @@ def _call(operation: str, view: View) -> Response:
         try:
             token = _presented_token()
             certificate_der, _binding = client_certificate(worker.settings)
+            begin_reads(session)  # on SQLite, checking credentials takes no writer lock
             caller = authenticate_limited(
                 session, token=token, certificate_der=certificate_der, address=address, limits=worker.enrollment.limits
             )
@@ -146,24 +147,19 @@ def _call(operation: str, view: View) -> Response:
             session.rollback()
             response = json_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("reason")
-        _audit(session, caller, operation, address, {"status": response.status_code, **outcome})
+        work = worker.work(session, caller.actor if caller else "anonymous")
+        _audit(work, caller, operation, address, {"status": response.status_code, **outcome})
     return response
 
 
-def _audit(session: Session, caller: Caller | None, operation: str, address: str | None, outcome: dict) -> None:
-    """One entry per authenticated call; an unauthenticated one is counted into its address's summary."""
-    action = f"csms.opcp.{operation}"
+def _audit(work: Work, caller: Caller | None, operation: str, address: str | None, outcome: dict) -> None:
+    """The call's audit entry (or noise count), group-committed with concurrent requests' writes."""
     subject = outcome.pop("subject", None)
     try:
-        if caller is None:
-            code = str(outcome.get("reason") or "unauthenticated")
-            audit.count_noise(session, address=address, action=action, code=code, now=utcnow)
-        else:
-            details = {"address": address, **outcome, "auth": caller.method}
-            audit.record(session, action, actor=caller.actor, subject=subject, details=details, now=utcnow)
-        session.commit()
+        work.session.commit()  # whatever the view read ends first (on SQLite it holds the writer lock)
+        record_call(work, caller, operation, address=address, subject=subject, outcome=outcome, interface="opcp")
     except SQLAlchemyError as exc:  # the answer stands; a database that caused it is already a 503
-        session.rollback()
+        work.session.rollback()
         log.warning("could not audit an OPCP call: %s", type(exc).__name__)
 
 
@@ -271,7 +267,8 @@ def oauth_token() -> Response:
             session.rollback()
             response = _oauth_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("error")
-        _audit(session, caller, "token", address, {"status": response.status_code, **outcome})
+        work = worker.work(session, caller.actor if caller else "anonymous")
+        _audit(work, caller, "token", address, {"status": response.status_code, **outcome})
     return response
 
 

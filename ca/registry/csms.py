@@ -372,23 +372,29 @@ def sign(
 
 
 def record_call(
-    session: Session,
+    work: Work,
     caller: Caller | None,
     operation: str,
     *,
     address: str | None,
     subject: str | None,
     outcome: dict[str, object],
-    now: Clock = utcnow,
+    interface: str = "api",
 ) -> None:
-    """One audit entry per authenticated API call; an unauthenticated one is counted into its
-    address's summary (``audit.count_noise``), so bad tokens cannot grow the chain at line rate."""
-    action = f"csms.api.{operation}"
+    """One audit entry per authenticated call of a CSMS interface (``csms.<interface>.<operation>``:
+    the CSMS API, the OPCP API); an unauthenticated one is counted into its address's summary
+    (``audit.count_noise``), so bad tokens cannot grow the chain at line rate.
+
+    Written through ``work.write``: in a service the entry joins the group commit, sharing one
+    transaction (one commit, one audit-head update) with concurrent requests' writes, and this
+    returns only once it is committed, as before."""
+    action = f"csms.{interface}.{operation}"
+    now = work.now
     if caller is None:
         code = str(outcome.get("reason") or "unauthenticated")
-        audit.count_noise(session, address=address, action=action, code=code, now=now)
-        session.commit()
+        work.write(lambda session: audit.count_noise(session, address=address, action=action, code=code, now=now))
         return
     details = {"address": address, **outcome, "auth": caller.method}
-    audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
-    session.commit()
+    work.write(
+        lambda session: audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
+    )

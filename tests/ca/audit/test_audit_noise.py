@@ -61,7 +61,12 @@ def test_ten_thousand_anonymous_refusals_add_a_few_dozen_rows(
         address = addresses[n % 3]
         if n % 3 == 2:
             record_call(
-                session, None, "sign", address=address, subject=None, outcome={"reason": "unauthenticated"}, now=clock
+                Work(session, "test", now=clock),
+                None,
+                "sign",
+                address=address,
+                subject=None,
+                outcome={"reason": "unauthenticated"},
             )
             continue
         credentials = Credentials(address=address, username="CP-1" if n % 2 else None, password="x" if n % 2 else None)
