@@ -18,6 +18,12 @@ import sys
 import threading
 from pathlib import Path
 
+# Ctrl-C in a terminal reaches the whole process group, and this process may still be importing
+# what follows (a second or more on a loaded machine): it then ends quietly, by the signal, instead
+# of printing a KeyboardInterrupt traceback into the service's log. main() installs its handler.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 from prometheus_client import CollectorRegistry
 
 from ca.config import load_config, resolve_home
