@@ -79,6 +79,7 @@ from ocsp.presign import Presigner, policy_from  # noqa: E402
 
 ORG = "Bench Charging"
 MILLION = 1_000_000
+DEFAULT_RELAY_SHARE = 0.2  # the share of the fleet that re-enrolls through CSMS relays
 
 
 @dataclass
@@ -562,7 +563,7 @@ def main() -> int:
     parser.add_argument("--chargers", type=int, default=100_000)
     parser.add_argument("--rows", type=int, default=MILLION, help="certificate rows in the store before the rotation")
     parser.add_argument(
-        "--relay-share", type=float, default=0.2, help="share of the fleet re-enrolled via /api/v1/sign"
+        "--relay-share", type=float, default=DEFAULT_RELAY_SHARE, help="share of the fleet re-enrolled via /api/v1/sign"
     )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
@@ -708,12 +709,14 @@ def render(
         f"load average {load[0]:.1f} / {load[1]:.1f} at the end",
         "",
         f"`.venv/bin/python bench/rotation.py --chargers {args.chargers} --rows {args.rows} --clients {args.clients} "
-        f"--workers {args.workers}{' --postgresql' if args.postgresql else ''}`",
+        f"--workers {args.workers}{' --postgresql' if args.postgresql else ''}"
+        f"{f' --relay-share {args.relay_share:g}' if args.relay_share != DEFAULT_RELAY_SHARE else ''}`",
         "",
         "| re-enrollment path | ok | re-enrollments/s | p50 ms | p99 ms | server CPU ms/cert "
         "| 1,000,000 at this rate | server peak RSS MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    rows = [row for row in rows if row.total]  # a path given no chargers (--relay-share 0 or 1) has no row
     for row in rows:
         projected = MILLION / row.rate / 60 if row.rate else float("inf")
         lines.append(
