@@ -50,12 +50,12 @@ def _retire(work: Work, attempt: Attempt, olders: list[Certificate]) -> None:
 
 
 # Prepared once: these run on every enrollment, and building a statement costs more than running it.
-_CERTIFICATES = Certificate.__table__
-_OLDER_CHARGER_CERTIFICATES = select(_CERTIFICATES.c.id).where(
-    _CERTIFICATES.c.device_id == bindparam("device_id"),
-    _CERTIFICATES.c.profile == "charger",
-    _CERTIFICATES.c.status == CertStatus.VALID,
-    _CERTIFICATES.c.id != bindparam("new_id"),
+# The rows themselves, in one statement: a re-enrollment has one to retire, a first enrollment none.
+_OLDER_CHARGER_CERTIFICATES = select(Certificate).where(
+    Certificate.device_id == bindparam("device_id"),
+    Certificate.profile == "charger",
+    Certificate.status == CertStatus.VALID,
+    Certificate.id != bindparam("new_id"),
 )
 _DEVICES = Device.__table__
 _CLOSE_ENROLLMENT = (
@@ -81,10 +81,9 @@ class ChargerRule:
         """At most one current charger certificate per device; a first certificate closes enrollment."""
         assert device is not None
         session = work.session
-        older_ids = session.execute(_OLDER_CHARGER_CERTIFICATES, {"device_id": device.id, "new_id": new.id}).scalars()
-        older_ids = older_ids.all()
-        if older_ids:
-            _retire(work, attempt, list(session.scalars(select(Certificate).where(Certificate.id.in_(older_ids)))))
+        olders = list(session.scalars(_OLDER_CHARGER_CERTIFICATES, {"device_id": device.id, "new_id": new.id}))
+        if olders:
+            _retire(work, attempt, olders)
         if device.enrollment_open:  # a statement, not the ORM's flush of the loaded device
             session.execute(_CLOSE_ENROLLMENT, {"device_id": device.id})
             set_committed_value(device, "enrollment_open", False)
