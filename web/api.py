@@ -92,7 +92,7 @@ def _endpoint(operation: str) -> Callable[[View], View]:
 
 
 def _audit(work: Work, caller: Caller | None, operation: str, response: Response) -> None:
-    """The call's audit entry (or noise count), group-committed with concurrent requests' writes;
+    """The call's audit entry, group-committed with concurrent requests' writes (a noise count: alone);
     whatever the view read ends first (on SQLite, a read transaction holds the writer lock)."""
     try:
         work.session.commit()

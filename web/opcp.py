@@ -153,7 +153,7 @@ def _call(operation: str, view: View) -> Response:
 
 
 def _audit(work: Work, caller: Caller | None, operation: str, address: str | None, outcome: dict) -> None:
-    """The call's audit entry (or noise count), group-committed with concurrent requests' writes."""
+    """The call's audit entry, group-committed with concurrent requests' writes (a noise count: alone)."""
     subject = outcome.pop("subject", None)
     try:
         work.session.commit()  # whatever the view read ends first (on SQLite it holds the writer lock)

@@ -385,14 +385,18 @@ def record_call(
     the CSMS API, the OPCP API); an unauthenticated one is counted into its address's summary
     (``audit.count_noise``), so bad tokens cannot grow the chain at line rate.
 
-    Written through ``work.write``: in a service the entry joins the group commit, sharing one
+    An entry is written through ``work.write``: in a service it joins the group commit, sharing one
     transaction (one commit, one audit-head update) with concurrent requests' writes, and this
-    returns only once it is committed, as before."""
+    returns only once it is committed. A noise count keeps a transaction of its own, as the
+    enrollment pipeline's do: it locks its address's counter row before the audit head (to
+    summarise a finished minute), and in a shared transaction that row would come after another
+    unit's head lock: two workers' batches could then wait for each other on PostgreSQL."""
     action = f"csms.{interface}.{operation}"
     now = work.now
     if caller is None:
         code = str(outcome.get("reason") or "unauthenticated")
-        work.write(lambda session: audit.count_noise(session, address=address, action=action, code=code, now=now))
+        with work.transaction() as session:
+            audit.count_noise(session, address=address, action=action, code=code, now=now)
         return
     details = {"address": address, **outcome, "auth": caller.method}
     work.write(

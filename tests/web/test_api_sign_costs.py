@@ -149,3 +149,23 @@ def test_concurrent_relays_are_all_audited_and_share_the_group_commit(site: Any)
     with pki.store.session() as session:
         calls = session.scalars(select(AuditEvent.subject).where(AuditEvent.action == "csms.api.sign")).all()
     assert sorted(calls) == sorted(["CP-0", *answers])
+
+
+def test_an_anonymous_call_is_counted_in_a_transaction_of_its_own(site: Any) -> None:
+    """A refused caller's noise count locks its address's counter row and then, to summarise a finished
+    minute, the audit head: in a shared transaction after another unit's head lock, two workers'
+    batches could wait for each other on PostgreSQL. So it stays out of the group commit."""
+    pki, app, headers = site
+    assert _sign(app, headers, "CP-0").status_code == 200
+    group = runtime_of(app).commits().stats
+    units_before = group.units
+    counted, listeners = _counting(pki)
+    try:
+        response = _sign(app, {"Authorization": "Bearer not-a-token"}, "CP-1")
+    finally:
+        for name, listener in listeners:
+            event.remove(pki.store.engine, name, listener)
+    assert response.status_code == 401, response.get_json()
+    assert group.units == units_before
+    # The failed authentication's count (its own transaction, as on the EST routes) and the noise count.
+    assert counted.commits == 2, counted
