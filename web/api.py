@@ -83,7 +83,7 @@ def _endpoint(operation: str) -> Callable[[View], View]:
                     session.rollback()
                     response = json_error(exc)
                     g.api_outcome = {**g.api_outcome, "reason": (response.get_json(silent=True) or {}).get("reason")}
-                _audit(worker.work(session, caller.actor if caller else "anonymous"), caller, operation, response)
+                _audit(worker.audit_work(session, caller.actor if caller else "anonymous"), caller, operation, response)
             return response
 
         return wrapper

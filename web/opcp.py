@@ -147,7 +147,7 @@ def _call(operation: str, view: View) -> Response:
             session.rollback()
             response = json_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("reason")
-        work = worker.work(session, caller.actor if caller else "anonymous")
+        work = worker.audit_work(session, caller.actor if caller else "anonymous")
         _audit(work, caller, operation, address, {"status": response.status_code, **outcome})
     return response
 
@@ -267,7 +267,7 @@ def oauth_token() -> Response:
             session.rollback()
             response = _oauth_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("error")
-        work = worker.work(session, caller.actor if caller else "anonymous")
+        work = worker.audit_work(session, caller.actor if caller else "anonymous")
         _audit(work, caller, "token", address, {"status": response.status_code, **outcome})
     return response
 

@@ -129,6 +129,11 @@ class WorkerRuntime:
         the group commit its writes share with the worker's other requests."""
         return Work(session=session, actor=actor, status=self.status(), issuers=self.issuer, commits=self.commits())
 
+    def audit_work(self, session: Session, actor: str) -> Work:
+        """A context for writes that sign nothing (a call's audit entry): the group commit without the
+        token, so a call that needed no key is still audited while the token cannot be opened."""
+        return Work(session=session, actor=actor, commits=self.commits())
+
     # -- EST labels ----------------------------------------------------------------------------------
     def authority(
         self, session: Session, label: str | None, find: Callable[[Session, str | None], Authority]
