@@ -293,6 +293,7 @@ class CachedSource:
         self._issuers_current = False  # False: read them again (kept meanwhile, for when the store is away)
         self._final: dict[str, bool] = {}  # etag → a permanent revocation (served past the stale bound)
         self._generation = 0
+        self._baseline = -1  # the change counter before anything was cached (read as the watcher starts)
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
@@ -419,6 +420,13 @@ class CachedSource:
                 return
             self._entries, self._issuers = {}, None  # whatever a parent process cached is not ours
             self._watcher_pid = os.getpid()
+            # The change counter as it is before anything is cached: the watcher's first read is
+            # compared with it, so a change between this request's lookup and the watcher's start
+            # (a slow start, a loaded machine) empties the cache instead of going unnoticed.
+            try:
+                self._baseline = self.source.counter()
+            except Exception:  # the store is away: -1 matches no counter, so the first read empties the cache
+                self._baseline = -1
             self._watcher = threading.Thread(target=self._watch, name="ocsp-status-watcher", daemon=True)
             self._watcher.start()
 
@@ -428,7 +436,7 @@ class CachedSource:
 
     def _watch(self) -> None:
         store = self.source.store
-        last: int | None = None
+        last = self._baseline
         while not self._stop.is_set():
             try:
                 if store.is_sqlite:

@@ -342,6 +342,41 @@ def test_a_revocation_reaches_a_responder_that_cached_good(
     assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
 
 
+def test_a_revocation_before_the_watchers_first_read_still_empties_the_cache(
+    session: Session,
+    hierarchy: Hierarchy,
+    token: Token,
+    status: Presigner,
+    responder: Responder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watcher starts with the first request; if its first counter read comes after a change
+    (a loaded machine, a slow start), that read must still see the change: the counter is read
+    before anything is cached, or the `good` cached first would be served until its TTL after the
+    revocation (seen once in CI, on a loaded machine)."""
+    go, real_watch = threading.Event(), CachedSource._watch
+
+    def late_watch(self: CachedSource) -> None:
+        go.wait(10)
+        real_watch(self)
+
+    monkeypatch.setattr(CachedSource, "_watch", late_watch)
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.GOOD
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    cache = responder.source
+    started = cache._contact
+    go.set()  # the watcher's first read now sees the counter the revocation raised
+    pause = threading.Event()
+    for _ in range(100):
+        if cache._contact != started:  # its first read is done (and acted on)
+            break
+        pause.wait(0.05)
+    assert cache._contact != started, "the watcher never read the store"
+    assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+
+
 def test_sha256_cert_ids_are_signed_on_first_use_then_served_from_the_store(
     session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder
 ) -> None:
