@@ -430,9 +430,18 @@ _CLAIM_KEY = {
 }
 
 
+def _claim_parameters(key_sha256: str, identity: str, now: Clock) -> dict[str, Any]:
+    return {"claim_key": key_sha256, "claim_identity": identity, "claim_at": now()}
+
+
+def _refuse_another_owner(owner: str | None, identity: str) -> None:
+    if owner != identity:
+        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+
+
 def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> None:
     """One key, one identity, held by the database: refuse (``key_reuse``) a key whose owner differs."""
-    parameters = {"claim_key": key_sha256, "claim_identity": identity, "claim_at": now()}
+    parameters = _claim_parameters(key_sha256, identity, now)
     statement = _CLAIM_KEY.get(session.get_bind().dialect.name)
     if statement is not None:
         owner = session.execute(statement, parameters).scalar_one()
@@ -441,21 +450,14 @@ def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> 
         if owner is None:
             session.execute(sa_insert(_KEY_OWNERS).values(_CLAIM_VALUES), parameters)
             owner = identity
-    if owner != identity:
-        raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+    _refuse_another_owner(owner, identity)
 
 
 # PostgreSQL: the key claim and the pending row in one round trip. The claim (a data-modifying WITH:
 # it runs once, to completion, whatever the INSERT does) returns the key's owner, and the row is
 # inserted only when that owner is this identity and the CA still signs; when nothing is inserted,
 # ``_reserve`` reads which of the three it was (the claim's effect is visible in the transaction).
-_CLAIM = (
-    postgresql_insert(_KEY_OWNERS)
-    .values(_CLAIM_VALUES)
-    .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
-    .returning(_KEY_OWNERS.c.identity)
-    .cte("claim")
-)
+_CLAIM = _CLAIM_KEY["postgresql"].cte("claim")
 _CLAIM_AND_INSERT_PENDING = (
     postgresql_insert(_CERTIFICATES)
     .from_select(
@@ -470,14 +472,12 @@ _CLAIM_AND_INSERT_PENDING = (
 def _claim_and_insert_pending(session: Session, values: dict[str, Any], identity: str, now: Clock) -> int | None:
     """PostgreSQL: ``_claim_key`` and ``_insert_pending`` in one statement, with their outcomes: the id,
     or None when the CA stopped signing or the serial is taken; ``key_reuse`` as ``_claim_key`` says it."""
-    parameters = {**values, "claim_key": values["public_key_sha256"], "claim_identity": identity, "claim_at": now()}
+    key_sha256 = values["public_key_sha256"]
+    parameters = {**values, **_claim_parameters(key_sha256, identity, now)}
     row_id = session.execute(_CLAIM_AND_INSERT_PENDING, parameters).scalar()
     if row_id is None:
-        owner = session.scalar(
-            select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == values["public_key_sha256"])
-        )
-        if owner != identity:
-            raise ConflictError("this public key is already certified for another identity", code="key_reuse")
+        owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
+        _refuse_another_owner(owner, identity)
     return row_id
 
 
