@@ -33,12 +33,11 @@ from ca.errors import ChargepkiError, InputError, NotFoundError, StoreError, one
 from ca.kinds import JobState
 from ca.ocpp_limits import OCSP_RESULT_CHARS
 from ca.registry import csms
-from ca.registry.csms import Caller, authenticate_limited, record_call
+from ca.registry.csms import Caller, authenticate_limited
 from ca.registry.csms_jobs import claim_next, enqueue, get_job, job_certificate, process
 from ca.status.certificates import ocpp_chain_pem, standing
 from ca.store.engine import begin_reads
 from ca.store.models import Authority, Certificate, CsmsSignJob, Device
-from ca.work import Work
 from ocsp.certid import issuer_hashes
 from ocsp.chain_status import StatusRequest
 from ocsp.ocpp import find_by_hash, find_root, parse_hash_data
@@ -83,30 +82,20 @@ def _endpoint(operation: str) -> Callable[[View], View]:
                     session.rollback()
                     response = json_error(exc)
                     g.api_outcome = {**g.api_outcome, "reason": (response.get_json(silent=True) or {}).get("reason")}
-                _audit(worker.audit_work(session, caller.actor if caller else "anonymous"), caller, operation, response)
+                worker.audit_call(
+                    session,
+                    caller,
+                    operation,
+                    address=g.api_address,
+                    subject=g.api_subject,
+                    outcome={"status": response.status_code, **g.api_outcome},
+                    interface="api",
+                )
             return response
 
         return wrapper
 
     return decorate
-
-
-def _audit(work: Work, caller: Caller | None, operation: str, response: Response) -> None:
-    """The call's audit entry, group-committed with concurrent requests' writes (a noise count: alone);
-    whatever the view read ends first (on SQLite, a read transaction holds the writer lock)."""
-    try:
-        work.session.commit()
-        record_call(
-            work,
-            caller,
-            operation,
-            address=g.api_address,
-            subject=g.api_subject,
-            outcome={"status": response.status_code, **g.api_outcome},
-        )
-    except SQLAlchemyError as exc:  # the answer stands; the database is already reported as 503 if it was the cause
-        work.session.rollback()
-        log.warning("could not audit a CSMS API call: %s", type(exc).__name__)
 
 
 def _json_request(schema: str) -> dict[str, Any]:

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import base64
 import hmac
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, Flask, Response, request
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.authorities.issuers import chain
@@ -43,17 +41,15 @@ from ca.enrollment.secc import issue_secc
 from ca.errors import AuthenticationError, ChargepkiError, ConflictError, InputError, NotFoundError
 from ca.issuance.profiles import ISO15118_2, ISO15118_20
 from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
-from ca.registry.csms import Caller, authenticate_limited, record_call
+from ca.registry.csms import Caller, authenticate_limited
 from ca.store.engine import begin_reads
 from ca.store.models import Authority
-from ca.work import Work
 from web.caller import client_address, client_certificate
 from web.est import PKCS7_MIME, _request_body, decode_pkcs10
 from web.responses import API_REALM, UnsupportedMediaType, classify, json_body, json_error
 from web.runtime import runtime
 
 opcp = Blueprint("opcp", __name__)
-log = logging.getLogger("chargepki.opcp")
 VERSIONS = {"ISO15118-2": ISO15118_2, "ISO15118-20": ISO15118_20}  # the path's name → issue_secc's iso
 DEFAULT_VERSION = "ISO15118-2"  # a path without a version, as Hubject's
 API_KEY = "X-API-Key"
@@ -147,20 +143,16 @@ def _call(operation: str, view: View) -> Response:
             session.rollback()
             response = json_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("reason")
-        work = worker.audit_work(session, caller.actor if caller else "anonymous")
-        _audit(work, caller, operation, address, {"status": response.status_code, **outcome})
+        worker.audit_call(
+            session,
+            caller,
+            operation,
+            address=address,
+            subject=outcome.pop("subject", None),  # before the outcome is copied below
+            outcome={"status": response.status_code, **outcome},
+            interface="opcp",
+        )
     return response
-
-
-def _audit(work: Work, caller: Caller | None, operation: str, address: str | None, outcome: dict) -> None:
-    """The call's audit entry, group-committed with concurrent requests' writes (a noise count: alone)."""
-    subject = outcome.pop("subject", None)
-    try:
-        work.session.commit()  # whatever the view read ends first (on SQLite it holds the writer lock)
-        record_call(work, caller, operation, address=address, subject=subject, outcome=outcome, interface="opcp")
-    except SQLAlchemyError as exc:  # the answer stands; a database that caused it is already a 503
-        work.session.rollback()
-        log.warning("could not audit an OPCP call: %s", type(exc).__name__)
 
 
 def _iso(version: str | None, outcome: dict[str, Any]) -> str:
@@ -267,8 +259,15 @@ def oauth_token() -> Response:
             session.rollback()
             response = _oauth_error(exc)
             outcome["reason"] = (response.get_json(silent=True) or {}).get("error")
-        work = worker.audit_work(session, caller.actor if caller else "anonymous")
-        _audit(work, caller, "token", address, {"status": response.status_code, **outcome})
+        worker.audit_call(
+            session,
+            caller,
+            "token",
+            address=address,
+            subject=outcome.pop("subject", None),  # before the outcome is copied below
+            outcome={"status": response.status_code, **outcome},
+            interface="opcp",
+        )
     return response
 
 

@@ -10,6 +10,7 @@ answer 503 while the token is away; each is made once, under the runtime's lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, cast
 
 from flask import Flask, current_app
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ca.authorities.issuers import Issuer, issuer_for
@@ -26,6 +28,7 @@ from ca.context import Pki
 from ca.enrollment.auth_limits import AuthLimits
 from ca.enrollment.pipeline import EnrollmentSettings
 from ca.issuance.flow import abandon_stale_pending
+from ca.registry.csms import Caller, record_call
 from ca.status.revocation import revoke_due
 from ca.store.group_commit import GroupCommit
 from ca.store.models import Authority
@@ -37,6 +40,7 @@ from ocsp.presign import Presigner, policy_from
 if TYPE_CHECKING:
     from web.api import JobRunner
 
+log = logging.getLogger("chargepki.web")
 AUTHORITY_TTL = 10.0  # seconds a worker keeps a label's CA: a CA added or retired is seen within this time
 SWEEP_INTERVAL = 30.0  # seconds between a worker's sweeps (superseded certificates, stale reservations)
 SWEEP_ACTOR = "system:est"
@@ -129,10 +133,30 @@ class WorkerRuntime:
         the group commit its writes share with the worker's other requests."""
         return Work(session=session, actor=actor, status=self.status(), issuers=self.issuer, commits=self.commits())
 
-    def audit_work(self, session: Session, actor: str) -> Work:
-        """A context for writes that sign nothing (a call's audit entry): the group commit without the
-        token, so a call that needed no key is still audited while the token cannot be opened."""
-        return Work(session=session, actor=actor, commits=self.commits())
+    def audit_call(
+        self,
+        session: Session,
+        caller: Caller | None,
+        operation: str,
+        *,
+        address: str | None,
+        subject: str | None,
+        outcome: dict[str, object],
+        interface: str,
+    ) -> None:
+        """A CSMS interface call's audit entry (``csms.record_call``), once the view's answer is made.
+
+        Whatever the view read ends first (on SQLite a read transaction holds the writer lock); the
+        entry joins the group commit and needs no token, so a call that needed no key is audited
+        while the token cannot be opened. A database failure is logged: the answer stands (a
+        database that caused it is already a 503)."""
+        try:
+            session.commit()
+            work = Work(session=session, actor=caller.actor if caller else "anonymous", commits=self.commits())
+            record_call(work, caller, operation, address=address, subject=subject, outcome=outcome, interface=interface)
+        except SQLAlchemyError as exc:
+            session.rollback()
+            log.warning("could not audit a CSMS %s call: %s", interface, type(exc).__name__)
 
     # -- EST labels ----------------------------------------------------------------------------------
     def authority(

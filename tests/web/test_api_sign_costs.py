@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class Counted:
     reads: int = 0  # transactions begun for reads only (autocommit: nothing reaches the database)
     commits: int = 0
     immediate: int = 0  # SQLite's BEGIN IMMEDIATE statements
-    threads: set[int] = field(default_factory=set)
 
 
 @pytest.fixture
@@ -125,11 +124,11 @@ def test_one_relayed_signature_writes_three_group_committed_transactions_and_rea
 
 def test_concurrent_relays_are_all_audited_and_share_the_group_commit(site: Any) -> None:
     """Ten relays at once: each answered, each call audited with its certificate, every write of
-    every call through the group commit (fewer transactions whenever writes met there)."""
+    every call through the group commit (where writes that meet share a transaction)."""
     pki, app, headers = site
     assert _sign(app, headers, "CP-0").status_code == 200
     group = runtime_of(app).commits().stats
-    units_before, transactions_before, audit_before = group.units, group.transactions, _audit_entries(pki)
+    units_before, audit_before = group.units, _audit_entries(pki)
     answers: dict[str, int] = {}
     start = threading.Barrier(10)
 
@@ -145,7 +144,6 @@ def test_concurrent_relays_are_all_audited_and_share_the_group_commit(site: Any)
     assert set(answers.values()) == {200}, answers
     assert _audit_entries(pki) - audit_before == AUDIT_ENTRIES * 10
     assert group.units - units_before == WRITE_TRANSACTIONS * 10  # every write of every call went through it
-    assert group.transactions - transactions_before <= WRITE_TRANSACTIONS * 10
     with pki.store.session() as session:
         calls = session.scalars(select(AuditEvent.subject).where(AuditEvent.action == "csms.api.sign")).all()
     assert sorted(calls) == sorted(["CP-0", *answers])
