@@ -36,7 +36,6 @@ _EXTENSIONS_OF_REASON: dict[str | None, bytes] = {None: b"", "unspecified": b"",
 # Extension ::= SEQUENCE { extnID id-ce-invalidityDate, extnValue OCTET STRING { GeneralizedTime } }
 _INVALIDITY_PREFIX = bytes.fromhex("30180603551d180411180f")
 _SHORT_LENGTH = [bytes((n,)) for n in range(0x80)]
-_TO_DIGITS = str.maketrans("", "", "-: T")  # "2026-11-24 10:11:12" → "20261124101112"
 
 
 def length(n: int) -> bytes:
@@ -79,57 +78,81 @@ def serial_hex(serial: int) -> str:
 Entry = tuple[int | str, datetime | str, str | None, datetime | str | None]
 
 
+def _der_time_digits(value: datetime | str, what: str) -> bytes:
+    """The 14 ASCII digits ``YYYYMMDDHHMMSS`` (UTC) of a time in any of ``Entry``'s forms."""
+    if type(value) is str:
+        digits = value.encode()
+        if len(digits) != 14:
+            digits = digits[:19].translate(None, b"-: T")
+    else:
+        digits = utc_digits(value).encode()  # type: ignore[arg-type]
+    if len(digits) != 14:
+        raise ValueError(f"{what} {value!r} is not YYYY-MM-DD HH:MM:SS")
+    return digits
+
+
 def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
     """The DER of ``revokedCertificates`` and the number of entries (empty bytes for no entries:
-    the field is then omitted, RFC 5280 §5.1.2.6).
+    the field is then omitted, RFC 5280 §5.1.2.6)."""
+    body, count = entry_sequence(entries)
+    return sequence_of_entries(body, count), count
+
+
+def sequence_of_entries(body: bytes | bytearray, count: int) -> bytes:
+    """``revokedCertificates`` around entries already encoded (``entry_sequence``'s, or several
+    joined: a SEQUENCE OF is its elements one after another); empty bytes for no entries."""
+    if not count:
+        return b""
+    return b"".join((b"\x30", length(len(body)), body))
+
+
+def entry_sequence(entries: Iterable[Entry]) -> tuple[bytearray, int]:
+    """The entries of ``revokedCertificates`` one after another, without the SEQUENCE around them,
+    and their number.
 
     revokedCertificates ::= SEQUENCE OF SEQUENCE { userCertificate CertificateSerialNumber,
     revocationDate Time, crlEntryExtensions Extensions OPTIONAL }. Every length here is below 128
     (serial ≤ 20 octets, time ≤ 17, extensions ≤ 40), so each is one octet.
+
+    The store's text times become digits by ``bytes.translate`` (C, ~0.15 µs): measured on 1M
+    rows, formatting them in SQLite (``strftime``) cost 0.6 s and ``str.translate`` 0.5 s.
     """
     out = bytearray()
     count = 0
     reasons = _EXTENSIONS_OF_REASON
     short = _SHORT_LENGTH
     fromhex = bytes.fromhex
-    digits = _TO_DIGITS
     for serial, revoked_at, reason, invalidity in entries:
         count += 1
         text = serial if type(serial) is str else serial_hex(serial)  # type: ignore[arg-type]
-        if len(text) & 1:
+        size = len(text)
+        if size & 1:
             text = "0" + text
+            size += 1
         if text[0] > "7":  # high bit set: a zero octet keeps the INTEGER positive
             text = "00" + text
-        octets = fromhex(text)
-        if len(octets) > 20 or octets == b"\x00":
+            size += 2
+        if size > 40 or (size == 2 and text == "00"):
             raise ValueError(f"serial {serial} is not positive or longer than 20 octets (RFC 5280 §4.1.2.2)")
-        if type(revoked_at) is str:
-            when = revoked_at if len(revoked_at) == 14 else revoked_at[:19].translate(digits)  # type: ignore[union-attr]
+        if type(revoked_at) is str and revoked_at[4:5] == "-":  # the store's text, YYYY-MM-DD HH:MM:SS...
+            when = revoked_at.encode()[:19].translate(None, b"-: T")
+            if len(when) != 14:
+                raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
         else:
-            when = utc_digits(revoked_at)  # type: ignore[arg-type]
-        if len(when) != 14:
-            raise ValueError(f"revocation time {revoked_at!r} is not YYYY-MM-DD HH:MM:SS")
+            when = _der_time_digits(revoked_at, "revocation time")
         # RFC 5280 §5.1.2.6: UTCTime for 1950-2049, GeneralizedTime otherwise
-        date = b"\x17\x0d" + when[2:].encode() if "1950" <= when < "2050" else b"\x18\x0f" + when.encode()
+        date = b"\x17\x0d" + when[2:] if b"1950" <= when < b"2050" else b"\x18\x0f" + when
         try:
             extensions = reasons[reason]
         except KeyError:
             raise ValueError(f"unknown revocation reason {reason!r}") from None
         if invalidity is not None:
-            if type(invalidity) is str:
-                since = invalidity if len(invalidity) == 14 else invalidity[:19].translate(digits)  # type: ignore[union-attr]
-            else:
-                since = utc_digits(invalidity)  # type: ignore[arg-type]
-            if len(since) != 14:
-                raise ValueError(f"invalidity date {invalidity!r} is not YYYY-MM-DD HH:MM:SS")
-            extensions += _INVALIDITY_PREFIX + since.encode() + b"Z"
-        body = b"\x02" + short[len(octets)] + octets + date + b"Z"
+            extensions += _INVALIDITY_PREFIX + _der_time_digits(invalidity, "invalidity date") + b"Z"
+        body = b"\x02" + short[size >> 1] + fromhex(text) + date + b"Z"
         if extensions:
             body += b"\x30" + short[len(extensions)] + extensions
         out += b"\x30" + short[len(body)] + body
-    if not count:
-        return b"", 0
-    return b"".join((b"\x30", length(len(out)), out)), count
+    return out, count
 
 
 def read_tlv(data: bytes | memoryview, offset: int) -> tuple[int, int, int]:

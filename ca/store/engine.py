@@ -21,8 +21,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Mapping
-from contextlib import suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,7 +32,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -263,23 +263,34 @@ def _refuse_writes_in_reads(engine: Engine) -> None:
             raise StoreError("a write was attempted in a connection opened for reads only (a programming error)")
 
 
-def read_outside_transaction(session: Session, statement: Any, parameters: dict[str, Any] | None = None) -> list[Any]:
-    """The rows of a read-only ``statement`` that needs no transaction, without taking SQLite's writer lock.
+@contextmanager
+def reading_outside_transaction(session: Session) -> Iterator[Connection]:
+    """A connection for read-only statements that need no transaction of ``session``'s, without
+    taking SQLite's writer lock.
 
     On SQLite every transaction of a writing store is ``BEGIN IMMEDIATE`` (the writer lock, and the
     writer gate before it), so a read that starts the session's transaction holds every other writer
-    up until that transaction ends. When ``session`` has not begun a transaction yet, such a read
-    runs on a connection of its own in autocommit (WAL: it sees the last commit, locks nothing).
-    Elsewhere (PostgreSQL: a read locks nothing; or a transaction already begun) it runs in the
-    session. Only for reads whose answer may be a moment old (the same as READ COMMITTED gives).
+    up until that transaction ends. When ``session`` has not begun a transaction yet, the reads run
+    on a connection of its own in autocommit (WAL: each statement sees the last commit, one snapshot
+    while its rows are read, and locks nothing). Elsewhere (PostgreSQL: a read locks nothing; or a
+    transaction already begun) they run in the session's own connection. Only for reads whose
+    answer may be a moment old (the same as READ COMMITTED gives).
     """
     bind = session.get_bind()
     if bind.dialect.name != "sqlite" or session.in_transaction():
-        return list(session.execute(statement, parameters or {}).all())
+        yield session.connection()
+        return
     with bind.connect() as connection:  # type: ignore[union-attr]
-        rows = list(connection.execution_options(**{AUTOCOMMIT_READ: True}).execute(statement, parameters or {}).all())
-        connection.rollback()  # nothing was begun in SQLite: ends SQLAlchemy's transaction only
-    return rows
+        try:
+            yield connection.execution_options(**{AUTOCOMMIT_READ: True})
+        finally:
+            connection.rollback()  # nothing was begun in SQLite: ends SQLAlchemy's transaction only
+
+
+def read_outside_transaction(session: Session, statement: Any, parameters: dict[str, Any] | None = None) -> list[Any]:
+    """The rows of a read-only ``statement`` read through ``reading_outside_transaction``."""
+    with reading_outside_transaction(session) as connection:
+        return list(connection.execute(statement, parameters or {}).all())
 
 
 _READS = "chargepki_reads_only"

@@ -8,6 +8,7 @@ for every key type and signature padding, and every kind of entry.
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -302,3 +303,41 @@ def test_the_published_crl_is_what_cryptography_builds_from_the_same_rows(
         issuer, in_published_order, number, this_update=fast.last_update_utc, next_update=fast.next_update_utc
     )
     assert fast.tbs_certlist_bytes == reference.tbs_certlist_bytes
+
+
+def test_reading_a_crls_rows_leaves_sqlite_writers_free(
+    session: Session, store: Store, hierarchy: Hierarchy, db_url: str
+) -> None:
+    """Reading and encoding a large CRL's rows takes seconds: on SQLite they are read outside a
+    write transaction, so an enrollment can commit while the publisher is in the middle of them."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL reads lock nothing")
+    now = datetime.now(UTC)
+    table = Certificate.__table__
+    rows = [
+        {
+            "serial": format(new_serial(), "X"),
+            "authority_id": hierarchy.issuing.id,
+            "profile": "charger",
+            "status": "revoked",
+            "subject": f"CN=CP-{index},O=Acme Charging",
+            "not_before": now - timedelta(days=1),
+            "not_after": now + timedelta(days=30),
+            "public_key_sha256": format(index, "064x"),
+            "revoked_at": now - timedelta(hours=1),
+            "created_at": now,
+        }
+        for index in range(3)
+    ]
+    session.execute(insert(table), rows)
+    session.commit()
+    streaming = revoked_rows(session, hierarchy.issuing, now)
+    first = next(streaming)  # the statement is open, its rows half read
+    assert not session.in_transaction()
+    other = sqlite3.connect(store.engine.url.database, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # SQLITE_BUSY at once if the publisher held the writer lock
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert sorted([first[0], *(row[0] for row in streaming)]) == sorted(row["serial"] for row in rows)
