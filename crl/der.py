@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from mmap import mmap
 
 # CRLReason codes (RFC 5280 §5.3.1); "unspecified" is never written (§5.3.1: SHOULD be absent).
 REASON_CODES: dict[str, int] = {
@@ -142,7 +143,7 @@ def revoked_certificates(entries: Iterable[Entry]) -> tuple[bytes, int]:
     return b"".join((b"\x30", length(len(out)), out)), count
 
 
-def read_tlv(data: bytes | memoryview, offset: int) -> tuple[int, int, int]:
+def read_tlv(data: bytes | memoryview | mmap, offset: int) -> tuple[int, int, int]:
     """(tag, start of content, end of content) of the element at ``offset`` (single-octet tags only)."""
     tag = data[offset]
     first = data[offset + 1]
@@ -179,6 +180,48 @@ def certificate_list(tbs: bytes, signature_algorithm: bytes, signature: bytes) -
     return b"".join(
         (b"\x30", length(len(tbs) + len(signature_algorithm) + len(bit_string)), tbs, signature_algorithm, bit_string)
     )
+
+
+_CRL_NUMBER_OID = b"\x06\x03\x55\x1d\x14"  # id-ce-cRLNumber (RFC 5280 §5.2.3)
+
+
+def crl_number(der: bytes | memoryview | mmap) -> int | None:
+    """The cRLNumber of a DER CRL, read by walking the headers past the entries (a memory-mapped
+    file of a 1M-entry CRL is touched on a few pages, where a full parse read 44 MB and took
+    0.1 s). None when the CRL has no number; ValueError when it is not a CRL's DER.
+
+    TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer, thisUpdate,
+    nextUpdate Time OPTIONAL, revokedCertificates SEQUENCE OPTIONAL, crlExtensions [0] EXPLICIT
+    Extensions OPTIONAL }; Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE,
+    extnValue OCTET STRING }.
+    """
+    try:
+        tag, start, end = read_tlv(der, 0)
+        if tag != 0x30 or end != len(der):
+            raise ValueError("not a DER CertificateList")
+        tag, position, tbs_end = read_tlv(der, start)
+        if tag != 0x30 or tbs_end > end:
+            raise ValueError("not a DER TBSCertList")
+        while position < tbs_end:
+            tag, content, position = read_tlv(der, position)
+            if tag != 0xA0:
+                continue
+            _, extension, extensions_end = read_tlv(der, content)  # SEQUENCE OF Extension
+            while extension < extensions_end:
+                _, field, extension = read_tlv(der, extension)
+                oid_end = read_tlv(der, field)[2]
+                if der[field:oid_end] != _CRL_NUMBER_OID:
+                    continue
+                tag, value, value_end = read_tlv(der, oid_end)
+                if tag == 0x01:  # critical (never for a cRLNumber, but allowed by the syntax)
+                    tag, value, value_end = read_tlv(der, value_end)
+                tag, number, number_end = read_tlv(der, value)  # the OCTET STRING's INTEGER
+                if tag != 0x02 or number_end > value_end:
+                    raise ValueError("the cRLNumber is not an INTEGER")
+                return int.from_bytes(der[number:number_end], "big", signed=True)
+        return None
+    except IndexError:
+        raise ValueError("truncated DER") from None
 
 
 def split_certificate_list(der: bytes) -> tuple[bytes, bytes]:

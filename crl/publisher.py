@@ -9,16 +9,17 @@ or the new CRL, never half of one, and a failed write leaves the previous CRL in
 
 from __future__ import annotations
 
-import base64
+import binascii
 import fcntl
+import mmap
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from sqlalchemy import String, case, func, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -124,11 +125,15 @@ def revoked_rows(session: Session, authority: Authority, now: datetime) -> Itera
 
 
 def _crl_number_of(path: Path) -> int:
+    """The number of the CRL published at ``path``; -1 when there is none (or it is unreadable,
+    so a fresh CRL replaces it). Read from a memory map by ``der.crl_number``: only its pages
+    are touched, not the whole file."""
     try:
-        crl = x509.load_der_x509_crl(path.read_bytes())
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except (OSError, ValueError, x509.ExtensionNotFound):
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            number = der.crl_number(data)
+    except (OSError, ValueError):  # ValueError also for an empty file (mmap refuses length 0)
         return -1
+    return -1 if number is None else number
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -254,11 +259,25 @@ def write_bundle(directory: Path, bundle: str, names: list[str]) -> None:
         write_atomically(directory / bundle, b"".join(parts))
 
 
+_PEM_LINES = struct.Struct("64s" * 1024)  # 1,024 lines of base64 cut in one C call
+
+
 def _pem_crl(der_crl: bytes) -> bytes:
-    """RFC 7468 PEM of a CRL already verified as DER (re-parsing 1M entries would only cost time)."""
-    body = base64.b64encode(der_crl)
-    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
-    return b"-----BEGIN X509 CRL-----\n" + lines + b"\n-----END X509 CRL-----\n"
+    """RFC 7468 PEM of a CRL already verified as DER (re-parsing 1M entries would only cost time).
+
+    The base64 is cut into 64-character lines a block of 1,024 at a time by ``struct``: for a
+    1M-entry CRL 0.17 s, where slicing line by line took 0.36 s (and re-serializing through
+    ``cryptography`` 0.77 s).
+    """
+    body = binascii.b2a_base64(der_crl, newline=False)
+    block = _PEM_LINES.size
+    whole = len(body) // block * block
+    cut = _PEM_LINES.unpack_from
+    parts = [b"-----BEGIN X509 CRL-----"]
+    parts += [b"\n".join(cut(body, offset)) for offset in range(0, whole, block)]
+    parts += [body[i : i + 64] for i in range(whole, len(body), 64)]
+    parts += (b"-----END X509 CRL-----", b"")
+    return b"\n".join(parts)
 
 
 def status_counter(session: Session) -> int:

@@ -6,7 +6,6 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from asn1crypto import crl as asn1_crl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -97,10 +96,13 @@ class Issuer:
         """Parse a signed CRL back (``cryptography``'s strict DER parser reads every entry) and check
         its signature under this CA over the TBSCertList bytes as they will be published.
 
-        ``is_signature_valid`` would re-encode the parsed TBSCertList first: 0.4–1 s for 1M entries.
+        ``is_signature_valid`` would re-encode the parsed TBSCertList first (0.4–1 s for 1M
+        entries), and asn1crypto's copy of it cost 0.07 s: the signature is checked over a view of
+        the TBSCertList inside ``der``, found by the two headers the parse has just validated.
         """
         crl = x509.load_der_x509_crl(der)
-        tbs = asn1_crl.CertificateList.load(der)["tbs_cert_list"].dump()
+        tbs_start = _content_bounds(der, 0)[0]
+        tbs = memoryview(der)[tbs_start : _content_bounds(der, tbs_start)[1]]
         key = self.public_key
         try:
             if isinstance(key, ec.EllipticCurvePublicKey):
@@ -255,3 +257,12 @@ def issuer_for(authority: Authority, token: Token) -> Issuer:
         authority_id=authority.id,
         role=authority.role,
     )
+
+
+def _content_bounds(der: bytes, offset: int) -> tuple[int, int]:
+    """(start, end) of the content of the DER element at ``offset`` (its header already validated)."""
+    first = der[offset + 1]
+    if first < 0x80:
+        return offset + 2, offset + 2 + first
+    start = offset + 2 + (first & 0x7F)
+    return start, start + int.from_bytes(der[offset + 2 : start], "big")

@@ -7,6 +7,7 @@ for every key type and signature padding, and every kind of entry.
 
 from __future__ import annotations
 
+import base64
 import random
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -30,7 +31,7 @@ from ca.store.models import Certificate
 from ca.work import Work
 from crl import der
 from crl.builder import RevokedEntry, build_crl
-from crl.publisher import publish_crl, revoked_rows
+from crl.publisher import _pem_crl, publish_crl, revoked_rows
 from ocsp.presign import Presigner
 from tests.helpers import openssl
 
@@ -341,3 +342,42 @@ def test_reading_a_crls_rows_leaves_sqlite_writers_free(
     finally:
         other.close()
     assert sorted([first[0], *(row[0] for row in streaming)]) == sorted(row["serial"] for row in rows)
+
+
+def test_the_crl_number_is_read_past_the_entries_without_parsing_them(issuer: Issuer, tmp_path: Path) -> None:
+    # 1 and 2**63 (its INTEGER needs a leading zero octet), with entries and without.
+    for number, entries in ((1, []), (2**63, mixed_entries()), (1796487194, mixed_entries())):
+        crl = build_crl(issuer, entries, this_update=THIS_UPDATE, next_update=NEXT_UPDATE, number=number)
+        assert der.crl_number(crl) == number
+        assert der.crl_number(memoryview(crl)) == number
+    assert issuer.certificate is not None
+    numberless = x509.CertificateRevocationListBuilder(
+        issuer_name=issuer.certificate.subject, last_update=THIS_UPDATE, next_update=NEXT_UPDATE
+    )
+    assert der.crl_number(issuer.sign_crl(numberless)) is None
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 10, 200, -40, -1])
+def test_a_truncated_or_foreign_file_has_no_crl_number(issuer: Issuer, cut: int) -> None:
+    crl = build_crl(issuer, mixed_entries(), this_update=THIS_UPDATE, next_update=NEXT_UPDATE, number=9)
+    with pytest.raises(ValueError):
+        der.crl_number(crl[:cut])
+    with pytest.raises(ValueError):
+        der.crl_number(b"\x02\x01\x05")  # an INTEGER, not a CertificateList
+
+
+@pytest.mark.parametrize("size", [1, 47, 48, 49, 49151, 49152, 49153, 200_003])
+def test_the_pem_copy_has_64_character_lines_at_every_length(size: int) -> None:
+    data = random.Random(size).randbytes(size)  # 49,152 octets are exactly one block of 1,024 lines
+    body = base64.b64encode(data)
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    expected = b"\n".join([b"-----BEGIN X509 CRL-----", *lines, b"-----END X509 CRL-----", b""])
+    assert _pem_crl(data) == expected
+
+
+def test_openssl_reads_the_pem_copy_of_a_published_crl(issuer: Issuer, tmp_path: Path) -> None:
+    crl = build_crl(issuer, mixed_entries(), this_update=THIS_UPDATE, next_update=NEXT_UPDATE, number=3)
+    (tmp_path / "crl.pem").write_bytes(_pem_crl(crl))
+    result = openssl("crl", "-in", str(tmp_path / "crl.pem"), "-outform", "DER", "-out", str(tmp_path / "back.der"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "back.der").read_bytes() == crl
