@@ -32,7 +32,7 @@ from ca.errors import ChargepkiError
 from ca.keys.pkcs11_token import Token
 from ca.kinds import CaStatus, CertStatus
 from ca.store.engine import reading_outside_transaction
-from ca.store.models import Authority, Certificate, StatusFeed
+from ca.store.models import REVOKED_ROWS, Authority, Certificate, StatusFeed
 from ca.work import Work
 from crl import der
 from crl.builder import build
@@ -106,7 +106,9 @@ def revoked_rows(session: Session, authority: Authority, now: datetime) -> Itera
     through SQLAlchemy (binds, dialects) and the rows come straight from the DBAPI cursor, a
     batch at a time. On SQLite they are read outside a write transaction (one statement, one
     snapshot): reading and encoding a million rows takes seconds, and under ``BEGIN IMMEDIATE``
-    every enrollment would wait for them.
+    every enrollment would wait for them. The rows come from the covering partial index
+    ``ix_certificates_crl_entries`` alone (its predicate is named here as the same literal, which
+    the planners need to match a partial index): 0.59 s against 0.80 s through the table.
     """
     table = Certificate.__table__
     query = select(
@@ -114,7 +116,7 @@ def revoked_rows(session: Session, authority: Authority, now: datetime) -> Itera
         _UtcText(table.c.revoked_at),
         table.c.revocation_reason,
         _UtcText(table.c.invalidity_date),
-    ).where(table.c.authority_id == authority.id, table.c.status == CertStatus.REVOKED, table.c.not_after > now)
+    ).where(table.c.authority_id == authority.id, REVOKED_ROWS, table.c.not_after > now)
     with reading_outside_transaction(session) as connection:
         result = connection.execute(query)  # no stream_results: that strategy pre-fetches a row
         try:

@@ -117,6 +117,7 @@ class EnrollmentSecret(Base):
 
 
 _SIGNERS = text("profile = 'ocsp-signer'")  # the partial index's predicate (migration 0016)
+REVOKED_ROWS = text("status = 'revoked'")  # the CRL entries' partial index (migration 0017)
 
 
 class Certificate(Base):
@@ -139,6 +140,19 @@ class Certificate(Base):
             "not_after",
             sqlite_where=_SIGNERS,
             postgresql_where=_SIGNERS,
+        ),
+        # a CA's CRL entries, read from the index alone (crl.publisher, which names the status as a literal)
+        Index(
+            "ix_certificates_crl_entries",
+            "authority_id",
+            "not_after",
+            "serial",
+            "revoked_at",
+            "revocation_reason",
+            "invalidity_date",
+            "status",  # SQLite checks the predicate's column from the index only when the index holds it
+            sqlite_where=REVOKED_ROWS,
+            postgresql_where=REVOKED_ROWS,
         ),
         CheckConstraint(sql_in("status", CertStatus), name="ck_certificates_status"),
     )

@@ -45,7 +45,7 @@ from ca.store.models import (
     OcspResponse,
 )
 from ca.work import Work
-from crl.publisher import publish_all, publish_crl, revocation_summary, status_counter
+from crl.publisher import publish_all, publish_crl, revocation_summary, revoked_rows, status_counter
 from ocsp.presign import Presigner, refresh
 from ocsp.signer_service import OnDemandSigner
 from ocsp.source import StoreSource
@@ -365,6 +365,8 @@ def test_the_key_registry_and_ca_status_are_filled_from_a_first_release_database
 # -- every statement on a hot path uses an index ----------------------------------------------
 # Tables that grow with the fleet; the others (authorities, audit_head, status_feed) hold a few rows.
 GROWING = {"certificates", "devices", "enrollment_secrets", "ocsp_responses", "audit_events"}
+# partial indexes: each holds only the rows of its predicate, so walking one is not a full scan
+PARTIAL = {"ix_certificates_ocsp_signers", "ix_certificates_crl_entries"}
 FLEET = 20_000  # certificates: enough for the planners to prefer a full scan wherever no index fits
 
 
@@ -421,6 +423,8 @@ def _unindexed(store: Store, statement: str, parameters: object) -> list[str]:
 
     SQLite: ``EXPLAIN QUERY PLAN`` says SCAN (a walk of the whole table or index) rather than SEARCH.
     PostgreSQL: ``EXPLAIN`` shows a Seq Scan, or an index scan without an Index Cond (a full walk).
+    A walk of a partial index (``PARTIAL``) is not one: it holds only the rows its predicate selects,
+    e.g. the revocation summary counting every revoked certificate.
     """
     raw = store.engine.raw_connection()
     try:
@@ -428,14 +432,18 @@ def _unindexed(store: Store, statement: str, parameters: object) -> list[str]:
         if store.is_sqlite:
             cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
             details = [row[3] for row in cursor.fetchall()]
-            return [d for d in details if d.startswith("SCAN ") and d.split()[1] in GROWING]
+            return [
+                d
+                for d in details
+                if d.startswith("SCAN ") and d.split()[1] in GROWING and not PARTIAL.intersection(d.split())
+            ]
         cursor.execute(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
         plan = cursor.fetchone()[0]
         problems, nodes = [], [plan[0]["Plan"]]
         while nodes:
             node = nodes.pop()
             nodes.extend(node.get("Plans", []))
-            if node.get("Relation Name") not in GROWING:
+            if node.get("Relation Name") not in GROWING or node.get("Index Name") in PARTIAL:
                 continue
             kind = node["Node Type"]
             if kind == "Seq Scan" or (kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node):
@@ -549,6 +557,44 @@ def test_every_hot_path_statement_uses_an_index(
         "certificate by serial", "OCSP responder",
     }  # fmt: skip
     assert set(checked) == expected, checked  # every path sent statements that were checked
+
+
+def test_a_crls_entries_are_read_from_their_covering_index(large_store: Store, hierarchy: Hierarchy) -> None:
+    """The CRL's rows come from ``ix_certificates_crl_entries`` (revoked rows only, every column the
+    entry needs), not from the table: the planners match a partial index only to the same literal."""
+    sent: list[tuple[str, object]] = []
+
+    def record(_conn, _cursor, statement: str, parameters: object, _context, _executemany: bool) -> None:
+        sent.append((statement, parameters))
+
+    event.listen(large_store.engine, "before_cursor_execute", record)
+    try:
+        with large_store.session() as session:
+            rows = list(revoked_rows(session, hierarchy.issuing, datetime.now(UTC)))
+    finally:
+        event.remove(large_store.engine, "before_cursor_execute", record)
+    assert len(rows) == FLEET // 100  # every hundredth certificate of the fleet is revoked
+    [(statement, parameters)] = [(s, p) for s, p in sent if "revoked_at" in s]
+    raw = large_store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if large_store.is_sqlite:
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            assert [row[3] for row in cursor.fetchall()] == [
+                "SEARCH certificates USING COVERING INDEX ix_certificates_crl_entries (authority_id=? AND not_after>?)"
+            ]
+        else:
+            cursor.execute(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
+            nodes, used = [cursor.fetchone()[0][0]["Plan"]], []
+            while nodes:
+                node = nodes.pop()
+                nodes.extend(node.get("Plans", []))
+                used.append((node["Node Type"], node.get("Index Name")))
+            assert ("Seq Scan", None) not in used, used
+            assert "ix_certificates_crl_entries" in {name for _, name in used}, used
+    finally:
+        raw.rollback()
+        raw.close()
 
 
 # -- the operations reports ---------------------------------------------------------------------
