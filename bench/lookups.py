@@ -414,16 +414,26 @@ def indexes_used(store: Store, statement: str, parameters: object) -> list[str]:
 def _index_columns(cursor: object, name: str, *, sqlite: bool) -> str:
     """An index as table(columns): the same on both databases, whatever the index is called."""
     if sqlite:
-        cursor.execute("SELECT tbl_name FROM sqlite_master WHERE name = ?", (name,))  # type: ignore[attr-defined]
-        table = cursor.fetchone()[0]  # type: ignore[attr-defined]
+        cursor.execute("SELECT tbl_name, sql FROM sqlite_master WHERE name = ?", (name,))  # type: ignore[attr-defined]
+        table, definition = cursor.fetchone()  # type: ignore[attr-defined]
         cursor.execute(f"PRAGMA index_info({name})")  # type: ignore[attr-defined]
         columns = ", ".join(row[2] for row in cursor.fetchall())  # type: ignore[attr-defined]
-        return f"{table}({columns})"
+        return f"{table}({columns}){_partial(definition or '')}"
     cursor.execute(  # type: ignore[attr-defined]
         "SELECT tablename, indexdef FROM pg_indexes WHERE indexname = %s AND schemaname = current_schema()", (name,)
     )
     table, definition = cursor.fetchone()  # type: ignore[attr-defined]
-    return f"{table}({definition.rsplit('(', 1)[1].rstrip(')')})"
+    columns = re.search(r"USING \w+ \(([^)]*)\)", definition)
+    return f"{table}({columns.group(1) if columns else definition}){_partial(definition)}"
+
+
+def _partial(definition: str) -> str:
+    """A partial index's condition, the same on both databases: `` where status = 'revoked'``."""
+    where = re.search(r"\bWHERE\b(.*)$", definition, re.IGNORECASE | re.DOTALL)
+    if where is None:
+        return ""
+    condition = re.sub(r"::\w+|[()]", "", where.group(1))  # PostgreSQL's casts and parentheses
+    return " where " + " ".join(condition.replace("=", " = ").split())
 
 
 def _found(value: object) -> object:
