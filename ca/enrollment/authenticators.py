@@ -40,8 +40,13 @@ _BY_FINGERPRINT = (
 )
 
 
+# Prepared once (every enrollment for a charger reads its device): built per call, the statement's
+# construction and cache key cost more than the query itself.
+_DEVICE_BY_SERIAL = select(Device).where(Device.serial == bindparam("serial"))
+
+
 def registered_device(session: Session, serial: str) -> Device:
-    device = session.scalar(select(Device).where(Device.serial == serial))
+    device = session.scalar(_DEVICE_BY_SERIAL, {"serial": serial})
     if device is None:
         raise PolicyError(f"device {serial!r} is not registered", code="device_not_registered")
     return device

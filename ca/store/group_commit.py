@@ -7,8 +7,9 @@ those far longer than they run. ``GroupCommit.run`` lets whoever arrives while a
 being written wait for the next one, then runs everything that queued meanwhile in one
 transaction:
 
-- the first waiting thread becomes the *leader*: it opens a session, runs every queued unit in
-  it, commits once, and only then releases every caller with its result. Nobody sees success
+- the thread of the first queued unit becomes the *leader*: it opens a session, runs every queued
+  unit in it, commits once, and only then releases every caller with its result (each waiting
+  thread is woken once, for its outcome or to lead the next transaction). Nobody sees success
   before the commit that makes it durable; a unit costs the statements it sends, nothing more;
 - when anything fails (a unit refuses, the commit fails, a connection is lost, PostgreSQL breaks
   a deadlock), the whole transaction is rolled back, so nothing of it was written, and each unit
@@ -37,12 +38,21 @@ T = TypeVar("T")
 MAX_BATCH = 64
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Unit(Generic[T]):
     work: Callable[[Session], T]
     value: Any = None
     error: BaseException | None = None
     done: bool = False
+    # Released exactly once, by the leader that finished it or made its thread the next leader:
+    # each waiting thread is woken only for its own outcome (no thundering herd on every commit).
+    wake: threading.Lock = field(default_factory=_held_lock, repr=False)
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -67,7 +77,7 @@ class GroupCommit:
     sessions: Callable[[], Session]
     max_batch: int = MAX_BATCH
     stats: GroupStats = field(default_factory=GroupStats)
-    _state: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()), repr=False)
+    _state: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _queue: list[_Unit[Any]] = field(default_factory=list, repr=False)
     _writing: bool = field(default=False, repr=False)
 
@@ -82,13 +92,13 @@ class GroupCommit:
         unit: _Unit[T] = _Unit(work)
         with self._state:
             self._queue.append(unit)
+            leading = not self._writing  # nobody writing: the queue was empty, this unit is first
+            self._writing = True
         while True:
-            with self._state:
-                while not unit.done and self._writing:
-                    self._state.wait()
+            if not leading:
+                unit.wake.acquire()  # until a leader finished this unit or handed it the lead
                 if unit.done:
                     return unit.outcome()
-                self._writing = True  # this thread leads the next transaction
             batch: list[_Unit[Any]] = []
             try:
                 self._write(batch)
@@ -100,11 +110,26 @@ class GroupCommit:
                         queued.value, queued.error = None, exc
                 raise
             finally:
-                with self._state:
-                    for queued in batch:
-                        queued.done = True
-                    self._writing = False
-                    self._state.notify_all()
+                self._hand_over(batch)
+            if unit.done:
+                return unit.outcome()
+            leading = False  # not in this batch (more than ``max_batch`` queued): woken when it leads
+
+    def _hand_over(self, batch: list[_Unit[Any]]) -> None:
+        """Release the batch's callers, and make the first queued unit's thread the next leader.
+
+        The lead passes on without ``_writing`` ever dropping while units queue, so the leader is
+        always the queue's first unit, and every thread is woken once, for its own outcome or lead.
+        """
+        with self._state:
+            for queued in batch:
+                queued.done = True
+            following = self._queue[0] if self._queue else None
+            self._writing = following is not None
+        for queued in batch:
+            queued.wake.release()
+        if following is not None:
+            following.wake.release()
 
     def _take(self) -> list[_Unit[Any]]:
         with self._state:

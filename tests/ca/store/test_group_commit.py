@@ -88,6 +88,41 @@ def test_writers_that_queue_meanwhile_share_the_next_transaction(table: Store) -
     assert _rows(table) == {"first": 0, **{f"k{i}": i for i in range(7)}}
 
 
+def test_more_writers_than_a_batch_holds_are_written_in_turn_by_the_lead_passed_on(table: Store) -> None:
+    """A batch takes at most ``max_batch`` units: the rest wait for the next transaction, led by the
+    first of them, and so on until the queue is empty. Nobody waits for a wake-up that never comes."""
+    commits = GroupCommit(table.session, max_batch=3)
+    counted = _commits(table)
+    outcomes = _held_first(commits, [_insert(f"k{i}", i) for i in range(7)])
+    assert outcomes == ["first", *[f"k{i}" for i in range(7)]]
+    assert counted[0] == 4  # the held one, then 3 + 3 + 1
+    assert commits.stats.transactions == 4 and commits.stats.largest == 3
+    assert commits.waiting == 0 and not commits._writing  # the lead was handed back, not lost
+    assert _rows(table) == {"first": 0, **{f"k{i}": i for i in range(7)}}
+
+
+def test_when_a_transaction_cannot_begin_its_queue_hears_why_and_the_next_writer_leads(
+    table: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that fails before taking the queue fails every unit queued then with its error; a
+    writer arriving afterwards still gets a transaction of its own."""
+    broken = [True]
+    real = table.session
+
+    def sessions() -> Session:
+        if broken[0]:
+            raise OperationalError("BEGIN", {}, Exception("unable to open database file"))
+        return real()
+
+    commits = GroupCommit(sessions)
+    with pytest.raises(OperationalError):
+        commits.run(_insert("lost"))
+    assert commits.waiting == 0 and not commits._writing
+    broken[0] = False
+    assert commits.run(_insert("kept")) == "kept"
+    assert _rows(table) == {"kept": 1}
+
+
 def test_a_unit_that_refuses_fails_alone_and_its_neighbours_are_written(table: Store) -> None:
     """The shared transaction is rolled back and every unit runs again by itself."""
 
