@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit
 from ca.clock import Clock, utcnow
-from ca.errors import ConflictError, InputError
+from ca.errors import ConflictError, InputError, StoreError
 from ca.issuance.profiles import PROFILES, ROOT_PROFILES
 from ca.kinds import CertStatus
 from ca.status.certificates import get_certificate
@@ -127,6 +128,32 @@ def revoke(work: Work, *, serial: str, reason: str, invalidity_date: datetime | 
     return certificate
 
 
+_CERTIFICATES = Certificate.__table__
+# One UPDATE by primary key, prepared once: a re-enrollment revokes the certificate it supersedes, and
+# the ORM's unit of work flushing the same five columns cost a tenth of the whole request.
+_REVOKE = (
+    update(_CERTIFICATES)
+    .where(_CERTIFICATES.c.id == bindparam("row_id"))
+    .values(
+        status=bindparam("v_status", type_=_CERTIFICATES.c.status.type),
+        revocation_reason=bindparam("v_revocation_reason", type_=_CERTIFICATES.c.revocation_reason.type),
+        revoked_at=bindparam("v_revoked_at", type_=_CERTIFICATES.c.revoked_at.type),
+        invalidity_date=bindparam("v_invalidity_date", type_=_CERTIFICATES.c.invalidity_date.type),
+        revoke_after=bindparam("v_revoke_after", type_=_CERTIFICATES.c.revoke_after.type),
+    )
+)
+
+
+def _write_revocation(session: Session, certificate: Certificate, values: dict[str, object]) -> None:
+    """Write ``values`` to the certificate's row and set them on the loaded object as committed (a
+    rollback expires them with the rest of the session's objects)."""
+    changed = session.execute(_REVOKE, {"row_id": certificate.id, **{f"v_{k}": v for k, v in values.items()}})
+    if changed.rowcount != 1:
+        raise StoreError(f"certificate {certificate.serial} is not in the store")
+    for name, value in values.items():
+        set_committed_value(certificate, name, value)
+
+
 def apply_revocation(
     session: Session,
     certificate: Certificate,
@@ -156,12 +183,15 @@ def apply_revocation(
             f"certificate {certificate.serial} is CA {impact.authorities[0].name}'s: a CA is revoked for good, not held"
         )
     previous = certificate.revocation_reason
-    certificate.status = "revoked"
-    certificate.revocation_reason = reason
     # A hold made permanent keeps its original revocation time (RFC 5280 §5.3.2 semantics).
-    certificate.revoked_at = certificate.revoked_at if previous == "certificateHold" else at
-    certificate.invalidity_date = invalidity_date
-    certificate.revoke_after = None
+    revoked = {
+        "status": CertStatus.REVOKED,
+        "revocation_reason": reason,
+        "revoked_at": certificate.revoked_at if previous == "certificateHold" else at,
+        "invalidity_date": invalidity_date,
+        "revoke_after": None,
+    }
+    _write_revocation(session, certificate, revoked)
     audit.record(
         session,
         "certificate.revoked",
