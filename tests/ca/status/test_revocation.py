@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ca import audit
@@ -30,6 +31,13 @@ def charger(session: Session, hierarchy: Hierarchy, token: Token, status: Presig
         issuer=issuer,
         request=request_from_csr(get_profile("charger"), read_csr(make_csr()), issuer),
     )
+
+
+def _stored(session: Session, certificate: Certificate) -> tuple[object, ...]:
+    """The revocation columns as the store holds them (read past the session's loaded objects)."""
+    rows = Certificate.__table__.c
+    columns = (rows.status, rows.revocation_reason, rows.revoked_at, rows.invalidity_date, rows.revoke_after)
+    return tuple(session.execute(select(*columns).where(rows.id == certificate.id)).one())
 
 
 @pytest.mark.parametrize(
@@ -68,6 +76,7 @@ def test_revoke_records_reason_time_and_audit(session: Session, status: Presigne
         when,
     )
     assert revoked.invalidity_date == compromised
+    assert _stored(session, charger) == ("revoked", "keyCompromise", when, compromised, None)  # the row, not the object
     (event,) = audit.events(session, action="certificate.revoked")
     assert event.subject == charger.serial and '"reason":"keyCompromise"' in event.details
     assert audit.verify(session).ok
@@ -92,6 +101,7 @@ def test_a_hold_can_become_permanent_keeping_its_time(
     revoke(Work(session, "admin", now=lambda: held_at, status=status), serial=charger.serial, reason="certificateHold")
     final = revoke(Work(session, "admin", status=status), serial=charger.serial, reason="keyCompromise")
     assert final.revocation_reason == "keyCompromise" and final.revoked_at == held_at
+    assert _stored(session, charger)[:3] == ("revoked", "keyCompromise", held_at)
     with pytest.raises(ConflictError, match="not on hold"):
         unhold(Work(session, "admin", status=status), serial=charger.serial)
 
