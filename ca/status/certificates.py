@@ -111,9 +111,23 @@ def pem_certificate(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
+# A CA's chain is fixed when the CA is made (its certificate and its parent never change, and no CA row
+# is ever deleted), and a relayed signature needs it twice (the OCPP length check, the answer): kept by
+# the CA's certificate, so the parents are read once per process, not per request.
+_INTERMEDIATES: dict[bytes, str] = {}
+_INTERMEDIATES_KEPT = 256
+
+
 def intermediates_pem(session: Session, authority: Authority) -> str:
     """The issuing CA and any sub-CAs above it, without the root: what follows a leaf in OCPP's chain."""
-    return "".join(pem_certificate(a.certificate_der) for a in chain(session, authority) if a.parent_id is not None)
+    key = authority.certificate_der
+    pem = _INTERMEDIATES.get(key)
+    if pem is None:
+        pem = "".join(pem_certificate(a.certificate_der) for a in chain(session, authority) if a.parent_id is not None)
+        if len(_INTERMEDIATES) >= _INTERMEDIATES_KEPT:
+            _INTERMEDIATES.clear()  # more CAs than any installation has: start over rather than grow
+        _INTERMEDIATES[key] = pem
+    return pem
 
 
 def ocpp_chain_pem(session: Session, certificate: Certificate) -> str:
