@@ -83,8 +83,11 @@ _CURRENT_SIGNER = (
     .order_by(_CERTS.not_after.desc(), _CERTS.id.desc())
     .limit(1)
 )
-_STORED_ALGORITHMS = select(OcspResponse.hash_algorithm).where(
-    OcspResponse.authority_id == bindparam("authority_id"), OcspResponse.serial == bindparam("serial")
+_STORED = OcspResponse.__table__.c
+# On the table's columns, not the mapped class's: a Core statement skips the ORM's execution path
+# (a revocation, e.g. of the certificate a re-enrollment supersedes, runs it in its transaction).
+_STORED_ALGORITHMS = select(_STORED.hash_algorithm).where(
+    _STORED.authority_id == bindparam("authority_id"), _STORED.serial == bindparam("serial")
 )
 
 

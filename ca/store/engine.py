@@ -360,7 +360,8 @@ class _Session(Session):
                 # A Core statement (built on tables, or text) inside a transaction: what the ORM does
                 # for it is exactly this (no autoflush, no loading), minus ~40 µs of option merging
                 # and event dispatch per statement, a tenth of an enrollment's CPU over its statements.
-                result = self.connection().execute(args[0], args[1] if len(args) > 1 else None)
+                parameters = args[1] if len(args) > 1 else kwargs.get("params")  # ``scalars`` names them
+                result = self.connection().execute(args[0], parameters)
                 return result.scalar() if kwargs.get("_scalar_result") else result
             return super()._execute_internal(*args, **kwargs)
         try:

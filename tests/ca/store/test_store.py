@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import bindparam, func, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -297,7 +297,10 @@ def test_core_statements_in_a_transaction_skip_the_orm_but_not_its_semantics(
             assert session.execute(select(devices.c.serial, devices.c.created_at)).all() == [
                 ("CP-FAST-1", datetime(2026, 1, 1, tzinfo=UTC))
             ]
-            assert through_orm == []  # three Core statements, none through the ORM
+            by_serial = select(devices.c.serial).where(devices.c.serial == bindparam("serial"))
+            assert session.scalars(by_serial, {"serial": "CP-FAST-1"}).all() == ["CP-FAST-1"]  # params by name
+            assert session.scalars(by_serial, {"serial": "CP-NONE"}).all() == []
+            assert through_orm == []  # five Core statements, none through the ORM
             device = session.scalar(select(Device).where(Device.serial == "CP-FAST-1"))
             assert isinstance(device, Device) and device.enrollment_open and len(through_orm) == 1
             session.execute(select(func.count()).select_from(devices), execution_options={"yield_per": 10})
