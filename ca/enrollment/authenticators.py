@@ -45,6 +45,15 @@ _BY_FINGERPRINT = (
 _DEVICE_BY_SERIAL = select(Device).where(Device.serial == bindparam("serial"))
 
 
+# A re-enrollment's first statement: the presented certificate, its CA and its device in one round trip.
+_PRESENTED_WITH_DEVICE = (
+    select(Certificate, Device)
+    .outerjoin(Device, Device.id == Certificate.device_id)
+    .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
+    .options(joinedload(Certificate.authority))
+)
+
+
 def registered_device(session: Session, serial: str) -> Device:
     device = session.scalar(_DEVICE_BY_SERIAL, {"serial": serial})
     if device is None:
@@ -113,8 +122,9 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
     der = attempt.credentials.client_certificate
     if der is None:
         raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
-    current = stored_certificate(work.session, der)
-    if current is None or current.profile != "charger" or current.device_id is None:
+    found = work.session.execute(_PRESENTED_WITH_DEVICE, {"fingerprint": hashlib.sha256(der).hexdigest()}).first()
+    current, device = found if found is not None else (None, None)
+    if current is None or current.profile != "charger" or device is None:
         raise AuthenticationError("the client certificate is not a charger certificate issued here")
     mismatch = "does not match the certificate being renewed"
     try:
@@ -124,8 +134,6 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
         if repeated is None:
             raise
         return Authenticated("certificate", None, current.common_name, mismatch, repeated=repeated)
-    device = work.session.get(Device, current.device_id)
-    assert device is not None
     return Authenticated("certificate", device, current.common_name, mismatch)
 
 

@@ -388,15 +388,15 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 # Audit entries: 1.
 ENROLLMENT = {"SELECT": 5, "INSERT": 4, "UPDATE": 6}
 # A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
-# the presented certificate by fingerprint with its CA (one statement: ``stored_certificate`` joins it) and
-# the device by primary key (+2 SELECT, -1 for the device by serial), and in transaction 2 the superseded
+# the presented certificate by fingerprint with its CA and its device (one statement: both joined; +1 SELECT,
+# -1 for the device by serial), and in transaction 2 the superseded
 # certificate: found and loaded by statement 14 itself (no extra SELECT), revoked (+1 UPDATE), audited
 # (+1 INSERT, +1 UPDATE: the head, already locked by the first entry, moves with the second's hash), its
 # OCSP response re-signed (+2 SELECT, +1 INSERT; the change counter and NOTIFY once per transaction); no
 # enrollment to close (-1 UPDATE).
 # Token signatures: the certificate, the new and the superseded OCSP responses: 3, of which only the
 # superseded one's in a write transaction (its revocation and new response commit together). Audit entries: 2.
-REENROLLMENT = {"SELECT": 7, "INSERT": 6, "UPDATE": 6}
+REENROLLMENT = {"SELECT": 6, "INSERT": 6, "UPDATE": 6}
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
 # the stored hash algorithms, the upsert, the change counter (PostgreSQL: with NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
