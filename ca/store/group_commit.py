@@ -50,9 +50,11 @@ class _Unit(Generic[T]):
     value: Any = None
     error: BaseException | None = None
     done: bool = False
+    leads: bool = False  # its thread was handed the lead of the next transaction
     # Released exactly once, by the leader that finished it or made its thread the next leader:
     # each waiting thread is woken only for its own outcome (no thundering herd on every commit).
-    wake: threading.Lock = field(default_factory=_held_lock, repr=False)
+    # (``_held_lock`` is looked up per unit, so a test can hand one unit a lock of its own.)
+    wake: threading.Lock = field(default_factory=lambda: _held_lock(), repr=False)
 
     def outcome(self) -> T:
         if self.error is not None:
@@ -96,7 +98,11 @@ class GroupCommit:
             self._writing = True
         while True:
             if not leading:
-                unit.wake.acquire()  # until a leader finished this unit or handed it the lead
+                try:
+                    unit.wake.acquire()  # until a leader finished this unit or handed it the lead
+                except BaseException:  # e.g. KeyboardInterrupt: never leave the others waiting for it
+                    self._withdraw(unit)
+                    raise
                 if unit.done:
                     return unit.outcome()
             batch: list[_Unit[Any]] = []
@@ -124,10 +130,28 @@ class GroupCommit:
         with self._state:
             for queued in batch:
                 queued.done = True
-            following = self._queue[0] if self._queue else None
-            self._writing = following is not None
+            following = self._next_leader()
         for queued in batch:
             queued.wake.release()
+        if following is not None:
+            following.wake.release()
+
+    def _next_leader(self) -> _Unit[Any] | None:
+        """Under ``_state``: the first queued unit, marked to lead (``_writing`` stays set), or None."""
+        following = self._queue[0] if self._queue else None
+        if following is not None:
+            following.leads = True
+        self._writing = following is not None
+        return following
+
+    def _withdraw(self, unit: _Unit[Any]) -> None:
+        """A thread stopped waiting without its outcome: its unit leaves the queue (one a leader took
+        already still runs), and a lead handed to it passes on, so the queue never stalls on it."""
+        with self._state:
+            if unit.done or unit not in self._queue:
+                return
+            self._queue.remove(unit)
+            following = self._next_leader() if unit.leads else None
         if following is not None:
             following.wake.release()
 

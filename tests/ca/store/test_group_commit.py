@@ -47,8 +47,11 @@ def _rows(store: Store) -> dict[str, int]:
         return dict(connection.execute(text("SELECT k, v FROM group_commit_probe")).all())
 
 
-def _held_first(commits: GroupCommit, followers: list[Callable[[Session], Any]]) -> list[Any]:
-    """Run a first unit that waits until ``followers`` have all queued behind it; return every outcome."""
+def _held_first(
+    commits: GroupCommit, followers: list[Callable[[Session], Any]], queued: int | None = None
+) -> list[Any]:
+    """Run a first unit that waits until ``followers`` have all queued behind it (``queued`` of them,
+    when some leave the queue at once); return every outcome."""
     started, release = threading.Event(), threading.Event()
     outcomes: dict[int, Any] = {}
 
@@ -61,16 +64,16 @@ def _held_first(commits: GroupCommit, followers: list[Callable[[Session], Any]])
     def call(index: int, unit: Callable[[Session], Any]) -> None:
         try:
             outcomes[index] = commits.run(unit)
-        except Exception as exc:
+        except BaseException as exc:  # the outcome is what the tests check
             outcomes[index] = exc
 
-    threads = [threading.Thread(target=call, args=(0, first))]
+    threads = [threading.Thread(target=call, args=(0, first), daemon=True)]  # a stalled one fails, never hangs
     threads[0].start()
     assert started.wait(30)  # the first transaction is being written: the others must queue
-    threads += [threading.Thread(target=call, args=(i + 1, unit)) for i, unit in enumerate(followers)]
+    threads += [threading.Thread(target=call, args=(i + 1, unit), daemon=True) for i, unit in enumerate(followers)]
     for thread in threads[1:]:
         thread.start()
-    while commits.waiting < len(followers):
+    while commits.waiting < (len(followers) if queued is None else queued):
         threading.Event().wait(0.001)
     release.set()
     for thread in threads:
@@ -99,6 +102,59 @@ def test_more_writers_than_a_batch_holds_are_written_in_turn_by_the_lead_passed_
     assert commits.stats.transactions == 4 and commits.stats.largest == 3
     assert commits.waiting == 0 and not commits._writing  # the lead was handed back, not lost
     assert _rows(table) == {"first": 0, **{f"k{i}": i for i in range(7)}}
+
+
+class _Interrupted(BaseException):
+    """What a waiting thread may be stopped by (KeyboardInterrupt, SystemExit): not an Exception."""
+
+
+class _InterruptedAfterWaking:
+    """A unit's wake-up lock whose thread is stopped right after it is woken (when it would lead)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def acquire(self) -> bool:
+        self.lock.acquire()
+        raise _Interrupted
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class _InterruptedAtOnce(_InterruptedAfterWaking):
+    """A unit's wake-up lock whose thread is stopped as soon as it starts waiting (still queued)."""
+
+    def acquire(self) -> bool:
+        raise _Interrupted
+
+
+@pytest.mark.parametrize("woken", [False, True], ids=["while-queued", "when-handed-the-lead"])
+def test_a_writer_that_stops_waiting_never_leaves_the_others_waiting(
+    table: Store, monkeypatch: pytest.MonkeyPatch, woken: bool
+) -> None:
+    """A thread stopped while it waits (before its turn, or just as it is handed the lead) takes its
+    unit out of the queue and passes the lead on: the writers behind it are still written."""
+    import ca.store.group_commit as group_commit
+
+    made = [0]
+    real = group_commit._held_lock
+
+    def wake_lock() -> Any:
+        made[0] += 1
+        if made[0] != 2:  # the second unit is the one whose thread is stopped
+            return real()
+        return _InterruptedAfterWaking() if woken else _InterruptedAtOnce()
+
+    monkeypatch.setattr(group_commit, "_held_lock", wake_lock)
+    commits = GroupCommit(table.session, max_batch=1)
+    outcomes = _held_first(commits, [_insert("a"), _insert("b")], queued=2 if woken else 1)
+    stopped = [outcome for outcome in outcomes[1:] if isinstance(outcome, _Interrupted)]
+    written = [outcome for outcome in outcomes[1:] if isinstance(outcome, str)]
+    assert len(stopped) == 1 and len(written) == 1, outcomes
+    assert commits.waiting == 0 and not commits._writing
+    assert _rows(table) == {"first": 0, written[0]: 1}
 
 
 def test_when_a_transaction_cannot_begin_its_queue_hears_why_and_the_next_writer_leads(
