@@ -28,30 +28,27 @@ from ca.work import Work
 def stored_certificate(session: Session, der: bytes) -> Certificate | None:
     """This installation's record of a presented certificate (by SHA-256 fingerprint), with its CA
     loaded in the same statement: every caller checks the CA's environment (``check_current``)."""
-    fingerprint = hashlib.sha256(der).hexdigest()
-    return session.scalar(_BY_FINGERPRINT, {"fingerprint": fingerprint})
+    return session.scalar(_BY_FINGERPRINT, _fingerprint(der))
 
 
-# Prepared once (a re-enrollment's first statement): the certificate and its CA in one round trip.
+def _fingerprint(der: bytes) -> dict[str, str]:
+    """The parameters of ``_BY_FINGERPRINT`` and the statements built on it."""
+    return {"fingerprint": hashlib.sha256(der).hexdigest()}
+
+
+# Prepared once: the certificate and its CA in one round trip.
 _BY_FINGERPRINT = (
     select(Certificate)
     .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
     .options(joinedload(Certificate.authority))
 )
+# A re-enrollment's first statement: the same, with the certificate's device.
+_PRESENTED_WITH_DEVICE = _BY_FINGERPRINT.add_columns(Device).outerjoin(Device, Device.id == Certificate.device_id)
 
 
 # Prepared once (every enrollment for a charger reads its device): built per call, the statement's
 # construction and cache key cost more than the query itself.
 _DEVICE_BY_SERIAL = select(Device).where(Device.serial == bindparam("serial"))
-
-
-# A re-enrollment's first statement: the presented certificate, its CA and its device in one round trip.
-_PRESENTED_WITH_DEVICE = (
-    select(Certificate, Device)
-    .outerjoin(Device, Device.id == Certificate.device_id)
-    .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
-    .options(joinedload(Certificate.authority))
-)
 
 
 def registered_device(session: Session, serial: str) -> Device:
@@ -122,7 +119,7 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
     der = attempt.credentials.client_certificate
     if der is None:
         raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
-    found = work.session.execute(_PRESENTED_WITH_DEVICE, {"fingerprint": hashlib.sha256(der).hexdigest()}).first()
+    found = work.session.execute(_PRESENTED_WITH_DEVICE, _fingerprint(der)).first()
     current, device = found if found is not None else (None, None)
     if current is None or current.profile != "charger" or device is None:
         raise AuthenticationError("the client certificate is not a charger certificate issued here")
