@@ -147,7 +147,11 @@ class _Uncached:
         found = self.source.response(authority_id, cert_id.serial_number, cert_id.hash_algorithm)
         return found if found is not None and found.next_update > time.time() else None
 
-    def lookup(self, authority_id: int, cert_id: CertId) -> tuple[Stored | None, bool]:
+    def recall(self, request: bytes) -> Stored | None:
+        """``CachedSource.recall``'s shape: nothing is remembered."""
+        return None
+
+    def lookup(self, authority_id: int, cert_id: CertId, *, request: bytes | None = None) -> tuple[Stored | None, bool]:
         """``CachedSource.lookup``'s shape: the stored response, never from a cache."""
         return self.response(authority_id, cert_id), False
 

@@ -2,15 +2,22 @@
 
 The common case, one CertID, is parsed by ``cryptography`` (Rust, a few µs). It refuses
 requests naming several certificates, so those, and only those, go through asn1crypto.
+
+A request without extensions (no nonce: RFC 5019 clients, TLS stacks fetching a staple) is the
+same bytes every time it is sent for the same certificate, so the responder may remember its
+answer by those bytes (``ocsp.source.CachedSource.recall``); a nonce makes every request unique,
+and remembering those would only push the others out.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from asn1crypto import ocsp as asn1_ocsp
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import ocsp
 
@@ -24,8 +31,18 @@ class MalformedRequest(ValueError):
     """Not an OCSP request we can read: answered with ``malformedRequest``, never an exception."""
 
 
+class Request(NamedTuple):
+    cert_ids: list[CertId]
+    repeatable: bool  # one CertID and no extensions: the same bytes whenever it is asked again
+
+
 def parse_request(der: bytes) -> list[CertId]:
     """The CertIDs of a DER OCSPRequest, in order; extensions (nonces) are ignored by design."""
+    return read_request(der).cert_ids
+
+
+def read_request(der: bytes) -> Request:
+    """The CertIDs of a DER OCSPRequest, and whether its bytes identify it (see the module's doc)."""
     if not der:
         raise MalformedRequest("empty request")
     if len(der) > MAX_REQUEST_BYTES:
@@ -33,12 +50,17 @@ def parse_request(der: bytes) -> list[CertId]:
     try:
         request = ocsp.load_der_ocsp_request(der)
     except (ValueError, NotImplementedError):  # NotImplementedError: several CertIDs
-        return _parse_several(der)
+        return Request(_parse_several(der), False)
     try:
         algorithm = request.hash_algorithm.name
     except UnsupportedAlgorithm:
         raise MalformedRequest("unsupported CertID hash algorithm") from None
-    return [_cert_id(algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)]
+    cert_id = _cert_id(algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)
+    try:
+        repeatable = len(request.extensions) == 0
+    except (ValueError, x509.DuplicateExtension):  # extensions cryptography refuses: answered, never remembered
+        repeatable = False
+    return Request([cert_id], repeatable)
 
 
 def _parse_several(der: bytes) -> list[CertId]:

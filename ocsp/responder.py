@@ -7,12 +7,12 @@ response past its nextUpdate) goes to the on-demand signer over a local socket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC
+from typing import NamedTuple
 
 from cryptography.x509 import ocsp
 
-from ocsp.requests import MalformedRequest, parse_request
+from ocsp.requests import MalformedRequest, read_request
 from ocsp.signer_service import SignerClient, SignerUnavailable
 from ocsp.signing import MALFORMED_REQUEST, TRY_LATER, UNAUTHORIZED
 from ocsp.source import CachedSource, SourceUnavailable, Stored, stored
@@ -28,15 +28,17 @@ _STATUS_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # a tuple, not a dataclass: one is made per request (bench/ocsp_paths.py)
     body: bytes
     cache: Stored | None = None  # None: an error status, not to be cached
     source: str = "none"  # cache | store | signer | none (an error status made here)
 
     @property
     def status(self) -> str:
-        """The responseStatus, read from the DER's first bytes (SEQUENCE, then ENUMERATED of length 1)."""
+        """The responseStatus, read from the DER's first bytes (SEQUENCE, then ENUMERATED of length 1);
+        an answer with caching facts is a successful response (``Stored``)."""
+        if self.cache is not None:
+            return "successful"
         body = self.body
         if len(body) < 5 or body[0] != 0x30:
             return "unknown"
@@ -57,8 +59,11 @@ class Responder:
         self.signer = signer
 
     def answer(self, der: bytes) -> Answer:
+        recalled = self.source.recall(der)
+        if recalled is not None:  # the same bytes were answered from the cache before
+            return Answer(recalled.der, recalled, "cache")
         try:
-            cert_ids = parse_request(der)
+            cert_ids, repeatable = read_request(der)
         except MalformedRequest:
             return MALFORMED
         try:
@@ -66,7 +71,11 @@ class Responder:
             if None in authorities:
                 return UNAUTHORIZED_ANSWER  # RFC 6960 §2.3: not a CA this responder serves
             if len(cert_ids) == 1:
-                found, hit = self.source.lookup(authorities[0], cert_ids[0])  # type: ignore[arg-type]
+                found, hit = self.source.lookup(
+                    authorities[0],  # type: ignore[arg-type]
+                    cert_ids[0],
+                    request=der if repeatable else None,
+                )
                 if found is not None:
                     return Answer(found.der, found, "cache" if hit else "store")
         except SourceUnavailable:

@@ -63,7 +63,8 @@ class SourceUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Stored:
-    """A response ready to serve, with what its HTTP caching headers need."""
+    """A response ready to serve, with what its HTTP caching headers need: always a signed
+    (``successful``) response, since only those carry the times the headers are made from."""
 
     der: bytes
     etag: str
@@ -289,6 +290,9 @@ class CachedSource:
         self.standby_poll = standby_poll
         self.clock = clock
         self._entries: dict[tuple[int, int, str], tuple[Stored, float]] = {}
+        # The same entries by the bytes of a request that was answered with them (``recall``): a
+        # client asking again is answered without parsing its request. Emptied with ``_entries``.
+        self._requests: dict[bytes, tuple[Stored, float]] = {}
         self._issuers: dict[IssuerKey, int] | None = None
         self._issuers_current = False  # False: read them again (kept meanwhile, for when the store is away)
         self._final: dict[str, bool] = {}  # etag → a permanent revocation (served past the stale bound)
@@ -327,16 +331,32 @@ class CachedSource:
     def response(self, authority_id: int, cert_id: CertId) -> Stored | None:
         return self.lookup(authority_id, cert_id)[0]
 
-    def lookup(self, authority_id: int, cert_id: CertId) -> tuple[Stored | None, bool]:
-        """The stored response, and whether it came from this process's memory (a cache hit)."""
+    def recall(self, request: bytes) -> Stored | None:
+        """The cached answer to exactly these request bytes (one CertID, remembered by ``lookup``),
+        under the same rules as any cache hit; None: look the request up the long way.
+
+        Why: a client re-asking for its certificate sends the same bytes, and parsing them was most
+        of the Python work of an answer (bench/ocsp_paths.py)."""
+        hit = self._requests.get(request)
+        if hit is not None and time.time() < hit[1] and self._servable(hit[0]) and self._watcher_pid == os.getpid():
+            return hit[0]
+        return None
+
+    def lookup(self, authority_id: int, cert_id: CertId, *, request: bytes | None = None) -> tuple[Stored | None, bool]:
+        """The stored response, and whether it came from this process's memory (a cache hit).
+
+        ``request``: the bytes of a one-CertID request for ``cert_id``; ``recall`` finds the answer
+        by them afterwards, for as long as the entry stays cached."""
         key = (authority_id, cert_id.serial_number, cert_id.hash_algorithm)
+        generation = self._generation  # read before the entry: see _remember
         now = time.time()
         hit = self._entries.get(key)
         if hit is not None and now < hit[1] and self._servable(hit[0]):
+            if request is not None:
+                self._remember(request, hit, generation)
             return hit[0], True
         if self._down_since is not None:  # circuit open: the watcher says when the store is back
             return self._fallback(hit, now, "the store is unreachable"), True
-        generation = self._generation
         try:
             found = self.source.response(*key)
         except SourceUnavailable as exc:
@@ -344,13 +364,26 @@ class CachedSource:
             return self._fallback(hit, now, str(exc)), True
         if found is None or found.next_update <= now:
             return None, False  # past nextUpdate is never served: the on-demand signer answers instead
+        entry = (found, min(found.next_update, now + self.ttl))
         with self._lock:
             # A change signalled while we read may have made ``found`` stale: then do not keep it.
             if generation == self._generation:
                 if len(self._entries) >= self.max_entries:
                     self._entries.pop(next(iter(self._entries)))  # oldest first (insertion order)
-                self._entries[key] = (found, min(found.next_update, now + self.ttl))
+                self._entries[key] = entry
+        if request is not None:
+            self._remember(request, entry, generation)
         return found, False
+
+    def _remember(self, request: bytes, entry: tuple[Stored, float], generation: int) -> None:
+        """Keep ``entry`` under the request's bytes, unless the cache was emptied since ``generation``
+        was read (the entry may be what a revocation replaced): under the lock, as in ``lookup``."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._requests) >= self.max_entries:
+                self._requests.pop(next(iter(self._requests)))  # oldest first (insertion order)
+            self._requests[request] = entry
 
     def _servable(self, entry: Stored) -> bool:
         """Whether a cached entry may be served now: the cache was confirmed current within the
@@ -407,7 +440,7 @@ class CachedSource:
     def invalidate(self) -> None:
         with self._lock:
             self._generation += 1
-            self._entries = {}
+            self._entries, self._requests = {}, {}
             self._final = {}
             self._issuers_current = False
         self.last_change = time.time()
@@ -418,7 +451,7 @@ class CachedSource:
         with self._lock:
             if self._watcher is not None and self._watcher_pid == os.getpid():
                 return
-            self._entries, self._issuers = {}, None  # whatever a parent process cached is not ours
+            self._entries, self._requests, self._issuers = {}, {}, None  # what a parent process cached is not ours
             self._watcher_pid = os.getpid()
             # The change counter as it is before anything is cached: the watcher's first read is
             # compared with it, so a change between this request's lookup and the watcher's start

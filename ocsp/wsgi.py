@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
 OCSP_RESPONSE = "application/ocsp-response"
+OCSP_REQUEST = "application/ocsp-request"
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(crl|crt|pem)$")
 _FILE_TYPES = {"crl": "application/pkix-crl", "crt": "application/pkix-cert", "pem": "application/x-pem-file"}
 
@@ -44,6 +45,11 @@ def _text(
         [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *extra],
     )
     return [body]
+
+
+def _media_type(content_type: str | None) -> str:
+    """``Application/OCSP-request; charset=x`` → ``application/ocsp-request``."""
+    return (content_type or "").split(";")[0].strip().lower()
 
 
 class OcspApp:
@@ -62,6 +68,7 @@ class OcspApp:
         self.repository_prefix = repository_path.rstrip("/") + "/"
         self.repository_dir = repository_dir
         self.max_age = max_age
+        self._cache_control = f"max-age={max_age}, public, no-transform, must-revalidate"
         # (status, source) → its counter. One increment per answer is all the hot path pays for
         # metrics (a write to this worker's file in the multiprocess directory, a few µs).
         self._counted: dict[tuple[str, str], Any] = {}
@@ -93,8 +100,8 @@ class OcspApp:
     # -- OCSP ------------------------------------------------------------------------------------
     def _ocsp(self, environ: dict[str, Any], start_response: StartResponse, method: str, path: str) -> list[bytes]:
         if method == "POST":
-            content_type = (environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
-            if content_type != "application/ocsp-request":
+            content_type = environ.get("CONTENT_TYPE")
+            if content_type != OCSP_REQUEST and _media_type(content_type) != OCSP_REQUEST:
                 return _text(
                     start_response, "415 Unsupported Media Type", "POST needs Content-Type application/ocsp-request"
                 )
@@ -126,9 +133,12 @@ class OcspApp:
         if facts is None:
             return [("Cache-Control", "no-cache")]
         remaining = int(facts.next_update - time.time())
-        max_age = max(0, min(self.max_age, remaining))  # RFC 5019 §6.2: never beyond nextUpdate
+        if remaining >= self.max_age:
+            cache_control = self._cache_control
+        else:  # RFC 5019 §6.2: never beyond nextUpdate
+            cache_control = f"max-age={max(0, remaining)}, public, no-transform, must-revalidate"
         return [
-            ("Cache-Control", f"max-age={max_age}, public, no-transform, must-revalidate"),
+            ("Cache-Control", cache_control),
             ("Last-Modified", facts.last_modified),
             ("Expires", facts.expires),
             ("ETag", facts.etag),

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -27,6 +28,7 @@ from ca.status.revocation import revoke, unhold
 from ca.store.engine import Store
 from ca.store.models import Certificate, OcspResponse, StatusFeed
 from ca.work import Work
+from ocsp import responder as responder_module
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -340,6 +342,100 @@ def test_a_revocation_reaches_a_responder_that_cached_good(
             break
         pause.wait(0.1)
     assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every request the responder reads (parses) from now on."""
+    read: list[bytes] = []
+    real = responder_module.read_request
+
+    def counted(der: bytes) -> Any:
+        read.append(der)
+        return real(der)
+
+    monkeypatch.setattr(responder_module, "read_request", counted)
+    return read
+
+
+def test_a_request_asked_again_is_answered_from_memory_without_reading_it_until_the_status_changes(
+    session: Session,
+    hierarchy: Hierarchy,
+    token: Token,
+    status: Presigner,
+    responder: Responder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    read = _counting_reads(monkeypatch)
+    first = responder.answer(request)
+    again = [responder.answer(request) for _ in range(3)]
+    assert read == [request], "read once, then recalled by its bytes"
+    assert {answer.body for answer in again} == {first.body} and {answer.source for answer in again} == {"cache"}
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    pause = threading.Event()
+    for _ in range(50):  # until the watcher empties the cache (and the requests remembered with it)
+        if responder.source.recall(request) is None:
+            break
+        pause.wait(0.1)
+    assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert read == [request, request]
+
+
+def test_a_request_with_a_nonce_is_answered_from_the_cache_but_never_remembered_by_its_bytes(
+    session: Session,
+    hierarchy: Hierarchy,
+    token: Token,
+    status: Presigner,
+    responder: Responder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every nonce is new: remembering such requests would only push the repeatable ones out."""
+    leaf, issuer = _certificates(hierarchy, _issue(session, hierarchy, token, status))
+    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA1())
+    with_nonce = builder.add_extension(x509.OCSPNonce(b"\x01" * 16), critical=False).build()
+    der = with_nonce.public_bytes(serialization.Encoding.DER)
+    read = _counting_reads(monkeypatch)
+    answers = [responder.answer(der) for _ in range(2)]
+    assert read == [der, der]
+    assert answers[1].source == "cache" and answers[0].body == answers[1].body
+    assert responder.source.recall(der) is None and not responder.source._requests
+
+
+@pytest.mark.parametrize("when", ["reading the store", "serving a cached entry"])
+def test_a_request_is_not_remembered_with_an_answer_the_cache_was_emptied_of_meanwhile(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder, when: str
+) -> None:
+    """A revocation empties the cache while a request is being looked up: the answer found (now
+    possibly stale) is served to that one request but never remembered for the next ones."""
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    cache = responder.source
+    if when == "serving a cached entry":
+        nonce = ocsp.OCSPRequestBuilder().add_certificate(*_certificates(hierarchy, row), hashes.SHA1())
+        responder.answer(
+            nonce.add_extension(x509.OCSPNonce(b"\x02" * 16), critical=False)
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )  # cached by its CertID, not remembered by its bytes
+        real_servable = cache._servable
+
+        def servable_then_emptied(entry: Any) -> bool:
+            cache.invalidate()
+            return real_servable(entry)
+
+        cache._servable = servable_then_emptied  # type: ignore[method-assign]
+    else:
+        real_response = cache.source.response
+
+        def read_then_emptied(*key: Any) -> Any:
+            found = real_response(*key)
+            cache.invalidate()
+            return found
+
+        cache.source.response = read_then_emptied  # type: ignore[method-assign]
+    assert responder.answer(request).cache is not None
+    assert not cache._requests and cache.recall(request) is None
 
 
 def test_a_revocation_before_the_watchers_first_read_still_empties_the_cache(
