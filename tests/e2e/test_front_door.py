@@ -304,6 +304,22 @@ def test_a_client_certificate_header_sent_by_a_client_is_ignored(door: Door) -> 
     assert real.status_code == 200, real.text
 
 
+def test_the_responder_behind_the_proxy_still_gets_the_headers_it_reads(door: Door) -> None:
+    """Only the media type and If-None-Match are passed to the responder: a media type with a
+    parameter is accepted, a wrong one refused, and a GET with the answer's ETag gets 304."""
+    certificate, _ = _enroll(door, "CP-HEADERS")
+    der = ocsp.OCSPRequestBuilder().add_certificate(certificate, door.issuing, hashes.SHA1()).build()
+    body = der.public_bytes(serialization.Encoding.DER)
+    for content_type, expected in (("Application/OCSP-Request; q=1", 200), ("text/plain", 415)):
+        posted = requests.post(f"{door.ocsp_url}/ocsp", data=body, headers={"Content-Type": content_type}, timeout=10)
+        assert posted.status_code == expected, content_type
+    url = f"{door.ocsp_url}/ocsp/{base64.b64encode(body).decode()}"
+    first = requests.get(url, timeout=10)
+    assert first.status_code == 200 and first.headers["ETag"]
+    assert requests.get(url, headers={"If-None-Match": first.headers["ETag"]}, timeout=10).status_code == 304
+    assert requests.get(url, headers={"If-None-Match": '"other"'}, timeout=10).status_code == 200
+
+
 def test_symlinks_in_the_publication_directory_are_refused(door: Door, token_settings) -> None:
     published = door.home / "pki"
     published.mkdir(exist_ok=True)
@@ -458,8 +474,11 @@ def test_front_door_settings_are_checked_and_rendered(tmp_path: Path) -> None:
     est = render(DOOR, Site("est", "127.0.0.1", 1, tmp_path / "est.sock", 32768, tls), tmp_path)
     ocsp_conf = render(DOOR, Site("ocsp", "::1", 2, tmp_path / "ocsp.sock", 16384), tmp_path)
     for conf in (est, ocsp_conf):
-        assert "proxy_cache" not in conf and f'proxy_set_header {CLIENT_CERT_HEADER} "' in conf
+        assert "proxy_cache" not in conf
     assert f'proxy_set_header {CLIENT_CERT_HEADER} "$chargepki_client_cert";' in est
+    # The responder gets no client header but the three it reads (so no client certificate header either).
+    assert "proxy_pass_request_headers off;" in ocsp_conf and CLIENT_CERT_HEADER not in ocsp_conf
+    assert "proxy_pass_request_headers" not in est
     assert "ssl_verify_client optional;" in est and "limit_req zone=rate" in est
     assert "listen [::1]:2;" in ocsp_conf and "limit_req " not in ocsp_conf  # OCSP: no rate limit by default
 
