@@ -137,7 +137,7 @@ class OcspSettings:
     validity_hours: int = 24  # nextUpdate - thisUpdate of every response; re-signed at half-life
     max_age_seconds: int = 3600  # Cache-Control max-age cap (never beyond nextUpdate)
     presign_hashes: tuple[str, ...] = ("sha1",)  # CertID hashes signed ahead; others on first request
-    cache_entries: int = 50_000  # per responder worker
+    cache_entries: int = 50_000  # per responder worker: responses, and as many requests remembered by their bytes
     signer_socket: str | None = None  # default <home>/run/ocsp-signer.sock
     unknown_per_second: int = 100  # on-demand signing budget of the signer (unknown serials etc.)
     refresh_interval_seconds: int = 300
