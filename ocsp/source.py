@@ -368,22 +368,23 @@ class CachedSource:
         with self._lock:
             # A change signalled while we read may have made ``found`` stale: then do not keep it.
             if generation == self._generation:
-                if len(self._entries) >= self.max_entries:
-                    self._entries.pop(next(iter(self._entries)))  # oldest first (insertion order)
-                self._entries[key] = entry
-        if request is not None:
-            self._remember(request, entry, generation)
+                self._keep(self._entries, key, entry)
+                if request is not None:
+                    self._keep(self._requests, request, entry)
         return found, False
 
     def _remember(self, request: bytes, entry: tuple[Stored, float], generation: int) -> None:
-        """Keep ``entry`` under the request's bytes, unless the cache was emptied since ``generation``
-        was read (the entry may be what a revocation replaced): under the lock, as in ``lookup``."""
+        """Keep a cached ``entry`` under the request's bytes too, unless the cache was emptied since
+        ``generation`` was read (the entry may be what a revocation replaced)."""
         with self._lock:
-            if generation != self._generation:
-                return
-            if len(self._requests) >= self.max_entries:
-                self._requests.pop(next(iter(self._requests)))  # oldest first (insertion order)
-            self._requests[request] = entry
+            if generation == self._generation:
+                self._keep(self._requests, request, entry)
+
+    def _keep(self, table: dict[Any, tuple[Stored, float]], key: Any, entry: tuple[Stored, float]) -> None:
+        """Add to one of the cache's tables (the lock held), the oldest entry (insertion order) out when full."""
+        if len(table) >= self.max_entries:
+            table.pop(next(iter(table)))
+        table[key] = entry
 
     def _servable(self, entry: Stored) -> bool:
         """Whether a cached entry may be served now: the cache was confirmed current within the

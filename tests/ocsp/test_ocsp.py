@@ -402,6 +402,25 @@ def test_a_request_with_a_nonce_is_answered_from_the_cache_but_never_remembered_
     assert responder.source.recall(der) is None and not responder.source._requests
 
 
+def test_the_cache_keeps_at_most_its_bound_of_responses_and_of_requests_the_oldest_leaving_first(
+    store: Store, session: Session, hierarchy: Hierarchy, token: Token, status: Presigner
+) -> None:
+    rows = [_issue(session, hierarchy, token, status, cn=f"CP-{n}") for n in range(3)]
+    requests = [_request(*_certificates(hierarchy, row)) for row in rows]
+    reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
+    source = CachedSource(StoreSource(reader), max_entries=2)
+    responder = Responder(source, None)
+    try:
+        answers = [responder.answer(request) for request in requests]
+        assert len(source._entries) == 2 and len(source._requests) == 2
+        assert source.recall(requests[0]) is None, "the oldest left"
+        assert [source.recall(request) for request in requests[1:]] == [answer.cache for answer in answers[1:]]
+        assert responder.answer(requests[0]).body == answers[0].body  # and is read again when asked
+    finally:
+        source.close()
+        reader.dispose()
+
+
 @pytest.mark.parametrize("when", ["reading the store", "serving a cached entry"])
 def test_a_request_is_not_remembered_with_an_answer_the_cache_was_emptied_of_meanwhile(
     session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, responder: Responder, when: str
