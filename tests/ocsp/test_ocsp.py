@@ -48,8 +48,15 @@ def _certificates(hierarchy: Hierarchy, row: Certificate) -> tuple[x509.Certific
     return x509.load_der_x509_certificate(row.der), x509.load_der_x509_certificate(hierarchy.issuing.certificate_der)
 
 
-def _request(leaf: x509.Certificate, issuer: x509.Certificate, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
+def _request(
+    leaf: x509.Certificate,
+    issuer: x509.Certificate,
+    algorithm: hashes.HashAlgorithm | None = None,
+    nonce: bytes | None = None,
+) -> bytes:
     builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, algorithm or hashes.SHA1())
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     return builder.build().public_bytes(serialization.Encoding.DER)
 
 
@@ -391,10 +398,7 @@ def test_a_request_with_a_nonce_is_answered_from_the_cache_but_never_remembered_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every nonce is new: remembering such requests would only push the repeatable ones out."""
-    leaf, issuer = _certificates(hierarchy, _issue(session, hierarchy, token, status))
-    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA1())
-    with_nonce = builder.add_extension(x509.OCSPNonce(b"\x01" * 16), critical=False).build()
-    der = with_nonce.public_bytes(serialization.Encoding.DER)
+    der = _request(*_certificates(hierarchy, _issue(session, hierarchy, token, status)), nonce=b"\x01" * 16)
     read = _counting_reads(monkeypatch)
     answers = [responder.answer(der) for _ in range(2)]
     assert read == [der, der]
@@ -431,12 +435,8 @@ def test_a_request_is_not_remembered_with_an_answer_the_cache_was_emptied_of_mea
     request = _request(*_certificates(hierarchy, row))
     cache = responder.source
     if when == "serving a cached entry":
-        nonce = ocsp.OCSPRequestBuilder().add_certificate(*_certificates(hierarchy, row), hashes.SHA1())
-        responder.answer(
-            nonce.add_extension(x509.OCSPNonce(b"\x02" * 16), critical=False)
-            .build()
-            .public_bytes(serialization.Encoding.DER)
-        )  # cached by its CertID, not remembered by its bytes
+        # cached by its CertID, not remembered by its bytes:
+        responder.answer(_request(*_certificates(hierarchy, row), nonce=b"\x02" * 16))
         real_servable = cache._servable
 
         def servable_then_emptied(entry: Any) -> bool:
