@@ -6,7 +6,9 @@ requests naming several certificates, so those, and only those, go through asn1c
 A request without extensions (no nonce: RFC 5019 clients, TLS stacks fetching a staple) is the
 same bytes every time it is sent for the same certificate, so the responder may remember its
 answer by those bytes (``ocsp.source.CachedSource.recall``); a nonce makes every request unique,
-and remembering those would only push the others out.
+and remembering those would only push the others out. Nor is a request longer than
+``REMEMBERED_REQUEST_BYTES`` remembered: one CertID is at most ~190 bytes (SHA-512), and a client
+padding its requests (a long requestorName) must not fill a worker's memory with them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ocsp.certid import HASH_ALGORITHMS, CertId
 
 MAX_REQUEST_BYTES = 16 * 1024  # a CertID is ~100 bytes; this is hundreds of them
 MAX_CERT_IDS = 64
+REMEMBERED_REQUEST_BYTES = 512
 
 
 class MalformedRequest(ValueError):
@@ -33,7 +36,7 @@ class MalformedRequest(ValueError):
 
 class Request(NamedTuple):
     cert_ids: list[CertId]
-    repeatable: bool  # one CertID and no extensions: the same bytes whenever it is asked again
+    repeatable: bool  # one CertID, no extensions, short: worth remembering by its bytes
 
 
 def parse_request(der: bytes) -> list[CertId]:
@@ -57,7 +60,7 @@ def read_request(der: bytes) -> Request:
         raise MalformedRequest("unsupported CertID hash algorithm") from None
     cert_id = _cert_id(algorithm, request.issuer_name_hash, request.issuer_key_hash, request.serial_number)
     try:
-        repeatable = len(request.extensions) == 0
+        repeatable = len(der) <= REMEMBERED_REQUEST_BYTES and len(request.extensions) == 0
     except (ValueError, x509.DuplicateExtension):  # extensions cryptography refuses: answered, never remembered
         repeatable = False
     return Request([cert_id], repeatable)
