@@ -47,6 +47,10 @@ def _text(
     return [body]
 
 
+def _cache_control(max_age: int) -> str:
+    return f"max-age={max_age}, public, no-transform, must-revalidate"
+
+
 def _media_type(content_type: str | None) -> str:
     """``Application/OCSP-request; charset=x`` → ``application/ocsp-request``."""
     return (content_type or "").split(";")[0].strip().lower()
@@ -68,7 +72,7 @@ class OcspApp:
         self.repository_prefix = repository_path.rstrip("/") + "/"
         self.repository_dir = repository_dir
         self.max_age = max_age
-        self._cache_control = f"max-age={max_age}, public, no-transform, must-revalidate"
+        self._cache_control = _cache_control(max_age)
         # (status, source) → its counter. One increment per answer is all the hot path pays for
         # metrics (a write to this worker's file in the multiprocess directory, a few µs).
         self._counted: dict[tuple[str, str], Any] = {}
@@ -133,10 +137,8 @@ class OcspApp:
         if facts is None:
             return [("Cache-Control", "no-cache")]
         remaining = int(facts.next_update - time.time())
-        if remaining >= self.max_age:
-            cache_control = self._cache_control
-        else:  # RFC 5019 §6.2: never beyond nextUpdate
-            cache_control = f"max-age={max(0, remaining)}, public, no-transform, must-revalidate"
+        # RFC 5019 §6.2: never beyond nextUpdate
+        cache_control = self._cache_control if remaining >= self.max_age else _cache_control(max(0, remaining))
         return [
             ("Cache-Control", cache_control),
             ("Last-Modified", facts.last_modified),
