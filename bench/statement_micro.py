@@ -25,7 +25,9 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 from ca.status.signal import _RAISE_COUNTER  # noqa: E402
 from ca.store.engine import Store  # noqa: E402
+from ca.store.prepared import Prepared  # noqa: E402
 
+RAISE = Prepared(_RAISE_COUNTER)
 SQL = "UPDATE status_feed SET counter = counter + 1 WHERE id = 1"
 
 
@@ -38,6 +40,7 @@ def main() -> int:
     ways: list[tuple[str, Callable[[Session], object]]] = [
         ("Session.execute(prebuilt Core statement)", lambda s: s.execute(_RAISE_COUNTER)),
         ("session.connection().execute(same)", lambda s: s.connection().execute(_RAISE_COUNTER)),
+        ("Prepared(same).run(session) (ca.store.prepared)", lambda s: RAISE.run(s)),
         ("session.connection().exec_driver_sql(SQL text)", lambda s: s.connection().exec_driver_sql(SQL)),
         (
             "DB-API cursor (no events, no error wrapping)",

@@ -33,6 +33,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ca.store.models import AuditEvent, AuditHead, AuditNoise
+from ca.store.prepared import Prepared
 from ca.store.transaction_state import transaction_state
 
 GENESIS = "0" * 64
@@ -57,23 +58,26 @@ def entry_hash(
 
 
 _HEAD = AuditHead.__table__
-_ADVANCE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1).returning(_HEAD.c.seq, _HEAD.c.hash)
-_SET_HEAD_HASH = update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("hash"))
-_SET_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
+# Prepared (``ca.store.prepared``): every issuance and revocation sends these.
+_ADVANCE_HEAD = Prepared(
+    update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1).returning(_HEAD.c.seq, _HEAD.c.hash)
+)
+_SET_HEAD_HASH = Prepared(update(_HEAD).where(_HEAD.c.id == 1).values(hash=bindparam("hash")))
+_SET_HEAD = Prepared(update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash")))
 _EVENTS = AuditEvent.__table__
-_INSERT_EVENT = insert(_EVENTS)
 _EVENT_COLUMNS = ("seq", "at", "actor", "action", "subject", "details", "prev_hash", "hash")
+# e_: not audit_head's names (the PostgreSQL statement below binds both tables)
+_EVENT_VALUES = {name: bindparam(f"e_{name}", type_=_EVENTS.c[name].type) for name in _EVENT_COLUMNS}
+_INSERT_EVENT = Prepared(insert(_EVENTS).values(_EVENT_VALUES))
 # PostgreSQL: the entry and the head's new hash in one statement (a data-modifying CTE), one round trip
 # fewer while the head's row lock is held. SQLite has no DML in a CTE: two statements there.
-_APPENDED = insert(_EVENTS).values(
-    {name: bindparam(f"e_{name}", type_=_EVENTS.c[name].type) for name in _EVENT_COLUMNS}  # e_: not audit_head's
-)
+_APPENDED = insert(_EVENTS).values(_EVENT_VALUES)
 _APPENDED = _APPENDED.returning(_EVENTS.c.hash).cte("appended")
-_INSERT_EVENT_AND_SET_HEAD = (
+_INSERT_EVENT_AND_SET_HEAD = Prepared(
     update(_HEAD).where(_HEAD.c.id == 1).values(hash=select(_APPENDED.c.hash).scalar_subquery())
 )
 # A later entry of the same transaction: the head's lock is already held, its seq moves with the hash.
-_INSERT_EVENT_AND_MOVE_HEAD = (
+_INSERT_EVENT_AND_MOVE_HEAD = Prepared(
     update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("h_seq"), hash=select(_APPENDED.c.hash).scalar_subquery())
 )
 _TAIL = "audit.tail"  # this transaction's last entry: (seq, hash)
@@ -97,7 +101,7 @@ def record(
     session.flush()
     tail = transaction_state(session).get(_TAIL)
     if tail is None:
-        head = session.execute(_ADVANCE_HEAD).one()
+        head = _ADVANCE_HEAD.run(session).rows[0]
         seq, prev_hash = head.seq, head.hash
     else:
         seq, prev_hash = tail[0] + 1, tail[1]
@@ -105,28 +109,27 @@ def record(
     text = json.dumps(details or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     digest = entry_hash(prev_hash, seq, at, actor, action, subject, text)
     # Prepared Core statements, not ORM objects: this runs on every issuance and the ORM costs more.
-    entry = {
-        "seq": seq,
-        "at": at,
-        "actor": actor,
-        "action": action,
-        "subject": subject,
-        "details": text,
-        "prev_hash": prev_hash,
-        "hash": digest,
+    parameters = {
+        "e_seq": seq,
+        "e_at": at,
+        "e_actor": actor,
+        "e_action": action,
+        "e_subject": subject,
+        "e_details": text,
+        "e_prev_hash": prev_hash,
+        "e_hash": digest,
     }
     if session.get_bind().dialect.name == "postgresql":
-        parameters = {f"e_{name}": value for name, value in entry.items()}
         if tail is None:
-            session.execute(_INSERT_EVENT_AND_SET_HEAD, parameters)
+            _INSERT_EVENT_AND_SET_HEAD.run(session, parameters)
         else:
-            session.execute(_INSERT_EVENT_AND_MOVE_HEAD, {**parameters, "h_seq": seq})
+            _INSERT_EVENT_AND_MOVE_HEAD.run(session, {**parameters, "h_seq": seq})
     else:
-        session.execute(_INSERT_EVENT, entry)
+        _INSERT_EVENT.run(session, parameters)
         if tail is None:
-            session.execute(_SET_HEAD_HASH, {"hash": digest})
+            _SET_HEAD_HASH.run(session, {"hash": digest})
         else:
-            session.execute(_SET_HEAD, {"seq": seq, "hash": digest})
+            _SET_HEAD.run(session, {"seq": seq, "hash": digest})
     transaction_state(session)[_TAIL] = (seq, digest)
     return seq
 

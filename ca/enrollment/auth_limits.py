@@ -37,9 +37,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -49,8 +48,9 @@ from sqlalchemy.orm import Session
 from ca import audit
 from ca.errors import PolicyError
 from ca.issuance.names import check_charger_identity
-from ca.store.engine import read_outside_transaction
+from ca.store.engine import reading_outside_transaction
 from ca.store.models import AuthFailure
+from ca.store.prepared import Prepared
 
 # ``device``: an HTTP Basic user name (the serial a caller claims); ``cert``: a client
 # certificate's SHA-256; ``address``: a client address, for Basic failures only.
@@ -136,14 +136,15 @@ def _match(keys: list[Key]):  # type: ignore[no-untyped-def]
 def standing(session: Session, limits: AuthLimits, keys: list[Key], now: datetime) -> Standing:
     """Whether any of the caller's keys is locked out now (one indexed read of at most three rows).
 
-    Read outside the write transaction (``read_outside_transaction``): on SQLite it would otherwise
+    Read outside the write transaction (``reading_outside_transaction``): on SQLite it would otherwise
     begin the request's ``BEGIN IMMEDIATE`` transaction and hold the writer lock for every other
     writer. A lockout that starts a moment later is seen by the next request, as on PostgreSQL
     (READ COMMITTED): the failures themselves are counted in a write transaction (``record_failure``).
     """
     if not keys:
         return Standing(None, False)
-    rows = read_outside_transaction(session, _standing_statement(len(keys)), _standing_parameters(keys))
+    with reading_outside_transaction(session) as connection:
+        rows = _standing_statement(len(keys)).run_on(connection, _standing_parameters(keys)).rows
     remaining = [
         (row.locked_until - now).total_seconds()
         for row in rows
@@ -155,9 +156,16 @@ def standing(session: Session, limits: AuthLimits, keys: list[Key], now: datetim
 
 # Prepared once per number of keys (one to three): building the OR of ANDs cost more than running it.
 @functools.cache
-def _standing_statement(count: int) -> Select[Any]:
-    return select(_COLUMNS.kind, _COLUMNS.locked_until).where(
-        or_(*(and_(_COLUMNS.kind == bindparam(f"kind{i}"), _COLUMNS.key == bindparam(f"key{i}")) for i in range(count)))
+def _standing_statement(count: int) -> Prepared:
+    return Prepared(
+        select(_COLUMNS.kind, _COLUMNS.locked_until).where(
+            or_(
+                *(
+                    and_(_COLUMNS.kind == bindparam(f"kind{i}"), _COLUMNS.key == bindparam(f"key{i}"))
+                    for i in range(count)
+                )
+            )
+        )
     )
 
 

@@ -24,6 +24,7 @@ from ca.issuance.profiles import ISO15118_2, V2G_VERSIONS, V2gVersion
 from ca.kinds import CaStatus, CertStatus
 from ca.status.revocation import apply_revocation
 from ca.store.models import Authority, Certificate, Device
+from ca.store.prepared import Prepared
 from ca.work import Work
 
 
@@ -58,7 +59,7 @@ _OLDER_CHARGER_CERTIFICATES = select(Certificate).where(
     Certificate.id != bindparam("new_id"),
 )
 _DEVICES = Device.__table__
-_CLOSE_ENROLLMENT = (
+_CLOSE_ENROLLMENT = Prepared(
     update(_DEVICES)
     .where(_DEVICES.c.id == bindparam("device_id"), _DEVICES.c.enrollment_open)
     .values(enrollment_open=False)
@@ -85,7 +86,7 @@ class ChargerRule:
         if olders:
             _retire(work, attempt, olders)
         if device.enrollment_open:  # a statement, not the ORM's flush of the loaded device
-            session.execute(_CLOSE_ENROLLMENT, {"device_id": device.id})
+            _CLOSE_ENROLLMENT.run(session, {"device_id": device.id})
             set_committed_value(device, "enrollment_open", False)
 
 

@@ -46,6 +46,7 @@ from ca.kinds import CertStatus
 from ca.status.signal import StatusSigner
 from ca.store.engine import in_reads
 from ca.store.models import Authority, Certificate, KeyOwner
+from ca.store.prepared import Prepared
 from ca.work import Work
 
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
@@ -301,7 +302,7 @@ def issue(
         audit.record(tx, "certificate.issued", actor=actor, subject=row.serial, now=now, details=details)
         # The ORM unit of work costs more than the rest of issuance: one UPDATE by primary key instead.
         values = {"row_id": row.id, "der": row.der, "fingerprint": row.fingerprint_sha256}
-        if tx.execute(_RECORD, {**values, "signing_ca": issuer.authority_id}).rowcount != 1:
+        if _RECORD.run(tx, {**values, "signing_ca": issuer.authority_id}).rowcount != 1:
             # The CA was revoked or retired since the reservation (its key signed, nobody receives it),
             # or the reservation was swept as abandoned (``abandon_stale_pending``): hand out nothing.
             raise _ca_refusal(tx, issuer) or _Swept(
@@ -347,12 +348,12 @@ _CERTIFICATES = Certificate.__table__
 # Both the reservation and the record require the CA to be active in that very transaction
 # (``still_signs``): an ``Issuer`` a worker bound before a revocation can never record under it.
 # The reservation's check spares the token a signature; the record's is the rule.
-_RECORD = (
+_RECORD = Prepared(
     update(_CERTIFICATES)
     .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == CertStatus.PENDING, still_signs())
     .values(der=bindparam("der"), fingerprint_sha256=bindparam("fingerprint"), status=CertStatus.VALID)
 )
-_ABORT = (
+_ABORT = Prepared(
     update(_CERTIFICATES)
     .where(_CERTIFICATES.c.id == bindparam("row_id"), _CERTIFICATES.c.status == CertStatus.PENDING)
     .values(status=CertStatus.ABORTED)
@@ -383,24 +384,22 @@ _PENDING_COLUMNS = (
 _PENDING_SOURCE = select(*(bindparam(name, type_=_CERTIFICATES.c[name].type) for name in _PENDING_COLUMNS)).where(
     still_signs()
 )
-_INSERT_PENDING = {
-    "sqlite": sqlite_insert(_CERTIFICATES)
-    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
-    .on_conflict_do_nothing()
-    .returning(_CERTIFICATES.c.id),
-    "postgresql": postgresql_insert(_CERTIFICATES)
-    .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
-    .on_conflict_do_nothing()
-    .returning(_CERTIFICATES.c.id),
-}
+_INSERT_PENDING = Prepared(
+    {
+        name: dialect_insert(_CERTIFICATES)
+        .from_select(_PENDING_COLUMNS, _PENDING_SOURCE)
+        .on_conflict_do_nothing()
+        .returning(_CERTIFICATES.c.id)
+        for name, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
+    }
+)
 
 
 def _insert_pending(session: Session, values: dict[str, Any]) -> int | None:
     """INSERT the reserved row if the CA still signs; None when it does not or the serial is taken
     (the caller's transaction stays usable)."""
-    statement = _INSERT_PENDING.get(session.get_bind().dialect.name)
-    if statement is not None:
-        return session.execute(statement, values).scalar()
+    if _INSERT_PENDING.knows(session.get_bind().dialect):
+        return _INSERT_PENDING.run(session, values).scalar()
     try:  # other databases: a savepoint keeps the caller's work when the INSERT fails
         with session.begin_nested():
             inserted = session.execute(
@@ -421,13 +420,14 @@ _CLAIM_VALUES = {
 # Insert the claim or read the owner in one statement. The no-op update makes the database
 # return the stored row; on PostgreSQL it also waits for a racing transaction that inserted
 # the same key and then reads its committed owner, so exactly one identity wins.
-_CLAIM_KEY = {
+_CLAIM_KEY_BY_DIALECT = {
     name: dialect_insert(_KEY_OWNERS)
     .values(_CLAIM_VALUES)
     .on_conflict_do_update(index_elements=["public_key_sha256"], set_={"identity": _KEY_OWNERS.c.identity})
     .returning(_KEY_OWNERS.c.identity)
     for name, dialect_insert in (("sqlite", sqlite_insert), ("postgresql", postgresql_insert))
 }
+_CLAIM_KEY = Prepared(_CLAIM_KEY_BY_DIALECT)
 
 
 def _claim_parameters(key_sha256: str, identity: str, now: Clock) -> dict[str, Any]:
@@ -442,9 +442,8 @@ def _refuse_another_owner(owner: str | None, identity: str) -> None:
 def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> None:
     """One key, one identity, held by the database: refuse (``key_reuse``) a key whose owner differs."""
     parameters = _claim_parameters(key_sha256, identity, now)
-    statement = _CLAIM_KEY.get(session.get_bind().dialect.name)
-    if statement is not None:
-        owner = session.execute(statement, parameters).scalar_one()
+    if _CLAIM_KEY.knows(session.get_bind().dialect):
+        owner = _CLAIM_KEY.run(session, parameters).scalar()
     else:  # other databases: the primary key still refuses a second owner at commit
         owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
         if owner is None:
@@ -457,8 +456,8 @@ def _claim_key(session: Session, key_sha256: str, identity: str, now: Clock) -> 
 # it runs once, to completion, whatever the INSERT does) returns the key's owner, and the row is
 # inserted only when that owner is this identity and the CA still signs; when nothing is inserted,
 # ``_reserve`` reads which of the three it was (the claim's effect is visible in the transaction).
-_CLAIM = _CLAIM_KEY["postgresql"].cte("claim")
-_CLAIM_AND_INSERT_PENDING = (
+_CLAIM = _CLAIM_KEY_BY_DIALECT["postgresql"].cte("claim")
+_CLAIM_AND_INSERT_PENDING = Prepared(
     postgresql_insert(_CERTIFICATES)
     .from_select(
         _PENDING_COLUMNS,
@@ -474,7 +473,7 @@ def _claim_and_insert_pending(session: Session, values: dict[str, Any], identity
     or None when the CA stopped signing or the serial is taken; ``key_reuse`` as ``_claim_key`` says it."""
     key_sha256 = values["public_key_sha256"]
     parameters = {**values, **_claim_parameters(key_sha256, identity, now)}
-    row_id = session.execute(_CLAIM_AND_INSERT_PENDING, parameters).scalar()
+    row_id = _CLAIM_AND_INSERT_PENDING.run(session, parameters).scalar()
     if row_id is None:
         owner = session.scalar(select(_KEY_OWNERS.c.identity).where(_KEY_OWNERS.c.public_key_sha256 == key_sha256))
         _refuse_another_owner(owner, identity)
@@ -557,7 +556,7 @@ def _abandon(session: Session, row: Certificate, reason: str, actor: str, now: C
     """
     session.rollback()
     try:
-        session.execute(_ABORT, {"row_id": row.id})
+        _ABORT.run(session, {"row_id": row.id})
         row.status = "aborted"
         audit.record(
             session,
@@ -598,7 +597,7 @@ def abandon_stale_pending(
     ).all()
     marked = []
     for row_id, serial in stale:
-        if session.execute(_ABORT, {"row_id": row_id}).rowcount != 1:
+        if _ABORT.run(session, {"row_id": row_id}).rowcount != 1:
             continue  # recorded or swept by someone else meanwhile
         audit.record(
             session,

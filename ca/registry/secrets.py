@@ -20,6 +20,7 @@ from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import PolicyError
 from ca.store.models import Certificate, Device, EnrollmentSecret
+from ca.store.prepared import Prepared
 from ca.work import Work
 
 MAX_TTL = timedelta(days=90)
@@ -77,12 +78,12 @@ _USABLE = (
     _SECRETS.c.used_at.is_(None),
     _SECRETS.c.expires_at > bindparam("now", type_=_SECRETS.c.expires_at.type),
 )
-_CONSUME = (
+_CONSUME = Prepared(
     update(_SECRETS)
     .where(_SECRETS.c.device_id == _DEVICE_ID, *_USABLE)
     .values(used_at=bindparam("now", type_=_SECRETS.c.used_at.type))
 )
-_IS_VALID = (
+_IS_VALID = Prepared(
     select(_SECRETS.c.id)
     .join(_DEVICES, _DEVICES.c.id == _SECRETS.c.device_id)
     .where(_DEVICES.c.serial == bindparam("serial"), *_USABLE)
@@ -142,7 +143,7 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
     with the serial reservation, saving a disk sync); until then the row stays locked, so a
     concurrent request with the same secret waits and then finds it used.
     """
-    result = session.execute(_CONSUME, {"serial": serial, "digest": _hash(secret), "now": now()})
+    result = _CONSUME.run(session, {"serial": serial, "digest": _hash(secret), "now": now()})
     if commit:
         session.commit()
     return result.rowcount == 1
@@ -150,7 +151,7 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
 
 def secret_is_valid(session: Session, serial: str, secret: str, *, now: Clock = utcnow) -> bool:
     """Check without consuming (to refuse a bad request before the secret is spent)."""
-    found = session.execute(_IS_VALID, {"serial": serial, "digest": _hash(secret), "now": now()}).first()
+    found = _IS_VALID.run(session, {"serial": serial, "digest": _hash(secret), "now": now()}).first()
     return found is not None
 
 

@@ -19,6 +19,7 @@ from ca.kinds import CertStatus
 from ca.status.certificates import get_certificate
 from ca.status.signal import StatusSigner
 from ca.store.models import Authority, Certificate
+from ca.store.prepared import Prepared
 from ca.work import Work
 
 # RFC 5280 §5.3.1 reason names (removeFromCRL exists only in delta CRLs, so it is not a reason to revoke).
@@ -131,7 +132,7 @@ def revoke(work: Work, *, serial: str, reason: str, invalidity_date: datetime | 
 _CERTIFICATES = Certificate.__table__
 # One UPDATE by primary key, prepared once: a re-enrollment revokes the certificate it supersedes, and
 # the ORM's unit of work flushing the same five columns cost a tenth of the whole request.
-_REVOKE = (
+_REVOKE = Prepared(
     update(_CERTIFICATES)
     .where(_CERTIFICATES.c.id == bindparam("row_id"))
     .values(
@@ -147,7 +148,7 @@ _REVOKE = (
 def _write_revocation(session: Session, certificate: Certificate, values: dict[str, object]) -> None:
     """Write ``values`` to the certificate's row and set them on the loaded object as committed (a
     rollback expires them with the rest of the session's objects)."""
-    changed = session.execute(_REVOKE, {"row_id": certificate.id, **{f"v_{k}": v for k, v in values.items()}})
+    changed = _REVOKE.run(session, {"row_id": certificate.id, **{f"v_{k}": v for k, v in values.items()}})
     if changed.rowcount != 1:
         raise StoreError(f"certificate {certificate.serial} is not in the store")
     for name, value in values.items():

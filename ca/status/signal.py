@@ -17,6 +17,7 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from ca.store.models import Certificate, StatusFeed
+from ca.store.prepared import Prepared
 from ca.store.transaction_state import transaction_state
 
 NOTIFY_CHANNEL = "chargepki_status"
@@ -64,6 +65,7 @@ _RAISE_COUNTER_AND_NOTIFY = text(
     f"SELECT pg_notify({CHANNEL_SQL}, '')"
 )
 
+_RAISE = Prepared({"postgresql": _RAISE_COUNTER_AND_NOTIFY, "": _RAISE_COUNTER})
 
 _SIGNALLED = "status.signalled"
 
@@ -77,8 +79,5 @@ def signal_change(session: Session) -> None:
     done = transaction_state(session)
     if done.get(_SIGNALLED):
         return
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(_RAISE_COUNTER_AND_NOTIFY)
-    else:
-        session.execute(_RAISE_COUNTER)
+    _RAISE.run(session)
     transaction_state(session)[_SIGNALLED] = True

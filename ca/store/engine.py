@@ -21,10 +21,10 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from alembic import command
@@ -238,7 +238,7 @@ def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         if connection.get_execution_options().get(AUTOCOMMIT_READ):
-            return  # ``read_outside_transaction``: each statement its own snapshot, no write lock, no gate
+            return  # ``reading_outside_transaction``: each statement its own snapshot, no write lock, no gate
         dbapi_connection = connection.connection.dbapi_connection
         if isinstance(dbapi_connection, _GatedConnection):
             dbapi_connection.enter_gate()
@@ -251,6 +251,7 @@ def _sqlite_pragmas(engine: Engine, gate: _WriterGate | None, *, immediate: bool
 
 
 AUTOCOMMIT_READ = "chargepki_autocommit_read"
+_T = TypeVar("_T")
 
 
 def _refuse_writes_in_reads(engine: Engine) -> None:
@@ -285,12 +286,6 @@ def reading_outside_transaction(session: Session) -> Iterator[Connection]:
             yield connection.execution_options(**{AUTOCOMMIT_READ: True})
         finally:
             connection.rollback()  # nothing was begun in SQLite: ends SQLAlchemy's transaction only
-
-
-def read_outside_transaction(session: Session, statement: Any, parameters: dict[str, Any] | None = None) -> list[Any]:
-    """The rows of a read-only ``statement`` read through ``reading_outside_transaction``."""
-    with reading_outside_transaction(session) as connection:
-        return list(connection.execute(statement, parameters or {}).all())
 
 
 _READS = "chargepki_reads_only"
@@ -343,34 +338,43 @@ def _core_only(session: Session, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     )
 
 
+def once_more_when_dropped(session: Session, call: Callable[[], _T]) -> _T:
+    """``call()`` (a statement of ``session``), sent once more on a new connection when it was the
+    first of a transaction and the server had dropped the connection (see ``_Session``).
+
+    Only for writing stores' sessions (``_Session``), and only when nothing else happened in that
+    transaction (first statement, no pending ORM changes), so the retry is exactly a new attempt:
+    nothing of the transaction reached the server. Read-only stores keep their pool pre-ping."""
+    if not isinstance(session, _Session) or session.in_transaction() or not session._is_clean():
+        return call()
+    try:
+        return call()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        session.rollback()
+        return call()
+
+
 class _Session(Session):
     """A session that retries the first statement of a transaction once when its connection was dead.
 
     No pool pre-ping (a ``SELECT 1`` round trip on every checkout, ~11% of an enrollment's samples on
     PostgreSQL): a connection the server dropped (restart, idle timeout) fails its first
     statement with a disconnect instead; SQLAlchemy then invalidates it and every older pooled
-    connection, and this session rolls back and sends the statement again on a new connection.
-    Only when nothing else happened in that transaction (first statement, no pending ORM changes),
-    so the retry is exactly a new attempt: nothing of the transaction reached the server.
+    connection, and this session rolls back and sends the statement again on a new connection
+    (``once_more_when_dropped``).
     """
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
-        if self.in_transaction() or not self._is_clean():
-            if _core_only(self, args, kwargs):
-                # A Core statement (built on tables, or text) inside a transaction: what the ORM does
-                # for it is exactly this (no autoflush, no loading), minus ~40 µs of option merging
-                # and event dispatch per statement, a tenth of an enrollment's CPU over its statements.
-                parameters = args[1] if len(args) > 1 else kwargs.get("params")  # ``scalars`` names them
-                result = self.connection().execute(args[0], parameters)
-                return result.scalar() if kwargs.get("_scalar_result") else result
-            return super()._execute_internal(*args, **kwargs)
-        try:
-            return super()._execute_internal(*args, **kwargs)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            self.rollback()
-            return super()._execute_internal(*args, **kwargs)
+        if self.in_transaction() and _core_only(self, args, kwargs):
+            # A Core statement (built on tables, or text) inside a transaction: what the ORM does
+            # for it is exactly this (no autoflush, no loading), minus ~40 µs of option merging
+            # and event dispatch per statement, a tenth of an enrollment's CPU over its statements.
+            parameters = args[1] if len(args) > 1 else kwargs.get("params")  # ``scalars`` names them
+            result = self.connection().execute(args[0], parameters)
+            return result.scalar() if kwargs.get("_scalar_result") else result
+        return once_more_when_dropped(self, lambda: super(_Session, self)._execute_internal(*args, **kwargs))
 
 
 class Store:

@@ -50,7 +50,7 @@ def _plan(session: Session, authority_id: int) -> str:
     """The database's plan for the lookup as the presigner sends it (PostgreSQL after ANALYZE,
     as autovacuum leaves a live table; SQLite as it is, without statistics)."""
     dialect = session.get_bind().dialect
-    compiled = _CURRENT_SIGNER.compile(dialect=dialect)
+    compiled = _CURRENT_SIGNER.statement(dialect).compile(dialect=dialect)
     values = compiled.construct_params({"authority_id": authority_id, "now": datetime.now(UTC).replace(tzinfo=None)})
     if dialect.name == "sqlite":
         ordered = [values[name] for name in compiled.positiontup or []]

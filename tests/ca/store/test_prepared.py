@@ -1,0 +1,156 @@
+"""Prepared statements (``ca.store.prepared``): what ``Session.execute`` does, sent through the cursor.
+
+Each test runs on SQLite and on PostgreSQL: the same rows and types back, the same transaction,
+the same engine events and errors, and statements it cannot run faithfully refused up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, event, func, insert, select, text, update
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+
+from ca.errors import StoreError
+from ca.store.engine import Store, begin_reads
+from ca.store.models import Device
+from ca.store.prepared import Prepared
+from tests.conftest import MigratedSchema, postgres_admin
+
+_DEVICES = Device.__table__
+_AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+_ADD = Prepared(
+    insert(_DEVICES)
+    .values(
+        serial=bindparam("p_serial"),
+        environment="production",
+        enabled=True,
+        enrollment_open=True,
+        created_at=bindparam("p_at", type_=_DEVICES.c.created_at.type),
+    )
+    .returning(_DEVICES.c.id, _DEVICES.c.created_at)
+)
+_BY_SERIAL_STATEMENT = select(_DEVICES.c.serial, _DEVICES.c.created_at, _DEVICES.c.enabled).where(
+    _DEVICES.c.serial == bindparam("p_serial")
+)
+_BY_SERIAL = Prepared(_BY_SERIAL_STATEMENT)
+_DISABLE = Prepared(update(_DEVICES).where(_DEVICES.c.serial.like(bindparam("p_like"))).values(enabled=False))
+
+
+@pytest.fixture
+def fresh(db_url: str, migrated_schema: MigratedSchema) -> Iterator[Store]:
+    migrated_schema.apply(db_url)
+    store = Store(db_url)
+    yield store
+    store.dispose()
+
+
+def test_rows_come_back_with_their_types_and_names_as_from_session_execute(fresh: Store) -> None:
+    with fresh.session() as session:
+        added = _ADD.run(session, {"p_serial": "CP-PREP-1", "p_at": _AT})
+        row_id, created = added.rows[0]
+        assert created == _AT and created.tzinfo is not None  # SQLite's text read back as an aware datetime
+        found = _BY_SERIAL.run(session, {"p_serial": "CP-PREP-1"}).first()
+        expected = session.execute(_BY_SERIAL_STATEMENT, {"p_serial": "CP-PREP-1"}).one()
+        assert tuple(found) == tuple(expected) == ("CP-PREP-1", _AT, True)
+        assert (found.serial, found.created_at, found.enabled) == ("CP-PREP-1", _AT, True)
+        assert _BY_SERIAL.run(session, {"p_serial": "CP-NONE"}).first() is None
+        assert _BY_SERIAL.run(session, {"p_serial": "CP-NONE"}).scalar() is None
+        assert _ADD.run(session, {"p_serial": "CP-PREP-2", "p_at": _AT}).scalar() == row_id + 1
+        assert _DISABLE.run(session, {"p_like": "CP-PREP-%"}).rowcount == 2
+        assert _BY_SERIAL.run(session, {"p_serial": "CP-PREP-2"}).scalars() == ["CP-PREP-2"]
+
+
+def test_it_runs_in_the_sessions_transaction(fresh: Store) -> None:
+    """Begun when none is open, committed and rolled back with the session's other work."""
+    with fresh.session() as session:
+        _ADD.run(session, {"p_serial": "CP-GONE", "p_at": _AT})
+        assert session.in_transaction()
+        session.rollback()
+        _ADD.run(session, {"p_serial": "CP-KEPT", "p_at": _AT})
+        session.commit()
+    with fresh.session() as session:
+        assert session.scalars(select(_DEVICES.c.serial)).all() == ["CP-KEPT"]
+
+
+def test_engine_events_see_each_statement_and_reads_stay_reads(fresh: Store) -> None:
+    """The statement counters of the hot-path guard, and the refusal of a write in a connection
+    opened for reads, both hang on ``before_cursor_execute``."""
+    seen: list[str] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(fresh.engine, "before_cursor_execute", on_statement)
+    try:
+        with fresh.session() as session:
+            _ADD.run(session, {"p_serial": "CP-SEEN", "p_at": _AT})
+            _BY_SERIAL.run(session, {"p_serial": "CP-SEEN"})
+            session.commit()
+            assert [kind for kind in seen if kind != "BEGIN"] == ["INSERT", "SELECT"]
+            begin_reads(session)
+            assert _BY_SERIAL.run(session, {"p_serial": "CP-SEEN"}).scalar() == "CP-SEEN"
+            with pytest.raises(StoreError, match="reads only"):
+                _DISABLE.run(session, {"p_like": "%"})
+    finally:
+        event.remove(fresh.engine, "before_cursor_execute", on_statement)
+
+
+def test_database_errors_are_sqlalchemys_and_leave_the_session_usable_after_rollback(fresh: Store) -> None:
+    with fresh.session() as session:
+        _ADD.run(session, {"p_serial": "CP-TWICE", "p_at": _AT})
+        with pytest.raises(IntegrityError):  # the serial is unique; on SQLite the error comes at the fetch
+            _ADD.run(session, {"p_serial": "CP-TWICE", "p_at": _AT})
+        session.rollback()
+        assert _ADD.run(session, {"p_serial": "CP-TWICE", "p_at": _AT}).scalar() is not None
+
+
+def test_parameters_must_match_the_statement(fresh: Store) -> None:
+    with fresh.session() as session:
+        with pytest.raises(ArgumentError, match="needs a value for parameter 'p_at'"):
+            _ADD.run(session, {"p_serial": "CP-HALF"})
+        with pytest.raises(ArgumentError, match="not in the statement: p_typo"):
+            _ADD.run(session, {"p_serial": "CP-HALF", "p_at": _AT, "p_typo": 1})
+        assert session.scalar(select(func.count()).select_from(_DEVICES)) == 0
+
+
+def test_statements_it_cannot_run_faithfully_are_refused_when_prepared(fresh: Store) -> None:
+    with fresh.session() as session:
+        in_list = Prepared(select(_DEVICES.c.id).where(_DEVICES.c.serial.in_(bindparam("p_serials", expanding=True))))
+        with pytest.raises(ArgumentError, match="expand"):
+            in_list.run(session, {"p_serials": ["a"]})
+        defaults = Prepared(insert(_DEVICES).values(serial=bindparam("p_serial"), environment="production"))
+        with pytest.raises(ArgumentError, match="Python-side column defaults"):
+            defaults.run(session, {"p_serial": "CP-DEFAULT"})
+        only_elsewhere = Prepared({"oracle": text("SELECT 1 FROM dual")})
+        assert not only_elsewhere.knows(session.get_bind().dialect)
+        with pytest.raises(ArgumentError, match="no form of this statement"):
+            only_elsewhere.run(session)
+
+
+def test_one_statement_per_dialect(fresh: Store) -> None:
+    both = Prepared({"postgresql": text("SELECT 'postgresql'"), "": text("SELECT 'other'")})
+    with fresh.session() as session:
+        assert both.run(session).scalar() == ("other" if fresh.is_sqlite else "postgresql")
+
+
+def test_a_dropped_connection_is_replaced_for_the_first_statement_only(db_url: str, fresh: Store) -> None:
+    """As ``Session.execute``: the first statement of a transaction is sent again on a new
+    connection, a later one fails (what came before it is lost with the connection)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a server connection")
+    backend = Prepared(text("SELECT pg_backend_pid()"))
+    with fresh.session() as session:
+        pid = backend.run(session).scalar()
+    with postgres_admin() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with fresh.session() as session:
+        assert backend.run(session).scalar() != pid
+        pid = backend.run(session).scalar()
+        with postgres_admin() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(OperationalError):
+            backend.run(session)
