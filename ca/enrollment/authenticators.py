@@ -22,6 +22,7 @@ from ca.issuance.profiles import SECC_PROFILES
 from ca.kinds import CertStatus
 from ca.registry.secrets import REPEAT_WINDOW, repeated_enrollment, secret_is_valid
 from ca.store.models import Authority, Certificate, Device
+from ca.store.prepared import Prepared, as_objects
 from ca.work import Work
 
 
@@ -46,13 +47,13 @@ _BY_FINGERPRINT = (
 _PRESENTED_WITH_DEVICE = _BY_FINGERPRINT.add_columns(Device).outerjoin(Device, Device.id == Certificate.device_id)
 
 
-# Prepared once (every enrollment for a charger reads its device): built per call, the statement's
-# construction and cache key cost more than the query itself.
-_DEVICE_BY_SERIAL = select(Device).where(Device.serial == bindparam("serial"))
+# Every enrollment for a charger reads its device: a prepared statement, its row made the ORM object.
+_DEVICE_BY_SERIAL = Prepared(select(Device.__table__).where(Device.__table__.c.serial == bindparam("serial")))
 
 
 def registered_device(session: Session, serial: str) -> Device:
-    device = session.scalar(_DEVICE_BY_SERIAL, {"serial": serial})
+    found = as_objects(session, Device, _DEVICE_BY_SERIAL.run(session, {"serial": serial}))
+    device = found[0] if found else None
     if device is None:
         raise PolicyError(f"device {serial!r} is not registered", code="device_not_registered")
     return device

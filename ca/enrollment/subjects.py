@@ -24,7 +24,7 @@ from ca.issuance.profiles import ISO15118_2, V2G_VERSIONS, V2gVersion
 from ca.kinds import CaStatus, CertStatus
 from ca.status.revocation import apply_revocation
 from ca.store.models import Authority, Certificate, Device
-from ca.store.prepared import Prepared
+from ca.store.prepared import Prepared, as_objects
 from ca.work import Work
 
 
@@ -52,11 +52,14 @@ def _retire(work: Work, attempt: Attempt, olders: list[Certificate]) -> None:
 
 # Prepared once: these run on every enrollment, and building a statement costs more than running it.
 # The rows themselves, in one statement: a re-enrollment has one to retire, a first enrollment none.
-_OLDER_CHARGER_CERTIFICATES = select(Certificate).where(
-    Certificate.device_id == bindparam("device_id"),
-    Certificate.profile == "charger",
-    Certificate.status == CertStatus.VALID,
-    Certificate.id != bindparam("new_id"),
+_CERTIFICATES = Certificate.__table__
+_OLDER_CHARGER_CERTIFICATES = Prepared(
+    select(_CERTIFICATES).where(
+        _CERTIFICATES.c.device_id == bindparam("device_id"),
+        _CERTIFICATES.c.profile == "charger",
+        _CERTIFICATES.c.status == CertStatus.VALID,
+        _CERTIFICATES.c.id != bindparam("new_id"),
+    )
 )
 _DEVICES = Device.__table__
 _CLOSE_ENROLLMENT = Prepared(
@@ -82,7 +85,8 @@ class ChargerRule:
         """At most one current charger certificate per device; a first certificate closes enrollment."""
         assert device is not None
         session = work.session
-        olders = list(session.scalars(_OLDER_CHARGER_CERTIFICATES, {"device_id": device.id, "new_id": new.id}))
+        found = _OLDER_CHARGER_CERTIFICATES.run(session, {"device_id": device.id, "new_id": new.id})
+        olders = as_objects(session, Certificate, found)
         if olders:
             _retire(work, attempt, olders)
         if device.enrollment_open:  # a statement, not the ORM's flush of the loaded device

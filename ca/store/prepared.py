@@ -26,15 +26,18 @@ from __future__ import annotations
 import weakref
 from collections import namedtuple
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
 from sqlalchemy.sql import ClauseElement
 
 from ca.store.engine import once_more_when_dropped
 
+_M = TypeVar("_M")
 _REQUIRED = object()  # a parameter the caller must give
 
 
@@ -181,3 +184,36 @@ class Prepared:
         elif form.row is not tuple:
             rows = [form.row(*row) for row in rows]
         return Outcome(rows, rowcount)
+
+
+def as_objects(session: Session, model: type[_M], outcome: Outcome) -> list[_M]:
+    """``model`` objects in ``session`` for the rows of a prepared ``select(<model's table>)``, as the
+    ORM's own query would give them, without its per-query machinery (a tenth of an enrollment's
+    CPU went to loading the device and its older certificates).
+
+    An object the session already holds (its identity map) is returned as it is, its expired
+    columns refreshed from the row (as a query does, which never overwrites loaded ones); any other
+    is made from the row and joins the session as loaded, as if a query had just read it.
+    Relationships are left unloaded (read on first access, as with the default lazy loading).
+    """
+    mapper: Any = inspect(model)
+    table = model.__table__  # type: ignore[attr-defined]
+    names = [mapper.get_property_by_column(column).key for column in table.c]
+    primary = [names.index(mapper.get_property_by_column(column).key) for column in mapper.primary_key]
+    objects = []
+    for row in outcome.rows:
+        key = mapper.identity_key_from_primary_key([row[i] for i in primary])
+        held = session.identity_map.get(key)
+        if held is not None:
+            expired = instance_state(held).expired_attributes
+            for name, value in zip(names, row, strict=True):
+                if name in expired:
+                    set_committed_value(held, name, value)
+            objects.append(held)
+            continue
+        made = mapper.class_manager.new_instance()
+        instance_dict(made).update(zip(names, row, strict=True))
+        make_transient_to_detached(made)
+        session.add(made)
+        objects.append(made)
+    return objects

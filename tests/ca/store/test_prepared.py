@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from ca.errors import StoreError
 from ca.store.engine import Store, begin_reads
 from ca.store.models import Device
-from ca.store.prepared import Prepared
+from ca.store.prepared import Prepared, as_objects
 from tests.conftest import MigratedSchema, postgres_admin
 
 _DEVICES = Device.__table__
@@ -154,3 +154,39 @@ def test_a_dropped_connection_is_replaced_for_the_first_statement_only(db_url: s
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(OperationalError):
             backend.run(session)
+
+
+_DEVICE_ROWS = Prepared(select(_DEVICES).where(_DEVICES.c.serial.like(bindparam("p_like"))).order_by(_DEVICES.c.id))
+
+
+def test_rows_become_the_orm_objects_a_query_would_give_without_reading_again(fresh: Store) -> None:
+    """New objects join the session as loaded (no statement when read, none at the commit); an object
+    the session holds is returned as the same object, its expired columns taken from the row."""
+    with fresh.session() as session:
+        for serial in ("CP-OBJ-1", "CP-OBJ-2"):
+            _ADD.run(session, {"p_serial": serial, "p_at": _AT})
+        session.commit()
+    statements: list[str] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(fresh.engine, "before_cursor_execute", on_statement)
+    try:
+        with fresh.session() as session:
+            held = session.scalars(select(Device).where(Device.serial == "CP-OBJ-2")).one()
+            session.expire(held, ["enabled"])
+            session.execute(update(_DEVICES).values(enabled=False))  # seen only through the row
+            statements.clear()
+            devices = as_objects(session, Device, _DEVICE_ROWS.run(session, {"p_like": "CP-OBJ-%"}))
+            assert [device.serial for device in devices] == ["CP-OBJ-1", "CP-OBJ-2"]
+            assert devices[1] is held and held.enabled is False  # refreshed from the row, not read again
+            assert devices[0].created_at == _AT and devices[0].enabled is False
+            assert devices[0] in session and not session.dirty
+            assert [s.split(None, 1)[0] for s in statements] == ["SELECT"]  # the prepared one only
+            devices[0].model = "changed"  # tracked like any loaded object
+            session.commit()
+        with fresh.session() as session:
+            assert session.scalar(select(Device.model).where(Device.serial == "CP-OBJ-1")) == "changed"
+    finally:
+        event.remove(fresh.engine, "before_cursor_execute", on_statement)
