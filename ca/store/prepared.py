@@ -91,25 +91,21 @@ class Prepared:
     __slots__ = ("_by_dialect", "_forms")
 
     def __init__(self, statement: ClauseElement | Mapping[str, ClauseElement]) -> None:
-        self._by_dialect = statement if isinstance(statement, Mapping) else None
-        if self._by_dialect is None:
-            self._by_dialect = {"": statement}
+        self._by_dialect: dict[str, ClauseElement] = (
+            dict(statement) if isinstance(statement, Mapping) else {"": statement}
+        )
         self._forms: weakref.WeakKeyDictionary[Dialect, _Form] = weakref.WeakKeyDictionary()
 
     def statement(self, dialect: Dialect) -> ClauseElement:
         """The Core statement sent to ``dialect`` (for tests that have the database plan it)."""
-        by_dialect = self._by_dialect
-        assert by_dialect is not None
-        statement = by_dialect.get(dialect.name, by_dialect.get(""))
+        statement = self._by_dialect.get(dialect.name, self._by_dialect.get(""))
         if statement is None:
             raise ArgumentError(f"no form of this statement for the {dialect.name} dialect")
         return statement
 
     def knows(self, dialect: Dialect) -> bool:
         """Whether this statement has a form for ``dialect`` (callers fall back to another way when not)."""
-        by_dialect = self._by_dialect
-        assert by_dialect is not None
-        return dialect.name in by_dialect or "" in by_dialect
+        return dialect.name in self._by_dialect or "" in self._by_dialect
 
     def form(self, dialect: Dialect) -> _Form:
         form = self._forms.get(dialect)
