@@ -390,28 +390,29 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 #     8 INSERT audit_events                       certificate.issued
 #     9 UPDATE audit_head                         its hash (PostgreSQL: 8 and 9 are one WITH … statement)
 #    10 UPDATE certificates WHERE pending AND CA active   the DER
-#    11 SELECT certificates JOIN authorities      the CA's current OCSP signer: the response signed ahead is
-#                                                 stored only if its signer is the current one in this
-#                                                 transaction (else signed again here)
+#    11 INSERT ocsp_responses SELECT … WHERE <its signer is the CA's current one> ON CONFLICT
+#                                                 the response signed ahead, stored only if its signer is
+#                                                 the current one in this transaction (the check and the
+#                                                 write in one statement; when it is not, nothing is
+#                                                 written and it is signed again here)
 #       (no lookup of hash algorithms already stored for the serial: a new certificate has none)
-#    12 INSERT ocsp_responses ... ON CONFLICT     the presigned response
-#    13 UPDATE status_feed                        the change counter, once per transaction
+#    12 UPDATE status_feed                        the change counter, once per transaction
 #       (PostgreSQL: with NOTIFY, in one WITH … statement)
-#    14 SELECT certificates                       older charger certificates to supersede, as rows (none)
-#    15 UPDATE devices                            enrollment closed
+#    13 SELECT certificates                       older charger certificates to supersede, as rows (none)
+#    14 UPDATE devices                            enrollment closed
 # Token signatures: the certificate, and its OCSP response (sha1 CertID): 2, none in a write transaction.
 # Audit entries: 1.
-ENROLLMENT = {"SELECT": 5, "INSERT": 4, "UPDATE": 6}
+ENROLLMENT = {"SELECT": 4, "INSERT": 4, "UPDATE": 6}
 # A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
 # the presented certificate by fingerprint with its CA and its device (one statement: both joined; +1 SELECT,
 # -1 for the device by serial), and in transaction 2 the superseded
-# certificate: found and loaded by statement 14 itself (no extra SELECT), revoked (+1 UPDATE), audited
+# certificate: found and loaded by statement 13 itself (no extra SELECT), revoked (+1 UPDATE), audited
 # (+1 INSERT, +1 UPDATE: the head, already locked by the first entry, moves with the second's hash), its
 # OCSP response re-signed (+2 SELECT, +1 INSERT; the change counter and NOTIFY once per transaction); no
 # enrollment to close (-1 UPDATE).
 # Token signatures: the certificate, the new and the superseded OCSP responses: 3, of which only the
 # superseded one's in a write transaction (its revocation and new response commit together). Audit entries: 2.
-REENROLLMENT = {"SELECT": 6, "INSERT": 6, "UPDATE": 6}
+REENROLLMENT = {"SELECT": 5, "INSERT": 6, "UPDATE": 6}
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
 # the stored hash algorithms, the upsert, the change counter (PostgreSQL: with NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
