@@ -242,12 +242,12 @@ class Presigner:
         # only if so (one statement: the check and the write); when it is not, nothing was written.
         signer, signed_at, validity = prepared.signer, prepared.this_update, prepared.validity
         for index, (algorithm, status, der) in enumerate(prepared.answers):
-            values = _response_values(certificate, algorithm, status, der, signer, signed_at, self.policy, validity)
-            if index > 0:
-                _UPSERT.run(session, values)
-                continue
-            checked = {**values, "current_for": certificate.authority_id, "current_at": now}
-            if _UPSERT_IF_CURRENT.run(session, {**checked, "prepared_signer": signer.serial}).rowcount != 1:
+            checked_at = now if index == 0 else None  # the first one's check holds for the transaction
+            stored = upsert_response(
+                session, certificate, algorithm, status, der, signer, signed_at, self.policy,
+                validity=validity, if_current_at=checked_at,
+            )  # fmt: skip
+            if not stored:
                 return False  # a stale guess: ``store`` reads the current signer and signs with it
         return True
 
@@ -297,8 +297,18 @@ _REPLACED = ("cert_status", "der", "this_update", "next_update", "signer_serial"
 _RESPONSES = OcspResponse.__table__
 
 
-def _upsert(dialect_insert):  # type: ignore[no-untyped-def]
-    statement = dialect_insert(_RESPONSES).values({column: bindparam(column) for column in _UPSERT_COLUMNS})
+def _upsert(dialect_insert, *, while_current: bool = False):  # type: ignore[no-untyped-def]
+    """INSERT … ON CONFLICT of a response; ``while_current``: inserted only while its signer
+    (``signer_serial``) is the CA's current one, the check and the write in one statement (SQLite
+    needs the SELECT's WHERE before ON CONFLICT)."""
+    if while_current:
+        current = _current_signer(_CERTS.serial, authority="authority_id", now="current_at").scalar_subquery()
+        values = select(*(bindparam(column, type_=_RESPONSES.c[column].type) for column in _UPSERT_COLUMNS))
+        statement = dialect_insert(_RESPONSES).from_select(
+            _UPSERT_COLUMNS, values.where(current == bindparam("signer_serial", type_=_CERTS.serial.type))
+        )
+    else:
+        statement = dialect_insert(_RESPONSES).values({column: bindparam(column) for column in _UPSERT_COLUMNS})
     return statement.on_conflict_do_update(
         index_elements=["authority_id", "serial", "hash_algorithm"],
         set_={key: statement.excluded[key] for key in _REPLACED},
@@ -308,24 +318,10 @@ def _upsert(dialect_insert):  # type: ignore[no-untyped-def]
 _UPSERT_COLUMNS = ("authority_id", "serial", "hash_algorithm", *_REPLACED)
 # Prepared once: building an INSERT … ON CONFLICT per response cost more than running it.
 _UPSERT = Prepared({"postgresql": _upsert(pg_insert), "": _upsert(sqlite_insert)})
-
-
-def _upsert_if_current(dialect_insert):  # type: ignore[no-untyped-def]
-    """``_upsert``'s row, inserted only while ``prepared_signer`` is the CA's current signer: the
-    check and the write in one statement (SQLite needs the SELECT's WHERE before ON CONFLICT)."""
-    current = _current_signer(_CERTS.serial, authority="current_for", now="current_at").scalar_subquery()
-    values = select(*(bindparam(column, type_=_RESPONSES.c[column].type) for column in _UPSERT_COLUMNS)).where(
-        current == bindparam("prepared_signer", type_=_CERTS.serial.type)
-    )
-    statement = dialect_insert(_RESPONSES).from_select(_UPSERT_COLUMNS, values)
-    return statement.on_conflict_do_update(
-        index_elements=["authority_id", "serial", "hash_algorithm"],
-        set_={key: statement.excluded[key] for key in _REPLACED},
-    )
-
-
 # Its signer checked and the response stored in one statement (one round trip fewer per enrollment).
-_UPSERT_IF_CURRENT = Prepared({"postgresql": _upsert_if_current(pg_insert), "": _upsert_if_current(sqlite_insert)})
+_UPSERT_IF_CURRENT = Prepared(
+    {"postgresql": _upsert(pg_insert, while_current=True), "": _upsert(sqlite_insert, while_current=True)}
+)
 
 
 def upsert_response(
@@ -339,33 +335,26 @@ def upsert_response(
     policy: OcspPolicy,
     *,
     validity: timedelta | None = None,
-) -> None:
-    """Store a signed response; ``validity`` is the CA's own when it differs from the policy's."""
-    _UPSERT.run(session, _response_values(certificate, algorithm, status, der, signer, now, policy, validity))
-
-
-def _response_values(
-    certificate: Certificate,
-    algorithm: str,
-    status: str,
-    der: bytes,
-    signer: ResponseSigner,
-    now: datetime,
-    policy: OcspPolicy,
-    validity: timedelta | None,
-) -> dict[str, Any]:
-    """A stored response's columns (``_UPSERT_COLUMNS``)."""
-    now = now.replace(microsecond=0)  # as in the DER (GeneralizedTime without fractions)
-    return {
+    if_current_at: datetime | None = None,
+) -> bool:
+    """Store a signed response; ``validity`` is the CA's own when it differs from the policy's.
+    ``if_current_at``: only while ``signer`` is the CA's current signer at that time, in this
+    transaction; False when it is not (nothing is written)."""
+    stamp = now.replace(microsecond=0)  # as in the DER (GeneralizedTime without fractions)
+    values = {
         "authority_id": certificate.authority_id,
         "serial": certificate.serial,
         "hash_algorithm": algorithm,
         "cert_status": status,
         "der": der,
-        "this_update": now,
-        "next_update": min(now + (validity or policy.validity), signer.not_after),
+        "this_update": stamp,
+        "next_update": min(stamp + (validity or policy.validity), signer.not_after),
         "signer_serial": signer.serial,
     }
+    if if_current_at is None:
+        _UPSERT.run(session, values)
+        return True
+    return _UPSERT_IF_CURRENT.run(session, {**values, "current_at": if_current_at}).rowcount == 1
 
 
 @dataclass(frozen=True)
