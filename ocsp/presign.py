@@ -96,10 +96,12 @@ _CURRENT_SIGNER = Prepared(
     _current_signer(_CERTS.serial, _CERTS.der, _CERTS.key_label, _CAS.rsa_padding, authority="authority_id", now="now")
 )
 _STORED = OcspResponse.__table__.c
-# On the table's columns, not the mapped class's: a Core statement skips the ORM's execution path
-# (a revocation, e.g. of the certificate a re-enrollment supersedes, runs it in its transaction).
-_STORED_ALGORITHMS = select(_STORED.hash_algorithm).where(
-    _STORED.authority_id == bindparam("authority_id"), _STORED.serial == bindparam("serial")
+# Prepared, on the table's columns: a revocation (e.g. of the certificate a re-enrollment supersedes)
+# runs it in its transaction.
+_STORED_ALGORITHMS = Prepared(
+    select(_STORED.hash_algorithm).where(
+        _STORED.authority_id == bindparam("authority_id"), _STORED.serial == bindparam("serial")
+    )
 )
 
 
@@ -272,9 +274,9 @@ class Presigner:
             stored = (
                 []
                 if fresh
-                else session.scalars(
-                    _STORED_ALGORITHMS, {"authority_id": certificate.authority_id, "serial": certificate.serial}
-                ).all()
+                else _STORED_ALGORITHMS.run(
+                    session, {"authority_id": certificate.authority_id, "serial": certificate.serial}
+                ).scalars()
             )
             validity = self.validity_for(session, certificate.authority_id)
             for algorithm in dict.fromkeys([*self.policy.hashes, *stored]):

@@ -22,7 +22,7 @@ from ca.issuance.profiles import SECC_PROFILES
 from ca.kinds import CertStatus
 from ca.registry.secrets import REPEAT_WINDOW, repeated_enrollment, secret_is_valid
 from ca.store.models import Authority, Certificate, Device
-from ca.store.prepared import Prepared, as_objects
+from ca.store.prepared import Prepared, as_object, as_objects
 from ca.work import Work
 
 
@@ -43,8 +43,29 @@ _BY_FINGERPRINT = (
     .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
     .options(joinedload(Certificate.authority))
 )
-# A re-enrollment's first statement: the same, with the certificate's device.
-_PRESENTED_WITH_DEVICE = _BY_FINGERPRINT.add_columns(Device).outerjoin(Device, Device.id == Certificate.device_id)
+_CERTIFICATES = Certificate.__table__
+_DEVICES = Device.__table__
+_AUTHORITIES = Authority.__table__
+# A re-enrollment's first statement, prepared: the presented certificate, its CA's environment and
+# its device, in one round trip (the ORM's query for the same cost a twelfth of a re-enrollment).
+_PRESENTED_WITH_DEVICE = Prepared(
+    select(_CERTIFICATES, _AUTHORITIES.c.environment, _DEVICES)
+    .join(_AUTHORITIES, _AUTHORITIES.c.id == _CERTIFICATES.c.authority_id)
+    .outerjoin(_DEVICES, _DEVICES.c.id == _CERTIFICATES.c.device_id)
+    .where(_CERTIFICATES.c.fingerprint_sha256 == bindparam("fingerprint"))
+)
+_ENVIRONMENT_AT = len(_CERTIFICATES.c)  # the row: the certificate's columns, the environment, the device's
+
+
+def _presented_with_device(session: Session, der: bytes) -> tuple[Certificate, str, Device | None] | None:
+    """The stored certificate ``der`` is, its CA's environment and its device (None: not ours)."""
+    row = _PRESENTED_WITH_DEVICE.run(session, _fingerprint(der)).first()
+    if row is None:
+        return None
+    certificate = as_object(session, Certificate, row[:_ENVIRONMENT_AT])
+    device_values = row[_ENVIRONMENT_AT + 1 :]
+    device = as_object(session, Device, device_values) if device_values[0] is not None else None
+    return certificate, row[_ENVIRONMENT_AT], device
 
 
 # Every enrollment for a charger reads its device: a prepared statement, its row made the ORM object.
@@ -59,8 +80,11 @@ def registered_device(session: Session, serial: str) -> Device:
     return device
 
 
-def check_current(work: Work, certificate: Certificate, authority: Authority, what: str) -> None:
-    """A presented certificate authenticates only while current and of ``authority``'s environment."""
+def check_current(
+    work: Work, certificate: Certificate, authority: Authority, what: str, environment: str | None = None
+) -> None:
+    """A presented certificate authenticates only while current and of ``authority``'s environment.
+    ``environment``: its CA's, when read with it (else its loaded CA's)."""
     now = work.now()
     if certificate.status != CertStatus.VALID or (
         certificate.revoke_after is not None and certificate.revoke_after <= now
@@ -68,10 +92,10 @@ def check_current(work: Work, certificate: Certificate, authority: Authority, wh
         raise AuthenticationError(f"the {what} is revoked")
     if certificate.not_after <= now:
         raise AuthenticationError(f"the {what} has expired")
-    if certificate.authority.environment != authority.environment:
-        raise AuthenticationError(
-            f"the {what} belongs to environment {certificate.authority.environment}, not {authority.environment}"
-        )
+    if environment is None:
+        environment = certificate.authority.environment
+    if environment != authority.environment:
+        raise AuthenticationError(f"the {what} belongs to environment {environment}, not {authority.environment}")
 
 
 def _plausible_serial(username: str) -> bool:
@@ -120,13 +144,13 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
     der = attempt.credentials.client_certificate
     if der is None:
         raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
-    found = work.session.execute(_PRESENTED_WITH_DEVICE, _fingerprint(der)).first()
-    current, device = found if found is not None else (None, None)
+    found = _presented_with_device(work.session, der)
+    current, environment, device = found if found is not None else (None, None, None)
     if current is None or current.profile != "charger" or device is None:
         raise AuthenticationError("the client certificate is not a charger certificate issued here")
     mismatch = "does not match the certificate being renewed"
     try:
-        check_current(work, current, attempt.authority, "client certificate")
+        check_current(work, current, attempt.authority, "client certificate", environment)
     except AuthenticationError:
         repeated = _repeated_renewal(work, current, csr, attempt.authority)
         if repeated is None:
@@ -159,7 +183,6 @@ def _repeated_renewal(work: Work, presented: Certificate, csr: CsrRequest, autho
     ).scalar()
 
 
-_CERTIFICATES = Certificate.__table__
 _RENEWED = (
     select(_CERTIFICATES.c.id)
     .where(

@@ -197,24 +197,39 @@ def as_objects(session: Session, model: type[_M], outcome: Outcome) -> list[_M]:
     is made from the row and joins the session as loaded, as if a query had just read it.
     Relationships are left unloaded (read on first access, as with the default lazy loading).
     """
+    return [as_object(session, model, row) for row in outcome.rows]
+
+
+def as_object(session: Session, model: type[_M], values: Sequence[Any]) -> _M:
+    """``as_objects`` for one row's values, in the order of the model's table columns (a slice of a
+    wider row: a statement selecting two tables' columns gives an object of each)."""
+    names, primary = _columns_of(model)
     mapper: Any = inspect(model)
-    table = model.__table__  # type: ignore[attr-defined]
-    names = [mapper.get_property_by_column(column).key for column in table.c]
-    primary = [names.index(mapper.get_property_by_column(column).key) for column in mapper.primary_key]
-    objects = []
-    for row in outcome.rows:
-        key = mapper.identity_key_from_primary_key([row[i] for i in primary])
-        held = session.identity_map.get(key)
-        if held is not None:
-            expired = instance_state(held).expired_attributes
-            for name, value in zip(names, row, strict=True):
-                if name in expired:
-                    set_committed_value(held, name, value)
-            objects.append(held)
-            continue
-        made = mapper.class_manager.new_instance()
-        instance_dict(made).update(zip(names, row, strict=True))
-        make_transient_to_detached(made)
-        session.add(made)
-        objects.append(made)
-    return objects
+    key = mapper.identity_key_from_primary_key([values[i] for i in primary])
+    held = session.identity_map.get(key)
+    if held is not None:
+        expired = instance_state(held).expired_attributes
+        for name, value in zip(names, values, strict=True):
+            if name in expired:
+                set_committed_value(held, name, value)
+        return held  # type: ignore[no-any-return]
+    made = mapper.class_manager.new_instance()
+    instance_dict(made).update(zip(names, values, strict=True))
+    make_transient_to_detached(made)
+    session.add(made)
+    return made  # type: ignore[no-any-return]
+
+
+_COLUMNS: dict[type, tuple[list[str], list[int]]] = {}
+
+
+def _columns_of(model: type) -> tuple[list[str], list[int]]:
+    """The model's attribute names in its table's column order, and where its primary key is (cached:
+    mappers are configured once)."""
+    known = _COLUMNS.get(model)
+    if known is None:
+        mapper: Any = inspect(model)
+        names = [mapper.get_property_by_column(column).key for column in model.__table__.c]  # type: ignore[attr-defined]
+        primary = [names.index(mapper.get_property_by_column(column).key) for column in mapper.primary_key]
+        known = _COLUMNS[model] = (names, primary)
+    return known

@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from ca.errors import StoreError
 from ca.store.engine import Store, begin_reads
 from ca.store.models import Device
-from ca.store.prepared import Prepared, as_objects
+from ca.store.prepared import Prepared, as_object, as_objects
 from tests.conftest import MigratedSchema, postgres_admin
 
 _DEVICES = Device.__table__
@@ -190,3 +190,23 @@ def test_rows_become_the_orm_objects_a_query_would_give_without_reading_again(fr
             assert session.scalar(select(Device.model).where(Device.serial == "CP-OBJ-1")) == "changed"
     finally:
         event.remove(fresh.engine, "before_cursor_execute", on_statement)
+
+
+def test_one_row_of_two_tables_gives_an_object_of_each(fresh: Store) -> None:
+    """``as_object`` takes a slice of a wider row (a join selecting two tables' columns): each model
+    reads its own columns, whatever the other table's are called (both have an ``id``)."""
+    with fresh.session() as session:
+        for serial in ("CP-PAIR-1", "CP-PAIR-2"):
+            _ADD.run(session, {"p_serial": serial, "p_at": _AT})
+        session.commit()
+    other = _DEVICES.alias("other")
+    pair = Prepared(
+        select(_DEVICES, other).join(other, other.c.serial == "CP-PAIR-2").where(_DEVICES.c.serial == "CP-PAIR-1")
+    )
+    width = len(_DEVICES.c)
+    with fresh.session() as session:
+        row = pair.run(session).first()
+        first, second = as_object(session, Device, row[:width]), as_object(session, Device, row[width:])
+        assert (first.serial, second.serial) == ("CP-PAIR-1", "CP-PAIR-2") and first.id != second.id
+        again = session.scalars(select(Device).where(Device.serial == "CP-PAIR-2")).one()
+        assert again is second and second.created_at == _AT and not session.dirty
