@@ -19,6 +19,7 @@ from ca.keys.keyspec import KeySpec, key_spec
 from ca.keys.pkcs11_token import Token
 from ca.keys.token_keys import TokenECPrivateKey, TokenRSAPrivateKey, token_private_key
 from ca.store.models import Authority
+from ca.store.prepared import Prepared, as_objects
 
 # The one status in which a CA signs anything (certificates, CRLs): ``retired`` and ``revoked`` CAs never do.
 SIGNING_STATUS = "active"
@@ -168,12 +169,9 @@ def newest_active(session: Session, role: str, environment: str, *, after: Autho
     The one query behind the current issuing CA, root, CPO Sub-CA 2 and manufacturer root, and a
     CA's successor: new certificates always come from the newest CA of a lineage.
     """
-    query = select(Authority).where(
-        Authority.environment == environment, Authority.role == role, Authority.status == SIGNING_STATUS
-    )
-    if after is not None:
-        query = query.where(Authority.id > after.id)
-    return session.scalar(query.order_by(Authority.id.desc()).limit(1))
+    parameters = {"environment": environment, "role": role, "after_id": after.id if after is not None else 0}
+    found = as_objects(session, Authority, _NEWEST_ACTIVE.run(session, parameters))
+    return found[0] if found else None
 
 
 def default_issuing_ca(session: Session, environment: str | None) -> Authority:
@@ -200,6 +198,18 @@ def chain(session: Session, authority: Authority) -> list[Authority]:
 
 
 _AUTHORITIES = Authority.__table__
+# Prepared once: every relayed signature looks up its environment's issuing CA (ids start at 1).
+_NEWEST_ACTIVE = Prepared(
+    select(_AUTHORITIES)
+    .where(
+        _AUTHORITIES.c.environment == bindparam("environment"),
+        _AUTHORITIES.c.role == bindparam("role"),
+        _AUTHORITIES.c.status == SIGNING_STATUS,
+        _AUTHORITIES.c.id > bindparam("after_id"),
+    )
+    .order_by(_AUTHORITIES.c.id.desc())
+    .limit(1)
+)
 
 
 def check_can_sign(authority: Authority) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -36,6 +36,7 @@ from ca.ocpp_limits import CERTIFICATE_CHAIN_CHARS
 from ca.status.certificates import standing
 from ca.status.revocation import apply_revocation
 from ca.store.models import Authority, Certificate, CsmsClient, CsmsToken
+from ca.store.prepared import Prepared, as_object
 from ca.work import Work
 
 _DEFAULT_SETTINGS = EnrollmentSettings()
@@ -196,28 +197,52 @@ def authenticate(
     """
     refused = AuthenticationError("unknown, revoked or disabled CSMS credentials")
     if token:
-        client = session.scalar(
-            select(CsmsClient)
-            .join(CsmsToken, CsmsToken.client_id == CsmsClient.id)
-            .where(CsmsToken.token_hash == _token_hash(token), CsmsToken.revoked_at.is_(None))
-        )
+        client = _CLIENT_BY_TOKEN.run(session, {"token_hash": _token_hash(token)}).first()
         if client is None or not client.enabled:
             raise refused
         return Caller(client.id, client.name, client.environment, "token", address)
     if certificate_der:
         fingerprint = hashlib.sha256(certificate_der).hexdigest()
-        certificate = session.scalar(select(Certificate).where(Certificate.fingerprint_sha256 == fingerprint))
-        if certificate is None or certificate.profile != "csms-client":
+        found = _CLIENT_BY_CERTIFICATE.run(session, {"fingerprint": fingerprint}).first()
+        if found is None:
             raise refused
-        if standing(certificate, now()).status != "good":
+        certificate = as_object(session, Certificate, found[:_CERTIFICATE_COLUMNS])
+        ca_environment, client_id, name, environment, enabled = found[_CERTIFICATE_COLUMNS:]
+        if certificate.profile != "csms-client" or standing(certificate, now()).status != "good":
             raise refused
-        client = session.scalar(select(CsmsClient).where(CsmsClient.name == certificate.common_name))
-        if client is None or not client.enabled or certificate.authority.environment != client.environment:
+        if client_id is None or not enabled or ca_environment != environment:
             raise refused
-        return Caller(client.id, client.name, client.environment, "certificate", address)
+        return Caller(client_id, name, environment, "certificate", address)
     raise AuthenticationError(
         "credentials required: a CSMS client certificate or an API token (Authorization: Bearer …)"
     )
+
+
+_CLIENTS = CsmsClient.__table__
+_TOKENS = CsmsToken.__table__
+_CERTIFICATES = Certificate.__table__
+_AUTHORITIES = Authority.__table__
+# Prepared once: every CSMS API call authenticates first (the ORM's query cost a twelfth of a relayed signature).
+_CLIENT_BY_TOKEN = Prepared(
+    select(_CLIENTS.c.id, _CLIENTS.c.name, _CLIENTS.c.environment, _CLIENTS.c.enabled)
+    .join(_TOKENS, _TOKENS.c.client_id == _CLIENTS.c.id)
+    .where(_TOKENS.c.token_hash == bindparam("token_hash"), _TOKENS.c.revoked_at.is_(None))
+)
+# The presented certificate, its CA's environment and the CSMS its CN names, in one round trip.
+_CLIENT_BY_CERTIFICATE = Prepared(
+    select(
+        _CERTIFICATES,
+        _AUTHORITIES.c.environment,
+        _CLIENTS.c.id,
+        _CLIENTS.c.name,
+        _CLIENTS.c.environment,
+        _CLIENTS.c.enabled,
+    )
+    .join(_AUTHORITIES, _AUTHORITIES.c.id == _CERTIFICATES.c.authority_id)
+    .outerjoin(_CLIENTS, _CLIENTS.c.name == _CERTIFICATES.c.common_name)
+    .where(_CERTIFICATES.c.fingerprint_sha256 == bindparam("fingerprint"))
+)
+_CERTIFICATE_COLUMNS = len(_CERTIFICATES.c)
 
 
 def authenticate_limited(
