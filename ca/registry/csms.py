@@ -423,7 +423,24 @@ def record_call(
         with work.transaction() as session:
             audit.count_noise(session, address=address, action=action, code=code, now=now)
         return
-    details = {"address": address, **outcome, "auth": caller.method}
     work.write(
-        lambda session: audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)
+        call_entry(caller, operation, address=address, subject=subject, outcome=outcome, interface=interface, now=now)
     )
+
+
+def call_entry(
+    caller: Caller,
+    operation: str,
+    *,
+    address: str | None,
+    subject: str | None,
+    outcome: dict[str, object],
+    interface: str = "api",
+    now: Clock = utcnow,
+) -> Callable[[Session], None]:
+    """The audit entry of an authenticated call (``record_call``'s), as a unit of work to run in a
+    transaction: a call whose outcome is settled before its own write commits (a relayed signature,
+    200 and its serial) writes it there (``before_commit``), atomically with what it did."""
+    action = f"csms.{interface}.{operation}"
+    details = {"address": address, **outcome, "auth": caller.method}
+    return lambda session: audit.record(session, action, actor=caller.actor, subject=subject, now=now, details=details)

@@ -1,9 +1,10 @@
 """What one CSMS API signature (``POST /api/v1/sign``, a relayed CSR) costs the database: counted, never timed.
 
 A relay is an enrollment plus the call's own audit entry. On a warm worker (its CA, issuer and sweep
-done by a first call) the call writes in exactly three transactions: the serial's reservation, the
-certificate's record, the call's audit entry. Each goes through the worker's group commit, so under
-load they share transactions with concurrent requests' writes. Everything else the call reads
+done by a first call) the call writes in exactly two transactions: the serial's reservation, and the
+certificate's record with the call's audit entry (a call's outcome is settled by then: it commits
+with what it did). Each goes through the worker's group commit, so under load they share
+transactions with concurrent requests' writes. Everything else the call reads
 (credentials, lockout standing, the CSMS's certificate type, the issuing CA, the chain it answers
 with) runs in autocommit: on SQLite no read takes the writer lock (a ``BEGIN IMMEDIATE``), which
 every other writer, in every process, would wait for.
@@ -11,6 +12,7 @@ every other writer, in every process, would wait for.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from sqlalchemy import event, func, select
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy
 from ca.config import Config, EstSettings, Pkcs11Settings, write_config
 from ca.context import Pki
+from ca.errors import StoreError
 from ca.keys.pkcs11_token import Token
 from ca.registry.csms import add_client, issue_token
 from ca.registry.devices import add_device
@@ -34,9 +37,9 @@ from tests.helpers import make_csr
 from web.app import create_app
 from web.runtime import runtime_of
 
-# The design: the reservation, the record, the call's audit entry. Audit entries: the certificate's
-# issue and the call.
-WRITE_TRANSACTIONS = 3
+# The design: the reservation, the record (with the call's audit entry). Audit entries: the
+# certificate's issue and the call.
+WRITE_TRANSACTIONS = 2
 AUDIT_ENTRIES = 2
 
 
@@ -99,7 +102,7 @@ def _audit_entries(pki: Pki) -> int:
         return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
 
 
-def test_one_relayed_signature_writes_three_group_committed_transactions_and_reads_without_locks(
+def test_one_relayed_signature_writes_two_group_committed_transactions_and_reads_without_locks(
     site: Any, db_url: str
 ) -> None:
     pki, app, headers = site
@@ -147,6 +150,32 @@ def test_concurrent_relays_are_all_audited_and_share_the_group_commit(site: Any)
     with pki.store.session() as session:
         calls = session.scalars(select(AuditEvent.subject).where(AuditEvent.action == "csms.api.sign")).all()
     assert sorted(calls) == sorted(["CP-0", *answers])
+
+
+def test_the_call_is_audited_with_its_certificate_and_again_when_its_answer_then_fails(
+    site: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's entry (200, the serial) commits in the certificate's own transaction, right after its
+    issue entry. Should the answer still fail after that (the chain cannot be read), the call is
+    audited once more, with the status the CSMS really received."""
+    pki, app, headers = site
+    assert _sign(app, headers, "CP-0").status_code == 200
+    with pki.store.session() as session:
+        last = session.scalars(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(2)).all()
+    call = json.loads(last[0].details)
+    assert [entry.action for entry in last] == ["csms.api.sign", "certificate.issued"]
+    assert call["status"] == 200 and call["serial"] == last[1].subject and call["auth"] == "token"
+
+    def unreadable(*_args: Any) -> Any:
+        raise StoreError("the store went away")
+
+    monkeypatch.setattr("web.api._signed", unreadable)
+    assert _sign(app, headers, "CP-1").status_code == 503
+    with pki.store.session() as session:
+        calls = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "csms.api.sign", AuditEvent.subject == "CP-1")
+        ).all()
+    assert [json.loads(entry.details)["status"] for entry in calls] == [200, 503]
 
 
 def test_an_anonymous_call_is_counted_in_a_transaction_of_its_own(site: Any) -> None:
