@@ -46,7 +46,7 @@ from ca.kinds import CertStatus
 from ca.status.signal import StatusSigner
 from ca.store.engine import in_reads
 from ca.store.models import Authority, Certificate, KeyOwner
-from ca.store.prepared import Prepared
+from ca.store.prepared import Prepared, new_object
 from ca.work import Work
 
 BACKDATE = timedelta(minutes=5)  # tolerate chargers whose clocks run a little behind
@@ -545,7 +545,7 @@ def _reserve(
             if refusal is not None:
                 raise refusal
             continue
-        return Certificate(id=row_id, **values)
+        return new_object(Certificate, {"id": row_id, **values}.items())
     raise PolicyError("could not reserve a unique serial number")
 
 
