@@ -66,7 +66,7 @@ from sqlalchemy import func, insert, select, text  # noqa: E402
 from bench.harness import free_port, postgres_schema, tree_cpu_seconds, wait_for  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.authorities.issuers import default_issuing_ca, issuer_for  # noqa: E402
-from ca.config import Config, EstSettings, embedded_defaults, write_config  # noqa: E402
+from ca.config import Config, EstSettings, FrontDoorSettings, embedded_defaults, write_config  # noqa: E402
 from ca.context import Pki  # noqa: E402
 from ca.issuance.flow import build_certificate, validity_window  # noqa: E402
 from ca.issuance.names import subject_name  # noqa: E402
@@ -125,6 +125,10 @@ def make_home(work: Path, database_url: str | None, workers: int) -> tuple[Path,
             database_url=database_url or defaults.database_url,
             pkcs11=defaults.pkcs11,
             est=EstSettings(port=port, workers=workers, default_environment="production"),
+            # The relays stand for one CSMS, the mTLS chargers for a fleet, all on this one address: the
+            # front door's per-address rate limit (200/s by default) would answer 429 to what the server
+            # can do. A CSMS relaying a fleet's renewals needs the same (docs/front-door.md).
+            front_door=FrontDoorSettings(requests_per_second=100_000),
         )
     )
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEPKI_")}
