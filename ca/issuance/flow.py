@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID, NameOID
 from sqlalchemy import bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -122,34 +122,73 @@ def build_certificate(
     validity: Validity,
     dns_names: tuple[str, ...] = (),
 ) -> x509.CertificateBuilder:
-    """The TBSCertificate exactly as the profile prescribes (RFC 5280 criticality)."""
-    issuer_name = issuer.certificate.subject if issuer.certificate is not None else subject
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(public_key)
-        .serial_number(serial)
-        .not_valid_before(validity.not_before)
-        .not_valid_after(validity.not_after)
-        # RFC 5280 4.2.1.9: critical in CA certificates; we mark it critical for every profile.
-        .add_extension(x509.BasicConstraints(ca=profile.ca, path_length=profile.path_length), critical=True)
-        .add_extension(_key_usage(profile, public_key), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    if issuer.certificate is not None:  # RFC 5280 4.2.1.1: may be omitted only when self-signed
-        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-    if profile.extended_key_usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
+    """The TBSCertificate exactly as the profile prescribes (RFC 5280 criticality).
+
+    Built in one constructor call from a list of extensions, most of them the same for every
+    certificate of a profile under a CA (``_fixed_extensions``): chaining ``add_extension`` copied
+    and re-checked the builder seven times, a twelfth of an enrollment's Python calls. What the
+    chained setters checked is checked here (the serial's RFC 5280 bounds, the validity order)."""
+    if not 0 < serial < 2**159:  # RFC 5280 4.1.2.2: positive, at most 20 octets in DER
+        raise ValueError("the serial number must be positive and below 2^159")
+    not_before, not_after = _naive_utc(validity.not_before), _naive_utc(validity.not_after)
+    if not _EARLIEST <= not_before <= not_after:
+        raise ValueError("the validity must start after 1950 and end after it starts")
+    leading, middle, trailing = _fixed_extensions(profile, issuer, public_key)
+    extensions = [*leading, x509.Extension(_SKI, False, x509.SubjectKeyIdentifier.from_public_key(public_key)), *middle]
     if profile.san_dns:
         common_name = subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         names = list(dict.fromkeys([str(common_name), *dns_names]))
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False
-        )
+        san = x509.SubjectAlternativeName([x509.DNSName(name) for name in names])
+        extensions.append(x509.Extension(_SAN, False, san))
+    extensions.extend(trailing)
+    issuer_name = issuer.certificate.subject if issuer.certificate is not None else subject
+    return x509.CertificateBuilder(issuer_name, subject, public_key, serial, not_before, not_after, extensions)
+
+
+_SKI, _SAN = ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+_EARLIEST = datetime(1950, 1, 1)  # naive UTC, as the builder keeps its times
+_Extensions = tuple[x509.Extension[Any], ...]
+_FIXED: dict[tuple[Any, ...], tuple[_Extensions, _Extensions, _Extensions]] = {}
+_FIXED_KEPT = 256
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def _fixed_extensions(
+    profile: Profile, issuer: Issuer, public_key: CertificatePublicKeyTypes
+) -> tuple[_Extensions, _Extensions, _Extensions]:
+    """The extensions that depend only on the profile, the CA and the key's algorithm, in their order
+    around the subject key identifier and the SAN: (before the SKI, between it and the SAN, after).
+    Kept per profile, key algorithm and CA (its certificate and URLs), which never change."""
+    algorithm = (isinstance(public_key, ec.EllipticCurvePublicKey), isinstance(public_key, rsa.RSAPublicKey))
+    key = (profile, algorithm, issuer.certificate, issuer.name, issuer.ocsp_url, issuer.repository_url)
+    fixed = _FIXED.get(key)
+    if fixed is None:
+        fixed = _FIXED[key] = _extensions_around_ski_and_san(profile, issuer, _key_usage(profile, public_key))
+        if len(_FIXED) > _FIXED_KEPT:
+            _FIXED.clear()  # more CAs and profiles than any installation has: start over rather than grow
+    return fixed
+
+
+def _extensions_around_ski_and_san(
+    profile: Profile, issuer: Issuer, key_usage: x509.KeyUsage
+) -> tuple[_Extensions, _Extensions, _Extensions]:
+    leading = (
+        # RFC 5280 4.2.1.9: critical in CA certificates; we mark it critical for every profile.
+        x509.Extension(ExtensionOID.BASIC_CONSTRAINTS, True, x509.BasicConstraints(profile.ca, profile.path_length)),
+        x509.Extension(ExtensionOID.KEY_USAGE, True, key_usage),
+    )
+    middle = []
+    if issuer.certificate is not None:  # RFC 5280 4.2.1.1: may be omitted only when self-signed
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        middle.append(x509.Extension(ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False, aki))
+    if profile.extended_key_usage:
+        eku = x509.ExtendedKeyUsage(list(profile.extended_key_usage))
+        middle.append(x509.Extension(ExtensionOID.EXTENDED_KEY_USAGE, False, eku))
+    trailing = []
     access = []
     if profile.aia_ocsp:
         access.append(
@@ -163,13 +202,15 @@ def build_certificate(
             )
         )
     if access:
-        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+        aia = x509.AuthorityInformationAccess(access)
+        trailing.append(x509.Extension(ExtensionOID.AUTHORITY_INFORMATION_ACCESS, False, aia))
     if profile.crl_distribution_point and issuer.certificate is not None:
         point = x509.DistributionPoint([x509.UniformResourceIdentifier(issuer.crl_url())], None, None, None)
-        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+        points = x509.CRLDistributionPoints([point])
+        trailing.append(x509.Extension(ExtensionOID.CRL_DISTRIBUTION_POINTS, False, points))
     if profile.ocsp_no_check:
-        builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
-    return builder
+        trailing.append(x509.Extension(ExtensionOID.OCSP_NO_CHECK, False, x509.OCSPNoCheck()))
+    return leading, tuple(middle), tuple(trailing)
 
 
 def key_identity(profile: str, common_name: str | None, device_id: int | None) -> str:

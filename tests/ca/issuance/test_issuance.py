@@ -18,7 +18,14 @@ from ca.authorities.hierarchy import Hierarchy
 from ca.authorities.issuers import Issuer, issuer_for
 from ca.errors import ConflictError, InputError, PolicyError, StoreError, TokenError
 from ca.issuance.csr import read_csr
-from ca.issuance.flow import IssueRequest, abandon_stale_pending, issue, request_from_csr
+from ca.issuance.flow import (
+    IssueRequest,
+    Validity,
+    abandon_stale_pending,
+    build_certificate,
+    issue,
+    request_from_csr,
+)
 from ca.issuance.profiles import get_profile
 from ca.issuance.serials import format_serial, new_serial, parse_serial
 from ca.keys.pkcs11_token import Token
@@ -130,6 +137,42 @@ def test_serials_are_positive_random_and_at_most_20_octets() -> None:
     assert all(0 < s < 2**159 for s in serials)
     assert max(s.bit_length() for s in serials) > 150, "the high bits are random too"
     assert all((s.bit_length() + 8) // 8 <= 20 for s in serials), "DER INTEGER content fits 20 octets"
+
+
+@pytest.mark.parametrize("serial", [0, -1, 2**159])
+def test_a_serial_outside_rfc_5280s_bounds_is_never_built_into_a_certificate(issuer: Issuer, serial: int) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(ValueError, match="serial number"):
+        build_certificate(
+            get_profile("charger"), issuer, x509.Name([]), make_key().public_key(), serial, Validity(now, now)
+        )
+
+
+def test_a_validity_ending_before_it_starts_is_never_built_into_a_certificate(issuer: Issuer) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(ValueError, match="validity"):
+        build_certificate(
+            get_profile("charger"), issuer, x509.Name([]), make_key().public_key(), 1, Validity(now, now - timedelta(1))
+        )
+
+
+def test_certificates_of_one_profile_under_two_cas_name_each_their_own_ca(
+    session: Session, hierarchy: Hierarchy, issuer: Issuer, token: Token
+) -> None:
+    """The extensions kept per profile and CA (AKI, AIA, CRL DP) never cross from one CA to another."""
+    root = issuer_for(hierarchy.root, token)
+    now = datetime.now(UTC)
+    for ca in (issuer, root, issuer):
+        builder = build_certificate(
+            get_profile("charger"), ca, x509.Name([]), make_key().public_key(), 1, Validity(now, now)
+        )
+        certificate = ca.sign(builder)
+        aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        assert ca.certificate is not None
+        expected = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        assert aki.key_identifier == expected and certificate.issuer == ca.certificate.subject
+        points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        assert points[0].full_name[0].value == ca.crl_url()
 
 
 def test_serial_text_is_hex_without_leading_zeros() -> None:
