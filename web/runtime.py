@@ -197,6 +197,8 @@ class WorkerRuntime:
         """Stop the job runner, then close the installation (gunicorn's worker_exit hook)."""
         if self.jobs is not None:
             self.jobs.close()
+        if self._commits is not None:
+            self._commits.close()
         self.pki.close()
 
 

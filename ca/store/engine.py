@@ -434,8 +434,9 @@ class Store:
         # Read-only stores (autocommit, pre-ping kept) never retry: a statement there commits on its own.
         self._sessions = sessionmaker(self.engine, class_=Session if read_only else _Session, expire_on_commit=False)
 
-    def session(self) -> Session:
-        return self._sessions()
+    def session(self, *, bind: Connection | None = None) -> Session:
+        """A new session; ``bind``: on that connection of this store's engine instead of its pool."""
+        return self._sessions() if bind is None else self._sessions(bind=bind)
 
     def _alembic(self) -> AlembicConfig:
         config = AlembicConfig()

@@ -165,10 +165,10 @@ def test_when_a_transaction_cannot_begin_its_queue_hears_why_and_the_next_writer
     broken = [True]
     real = table.session
 
-    def sessions() -> Session:
+    def sessions(**bind: Any) -> Session:
         if broken[0]:
             raise OperationalError("BEGIN", {}, Exception("unable to open database file"))
-        return real()
+        return real(**bind)
 
     commits = GroupCommit(sessions)
     with pytest.raises(OperationalError):
@@ -262,3 +262,77 @@ def test_many_threads_each_get_their_own_outcome(table: Store) -> None:
     assert errors == []
     assert len(_rows(table)) == 160
     assert commits.stats.units == 160 and commits.stats.transactions <= 160
+
+
+# -- the kept connection ---------------------------------------------------------------------------
+def _checkouts(store: Store) -> list[int]:
+    counted = [0]
+    event.listen(store.engine, "checkout", lambda *_a: counted.__setitem__(0, counted[0] + 1))
+    return counted
+
+
+def test_batches_one_after_another_keep_one_connection_and_close_gives_it_back(table: Store) -> None:
+    """Checking a connection out of the pool and back for every transaction cost more than its BEGIN
+    and COMMIT: the leaders keep one, and every batch is still its own committed transaction."""
+    commits = GroupCommit(table.session)
+    checkouts, committed = _checkouts(table), _commits(table)
+    for n in range(5):
+        assert commits.run(_insert(f"k{n}")) == f"k{n}"
+    assert checkouts[0] == 1 and committed[0] == 5
+    pool = table.engine.pool
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    commits.close()
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert commits.run(_insert("after")) == "after" and checkouts[0] == 2  # a later batch opens anew
+    assert len(_rows(table)) == 6
+
+
+def test_a_refusal_keeps_the_connection_and_a_broken_transaction_replaces_it(
+    table: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit's refusal ends in a rollback that leaves the connection clean: it is kept. A rollback
+    that fails leaves it in doubt: it is closed, and the next batch writes on a new one."""
+    commits = GroupCommit(table.session)
+    checkouts = _checkouts(table)
+
+    def refuses(session: Session) -> str:
+        _insert("refused")(session)  # a transaction begun, on either database
+        raise ConflictError("no", code="test_refusal")
+
+    assert commits.run(_insert("a")) == "a"
+    with pytest.raises(ConflictError):
+        commits.run(refuses)
+    assert commits.run(_insert("b")) == "b" and checkouts[0] == 1
+    real_rollback = Session.rollback
+    failing = [True]
+
+    def rollback(self: Session) -> None:
+        if failing[0]:
+            failing[0] = False
+            raise OperationalError("ROLLBACK", {}, Exception("the connection broke"))
+        real_rollback(self)
+
+    monkeypatch.setattr(Session, "rollback", rollback)
+    with pytest.raises(OperationalError):
+        commits.run(refuses)
+    monkeypatch.setattr(Session, "rollback", real_rollback)
+    assert table.engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # the doubtful one was closed
+    assert commits.run(_insert("c")) == "c" and checkouts[0] == 2
+    assert set(_rows(table)) == {"a", "b", "c"}
+
+
+def test_after_a_fork_the_child_never_writes_on_its_parents_connection(
+    table: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection opened before a fork is the parent's: the child's next batch checks out its own
+    and leaves the inherited one alone (closing it would end the parent's session with the server)."""
+    commits = GroupCommit(table.session)
+    assert commits.run(_insert("parent")) == "parent"
+    inherited = commits._held
+    assert inherited is not None
+    closed: list[object] = []
+    monkeypatch.setattr(type(inherited[1]), "close", lambda self: closed.append(self))
+    monkeypatch.setattr("ca.store.group_commit.os.getpid", lambda: inherited[2] + 1)
+    checkouts = _checkouts(table)
+    assert commits.run(_insert("child")) == "child"
+    assert checkouts[0] == 1 and closed == [] and commits._held is not None and commits._held[1] is not inherited[1]
