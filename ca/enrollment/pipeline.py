@@ -27,7 +27,8 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ca import audit, observe
 from ca.enrollment import auth_limits
@@ -291,9 +292,12 @@ def _issue(
     secret = who.secret
     spend = _spender(work, secret) if secret is not None else None
     reserved = (lambda: spent.append(secret)) if secret is not None else None
-    return issue(
+    row = issue(
         work, issuer=issuer, request=request, with_reservation=spend, on_reserved=reserved, before_commit=last_checks
     )
+    if row.authority_id == authority.id and object_session(authority) is session:  # read later without a query
+        set_committed_value(row, "authority", authority)
+    return row
 
 
 def _spender(work: Work, secret: tuple[str, str]) -> Callable[[Session], None]:

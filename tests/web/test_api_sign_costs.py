@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ from web.runtime import runtime_of
 # certificate's issue and the call.
 WRITE_TRANSACTIONS = 2
 AUDIT_ENTRIES = 2
+# Every statement of a warm relay: lockout, credentials, the issuing CA, the device; the reservation
+# (on SQLite its BEGIN IMMEDIATE, the key claim, the row; on PostgreSQL one statement); the record
+# (audit entry, certificate, OCSP response, change counter, superseding, closing enrollment, the
+# call's entry). The answer's chain is read from what the signing loaded (no statement).
+STATEMENTS = {"sqlite": 18, "postgresql": 13}
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Counted:
     reads: int = 0  # transactions begun for reads only (autocommit: nothing reaches the database)
     commits: int = 0
     immediate: int = 0  # SQLite's BEGIN IMMEDIATE statements
+    statements: list[str] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -88,6 +94,7 @@ def _counting(pki: Pki) -> tuple[Counted, list[tuple[str, Any]]]:
             counted.commits += 1
 
     def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        counted.statements.append(" ".join(statement.split()))
         if statement.strip() == "BEGIN IMMEDIATE":
             counted.immediate += 1
 
@@ -123,6 +130,8 @@ def test_one_relayed_signature_writes_two_group_committed_transactions_and_reads
     if db_url.startswith("sqlite"):
         assert counted.immediate == WRITE_TRANSACTIONS, counted  # no read took the writer lock
     assert _audit_entries(pki) - audit_before == AUDIT_ENTRIES
+    dialect = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    assert len(counted.statements) == STATEMENTS[dialect], "\n".join(counted.statements)
 
 
 def test_concurrent_relays_are_all_audited_and_share_the_group_commit(site: Any) -> None:
