@@ -185,6 +185,7 @@ class GroupCommit:
         the one the session retries on a connection the server dropped (``ca.store.engine._Session``).
         """
         session, connection = self._session()
+        settled = False  # every transaction of the batch ended in a commit or a rollback that returned
         try:
             if session.get_bind().dialect.name == "sqlite":
                 session.connection()
@@ -198,12 +199,15 @@ class GroupCommit:
                 if len(batch) == 1 or not isinstance(exc, Exception):
                     for unit in batch:
                         unit.value, unit.error = None, exc
+                    settled = isinstance(exc, Exception)
                     return
                 self._alone(session, batch)  # nothing of the batch was written: each unit on its own
+                settled = True
                 return
             self._count(len(batch))
+            settled = True
         finally:
-            if connection is not None and not connection.invalidated and not connection.in_transaction():
+            if settled and connection is not None and not connection.invalidated and not connection.in_transaction():
                 session.expunge_all()  # kept, with its connection, for the next batch
             else:
                 self._discard(session, connection)
@@ -231,7 +235,8 @@ class GroupCommit:
 
     def _discard(self, session: Session, connection: Connection | None) -> None:
         """Close ``session`` and the kept connection, if it was on it (the next batch checks out anew):
-        after a failure that left the connection broken or its transaction open."""
+        a session made for one batch, or the kept one after a failure that may have left it or its
+        connection broken or inside a transaction."""
         with suppress(Exception):  # closing what failed may fail too: nothing of it is used again
             session.close()
         if connection is not None:
