@@ -20,7 +20,7 @@ from ca.issuance.csr import CsrRequest
 from ca.issuance.names import check_charger_identity
 from ca.issuance.profiles import SECC_PROFILES
 from ca.kinds import CertStatus
-from ca.registry.secrets import REPEAT_WINDOW, repeated_enrollment, secret_is_valid
+from ca.registry.secrets import REPEAT_WINDOW, device_of_valid_secret, repeated_enrollment
 from ca.store.models import Authority, Certificate, Device
 from ca.store.prepared import Prepared, as_object, as_objects
 from ca.work import Work
@@ -127,7 +127,8 @@ def by_secret_or_ra(work: Work, attempt: Attempt, csr: CsrRequest) -> Authentica
     if not _plausible_serial(credentials.username):
         raise AuthenticationError("unknown device or wrong, used or expired secret")
     mismatch = f"is not the authenticated device {credentials.username!r}"
-    if not secret_is_valid(work.session, credentials.username, credentials.password, now=work.now):
+    device = device_of_valid_secret(work.session, credentials.username, credentials.password, now=work.now)
+    if device is None:
         key = public_key_sha256(csr.public_key)
         repeated = repeated_enrollment(
             work.session, credentials.username, credentials.password, key, attempt.authority.id, now=work.now
@@ -136,7 +137,7 @@ def by_secret_or_ra(work: Work, attempt: Attempt, csr: CsrRequest) -> Authentica
             raise AuthenticationError("unknown device or wrong, used or expired secret")
         return Authenticated("secret", expected_cn=credentials.username, mismatch=mismatch, repeated=repeated)
     secret = (credentials.username, credentials.password)
-    return Authenticated("secret", expected_cn=credentials.username, mismatch=mismatch, secret=secret)
+    return Authenticated("secret", device, expected_cn=credentials.username, mismatch=mismatch, secret=secret)
 
 
 def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Authenticated:

@@ -20,7 +20,7 @@ from ca import audit
 from ca.clock import Clock, utcnow
 from ca.errors import PolicyError
 from ca.store.models import Certificate, Device, EnrollmentSecret
-from ca.store.prepared import Prepared
+from ca.store.prepared import Prepared, as_objects
 from ca.work import Work
 
 MAX_TTL = timedelta(days=90)
@@ -83,9 +83,11 @@ _CONSUME = Prepared(
     .where(_SECRETS.c.device_id == _DEVICE_ID, *_USABLE)
     .values(used_at=bindparam("now", type_=_SECRETS.c.used_at.type))
 )
-_IS_VALID = Prepared(
-    select(_SECRETS.c.id)
-    .join(_DEVICES, _DEVICES.c.id == _SECRETS.c.device_id)
+# The device, when the secret is a usable one of it: an enrollment's authentication and its device in
+# one statement (secret hashes are unique: at most one row).
+_DEVICE_OF_VALID_SECRET = Prepared(
+    select(_DEVICES)
+    .join(_SECRETS, _SECRETS.c.device_id == _DEVICES.c.id)
     .where(_DEVICES.c.serial == bindparam("serial"), *_USABLE)
 )
 _RESTORE = (
@@ -151,8 +153,14 @@ def consume_secret(session: Session, serial: str, secret: str, *, now: Clock = u
 
 def secret_is_valid(session: Session, serial: str, secret: str, *, now: Clock = utcnow) -> bool:
     """Check without consuming (to refuse a bad request before the secret is spent)."""
-    found = _IS_VALID.run(session, {"serial": serial, "digest": _hash(secret), "now": now()}).first()
-    return found is not None
+    return device_of_valid_secret(session, serial, secret, now=now) is not None
+
+
+def device_of_valid_secret(session: Session, serial: str, secret: str, *, now: Clock = utcnow) -> Device | None:
+    """``secret_is_valid``, returning the device (loaded into ``session``) instead of True."""
+    parameters = {"serial": serial, "digest": _hash(secret), "now": now()}
+    found = as_objects(session, Device, _DEVICE_OF_VALID_SECRET.run(session, parameters))
+    return found[0] if found else None
 
 
 def restore_secret(session: Session, serial: str, secret: str, *, commit: bool = True) -> None:

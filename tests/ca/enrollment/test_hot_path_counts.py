@@ -263,7 +263,6 @@ def test_a_lone_group_committed_enrollment_costs_the_same(worker: Worker, monkey
         first_write = work.statements.index("BEGIN IMMEDIATE")
         assert [s.split(None, 2)[1] for s in work.statements[:first_write]] == [
             "auth_failures.kind,",
-            "enrollment_secrets.id",
             "devices.id,",
         ], work.statements[:first_write]
 
@@ -372,47 +371,47 @@ def test_one_ocsp_presign_costs_what_it_was_designed_to(worker: Worker, monkeypa
 
 # -- the design ----------------------------------------------------------------------------------
 # One enrollment by a one-time secret (simpleenroll), statement by statement:
-#   read, outside any write transaction (SQLite: autocommit, no writer lock; ``auth_limits.standing``)
+#   reads, outside any write transaction (SQLite: autocommit, no writer lock)
 #     1 SELECT auth_failures                      the caller's lockout standing (device + address keys)
+#     2 SELECT devices JOIN enrollment_secrets    the registered device, when the secret is a usable one
+#                                                 of it (authentication and device in one statement)
 #   transaction 1, the reservation (committed before the token signs: the serial is taken)
-#     2 SELECT enrollment_secrets                 the secret is valid
-#     3 SELECT devices                            the registered device
-#     4 UPDATE enrollment_secrets                 the secret is spent (conditional: once)
-#     5 INSERT key_owners ... ON CONFLICT         one key, one identity
-#     6 INSERT certificates ... SELECT WHERE CA active   the pending row (PostgreSQL: 5 and 6 are one
+#     3 UPDATE enrollment_secrets                 the secret is spent (conditional: once)
+#     4 INSERT key_owners ... ON CONFLICT         one key, one identity
+#     5 INSERT certificates ... SELECT WHERE CA active   the pending row (PostgreSQL: 4 and 5 are one
 #                                                 WITH … statement, the row inserted only if the claim won)
 #   between them, no statement: the token signs the certificate, and then its OCSP response ahead of the
 #   record (by the signer the worker's last lookup found, still within its validity), so no other writer
 #   waits for either signature
 #   transaction 2, the record (one commit: certificate, audit entry, OCSP response, supersede)
-#     7 UPDATE audit_head RETURNING               the audit head's lock (queues writers); once per
+#     6 UPDATE audit_head RETURNING               the audit head's lock (queues writers); once per
 #                                                 transaction: a later entry in it chains on the tail
-#     8 INSERT audit_events                       certificate.issued
-#     9 UPDATE audit_head                         its hash (PostgreSQL: 8 and 9 are one WITH … statement)
-#    10 UPDATE certificates WHERE pending AND CA active   the DER
-#    11 INSERT ocsp_responses SELECT … WHERE <its signer is the CA's current one> ON CONFLICT
+#     7 INSERT audit_events                       certificate.issued
+#     8 UPDATE audit_head                         its hash (PostgreSQL: 7 and 8 are one WITH … statement)
+#     9 UPDATE certificates WHERE pending AND CA active   the DER
+#    10 INSERT ocsp_responses SELECT … WHERE <its signer is the CA's current one> ON CONFLICT
 #                                                 the response signed ahead, stored only if its signer is
 #                                                 the current one in this transaction (the check and the
 #                                                 write in one statement; when it is not, nothing is
 #                                                 written and it is signed again here)
 #       (no lookup of hash algorithms already stored for the serial: a new certificate has none)
-#    12 UPDATE status_feed                        the change counter, once per transaction
+#    11 UPDATE status_feed                        the change counter, once per transaction
 #       (PostgreSQL: with NOTIFY, in one WITH … statement)
-#    13 SELECT certificates                       older charger certificates to supersede, as rows (none)
-#    14 UPDATE devices                            enrollment closed
+#    12 SELECT certificates                       older charger certificates to supersede, as rows (none)
+#    13 UPDATE devices                            enrollment closed
 # Token signatures: the certificate, and its OCSP response (sha1 CertID): 2, none in a write transaction.
 # Audit entries: 1.
-ENROLLMENT = {"SELECT": 4, "INSERT": 4, "UPDATE": 6}
-# A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 SELECT, -1 UPDATE),
-# the presented certificate by fingerprint with its CA and its device (one statement: both joined; +1 SELECT,
-# -1 for the device by serial), and in transaction 2 the superseded
-# certificate: found and loaded by statement 13 itself (no extra SELECT), revoked (+1 UPDATE), audited
+ENROLLMENT = {"SELECT": 3, "INSERT": 4, "UPDATE": 6}
+# A re-enrollment by the current certificate (simplereenroll) differs: no secret (-1 UPDATE), the presented
+# certificate by fingerprint with its CA's environment and its device instead of the device by its secret
+# (one statement, as statement 2), and in transaction 2 the superseded
+# certificate: found and loaded by statement 12 itself (no extra SELECT), revoked (+1 UPDATE), audited
 # (+1 INSERT, +1 UPDATE: the head, already locked by the first entry, moves with the second's hash), its
 # OCSP response re-signed (+2 SELECT, +1 INSERT; the change counter and NOTIFY once per transaction); no
 # enrollment to close (-1 UPDATE).
 # Token signatures: the certificate, the new and the superseded OCSP responses: 3, of which only the
 # superseded one's in a write transaction (its revocation and new response commit together). Audit entries: 2.
-REENROLLMENT = {"SELECT": 5, "INSERT": 6, "UPDATE": 6}
+REENROLLMENT = {"SELECT": 5, "INSERT": 6, "UPDATE": 6}  # 3 + the two of the OCSP re-signing
 # One OCSP pre-signing (``Presigner.update`` of one certificate) in the caller's transaction: the signer,
 # the stored hash algorithms, the upsert, the change counter (PostgreSQL: with NOTIFY). One signature.
 PRESIGN = {"SELECT": 2, "INSERT": 1, "UPDATE": 1}
