@@ -203,8 +203,7 @@ def as_objects(session: Session, model: type[_M], outcome: Outcome) -> list[_M]:
 def as_object(session: Session, model: type[_M], values: Sequence[Any]) -> _M:
     """``as_objects`` for one row's values, in the order of the model's table columns (a slice of a
     wider row: a statement selecting two tables' columns gives an object of each)."""
-    names, primary = _columns_of(model)
-    mapper: Any = inspect(model)
+    mapper, names, primary = _columns_of(model)
     key = mapper.identity_key_from_primary_key([values[i] for i in primary])
     held = session.identity_map.get(key)
     if held is not None:
@@ -229,16 +228,16 @@ def new_object(model: type[_M], values: Iterable[tuple[str, Any]]) -> _M:
     return made  # type: ignore[no-any-return]
 
 
-_COLUMNS: dict[type, tuple[list[str], list[int]]] = {}
+_COLUMNS: dict[type, tuple[Any, list[str], list[int]]] = {}
 
 
-def _columns_of(model: type) -> tuple[list[str], list[int]]:
-    """The model's attribute names in its table's column order, and where its primary key is (cached:
-    mappers are configured once)."""
+def _columns_of(model: type) -> tuple[Any, list[str], list[int]]:
+    """The model's mapper, its attribute names in its table's column order, and where its primary key
+    is (cached: mappers are configured once)."""
     known = _COLUMNS.get(model)
     if known is None:
         mapper: Any = inspect(model)
         names = [mapper.get_property_by_column(column).key for column in model.__table__.c]  # type: ignore[attr-defined]
         primary = [names.index(mapper.get_property_by_column(column).key) for column in mapper.primary_key]
-        known = _COLUMNS[model] = (names, primary)
+        known = _COLUMNS[model] = (mapper, names, primary)
     return known
