@@ -4,7 +4,13 @@ The cache never outlives a response's nextUpdate, holds an entry at most ``TTL``
 (so a refreshed response is picked up), and is emptied whenever the status feed moves: a
 watcher thread polls the one-row counter (SQLite; PostgreSQL hot standby, which refuses
 ``LISTEN``) or LISTENs for the NOTIFY sent at commit (PostgreSQL primary), so a revocation
-reaches every responder process within a second.
+reaches every responder process within a second. A read of the store that finds the counter
+ahead of the cache (a miss read returns the counter with the response) empties it too.
+
+The responder processes of one host agree on what they have seen (``ocsp.host_counter``): a
+process publishes a counter before it serves anything read at it, and a process whose cache is
+behind the published counter empties it before answering, so once any of them has said
+``revoked``, none says ``good`` afterwards.
 
 Losing the store (a stopped server, a silent partition, a standby gone) must neither hang a
 request nor keep a revocation from being seen for long:
@@ -44,6 +50,7 @@ from ca.kinds import CaStatus
 from ca.status.signal import CHANNEL_SQL
 from ca.store.engine import Store
 from ocsp.certid import CertId, issuer_hashes
+from ocsp.host_counter import HostCounter
 from ocsp.signing import etag
 
 log = logging.getLogger(__name__)
@@ -176,9 +183,12 @@ class StoreSource:
         self.store = store
         self._local = threading.local()
         marker = "?" if store.is_sqlite else "%s"
+        # The change counter comes with the response, read in the same statement (one snapshot): a
+        # response newer than what the cache reflects is known as such (CachedSource.lookup).
         self._lookup = (
-            "SELECT der, this_update, next_update FROM ocsp_responses "
-            f"WHERE authority_id = {marker} AND serial = {marker} AND hash_algorithm = {marker}"
+            "SELECT r.der, r.this_update, r.next_update, f.counter FROM status_feed f "
+            f"LEFT JOIN ocsp_responses r ON r.authority_id = {marker} AND r.serial = {marker} "
+            f"AND r.hash_algorithm = {marker} WHERE f.id = 1"
         )
         self._issuers = f"SELECT id, certificate_der FROM authorities WHERE status != {marker}"
         self._counter = "SELECT counter FROM status_feed WHERE id = 1"
@@ -195,15 +205,20 @@ class StoreSource:
         return served
 
     def response(self, authority_id: int, serial: int, algorithm: str) -> Stored | None:
-        """One indexed lookup.
+        return self.response_at(authority_id, serial, algorithm)[0]
+
+    def response_at(self, authority_id: int, serial: int, algorithm: str) -> tuple[Stored | None, int]:
+        """One indexed lookup, and the change counter as of that same read (-1: no counter row).
 
         Written against the DBAPI because SQLAlchemy's statement handling cost ~220 µs per miss
         against ~8 µs for the query itself (measured by the OCSP benchmark).
         """
         row = self.read(self._lookup, (authority_id, format_serial(serial), algorithm))
         if row is None:
-            return None
-        return stored(bytes(row[0]), _utc(row[1]), _utc(row[2]))
+            return None, -1
+        if row[0] is None:
+            return None, int(row[3])
+        return stored(bytes(row[0]), _utc(row[1]), _utc(row[2])), int(row[3])
 
     def counter(self) -> int:
         return int(self.read(self._counter, ())[0])
@@ -270,7 +285,8 @@ class CachedSource:
 
     ``stale_bound``: how long after the watcher's last confirmation a cached ``good`` may be served
     (the store lost); ``standby_poll``: seconds between counter reads on a hot standby; ``clock``:
-    monotonic seconds (tests).
+    monotonic seconds (tests); ``host``: the counter shared with this host's other responder
+    processes (None: this process answers alone).
     """
 
     def __init__(
@@ -282,8 +298,10 @@ class CachedSource:
         stale_bound: float = STALE_BOUND,
         standby_poll: float = STANDBY_POLL,
         clock: Callable[[], float] = time.monotonic,
+        host: HostCounter | None = None,
     ) -> None:
         self.source = source
+        self.host = host
         self.max_entries = max_entries
         self.ttl = ttl
         self.stale_bound = stale_bound
@@ -296,8 +314,9 @@ class CachedSource:
         self._issuers: dict[IssuerKey, int] | None = None
         self._issuers_current = False  # False: read them again (kept meanwhile, for when the store is away)
         self._final: dict[str, bool] = {}  # etag → a permanent revocation (served past the stale bound)
-        self._generation = 0
-        self._baseline = -1  # the change counter before anything was cached (read as the watcher starts)
+        self._generation = 0  # raised by every emptying: a read begun before it is not cached
+        self._counter = -1  # the change counter the cache reflects (everything cached was read at it or later)
+        self._seen = -1  # the counter the watcher last read (a lower one later: the store's counter went back)
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
@@ -337,6 +356,7 @@ class CachedSource:
 
         Why: a client re-asking for its certificate sends the same bytes, and parsing them was most
         of the Python work of an answer (bench/ocsp_paths.py)."""
+        self._current()
         hit = self._requests.get(request)
         if hit is not None and time.time() < hit[1] and self._servable(hit[0]) and self._watcher_pid == os.getpid():
             return hit[0]
@@ -347,6 +367,7 @@ class CachedSource:
 
         ``request``: the bytes of a one-CertID request for ``cert_id``; ``recall`` finds the answer
         by them afterwards, for as long as the entry stays cached."""
+        self._current()
         key = (authority_id, cert_id.serial_number, cert_id.hash_algorithm)
         generation = self._generation  # read before the entry: see _remember
         now = time.time()
@@ -358,19 +379,26 @@ class CachedSource:
         if self._down_since is not None:  # circuit open: the watcher says when the store is back
             return self._fallback(hit, now, "the store is unreachable"), True
         try:
-            found = self.source.response(*key)
+            found, counter = self.source.response_at(*key)
         except SourceUnavailable as exc:
             self.lost(str(exc))
             return self._fallback(hit, now, str(exc)), True
-        if found is None or found.next_update <= now:
-            return None, False  # past nextUpdate is never served: the on-demand signer answers instead
-        entry = (found, min(found.next_update, now + self.ttl))
+        usable = found is not None and now < found.next_update
         with self._lock:
+            if counter > self._counter:
+                # The store moved past what the cache reflects (the watcher has not seen it yet): what
+                # was read here is current, what is cached may not be.
+                self._advance(counter)
+                generation = self._generation
             # A change signalled while we read may have made ``found`` stale: then do not keep it.
-            if generation == self._generation:
+            if usable and generation == self._generation:
+                assert found is not None
+                entry = (found, min(found.next_update, now + self.ttl))
                 self._keep(self._entries, key, entry)
                 if request is not None:
                     self._keep(self._requests, request, entry)
+        if not usable:
+            return None, False  # past nextUpdate is never served: the on-demand signer answers instead
         return found, False
 
     def _remember(self, request: bytes, entry: tuple[Stored, float], generation: int) -> None:
@@ -425,26 +453,56 @@ class CachedSource:
             self.stale_bound,
         )
 
-    def _confirmed(self, since: float, changed: bool) -> None:
-        """The watcher read the store (begun at ``since``): empty the cache when it changed or when
-        the store had been lost (changes may have been missed), close the circuit."""
+    def _confirmed(self, since: float, counter: int, notified: bool = False) -> None:
+        """The watcher read the change ``counter`` (begun at ``since``): empty the cache when it moved
+        past what the cache reflects, when a NOTIFY said so, when it went back (a restored store) or
+        when the store had been lost (changes may have been missed); close the circuit."""
         down_since = self._down_since
-        if changed or down_since is not None:
-            self.invalidate()
+        with self._lock:
+            if counter < self._seen:  # went back: what the host published is no guide any more
+                if self.host is not None:
+                    self.host.reset(counter)
+                self._counter = -1
+            if notified or counter > self._counter or down_since is not None:
+                self._advance(max(counter, self._counter))
+            self._seen = counter
         self._contact = since
         if down_since is not None:
             with self._lock:
                 self._down_since = None
             log.warning("OCSP responder reached its store again after %.1f s; cache emptied", self.clock() - down_since)
 
-    # -- invalidation (watcher thread) -----------------------------------------------------------
+    # -- invalidation ----------------------------------------------------------------------------
     def invalidate(self) -> None:
         with self._lock:
-            self._generation += 1
-            self._entries, self._requests = {}, {}
-            self._final = {}
-            self._issuers_current = False
+            self._empty()
+
+    def _empty(self) -> None:
+        """Empty the cache (the lock held)."""
+        self._generation += 1
+        self._entries, self._requests = {}, {}
+        self._final = {}
+        self._issuers_current = False
         self.last_change = time.time()
+
+    def _advance(self, counter: int) -> None:
+        """The cache is to reflect ``counter`` (the lock held): published to the host's other processes
+        first (none of them may answer from before it once this one has answered from it), then emptied."""
+        if self.host is not None:
+            self.host.publish(counter)
+        self._counter = counter
+        self._empty()
+
+    def _current(self) -> None:
+        """Before answering: when another process of this host has acted on a change this cache has not
+        seen, empty it first. One read of shared memory when nothing changed."""
+        host = self.host
+        if host is not None and host.read() > self._counter:
+            with self._lock:
+                published = host.read()
+                if published > self._counter:
+                    self._counter = published
+                    self._empty()
 
     def _ensure_watcher(self) -> None:
         if self._watcher is not None and self._watcher_pid == os.getpid():
@@ -458,9 +516,10 @@ class CachedSource:
             # compared with it, so a change between this request's lookup and the watcher's start
             # (a slow start, a loaded machine) empties the cache instead of going unnoticed.
             try:
-                self._baseline = self.source.counter()
-            except Exception:  # the store is away: -1 matches no counter, so the first read empties the cache
-                self._baseline = -1
+                baseline = self.source.counter()
+            except Exception:  # the store is away: -1 is below every counter, so the first read empties the cache
+                baseline = -1
+            self._counter = self._seen = baseline
             self._watcher = threading.Thread(target=self._watch, name="ocsp-status-watcher", daemon=True)
             self._watcher.start()
 
@@ -470,14 +529,13 @@ class CachedSource:
 
     def _watch(self) -> None:
         store = self.source.store
-        last = self._baseline
         while not self._stop.is_set():
             try:
                 if store.is_sqlite:
-                    last = self._poll(last)
+                    self._poll()
                     self._stop.wait(POLL_INTERVAL)
                 else:
-                    last = self._follow(last)
+                    self._follow()
             except Exception as exc:
                 detail = _first_line(exc)
                 log.debug("status watcher: %s; retrying", detail)
@@ -486,13 +544,11 @@ class CachedSource:
                 self.lost(detail)
                 self._stop.wait(RETRY)
 
-    def _poll(self, last: int | None) -> int:
+    def _poll(self) -> None:
         since = self.clock()
-        counter = self.source.counter()
-        self._confirmed(since, last is not None and counter != last)
-        return counter
+        self._confirmed(since, self.source.counter())
 
-    def _follow(self, last: int | None) -> int | None:
+    def _follow(self) -> None:
         """LISTEN on a primary, poll the counter on a hot standby (which refuses LISTEN); either
         way a counter read at least every second confirms the cache (and notices a lost store)."""
         source = self.source
@@ -516,13 +572,12 @@ class CachedSource:
                 since = self.clock()
                 with source.deadlines.bounded(connection.fileno()):
                     counter = int(connection.execute(source._counter).fetchone()[0])
-                self._confirmed(since, notified or (last is not None and counter != last))
-                last, notified = counter, False
+                self._confirmed(since, counter, notified)
+                notified = False
                 if standby:
                     self._stop.wait(self.standby_poll)
                 else:
                     for _ in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                         notified = True
-            return last
         finally:
             raw.invalidate()  # never hand a LISTENing connection back to the pool

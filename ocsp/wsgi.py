@@ -21,6 +21,7 @@ from typing import Any
 from ca.config import Config, OcspSettings, load_config, resolve_home
 from ca.store.engine import Store
 from metrics.instruments import configure_from_environment, instruments
+from ocsp.host_counter import HostCounter
 from ocsp.requests import MAX_REQUEST_BYTES, MalformedRequest, decode_get_path
 from ocsp.responder import MALFORMED, Answer, Responder
 from ocsp.signer_service import SignerClient
@@ -207,6 +208,7 @@ def build_app(config: Config, *, signer_socket: Path | None) -> OcspApp:
         max_entries=settings.cache_entries,
         stale_bound=settings.stale_bound_seconds,
         standby_poll=settings.standby_poll_ms / 1000,
+        host=host_counter(config),
     )
     responder = Responder(source, SignerClient(signer_socket) if signer_socket is not None else None)
     return OcspApp(
@@ -216,6 +218,22 @@ def build_app(config: Config, *, signer_socket: Path | None) -> OcspApp:
         repository_dir=config.home / "pki",
         max_age=settings.max_age_seconds,
     )
+
+
+def host_counter(config: Config) -> HostCounter | None:
+    """The change counter this installation's responder processes share (``run/ocsp-counter``); None,
+    with a warning, where it cannot be made (each process then follows the store on its own)."""
+    path = config.home / "run" / "ocsp-counter"
+    try:
+        return HostCounter(path)
+    except OSError as exc:
+        log.warning(
+            "OCSP responder: cannot share its change counter at %s (%s); its processes may disagree "
+            "for up to a second after a revocation",
+            path,
+            exc.strerror or exc,
+        )
+        return None
 
 
 def signer_socket_path(config: Config) -> Path:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import io
+import logging
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ca.config import embedded_defaults
 from ocsp.responder import Answer
 from ocsp.source import stored
-from ocsp.wsgi import OcspApp
+from ocsp.wsgi import OcspApp, host_counter
 
 
 class _Fixed:
@@ -71,3 +74,21 @@ def test_a_cache_may_keep_an_answer_for_max_age_but_never_past_its_next_update(
     # Seconds pass between building the answer and the header: the age may be one less, never more.
     assert expected - 1 - int(time.time() - began) <= max_age <= expected
     assert headers["Cache-Control"].endswith(", public, no-transform, must-revalidate")
+
+
+def test_the_responder_processes_share_their_change_counter_in_the_homes_run_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``run/ocsp-counter`` (0600, its folder 0700); where it cannot be made (here ``run`` is a file),
+    the responder still starts, each process following the store alone, and says so."""
+    home = tmp_path / "home"
+    counter = host_counter(embedded_defaults(home))
+    assert counter is not None and counter.path == home / "run" / "ocsp-counter"
+    assert (home / "run").stat().st_mode & 0o777 == 0o700 and counter.path.stat().st_mode & 0o777 == 0o600
+    counter.close()
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "run").write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="ocsp.wsgi"):
+        assert host_counter(embedded_defaults(blocked)) is None
+    assert "cannot share its change counter" in caplog.text

@@ -4,6 +4,7 @@ Unix socket, SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from ca.store.engine import Store
 from ca.store.models import Certificate, OcspResponse, StatusFeed
 from ca.work import Work
 from ocsp import responder as responder_module
+from ocsp.host_counter import HostCounter
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -445,14 +447,14 @@ def test_a_request_is_not_remembered_with_an_answer_the_cache_was_emptied_of_mea
 
         cache._servable = servable_then_emptied  # type: ignore[method-assign]
     else:
-        real_response = cache.source.response
+        real_response = cache.source.response_at
 
         def read_then_emptied(*key: Any) -> Any:
             found = real_response(*key)
             cache.invalidate()
             return found
 
-        cache.source.response = read_then_emptied  # type: ignore[method-assign]
+        cache.source.response_at = read_then_emptied  # type: ignore[method-assign]
     assert responder.answer(request).cache is not None
     assert not cache._requests and cache.recall(request) is None
 
@@ -490,6 +492,124 @@ def test_a_revocation_before_the_watchers_first_read_still_empties_the_cache(
         pause.wait(0.05)
     assert cache._contact != started, "the watcher never read the store"
     assert _verified(responder.answer(request).body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+
+
+# -- the responder processes of one host ----------------------------------------------------------
+@pytest.fixture
+def host_sources(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Responders as separate processes of one host would have them: each its own cache on its own
+    read-only store, sharing one counter file. Their watchers never run on their own (a watcher is
+    tens of milliseconds late at worst; here, until the test reads the store for it with ``_poll``)."""
+    monkeypatch.setattr(CachedSource, "_watch", lambda self: self._stop.wait())
+    made: list[tuple[CachedSource, Store]] = []
+
+    def make(*, shared: bool = True) -> Responder:
+        reader = Store(str(store.url.render_as_string(hide_password=False)), read_only=True)
+        source = CachedSource(StoreSource(reader), host=HostCounter(tmp_path / "counter") if shared else None)
+        made.append((source, reader))
+        return Responder(source, None)
+
+    yield make
+    for source, reader in made:
+        source.close()
+        reader.dispose()
+
+
+def _status(responder: Responder, request: bytes, hierarchy: Hierarchy) -> ocsp.OCSPCertStatus:
+    return _verified(responder.answer(request).body, hierarchy).certificate_status
+
+
+def test_once_one_responder_process_of_a_host_said_revoked_none_of_them_says_good(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, host_sources: Any
+) -> None:
+    """Behind the front door one client's requests reach several processes, which hear of a revocation
+    some milliseconds apart: the first to act on it publishes that to the others before it answers, and
+    the others empty their caches before their next answer. (A process outside the host's counter
+    shows the window that closes: it still says good until its own watcher reads the store.)"""
+    first, second, alone = host_sources(), host_sources(), host_sources(shared=False)
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    for responder in (first, second, alone):
+        assert _status(responder, request, hierarchy) == ocsp.OCSPCertStatus.GOOD
+        assert responder.answer(request).source == "cache"
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    first.source._poll()  # its watcher reads the raised counter
+    assert _status(first, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
+    assert _status(second, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
+    assert _status(alone, request, hierarchy) == ocsp.OCSPCertStatus.GOOD  # the window, without the counter
+    second.source._poll()  # its watcher catches up later: nothing more to empty
+    generation = second.source._generation
+    assert _status(second, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
+    assert second.source._generation == generation
+
+
+def test_a_revocation_read_on_a_cache_miss_is_published_to_the_other_processes_too(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, host_sources: Any
+) -> None:
+    """A process that never cached the certificate reads the store after the revocation, before its
+    watcher does: the counter read with the response tells it the store moved, and the others hear."""
+    asked_before, asked_after = host_sources(), host_sources()
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    assert _status(asked_before, request, hierarchy) == ocsp.OCSPCertStatus.GOOD
+    asked_after.answer(_request(*_certificates(hierarchy, _issue(session, hierarchy, token, status, cn="CP-2"))))
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    answer = asked_after.answer(request)
+    assert answer.source == "store"
+    assert _verified(answer.body, hierarchy).certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert _status(asked_before, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
+    assert asked_after.answer(request).source == "cache", "what the miss read, current, is kept"
+
+
+def test_with_nothing_changed_the_host_counter_empties_no_cache(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, host_sources: Any, store: Store
+) -> None:
+    """The check before each answer is one read of shared memory: no store read, no emptying, however
+    many processes answer; and a store whose counter went back (restored) resets the shared value, so
+    processes do not empty their caches on every request afterwards."""
+    first, second = host_sources(), host_sources()
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    for responder in (first, second):
+        responder.answer(request)
+        first.source._poll()
+        second.source._poll()
+    generations = (first.source._generation, second.source._generation)
+    for _ in range(3):
+        assert [responder.answer(request).source for responder in (first, second)] == ["cache", "cache"]
+    assert (first.source._generation, second.source._generation) == generations
+    counter = session.scalar(select(StatusFeed.counter))
+    session.execute(update(StatusFeed).values(counter=counter - 1))  # a restore from an older backup
+    session.commit()
+    first.source._poll()
+    second.source._poll()
+    assert first.source.host is not None and first.source.host.read() == counter - 1
+    first.answer(request)
+    second.answer(request)
+    generations = (first.source._generation, second.source._generation)
+    for _ in range(3):
+        assert [responder.answer(request).source for responder in (first, second)] == ["cache", "cache"]
+    assert (first.source._generation, second.source._generation) == generations
+
+
+def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alone(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "counter"
+    one, other = HostCounter(path), HostCounter(path)  # two processes' mappings of one file
+    try:
+        assert one.read() == -1  # nothing published yet
+        one.publish(7)
+        assert other.read() == 7
+        other.publish(5)
+        assert one.read() == 7, "never lowered by a publish"
+        other.reset(3)
+        assert one.read() == 3
+        with path.open("r+b") as raw:  # a value whose check half disagrees: half-written, or not ours
+            raw.write((9).to_bytes(8, sys.byteorder))
+        assert one.read() == -1
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        one.close()
+        other.close()
 
 
 def test_sha256_cert_ids_are_signed_on_first_use_then_served_from_the_store(
