@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_dict, instance_state, set_committed_value
 from sqlalchemy.sql import ClauseElement
 
@@ -223,7 +223,7 @@ def new_object(model: type[_M], values: Iterable[tuple[str, Any]]) -> _M:
     sets them, without the constructor's per-attribute events (a certificate's cost 160 Python calls,
     a twentieth of an enrollment). For rows whose values are all known (then e.g.
     ``make_transient_to_detached``): nothing here applies column defaults."""
-    made = inspect(model).class_manager.new_instance()
+    made = _columns_of(model)[0].class_manager.new_instance()
     instance_dict(made).update(values)
     return made  # type: ignore[no-any-return]
 
@@ -233,9 +233,15 @@ _COLUMNS: dict[type, tuple[Any, list[str], list[int]]] = {}
 
 def _columns_of(model: type) -> tuple[Any, list[str], list[int]]:
     """The model's mapper, its attribute names in its table's column order, and where its primary key
-    is (cached: mappers are configured once)."""
+    is (cached: mappers are configured once).
+
+    The mappers are configured first: the object made from them may be the first ORM object of the
+    process, and until configuration an attribute has no loader yet (``make_transient_to_detached``
+    then fails). A query or a relationship attribute touched earlier configures them too, which hid
+    this until nothing did."""
     known = _COLUMNS.get(model)
     if known is None:
+        configure_mappers()
         mapper: Any = inspect(model)
         names = [mapper.get_property_by_column(column).key for column in model.__table__.c]  # type: ignore[attr-defined]
         primary = [names.index(mapper.get_property_by_column(column).key) for column in mapper.primary_key]

@@ -6,8 +6,11 @@ the same engine events and errors, and statements it cannot run faithfully refus
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +22,8 @@ from ca.store.engine import Store, begin_reads
 from ca.store.models import Device
 from ca.store.prepared import Prepared, as_object, as_objects
 from tests.conftest import MigratedSchema, postgres_admin
+
+ROOT = Path(__file__).resolve().parents[3]
 
 _DEVICES = Device.__table__
 _AT = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -210,3 +215,20 @@ def test_one_row_of_two_tables_gives_an_object_of_each(fresh: Store) -> None:
         assert (first.serial, second.serial) == ("CP-PAIR-1", "CP-PAIR-2") and first.id != second.id
         again = session.scalars(select(Device).where(Device.serial == "CP-PAIR-2")).one()
         assert again is second and second.created_at == _AT and not session.dirty
+
+
+def test_an_object_made_from_a_row_may_be_the_first_orm_object_of_the_process() -> None:
+    """Nothing has configured the mappers yet (no query, no relationship touched): ``as_object``
+    configures them itself rather than fail in the ORM (a service's first request did, once the last
+    module-level ORM query that configured them at import was gone)."""
+    program = (
+        "from sqlalchemy.orm import Session\n"
+        "from ca.store.models import Device\n"
+        "from ca.store.prepared import as_object\n"
+        "values = [None] * len(Device.__table__.c)\n"
+        "values[list(Device.__table__.c.keys()).index('id')] = 7\n"
+        "device = as_object(Session(), Device, values)\n"
+        "assert device.id == 7, device\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
