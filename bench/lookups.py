@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ca.enrollment.authenticators import stored_certificate  # noqa: E402
+from ca.enrollment.authenticators import presented_certificate  # noqa: E402
 from ca.issuance.serials import format_serial  # noqa: E402
 from ca.registry.devices import current_certificate, get_device  # noqa: E402
 from ca.registry.secrets import secret_is_valid  # noqa: E402
@@ -286,9 +286,9 @@ def lookups(store: Store, fleet: Fleet, count: int, seed: int = 5) -> list[Timin
         )
         run(
             "EST: certificate by fingerprint (client certificate)",
-            "ca.enrollment.authenticators.stored_certificate",
+            "ca.enrollment.authenticators.presented_certificate (with its CA's environment and device)",
             rows,
-            lambda n: _found(stored_certificate(session, der(n))),
+            lambda n: _found(presented_certificate(session, der(n))),
         )
         run(
             "EST: device by serial",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session
 
 from ca.authorities.issuers import public_key_sha256
 from ca.enrollment.policy import Attempt, Authenticated
@@ -26,29 +27,21 @@ from ca.store.prepared import Prepared, as_object, as_objects
 from ca.work import Work
 
 
-def stored_certificate(session: Session, der: bytes) -> Certificate | None:
-    """This installation's record of a presented certificate (by SHA-256 fingerprint), with its CA
-    loaded in the same statement: every caller checks the CA's environment (``check_current``)."""
-    return session.scalar(_BY_FINGERPRINT, _fingerprint(der))
+class Presented(NamedTuple):
+    """A presented client certificate as this installation recorded it."""
+
+    certificate: Certificate
+    environment: str  # its CA's: every caller checks it (``check_current``)
+    device: Device | None
 
 
-def _fingerprint(der: bytes) -> dict[str, str]:
-    """The parameters of ``_BY_FINGERPRINT`` and the statements built on it."""
-    return {"fingerprint": hashlib.sha256(der).hexdigest()}
-
-
-# Prepared once: the certificate and its CA in one round trip.
-_BY_FINGERPRINT = (
-    select(Certificate)
-    .where(Certificate.fingerprint_sha256 == bindparam("fingerprint"))
-    .options(joinedload(Certificate.authority))
-)
 _CERTIFICATES = Certificate.__table__
 _DEVICES = Device.__table__
 _AUTHORITIES = Authority.__table__
-# A re-enrollment's first statement, prepared: the presented certificate, its CA's environment and
-# its device, in one round trip (the ORM's query for the same cost a twelfth of a re-enrollment).
-_PRESENTED_WITH_DEVICE = Prepared(
+# Every client certificate presented to enrollment is read by this one prepared statement: the
+# certificate, its CA's environment and its device in one round trip (the ORM's query for the same
+# cost a twelfth of a re-enrollment).
+_PRESENTED = Prepared(
     select(_CERTIFICATES, _AUTHORITIES.c.environment, _DEVICES)
     .join(_AUTHORITIES, _AUTHORITIES.c.id == _CERTIFICATES.c.authority_id)
     .outerjoin(_DEVICES, _DEVICES.c.id == _CERTIFICATES.c.device_id)
@@ -57,15 +50,16 @@ _PRESENTED_WITH_DEVICE = Prepared(
 _ENVIRONMENT_AT = len(_CERTIFICATES.c)  # the row: the certificate's columns, the environment, the device's
 
 
-def _presented_with_device(session: Session, der: bytes) -> tuple[Certificate, str, Device | None] | None:
-    """The stored certificate ``der`` is, its CA's environment and its device (None: not ours)."""
-    row = _PRESENTED_WITH_DEVICE.run(session, _fingerprint(der)).first()
+def presented_certificate(session: Session, der: bytes) -> Presented | None:
+    """This installation's record of a presented certificate (by SHA-256 fingerprint), with its CA's
+    environment and its device; None: not a certificate issued here."""
+    row = _PRESENTED.run(session, {"fingerprint": hashlib.sha256(der).hexdigest()}).first()
     if row is None:
         return None
     certificate = as_object(session, Certificate, row[:_ENVIRONMENT_AT])
     device_values = row[_ENVIRONMENT_AT + 1 :]
     device = as_object(session, Device, device_values) if device_values[0] is not None else None
-    return certificate, row[_ENVIRONMENT_AT], device
+    return Presented(certificate, row[_ENVIRONMENT_AT], device)
 
 
 # Every enrollment for a charger reads its device: a prepared statement, its row made the ORM object.
@@ -80,11 +74,9 @@ def registered_device(session: Session, serial: str) -> Device:
     return device
 
 
-def check_current(
-    work: Work, certificate: Certificate, authority: Authority, what: str, environment: str | None = None
-) -> None:
-    """A presented certificate authenticates only while current and of ``authority``'s environment.
-    ``environment``: its CA's, when read with it (else its loaded CA's)."""
+def check_current(work: Work, certificate: Certificate, environment: str, authority: Authority, what: str) -> None:
+    """A presented certificate authenticates only while current and of ``authority``'s environment
+    (``environment``: its CA's, read with it)."""
     now = work.now()
     if certificate.status != CertStatus.VALID or (
         certificate.revoke_after is not None and certificate.revoke_after <= now
@@ -92,8 +84,6 @@ def check_current(
         raise AuthenticationError(f"the {what} is revoked")
     if certificate.not_after <= now:
         raise AuthenticationError(f"the {what} has expired")
-    if environment is None:
-        environment = certificate.authority.environment
     if environment != authority.environment:
         raise AuthenticationError(f"the {what} belongs to environment {environment}, not {authority.environment}")
 
@@ -113,9 +103,9 @@ def by_secret_or_ra(work: Work, attempt: Attempt, csr: CsrRequest) -> Authentica
     serial reservation, and given back when signing fails)."""
     credentials = attempt.credentials
     if credentials.client_certificate is not None:
-        stored = stored_certificate(work.session, credentials.client_certificate)
-        if stored is not None and stored.profile == "ra":
-            check_current(work, stored, attempt.authority, "RA certificate")
+        presented = presented_certificate(work.session, credentials.client_certificate)
+        if presented is not None and presented.certificate.profile == "ra":
+            check_current(work, presented.certificate, presented.environment, attempt.authority, "RA certificate")
             return Authenticated("ra")
         if not credentials.username:
             raise AuthenticationError("this client certificate is not a registration authority certificate")
@@ -145,13 +135,13 @@ def by_current_certificate(work: Work, attempt: Attempt, csr: CsrRequest) -> Aut
     der = attempt.credentials.client_certificate
     if der is None:
         raise AuthenticationError("re-enrollment requires the device's current certificate as TLS client certificate")
-    found = _presented_with_device(work.session, der)
-    current, environment, device = found if found is not None else (None, None, None)
-    if current is None or current.profile != "charger" or device is None:
+    presented = presented_certificate(work.session, der)
+    if presented is None or presented.certificate.profile != "charger" or presented.device is None:
         raise AuthenticationError("the client certificate is not a charger certificate issued here")
+    current, device = presented.certificate, presented.device
     mismatch = "does not match the certificate being renewed"
     try:
-        check_current(work, current, attempt.authority, "client certificate", environment)
+        check_current(work, current, presented.environment, attempt.authority, "client certificate")
     except AuthenticationError:
         repeated = _repeated_renewal(work, current, csr, attempt.authority)
         if repeated is None:
@@ -231,11 +221,11 @@ def by_secc_client_certificate(work: Work, attempt: Attempt, csr: CsrRequest) ->
             "an SECC certificate needs a TLS client certificate: a registration authority's, the charging "
             "station's, or the SECC certificate being renewed"
         )
-    caller = stored_certificate(work.session, der)
-    if caller is None or caller.profile not in SECC_CLIENTS:
+    presented = presented_certificate(work.session, der)
+    if presented is None or presented.certificate.profile not in SECC_CLIENTS:
         raise AuthenticationError("the client certificate is not an RA, charger or SECC certificate issued here")
-    check_current(work, caller, attempt.authority, f"{caller.profile} client certificate")
-    device = work.session.get(Device, caller.device_id) if caller.device_id is not None else None
+    caller, device = presented.certificate, presented.device
+    check_current(work, caller, presented.environment, attempt.authority, f"{caller.profile} client certificate")
     if caller.profile in SECC_PROFILES:  # either version's leaf renews (or starts) the same SECC ID's
         return Authenticated(
             "secc-client", device, caller.common_name, "does not match the SECC certificate being renewed"
