@@ -592,6 +592,27 @@ def test_with_nothing_changed_the_host_counter_empties_no_cache(
     assert (first.source._generation, second.source._generation) == generations
 
 
+def test_a_host_counter_ahead_of_the_store_is_reset_rather_than_hiding_later_revocations(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, host_sources: Any
+) -> None:
+    """The file outlives the services: after the database was restored from a backup (its counter
+    lower), the value left there is ahead of the store. A process catches up to it once, then its
+    watcher's next read finds the store behind it and resets it, so a later revocation is seen."""
+    responder = host_sources()
+    cache = responder.source
+    row = _issue(session, hierarchy, token, status)
+    request = _request(*_certificates(hierarchy, row))
+    assert _status(responder, request, hierarchy) == ocsp.OCSPCertStatus.GOOD
+    assert cache.host is not None
+    cache.host.publish(10**12)  # what the file held before the restore
+    assert _status(responder, request, hierarchy) == ocsp.OCSPCertStatus.GOOD  # caught up: emptied, read again
+    cache._poll()
+    assert cache.host.read() == session.scalar(select(StatusFeed.counter))
+    revoke(Work(session, "test", status=status), serial=row.serial, reason="keyCompromise")
+    cache._poll()
+    assert _status(responder, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
+
+
 def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alone(tmp_path: Path) -> None:
     path = tmp_path / "run" / "counter"
     one, other = HostCounter(path), HostCounter(path)  # two processes' mappings of one file
