@@ -317,7 +317,7 @@ class CachedSource:
         self._generation = 0  # raised by every emptying: a read begun before it is not cached
         self._counter = -1  # the change counter the cache reflects (everything cached was read at it or later)
         self._seen = -1  # the counter the watcher last read (a lower one later: the store's counter went back)
-        self._caught_up_at = float("-inf")  # when the host's counter last raised ``_counter`` (clock)
+        self._raised_at = float("-inf")  # when a lookup last raised ``_counter`` (clock), not the watcher
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._watcher_pid = 0
@@ -390,6 +390,7 @@ class CachedSource:
                 # The store moved past what the cache reflects (the watcher has not seen it yet): what
                 # was read here is current, what is cached may not be.
                 self._advance(counter)
+                self._raised_at = self.clock()
                 generation = self._generation
             # A change signalled while we read may have made ``found`` stale: then do not keep it.
             if usable and generation == self._generation:
@@ -460,11 +461,12 @@ class CachedSource:
         when the store had been lost (changes may have been missed); close the circuit."""
         down_since = self._down_since
         with self._lock:
-            # The store's counter went back (a restored database), or this process caught up to a host
-            # value that a read begun after it does not reach (left in the file by another database,
-            # or not this store's): the host's value is no guide, and left as it is it would hide every
-            # change until the store caught up with it. Reset to what the store says.
-            if counter < self._seen or (counter < self._counter and since > self._caught_up_at):
+            # The store's counter went back (a restored database), or the cache was raised to a counter
+            # that a read begun after the raise does not reach (a host value left in the file by another
+            # database): the host's value is no guide, and left as it is it would hide every change
+            # until the store caught up with it. Reset to what the store says. (A read begun before the
+            # raise may be older than it: not a reason.)
+            if counter < self._seen or (counter < self._counter and since > self._raised_at):
                 if self.host is not None:
                     self.host.reset(counter)
                 self._counter = -1
@@ -507,7 +509,7 @@ class CachedSource:
                 published = host.read()
                 if published > self._counter:
                     self._counter = published
-                    self._caught_up_at = self.clock()
+                    self._raised_at = self.clock()
                     self._empty()
 
     def _ensure_watcher(self) -> None:

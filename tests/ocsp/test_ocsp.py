@@ -613,6 +613,27 @@ def test_a_host_counter_ahead_of_the_store_is_reset_rather_than_hiding_later_rev
     assert _status(responder, request, hierarchy) == ocsp.OCSPCertStatus.REVOKED
 
 
+def test_a_watcher_read_begun_before_a_lookup_raised_the_cache_does_not_reset_the_host_counter(
+    session: Session, hierarchy: Hierarchy, token: Token, status: Presigner, host_sources: Any
+) -> None:
+    """The watcher's read began, then a cache miss read the store after a revocation and raised the
+    cache (and the host's value) past it: the watcher's older counter is older, not a restored
+    store, and must not pull the host's value back below what this process already answered from."""
+    responder = host_sources()
+    cache = responder.source
+    first = _issue(session, hierarchy, token, status)
+    other = _issue(session, hierarchy, token, status, cn="CP-2")
+    responder.answer(_request(*_certificates(hierarchy, first)))
+    cache._poll()
+    since, before = cache.clock(), session.scalar(select(StatusFeed.counter))  # the watcher's read
+    revoke(Work(session, "test", status=status), serial=first.serial, reason="keyCompromise")
+    assert responder.answer(_request(*_certificates(hierarchy, other))).source == "store"  # the miss
+    assert cache.host is not None and cache.host.read() > before
+    raised = cache.host.read()
+    cache._confirmed(since, before)  # that read's result arrives now
+    assert cache.host.read() == raised and cache._counter == raised
+
+
 def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alone(tmp_path: Path) -> None:
     path = tmp_path / "run" / "counter"
     one, other = HostCounter(path), HostCounter(path)  # two processes' mappings of one file
