@@ -54,13 +54,17 @@ class HostCounter:
         return value if check == value ^ _MASK else -1
 
     def publish(self, counter: int) -> None:
-        """Raise the shared value to ``counter`` (never lowers it)."""
+        """Raise the shared value to ``counter`` (never lowers it; a negative one means none)."""
+        if counter < 0:
+            return
         with _locked(self._descriptor):
             if counter > self.read():
                 _PAIR.pack_into(self._map, 0, counter, counter ^ _MASK)
 
     def reset(self, counter: int) -> None:
         """Set the shared value to ``counter`` even when lower (the store's counter went back)."""
+        if counter < 0:
+            return
         with _locked(self._descriptor):
             _PAIR.pack_into(self._map, 0, counter, counter ^ _MASK)
 

@@ -645,6 +645,9 @@ def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alon
         assert one.read() == 7, "never lowered by a publish"
         other.reset(3)
         assert one.read() == 3
+        one.publish(-1)  # no counter (no status row): nothing to publish
+        one.reset(-1)
+        assert other.read() == 3
         with path.open("r+b") as raw:  # a value whose check half disagrees: half-written, or not ours
             raw.write((9).to_bytes(8, sys.byteorder))
         assert one.read() == -1
