@@ -115,13 +115,28 @@ def _heading(driver: object) -> str:
 
 def _submit(driver: object, button_id: str) -> None:
     """Click a form's button and wait for the next page (the old one going stale), not for a time."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     button = driver.find_element(By.ID, button_id)  # type: ignore[attr-defined]
     button.click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(button))
+
+    def gone(_driver: object) -> bool:
+        # chromedriver reports an element of the page being replaced either as stale or, when the
+        # question meets the navigation half-way, as an inspector error about a node no longer in the
+        # document (seen once in CI): both mean the old page is gone.
+        try:
+            button.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" not in str(exc):
+                raise
+            return True
+        return False
+
+    WebDriverWait(driver, 60).until(gone)
 
 
 def _text(driver: object, element_id: str) -> str:
