@@ -12,6 +12,10 @@ The file holds the value and its complement, each an aligned machine word writte
 one store and one load; a read that meets a pair whose halves disagree (half-written, or a file
 something else wrote) is "no news", never a counter to act on. Only ever raised, except by
 ``reset`` (the store's counter went back: a restored database).
+
+Writers exclude each other with ``flock``, which belongs to an open file description: a process
+forked after the counter was opened (an app loaded before its server forks workers) would share
+its parent's and exclude nothing, so each process locks through a descriptor it opened itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +50,8 @@ class HostCounter:
             os.close(descriptor)
             raise
         self._descriptor = descriptor
+        self._pid = os.getpid()
+        self._reopening = threading.Lock()
         self.path = path
 
     def read(self) -> int:
@@ -57,7 +64,7 @@ class HostCounter:
         """Raise the shared value to ``counter`` (never lowers it; a negative one means none)."""
         if counter < 0:
             return
-        with _locked(self._descriptor):
+        with _locked(self._writer()):
             if counter > self.read():
                 _PAIR.pack_into(self._map, 0, counter, counter ^ _MASK)
 
@@ -65,8 +72,20 @@ class HostCounter:
         """Set the shared value to ``counter`` even when lower (the store's counter went back)."""
         if counter < 0:
             return
-        with _locked(self._descriptor):
+        with _locked(self._writer()):
             _PAIR.pack_into(self._map, 0, counter, counter ^ _MASK)
+
+    def _writer(self) -> int:
+        """The descriptor this process locks through: opened again after a fork, since the inherited
+        one shares the parent's open file description, and with it the parent's ``flock``."""
+        if self._pid != os.getpid():
+            with self._reopening:
+                if self._pid != os.getpid():
+                    inherited = self._descriptor
+                    self._descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    self._pid = os.getpid()
+                    os.close(inherited)  # this process's copy only: the parent's lock and file stay
+        return self._descriptor
 
     def close(self) -> None:
         self._map.close()

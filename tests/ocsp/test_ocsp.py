@@ -4,6 +4,8 @@ Unix socket, SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from ca.store.engine import Store
 from ca.store.models import Certificate, OcspResponse, StatusFeed
 from ca.work import Work
 from ocsp import responder as responder_module
-from ocsp.host_counter import HostCounter
+from ocsp.host_counter import HostCounter, _locked
 from ocsp.presign import OcspPolicy, Presigner, refresh, rotate_signers
 from ocsp.responder import Responder
 from ocsp.signer_service import OnDemandSigner, SignerClient, SignerServer
@@ -655,6 +657,37 @@ def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alon
     finally:
         one.close()
         other.close()
+
+
+def test_a_process_forked_after_opening_the_host_counter_still_waits_for_the_parents_writer(tmp_path: Path) -> None:
+    """flock belongs to an open file description, which a fork shares: a worker forked from a process
+    that had opened the counter (an app loaded before the server forks) must lock through its own."""
+    counter = HostCounter(tmp_path / "counter")
+    report_read, report_write = os.pipe()
+    try:
+        with _locked(counter._writer()):  # the parent is writing
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child reports through the pipe and exits
+                outcome = b"?"
+                try:
+                    descriptor = counter._writer()
+                    try:
+                        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        outcome = b"taken"  # the parent's lock excluded nothing
+                    except BlockingIOError:
+                        outcome = b"waits"
+                finally:
+                    os.write(report_write, outcome)
+                    os._exit(0)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert os.read(report_read, 16) == b"waits"
+        counter.publish(4)  # and the parent's own lock still works after its child closed its copy
+        assert counter.read() == 4
+    finally:
+        os.close(report_read)
+        os.close(report_write)
+        counter.close()
 
 
 def test_sha256_cert_ids_are_signed_on_first_use_then_served_from_the_store(
