@@ -82,7 +82,10 @@ class HostCounter:
             with self._reopening:
                 if self._pid != os.getpid():
                     inherited = self._descriptor
-                    self._descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:  # the very file mapped, even were the path replaced since
+                        self._descriptor = os.open(f"/proc/self/fd/{inherited}", os.O_RDWR | os.O_CLOEXEC)
+                    except OSError:  # no /proc: the path, which only ever names this file
+                        self._descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                     self._pid = os.getpid()
                     os.close(inherited)  # this process's copy only: the parent's lock and file stay
         return self._descriptor
