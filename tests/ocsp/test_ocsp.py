@@ -659,13 +659,21 @@ def test_the_host_counter_only_rises_ignores_a_torn_value_and_is_the_owners_alon
         other.close()
 
 
-def test_a_process_forked_after_opening_the_host_counter_still_waits_for_the_parents_writer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path_replaced", [False, True], ids=["same-path", "path-replaced"])
+def test_a_process_forked_after_opening_the_host_counter_still_waits_for_the_parents_writer(
+    tmp_path: Path, path_replaced: bool
+) -> None:
     """flock belongs to an open file description, which a fork shares: a worker forked from a process
-    that had opened the counter (an app loaded before the server forks) must lock through its own."""
-    counter = HostCounter(tmp_path / "counter")
+    that had opened the counter (an app loaded before the server forks) must lock through its own,
+    on the very file it has mapped, even when something else has taken the path since."""
+    path = tmp_path / "counter"
+    counter = HostCounter(path)
     report_read, report_write = os.pipe()
     try:
         with _locked(counter._writer()):  # the parent is writing
+            if path_replaced:
+                path.rename(tmp_path / "counter.old")
+                path.write_bytes(b"")
             child = os.fork()
             if child == 0:  # pragma: no cover - the child reports through the pipe and exits
                 outcome = b"?"
