@@ -47,8 +47,8 @@ sys.path[0] = str(ROOT)
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
 
+from bench.enroll import ORG, csrs  # noqa: E402
 from bench.harness import machine  # noqa: E402
 from ca.authorities.hierarchy import HierarchyRequest, init_hierarchy  # noqa: E402
 from ca.authorities.issuers import default_issuing_ca, issuer_for  # noqa: E402
@@ -62,8 +62,6 @@ from ocsp.certid import CertId  # noqa: E402
 from ocsp.presign import Presigner  # noqa: E402
 from ocsp.signing import SingleStatus  # noqa: E402
 
-ORG = "Bench Charging"
-
 
 def best_cpu(rounds: int, count: int, one: Callable[[int], object]) -> float:
     """CPU seconds per call of ``one(index)``, the best of ``rounds`` rounds of ``count`` calls."""
@@ -74,18 +72,6 @@ def best_cpu(rounds: int, count: int, one: Callable[[int], object]) -> float:
             one(index)
         best = min(best, (time.process_time() - started) / count)
     return best
-
-
-def csr_ders(count: int) -> list[bytes]:
-    ders = []
-    for n in range(count):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG), x509.NameAttribute(NameOID.COMMON_NAME, f"CP-{n:06d}")]
-        )
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        ders.append(csr.public_bytes(serialization.Encoding.DER))
-    return ders
 
 
 def durable_commit(directory: Path, rounds: int, count: int) -> float:
@@ -147,7 +133,9 @@ def main() -> int:
                 signer = presigner.signer_for(session, authority.id, datetime.now(UTC))
                 assert signer is not None, "the hierarchy has an OCSP signer"
                 issuer_hash = presigner.issuer_hashes(session, authority.id)["sha1"]
-            ders = csr_ders(args.count)
+            ders = [
+                csr.public_bytes(serialization.Encoding.DER) for csr in csrs([f"CP-{n:06d}" for n in range(args.count)])
+            ]
             requests = [read_csr(der) for der in ders]
             profile = get_profile("charger")
             now = datetime.now(UTC)
@@ -174,40 +162,32 @@ def main() -> int:
                 )
 
             rounds, count = args.rounds, args.count
-            parts = {
-                "token signature alone (ECDSA P-256, PKCS#11)": best_cpu(
-                    rounds,
-                    count,
-                    lambda _i: token_key.sign(data, ec.ECDSA(hashes.SHA256())),  # type: ignore[call-arg, arg-type]
-                ),
-                "software signature alone (ECDSA P-256, cryptography), for comparison": best_cpu(
-                    rounds, count, lambda _i: software_key.sign(data, ec.ECDSA(hashes.SHA256()))
-                ),
-                "signature check alone (ECDSA P-256)": best_cpu(
-                    rounds,
-                    count,
-                    lambda _i: public_key.verify(signature, data, ec.ECDSA(hashes.SHA256())),  # type: ignore[union-attr, call-arg, arg-type]
-                ),
-                "CSR: parsed, its signature checked (read_csr)": best_cpu(rounds, count, lambda i: read_csr(ders[i])),
-                "certificate: built, signed in the token, checked (Issuer.sign)": best_cpu(rounds, count, certificate),
-                "OCSP response: built, signed in the token, checked (ResponseSigner.sign)": best_cpu(
-                    rounds, count, response
-                ),
-                "one fsync'd SQLite write transaction (bare sqlite3)": durable_commit(work, rounds, min(count, 500)),
-            }
+            ecdsa = ec.ECDSA(hashes.SHA256())
+            token_signature = best_cpu(rounds, count, lambda _i: token_key.sign(data, ecdsa))  # type: ignore[call-arg, arg-type]
+            software_signature = best_cpu(rounds, count, lambda _i: software_key.sign(data, ecdsa))
+            check = best_cpu(rounds, count, lambda _i: public_key.verify(signature, data, ecdsa))  # type: ignore[union-attr, call-arg, arg-type]
+            csr = best_cpu(rounds, count, lambda i: read_csr(ders[i]))
+            cert = best_cpu(rounds, count, certificate)
+            answer = best_cpu(rounds, count, response)
+            commit = durable_commit(work, rounds, min(count, 500))
         finally:
             pki.close()
+    parts = {
+        "token signature alone (ECDSA P-256, PKCS#11)": token_signature,
+        "software signature alone (ECDSA P-256, cryptography), for comparison": software_signature,
+        "signature check alone (ECDSA P-256)": check,
+        "CSR: parsed, its signature checked (read_csr)": csr,
+        "certificate: built, signed in the token, checked (Issuer.sign)": cert,
+        "OCSP response: built, signed in the token, checked (ResponseSigner.sign)": answer,
+        "one fsync'd SQLite write transaction (bare sqlite3)": commit,
+    }
     per_enrollment = {
-        "CSR": parts["CSR: parsed, its signature checked (read_csr)"],
-        "certificate": parts["certificate: built, signed in the token, checked (Issuer.sign)"],
-        "OCSP response": parts["OCSP response: built, signed in the token, checked (ResponseSigner.sign)"],
-        "commits (2 per enrollment, shared)": 2
-        * parts["one fsync'd SQLite write transaction (bare sqlite3)"]
-        / args.group,
+        "CSR": csr,
+        "certificate": cert,
+        "OCSP response": answer,
+        "commits (2 per enrollment, shared)": 2 * commit / args.group,
     }
     floor = sum(per_enrollment.values())
-    token = parts["token signature alone (ECDSA P-256, PKCS#11)"]
-    software = parts["software signature alone (ECDSA P-256, cryptography), for comparison"]
     command = " ".join(["bench/floor.py", *sys.argv[1:]])
     report = [
         f"{started:%Y-%m-%d %H:%M} UTC, `.venv/bin/python {command}`",
@@ -220,7 +200,7 @@ def main() -> int:
         *(f"- {name}: {seconds * 1e3:.2f} ms" for name, seconds in per_enrollment.items()),
         f"- **floor: {floor * 1e3:.2f} ms**, before any SQL statement, HTTP, TLS or pipeline logic",
         f"- the same with a key in software instead of the token (as cfssl keeps its key; two signatures per "
-        f"enrollment): {(floor - 2 * (token - software)) * 1e3:.2f} ms",
+        f"enrollment): {(floor - 2 * (token_signature - software_signature)) * 1e3:.2f} ms",
     ]
     if not args.no_core:
         line = core(max(args.count, 2000))
