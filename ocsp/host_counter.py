@@ -81,14 +81,19 @@ class HostCounter:
         if self._pid != os.getpid():
             with self._reopening:
                 if self._pid != os.getpid():
-                    inherited = self._descriptor
-                    try:  # the very file mapped, even were the path replaced since
-                        self._descriptor = os.open(f"/proc/self/fd/{inherited}", os.O_RDWR | os.O_CLOEXEC)
-                    except OSError:  # no /proc: the path, which only ever names this file
-                        self._descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    self._pid = os.getpid()
-                    os.close(inherited)  # this process's copy only: the parent's lock and file stay
+                    self._reopen()
         return self._descriptor
+
+    def _reopen(self) -> None:
+        """A descriptor of this process's own on the very file mapped (even were the path replaced
+        since: through /proc; by the path, which only ever names this file, where there is none)."""
+        inherited = self._descriptor
+        try:
+            self._descriptor = os.open(f"/proc/self/fd/{inherited}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._pid = os.getpid()
+        os.close(inherited)  # this process's copy only: the parent's lock and file stay
 
     def close(self) -> None:
         self._map.close()
