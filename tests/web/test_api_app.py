@@ -110,10 +110,10 @@ class Api:
 
 @pytest.fixture
 def api(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
 ) -> Iterator[Api]:
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         for environment in ("production", "staging"):

@@ -58,9 +58,11 @@ class Counted:
 
 
 @pytest.fixture
-def site(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Any]:
+def site(
+    tmp_path: Path, migrated_db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[Any]:
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         request = HierarchyRequest(organization="Acme Charging", country="DE")

@@ -49,10 +49,12 @@ def _cert_header(der: bytes) -> str:
 
 
 @pytest.fixture
-def site(tmp_path: Path, db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]) -> Iterator[Any]:
+def site(
+    tmp_path: Path, migrated_db_url: str, token: Token, token_settings: tuple[Pkcs11Settings, str]
+) -> Iterator[Any]:
     home = tmp_path / "home"
     settings = EstSettings(client_cert_header=HEADER, trusted_proxies=("127.0.0.1",))
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0], est=settings))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(

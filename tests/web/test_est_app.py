@@ -25,12 +25,12 @@ from web.app import create_app
 
 
 def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, softhsm_conf: Path
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, softhsm_conf: Path
 ) -> None:
     # The hierarchy's keys are in the shared test token; the service is pointed at another token.
     other_token, _pin = new_token_settings(softhsm_conf, tmp_path)
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=other_token))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=other_token))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(
@@ -57,7 +57,7 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     write_config(
         Config(
             home=home,
-            database_url=db_url,
+            database_url=migrated_db_url,
             pkcs11=Pkcs11Settings(
                 module=other_token.module, token_label=token.label, pin_file=None, softhsm_conf=softhsm_conf
             ),
@@ -77,9 +77,9 @@ def test_a_token_without_the_ca_key_gives_503_and_keeps_the_secret(
     fixed.close()
 
 
-def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings) -> None:
+def test_error_pages_are_plain_text(tmp_path: Path, migrated_db_url: str, token_settings) -> None:
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     client = create_app(pki, EstSettings()).test_client()
     for method, path, status in (
@@ -94,10 +94,10 @@ def test_error_pages_are_plain_text(tmp_path: Path, db_url: str, token_settings)
 
 
 def test_malformed_authorization_headers_get_401(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings
 ) -> None:
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         init_hierarchy(
@@ -124,12 +124,12 @@ def test_malformed_authorization_headers_get_401(
 
 
 def test_a_refusal_that_first_fills_the_worker_ca_cache_does_not_break_later_enrollments(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings
 ) -> None:
     """The worker caches the label's CA; a refused request (rolled back) that loaded it first must
     not leave an expired object there (every later request answered 503 before the fix)."""
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     secrets = {}
     with pki.store.session() as session:

@@ -143,12 +143,12 @@ def test_revoke_with_rotate_replaces_the_ca_at_once(home: Path, db_url: str) -> 
 
 
 def test_an_est_worker_that_cached_the_ca_cannot_sign_after_its_revocation(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings
 ) -> None:
     """The worker keeps the label's CA and its bound Issuer; a revocation in another process is
     seen at sign time, before the token signs, and the worker looks again afterwards."""
     home = tmp_path / "home"
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0]))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0]))
     pki = Pki.open(home, {}, create=True)
     secrets = {}
     with pki.store.session() as session:

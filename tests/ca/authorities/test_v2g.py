@@ -413,11 +413,11 @@ def test_an_external_root_signs_sub_ca_1_and_the_rest_is_ours(
 # -- EST under a V2G label --------------------------------------------------------------------------
 @pytest.fixture
 def est_client(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
 ) -> Iterator:
     home = tmp_path / "home"
     settings = EstSettings(client_cert_header="X-SSL-Client-Cert", trusted_proxies=("127.0.0.1",))
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0], est=settings))
     pki = Pki.open(home, {}, create=True)
     with pki.store.session() as session:
         ocpp = init_hierarchy(

@@ -168,7 +168,7 @@ def _self_signed() -> bytes:
 
 @pytest.fixture
 def installation(
-    tmp_path: Path, db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
+    tmp_path: Path, migrated_db_url: str, token: Token, status: Presigner, token_settings: tuple[Pkcs11Settings, str]
 ) -> Iterator[Installation]:
     home = tmp_path / "home"
     settings = EstSettings(
@@ -177,7 +177,7 @@ def installation(
         auth_max_failures_per_device=3,
         auth_max_failures_per_address=50,
     )
-    write_config(Config(home=home, database_url=db_url, pkcs11=token_settings[0], est=settings))
+    write_config(Config(home=home, database_url=migrated_db_url, pkcs11=token_settings[0], est=settings))
     pki = Pki.open(home, {}, create=True)
     taken_key = make_key()
     with pki.store.session() as session:
