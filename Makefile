@@ -44,7 +44,7 @@ test-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl chromium chromium-driver; \
 	fi
 
-# One pytest worker more than cores: about a third of the suite's time is spent waiting (servers
+# One pytest worker more than cores: the CPU idles for ~30% of a run with one per core (servers
 # starting, lockouts running out, fsync), which the extra worker fills (docs/testing.md). A test
 # file stays on one worker, so its module-scoped servers start once.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
