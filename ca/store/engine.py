@@ -53,6 +53,17 @@ def _code_head() -> str | None:
 
 
 CODE_HEAD = _code_head()
+
+
+def alembic_config() -> AlembicConfig:
+    """Alembic's configuration for this code's migrations (imports Alembic: call only to migrate)."""
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
 BUSY_TIMEOUT_MS = 30000
 
 
@@ -452,15 +463,8 @@ class Store:
         return self._sessions() if bind is None else self._sessions(bind=bind)
 
     # Alembic is imported where a migration is looked at, not with this module: it costs a process
-    # ~0.15 s of CPU, and every CLI command and service process imports the store, while a schema
+    # ~0.1-0.15 s of CPU, and every CLI command and service process imports the store, while a schema
     # that is already current needs none of it (``ensure_schema``).
-    def _alembic(self) -> AlembicConfig:
-        from alembic.config import Config as AlembicConfig
-
-        config = AlembicConfig()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        return config
-
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
@@ -470,7 +474,7 @@ class Store:
     def head_revision(self) -> str | None:
         from alembic.script import ScriptDirectory
 
-        return ScriptDirectory.from_config(self._alembic()).get_current_head()
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to ``revision`` (idempotent), in one transaction.
@@ -482,7 +486,7 @@ class Store:
         """
         from alembic import command
 
-        config = self._alembic()
+        config = alembic_config()
         with self.engine.connect() as connection:
             if self.is_sqlite:
                 connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]

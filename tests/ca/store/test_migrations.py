@@ -35,7 +35,7 @@ from ca.registry.secrets import issue_secret
 from ca.reports import campaigns, expiring, inventory
 from ca.status.certificates import get_certificate, list_certificates
 from ca.status.revocation import revoke, revoke_due
-from ca.store.engine import CODE_HEAD, MIGRATIONS, Store
+from ca.store.engine import CODE_HEAD, MIGRATIONS, Store, alembic_config
 from ca.store.models import (
     AuditEvent,
     AuditHead,
@@ -135,12 +135,9 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
 def test_the_code_knows_its_head_revision_as_alembic_does() -> None:
     """``ensure_schema`` compares with ``CODE_HEAD`` (the newest file's prefix) so that a current schema
     needs no Alembic; that holds only while every revision is its file's prefix, down from the one before."""
-    from alembic.config import Config as AlembicConfig
     from alembic.script import ScriptDirectory
 
-    config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    scripts = ScriptDirectory.from_config(config)
+    scripts = ScriptDirectory.from_config(alembic_config())
     files = sorted(path.name for path in (MIGRATIONS / "versions").glob("*.py"))
     assert [script.revision for script in reversed(list(scripts.walk_revisions()))] == [name[:4] for name in files]
     for script in scripts.walk_revisions():
